@@ -1,0 +1,3 @@
+from maskssd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""User-facing errors: each says what went wrong and where (file, element, key).
+
+The CLI prints a :class:`MaskSSDError` as one clear message with no traceback; anything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MaskSSDError(Exception):
+    """Base class of errors caused by the user's input, not by a bug."""
+
+
+class DataError(MaskSSDError):
+    """A problem with one sample of a dataset: names the file and, where known, the element."""
+
+    def __init__(self, message: str, path: str | Path | None = None, element: str | None = None):
+        self.path = None if path is None else str(path)
+        self.element = element
+        self.reason = message
+        where = ""
+        if self.path:
+            where = self.path + (f" [{element}]" if element else "") + ": "
+        super().__init__(where + message)
+
+
+class ConfigError(MaskSSDError):
+    """An invalid configuration value: names the key, the file and, where found, the line."""
+
+    def __init__(self, message: str, path: str | Path | None = None, key: str | None = None,
+                 line: int | None = None):
+        self.path = None if path is None else str(path)
+        self.key = key
+        self.line = line
+        where = self.path or "<config>"
+        if line is not None:
+            where += f":{line}"
+        if key:
+            where += f" [{key}]"
+        super().__init__(f"{where}: {message}")
+
+
+class NonFiniteLossError(MaskSSDError):
+    """Training produced a NaN or infinite loss."""
+
+
+class PretrainedWeightsMissing(MaskSSDError):
+    """Pretrained weights are not on disk and cannot be downloaded offline."""
+
+
+class TrainingInterrupted(MaskSSDError):
+    """Ctrl-C or SIGTERM stopped training; a checkpoint was saved."""

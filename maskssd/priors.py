@@ -1,0 +1,117 @@
+"""Default boxes (priors) and SSD centre-size box coding.
+
+Priors are ``(cx, cy, w, h)`` in normalised image coordinates, ordered feature map by feature map,
+then row, column and aspect ratio: the order in which the prediction heads flatten their outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+#: Variances of the centre-size encoding (the SSD papers' 0.1 for centres, 0.2 for sizes).
+VARIANCES: tuple[float, float] = (0.1, 0.2)
+
+
+@dataclass(frozen=True)
+class PriorSpec:
+    """Default boxes of an SSD: one entry per feature map.
+
+    ``aspect_ratios[k]`` lists the ratios besides 1 of map ``k``; each map also gets an extra square box
+    of scale ``sqrt(s_k * s_{k+1})`` (``extra_scale_last`` for the last map). ``(1, 2, 0.5)`` in the
+    SSD300 spec is written here as ``(2.0, 0.5)``.
+    """
+
+    feature_maps: tuple[int, ...]
+    scales: tuple[float, ...]
+    aspect_ratios: tuple[tuple[float, ...], ...]
+    extra_scale_last: float = 1.0
+    clip: bool = True
+
+    def __post_init__(self) -> None:
+        n = len(self.feature_maps)
+        if not (len(self.scales) == len(self.aspect_ratios) == n):
+            raise ValueError("feature_maps, scales and aspect_ratios need one entry per feature map")
+        if any(not 0 < s <= 1.5 for s in self.scales):
+            raise ValueError(f"scales must lie in (0, 1.5], got {self.scales}")
+
+    @property
+    def boxes_per_location(self) -> list[int]:
+        return [2 + len(r) for r in self.aspect_ratios]
+
+    @property
+    def num_priors(self) -> int:
+        return sum(f * f * b for f, b in zip(self.feature_maps, self.boxes_per_location))
+
+    def priors(self) -> torch.Tensor:
+        """All default boxes, ``(P, 4)`` cxcywh, in head order."""
+        out = []
+        for k, (fmap, scale, ratios) in enumerate(zip(self.feature_maps, self.scales, self.aspect_ratios)):
+            nxt = self.scales[k + 1] if k + 1 < len(self.scales) else self.extra_scale_last
+            whs = [(scale, scale), (math.sqrt(scale * nxt),) * 2]
+            whs += [(scale * math.sqrt(r), scale / math.sqrt(r)) for r in ratios]
+            # the tutorial puts the extra square box right after ratio 1
+            wh = torch.tensor(whs, dtype=torch.float32)  # (B, 2)
+            centres = (torch.arange(fmap, dtype=torch.float32) + 0.5) / fmap
+            cy, cx = torch.meshgrid(centres, centres, indexing="ij")
+            c = torch.stack([cx, cy], -1).reshape(-1, 1, 2).expand(-1, len(whs), 2)
+            out.append(torch.cat([c, wh.expand(c.shape[0], -1, -1)], -1).reshape(-1, 4))
+        priors = torch.cat(out)
+        return priors.clamp_(0.0, 1.0) if self.clip else priors
+
+    @classmethod
+    def ssd300(cls) -> PriorSpec:
+        """The SSD300 (VGG16) spec of the SSD paper and the reference paper: 8732 priors."""
+        return cls(
+            feature_maps=(38, 19, 10, 5, 3, 1),
+            scales=(0.1, 0.2, 0.375, 0.55, 0.725, 0.9),
+            aspect_ratios=((2.0, 0.5), (2.0, 3.0, 0.5, 0.333), (2.0, 3.0, 0.5, 0.333),
+                           (2.0, 3.0, 0.5, 0.333), (2.0, 0.5), (2.0, 0.5)),  # 0.333 as in the paper's code
+        )
+
+    @classmethod
+    def linear(cls, feature_maps: Sequence[int], min_scale: float, max_scale: float,
+               aspect_ratios: Sequence[Sequence[float]] | None = None) -> PriorSpec:
+        """Scales spaced linearly from ``min_scale`` to ``max_scale`` (the SSD paper's rule)."""
+        n = len(feature_maps)
+        scales = [min_scale + (max_scale - min_scale) * k / max(n - 1, 1) for k in range(n)]
+        ratios = aspect_ratios or [(2.0, 0.5)] * n
+        return cls(tuple(feature_maps), tuple(scales), tuple(tuple(r) for r in ratios))
+
+
+# ------------------------------------------------------------------------------------------- coding
+def xyxy_to_cxcywh(b: torch.Tensor) -> torch.Tensor:
+    return torch.cat([(b[..., :2] + b[..., 2:]) / 2, b[..., 2:] - b[..., :2]], -1)
+
+
+def cxcywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
+    return torch.cat([b[..., :2] - b[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2], -1)
+
+
+def encode(boxes_cxcywh: torch.Tensor, priors_cxcywh: torch.Tensor,
+           variances: tuple[float, float] = VARIANCES) -> torch.Tensor:
+    """Boxes -> offsets ``(g_cx, g_cy, g_w, g_h)`` w.r.t. priors (broadcasts over leading dims)."""
+    centre = (boxes_cxcywh[..., :2] - priors_cxcywh[..., :2]) / (priors_cxcywh[..., 2:] * variances[0])
+    size = torch.log(boxes_cxcywh[..., 2:].clamp(min=1e-8) / priors_cxcywh[..., 2:]) / variances[1]
+    return torch.cat([centre, size], -1)
+
+
+def decode(offsets: torch.Tensor, priors_cxcywh: torch.Tensor,
+           variances: tuple[float, float] = VARIANCES) -> torch.Tensor:
+    """Offsets -> boxes ``cxcywh`` (inverse of :func:`encode`; batched over leading dims)."""
+    centre = offsets[..., :2] * variances[0] * priors_cxcywh[..., 2:] + priors_cxcywh[..., :2]
+    size = torch.exp(offsets[..., 2:] * variances[1]) * priors_cxcywh[..., 2:]
+    return torch.cat([centre, size], -1)
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of xyxy boxes, batched: ``a (..., M, 4)``, ``b (..., P, 4)`` -> ``(..., M, P)``."""
+    lt = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
+    rb = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    return inter / (area_a[..., :, None] + area_b[..., None, :] - inter).clamp(min=1e-12)

@@ -1,0 +1,151 @@
+"""Model references and the MLflow Model Registry.
+
+A model reference is a checkpoint file, ``runs:/RUN_ID/model`` or ``models:/NAME@ALIAS`` (or
+``models:/NAME/VERSION``). :func:`promote` registers a run's model with lineage tags and moves the
+``champion`` alias only when the new version beats the current champion.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from maskssd import tracking
+from maskssd.errors import MaskSSDError
+
+DEFAULT_MODEL_NAME = "maskssd-face-mask"
+CHAMPION = "champion"
+
+
+def resolve_checkpoint(ref: str | Path, tracking_uri: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    """A local checkpoint file for a model reference (downloading logged/registered models)."""
+    ref_s = str(ref)
+    if not ref_s.startswith(("runs:/", "models:/")):
+        path = Path(ref_s).expanduser()
+        if not path.is_file():
+            raise MaskSSDError(f"model {ref_s!r} is neither a checkpoint file nor a runs:/ or models:/ URI")
+        return path
+    tracking.client(tracking_uri)
+    dst = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="maskssd-model-"))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref_s, dst_path=str(dst)))
+    except Exception as e:  # MlflowException, missing alias, unreachable server ...
+        raise MaskSSDError(f"cannot load model {ref_s}: {e}") from None
+    found = sorted(local.rglob("artifacts/*.pt")) or sorted(local.rglob("*.pt"))
+    if not found:
+        raise MaskSSDError(f"model {ref_s} holds no maskssd checkpoint (looked in {local})")
+    return found[0]
+
+
+def load_predictor(ref: str | Path, tracking_uri: str | None = None, device: str = "cpu", backend: str = "torch",
+                   **decode_overrides: Any):
+    """A :class:`maskssd.predictor.Predictor` for any model reference; ``decode_overrides`` adjust detection."""
+    from dataclasses import replace
+
+    from maskssd.predictor import Predictor
+
+    pred = Predictor.from_checkpoint(resolve_checkpoint(ref, tracking_uri), device=device, backend=backend)
+    overrides = {k: v for k, v in decode_overrides.items() if v is not None}
+    if overrides:
+        pred.decode = replace(pred.decode, **overrides)
+    return pred
+
+
+# ------------------------------------------------------------------------------------------ promote
+@dataclass
+class Promotion:
+    name: str
+    version: str
+    run_id: str
+    metric: str
+    value: float
+    champion_before: str | None
+    champion_value: float | None
+    moved_alias: bool
+    reason: str
+
+
+def _metric(c: mlflow.tracking.MlflowClient, run_id: str, metric: str) -> float:
+    value = c.get_run(run_id).data.metrics.get(metric)
+    return float("nan") if value is None else float(value)
+
+
+def best_run(c: mlflow.tracking.MlflowClient, experiment: str, metric: str, maximize: bool = True,
+             require_model: bool = True) -> str:
+    """The finished run of an experiment with the best ``metric`` (that logged a model)."""
+    runs = tracking.runs_table(c, experiment, max_results=1000,
+                               order_by=[f"metrics.{metric} {'DESC' if maximize else 'ASC'}"])
+    for r in runs:
+        if r.info.status != "FINISHED" or metric not in r.data.metrics:
+            continue
+        if require_model and not _has_model(c, r.info.run_id):
+            continue
+        return r.info.run_id
+    raise MaskSSDError(f"no finished run with a model and metric {metric!r} in experiment {experiment!r}")
+
+
+def _has_model(c: mlflow.tracking.MlflowClient, run_id: str) -> bool:
+    try:
+        return bool(c.search_logged_models(filter_string=f"source_run_id = '{run_id}'", max_results=1)) or \
+            any(a.path == "model" for a in c.list_artifacts(run_id))
+    except Exception:
+        return any(a.path == "model" for a in c.list_artifacts(run_id))
+
+
+def promote(run_id: str, name: str = DEFAULT_MODEL_NAME, metric: str = "best_val_map", maximize: bool = True,
+            force: bool = False, tracking_uri: str | None = None, extra_tags: dict[str, str] | None = None) -> Promotion:
+    """Register ``runs:/RUN_ID/model`` as a new version with lineage tags; move ``champion`` if it is better."""
+    c = tracking.client(tracking_uri)
+    try:
+        run = c.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise MaskSSDError(f"no MLflow run {run_id} in {c.tracking_uri}") from None
+    if run.info.status != "FINISHED":
+        raise MaskSSDError(f"run {run_id} is {run.info.status}; only finished runs with a logged model are promoted")
+    value = _metric(c, run_id, metric)
+    if math.isnan(value):
+        raise MaskSSDError(f"run {run_id} has no metric {metric!r}")
+    m, t = run.data.metrics, run.data.tags
+    tags = {
+        "source_run_id": run_id,
+        "config_hash": t.get("config_hash", ""),
+        "data_split": t.get("data.split", ""),
+        "data_split_hash": t.get("data.split_hash", ""),
+        "git_commit": t.get("mlflow.source.git.commit", ""),
+        "selection_metric": metric,
+        "selection_value": f"{value:.6f}",
+        **{k: f"{v:.6f}" for k, v in m.items() if k.startswith(("best_val_", "test_")) and "loss" not in k},
+        **{k: v for k, v in t.items() if k in ("study", "trial")},
+        **(extra_tags or {}),
+    }
+    try:
+        c.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        c.create_registered_model(name, description="maskssd face-mask detector (SSD); see version tags for lineage")
+    mv = mlflow.register_model(f"runs:/{run_id}/model", name, tags=tags)
+    try:
+        champion = c.get_model_version_by_alias(name, CHAMPION)
+        champ_version: str | None = champion.version
+        champ_value = float(champion.tags.get("selection_value", "nan")) \
+            if champion.tags.get("selection_metric") == metric else _metric(c, champion.run_id, metric)
+    except mlflow.exceptions.MlflowException:
+        champ_version, champ_value = None, None
+    if champ_version is None:
+        move, reason = True, "no champion yet"
+    elif force:
+        move, reason = True, "forced"
+    elif champ_value is None or math.isnan(champ_value):
+        move, reason = True, f"champion v{champ_version} has no {metric}"
+    elif (value > champ_value) if maximize else (value < champ_value):
+        move, reason = True, f"{metric} {value:.4f} beats champion v{champ_version} ({champ_value:.4f})"
+    else:
+        move, reason = False, f"{metric} {value:.4f} does not beat champion v{champ_version} ({champ_value:.4f})"
+    if move:
+        c.set_registered_model_alias(name, CHAMPION, mv.version)
+    c.set_model_version_tag(name, mv.version, "promotion", reason)
+    return Promotion(name, str(mv.version), run_id, metric, value, champ_version, champ_value, move, reason)

@@ -1,0 +1,94 @@
+"""SSD data augmentation on ``torchvision.transforms.v2`` with ``tv_tensors.BoundingBoxes``.
+
+Training: photometric distortion, zoom-out expansion, IoU-constrained random crop, horizontal flip,
+resize (each switchable, with its probability), as in the SSD paper and the reference paper's code.
+Evaluation: resize only. Both end with a float image in [0, 1] and normalised xyxy boxes; the model
+applies its own mean/std normalisation, so exported models take plain [0, 1] images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from maskssd.data import Sample
+
+#: Fill for zoom-out canvases: the ImageNet mean, as in the SSD papers.
+IMAGENET_MEAN_UINT8 = (124, 116, 104)
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """Probabilities and ranges of the SSD training augmentation (0 switches a step off)."""
+
+    photometric_p: float = 0.5
+    zoom_out_p: float = 0.5
+    zoom_out_max: float = 4.0
+    iou_crop_p: float = 1.0
+    hflip_p: float = 0.5
+
+
+class _IoUCropIfBoxes(torch.nn.Module):
+    """RandomIoUCrop with probability ``p``; images without boxes are left as they are."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.crop = v2.RandomIoUCrop()
+        self.sanitize = v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=_labels_and_difficult)
+
+    def forward(self, sample: Sample) -> Sample:
+        if sample["boxes"].shape[0] == 0 or self.p <= 0 or float(torch.rand(())) >= self.p:
+            return sample
+        return self.sanitize(self.crop(sample))
+
+
+def _labels_and_difficult(sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
+    return sample["labels"], sample["difficult"]
+
+
+class _Finish(torch.nn.Module):
+    """uint8 image -> float [0, 1]; pixel boxes -> normalised xyxy (clamped)."""
+
+    def forward(self, sample: Sample) -> Sample:
+        img = sample["image"]
+        h, w = img.shape[-2:]
+        boxes = sample["boxes"].as_subclass(torch.Tensor).float()
+        scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+        out = dict(sample)
+        out["image"] = tv_tensors.Image(img.float().div_(255.0) if img.dtype == torch.uint8 else img.float())
+        out["boxes"] = (boxes / scale).clamp_(0.0, 1.0)
+        return out
+
+
+def train_transform(size: int | tuple[int, int], spec: AugmentSpec = AugmentSpec()) -> v2.Compose:
+    """The SSD training pipeline ending at ``size`` (an int gives a square)."""
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    steps: list[torch.nn.Module] = []
+    if spec.photometric_p > 0:
+        steps.append(v2.RandomPhotometricDistort(p=spec.photometric_p))
+    if spec.zoom_out_p > 0 and spec.zoom_out_max > 1:
+        steps.append(v2.RandomZoomOut(fill={tv_tensors.Image: IMAGENET_MEAN_UINT8, "others": 0},
+                                      side_range=(1.0, spec.zoom_out_max), p=spec.zoom_out_p))
+    if spec.iou_crop_p > 0:
+        steps.append(_IoUCropIfBoxes(spec.iou_crop_p))
+    if spec.hflip_p > 0:
+        steps.append(v2.RandomHorizontalFlip(p=spec.hflip_p))
+    steps += [v2.Resize(hw, antialias=True), _Finish()]
+    return v2.Compose(steps)
+
+
+def eval_transform(size: int | tuple[int, int]) -> v2.Compose:
+    """Resize to the model's input, nothing random."""
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    return v2.Compose([v2.Resize(hw, antialias=True), _Finish()])
+
+
+def preprocess_images(images: list[torch.Tensor], size: int | tuple[int, int]) -> torch.Tensor:
+    """Inference: uint8 (3, H, W) images -> a float batch (N, 3, h, w) in [0, 1], as :func:`eval_transform`."""
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    out = [v2.functional.resize(img, list(hw), antialias=True) for img in images]
+    return torch.stack(out).float().div_(255.0)
