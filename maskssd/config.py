@@ -86,6 +86,7 @@ class ModelSection(_Section):
     bn_mode: Literal["train", "frozen", "frozen_stages"] | None = None
     min_scale: float | None = Field(None, gt=0, le=1)
     max_scale: float | None = Field(None, gt=0, le=1.5)
+    scales: list[float] | None = None  # one per feature map; overrides min_scale/max_scale
     aspect_ratios: list[float] | None = None
     extra_channels: list[int] | None = None
     width: int | None = Field(None, ge=4)  # tiny model only
@@ -159,6 +160,7 @@ class TrainSection(_Section):
     best_metric: Literal["val_map", "val_loss"] = "val_map"  # the paper: val_loss
     best_after_epoch: int = Field(0, ge=0)  # the paper: 40
     amp: bool = True  # mixed precision, used on GPU only
+    channels_last: bool = False  # NHWC memory format: faster depthwise convolutions on CPU (and tensor cores)
     log_images: int = Field(4, ge=0)  # annotated validation images logged at the end
 
 

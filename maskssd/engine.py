@@ -109,6 +109,7 @@ class TrainSpec:
     decode: DecodeSpec = field(default_factory=DecodeSpec)
     coco: bool = True
     progress: bool = True
+    channels_last: bool = False
 
 
 @dataclass
@@ -127,7 +128,8 @@ def _finite(value: torch.Tensor, what: str) -> None:
 def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, loss_fn: MultiBoxLoss | None,
              class_names: tuple[str, ...], device: torch.device, decode: DecodeSpec = DecodeSpec(),
              compute_map: bool = True, coco: bool = True, amp: bool = False, prefix: str = "val",
-             collect: list[tuple[str, Any]] | None = None) -> tuple[dict[str, float], EvalResult | None]:
+             collect: list[tuple[str, Any]] | None = None,
+             channels_last: bool = False) -> tuple[dict[str, float], EvalResult | None]:
     """Loss (and its parts) on a split and, with ``compute_map``, every detection metric, in one pass.
 
     ``collect`` (a list) receives ``(image_id, Detections in original pixels)`` for every image.
@@ -140,8 +142,11 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, loss_fn: Mul
     with torch.no_grad():
         for batch in loader:
             batch = batch.to(device)
+            images = batch.images
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             with autocast(device, amp):
-                locs, scores = model(batch.images)
+                locs, scores = model(images)
             if loss_fn is not None:
                 out = loss_fn(locs, scores, batch.boxes, batch.labels)
                 sums += torch.tensor([out.total.item(), out.conf.item(), out.loc.item()], dtype=torch.float64)
@@ -232,8 +237,9 @@ class Trainer:
         sums, n_batches, n_images, t0 = torch.zeros(3, dtype=torch.float64), 0, 0, time.perf_counter()
         for step, batch in enumerate(self.train_loader):
             batch: Batch = batch.to(self.device, non_blocking=True)
+            images = batch.images.contiguous(memory_format=torch.channels_last) if self.spec.channels_last else batch.images
             with autocast(self.device, self.spec.amp):
-                locs, scores = self.train_model(batch.images)
+                locs, scores = self.train_model(images)
             out = self.loss_fn(locs, scores, batch.boxes, batch.labels)
             _finite(out.total, f"loss is {out.total.item()} at epoch {epoch}, step {step + 1} "
                                f"(conf {out.conf.item():.4g}, loc {out.loc.item():.4g}); "
@@ -286,7 +292,7 @@ class Trainer:
                     metrics = self.train_one_epoch(epoch, progress, task)
                     do_map = epoch % spec.eval_every == 0 or epoch == spec.epochs
                     val, _ = evaluate(self.model, self.val_loader, self.loss_fn, self.class_names, self.device,
-                                      spec.decode, do_map, spec.coco, spec.amp)
+                                      spec.decode, do_map, spec.coco, spec.amp, channels_last=spec.channels_last)
                     metrics.update(val)
                     metrics["lr"] = lr
                     self.state.epoch = epoch

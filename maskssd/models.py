@@ -177,7 +177,8 @@ class SSDLite(SSDDetector):
 
     def __init__(self, backbone: Backbone, extra_channels: Sequence[int], num_classes: int, input_size: int,
                  min_scale: float = 0.1, max_scale: float = 0.95,
-                 aspect_ratios: Sequence[float] = (2.0, 0.5, 3.0, 1 / 3), background_prior: float = 0.99):
+                 aspect_ratios: Sequence[float] = (2.0, 0.5, 3.0, 1 / 3), background_prior: float = 0.99,
+                 scales: Sequence[float] | None = None):
         channels = list(backbone.out_channels)
         extras = []
         for c in extra_channels:
@@ -194,7 +195,13 @@ class SSDLite(SSDDetector):
                 y = e(y)
                 fmaps.append(y.shape[-1])
             backbone.train(probe_mode)
-        spec = PriorSpec.linear(fmaps, min_scale, max_scale, [tuple(aspect_ratios)] * len(fmaps))
+        ratios = tuple(tuple(aspect_ratios) for _ in fmaps)
+        if scales is not None:
+            if len(scales) != len(fmaps):
+                raise MaskSSDError(f"model.scales needs one scale per feature map ({len(fmaps)}), got {len(scales)}")
+            spec = PriorSpec(tuple(fmaps), tuple(scales), ratios)
+        else:
+            spec = PriorSpec.linear(fmaps, min_scale, max_scale, ratios)
         super().__init__(num_classes, input_size, spec, backbone.mean, backbone.std)
         self.backbone = backbone
         self.extras = extras_m
@@ -266,9 +273,10 @@ def ssd300_vgg16(num_classes: int = 4, pretrained: bool = False, init_checkpoint
 
 def _ssdlite(backbone: Backbone, num_classes: int, input_size: int, freeze_stages: int, bn_mode: BNMode,
              extra_channels: Sequence[int], min_scale: float, max_scale: float,
-             aspect_ratios: Sequence[float]) -> SSDLite:
+             aspect_ratios: Sequence[float], scales: Sequence[float] | None) -> SSDLite:
     backbone.configure(freeze_stages, bn_mode)
-    return SSDLite(backbone, extra_channels, num_classes, input_size, min_scale, max_scale, aspect_ratios)
+    return SSDLite(backbone, extra_channels, num_classes, input_size, min_scale, max_scale, aspect_ratios,
+                   scales=scales)
 
 
 @register_model("ssdlite_effnet_lite0")
@@ -276,10 +284,11 @@ def ssdlite_effnet_lite0(num_classes: int = 4, input_size: int = 320, pretrained
                          freeze_stages: int = 0, bn_mode: BNMode = "frozen_stages",
                          min_scale: float = 0.05, max_scale: float = 0.95,
                          aspect_ratios: Sequence[float] = (2.0, 0.5, 3.0, 1 / 3),
-                         extra_channels: Sequence[int] = (256, 256, 128), **_: Any) -> SSDLite:
+                         extra_channels: Sequence[int] = (256, 256, 128), scales: Sequence[float] | None = None,
+                         **_: Any) -> SSDLite:
     """SSDLite on ImageNet EfficientNet-Lite0 (offline weights), maps at strides 8-32 plus extras."""
     return _ssdlite(EfficientNetLite0Features(pretrained), num_classes, input_size, freeze_stages, bn_mode,
-                    extra_channels, min_scale, max_scale, aspect_ratios)
+                    extra_channels, min_scale, max_scale, aspect_ratios, scales)
 
 
 @register_model("ssdlite_mobilenet_v3")
@@ -287,17 +296,18 @@ def ssdlite_mobilenet_v3(num_classes: int = 4, input_size: int = 320, pretrained
                          freeze_stages: int = 0, bn_mode: BNMode = "frozen_stages",
                          min_scale: float = 0.2, max_scale: float = 0.95,
                          aspect_ratios: Sequence[float] = (2.0, 0.5, 3.0, 1 / 3),
-                         extra_channels: Sequence[int] = (512, 256, 256, 128), **_: Any) -> SSDLite:
+                         extra_channels: Sequence[int] = (512, 256, 256, 128), scales: Sequence[float] | None = None,
+                         **_: Any) -> SSDLite:
     """SSDLite on torchvision's MobileNetV3-Large (ImageNet weights when cached), as ssdlite320_mobilenet_v3_large."""
     return _ssdlite(MobileNetV3Features(pretrained), num_classes, input_size, freeze_stages, bn_mode,
-                    extra_channels, min_scale, max_scale, aspect_ratios)
+                    extra_channels, min_scale, max_scale, aspect_ratios, scales)
 
 
 @register_model("tiny")
 def tiny(num_classes: int = 4, input_size: int = 128, width: int = 16, freeze_stages: int = 0,
          bn_mode: BNMode = "train", min_scale: float = 0.1, max_scale: float = 0.9,
          aspect_ratios: Sequence[float] = (2.0, 0.5), extra_channels: Sequence[int] = (64, 64),
-         pretrained: bool = False, **_: Any) -> SSDLite:
+         scales: Sequence[float] | None = None, pretrained: bool = False, **_: Any) -> SSDLite:
     """A few hundred thousand parameters: tests and the synthetic quickstart on a 2-core CPU."""
     return _ssdlite(TinyBackbone(width), num_classes, input_size, freeze_stages, bn_mode,
-                    extra_channels, min_scale, max_scale, aspect_ratios)
+                    extra_channels, min_scale, max_scale, aspect_ratios, scales)

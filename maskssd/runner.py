@@ -208,6 +208,8 @@ def _train(cfg: ExperimentConfig, run: tracking.MlflowRun, ckpt_dir: Path, resum
     root = resolve_data_root(cfg)
     device = resolve_device(cfg.experiment.device)
     model = build_detector(cfg).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     report = DataReport()
     datasets = build_datasets(cfg, root, model.input_size, report)
     loss_fn = build_loss(cfg, model).to(device)
@@ -219,7 +221,7 @@ def _train(cfg: ExperimentConfig, run: tracking.MlflowRun, ckpt_dir: Path, resum
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.epochs, len(train_loader))
     spec = TrainSpec(cfg.train.epochs, seed, cfg.train.eval_every, cfg.train.save_every, cfg.train.best_metric,
                      cfg.train.best_after_epoch, cfg.optim.grad_clip, cfg.train.amp, decode_spec(cfg), cfg.eval.coco,
-                     progress)
+                     progress, cfg.train.channels_last)
     trainer = Trainer(model, loss_fn, optimizer, scheduler, train_loader, val_loader, spec, cfg.class_names,
                       device, ckpt_dir, {"config": cfg.model_dump(mode="json"), "run_id": run.run_id}, run, on_eval)
 
