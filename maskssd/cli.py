@@ -72,7 +72,7 @@ def cmd_data_stats(a: argparse.Namespace) -> int:
     classes = a.classes or list(DEFAULT_CLASSES)
     layout = VOCLayout.detect(a.root)
     report = DataReport()
-    anns = load_annotations(a.root, None, classes, a.on_error, report)
+    anns = load_annotations(a.root, None, classes, a.on_error, report, verify_images=a.verify)
     by_id = {x.image_id: x for x in anns}
     groups: list[tuple[str, list]] = [("all", anns)]
     split_names = [a.split] if a.split else layout.split_names()
@@ -336,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                    help="skip: count bad samples instead of stopping at the first")
     s.add_argument("--show-fixes", type=int, default=20, metavar="N", help="list the first N fixes (default 20)")
+    s.add_argument("--verify", action="store_true", help="decode every image (finds truncated files; slower)")
     s.set_defaults(func=cmd_data_stats)
 
     # train

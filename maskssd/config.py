@@ -121,6 +121,8 @@ class LossSection(_Section):
     neg_pos_ratio: float = Field(3.0, ge=0)
     alpha: float = Field(1.0, ge=0)
     class_weights: dict[str, float] = Field(default_factory=dict)  # by class name; "background" too; unset = 1
+    # classes not in class_weights get (most frequent class's boxes / this class's boxes) ** exponent; 0 = off
+    class_weight_exponent: float = Field(0.0, ge=0, le=2)
     loc_loss: Literal["l1", "smooth_l1"] = "l1"
     focal_gamma: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
@@ -189,12 +191,24 @@ class ExperimentConfig(_Section):
     def class_names(self) -> tuple[str, ...]:
         return tuple(self.data.classes)
 
-    def class_weight_list(self) -> list[float] | None:
-        """Cross-entropy weights by class index (background first), or None when all are 1."""
-        if not self.loss.class_weights:
+    def class_weight_list(self, box_counts: Mapping[str, int] | None = None) -> list[float] | None:
+        """Cross-entropy weights by class index (background first), or None when all are 1.
+
+        Explicit ``loss.class_weights`` win; other classes get ``(max count / count) ** class_weight_exponent``
+        from the training split's ``box_counts`` when the exponent is set.
+        """
+        w, exp = self.loss.class_weights, self.loss.class_weight_exponent
+        if not w and (exp == 0 or not box_counts):
             return None
-        w = self.loss.class_weights
-        return [w.get("background", 1.0)] + [w.get(c, 1.0) for c in self.data.classes]
+
+        def weight(c: str) -> float:
+            if c in w:
+                return w[c]
+            if exp and box_counts and box_counts.get(c):
+                return (max(box_counts.values()) / box_counts[c]) ** exp
+            return 1.0
+
+        return [w.get("background", 1.0)] + [weight(c) for c in self.data.classes]
 
     def flat(self) -> dict[str, Any]:
         """Every effective value under a dotted name (``loss.alpha``), for MLflow params."""
@@ -326,10 +340,19 @@ def load_config(path: str | Path, overrides: Iterable[str] | Mapping[str, Any] =
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        line = getattr(e, "lineno", None)
-        raise ConfigError(f"not valid TOML: {e}", path, None, line) from None
+        raise ConfigError(f"not valid TOML: {e}", path, None, toml_error_line(e, text)) from None
     apply_overrides(data, overrides)
     return validate(data, path, text)
+
+
+def toml_error_line(e: tomllib.TOMLDecodeError, text: str) -> int | None:
+    """The line of a TOML syntax error (Python 3.11 keeps it only in the message)."""
+    if getattr(e, "lineno", None):
+        return e.lineno  # type: ignore[attr-defined]
+    m = re.search(r"at line (\d+)", str(e))
+    if m:
+        return int(m.group(1))
+    return text.count("\n") + 1 if "end of document" in str(e) else None
 
 
 def dump_toml(d: Mapping[str, Any]) -> str:

@@ -97,6 +97,19 @@ def _check_pixels(img: Image.Image, path: Path, max_pixels: int) -> None:
         )
 
 
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: 16-bit and float greyscale are scaled (not clipped), alpha is dropped."""
+    if img.mode == "RGB":
+        return img.copy()
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 256.0 if arr.max(initial=0) > 255 else 1.0
+        img = Image.fromarray((arr / scale).clip(0, 255).astype(np.uint8), "L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
 def read_image_size(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
     """(width, height) from the image header only, with the same checks as :func:`load_image`."""
     path = Path(path)
@@ -124,11 +137,7 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Im
             with Image.open(path) as img:
                 _check_pixels(img, path, max_pixels)
                 img.load()
-                if img.mode == "RGB":
-                    return img.copy()
-                if img.mode == "P" and "transparency" in img.info:
-                    img = img.convert("RGBA")
-                return img.convert("RGB")
+                return _to_rgb(img)
     except DataError:
         raise
     except FileNotFoundError:
@@ -148,9 +157,7 @@ def decode_image_bytes(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, name: st
             with Image.open(io.BytesIO(data)) as img:
                 _check_pixels(img, Path(name), max_pixels)
                 img.load()
-                if img.mode == "P" and "transparency" in img.info:
-                    img = img.convert("RGBA")
-                return img.convert("RGB")
+                return _to_rgb(img)
     except DataError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
@@ -342,8 +349,13 @@ def load_annotations(
     on_error: OnError = "raise",
     report: DataReport | None = None,
     max_pixels: int = MAX_IMAGE_PIXELS,
+    verify_images: bool = False,
 ) -> list[Annotation]:
-    """Parse every annotation (or those of ``ids``); with ``on_error="skip"`` bad samples are counted."""
+    """Parse every annotation (or those of ``ids``); with ``on_error="skip"`` bad samples are counted.
+
+    Parsing reads only image headers; ``verify_images`` also decodes every image, so a truncated file is
+    found (and skipped) now rather than mid-training.
+    """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     layout = VOCLayout.detect(root)
@@ -352,7 +364,10 @@ def load_annotations(
     out = []
     for image_id in ids:
         try:
-            out.append(parse_voc_xml(layout.annotations / f"{image_id}.xml", layout, classes, report, max_pixels))
+            ann = parse_voc_xml(layout.annotations / f"{image_id}.xml", layout, classes, report, max_pixels)
+            if verify_images:
+                load_image(ann.image_path, max_pixels)
+            out.append(ann)
         except DataError as e:
             if on_error == "raise":
                 raise
@@ -368,10 +383,13 @@ def load_split(
     classes: Sequence[str] = DEFAULT_CLASSES,
     on_error: OnError = "raise",
     report: DataReport | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    verify_images: bool = False,
 ) -> list[Annotation]:
     """Annotations of one split (``train``/``val``/``test``) of a named split list."""
     layout = VOCLayout.detect(root)
-    return load_annotations(root, layout.read_split(split_name, split), classes, on_error, report)
+    return load_annotations(root, layout.read_split(split_name, split), classes, on_error, report, max_pixels,
+                            verify_images)
 
 
 def stratified_split(
@@ -497,12 +515,13 @@ class FaceMaskDataset(torch.utils.data.Dataset):
         on_error: OnError = "raise",
         report: DataReport | None = None,
         cache_images: bool = False,
+        max_pixels: int = MAX_IMAGE_PIXELS,
     ) -> FaceMaskDataset:
         if split is None:
-            anns = load_annotations(root, None, classes, on_error, report)
+            anns = load_annotations(root, None, classes, on_error, report, max_pixels)
         else:
-            anns = load_split(root, split, split_name, classes, on_error, report)
-        return cls(anns, transform, classes, cache_images)
+            anns = load_split(root, split, split_name, classes, on_error, report, max_pixels)
+        return cls(anns, transform, classes, cache_images, max_pixels)
 
     def __len__(self) -> int:
         return len(self.annotations)

@@ -17,6 +17,9 @@ class DataError(MaskSSDError):
     """A problem with one sample of a dataset: names the file and, where known, the element."""
 
     def __init__(self, message: str, path: str | Path | None = None, element: str | None = None):
+        if path is None and "\nOriginal Traceback" in message:
+            # re-raised by a DataLoader worker: keep the original one-line message, not the worker's traceback
+            message = _unwrap_worker_message(message)
         self.path = None if path is None else str(path)
         self.element = element
         self.reason = message
@@ -24,6 +27,13 @@ class DataError(MaskSSDError):
         if self.path:
             where = self.path + (f" [{element}]" if element else "") + ": "
         super().__init__(where + message)
+
+
+def _unwrap_worker_message(message: str) -> str:
+    last = [line for line in message.strip().splitlines() if line.strip()][-1].strip()
+    for prefix in ("maskssd.errors.DataError: ", "DataError: "):
+        last = last.removeprefix(prefix)
+    return last
 
 
 class ConfigError(MaskSSDError):

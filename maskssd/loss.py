@@ -88,14 +88,24 @@ class MultiBoxLoss(nn.Module):
 
     @torch.no_grad()
     def match(self, boxes: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-prior class targets ``(N, P)`` (0 = background) and encoded box targets ``(N, P, 4)``."""
+        """Per-prior class targets ``(N, P)`` (0 = background) and encoded box targets ``(N, P, 4)``.
+
+        IoU is computed once for the batch's K real objects ``(K, P)`` and scattered into an ``(N, M, P)``
+        layout padded with -1, so padding costs a fill, not IoU arithmetic.
+        """
         device = self.priors_xy.device
         gt_boxes, gt_labels, valid = pad_targets(boxes, labels, device)
         n, m = gt_labels.shape
-        iou = box_iou(gt_boxes, self.priors_xy)  # (N, M, P)
-        iou.masked_fill_(~valid[:, :, None], -1.0)
+        p = self.priors_xy.shape[0]
+        flat_valid = valid.reshape(-1)
+        iou_real = box_iou(gt_boxes.reshape(-1, 4)[flat_valid], self.priors_xy)  # (K, P)
+        iou = torch.full((n * m, p), -1.0, device=device)
+        iou[flat_valid] = iou_real
+        iou = iou.view(n, m, p)
         best_iou, best_obj = iou.max(dim=1)  # each prior's best object
-        best_prior = iou.argmax(dim=2)  # each object's best prior
+        best_prior = torch.zeros(n * m, dtype=torch.long, device=device)
+        best_prior[flat_valid] = iou_real.argmax(dim=1)  # each object's best prior
+        best_prior = best_prior.view(n, m)
         # each object forces its best prior; when two objects share one, the later object wins (as in the
         # reference code's assignment order)
         obj_index = torch.arange(m, device=device).expand(n, m).masked_fill(~valid, -1)
@@ -135,7 +145,8 @@ class MultiBoxLoss(nn.Module):
 
         # hard negative mining: the top (neg_pos_ratio * positives) negatives of each image
         neg_ce = ce.masked_fill(pos, 0.0)
-        n_hard = (n_pos_img.float() * self.neg_pos_ratio).long().clamp(max=p)
+        # the reference keeps negatives ranked below ratio x positives: a fractional bound rounds up
+        n_hard = (n_pos_img.float() * self.neg_pos_ratio).ceil().long().clamp(max=p)
         k = int(n_hard.max()) if n else 0
         conf_sum = (ce * pos).sum()
         if k > 0:

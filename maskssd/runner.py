@@ -107,9 +107,9 @@ def build_detector(cfg: ExperimentConfig) -> SSDDetector:
     return build_model(cfg.model.name, num_classes=len(cfg.class_names) + 1, **cfg.model.build_kwargs())
 
 
-def build_loss(cfg: ExperimentConfig, model: SSDDetector) -> MultiBoxLoss:
+def build_loss(cfg: ExperimentConfig, model: SSDDetector, box_counts: Mapping[str, int] | None = None) -> MultiBoxLoss:
     ls = cfg.loss
-    return MultiBoxLoss(model.priors_cxcy, ls.threshold, ls.neg_pos_ratio, ls.alpha, cfg.class_weight_list(),
+    return MultiBoxLoss(model.priors_cxcy, ls.threshold, ls.neg_pos_ratio, ls.alpha, cfg.class_weight_list(box_counts),
                         ls.loc_loss, ls.focal_gamma, ls.label_smoothing)
 
 
@@ -164,6 +164,7 @@ def run_experiment(
     progress: bool = True,
     log_model: bool = True,
     show: bool = True,
+    on_start: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Train, evaluate and record one run; exceptions mark the run FAILED/KILLED and propagate."""
     client = tracking.client(tracking_uri)
@@ -176,6 +177,8 @@ def run_experiment(
     if show:
         console.print(f"[bold]MLflow run[/] {run.run_id} in experiment [cyan]{cfg.experiment.name}[/] "
                       f"({client.tracking_uri})")
+    if on_start is not None:
+        on_start(run.run_id)
     result = RunResult(run.run_id, "RUNNING")
     ckpt_dir = checkpoint_root() / run.run_id
     try:
@@ -212,7 +215,7 @@ def _train(cfg: ExperimentConfig, run: tracking.MlflowRun, ckpt_dir: Path, resum
         model = model.to(memory_format=torch.channels_last)
     report = DataReport()
     datasets = build_datasets(cfg, root, model.input_size, report)
-    loss_fn = build_loss(cfg, model).to(device)
+    loss_fn = build_loss(cfg, model, datasets["train"].class_box_counts()).to(device)
     seed = cfg.experiment.seed
     pin = device.type == "cuda"
     train_loader = build_loader(datasets["train"], cfg.data.batch_size, cfg.data.num_workers, seed, True, pin=pin)
@@ -243,6 +246,8 @@ def _train(cfg: ExperimentConfig, run: tracking.MlflowRun, ckpt_dir: Path, resum
         params = cfg.flat()
         params.update({"data.train_images": len(datasets["train"]), "data.val_images": len(datasets["val"]),
                        "model.num_priors": int(model.priors_cxcy.shape[0]),
+                       "loss.effective_class_weights": loss_fn.class_weights.tolist()
+                       if loss_fn.class_weights is not None else "none",
                        "model.parameters": sum(p.numel() for p in model.parameters())})
         run.log_params(params)
         run.set_tags(_run_tags(cfg, root))

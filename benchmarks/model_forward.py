@@ -1,0 +1,126 @@
+"""Benchmark: CPU inference speed of every maskssd detector next to torchvision's SSD300-VGG16 and
+SSDLite320-MobileNetV3 (random weights, 4 classes): latency at batch 1 and throughput at batch 8.
+
+What a row includes:
+* maskssd rows: ``model(images)`` on a ready ``(N, 3, S, S)`` float batch in [0, 1]: normalisation, backbone,
+  extra layers, heads, flattening; no decoding or NMS (see benchmarks/decode_nms.py for those: ~1-5 ms).
+* "torchvision ... (full)": ``model.eval()(list_of_images)``: its GeneralizedRCNNTransform (normalise + resize to
+  the model size; the inputs already have that size), backbone, head, box decoding, score filter, NMS, top-k.
+  With random weights nearly every prior passes its 0.01 score threshold, so the post-processing is a worst case.
+* "torchvision ... backbone+head": ``model.head(model.backbone(x))`` on a normalised batch: the part
+  comparable to the maskssd rows.
+* "channels_last": the maskssd model and input in ``torch.channels_last``.
+Run: ``.venv/bin/python benchmarks/model_forward.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import add_threads_arg, machine, median_time, print_table, set_threads  # noqa: E402
+
+from maskssd.models import build_model  # noqa: E402
+
+TV_SSD = "torchvision ssd300_vgg16 (full)"
+TV_LITE = "torchvision ssdlite320_mobilenet_v3_large (full)"
+
+
+def maskssd_runner(name: str, size: int, channels_last: bool = False, **kw) -> Callable[[int], Callable[[], object]]:
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=4, input_size=size, pretrained=False, **kw).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    def make(batch: int) -> Callable[[], object]:
+        x = torch.rand(batch, 3, size, size)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return lambda: model(x)
+
+    return make
+
+
+def torchvision_runners(which: str) -> tuple[Callable[[int], Callable[[], object]], Callable[[int], Callable[[], object]], int]:
+    from torchvision.models import detection
+
+    torch.manual_seed(0)
+    if which == "ssd300":
+        model, size = detection.ssd300_vgg16(weights=None, weights_backbone=None, num_classes=4), 300
+    else:
+        model, size = detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=4), 320
+    model.eval()
+
+    def full(batch: int) -> Callable[[], object]:
+        images = [torch.rand(3, size, size) for _ in range(batch)]
+        return lambda: model(images)
+
+    def backbone_head(batch: int) -> Callable[[], object]:
+        images, _ = model.transform([torch.rand(3, size, size) for _ in range(batch)])
+        x = images.tensors
+
+        def run() -> object:
+            feats = model.backbone(x)
+            return model.head(list(feats.values()))
+
+        return run
+
+    return full, backbone_head, size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=10, help="runs per light-model measurement")
+    parser.add_argument("--vgg-repeat", type=int, default=3, help="runs per VGG16 measurement (~0.4 s per image)")
+    parser.add_argument("--quick", action="store_true", help="fewer runs, no channels_last VGG row")
+    add_threads_arg(parser)
+    args = parser.parse_args()
+    set_threads(args.threads)
+    rep, vgg_rep = (3, 1) if args.quick else (args.repeat, args.vgg_repeat)
+
+    cases: list[tuple[str, Callable[[int], Callable[[], object]], bool, str | None, str]] = []
+    tv_ssd_full, tv_ssd_bh, _ = torchvision_runners("ssd300")
+    tv_lite_full, tv_lite_bh, _ = torchvision_runners("ssdlite")
+    cases += [
+        (TV_SSD, tv_ssd_full, True, None, "transform + net + decode/NMS (worst case, random weights)"),
+        ("torchvision ssd300_vgg16 backbone+head", tv_ssd_bh, True, TV_SSD, "net only"),
+        ("maskssd ssd300_vgg16 @300", maskssd_runner("ssd300_vgg16", 300), True, TV_SSD,
+         "net only; conv4_3 L2 norm, 8732 priors"),
+        (TV_LITE, tv_lite_full, False, None, "transform + net + decode/NMS (worst case, random weights)"),
+        ("torchvision ssdlite320 backbone+head", tv_lite_bh, False, TV_LITE, "net only"),
+        ("maskssd ssdlite_mobilenet_v3 @320", maskssd_runner("ssdlite_mobilenet_v3", 320), False, TV_LITE, "net only"),
+        ("maskssd ssdlite_effnet_lite0 @320", maskssd_runner("ssdlite_effnet_lite0", 320), False, TV_LITE, "net only"),
+        ("maskssd ssdlite_effnet_lite0 @384", maskssd_runner("ssdlite_effnet_lite0", 384), False, TV_LITE, "net only"),
+        ("maskssd tiny @128", maskssd_runner("tiny", 128), False, TV_LITE, "net only; tests/quickstart model"),
+        ("maskssd ssdlite_mobilenet_v3 @320, channels_last", maskssd_runner("ssdlite_mobilenet_v3", 320, True),
+         False, TV_LITE, "net only"),
+        ("maskssd ssdlite_effnet_lite0 @320, channels_last", maskssd_runner("ssdlite_effnet_lite0", 320, True),
+         False, TV_LITE, "net only"),
+        ("maskssd tiny @128, channels_last", maskssd_runner("tiny", 128, True), False, TV_LITE, "net only"),
+    ]
+    if not args.quick:
+        cases.append(("maskssd ssd300_vgg16 @300, channels_last", maskssd_runner("ssd300_vgg16", 300, True), True,
+                      TV_SSD, "net only"))
+
+    rows = []
+    with torch.inference_mode():
+        for name, make, is_vgg, baseline, note in cases:
+            r = vgg_rep if is_vgg else rep
+            b1 = median_time(make(1), repeat=r + (1 if is_vgg else 0), warmup=1)
+            b8 = median_time(make(8), repeat=r, warmup=0 if is_vgg else 1)
+            rows.append({"name": name, "seconds": b1, "baseline": baseline, "note": note,
+                         "batch-8 images/s": f"{8 / b8:.1f}"})
+            print(f"  {name}: {b1 * 1e3:.1f} ms, {8 / b8:.1f} images/s", file=sys.stderr, flush=True)
+    print_table(f"Forward latency at batch 1 (median ms; speed-up = batch-1 latency ratio) and throughput at "
+                f"batch 8, random weights, 4 classes ({machine()}; {rep} runs, VGG {vgg_rep})", rows,
+                extra_columns=["batch-8 images/s"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Shared fixtures: the read-only ``../shared`` folder, a small synthetic dataset, and in-test VOC datasets.
+
+``../shared`` (beside the repository root) holds the real face-mask dataset; tests that need it skip with a
+clear reason where it is absent. Nothing from it is ever copied into the project.
+
+* ``shared_dir``, ``real_data``, ``rgba_sample``: paths under ``../shared`` (session; skip when absent).
+* ``synth_root``: a 40-image synthetic dataset, split ``default`` (session; read-only, copy it to write).
+* ``make_dataset(samples, splits=None, name="ds")``: a Kaggle-layout dataset under ``tmp_path`` from
+  in-test images (PIL image, raw bytes or None) and XML strings; ``voc_xml(...)`` writes those strings and
+  ``good_sample(id)`` gives a valid (image, xml) pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = REPO_ROOT.parent / "shared"
+REAL_DATA = SHARED_DIR / "data" / "face-mask-detection"
+RGBA_SAMPLE = SHARED_DIR / "data" / "face-mask-detection-rgba-sample"
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        pytest.skip(f"{what} not available: {path} is absent (the read-only ../shared folder beside the repo root)")
+    return path
+
+
+# ----------------------------------------------------------------------------------------- ../shared
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """``../shared`` beside the repository root; skips when absent."""
+    return _need(SHARED_DIR, "shared folder")
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The real Face Mask Detection dataset (853 images, split ``paper``); skips when absent."""
+    return _need(REAL_DATA, "real face-mask dataset")
+
+
+@pytest.fixture(scope="session")
+def rgba_sample() -> Path:
+    """Six original (mostly RGBA) PNGs of the real dataset with their XMLs; skips when absent."""
+    return _need(RGBA_SAMPLE, "original RGBA sample of the face-mask dataset")
+
+
+# ---------------------------------------------------------------------------------------- synthetic
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 40-image synthetic dataset (Kaggle layout, split ``default``), generated once per session.
+
+    Treat it as read-only: copy it (``shutil.copytree``) before writing into it.
+    """
+    from maskssd.synth import generate
+
+    return generate(tmp_path_factory.mktemp("synth") / "synth40", n_images=40, seed=0).root
+
+
+# ---------------------------------------------------------------------------- in-test VOC datasets
+#: One object of :func:`_voc_xml`: (name, xmin, ymin, xmax, ymax) or (name, xmin, ymin, xmax, ymax, difficult);
+#: coordinates may be strings (to write non-numeric ones).
+VocObject = Sequence[object]
+
+
+def _voc_xml(filename: str, width: int | None, height: int | None, objects: Sequence[VocObject] = (),
+             prolog: str = "") -> str:
+    """A Pascal VOC annotation as the face-mask dataset writes it (``width=None`` leaves out ``<size>``)."""
+    lines = [prolog, "<annotation>", "  <folder>images</folder>", f"  <filename>{filename}</filename>"]
+    if width is not None and height is not None:
+        lines += ["  <size>", f"    <width>{width}</width>", f"    <height>{height}</height>",
+                  "    <depth>3</depth>", "  </size>"]
+    for obj in objects:
+        name, x1, y1, x2, y2, *rest = obj
+        difficult = rest[0] if rest else 0
+        lines += ["  <object>", f"    <name>{name}</name>", "    <truncated>0</truncated>",
+                  f"    <difficult>{int(difficult) if isinstance(difficult, bool) else difficult}</difficult>",
+                  "    <bndbox>", f"      <xmin>{x1}</xmin>", f"      <ymin>{y1}</ymin>",
+                  f"      <xmax>{x2}</xmax>", f"      <ymax>{y2}</ymax>", "    </bndbox>", "  </object>"]
+    lines.append("</annotation>")
+    return "\n".join(line for line in lines if line) + "\n"
+
+
+#: An image entry of :func:`write_kaggle_dataset`: a PIL image (saved as PNG), raw bytes (written as they
+#: are), or None (no image file).
+ImageSpec = Image.Image | bytes | None
+
+
+def write_kaggle_dataset(
+    root: Path,
+    samples: Mapping[str, tuple[ImageSpec, str | None]],
+    splits: Mapping[str, Sequence[str]] | None = None,
+    split_name: str = "test_split",
+) -> Path:
+    """Write ``root/images/ID.png`` + ``root/annotations/ID.xml`` for each ``ID: (image, xml_text)``.
+
+    ``xml_text`` None writes no annotation. ``splits`` (``{"train": [...], ...}``) writes
+    ``root/splits/SPLIT_NAME/*.txt``. Returns ``root``.
+    """
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for image_id, (image, xml) in samples.items():
+        if isinstance(image, Image.Image):
+            image.save(root / "images" / f"{image_id}.png")
+        elif isinstance(image, bytes):
+            (root / "images" / f"{image_id}.png").write_bytes(image)
+        if xml is not None:
+            (root / "annotations" / f"{image_id}.xml").write_text(xml, encoding="utf-8")
+    if splits:
+        d = root / "splits" / split_name
+        d.mkdir(parents=True, exist_ok=True)
+        for split, ids in splits.items():
+            (d / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+    return root
+
+
+def _good_sample(image_id: str, width: int = 64, height: int = 48, seed: int = 0) -> tuple[Image.Image, str]:
+    """A valid (image, xml) pair with two boxes (one ``with_mask``, one ``without_mask``)."""
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+    xml = _voc_xml(f"{image_id}.png", width, height,
+                   [("with_mask", 2, 3, 20, 25), ("without_mask", 30, 10, width - 2, height - 4)])
+    return img, xml
+
+
+@pytest.fixture
+def make_dataset(tmp_path: Path) -> Callable[..., Path]:
+    """``make_dataset(samples, splits=None, name="ds")``: :func:`write_kaggle_dataset` under ``tmp_path``."""
+
+    def make(samples: Mapping[str, tuple[ImageSpec, str | None]], splits: Mapping[str, Sequence[str]] | None = None,
+             name: str = "ds", split_name: str = "test_split") -> Path:
+        return write_kaggle_dataset(tmp_path / name, samples, splits, split_name)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def voc_xml() -> Callable[..., str]:
+    """``voc_xml(filename, width, height, objects=(), prolog="")``: the text of a VOC annotation."""
+    return _voc_xml
+
+
+@pytest.fixture(scope="session")
+def good_sample() -> Callable[..., tuple[Image.Image, str]]:
+    """``good_sample(image_id, width=64, height=48, seed=0)``: a valid (noise image, xml) pair, two boxes."""
+    return _good_sample

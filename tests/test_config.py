@@ -1,0 +1,136 @@
+"""Experiment configs: validation errors name key, file and line; overrides; dotted params; shipped configs."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from maskssd.config import apply_overrides, flatten, load_config, parse_value, validate
+from maskssd.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+BASE = """\
+[experiment]
+name = "t"
+
+[data]
+root = "somewhere"
+batch_size = 4
+
+[loss]
+alpha = 2
+class_weights = { background = 1, with_mask = 2 }
+
+[model]
+name = "tiny"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "exp.toml"
+    p.write_text(text)
+    return p
+
+
+def error_of(path: Path, overrides=()) -> ConfigError:
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides)
+    return e.value
+
+
+def test_valid_config_and_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, BASE))
+    assert cfg.loss.alpha == 2.0 and cfg.data.batch_size == 4
+    assert cfg.class_names == ("with_mask", "without_mask", "mask_weared_incorrect")
+    assert cfg.class_weight_list() == [1.0, 2.0, 1.0, 1.0]
+
+
+def test_unknown_key_names_key_file_and_line(tmp_path):
+    p = write(tmp_path, BASE + "bogus = 1\n")
+    e = error_of(p)
+    assert e.key == "model.bogus" and e.line == 14 and str(p) in str(e) and "unknown key" in str(e)
+
+
+def test_unknown_section(tmp_path):
+    e = error_of(write(tmp_path, BASE + "\n[trian]\nepochs = 3\n"))
+    assert e.key == "trian" and e.line == 15
+
+
+@pytest.mark.parametrize("override, key, words", [
+    ('loss.alpha="x"', "loss.alpha", "valid number"),
+    ("data.batch_size=0", "data.batch_size", "greater than or equal to 1"),
+    ("optim.lr=-1", "optim.lr", "greater than 0"),
+    ("optim.name=rmsprop", "optim.name", "'sgd', 'adam' or 'adamw'"),
+    ('model.name="resnet"', "model.name", "unknown model"),
+    ("loss.loc_loss=l2", "loss.loc_loss", "'l1' or 'smooth_l1'"),
+    ("loss.class_weights.cat=2", "loss.class_weights", "unknown classes"),
+    ("schedule.decay_lr_at=[50]", "schedule.decay_lr_at", "train.epochs"),
+    ("augment.hflip_p=1.5", "augment.hflip_p", "less than or equal to 1"),
+    ("train.epochs=2.5", "train.epochs", "valid integer"),
+])
+def test_bad_values_name_the_key(tmp_path, override, key, words):
+    p = write(tmp_path, BASE)
+    e = error_of(p, [override])
+    assert e.key == key, str(e)
+    assert words in str(e) and str(p) in str(e)
+
+
+def test_missing_required_key(tmp_path):
+    e = error_of(write(tmp_path, BASE.replace('root = "somewhere"\n', "")))
+    assert e.key == "data.root" and "missing" in str(e)
+
+
+def test_toml_syntax_error_has_line(tmp_path):
+    e = error_of(write(tmp_path, BASE.replace('name = "t"', 'name = = "t"')))
+    assert "not valid TOML" in str(e) and e.line == 2
+
+
+def test_missing_file(tmp_path):
+    assert "not found" in str(error_of(tmp_path / "nope.toml"))
+
+
+def test_set_overrides_parse_toml_values():
+    assert parse_value("2") == 2 and parse_value("1e-3") == 1e-3 and parse_value("true") is True
+    assert parse_value("[1, 2]") == [1, 2] and parse_value("cosine") == "cosine"
+    d = apply_overrides({"a": {"b": 1}}, ["a.b=3", "a.c.d=x"])
+    assert d == {"a": {"b": 3, "c": {"d": "x"}}}
+    with pytest.raises(ConfigError):
+        apply_overrides({"a": 1}, ["a.b=2"])
+    with pytest.raises(ConfigError):
+        apply_overrides({}, ["no-equals-sign"])
+
+
+def test_flat_params_are_dotted_and_roundtrip(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["optim.lr=0.01"])
+    flat = cfg.flat()
+    assert flat["optim.lr"] == 0.01 and flat["loss.class_weights.with_mask"] == 2.0
+    assert all("." in k for k in flat)
+    again = validate(tomllib.loads(cfg.to_toml()))
+    assert again == cfg and again.digest() == cfg.digest()
+    assert flatten({"a": {}, "b": {"c": 1}}) == {"a": "{}", "b.c": 1}
+
+
+def test_class_weight_exponent_uses_box_counts(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["loss.class_weight_exponent=1.0"])
+    w = cfg.class_weight_list({"with_mask": 100, "without_mask": 20, "mask_weared_incorrect": 5})
+    assert w == [1.0, 2.0, 5.0, 20.0]  # explicit with_mask=2 wins; others (100/n)^1
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_experiments_validate(path):
+    cfg = load_config(path)
+    assert cfg.experiment.name
+
+
+def test_paper_config_is_the_papers(tmp_path):
+    cfg = load_config(REPO / "experiments" / "paper_ssd300.toml")
+    assert cfg.model.name == "ssd300_vgg16" and cfg.data.split_name == "paper"
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == ("sgd", 1e-2, 0.9, 5e-4)
+    assert cfg.optim.bias_lr_mult == 2 and cfg.schedule.name == "constant"
+    assert (cfg.data.batch_size, cfg.train.epochs, cfg.loss.alpha, cfg.loss.neg_pos_ratio) == (42, 300, 2, 2)
+    assert cfg.loss.loc_loss == "l1"
+    assert cfg.class_weight_list() == [1.0, 2.0, 3.0, 4.0]  # by name: bg 1, with 2, without 3, incorrect 4
+    assert (cfg.train.best_metric, cfg.train.best_after_epoch) == ("val_loss", 40)

@@ -1,0 +1,139 @@
+"""ONNX and TorchScript exports give PyTorch's outputs; the ONNX backend gives the torch backend's detections."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from maskssd.checkpoint import atomic_save
+from maskssd.export import (
+    export_onnx,
+    export_torchscript,
+    load_torchscript,
+    onnx_cache_path,
+    onnx_session,
+    physical_cores,
+)
+from maskssd.models import build_model
+from maskssd.predictor import Predictor
+
+CLASSES = ["with_mask", "without_mask", "mask_weared_incorrect"]
+DECODE = {"min_score": 0.01, "max_overlap": 0.45, "top_k": 200, "class_agnostic": False, "pre_nms_top_k": None}
+MODELS = {
+    "tiny": {"input_size": 128},
+    "ssdlite_effnet_lite0": {"input_size": 192, "pretrained": False},
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def model(request: pytest.FixtureRequest) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(request.param, num_classes=4, **MODELS[request.param]).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    m = build_model("tiny", num_classes=4, input_size=128)
+    with torch.no_grad():  # confident "with_mask" on the coarsest priors, so there is something to compare
+        bias = m.cls_head[-1][-1].bias.view(-1, 4)
+        bias[:, 0], bias[:, 1] = 0.0, 8.0
+        bias = m.cls_head[-2][-1].bias.view(-1, 4)
+        bias[:, 0], bias[:, 3] = 0.0, 6.0
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    atomic_save({"format": 1, "model": m.state_dict(), "build_args": m.build_args, "class_names": CLASSES,
+                 "decode": DECODE, "epoch": 1}, path)
+    return path
+
+
+def _inputs(model: torch.nn.Module, batch: int) -> torch.Tensor:
+    s = model.input_size
+    return torch.rand(batch, 3, s, s, generator=torch.Generator().manual_seed(batch))
+
+
+def test_onnx_matches_pytorch_with_dynamic_batch(model: torch.nn.Module, tmp_path: Path) -> None:
+    path = export_onnx(model, tmp_path / "m.onnx")
+    sess = onnx_session(path)
+    assert [i.name for i in sess.get_inputs()] == ["images"]
+    assert [o.name for o in sess.get_outputs()] == ["locs", "scores"]
+    assert sess.get_inputs()[0].shape[1:] == [3, model.input_size, model.input_size]
+    for batch in (1, 3):
+        x = _inputs(model, batch)
+        with torch.no_grad():
+            ref_locs, ref_scores = model(x)
+        locs, scores = sess.run(None, {"images": x.numpy()})
+        assert locs.shape == tuple(ref_locs.shape) and scores.shape == tuple(ref_scores.shape)
+        assert np.abs(locs - ref_locs.numpy()).max() < 1e-4
+        assert np.abs(scores - ref_scores.numpy()).max() < 1e-4
+    assert not list(tmp_path.glob(".*"))  # written atomically, no temporary left
+
+
+def test_torchscript_matches_pytorch(model: torch.nn.Module, tmp_path: Path) -> None:
+    ts = load_torchscript(export_torchscript(model, tmp_path / "m.ts"))
+    for batch in (1, 3):
+        x = _inputs(model, batch)
+        with torch.no_grad():
+            ref_locs, ref_scores = model(x)
+            locs, scores = ts(x)
+        assert (locs - ref_locs).abs().max() < 1e-5 and (scores - ref_scores).abs().max() < 1e-5
+
+
+def test_onnx_backend_gives_the_torch_backends_detections(tiny_checkpoint: Path) -> None:
+    cache = onnx_cache_path(tiny_checkpoint)
+    cache.unlink(missing_ok=True)
+    torch_pred = Predictor.from_checkpoint(tiny_checkpoint, backend="torch")
+    onnx_pred = Predictor.from_checkpoint(tiny_checkpoint, backend="onnx")
+    assert onnx_pred.backend == "onnx" and onnx_pred.model is None and cache.is_file()
+    assert onnx_pred.onnx_session.get_session_options().intra_op_num_threads == physical_cores()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in ((120, 160), (480, 640), (300, 300))]
+    a, b = torch_pred.predict(images), onnx_pred.predict(images)
+    assert sum(len(d) for d in a) > 0
+    for da, db in zip(a, b, strict=True):
+        assert len(da) == len(db)
+        assert torch.equal(da.labels, db.labels)
+        assert (da.boxes - db.boxes).abs().max() < 1e-3 if len(da) else True
+        assert (da.scores - db.scores).abs().max() < 1e-4 if len(da) else True
+
+    # the cached export is reused while the checkpoint is unchanged, rebuilt when it changes
+    mtime = cache.stat().st_mtime_ns
+    Predictor.from_checkpoint(tiny_checkpoint, backend="onnx")
+    assert cache.stat().st_mtime_ns == mtime
+    time.sleep(0.01)
+    os.utime(tiny_checkpoint)  # a newer checkpoint
+    Predictor.from_checkpoint(tiny_checkpoint, backend="onnx")
+    assert cache.stat().st_mtime_ns > mtime
+    cache.write_bytes(b"garbage")  # a corrupt cache is rebuilt too
+    os.utime(cache, ns=(time.time_ns() + 10**9,) * 2)
+    p = Predictor.from_checkpoint(tiny_checkpoint, backend="onnx")
+    assert len(p.predict(images[:1])[0]) == len(a[0])
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_cli(tiny_checkpoint: Path, tmp_path: Path, fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from maskssd.cli import main
+
+    out = tmp_path / "exported" / f"model.{fmt}"
+    assert main(["export", "--model", str(tiny_checkpoint), "--format", fmt, "--out", str(out)]) == 0
+    assert out.is_file() and out.stat().st_size > 0
+    text = capsys.readouterr().out
+    assert "wrote" in text and "locs" in text and "scores" in text and "max abs diff" in text
+    if fmt == "onnx":
+        meta = onnx_session(out).get_modelmeta().custom_metadata_map
+        assert "with_mask" in meta["maskssd.class_names"] and meta["maskssd.input_size"] == "128"
+    else:
+        with torch.no_grad():
+            locs, scores = load_torchscript(out)(torch.rand(2, 3, 128, 128))
+        assert locs.shape[0] == 2 and scores.shape[-1] == 4
+
+
+def test_export_cli_missing_model(tmp_path: Path) -> None:
+    from maskssd.cli import main
+
+    assert main(["export", "--model", str(tmp_path / "nope.pt"), "--format", "onnx",
+                 "--out", str(tmp_path / "m.onnx")]) == 2

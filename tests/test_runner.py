@@ -1,0 +1,280 @@
+"""The experiment runner against a real MLflow SQL store: what a run records, resume equality, NaN handling,
+interruption, atomic checkpoints, and ``evaluate --save-detections``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from maskssd import tracking
+from maskssd.checkpoint import atomic_save, load
+from maskssd.cli import main
+from maskssd.config import load_config
+from maskssd.errors import NonFiniteLossError, TrainingInterrupted
+from maskssd.runner import run_experiment
+
+pytestmark = pytest.mark.slow
+
+CONFIG = """\
+[experiment]
+name = "{name}"
+seed = 3
+device = "cpu"
+
+[data]
+root = "{root}"
+split_name = "default"
+batch_size = 8
+eval_batch_size = 16
+cache_images = true
+
+[augment]
+zoom_out_p = 0.3
+zoom_out_max = 2.0
+
+[model]
+name = "tiny"
+input_size = 96
+width = 8
+
+[loss]
+class_weights = {{ background = 1.0, mask_weared_incorrect = 3.0 }}
+
+[optim]
+name = "adamw"
+lr = 3e-3
+weight_decay = 1e-4
+
+[schedule]
+name = "cosine"
+warmup_epochs = 1
+
+[train]
+epochs = {epochs}
+eval_every = 1
+best_metric = "val_map"
+log_images = 1
+
+[eval]
+coco = {coco}
+"""
+
+TIMING = {"epoch_seconds", "images_per_second"}
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch):
+    """A fresh project dir: mlruns/ (SQLite store, artifacts, checkpoints) under tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MASKSSD_CHECKPOINT_DIR", raising=False)
+    return tmp_path
+
+
+def write_config(path: Path, root: Path, name: str = "t", epochs: int = 2, coco: bool = False) -> Path:
+    path.write_text(CONFIG.format(root=root, name=name, epochs=epochs, coco=str(coco).lower()))
+    return path
+
+
+def histories(c, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    keys = c.get_run(run_id).data.metrics.keys()
+    return {k: sorted((m.step, m.value) for m in c.get_metric_history(run_id, k)) for k in keys if k not in TIMING}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synth_root):
+    """One finished 2-epoch run, shared by the read-only checks below."""
+    tmp = tmp_path_factory.mktemp("run")
+    old = os.getcwd()
+    os.chdir(tmp)
+    try:
+        cfg = load_config(write_config(tmp / "exp.toml", synth_root, coco=True))
+        result = run_experiment(cfg, tracking_uri=f"sqlite:///{tmp}/mlruns/mlflow.db", progress=False, show=False)
+    finally:
+        os.chdir(old)
+    return tmp, cfg, result, tracking.client(f"sqlite:///{tmp}/mlruns/mlflow.db")
+
+
+def test_run_records_everything(trained):
+    tmp, cfg, result, c = trained
+    run = c.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    p, m, t = run.data.params, run.data.metrics, run.data.tags
+    assert p["optim.lr"] == "0.003" and p["model.name"] == "tiny" and p["loss.class_weights.mask_weared_incorrect"] == "3.0"
+    assert t["config_hash"] == cfg.digest() and t["data.split"] == "default" and len(t["data.split_hash"]) == 12
+    for key in ("train_loss", "train_loss_conf", "train_loss_loc", "val_loss", "val_loss_conf", "val_loss_loc", "lr",
+                "epoch_seconds", "images_per_second", "val_map", "val_map_voc12", "val_map_coco", "val_ap50_coco",
+                "test_map", "best_val_map"):
+        assert key in m, key
+    for cls in cfg.class_names:
+        assert f"val_ap_{cls}" in m and f"test_ap_{cls}" in m
+    assert [s for s, _ in histories(c, result.run_id)["train_loss"]] == [1, 2]
+    arts = {a.path for a in c.list_artifacts(result.run_id)}
+    assert {"config.toml", "config.json", "checkpoints", "plots", "images"} <= arts
+    ckpts = {a.path for a in c.list_artifacts(result.run_id, "checkpoints")}
+    assert {"checkpoints/last.pt", "checkpoints/best.pt"} <= ckpts
+    plots = {a.path for a in c.list_artifacts(result.run_id, "plots")}
+    assert "plots/pr_curves_val.png" in plots and "plots/confusion_val.png" in plots
+
+
+def test_logged_model_loads_and_predicts(trained):
+    import numpy as np
+
+    from maskssd.registry import load_predictor
+
+    tmp, cfg, result, c = trained
+    uri = f"runs:/{result.run_id}/model"
+    pred = load_predictor(uri, f"sqlite:///{tmp}/mlruns/mlflow.db")
+    assert pred.class_names == cfg.class_names and pred.input_size == 96
+    dets = pred.predict([np.zeros((120, 160, 3), np.uint8)])
+    assert len(dets) == 1 and (len(dets[0]) == 0 or dets[0].boxes[:, 2].max() <= 160)
+    import mlflow.pyfunc
+
+    model = mlflow.pyfunc.load_model(uri)
+    out = model.predict(np.random.default_rng(0).integers(0, 255, (2, 64, 80, 3), dtype=np.uint8))
+    assert list(out.columns) == ["image_index", "x1", "y1", "x2", "y2", "label", "score"]
+
+
+def test_checkpoint_holds_training_state(trained):
+    tmp, cfg, result, c = trained
+    ck = load(tmp / "mlruns" / "checkpoints" / result.run_id / "last.pt")
+    assert ck["epoch"] == 2 and {"model", "optimizer", "scheduler", "rng", "config", "build_args"} <= set(ck)
+    assert ck["config"]["optim"]["lr"] == 0.003
+
+
+def test_evaluate_save_detections(trained, capsys):
+    tmp, cfg, result, c = trained
+    ckpt = tmp / "mlruns" / "checkpoints" / result.run_id / "model.pt"
+    out = tmp / "dets.json"
+    rc = main(["evaluate", "--model", str(ckpt), "--data", str(cfg.data.root), "--split", "val",
+               "--split-name", "default", "--save-detections", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["classes"] == list(cfg.class_names)
+    assert set(doc["metrics"]) >= {"map", "ap"} and set(doc["metrics"]["ap"]) == set(cfg.class_names)
+    assert doc["settings"]["min_score"] == 0.01 and doc["settings"]["max_overlap"] == 0.45
+    assert doc["settings"]["top_k"] == 200
+    assert len(doc["images"]) > 0
+    for im in doc["images"]:
+        assert {"id", "width", "height", "detections"} <= set(im)
+        assert len(im["detections"]) <= 200
+        for d in im["detections"]:
+            x1, y1, x2, y2 = d["box"]
+            assert 0 <= x1 <= x2 <= im["width"] and 0 <= y1 <= y2 <= im["height"]
+            assert d["label"] in cfg.class_names and d["score"] > 0.01
+    # the JSON's mAP is the run's val mAP of the same checkpoint
+    assert abs(doc["metrics"]["map"] - c.get_run(result.run_id).data.metrics["best_val_map"]) < 1e-6
+    assert "mean" in capsys.readouterr().out
+
+
+def test_runs_table(trained, capsys, monkeypatch):
+    tmp, cfg, result, c = trained
+    assert main(["runs", "--experiment", "t", "--tracking-uri", f"sqlite:///{tmp}/mlruns/mlflow.db",
+                 "--sort", "val_map"]) == 0
+    assert result.run_id[:8] in capsys.readouterr().out
+
+
+def test_resume_logs_the_same_metrics(workdir, synth_root):
+    cfg = load_config(write_config(workdir / "exp.toml", synth_root, epochs=3))
+    a = run_experiment(cfg, progress=False, show=False, log_model=False)
+
+    def stop_after_2(epoch, metrics):
+        if epoch == 2:
+            raise KeyboardInterrupt  # what Ctrl-C / SIGTERM raise
+
+    with pytest.raises(TrainingInterrupted):
+        run_experiment(cfg, progress=False, show=False, log_model=False, on_eval=[stop_after_2])
+    c = tracking.client()
+    b_id = [r.info.run_id for r in tracking.runs_table(c, "t") if r.info.run_id != a.run_id][0]
+    assert c.get_run(b_id).info.status == "KILLED"
+    b = run_experiment(cfg, resume_run_id=b_id, progress=False, show=False, log_model=False)
+    assert b.run_id == b_id and c.get_run(b_id).info.status == "FINISHED"
+    ha, hb = histories(c, a.run_id), histories(c, b_id)
+    assert ha.keys() == hb.keys()
+    for k in ha:
+        assert [s for s, _ in ha[k]] == [s for s, _ in hb[k]], k
+        assert [v for _, v in ha[k]] == pytest.approx([v for _, v in hb[k]], rel=1e-9, abs=1e-9), k
+
+
+def test_nan_loss_fails_run_and_keeps_last_good_checkpoint(workdir, synth_root):
+    cfg = load_config(write_config(workdir / "exp.toml", synth_root, epochs=3))
+    seen = {}
+
+    def poison(epoch, metrics):  # after a good epoch 1, break the weights: epoch 2's loss is NaN
+        seen[epoch] = True
+        if epoch == 1:
+            model = poison.model
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+
+    from maskssd import engine
+
+    original = engine.Trainer.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        poison.model = self.model
+
+    engine.Trainer.__init__ = spy
+    try:
+        with pytest.raises(NonFiniteLossError, match="epoch 2"):
+            run_experiment(cfg, progress=False, show=False, log_model=False, on_eval=[poison])
+    finally:
+        engine.Trainer.__init__ = original
+    c = tracking.client()
+    run = tracking.runs_table(c, "t")[0]
+    assert run.info.status == "FAILED" and "non-finite loss" in run.data.tags["failure_reason"]
+    last = load(workdir / "mlruns" / "checkpoints" / run.info.run_id / "last.pt")
+    assert last["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_atomic_checkpoint_survives_a_failed_write(tmp_path, monkeypatch):
+    path = atomic_save({"model": {"w": torch.ones(3)}, "build_args": {}}, tmp_path / "last.pt")
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        atomic_save({"model": {"w": torch.zeros(3)}, "build_args": {}}, path)
+    monkeypatch.undo()
+    assert torch.equal(load(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_sigterm_saves_marks_killed_and_prints_resume(workdir, synth_root):
+    cfg = write_config(workdir / "exp.toml", synth_root, name="sig", epochs=40)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "maskssd", "train", str(cfg), "--no-progress"], cwd=workdir,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    ckpt_root = workdir / "mlruns" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(ckpt_root.glob("*/last.pt")):
+        time.sleep(0.5)
+    assert list(ckpt_root.glob("*/last.pt")), "no checkpoint within 120 s"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    c = tracking.client(f"sqlite:///{workdir}/mlruns/mlflow.db")
+    run = tracking.runs_table(c, "sig")[0]
+    assert run.info.status == "KILLED"
+    assert load(next(ckpt_root.glob("*/last.pt")))["epoch"] >= 1
+
+
+def test_bad_config_is_one_clear_line(workdir, capsys):
+    p = workdir / "bad.toml"
+    p.write_text('[data]\nroot = "x"\n\n[optim]\nlr = "fast"\n')
+    assert main(["train", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert f"{p}:5 [optim.lr]" in err and "Traceback" not in err

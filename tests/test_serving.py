@@ -1,0 +1,334 @@
+"""The detection service on a real uvicorn server: concurrent clients, bad uploads, batching, metrics,
+the camera client and the montage."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import socket
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from maskssd.checkpoint import atomic_save
+from maskssd.models import build_model
+from maskssd.predictor import Predictor
+from maskssd.serving import create_app
+
+CLASSES = ["with_mask", "without_mask", "mask_weared_incorrect"]
+DECODE = {"min_score": 0.01, "max_overlap": 0.45, "top_k": 200, "class_agnostic": False, "pre_nms_top_k": None}
+
+
+def save_tiny_checkpoint(path: Path, confident: bool = True) -> Path:
+    """A deploy checkpoint of the tiny model; ``confident`` makes its coarsest priors say ``with_mask``."""
+    torch.manual_seed(0)
+    m = build_model("tiny", num_classes=4, input_size=128)
+    if confident:
+        with torch.no_grad():
+            bias = m.cls_head[-1][-1].bias.view(-1, 4)
+            bias[:, 0], bias[:, 1] = 0.0, 8.0
+    atomic_save({"format": 1, "model": m.state_dict(), "build_args": m.build_args, "class_names": CLASSES,
+                 "decode": DECODE, "epoch": 1}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt")
+
+
+class SpyPredictor:
+    """Wraps a Predictor and records the largest number of concurrent ``predict`` calls."""
+
+    def __init__(self, predictor: Predictor):
+        self._p = predictor
+        self._lock = threading.Lock()
+        self.active = self.max_active = self.calls = 0
+
+    def predict(self, images: Any, decode: Any = None) -> Any:
+        with self._lock:
+            self.active += 1
+            self.calls += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            return self._p.predict(images, decode)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._p, name)
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_checkpoint: Path) -> Predictor:
+    return Predictor.from_checkpoint(tiny_checkpoint)
+
+
+class LiveServer:
+    """A uvicorn server on a free loopback port, in a background thread."""
+
+    def __init__(self, app: Any):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+def jpeg(seed: int, size: tuple[int, int] = (160, 120)) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = np.full((size[1], size[0], 3), rng.integers(0, 255, 3), np.uint8)
+    x, y = rng.integers(0, size[0] // 2), rng.integers(0, size[1] // 2)
+    img[y:y + size[1] // 3, x:x + size[0] // 3] = rng.integers(0, 255, 3)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A tiny valid-looking PNG whose header claims ``width x height`` pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def sample(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+# bad uploads sent in the middle of the concurrent run: (what, request kwargs, expected status)
+BAD: dict[int, tuple[str, dict[str, Any], int]] = {
+    0: ("not an image", {"content": b"hello, this is not an image"}, 400),
+    1: ("truncated jpeg", {"content": jpeg(99)[:400]}, 400),
+    2: ("empty body", {"content": b""}, 400),
+    3: ("decompression bomb", {"content": png_bomb()}, 413),
+    4: ("oversized body", {"content": b"\xff" * 300_001}, 413),
+    5: ("multipart without file", {"files": {"photo": ("a.jpg", jpeg(5), "image/jpeg")}}, 400),
+    6: ("too many pixels", {"content": None}, 413),  # filled in below: a real 1200x1000 PNG
+}
+_buf = io.BytesIO()
+Image.new("RGB", (1200, 1000), (10, 20, 30)).save(_buf, format="PNG")
+BAD[6] = ("too many pixels", {"content": _buf.getvalue()}, 413)
+
+
+def _check_good(r: httpx.Response, camera: str | None) -> dict[str, Any]:
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert set(doc) >= {"detections", "width", "height", "camera", "model_ms", "batch_size"}
+    assert (doc["width"], doc["height"]) == (160, 120)
+    assert doc["camera"] == camera
+    assert doc["model_ms"] > 0 and doc["batch_size"] >= 1
+    assert doc["detections"], "the confident model should find something"
+    for d in doc["detections"]:
+        x1, y1, x2, y2 = d["box"]
+        assert 0 <= x1 < x2 <= 160 and 0 <= y1 < y2 <= 120
+        assert d["label"] in CLASSES and 0.4 <= d["score"] <= 1.0
+    return doc
+
+
+def test_concurrent_clients_with_bad_uploads_and_batching(predictor: Predictor) -> None:
+    spy = SpyPredictor(predictor)
+    app = create_app(spy, max_batch=8, max_wait_ms=50, batching=True, max_bytes=300_000, max_pixels=1_000_000)
+    n_clients, n_requests = 8, 5
+    results: list[tuple[int, int, httpx.Response | Exception]] = []
+    lock = threading.Lock()
+    with LiveServer(app) as srv:
+        barrier = threading.Barrier(n_clients)
+
+        def client(ci: int) -> None:
+            with httpx.Client(base_url=srv.url, timeout=30) as c:
+                barrier.wait()
+                for ri in range(n_requests):
+                    try:
+                        if ri == 2 and ci in BAD:
+                            r = c.post("/detect", **BAD[ci][1])
+                        elif ri % 2:  # multipart upload, camera in the query
+                            r = c.post("/detect", params={"camera": f"cam{ci}"},
+                                       files={"file": ("f.jpg", jpeg(ci * 10 + ri), "image/jpeg")})
+                        else:  # raw body, camera in the header (like maskssd stream)
+                            r = c.post("/detect", content=jpeg(ci * 10 + ri),
+                                       headers={"content-type": "image/jpeg", "x-camera": f"cam{ci}"})
+                    except httpx.HTTPError as e:
+                        r = e  # type: ignore[assignment]
+                    with lock:
+                        results.append((ci, ri, r))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(n_clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+
+        assert len(results) == n_clients * n_requests
+        n_good, batch_sizes = 0, []
+        for ci, ri, r in results:
+            assert isinstance(r, httpx.Response), f"client {ci} request {ri}: {r!r}"
+            if ri == 2 and ci in BAD:
+                what, _, status = BAD[ci]
+                assert r.status_code == status, (what, r.status_code, r.text)
+                detail = r.json()["detail"]
+                assert isinstance(detail, str) and detail, what
+            else:
+                batch_sizes.append(_check_good(r, f"cam{ci}")["batch_size"])
+                n_good += 1
+        assert max(batch_sizes) > 1
+
+        # the server keeps serving after the bad uploads; per-request min_score works
+        r = httpx.post(srv.url + "/detect", content=jpeg(1), params={"min_score": 0.0})
+        assert r.status_code == 200 and len(r.json()["detections"]) >= 1 and r.json()["camera"] is None
+        r = httpx.post(srv.url + "/detect", content=jpeg(1), params={"min_score": 1.5})
+        assert r.status_code == 422 and "min_score" in r.json()["detail"]
+        n_good += 1
+        health = httpx.get(srv.url + "/health").json()
+        assert health["status"] == "ok" and health["model"]["classes"] == CLASSES
+        assert health["model"]["backend"] == "torch" and health["uptime_s"] >= 0
+
+        m = metric_samples(httpx.get(srv.url + "/metrics").text)
+
+    assert sample(m, "maskssd_requests_total", endpoint="/detect", status="200") == n_good
+    assert sample(m, "maskssd_requests_total", endpoint="/detect", status="400") == \
+        sum(1 for _, _, s in BAD.values() if s == 400)
+    assert sample(m, "maskssd_requests_total", endpoint="/detect", status="413") == \
+        sum(1 for _, _, s in BAD.values() if s == 413)
+    assert sample(m, "maskssd_requests_total", endpoint="/detect", status="422") == 1
+    assert sample(m, "maskssd_request_latency_seconds_count", endpoint="/detect") == n_clients * n_requests + 2
+    # every good image went through the model exactly once; some batches held several
+    assert sample(m, "maskssd_batch_size_sum") == n_good
+    n_batches = sample(m, "maskssd_batch_size_count")
+    assert sample(m, "maskssd_batch_size_bucket", le="1.0") < n_batches
+    assert sample(m, "maskssd_model_inference_seconds_count") == n_batches
+    assert sample(m, "maskssd_images_in_flight") == 0
+    assert sample(m, "maskssd_camera_frames_total", camera="cam7") == n_requests
+    assert sample(m, "maskssd_camera_frames_total", camera="cam0") == n_requests - 1
+    assert spy.max_active == 1 and spy.calls == n_batches
+
+
+def test_batching_off_runs_every_image_alone(predictor: Predictor) -> None:
+    spy = SpyPredictor(predictor)
+    app = create_app(spy, max_batch=8, max_wait_ms=50, batching=False)
+    with LiveServer(app) as srv:
+        sizes: list[int] = []
+
+        def client(ci: int) -> None:
+            with httpx.Client(base_url=srv.url, timeout=30) as c:
+                for ri in range(4):
+                    sizes.append(_check_good(c.post("/detect", content=jpeg(ci + ri)), None)["batch_size"])
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        m = metric_samples(httpx.get(srv.url + "/metrics").text)
+        assert httpx.get(srv.url + "/health").json()["batching"]["enabled"] is False
+    assert sizes == [1] * 16
+    assert sample(m, "maskssd_batch_size_count") == 16 and sample(m, "maskssd_batch_size_sum") == 16
+    assert sample(m, "maskssd_batch_size_bucket", le="1.0") == 16
+    assert spy.max_active == 1
+
+
+def _write_video(path: Path, n: int = 6) -> Path:
+    import cv2
+
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (160, 120))
+    assert w.isOpened()
+    for i in range(n):
+        f = np.zeros((120, 160, 3), np.uint8)
+        cv2.rectangle(f, (10 + 8 * i, 20), (70 + 8 * i, 90), (0, 180, 0), -1)
+        w.write(f)
+    w.release()
+    return path
+
+
+def test_stream_cameras_update_the_montage(predictor: Predictor, tmp_path: Path) -> None:
+    from maskssd.video import stream_main
+
+    video = _write_video(tmp_path / "clip.mp4")
+    montage = tmp_path / "montage" / "cams.jpg"
+    app = create_app(predictor, max_wait_ms=20, montage_path=montage)
+    with LiveServer(app) as srv:
+        r = httpx.get(srv.url + "/montage")
+        assert r.status_code == 404 and "no montage" in r.json()["detail"]
+        rcs: list[int] = []
+
+        def camera(name: str) -> None:
+            ns = argparse.Namespace(server=srv.url, source=str(video), name=name, max_frames=0, fps=0,
+                                    jpeg_quality=85)
+            rcs.append(stream_main(ns))
+
+        threads = [threading.Thread(target=camera, args=(n,)) for n in ("door", "hall")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert rcs == [0, 0]
+        deadline = time.monotonic() + 5
+        size = None
+        while time.monotonic() < deadline:  # the montage is rewritten at most every 0.5 s
+            if montage.is_file():
+                with Image.open(montage) as im:
+                    size = im.size
+                if size == (960, 360):  # two 480x360 tiles side by side
+                    break
+            time.sleep(0.1)
+        assert size == (960, 360)
+        r = httpx.get(srv.url + "/montage")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+        assert Image.open(io.BytesIO(r.content)).size == (960, 360)
+        m = metric_samples(httpx.get(srv.url + "/metrics").text)
+    assert sample(m, "maskssd_camera_frames_total", camera="door") == 6
+    assert sample(m, "maskssd_camera_frames_total", camera="hall") == 6
+    assert [p.name for p in montage.parent.iterdir()] == ["cams.jpg"]  # no temporary files left behind
+
+
+def test_serve_cli_wires_arguments(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from maskssd.cli import main
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    rc = main(["serve", "--model", str(tiny_checkpoint), "--port", "8123", "--no-batching", "--backend", "onnx",
+               "--class-agnostic", "--montage", str(tmp_path / "m.jpg"), "--min-score", "0.5"])
+    assert rc == 0 and seen["port"] == 8123 and seen["host"] == "127.0.0.1"
+    svc = seen["app"].state.service
+    assert svc.batching is False and svc.max_batch == 1 and svc.min_score == 0.5
+    assert svc.montage_path == tmp_path / "m.jpg"
+    assert svc.predictor.backend == "onnx" and svc.predictor.decode.class_agnostic is True
