@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from maskssd.errors import MaskSSDError
@@ -112,9 +113,9 @@ def cmd_data_stats(a: argparse.Namespace) -> int:
         t3.add_row(k.replace("_", " "), str(v))
     out.print(t3)
     for path, what in report.fixes[: a.show_fixes]:
-        out.print(f"  fixed  {path}: {what}", highlight=False)
+        out.print(f"  fixed  {escape(path)}: {escape(what)}", highlight=False)
     for path, why in report.skipped[: a.show_fixes]:
-        out.print(f"  [red]skipped[/] {path}: {why}", highlight=False)
+        out.print(f"  [red]skipped[/] {escape(path)}: {escape(why)}", highlight=False)
     return 0
 
 
@@ -223,7 +224,8 @@ def cmd_runs(a: argparse.Namespace) -> int:
         rows.sort(key=lambda r: (r[key] is None, -(r[key] or 0) if isinstance(r[key], float) else str(r[key])))
     t = Table(title=f"runs ({a.experiment or 'all experiments'})")
     for col in rows[0]:
-        t.add_column(col, justify="right" if col not in ("run", "name", "status", "model") else "left")
+        t.add_column(col, justify="right" if col not in ("run", "name", "status", "model") else "left",
+                     no_wrap=col == "run", min_width=8 if col == "run" else None)
     for r in rows:
         t.add_row(*[("" if v is None else f"{100 * v:.1f}" if isinstance(v, float) else str(v)) for v in r.values()])
     out.print(t)
@@ -493,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MaskSSDError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from maskssd.data import IMAGE_EXTENSIONS, load_image
@@ -55,7 +56,7 @@ def _detect_images(pred, src: Path, out: Path, min_score: float) -> int:
             img = load_image(f)
         except DataError as e:
             failed.append(str(e))
-            console.print(f"[red]skipped[/] {e}", highlight=False)
+            console.print(f"[red]skipped[/] {escape(str(e))}", highlight=False)
             continue
         d = _keep(pred.predict([np.asarray(img)])[0], min_score)
         draw_detections(img, d, pred.class_names, min_score).save(out / f"{f.stem}.png")

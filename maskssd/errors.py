@@ -18,8 +18,8 @@ class DataError(MaskSSDError):
 
     def __init__(self, message: str, path: str | Path | None = None, element: str | None = None):
         if path is None and "\nOriginal Traceback" in message:
-            # re-raised by a DataLoader worker: keep the original one-line message, not the worker's traceback
-            message = _unwrap_worker_message(message)
+            # re-raised by a DataLoader worker: recover the original message (and its file), not the traceback
+            message, path, element = _unwrap_worker_message(message)
         self.path = None if path is None else str(path)
         self.element = element
         self.reason = message
@@ -29,11 +29,16 @@ class DataError(MaskSSDError):
         super().__init__(where + message)
 
 
-def _unwrap_worker_message(message: str) -> str:
+def _unwrap_worker_message(message: str) -> tuple[str, str | None, str | None]:
+    import re
+
     last = [line for line in message.strip().splitlines() if line.strip()][-1].strip()
     for prefix in ("maskssd.errors.DataError: ", "DataError: "):
         last = last.removeprefix(prefix)
-    return last
+    m = re.match(r"^(?P<path>[^\[]+?)(?: \[(?P<el>[^\]]+)\])?: (?P<reason>.+)$", last)
+    if m and ("/" in m["path"] or "\\" in m["path"]):
+        return m["reason"], m["path"], m["el"]
+    return last, None, None
 
 
 class ConfigError(MaskSSDError):

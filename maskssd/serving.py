@@ -140,6 +140,7 @@ class DetectionService:
         self.max_queue = max_queue
         self.metrics = Metrics(self.max_batch)
         self.started = time.time()
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.queue: asyncio.Queue[_Job] | None = None
         self.model_executor: ThreadPoolExecutor | None = None
         self.aux_executor: ThreadPoolExecutor | None = None
@@ -151,6 +152,10 @@ class DetectionService:
 
     # ------------------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        for ex in (self.model_executor, self.aux_executor):  # a restart on another event loop
+            if ex is not None:
+                ex.shutdown(wait=False)
+        self.loop = asyncio.get_running_loop()
         self.queue = asyncio.Queue()
         self.model_executor = ThreadPoolExecutor(1, thread_name_prefix="maskssd-model")
         self.aux_executor = ThreadPoolExecutor(1, thread_name_prefix="maskssd-montage")
@@ -178,7 +183,11 @@ class DetectionService:
     # --------------------------------------------------------------------------------------- batching
     async def submit(self, image: np.ndarray) -> _Result:
         """Queue one decoded image and wait for its detections."""
-        assert self.queue is not None, "service not started"
+        if self.queue is None or self.loop is not asyncio.get_running_loop():
+            await self.start()  # an app driven without its lifespan (e.g. TestClient outside ``with``)
+        assert self.queue is not None
+        if self.tasks[0].done():
+            raise RequestError(503, "the batcher has stopped; restart the server")
         if self.queue.qsize() >= self.max_queue:
             raise RequestError(503, f"server busy: {self.queue.qsize()} images queued; retry later")
         job = _Job(image, asyncio.get_running_loop().create_future())
@@ -330,8 +339,9 @@ class DetectionService:
             snapshot = list(self.cameras.items())
             try:
                 await loop.run_in_executor(self.aux_executor, self._write_montage, snapshot)
-            except (OSError, ValueError) as e:
-                print(f"maskssd serve: cannot write montage {self.montage_path}: {e}", flush=True)
+            except Exception as e:  # the montage is a side show: report and keep serving
+                print(f"maskssd serve: cannot write montage {self.montage_path}: {type(e).__name__}: {e}",
+                      flush=True)
             await asyncio.sleep(MONTAGE_INTERVAL_S)
 
     def _write_montage(self, snapshot: list[tuple[str, tuple[np.ndarray, Detections]]]) -> None:
@@ -365,7 +375,13 @@ def _keep(d: Detections, min_score: float) -> Detections:
 def create_app(predictor: Any, max_batch: int = 8, max_wait_ms: float = 10, batching: bool = True,
                max_bytes: int = 20_000_000, max_pixels: int = MAX_IMAGE_PIXELS,
                montage_path: str | Path | None = None, min_score: float = 0.4, max_queue: int = 256) -> FastAPI:
-    """The detection service as a FastAPI app (``app.state.service`` holds queue, metrics and montage)."""
+    """The detection service as a FastAPI app (``app.state.service`` holds queue, metrics and montage).
+
+    ``POST /detect`` (image as multipart field ``file`` or the raw body; ``?camera=`` or header ``x-camera``;
+    ``?min_score=``), ``GET /health``, ``GET /metrics`` (Prometheus, this app's own registry) and
+    ``GET /montage`` (latest frame of every camera, when ``montage_path`` is set). Refused requests get a
+    4xx JSON ``{"detail": reason}``. ``max_queue`` bounds the images waiting for the model (503 beyond).
+    """
     svc = DetectionService(predictor, max_batch, max_wait_ms, batching, max_bytes, max_pixels, montage_path,
                            min_score, max_queue)
 

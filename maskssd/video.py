@@ -79,22 +79,21 @@ class ClassSmoother:
     def __call__(self, dets: Detections) -> Detections:
         self.frame += 1
         labels = dets.labels.clone()
-        used: set[int] = set()
-        if self.tracks and len(dets):
-            ious = box_iou(dets.boxes, torch.stack([t.box for t in self.tracks]))
+        n_old = len(self.tracks)
+        ious = box_iou(dets.boxes, torch.stack([t.box for t in self.tracks])) if n_old and len(dets) else None
+        taken = torch.zeros(n_old, dtype=torch.bool)
         for i in range(len(dets)):  # a handful of faces per frame
             j = -1
-            if self.tracks:
-                row = ious[i].clone()
-                if used:
-                    row[list(used)] = -1
+            if ious is not None:
+                row = ious[i].masked_fill(taken, -1.0)
                 j = int(row.argmax())
                 if row[j] < self.iou:
                     j = -1
+                else:
+                    taken[j] = True
             if j < 0:
                 self.tracks.append(_Track(dets.boxes[i], collections.deque(maxlen=self.window), self.frame))
                 j = len(self.tracks) - 1
-            used.add(j)
             track = self.tracks[j]
             track.box, track.last_seen = dets.boxes[i], self.frame
             track.votes.append((int(dets.labels[i]), float(dets.scores[i])))

@@ -163,8 +163,6 @@ def test_other_modes_load_as_rgb(tmp_path: Path, kind: str):
     assert np.array_equal(np.asarray(out), expected)
 
 
-@pytest.mark.xfail(strict=True, reason="maskssd.data.load_image converts 16-bit greyscale with convert('RGB'), "
-                                       "which clips instead of scaling: a 16-bit PNG loads almost all white")
 def test_16bit_greyscale_png_keeps_its_contrast(tmp_path: Path):
     g16 = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
     p = tmp_path / "g16.png"
@@ -276,8 +274,6 @@ def test_truncated_image_is_detected_by_load_image_and_getitem(make_dataset, goo
     assert str(path) in str(e)
 
 
-@pytest.mark.xfail(strict=True, reason="a DataError raised in a DataLoader worker comes back as DataError(message="
-                                       "<worker traceback text>) with path None: the CLI would print a traceback")
 def test_corrupt_image_in_a_worker_keeps_a_clean_error(make_dataset, good_sample):
     from maskssd.runner import build_loader
 

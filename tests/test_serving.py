@@ -332,3 +332,39 @@ def test_serve_cli_wires_arguments(tiny_checkpoint: Path, tmp_path: Path, monkey
     assert svc.batching is False and svc.max_batch == 1 and svc.min_score == 0.5
     assert svc.montage_path == tmp_path / "m.jpg"
     assert svc.predictor.backend == "onnx" and svc.predictor.decode.class_agnostic is True
+
+
+class FlakyPredictor(SpyPredictor):
+    """Fails its first call: the batch fails with 500, the next requests are served."""
+
+    def predict(self, images: Any, decode: Any = None) -> Any:
+        if self.calls == 0:
+            self.calls += 1
+            raise RuntimeError("simulated model failure")
+        return super().predict(images, decode)
+
+
+def test_edge_cases_in_process(predictor: Predictor) -> None:
+    from fastapi.testclient import TestClient
+
+    app = create_app(FlakyPredictor(predictor), batching=False)
+    with TestClient(app) as c:
+        r = c.post("/detect", content=jpeg(0))
+        assert r.status_code == 500 and "simulated model failure" in r.json()["detail"]
+        assert c.post("/detect", content=jpeg(0)).status_code == 200
+        r = c.post("/detect", data={"file": "not a file"}, files={"x": ("x.bin", b"1")})
+        assert r.status_code == 400 and "file upload" in r.json()["detail"]
+        r = c.post("/detect", content=b"--b\r\nbroken", headers={"content-type": "multipart/form-data"})
+        assert r.status_code == 400 and "multipart" in r.json()["detail"]
+        r = c.post("/detect", content=jpeg(0), headers={"content-type": "multipart/mixed; boundary=b"})
+        assert r.status_code == 415
+        assert c.get("/montage").status_code == 404
+        assert c.get("/nope").status_code == 404
+        m = metric_samples(c.get("/metrics").text)
+    assert sample(m, "maskssd_requests_total", endpoint="/detect", status="500") == 1
+    assert sample(m, "maskssd_requests_total", endpoint="other", status="404") == 1
+    # an app used without its lifespan starts its batcher on the first request
+    plain = TestClient(create_app(predictor))  # (every request on a new event loop)
+    for _ in range(2):
+        r = plain.post("/detect", content=jpeg(0), headers={"x-camera": "lobby/1"})
+        assert r.status_code == 200 and r.json()["camera"] == "lobby_1"
