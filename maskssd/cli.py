@@ -486,12 +486,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     mo = sub.add_parser("models", help="list the model names a config may use")
     mo.set_defaults(func=cmd_models)
+    _threads_arg(t, e, de, st, sv, ex)
     return p
+
+
+def _threads_arg(*parsers: argparse.ArgumentParser) -> None:
+    for p in parsers:
+        p.add_argument("--threads", type=int, metavar="N",
+                       help="torch CPU threads (default: all cores). Several processes on one machine (study "
+                            "workers, servers) run far better with cores / processes each than oversubscribed")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
     except MaskSSDError as e:

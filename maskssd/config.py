@@ -138,7 +138,7 @@ class LossSection(_Section):
 
 class OptimSection(_Section):
     name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(1e-3, gt=0, le=10)
+    lr: float = Field(1e-3, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0)
@@ -163,6 +163,7 @@ class TrainSection(_Section):
     best_after_epoch: int = Field(0, ge=0)  # the paper: 40
     amp: bool = True  # mixed precision, used on GPU only
     channels_last: bool = False  # NHWC memory format: faster depthwise convolutions on CPU (and tensor cores)
+    sync_bn: bool = False  # distributed runs: BatchNorm statistics over all processes' batches
     log_images: int = Field(4, ge=0)  # annotated validation images logged at the end
 
 

@@ -621,11 +621,14 @@ class SeededSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, num_replicas: int = 1,
-                 drop_last: bool = False):
+                 drop_last: bool = False, pad: bool = True):
         self.n, self.seed, self.shuffle = n, seed, shuffle
-        self.rank, self.num_replicas, self.drop_last = rank, num_replicas, drop_last
+        self.rank, self.num_replicas, self.drop_last, self.pad = rank, num_replicas, drop_last, pad
         self.epoch = 0
-        self.num_samples = (n // num_replicas) if drop_last else -(-n // num_replicas)
+        if not pad:  # uneven shards, every index exactly once (evaluation)
+            self.num_samples = len(range(rank, n, num_replicas))
+        else:
+            self.num_samples = (n // num_replicas) if drop_last else -(-n // num_replicas)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -639,6 +642,10 @@ class SeededSampler(torch.utils.data.Sampler):
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
+        if not self.pad:
+            for index in order[self.rank::self.num_replicas]:
+                yield sample_seed(self.seed, self.epoch, index), index
+            return
         total = self.num_samples * self.num_replicas
         order = (order + order[: max(total - len(order), 0)])[:total]
         for index in order[self.rank:total:self.num_replicas]:

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from maskssd import distributed
 from maskssd.checkpoint import atomic_save, rng_state
 from maskssd.config import OptimSection, ScheduleSection
 from maskssd.data import Batch
@@ -132,41 +133,51 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, loss_fn: Mul
              channels_last: bool = False) -> tuple[dict[str, float], EvalResult | None]:
     """Loss (and its parts) on a split and, with ``compute_map``, every detection metric, in one pass.
 
-    ``collect`` (a list) receives ``(image_id, Detections in original pixels)`` for every image.
+    ``collect`` (a list) receives ``(image_id, Detections in original pixels)`` for every image. In a
+    distributed run each rank evaluates its shard; losses are averaged and per-image results gathered, in
+    dataset order, so every metric equals the single-process value.
     """
     model.eval()
-    evaluator = DetectionEvaluator(class_names) if compute_map else None
-    sums = torch.zeros(3, dtype=torch.float64)
-    n_batches = 0
+    sums = torch.zeros(4, dtype=torch.float64)  # total, conf, loc, batches
+    records: list[tuple[int, str, Any, torch.Tensor, torch.Tensor, torch.Tensor, tuple[float, float]]] = []
+    annotations = getattr(loader.dataset, "annotations", None)
+    order = {a.image_id: i for i, a in enumerate(annotations)} if annotations is not None else {}
     priors = model.priors_cxcy
+    want_dets = compute_map or collect is not None
     with torch.no_grad():
         for batch in loader:
             batch = batch.to(device)
-            images = batch.images
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = batch.images.contiguous(memory_format=torch.channels_last) if channels_last else batch.images
             with autocast(device, amp):
                 locs, scores = model(images)
             if loss_fn is not None:
                 out = loss_fn(locs, scores, batch.boxes, batch.labels)
-                sums += torch.tensor([out.total.item(), out.conf.item(), out.loc.item()], dtype=torch.float64)
-            n_batches += 1
-            if evaluator is None and collect is None:
+                sums += torch.tensor([out.total.item(), out.conf.item(), out.loc.item(), 1.0], dtype=torch.float64)
+            if not want_dets:
                 continue
             dets = postprocess(locs, scores, priors, decode, batch.sizes)
-            if collect is not None:
-                collect.extend(zip(batch.image_ids, dets))
-            if evaluator is not None:
-                wh = batch.sizes
-                gt = [b * torch.cat([s, s]) for b, s in zip(batch.boxes, wh)]
-                evaluator.update([d.boxes for d in dets], [d.labels for d in dets], [d.scores for d in dets],
-                                 gt, batch.labels, batch.difficult, [tuple(s.tolist()) for s in wh])
+            for k, (image_id, d) in enumerate(zip(batch.image_ids, dets)):
+                w, h = batch.sizes[k].tolist()
+                scale = torch.tensor([w, h, w, h], device=batch.boxes[k].device)
+                records.append((order.get(image_id, len(records)), image_id, d.to_cpu(), (batch.boxes[k] * scale).cpu(),
+                                batch.labels[k].cpu(), batch.difficult[k].cpu(), (w, h)))
+    sums = distributed.all_reduce_sum(sums)
+    if want_dets and distributed.active():
+        records = [r for part in distributed.gather_objects(records) for r in part]
+    records.sort(key=lambda r: r[0])
     metrics: dict[str, float] = {}
     if loss_fn is not None:
-        mean = (sums / max(n_batches, 1)).tolist()
+        mean = (sums[:3] / max(float(sums[3]), 1.0)).tolist()
         metrics = {f"{prefix}_loss": mean[0], f"{prefix}_loss_conf": mean[1], f"{prefix}_loss_loc": mean[2]}
-    result = evaluator.compute(coco=coco) if evaluator is not None else None
-    if result is not None:
+    if collect is not None:
+        collect.extend((r[1], r[2]) for r in records)
+    result = None
+    if compute_map:
+        evaluator = DetectionEvaluator(class_names)
+        evaluator.update([r[2].boxes for r in records], [r[2].labels for r in records], [r[2].scores for r in records],
+                         [r[3] for r in records], [r[4] for r in records], [r[5] for r in records],
+                         [r[6] for r in records])
+        result = evaluator.compute(coco=coco)
         metrics.update(result.as_metrics(prefix))
     return metrics, result
 
@@ -258,9 +269,11 @@ class Trainer:
             if progress is not None:
                 progress.update(task, advance=1, loss=sums[0].item() / n_batches)
         seconds = time.perf_counter() - t0
-        mean = (sums / max(n_batches, 1)).tolist()
+        # distributed: average over every rank's batches; images/s of all ranks together
+        totals = distributed.all_reduce_sum(torch.cat([sums, torch.tensor([n_batches, n_images], dtype=torch.float64)]))
+        mean = (totals[:3] / max(float(totals[3]), 1.0)).tolist()
         return {"train_loss": mean[0], "train_loss_conf": mean[1], "train_loss_loc": mean[2],
-                "epoch_seconds": seconds, "images_per_second": n_images / max(seconds, 1e-9)}
+                "epoch_seconds": seconds, "images_per_second": float(totals[4]) / max(seconds, 1e-9)}
 
     def _improved(self, epoch: int, metrics: Mapping[str, float]) -> bool:
         name = self.spec.best_metric

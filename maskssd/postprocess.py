@@ -34,6 +34,9 @@ class Detections:
     def __len__(self) -> int:
         return int(self.scores.shape[0])
 
+    def to_cpu(self) -> Detections:
+        return Detections(self.boxes.cpu(), self.labels.cpu(), self.scores.cpu())
+
     def to_list(self, class_names: tuple[str, ...] | list[str]) -> list[dict]:
         return [
             {"box": [round(float(v), 2) for v in b], "label": class_names[int(lab) - 1], "score": round(float(s), 5)}

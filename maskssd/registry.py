@@ -90,11 +90,10 @@ def best_run(c: mlflow.tracking.MlflowClient, experiment: str, metric: str, maxi
 
 
 def _has_model(c: mlflow.tracking.MlflowClient, run_id: str) -> bool:
-    try:
-        return bool(c.search_logged_models(filter_string=f"source_run_id = '{run_id}'", max_results=1)) or \
-            any(a.path == "model" for a in c.list_artifacts(run_id))
-    except Exception:
-        return any(a.path == "model" for a in c.list_artifacts(run_id))
+    """Whether the run logged a model (MLflow 3 keeps logged models beside, not inside, run artifacts)."""
+    exp = c.get_run(run_id).info.experiment_id
+    return bool(c.search_logged_models(experiment_ids=[exp], filter_string=f"source_run_id = '{run_id}'",
+                                       max_results=1))
 
 
 def promote(run_id: str, name: str = DEFAULT_MODEL_NAME, metric: str = "best_val_map", maximize: bool = True,

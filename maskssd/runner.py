@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import tempfile
@@ -19,11 +20,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from maskssd import tracking
+from maskssd import distributed, tracking
 from maskssd.checkpoint import atomic_save, load
 from maskssd.config import ExperimentConfig, validate
 from maskssd.data import DataReport, FaceMaskDataset, SeededSampler, VOCLayout, collate, load_split
@@ -96,7 +98,9 @@ def build_datasets(cfg: ExperimentConfig, root: Path, input_size: int,
 
 def build_loader(ds: FaceMaskDataset, batch_size: int, workers: int, seed: int, shuffle: bool,
                  rank: int = 0, world: int = 1, pin: bool = False) -> torch.utils.data.DataLoader:
-    sampler = SeededSampler(len(ds), seed, shuffle, rank, world)
+    """Training loaders (``shuffle``) pad shards to equal length like ``DistributedSampler``; evaluation loaders
+    shard without padding, so every image is evaluated exactly once across ranks."""
+    sampler = SeededSampler(len(ds), seed, shuffle, rank, world, pad=shuffle)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                        collate_fn=collate, pin_memory=pin, persistent_workers=workers > 0,
                                        drop_last=False)
@@ -166,32 +170,57 @@ def run_experiment(
     show: bool = True,
     on_start: Callable[[str], None] | None = None,
 ) -> RunResult:
-    """Train, evaluate and record one run; exceptions mark the run FAILED/KILLED and propagate."""
+    """Train, evaluate and record one run; exceptions mark the run FAILED/KILLED and propagate.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every rank trains; rank 0 alone owns the MLflow run.
+    """
+    info = distributed.DistInfo.from_env()
+    device = distributed.setup(info, cfg.experiment.device) if info.enabled else resolve_device(cfg.experiment.device)
+    try:
+        return _run(cfg, info, device, tracking_uri, run_name, resume_run_id, parent_run_id, tags, on_eval or [],
+                    progress, log_model, show, on_start)
+    finally:
+        if info.enabled:
+            distributed.teardown()
+
+
+def _run(cfg: ExperimentConfig, info: distributed.DistInfo, device: torch.device, tracking_uri: str | None,
+         run_name: str | None, resume_run_id: str | None, parent_run_id: str | None, tags: Mapping[str, str] | None,
+         on_eval: list[Callable[[int, dict[str, float]], None]], progress: bool, log_model: bool, show: bool,
+         on_start: Callable[[str], None] | None) -> RunResult:
     client = tracking.client(tracking_uri)
+    run: tracking.MlflowRun | None = None
+    if info.is_main:
+        if resume_run_id:
+            run = tracking.MlflowRun.resume(client, resume_run_id)
+        else:
+            run = tracking.MlflowRun.start(client, cfg.experiment.name, run_name, tags, parent_run_id)
+    run_id = distributed.broadcast_object(run.run_id if run else None)
+    if run is None:  # other ranks read the run (config, checkpoints) but never write to it
+        run = tracking.ReadOnlyRun(client, run_id)
     if resume_run_id:
-        run = tracking.MlflowRun.resume(client, resume_run_id)
         with tempfile.TemporaryDirectory() as tmp:
             cfg = validate(json.loads(run.download("config.json", tmp).read_text()), f"run {resume_run_id} config.json")
-    else:
-        run = tracking.MlflowRun.start(client, cfg.experiment.name, run_name, tags, parent_run_id)
+    show = show and info.is_main
     if show:
         console.print(f"[bold]MLflow run[/] {run.run_id} in experiment [cyan]{cfg.experiment.name}[/] "
-                      f"({client.tracking_uri})")
-    if on_start is not None:
+                      f"({client.tracking_uri})" + (f", {info.world} processes" if info.enabled else ""))
+    if on_start is not None and info.is_main:
         on_start(run.run_id)
-    result = RunResult(run.run_id, "RUNNING")
     ckpt_dir = checkpoint_root() / run.run_id
     try:
         with sigterm_as_interrupt():
-            result = _train(cfg, run, ckpt_dir, resume_run_id is not None, on_eval or [], progress, log_model, show)
+            result = _train(cfg, run, ckpt_dir, resume_run_id is not None, on_eval, progress, log_model, show,
+                            info, device)
         run.finish("FINISHED")
         return result
     except TrainingInterrupted as e:
         run.set_tags({"stopped": str(e)})
         run.finish("KILLED")
-        console.print(f"[yellow]{e}; checkpoint saved.[/] Resume with:\n"
-                      f"  maskssd train CONFIG --resume {run.run_id}"
-                      + (f" --tracking-uri {tracking_uri}" if tracking_uri else ""))
+        if info.is_main:
+            console.print(f"[yellow]{e}; checkpoint saved.[/] Resume with:\n"
+                          f"  maskssd train CONFIG --resume {run.run_id}"
+                          + (f" --tracking-uri {tracking_uri}" if tracking_uri else ""))
         raise
     except NonFiniteLossError as e:
         run.set_tags({"failure_reason": f"non-finite loss: {e}"})
@@ -207,9 +236,9 @@ def run_experiment(
 
 def _train(cfg: ExperimentConfig, run: tracking.MlflowRun, ckpt_dir: Path, resuming: bool,
            on_eval: list[Callable[[int, dict[str, float]], None]], progress: bool, log_model: bool,
-           show: bool) -> RunResult:
-    root = resolve_data_root(cfg)
-    device = resolve_device(cfg.experiment.device)
+           show: bool, info: distributed.DistInfo, device: torch.device) -> RunResult:
+    root = resolve_data_root(cfg) if info.is_main else Path(cfg.data.root).expanduser()
+    distributed.barrier()  # rank 0 may have generated the synthetic data
     model = build_detector(cfg).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -218,37 +247,50 @@ def _train(cfg: ExperimentConfig, run: tracking.MlflowRun, ckpt_dir: Path, resum
     loss_fn = build_loss(cfg, model, datasets["train"].class_box_counts()).to(device)
     seed = cfg.experiment.seed
     pin = device.type == "cuda"
-    train_loader = build_loader(datasets["train"], cfg.data.batch_size, cfg.data.num_workers, seed, True, pin=pin)
-    val_loader = build_loader(datasets["val"], cfg.data.eval_batch_size, cfg.data.num_workers, seed, False, pin=pin)
+    rank, world = info.rank, info.world
+    train_loader = build_loader(datasets["train"], cfg.data.batch_size, cfg.data.num_workers, seed, True, rank, world, pin)
+    val_loader = build_loader(datasets["val"], cfg.data.eval_batch_size, cfg.data.num_workers, seed, False, rank, world,
+                              pin)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.epochs, len(train_loader))
     spec = TrainSpec(cfg.train.epochs, seed, cfg.train.eval_every, cfg.train.save_every, cfg.train.best_metric,
                      cfg.train.best_after_epoch, cfg.optim.grad_clip, cfg.train.amp, decode_spec(cfg), cfg.eval.coco,
                      progress, cfg.train.channels_last)
+    train_model: torch.nn.Module = model
+    if info.enabled:
+        if cfg.train.sync_bn:
+            if device.type == "cpu":
+                raise MaskSSDError("train.sync_bn needs GPUs: torch's SyncBatchNorm does not run on CPU")
+            train_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
     trainer = Trainer(model, loss_fn, optimizer, scheduler, train_loader, val_loader, spec, cfg.class_names,
-                      device, ckpt_dir, {"config": cfg.model_dump(mode="json"), "run_id": run.run_id}, run, on_eval)
+                      device, ckpt_dir, {"config": cfg.model_dump(mode="json"), "run_id": run.run_id},
+                      run if info.is_main else None, on_eval if info.is_main else [], train_model, info.is_main)
 
     if resuming:
         try:
-            path = run.download("checkpoints/last.pt", ckpt_dir / "download")
+            path = run.download("checkpoints/last.pt", ckpt_dir / f"download-rank{rank}")
         except MaskSSDError:
             path = None
         if path is not None:
             trainer.restore(load(path))
-            try:
-                best = run.download("checkpoints/best.pt", ckpt_dir / "download")
-                atomic_save(load(best), ckpt_dir / "best.pt")
-            except MaskSSDError:
-                pass
+            if info.is_main:
+                try:
+                    best = run.download("checkpoints/best.pt", ckpt_dir / "download-rank0")
+                    atomic_save(load(best), ckpt_dir / "best.pt")
+                except MaskSSDError:
+                    pass
             if show:
                 console.print(f"resuming after epoch {trainer.state.epoch}")
-    else:
+    elif info.is_main:
         params = cfg.flat()
         params.update({"data.train_images": len(datasets["train"]), "data.val_images": len(datasets["val"]),
                        "model.num_priors": int(model.priors_cxcy.shape[0]),
                        "loss.effective_class_weights": loss_fn.class_weights.tolist()
                        if loss_fn.class_weights is not None else "none",
-                       "model.parameters": sum(p.numel() for p in model.parameters())})
+                       "model.parameters": sum(p.numel() for p in model.parameters()),
+                       "distributed.world_size": world})
         run.log_params(params)
         run.set_tags(_run_tags(cfg, root))
         run.log_text(cfg.to_toml(), "config.toml")
@@ -258,31 +300,36 @@ def _train(cfg: ExperimentConfig, run: tracking.MlflowRun, ckpt_dir: Path, resum
     trainer.fit()
 
     # ------------------------------------------------------------------ final evaluation of the best model
-    best_path = ckpt_dir / "best.pt"
-    chosen = best_path if best_path.is_file() else ckpt_dir / "last.pt"
-    ckpt = load(chosen)
+    ckpt = None
+    if info.is_main:
+        best_path = ckpt_dir / "best.pt"
+        chosen = best_path if best_path.is_file() else ckpt_dir / "last.pt"
+        ckpt = load(chosen)
+    ckpt = distributed.broadcast_object(ckpt)
     model.load_state_dict(ckpt["model"])
     final: dict[str, float] = {"best_epoch": float(ckpt["epoch"])}
     val_metrics, val_result = evaluate(model, val_loader, loss_fn, cfg.class_names, device, decode_spec(cfg), True,
-                                       cfg.eval.coco, cfg.train.amp)
+                                       cfg.eval.coco, cfg.train.amp, channels_last=cfg.train.channels_last)
     final.update({f"best_{k}": v for k, v in val_metrics.items()})
     test_result = None
     if cfg.data.final_split == "test":  # the only touch of the test split: the selected checkpoint, once
-        loader = build_loader(datasets["test"], cfg.data.eval_batch_size, cfg.data.num_workers, seed, False)
+        loader = build_loader(datasets["test"], cfg.data.eval_batch_size, cfg.data.num_workers, seed, False, rank, world)
         test_metrics, test_result = evaluate(model, loader, loss_fn, cfg.class_names, device, decode_spec(cfg),
-                                             True, cfg.eval.coco, cfg.train.amp, prefix="test")
+                                             True, cfg.eval.coco, cfg.train.amp, prefix="test",
+                                             channels_last=cfg.train.channels_last)
         final.update(test_metrics)
-    run.log_metrics(final, step=int(ckpt["epoch"]))
-    run.set_tags({"best_checkpoint": chosen.name, "best_epoch": str(ckpt["epoch"])})
-    _log_plots(run, model, datasets["val"], val_result, test_result, cfg, device, ckpt_dir)
-
     model_uri = None
-    if log_model:
-        deploy = atomic_save(deploy_checkpoint(ckpt, cfg), ckpt_dir / "model.pt")
-        model_uri = tracking.log_model(run, deploy, model.input_size,
-                                       {"config_hash": cfg.digest(), "run_id": run.run_id})
-    if show:
-        print_ap_table(cfg.class_names, val_result, test_result, cfg.data.final_split)
+    if info.is_main:
+        run.log_metrics(final, step=int(ckpt["epoch"]))
+        run.set_tags({"best_checkpoint": "best.pt" if (ckpt_dir / "best.pt").is_file() else "last.pt",
+                      "best_epoch": str(ckpt["epoch"])})
+        _log_plots(run, model, datasets["val"], val_result, test_result, cfg, device, ckpt_dir)
+        if log_model:
+            deploy = atomic_save(deploy_checkpoint(ckpt, cfg), ckpt_dir / "model.pt")
+            model_uri = tracking.log_model(run, deploy, {"config_hash": cfg.digest(), "run_id": run.run_id})
+        if show:
+            print_ap_table(cfg.class_names, val_result, test_result, cfg.data.final_split)
+    distributed.barrier()
     return RunResult(run.run_id, "FINISHED", final, int(ckpt["epoch"]), model_uri)
 
 
@@ -304,8 +351,6 @@ def _log_plots(run: tracking.MlflowRun, model: SSDDetector, val_ds: FaceMaskData
         predictor = Predictor(model.eval(), cfg.class_names, model.input_size, model.priors_cxcy, decode_spec(cfg), device)
         for ann in val_ds.annotations[:n]:
             img = load_image(ann.image_path)
-            import numpy as np
-
             dets = predictor.predict([np.asarray(img)])[0]
             path = out / f"val_{ann.image_id}.png"
             draw_detections(img, dets, cfg.class_names).save(path)
@@ -325,7 +370,7 @@ def print_ap_table(class_names: tuple[str, ...], val: Any, test: Any, final_spli
         table.add_row(*row)
     row = ["[bold]mAP", f"[bold]{100 * val.map:.1f}"] + ([f"[bold]{100 * test.map:.1f}"] if test is not None else [])
     table.add_row(*row)
-    if val.map_coco == val.map_coco:
+    if not math.isnan(val.map_coco):
         table.add_row("mAP COCO", f"{100 * val.map_coco:.1f}",
                       *([f"{100 * test.map_coco:.1f}"] if test is not None else []))
     Console().print(table)

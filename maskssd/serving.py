@@ -214,7 +214,7 @@ class DetectionService:
                     break
                 try:
                     batch.append(await asyncio.wait_for(self.queue.get(), timeout))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             batch = [j for j in batch if not j.future.done()]  # clients that went away
             if not batch:

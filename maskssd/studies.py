@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import tomllib
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -200,12 +201,18 @@ class PrunedTrial(optuna.TrialPruned):
         super().__init__(self.run_reason)
 
 
+def default_storage_url() -> str:
+    """``sqlite:///<cwd>/mlruns/optuna.db`` (or ``$MASKSSD_OPTUNA_STORAGE``)."""
+    return os.environ.get("MASKSSD_OPTUNA_STORAGE") or \
+        f"sqlite:///{(Path.cwd() / tracking.LOCAL_DIR / 'optuna.db').as_posix()}"
+
+
 def make_storage(url: str | None, cfg: StudyConfig) -> optuna.storages.BaseStorage:
     """SQLite (default, under mlruns/), a journal file (``*.log`` / ``journal:PATH``), or any RDB URL (PostgreSQL).
 
     RDB storages get a heartbeat, so a trial left RUNNING by a dead worker is failed (and retried) by the others.
     """
-    url = url or f"sqlite:///{(Path.cwd() / tracking.LOCAL_DIR / 'optuna.db').as_posix()}"
+    url = url or default_storage_url()
     if url.startswith("journal:") or url.endswith((".log", ".journal")):
         from optuna.storages.journal import JournalFileBackend
 
@@ -220,11 +227,12 @@ def make_storage(url: str | None, cfg: StudyConfig) -> optuna.storages.BaseStora
         engine_kwargs.update({"pool_size": 2, "max_overflow": 2, "pool_recycle": 300})
     s = cfg.study
     try:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=s.heartbeat_interval, grace_period=s.grace_period,
-            failed_trial_callback=_FailedTrialCallback(s.max_retry))
+        # workers starting at once must not race to create the schema
+        return tracking.open_store(url, lambda: optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=s.heartbeat_interval,
+            grace_period=s.grace_period, failed_trial_callback=_FailedTrialCallback(s.max_retry)))
     except Exception as e:  # unreachable server, bad URL, missing driver
-        raise MaskSSDError(f"cannot open Optuna storage {url}: {e}") from None
+        raise MaskSSDError(f"cannot open Optuna storage {_redact(url)}: {e}") from None
 
 
 class _FailedTrialCallback:
@@ -283,8 +291,7 @@ class _Budget:
         self.n = n_trials
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING,
-                  optuna.trial.TrialState.WAITING)
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
         done = len(study.get_trials(deepcopy=False, states=states))
         failed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
         if done >= self.n or failed >= max(self.n, 3):
@@ -292,8 +299,8 @@ class _Budget:
 
 
 def remaining(study: optuna.Study, n_trials: int) -> int:
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING,
-              optuna.trial.TrialState.WAITING)
+    """Trials still to start: the budget less finished and running ones (enqueued retries still count as to-do)."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
     return max(n_trials - len(study.get_trials(deepcopy=False, states=states)), 0)
 
 
@@ -310,15 +317,17 @@ def parent_run(c: Any, cfg: StudyConfig, study: optuna.Study, storage_url: str) 
         except Exception:  # noqa: BLE001 - deleted or another store: make a new one
             pass
     exp_id = tracking.experiment_id(c, cfg.mlflow_experiment)
-    query = f"tags.`optuna.study_name` = '{cfg.study.name}' and tags.`maskssd.role` = 'study'"
+    storage = _redact(storage_url)
+    # one parent per (study name, storage): a study of the same name in another storage gets its own
+    query = (f"tags.`optuna.study_name` = '{cfg.study.name}' and tags.`maskssd.role` = 'study' "
+             f"and tags.`optuna.storage` = '{storage}'")
     existing = c.search_runs([exp_id], query, order_by=["attributes.start_time ASC"], max_results=5)
     if not existing:
         run = c.create_run(exp_id, run_name=f"study-{cfg.study.name}",
                            tags={"optuna.study_name": cfg.study.name, "maskssd.role": "study",
-                                 "optuna.storage": _redact(storage_url), **tracking.git_info(Path(__file__).parent)})
+                                 "optuna.storage": storage, **tracking.git_info(Path(__file__).parent)})
         existing = c.search_runs([exp_id], query, order_by=["attributes.start_time ASC"], max_results=5)
-        chosen = existing[0].info.run_id
-        if chosen != run.info.run_id:  # another worker created one first
+        if existing[0].info.run_id != run.info.run_id:  # another worker created one first: use the earliest
             c.delete_run(run.info.run_id)
     chosen = existing[0].info.run_id
     study.set_user_attr("mlflow_parent_run_id", chosen)
@@ -408,7 +417,7 @@ def run_study(a: Any) -> int:
     if a.study_name:
         cfg.study.name = a.study_name
     n_trials = a.n_trials or cfg.study.n_trials
-    storage_url = a.storage or os.environ.get("MASKSSD_OPTUNA_STORAGE")
+    storage_url = a.storage or default_storage_url()
     storage = make_storage(storage_url, cfg)
     epochs = trial_config(cfg, base, {k: _first_value(p) for k, p in cfg.space.items()}, a.config).train.epochs
     study = open_study(cfg, storage, None, epochs)
@@ -417,7 +426,10 @@ def run_study(a: Any) -> int:
     study.set_user_attr("objective", cfg.study.objective)
     if a.tracking_uri:
         study.set_user_attr("tracking_uri", a.tracking_uri)
-    parent = parent_run(c, cfg, study, storage_url or "sqlite:///mlruns/optuna.db")
+    parent = parent_run(c, cfg, study, storage_url)
+    with warnings.catch_warnings():  # experimental in Optuna's API, stable in behaviour since v2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # trials of dead workers: FAIL (MLflow run too), then retried
     todo = remaining(study, n_trials)
     console.print(f"study [cyan]{cfg.study.name}[/]: {len(study.trials)} trials so far, budget {n_trials}, "
                   f"{todo} to go; MLflow parent run {parent} in experiment {cfg.mlflow_experiment}")
@@ -446,8 +458,7 @@ def run_study(a: Any) -> int:
 
 def best_trial_run(name: str, storage_url: str | None, tracking_uri: str | None) -> tuple[str, dict[str, str]]:
     """The MLflow run of a study's best trial, and lineage tags for the registry."""
-    storage = storage_url or os.environ.get("MASKSSD_OPTUNA_STORAGE") or \
-        f"sqlite:///{(Path.cwd() / tracking.LOCAL_DIR / 'optuna.db').as_posix()}"
+    storage = storage_url or default_storage_url()
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
@@ -463,8 +474,7 @@ def best_trial_run(name: str, storage_url: str | None, tracking_uri: str | None)
 
 
 def report_study(a: Any) -> int:
-    storage = a.storage or os.environ.get("MASKSSD_OPTUNA_STORAGE") or \
-        f"sqlite:///{(Path.cwd() / tracking.LOCAL_DIR / 'optuna.db').as_posix()}"
+    storage = a.storage or default_storage_url()
     try:
         study = optuna.load_study(study_name=a.name, storage=storage)
     except KeyError:

@@ -6,12 +6,14 @@ The default store is ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlrun
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -22,6 +24,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from maskssd.errors import MaskSSDError  # noqa: E402
 
 LOCAL_DIR = Path("mlruns")
+T = TypeVar("T")
 MAX_PARAM_LENGTH = 6000
 
 
@@ -37,12 +40,45 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri
 
 
+@contextlib.contextmanager
+def sqlite_init_lock(uri: str) -> Iterator[None]:
+    """Serialise the first opening of a SQLite store across processes (study workers starting at once would
+    otherwise race to create its schema). SQLite files are local, so a file lock beside them is enough."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".init-lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def open_store(uri: str, make: Callable[[], T]) -> T:
+    """Open a store whose schema may not exist yet: SQLite under a file lock; a database server retried when
+    another process was creating the same schema at the same moment ("already exists", "duplicate key")."""
+    with sqlite_init_lock(uri):
+        for attempt in range(6):
+            try:
+                return make()
+            except Exception as e:  # noqa: BLE001 - only the schema race is retried
+                if attempt == 5 or not any(w in str(e) for w in ("already exists", "duplicate key")):
+                    raise
+                time.sleep(0.5 + 0.5 * attempt)
+    raise AssertionError("unreachable")
+
+
 def client(uri: str | None = None) -> MlflowClient:
     """An MLflow client on the resolved store (also made the process-wide tracking and registry URI)."""
     uri = resolve_tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return MlflowClient(uri, registry_uri=uri)
+    return open_store(uri, lambda: MlflowClient(uri, registry_uri=uri))
 
 
 def _local_artifact_root(uri: str) -> str | None:
@@ -155,7 +191,32 @@ class MlflowRun:
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
 
 
-def log_model(run: MlflowRun, deploy_checkpoint: Path, input_size: int, extra_tags: Mapping[str, str] | None = None) -> str:
+class ReadOnlyRun(MlflowRun):
+    """A run seen by a non-zero distributed rank: it may read artifacts, it writes nothing."""
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_dict(self, d: Mapping[str, Any], artifact_file: str) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+
+def log_model(run: MlflowRun, deploy_checkpoint: Path, extra_tags: Mapping[str, str] | None = None) -> str:
     """Log the detector as an MLflow pyfunc model at artifact path ``model`` (``runs:/RUN_ID/model`` loads it).
 
     The model is self-contained: its weights (``artifacts/checkpoint.pt``), the maskssd code, a signature
@@ -177,7 +238,9 @@ def log_model(run: MlflowRun, deploy_checkpoint: Path, input_size: int, extra_ta
     )
     example = np.zeros((1, 64, 64, 3), dtype=np.uint8)
     code = Path(maskssd.__file__).parent
-    with mlflow.start_run(run_id=run.run_id):
+    with mlflow.start_run(run_id=run.run_id), warnings.catch_warnings():
+        # the signature is explicit; MLflow's advice to infer one from type hints does not apply
+        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(code / "pyfunc.py"),

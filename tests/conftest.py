@@ -62,6 +62,16 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate(tmp_path_factory.mktemp("synth") / "synth40", n_images=40, seed=0).root
 
 
+@pytest.fixture(scope="session")
+def easy_synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 synthetic images with large faces and balanced classes: a tiny model scores above zero within two
+    epochs, so trials differ (studies, importances, the champion rule). Read-only."""
+    from maskssd.synth import generate
+
+    return generate(tmp_path_factory.mktemp("easy") / "easy40", n_images=40, seed=1, face_size=(0.25, 0.5),
+                    faces_per_image=(1, 3), class_probs=(0.5, 0.3, 0.2)).root
+
+
 # ---------------------------------------------------------------------------- in-test VOC datasets
 #: One object of :func:`_voc_xml`: (name, xmin, ymin, xmax, ymax) or (name, xmin, ymin, xmax, ymax, difficult);
 #: coordinates may be strings (to write non-numeric ones).
@@ -150,3 +160,161 @@ def voc_xml() -> Callable[..., str]:
 def good_sample() -> Callable[..., tuple[Image.Image, str]]:
     """``good_sample(image_id, width=64, height=48, seed=0)``: a valid (noise image, xml) pair, two boxes."""
     return _good_sample
+
+
+# ------------------------------------------------------------------------------ a tiny experiment
+TINY_EXPERIMENT = """\
+[experiment]
+name = "{name}"
+seed = 3
+device = "cpu"
+
+[data]
+root = "{root}"
+split_name = "default"
+batch_size = 8
+eval_batch_size = 16
+cache_images = true
+
+[augment]
+zoom_out_p = 0.3
+zoom_out_max = 2.0
+
+[model]
+name = "tiny"
+input_size = 96
+width = 8
+
+[loss]
+class_weights = {{ background = 1.0, mask_weared_incorrect = 3.0 }}
+
+[optim]
+name = "adamw"
+lr = 3e-3
+weight_decay = 1e-4
+
+[schedule]
+name = "cosine"
+warmup_epochs = 1
+
+[train]
+epochs = {epochs}
+eval_every = 1
+best_metric = "val_map"
+log_images = 1
+
+[eval]
+coco = {coco}
+"""
+
+
+def write_tiny_experiment(path: Path, root: Path, name: str = "t", epochs: int = 2, coco: bool = False) -> Path:
+    """An experiment TOML for the tiny model (96 px, width 8) on ``root``: seconds per epoch on a laptop CPU."""
+    path.write_text(TINY_EXPERIMENT.format(root=root, name=name, epochs=epochs, coco=str(coco).lower()))
+    return path
+
+
+# ------------------------------------------------------------------------------ scale-out services
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory):
+    """A PostgreSQL server on loopback: ``$MASKSSD_TEST_POSTGRES_URL`` (``.ci/run`` starts one), else a throw-away
+    cluster started here when the server binaries are installed; skips, saying why, otherwise."""
+    import os
+    import shutil
+    import subprocess
+
+    url = os.environ.get("MASKSSD_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+    initdb = str(bins[-1] / "initdb") if bins else shutil.which("initdb")
+    if not initdb:
+        pytest.skip("PostgreSQL is not installed and MASKSSD_TEST_POSTGRES_URL is not set (.ci/run starts one)")
+    import tempfile
+
+    pg_ctl = str(Path(initdb).parent / "pg_ctl")
+    data = Path(tempfile.mkdtemp(prefix="maskssd-test-pg-"))  # outside pytest's root-only temp tree
+    runas: list[str] = []
+    if os.geteuid() == 0:
+        try:
+            import pwd
+
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root without a 'postgres' user to run a PostgreSQL server")
+        shutil.chown(data, "postgres")
+        runas = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    try:
+        subprocess.run([*runas, initdb, "-D", str(data), "-A", "trust", "-U", "postgres"], check=True,
+                       capture_output=True, timeout=120)
+        subprocess.run([*runas, pg_ctl, "-D", str(data), "-w", "-l", str(data / "log"), "-o",
+                        f"-c listen_addresses=127.0.0.1 -p {port} -k {data} -c fsync=off", "start"],
+                       check=True, capture_output=True, timeout=120)
+    except (subprocess.SubprocessError, OSError) as e:
+        pytest.skip(f"could not start a PostgreSQL server: {e}")
+    yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    subprocess.run([*runas, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True, timeout=60)
+    shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture()
+def postgres_db(postgres_server: str, request: pytest.FixtureRequest) -> str:
+    """A fresh database on the test PostgreSQL server, for one test."""
+    import re
+    import uuid
+
+    import psycopg
+
+    name = "t_" + re.sub(r"\W", "_", request.node.name.lower())[:40] + "_" + uuid.uuid4().hex[:6]
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return postgres_server.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path: Path, postgres_db: str):
+    """A real ``mlflow server`` on loopback: PostgreSQL backend store, artifacts served from tmp_path."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = _free_port()
+    log = (tmp_path / "mlflow-server.log").open("w")
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.Popen([str(mlflow_bin), "server", "--backend-store-uri", postgres_db,
+                             "--artifacts-destination", str(tmp_path / "server-artifacts"), "--serve-artifacts",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"mlflow server exited: {(tmp_path / 'mlflow-server.log').read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not come up in 120 s")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,52 +19,9 @@ from maskssd.cli import main
 from maskssd.config import load_config
 from maskssd.errors import NonFiniteLossError, TrainingInterrupted
 from maskssd.runner import run_experiment
+from tests.conftest import write_tiny_experiment as write_config
 
 pytestmark = pytest.mark.slow
-
-CONFIG = """\
-[experiment]
-name = "{name}"
-seed = 3
-device = "cpu"
-
-[data]
-root = "{root}"
-split_name = "default"
-batch_size = 8
-eval_batch_size = 16
-cache_images = true
-
-[augment]
-zoom_out_p = 0.3
-zoom_out_max = 2.0
-
-[model]
-name = "tiny"
-input_size = 96
-width = 8
-
-[loss]
-class_weights = {{ background = 1.0, mask_weared_incorrect = 3.0 }}
-
-[optim]
-name = "adamw"
-lr = 3e-3
-weight_decay = 1e-4
-
-[schedule]
-name = "cosine"
-warmup_epochs = 1
-
-[train]
-epochs = {epochs}
-eval_every = 1
-best_metric = "val_map"
-log_images = 1
-
-[eval]
-coco = {coco}
-"""
 
 TIMING = {"epoch_seconds", "images_per_second"}
 
@@ -77,11 +33,6 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MASKSSD_CHECKPOINT_DIR", raising=False)
     return tmp_path
-
-
-def write_config(path: Path, root: Path, name: str = "t", epochs: int = 2, coco: bool = False) -> Path:
-    path.write_text(CONFIG.format(root=root, name=name, epochs=epochs, coco=str(coco).lower()))
-    return path
 
 
 def histories(c, run_id: str) -> dict[str, list[tuple[int, float]]]:

@@ -1,0 +1,123 @@
+"""Scale-out on the engines built for it: a 2-process gloo DDP run, study workers on PostgreSQL, and a
+train + promote round trip through a real ``mlflow server`` over HTTP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from PIL import Image
+
+from maskssd import tracking
+from maskssd.cli import main
+from tests.conftest import write_tiny_experiment
+
+pytestmark = pytest.mark.slow
+
+#: DDP averages gradients of per-rank losses (each normalised by its own positives) and keeps per-rank
+#: BatchNorm statistics, so a 2 x 4 run is close to, not equal to, a 1 x 8 run.
+DDP_LOSS_RTOL = 0.10
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return {**env, "PYTHONWARNINGS": "ignore", **extra}
+
+
+def _metrics(uri: str, experiment: str) -> list:
+    c = tracking.client(uri)
+    return tracking.runs_table(c, experiment)
+
+
+def test_ddp_two_processes_match_one(tmp_path, synth_root):
+    cfg = write_tiny_experiment(tmp_path / "exp.toml", synth_root, name="ddp", epochs=2)
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    single = subprocess.run([sys.executable, "-m", "maskssd", "train", str(cfg), "--no-progress", "--run-name", "one",
+                             "--tracking-uri", uri, "--set", "train.log_images=0"],
+                            cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          "-m", "maskssd", "train", str(cfg), "--no-progress", "--run-name", "two",
+                          "--tracking-uri", uri, "--set", "data.batch_size=4", "--set", "train.log_images=0"],
+                         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    runs = {r.info.run_name: r for r in _metrics(uri, "ddp")}
+    assert set(runs) == {"one", "two"}  # rank 1 logged nothing of its own
+    one, two = runs["one"].data, runs["two"].data
+    assert two.params["distributed.world_size"] == "2" and two.params["data.batch_size"] == "4"
+    assert two.metrics["train_loss"] == pytest.approx(one.metrics["train_loss"], rel=DDP_LOSS_RTOL)
+    # the DDP run's gathered evaluation equals a single-process evaluation of the same checkpoint
+    out = tmp_path / "dets.json"
+    ckpt = tmp_path / "mlruns" / "checkpoints" / runs["two"].info.run_id / "model.pt"
+    assert main(["evaluate", "--model", str(ckpt), "--data", str(synth_root), "--split", "val",
+                 "--split-name", "default", "--save-detections", str(out)]) == 0
+    import json
+
+    single_map = json.loads(out.read_text())["metrics"]["map"]
+    assert single_map == pytest.approx(two.metrics["best_val_map"], abs=1e-9)
+    ckpts = list((tmp_path / "mlruns" / "checkpoints").glob("*/last.pt"))
+    assert len(ckpts) == 2  # one per run: rank 1 wrote none
+
+
+def test_study_workers_on_postgres(tmp_path, synth_root, postgres_db):
+    from tests.test_studies import write_study
+
+    write_tiny_experiment(tmp_path / "exp.toml", synth_root, epochs=2)
+    study_toml = write_study(tmp_path / "s.toml", n_trials=4)
+    storage = postgres_db  # plain postgresql:// (SQLAlchemy's default PostgreSQL driver: psycopg 3)
+    workers = [subprocess.Popen([sys.executable, "-m", "maskssd", "study", str(study_toml), "--storage", storage,
+                                 "--no-report", "--threads", "1"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for w in workers:
+        _, err = w.communicate(timeout=300)
+        assert w.returncode == 0, err[-3000:]
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    assert all(t.state.name == "COMPLETE" for t in study.trials)
+    assert len({t.user_attrs["mlflow_run_id"] for t in study.trials}) == 4
+
+
+def test_train_and_promote_through_a_tracking_server(tmp_path, synth_root, mlflow_server):
+    cfg = write_tiny_experiment(tmp_path / "exp.toml", synth_root, name="team", epochs=2)
+    env = _env(MLFLOW_TRACKING_URI=mlflow_server)
+    r = subprocess.run([sys.executable, "-m", "maskssd", "train", str(cfg), "--no-progress"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    p = subprocess.run([sys.executable, "-m", "maskssd", "promote", "--experiment", "team", "--metric", "best_val_map"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "moved @champion" in p.stdout.replace("\n", " ")
+    c = tracking.client(mlflow_server)
+    run = tracking.runs_table(c, "team")[0]
+    assert run.info.status == "FINISHED"
+    assert {a.path for a in c.list_artifacts(run.info.run_id, "checkpoints")} >= {"checkpoints/last.pt"}
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # nothing went to the local default store
+    img = tmp_path / "img.png"
+    Image.fromarray(np.full((60, 80, 3), 90, np.uint8)).save(img)
+    d = subprocess.run([sys.executable, "-m", "maskssd", "detect", "--model", "models:/maskssd-face-mask@champion",
+                        "--source", str(img), "--out", str(tmp_path / "out")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert d.returncode == 0, d.stderr[-3000:]
+    assert (tmp_path / "out" / "detections.json").is_file()
+
+
+def test_nproc_launcher_builds_a_torchrun_command(monkeypatch):
+    from maskssd import distributed
+
+    seen = {}
+    monkeypatch.setattr(sys, "argv", ["maskssd", "train", "exp.toml", "--nproc", "2", "--set", "a.b=1"])
+    monkeypatch.setattr(subprocess, "call", lambda cmd: seen.setdefault("cmd", cmd) and 0)
+
+    class A:
+        nproc = 2
+
+    distributed.launch(A())
+    cmd = seen["cmd"]
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert cmd[5:] == ["-m", "maskssd", "train", "exp.toml", "--set", "a.b=1"]
+    assert Path(cmd[0]) == Path(sys.executable)

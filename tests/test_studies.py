@@ -1,0 +1,299 @@
+"""Optuna studies against real Optuna storage (SQLite) and a real MLflow SQL store: nested runs, resume,
+concurrent workers, a NaN trial, pruning, a killed worker, reports; and the registry's champion rule."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from PIL import Image
+
+from maskssd import tracking
+from maskssd.cli import main
+from maskssd.errors import ConfigError
+from maskssd.studies import load_study_config, make_storage, open_study, sample
+from tests.conftest import write_tiny_experiment
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+STUDY = """\
+[study]
+name = "{name}"
+experiment = "exp.toml"
+objective = "{objective}"
+direction = "{direction}"
+n_trials = {n_trials}
+epochs = {epochs}
+eval_every = 1
+heartbeat_interval = 1
+grace_period = 4
+overrides = {{ "train.log_images" = 0, "data.final_split" = "none" }}
+
+[sampler]
+name = "{sampler}"
+seed = 0
+n_startup_trials = 2
+
+[pruner]
+name = "{pruner}"
+n_startup_trials = 1
+n_warmup_steps = 0
+
+{space}
+"""
+
+SPACE = """\
+[space.lr]
+target = "optim.lr"
+type = "float"
+low = 1e-3
+high = 1e-2
+log = true
+
+[space.neg_pos_ratio]
+target = "loss.neg_pos_ratio"
+type = "int"
+low = 1
+high = 4
+
+[space.schedule]
+target = "schedule.name"
+type = "categorical"
+choices = ["constant", "multistep"]
+
+[space.decay_at]
+target = "schedule.decay_lr_at"
+type = "int"
+low = 1
+high = 2
+as_list = true
+when = { schedule = "multistep" }
+"""
+
+
+@pytest.fixture()
+def project(tmp_path, monkeypatch, easy_synth_root):
+    """A working dir with a tiny experiment; MLflow and Optuna stores under tmp_path/mlruns."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MASKSSD_OPTUNA_STORAGE", raising=False)
+    write_tiny_experiment(tmp_path / "exp.toml", easy_synth_root, epochs=2)
+    return tmp_path
+
+
+def write_study(path: Path, name: str = "s", n_trials: int = 3, epochs: int = 2, sampler: str = "tpe",
+                pruner: str = "none", space: str = SPACE, objective: str = "val_map", direction: str = "maximize") -> Path:
+    path.write_text(STUDY.format(name=name, n_trials=n_trials, epochs=epochs, sampler=sampler, pruner=pruner,
+                                 space=space, objective=objective, direction=direction))
+    return path
+
+
+def storage_url(root: Path) -> str:
+    return f"sqlite:///{root}/mlruns/optuna.db"
+
+
+def load(root: Path, name: str = "s") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage_url(root))
+
+
+def child_runs(c, parent_id: str) -> list:
+    exp = c.get_run(parent_id).info.experiment_id
+    return c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=100)
+
+
+# ------------------------------------------------------------------------------------------ config
+def test_study_config_errors_name_key_and_file(project):
+    bad = write_study(project / "bad.toml", space=SPACE.replace("high = 4", "high = 4\nbogus = 1"))
+    with pytest.raises(ConfigError, match=r"bad.toml:\d+ \[space.neg_pos_ratio.bogus\]: unknown key"):
+        load_study_config(bad)
+    low_high = write_study(project / "lh.toml", space=SPACE.replace("high = 1e-2", "high = 1e-4"))
+    with pytest.raises(ConfigError, match="low < high"):
+        load_study_config(low_high)
+    wrong_target = write_study(project / "t.toml", space=SPACE.replace('"optim.lr"', '"optim.learning_rate"'))
+    with pytest.raises(ConfigError, match=r"optim.learning_rate\]: unknown key"):
+        load_study_config(wrong_target)
+    cond = write_study(project / "c.toml", space=SPACE.replace("when = { schedule", "when = { sched"))
+    with pytest.raises(ConfigError, match="not a parameter of the space"):
+        load_study_config(cond)
+
+
+def test_shipped_studies_validate():
+    for path in sorted((REPO / "studies").glob("*.toml")):
+        cfg, base = load_study_config(path)
+        assert base.is_file() and cfg.space
+
+
+def test_conditional_parameter_only_when_its_condition_holds(project):
+    cfg, _ = load_study_config(write_study(project / "s.toml"))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        values = sample(trial, cfg)
+        seen.add(values["schedule"])
+        assert ("decay_at" in values) == (values["schedule"] == "multistep")
+        assert 1e-3 <= values["lr"] <= 1e-2 and values["neg_pos_ratio"] in {1, 2, 3, 4}
+        study.tell(trial, 0.0)
+    assert seen == {"constant", "multistep"}
+
+
+# --------------------------------------------------------------------------------- run and resume
+def test_study_runs_nested_resumes_and_reports(project):
+    # val_loss differs between trials even after two epochs of a tiny model (val_map may still be 0 for all)
+    study_toml = write_study(project / "s.toml", n_trials=3, objective="val_loss", direction="minimize")
+    assert main(["study", str(study_toml)]) == 0
+    study = load(project)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    c = tracking.client()
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    children = child_runs(c, parent)
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in children) == [0, 1, 2]
+    for r in children:
+        trial = study.trials[int(r.data.tags["optuna.trial_number"])]
+        assert trial.user_attrs["mlflow_run_id"] == r.info.run_id
+        assert r.info.status == "FINISHED" and r.data.tags["optuna.state"] == "COMPLETE"
+        assert float(r.data.params["optim.lr"]) == pytest.approx(trial.params["lr"])
+        assert [m.step for m in c.get_metric_history(r.info.run_id, "train_loss")] == [1, 2]
+        assert r.data.metrics["best_val_loss"] == pytest.approx(trial.value)
+    assert c.get_run(parent).info.status == "FINISHED"
+    plots = {a.path for a in c.list_artifacts(parent, "study_plots")}
+    assert "study_plots/optimization_history.png" in plots and "study_plots/slice.png" in plots
+
+    # the same command again: budget spent, nothing new; a bigger budget adds exactly the difference
+    assert main(["study", str(study_toml), "--no-report"]) == 0
+    assert len(load(project).trials) == 3
+    assert main(["study", str(study_toml), "--n-trials", "4", "--no-report"]) == 0
+    study = load(project)
+    assert len(study.trials) == 4 and study.trials[-1].state.name == "COMPLETE"
+    assert len(child_runs(c, parent)) == 4  # still one parent run
+
+    assert main(["study-report", "s"]) == 0
+    assert "param_importances" in "".join(a.path for a in c.list_artifacts(parent, "study_plots"))
+
+
+def test_nan_trial_is_recorded_and_the_study_goes_on(project):
+    space = '[space.lr]\ntarget = "optim.lr"\ntype = "categorical"\nchoices = [1e30, 3e-3]\n'
+    study_toml = write_study(project / "s.toml", n_trials=2, sampler="grid", space=space)
+    assert main(["study", str(study_toml), "--no-report"]) == 0
+    trials = {t.params["lr"]: t for t in load(project).trials}
+    assert trials[1e30].state.name == "FAIL" and "non-finite loss" in trials[1e30].user_attrs["fail_reason"]
+    assert trials[3e-3].state.name == "COMPLETE"
+    run = tracking.client().get_run(trials[1e30].user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and "non-finite loss" in run.data.tags["failure_reason"]
+    assert run.data.tags["optuna.state"] == "FAIL"
+
+
+def test_a_bad_trial_is_pruned_in_both_systems(project):
+    space = '[space.lr]\ntarget = "optim.lr"\ntype = "categorical"\nchoices = [3e-3, 1e-7]\n'
+    study_toml = write_study(project / "s.toml", n_trials=2, epochs=3, pruner="median", space=space,
+                             objective="val_loss", direction="minimize")
+    cfg, _ = load_study_config(study_toml)
+    study = open_study(cfg, make_storage(storage_url(project), cfg), epochs=3)
+    study.enqueue_trial({"lr": 3e-3})  # a good trial first, then one that barely moves
+    study.enqueue_trial({"lr": 1e-7})
+    assert main(["study", str(study_toml), "--no-report"]) == 0
+    good, bad = load(project).trials
+    assert good.state.name == "COMPLETE" and bad.state.name == "PRUNED"
+    assert len(bad.intermediate_values) < 3
+    run = tracking.client().get_run(bad.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "PRUNED"
+    assert "pruned by Optuna" in run.data.tags["stopped"]
+
+
+def _worker(project: Path, study_toml: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    # one core per worker: two workers x two threads on two cores would oversubscribe them
+    return subprocess.Popen([sys.executable, "-m", "maskssd", "study", str(study_toml), "--no-report", "--threads", "1",
+                             *extra],
+                            cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_workers_share_one_study(project):
+    study_toml = write_study(project / "s.toml", n_trials=4)
+    workers = [_worker(project, study_toml) for _ in range(2)]
+    for w in workers:
+        out, err = w.communicate(timeout=300)
+        assert w.returncode == 0, err
+    study = load(project)
+    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    assert all(t.state.name == "COMPLETE" for t in study.trials)
+    run_ids = [t.user_attrs["mlflow_run_id"] for t in study.trials]
+    assert len(set(run_ids)) == 4
+    c = tracking.client()
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    assert sorted(r.info.run_id for r in child_runs(c, parent)) == sorted(run_ids)
+    exp = c.get_experiment_by_name("study-s")
+    parents = c.search_runs([exp.experiment_id], "tags.`maskssd.role` = 'study'")
+    assert [p.info.run_id for p in parents] == [parent]  # both workers nested under the same parent
+
+
+def test_a_killed_workers_trial_is_failed_and_retried(project):
+    study_toml = write_study(project / "s.toml", n_trials=1, epochs=30)
+    w = _worker(project, study_toml)
+    deadline = time.time() + 120
+    running = None
+    while time.time() < deadline and running is None:
+        time.sleep(0.5)
+        try:
+            trials = load(project).trials
+        except Exception:  # noqa: BLE001 - the storage or the study does not exist yet
+            continue
+        running = next((t for t in trials if t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs), None)
+    assert running is not None, "the worker never started a trial"
+    w.send_signal(signal.SIGKILL)
+    w.wait(timeout=30)
+    time.sleep(5)  # past the grace period: the heartbeat is stale
+    # a new worker with a short study finds the stale trial, fails it, retries it
+    short = write_study(project / "s.toml", n_trials=1, epochs=2)
+    w2 = _worker(project, short)
+    out, err = w2.communicate(timeout=300)
+    assert w2.returncode == 0, err
+    trials = load(project).trials
+    assert trials[0].state.name == "FAIL"
+    retry = trials[1]
+    assert retry.state.name == "COMPLETE" and retry.params == trials[0].params
+    assert retry.system_attrs.get("failed_trial") == 0
+    run = tracking.client().get_run(trials[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and "heartbeat" in run.data.tags["failure_reason"]
+
+
+# -------------------------------------------------------------------------------------- registry
+def test_promote_moves_champion_only_when_better(project, capsys):
+    from maskssd.registry import promote
+
+    study_toml = write_study(project / "s.toml", n_trials=3, objective="val_loss", direction="minimize")
+    assert main(["study", str(study_toml), "--no-report"]) == 0
+    trials = sorted(load(project).trials, key=lambda t: -t.value)  # worst (highest loss) first
+    worst, mid, best = (t.user_attrs["mlflow_run_id"] for t in trials)
+    assert trials[0].value > trials[1].value > trials[2].value
+    p1 = promote(mid, metric="best_val_loss", maximize=False)
+    assert p1.moved_alias and p1.version == "1" and p1.reason == "no champion yet"
+    p2 = promote(worst, metric="best_val_loss", maximize=False)
+    assert p2.version == "2" and not p2.moved_alias and "does not beat" in p2.reason
+    c = tracking.client()
+    assert str(c.get_model_version_by_alias("maskssd-face-mask", "champion").version) == "1"
+    p3 = promote(worst, metric="best_val_loss", maximize=False, force=True)
+    assert p3.moved_alias and str(c.get_model_version_by_alias("maskssd-face-mask", "champion").version) == "3"
+    # the study's best trial beats the forced worst one
+    assert main(["promote", "--study", "s", "--metric", "best_val_loss", "--minimize"]) == 0
+    champion = c.get_model_version_by_alias("maskssd-face-mask", "champion")
+    assert str(champion.version) == "4" and champion.tags["study"] == "s"
+    assert champion.tags["source_run_id"] == best and champion.tags["trial"] == str(trials[2].number)
+    assert {"config_hash", "data_split", "git_commit", "best_val_map"} <= set(champion.tags)
+
+    img = project / "face.png"
+    Image.fromarray(np.full((80, 100, 3), 128, np.uint8)).save(img)
+    out_dir = project / "out"
+    assert main(["detect", "--model", "models:/maskssd-face-mask@champion", "--source", str(img),
+                 "--out", str(out_dir)]) == 0
+    assert (out_dir / "face.png").is_file() and (out_dir / "detections.json").is_file()
+    assert main(["evaluate", "--model", "models:/maskssd-face-mask@champion", "--data", str(project / ".." / "x"),
+                 "--split", "val"]) == 2  # a missing dataset: one clear error
