@@ -270,8 +270,11 @@ def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
                 if p.type == "int":
                     grid[name] = [int(v) for v in grid[name]]
         return optuna.samplers.GridSampler(grid, seed=s.seed)
-    return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials, multivariate=s.multivariate,
-                                      group=s.multivariate, constant_liar=True)
+    with warnings.catch_warnings():  # multivariate/group/constant_liar: "experimental" flags, long stable
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # constant_liar: parallel workers do not all sample next to the same running trial
+        return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials,
+                                          multivariate=s.multivariate, group=s.multivariate, constant_liar=True)
 
 
 def make_pruner(cfg: StudyConfig, epochs: int) -> optuna.pruners.BasePruner:
