@@ -121,3 +121,33 @@ def test_nproc_launcher_builds_a_torchrun_command(monkeypatch):
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     assert cmd[5:] == ["-m", "maskssd", "train", "exp.toml", "--set", "a.b=1"]
     assert Path(cmd[0]) == Path(sys.executable)
+
+
+def test_ddp_run_resumes_after_sigterm(tmp_path, synth_root):
+    import signal
+    import time
+
+    cfg = write_tiny_experiment(tmp_path / "exp.toml", synth_root, name="ddp-resume", epochs=10)
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "maskssd",
+           "train", str(cfg), "--no-progress", "--tracking-uri", uri, "--set", "data.batch_size=4",
+           "--set", "train.log_images=0"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    ckpts = tmp_path / "mlruns" / "checkpoints"
+    while time.time() < deadline and not list(ckpts.glob("*/last.pt")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
+    proc.communicate(timeout=180)
+    c = tracking.client(uri)
+    run = tracking.runs_table(c, "ddp-resume")[0]
+    assert run.info.status in ("KILLED", "FAILED")  # stopped, whichever rank noticed first
+    epochs_before = len(c.get_metric_history(run.info.run_id, "train_loss"))
+    assert 1 <= epochs_before < 10
+    resume = subprocess.run(cmd[:9] + ["--resume", run.info.run_id, "--no-progress", "--tracking-uri", uri],
+                            cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert resume.returncode == 0, resume.stderr[-3000:]
+    run = c.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    steps = sorted({m.step for m in c.get_metric_history(run.info.run_id, "train_loss")})
+    assert steps == list(range(1, 11))  # every epoch once, the resumed ones continuing the same run
