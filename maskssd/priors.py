@@ -120,3 +120,53 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     inter.mul_(torch.minimum(ay2, by2).sub_(torch.maximum(ay1, by1)).clamp_(min=0))
     union = ((ax2 - ax1) * (ay2 - ay1)).add((bx2 - bx1) * (by2 - by1)).sub_(inter)
     return inter.div_(union.clamp_(min=1e-12))
+
+
+class PriorIoU:
+    """IoU of any boxes against one fixed set of priors, exploiting that priors share their x and y extents.
+
+    Priors laid on feature-map grids have few distinct ``(x1, x2)`` and ``(y1, y2)`` intervals (332 each
+    for SSD300's 8732 priors), so the per-axis overlaps are computed on those and only their product is
+    spread to every prior. The result equals :func:`box_iou` bit for bit (same operations, same order);
+    prior sets without that structure fall back to :func:`box_iou`.
+    """
+
+    def __init__(self, priors_xyxy: torch.Tensor):
+        self.priors = priors_xyxy
+        ux, self.inv_x = torch.unique(priors_xyxy[:, [0, 2]], dim=0, return_inverse=True)
+        uy, self.inv_y = torch.unique(priors_xyxy[:, [1, 3]], dim=0, return_inverse=True)
+        self.ux1, self.ux2 = ux.unbind(1)
+        self.uy1, self.uy2 = uy.unbind(1)
+        self.area = (priors_xyxy[:, 2] - priors_xyxy[:, 0]) * (priors_xyxy[:, 3] - priors_xyxy[:, 1])
+        self.factored = len(ux) + len(uy) < priors_xyxy.shape[0] // 4
+
+    def to(self, device: torch.device) -> PriorIoU:
+        return self if self.priors.device == device else PriorIoU(self.priors.to(device))
+
+    def __call__(self, boxes: torch.Tensor, reuse: bool = False) -> torch.Tensor:
+        """``boxes (K, 4)`` xyxy -> IoU ``(K, P)``.
+
+        ``reuse=True`` writes into buffers kept between calls (the next call overwrites the result): on CPU,
+        fresh multi-megabyte tensors cost more in page faults than the arithmetic does.
+        """
+        if not self.factored:
+            return box_iou(boxes, self.priors)
+        k, n = boxes.shape[0], self.inv_x.shape[0]
+        inter, union = self._buffers(k, boxes.dtype, reuse)
+        x1, y1, x2, y2 = (t[:, None] for t in boxes.unbind(-1))
+        ix = torch.minimum(x2, self.ux2).sub_(torch.maximum(x1, self.ux1)).clamp_(min=0)
+        iy = torch.minimum(y2, self.uy2).sub_(torch.maximum(y1, self.uy1)).clamp_(min=0)
+        # gather with an expanded index: 2x faster than index_select along dim 1 on CPU
+        torch.gather(ix, 1, self.inv_x.expand(k, n), out=inter)
+        inter.mul_(torch.gather(iy, 1, self.inv_y.expand(k, n), out=union))
+        torch.add((x2 - x1) * (y2 - y1), self.area, out=union).sub_(inter)
+        return inter.div_(union.clamp_(min=1e-12))
+
+    def _buffers(self, k: int, dtype: torch.dtype, reuse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.inv_x.shape[0]
+        if not reuse:
+            return (self.priors.new_empty((k, n), dtype=dtype), self.priors.new_empty((k, n), dtype=dtype))
+        buf = getattr(self, "_buf", None)
+        if buf is None or buf.shape[1] < k or buf.dtype != dtype:
+            buf = self._buf = self.priors.new_empty((2, max(k, 64), n), dtype=dtype)
+        return buf[0, :k], buf[1, :k]

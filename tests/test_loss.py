@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maskssd.loss import MultiBoxLoss, pad_targets
+from maskssd.loss import MultiBoxLoss
 from maskssd.priors import PriorSpec, cxcywh_to_xyxy
 
 N_CLASSES = 4
@@ -331,44 +331,3 @@ def test_fractional_neg_pos_ratio_follows_tutorial(ratio):
     locs, scores, boxes, labels = random_batch(11)
     out = MultiBoxLoss(PRIORS, neg_pos_ratio=ratio)(locs, scores, boxes, labels)
     assert_same(out, reference_loss(locs, scores, boxes, labels, PRIORS, neg_pos_ratio=ratio))
-
-
-def test_pad_targets():
-    boxes = [torch.rand(2, 4), torch.zeros(0, 4), torch.rand(3, 4)]
-    labels = [torch.tensor([1, 2]), torch.zeros(0, dtype=torch.long), torch.tensor([3, 3, 1])]
-    b, lab, valid = pad_targets(boxes, labels, torch.device("cpu"))
-    assert b.shape == (3, 3, 4) and lab.shape == (3, 3) and valid.shape == (3, 3)
-    assert valid.sum(1).tolist() == [2, 0, 3]
-    assert torch.equal(b[2], boxes[2]) and torch.equal(lab[0, :2], labels[0])
-    b, lab, valid = pad_targets([torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.long)], torch.device("cpu"))
-    assert b.shape == (1, 1, 4) and not valid.any()
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"threshold": 0.0},
-        {"threshold": 1.5},
-        {"neg_pos_ratio": -1.0},
-        {"alpha": -0.1},
-        {"focal_gamma": -1.0},
-        {"label_smoothing": 1.0},
-        {"label_smoothing": -0.1},
-        {"loc_loss": "l2"},
-    ],
-)
-def test_invalid_arguments_raise(kwargs):
-    with pytest.raises(ValueError):
-        MultiBoxLoss(PRIORS, **kwargs)
-
-
-def test_class_weights_length_mismatch_raises():
-    locs, scores, boxes, labels = random_batch(0)
-    with pytest.raises(ValueError, match="class_weights"):
-        MultiBoxLoss(PRIORS, class_weights=[1.0, 2.0, 3.0])(locs, scores, boxes, labels)
-
-
-def test_wrong_number_of_priors_raises():
-    locs, scores, boxes, labels = random_batch(0)
-    with pytest.raises(ValueError, match="priors"):
-        MultiBoxLoss(PRIORS[:-1])(locs, scores, boxes, labels)

@@ -10,6 +10,7 @@ import torchvision
 
 from maskssd.priors import (
     VARIANCES,
+    PriorIoU,
     PriorSpec,
     box_iou,
     cxcywh_to_xyxy,
@@ -213,3 +214,21 @@ def test_box_iou_degenerate_boxes_are_finite():
     iou = box_iou(a, a)
     assert torch.isfinite(iou).all() and float(iou) == 0.0
     assert box_iou(torch.zeros(0, 4), torch.rand(5, 4)).shape == (0, 5)
+
+
+def test_prior_iou_equals_box_iou_bit_for_bit():
+    priors_xy = cxcywh_to_xyxy(PriorSpec.ssd300().priors())
+    fast = PriorIoU(priors_xy)
+    assert fast.factored  # 332 distinct x and y extents among 8732 priors
+    g = torch.Generator().manual_seed(3)
+    xy = torch.rand(57, 2, generator=g)
+    boxes = torch.cat([xy, xy + torch.rand(57, 2, generator=g) * 0.6], 1)
+    expected = box_iou(boxes, priors_xy)
+    assert torch.equal(fast(boxes), expected)
+    first = fast(boxes, reuse=True).clone()
+    fast(boxes[:5] * 0.5, reuse=True)  # the workspace is reused: results only live until the next call
+    assert torch.equal(first, expected) and torch.equal(fast(boxes[:0]), expected[:0])
+    scattered = torch.rand(40, 4, generator=g).sort(1).values[:, [0, 1, 2, 3]]
+    unstructured = PriorIoU(scattered)  # no shared extents: falls back to box_iou
+    assert not unstructured.factored
+    assert torch.equal(unstructured(boxes), box_iou(boxes, scattered))
