@@ -36,20 +36,22 @@ def loaders(root: Path):
     # light augmentation only: a handful of epochs must be enough
     aug = AugmentSpec(photometric_p=0.0, zoom_out_p=0.0, iou_crop_p=0.0, hflip_p=0.5)
     train = build_loader(dataset("train", train_transform(SIZE, aug)), 8, 0, seed=0, shuffle=True)
+    seen = build_loader(dataset("train", eval_transform(SIZE)), 16, 0, seed=0, shuffle=False)
     val = build_loader(dataset("val", eval_transform(SIZE)), 16, 0, seed=0, shuffle=False)
-    return train, val
+    return train, seen, val
 
 
 @pytest.mark.slow
 def test_tiny_model_learns_synthetic_faces(synth):
     torch.manual_seed(0)
-    train, val = loaders(synth)
+    train, seen, val = loaders(synth)
     model = build_model("tiny", num_classes=len(DEFAULT_CLASSES) + 1, input_size=SIZE)
     loss_fn = MultiBoxLoss(model.priors_cxcy, neg_pos_ratio=3.0, alpha=1.0)
     decode = DecodeSpec()  # the paper protocol: min_score 0.01, NMS 0.45, top 200
     device = torch.device("cpu")
 
     before, _ = evaluate(model, val, loss_fn, DEFAULT_CLASSES, device, decode, coco=False)
+    seen_before, _ = evaluate(model, seen, loss_fn, DEFAULT_CLASSES, device, decode, coco=False)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     epoch_losses = []
@@ -69,8 +71,13 @@ def test_tiny_model_learns_synthetic_faces(synth):
         epoch_losses.append(total / n)
 
     after, result = evaluate(model, val, loss_fn, DEFAULT_CLASSES, device, decode, coco=False)
-    msg = f"train loss per epoch {[round(x, 3) for x in epoch_losses]}; val before {before}, after {after}"
+    seen_after, _ = evaluate(model, seen, loss_fn, DEFAULT_CLASSES, device, decode, coco=False)
+    msg = (f"train loss per epoch {[round(x, 3) for x in epoch_losses]}; val before {before}, after {after}; "
+           f"training images before {seen_before}, after {seen_after}")
     assert epoch_losses[-1] < 0.6 * epoch_losses[0], msg
+    # the training images (29, without augmentation) are learnt: mAP ~0.8 whatever the seed; the 6 validation
+    # images are too few for a tight bound (0.09-0.42 over seeds 0-3 at these settings), but mAP must rise
+    assert seen_after["val_map"] > seen_before["val_map"] + 0.5, msg
     assert after["val_loss"] < before["val_loss"], msg
-    assert after["val_map"] > before["val_map"] + 0.15, msg
+    assert after["val_map"] > before["val_map"] + 0.05, msg
     assert 0.0 <= result.map <= 1.0
