@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from maskssd.errors import MaskSSDError
+from maskssd.runtime import tune_cpu_allocator
 
 out = Console()
 err = Console(stderr=True)
@@ -500,6 +501,7 @@ def _threads_arg(*parsers: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    tune_cpu_allocator()  # keep freed memory: ~1.8x faster CPU training steps (see maskssd.runtime)
     if getattr(args, "threads", None):
         import torch
 

@@ -1,0 +1,91 @@
+"""Benchmark: one CPU training step (forward, MultiBox loss, backward, SGD) with glibc's default allocator vs
+with ``maskssd.runtime.tune_cpu_allocator`` (what every ``maskssd`` command does at start).
+
+The allocator setting is per process, so each case runs in its own child process of this script, one after
+the other, on the same inputs. Run: ``.venv/bin/python benchmarks/train_step.py [--quick] [--model NAME]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import add_threads_arg, machine, print_table  # noqa: E402
+
+
+def child(model_name: str, batch: int, size: int, repeat: int, threads: int | None) -> None:
+    import torch
+
+    from maskssd.loss import MultiBoxLoss
+    from maskssd.models import build_model
+    from maskssd.runtime import tune_cpu_allocator
+
+    tuned = tune_cpu_allocator()
+    if threads:
+        torch.set_num_threads(threads)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _timing import median_time
+
+    torch.manual_seed(0)
+    model = build_model(model_name, num_classes=4, input_size=size).train()
+    loss_fn = MultiBoxLoss(model.priors_cxcy)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, size, size, generator=g)
+    xy = torch.rand(batch, 3, 2, generator=g) * 0.6
+    boxes = [torch.cat([c, c + 0.1 + 0.2 * torch.rand(3, 2, generator=g)], 1) for c in xy]
+    labels = [torch.randint(1, 4, (3,), generator=g) for _ in range(batch)]
+
+    def step() -> None:
+        locs, scores = model(images)
+        out = loss_fn(locs, scores, boxes, labels)
+        opt.zero_grad(set_to_none=True)
+        out.total.backward()
+        opt.step()
+
+    print(json.dumps({"tuned": tuned, "seconds": median_time(step, repeat, warmup=2)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="ssdlite_effnet_lite0")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=384)
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="batch 4 at 256 px, 3 steps")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    add_threads_arg(parser)
+    args = parser.parse_args()
+    if args.quick:
+        args.batch, args.size, args.repeat = 4, 256, 3
+    if args.child:
+        return child(args.model, args.batch, args.size, args.repeat, args.threads)
+
+    def run(tuning: str) -> dict:
+        cmd = [sys.executable, __file__, "--child", "--model", args.model, "--batch", str(args.batch),
+               "--size", str(args.size), "--repeat", str(args.repeat)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        env = {**os.environ, "MASKSSD_MALLOC_TUNING": tuning}
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    base, tuned = run("0"), run("1")
+    name = "glibc default allocator"
+    rows = [
+        {"name": name, "seconds": base["seconds"], "note": "freed blocks > 128 KiB-32 MiB go back to the kernel"},
+        {"name": "maskssd tune_cpu_allocator", "baseline": name, "seconds": tuned["seconds"],
+         "note": "freed memory stays in the process" if tuned["tuned"] else "NOT applied (not glibc?)"},
+    ]
+    print_table(f"One training step: {args.model}, batch {args.batch} x {args.size} px, forward + loss + backward + "
+                f"SGD ({machine()}; median of {args.repeat})", rows)
+
+
+if __name__ == "__main__":
+    main()
