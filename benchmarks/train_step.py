@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import add_threads_arg, machine, print_table  # noqa: E402
+from _timing import add_threads_arg, machine, median_time, print_table  # noqa: E402
 
 
 def child(model_name: str, batch: int, size: int, repeat: int, threads: int | None) -> None:
@@ -29,9 +29,6 @@ def child(model_name: str, batch: int, size: int, repeat: int, threads: int | No
     tuned = tune_cpu_allocator()
     if threads:
         torch.set_num_threads(threads)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _timing import median_time
-
     torch.manual_seed(0)
     model = build_model(model_name, num_classes=4, input_size=size).train()
     loss_fn = MultiBoxLoss(model.priors_cxcy)

@@ -92,14 +92,14 @@ def postprocess(
     cand_scores = probs[row, cls_idx]
     img_idx, prior_idx = img[row], prior[row]
     if spec.pre_nms_top_k is not None:
-        sel = _rank_in_image(img_idx, cand_scores, n) < spec.pre_nms_top_k
+        order = torch.sort(cand_scores, descending=True, stable=True).indices
+        sel = order[_first_k_per_image(img_idx[order], spec.pre_nms_top_k, n)]
         img_idx, prior_idx, cls_idx, cand_scores = img_idx[sel], prior_idx[sel], cls_idx[sel], cand_scores[sel]
     cand_boxes = cxcywh_to_xyxy(decode(locs[img_idx, prior_idx], priors_cxcy[prior_idx])).clamp_(0.0, 1.0)
     # 3. NMS per image and class (or per image), 4. the top_k of each image
     groups = img_idx if spec.class_agnostic else img_idx * (c - 1) + cls_idx
-    keep = grouped_nms(cand_boxes, cand_scores, groups, spec.max_overlap)
-    keep = keep[_rank_in_image(img_idx[keep], cand_scores[keep], n) < spec.top_k]
-    keep = keep[torch.sort(img_idx[keep], stable=True).indices]  # image by image, best first within each
+    keep = grouped_nms(cand_boxes, cand_scores, groups, spec.max_overlap)  # by descending score
+    keep = keep[_first_k_per_image(img_idx[keep], spec.top_k, n)]  # image by image, best first within each
     img_k = img_idx[keep]
     out_boxes = cand_boxes[keep]
     if sizes is not None:
@@ -112,15 +112,14 @@ def postprocess(
     ]
 
 
-def _rank_in_image(img: torch.Tensor, scores: torch.Tensor, n: int) -> torch.Tensor:
-    """Each detection's 0-based rank by descending score within its image, in the input order."""
-    order = torch.sort(scores, descending=True, stable=True).indices
-    order = order[torch.sort(img[order], stable=True).indices]  # by image, descending score inside
+def _first_k_per_image(img: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """Positions of the first ``k`` entries of each image, grouped image by image (entries keep their order
+    inside an image). With entries in descending score order, these are each image's ``k`` best."""
+    order = torch.sort(img, stable=True).indices
     counts = torch.bincount(img, minlength=n)
     starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=img.device) - starts[img[order]]
-    return rank
+    rank = torch.arange(order.numel(), device=img.device) - starts[img[order]]
+    return order[rank < k]
 
 
 def grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float) -> torch.Tensor:
