@@ -27,15 +27,23 @@ def median_time(fn: Callable[[], Any], repeat: int = 5, warmup: int = 1) -> floa
     return statistics.median(times)
 
 
-def add_threads_arg(parser: argparse.ArgumentParser) -> None:
+def add_threads_arg(parser: argparse.ArgumentParser, allocator: bool = True) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice). On a busy machine 1 gives stable "
                              "numbers: multi-threaded ops then wait for a second, descheduled worker thread")
+    if allocator:
+        parser.add_argument("--default-allocator", action="store_true",
+                            help="keep glibc's allocator defaults; by default both sides run with the allocator "
+                                 "setting every maskssd command makes (maskssd.runtime.tune_cpu_allocator)")
 
 
-def set_threads(threads: int | None) -> None:
+def set_threads(threads: int | None, default_allocator: bool = True) -> None:
     if threads is not None:
         torch.set_num_threads(threads)
+    if not default_allocator:
+        from maskssd.runtime import tune_cpu_allocator
+
+        tune_cpu_allocator()
 
 
 def machine() -> str:

@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer runs, no channels_last VGG row")
     add_threads_arg(parser)
     args = parser.parse_args()
-    set_threads(args.threads)
+    set_threads(args.threads, args.default_allocator)
     rep, vgg_rep = (3, 1) if args.quick else (args.repeat, args.vgg_repeat)
 
     cases: list[tuple[str, Callable[[int], Callable[[], object]], bool, str | None, str]] = []

@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="batch 4 at 256 px, 3 steps")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    add_threads_arg(parser)
+    add_threads_arg(parser, allocator=False)  # this benchmark compares the two allocator settings itself
     args = parser.parse_args()
     if args.quick:
         args.batch, args.size, args.repeat = 4, 256, 3

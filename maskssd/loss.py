@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from maskssd import kernels
+from maskssd.kernels import PriorMatcher
 from maskssd.priors import PriorIoU, cxcywh_to_xyxy, encode, xyxy_to_cxcywh
 
 LocLoss = Literal["l1", "smooth_l1"]
@@ -73,7 +75,10 @@ class MultiBoxLoss(nn.Module):
         self.register_buffer("priors_cxcy", priors_cxcy.float().clone(), persistent=False)
         self.register_buffer("priors_xy", cxcywh_to_xyxy(priors_cxcy.float()), persistent=False)
         self._iou = PriorIoU(self.priors_xy)
+        self._matcher: PriorMatcher | None = None  # built on first CPU use
         weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+        if weights is not None and not bool((weights >= 0).all() & weights.isfinite().all()):
+            raise ValueError(f"class_weights must be finite and >= 0, got {weights.tolist()}")
         self.register_buffer("class_weights", weights, persistent=False)
         self.threshold = threshold
         self.neg_pos_ratio = neg_pos_ratio
@@ -85,19 +90,39 @@ class MultiBoxLoss(nn.Module):
     @torch.no_grad()
     def assign(self, boxes: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Match priors to objects: class targets ``(N, P)`` (0 = background) and, for the positive priors
-        ``(img, prior)``, the encoded box targets ``(n_pos, 4)``.
+        """Match priors to objects. Returns the positive priors ``(img, prior)`` (by image, then prior), their
+        class ``(n_pos,)`` in ``1..C-1`` and encoded box targets ``(n_pos, 4)``; every other prior is background.
+
+        On CPU the sparse compiled matcher (:class:`maskssd.kernels.PriorMatcher`) visits only the priors that
+        can matter; elsewhere :meth:`assign_dense` computes the whole IoU matrix. Both give the same result.
+        """
+        device = self.priors_xy.device
+        counts = torch.tensor([int(b.shape[0]) for b in boxes], dtype=torch.long)
+        gt_boxes = torch.cat([b.reshape(-1, 4) for b in boxes]).to(device, torch.float32) if boxes else \
+            torch.zeros(0, 4, device=device)
+        gt_labels = torch.cat([lab.reshape(-1) for lab in labels]).to(device, torch.long) if labels else \
+            torch.zeros(0, dtype=torch.long, device=device)
+        if device.type == "cpu" and kernels.ENABLED:
+            if self._matcher is None:
+                self._matcher = PriorMatcher(self.priors_xy)
+            img, prior, obj = self._matcher(gt_boxes, counts, self.threshold)
+        else:
+            img, prior, obj = self.assign_dense(gt_boxes, counts.to(device))
+        return img, prior, gt_labels[obj], encode(xyxy_to_cxcywh(gt_boxes[obj]), self.priors_cxcy[prior])
+
+    @torch.no_grad()
+    def assign_dense(self, gt_boxes: torch.Tensor, counts: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batched tensor matching: the positive priors ``(img, prior)`` and their object (index into
+        ``gt_boxes (K, 4)``); ``counts (N,)`` objects per image.
 
         IoU is computed once for the batch's K real objects ``(K, P)``; each prior's best overlap within its
         image is a row-wise ``amax`` over that image's objects. Which object gives it is only resolved for the
         few priors above ``threshold`` (the first one on ties, as ``max`` does).
         """
-        device = self.priors_xy.device
-        counts = torch.tensor([int(b.shape[0]) for b in boxes], device=device)
-        n, p = len(boxes), self.priors_xy.shape[0]
+        device = gt_boxes.device
+        n, p = counts.shape[0], self.priors_xy.shape[0]
         m = max(int(counts.max()), 1) if n else 1
-        gt_boxes = torch.cat([b.reshape(-1, 4) for b in boxes]).to(device, torch.float32)  # (K, 4)
-        gt_labels = torch.cat([lab.reshape(-1) for lab in labels]).to(device, torch.long)  # (K,)
         starts = torch.cumsum(counts, 0) - counts
         obj_img = torch.repeat_interleave(torch.arange(n, device=device), counts)  # (K,)
         self._iou = self._iou.to(device)
@@ -116,16 +141,15 @@ class MultiBoxLoss(nn.Module):
         slot = torch.arange(m, device=device)
         rows = (starts[img, None] + slot).clamp_(max=max(gt_boxes.shape[0] - 1, 0))  # (n_pos, m) candidates
         cand = iou[rows, prior[:, None]].masked_fill_(slot >= counts[img, None], -1.0)
-        obj = torch.where(obj >= 0, obj, starts[img] + cand.argmax(dim=1))
-        cls_t = torch.zeros(n, p, dtype=torch.long, device=device)
-        cls_t[img, prior] = gt_labels[obj]
-        loc_t = encode(xyxy_to_cxcywh(gt_boxes[obj]), self.priors_cxcy[prior])
-        return cls_t, img, prior, loc_t
+        return img, prior, torch.where(obj >= 0, obj, starts[img] + cand.argmax(dim=1))
 
     def match(self, boxes: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Class targets ``(N, P)`` and encoded box targets ``(N, P, 4)`` (zero at background priors)."""
-        cls_t, img, prior, loc_pos = self.assign(boxes, labels)
-        loc_t = loc_pos.new_zeros(*cls_t.shape, 4)
+        img, prior, cls_pos, loc_pos = self.assign(boxes, labels)
+        n, p = len(boxes), self.priors_xy.shape[0]
+        cls_t = torch.zeros(n, p, dtype=torch.long, device=cls_pos.device)
+        cls_t[img, prior] = cls_pos
+        loc_t = loc_pos.new_zeros(n, p, 4)
         loc_t[img, prior] = loc_pos
         return cls_t, loc_t
 
@@ -149,6 +173,45 @@ class MultiBoxLoss(nn.Module):
             loss = loss * (1.0 - torch.exp(-nll)).clamp(min=0).pow(self.focal_gamma)
         return loss
 
+    @torch.no_grad()
+    def hard_negatives(self, scores: torch.Tensor, img: torch.Tensor, prior: torch.Tensor, n_hard: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each image's ``n_hard[i]`` negatives of highest confidence loss, as ``(img, prior)``; the positives
+        are ``(img, prior)`` sorted by image. Ties between equal losses may go either way: the sum is the same.
+
+        On CPU a compiled kernel ranks by a cheap bound and computes the exact loss of the few candidates it
+        cannot rule out (:func:`maskssd.kernels.hard_negatives`); elsewhere every negative's loss is ranked.
+        """
+        n, p, c = scores.shape
+        if scores.device.type == "cpu" and kernels.ENABLED and not (self.focal_gamma > 0 and self.label_smoothing > 0):
+            # background loss = a * logsumexp(s) - beta . s; without smoothing rank by -log p_0 (the weight of
+            # class 0 and the focal factor are increasing functions of it)
+            beta = torch.zeros(c, dtype=torch.float64)
+            if self.label_smoothing > 0:
+                w = torch.ones(c, dtype=torch.float64) if self.class_weights is None else self.class_weights.double().cpu()
+                beta = w * (self.label_smoothing / c)
+                beta[0] += (1.0 - self.label_smoothing) * w[0]
+            else:
+                beta[0] = 1.0
+            return kernels.hard_negatives(scores, img, prior, n_hard, beta)
+        return self.hard_negatives_dense(scores, img, prior, n_hard)
+
+    @torch.no_grad()
+    def hard_negatives_dense(self, scores: torch.Tensor, img: torch.Tensor, prior: torch.Tensor, n_hard: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`hard_negatives` in batched tensor operations: every negative's loss, ``topk`` per image."""
+        n, p, _ = scores.shape
+        k = int(n_hard.max()) if n else 0
+        if k == 0:
+            return img.new_zeros(0), img.new_zeros(0)
+        pos = torch.zeros(n, p, dtype=torch.bool, device=scores.device)
+        pos[img, prior] = True
+        neg_loss = self.conf_loss(scores, torch.zeros(n, p, dtype=torch.long, device=scores.device))
+        hard_idx = neg_loss.masked_fill_(pos, -torch.inf).topk(k, dim=1, sorted=True).indices  # (N, k)
+        keep = (torch.arange(k, device=scores.device)[None, :] < n_hard[:, None]) & ~pos.gather(1, hard_idx)
+        neg_img, rank = keep.nonzero(as_tuple=True)
+        return neg_img, hard_idx[neg_img, rank]
+
     def forward(
         self,
         pred_locs: torch.Tensor,
@@ -162,28 +225,18 @@ class MultiBoxLoss(nn.Module):
             raise ValueError(f"predictions have {p} priors, the loss was built for {self.priors_cxcy.shape[0]}")
         if self.class_weights is not None and self.class_weights.numel() != c:
             raise ValueError(f"class_weights has {self.class_weights.numel()} entries for {c} classes")
-        cls_t, img, prior, loc_t = self.assign(boxes, labels)
-        pos = cls_t > 0
-        n_pos_img = pos.sum(1)
+        img, prior, cls_pos, loc_t = self.assign(boxes, labels)
+        img, prior = img.to(pred_scores.device), prior.to(pred_scores.device)
         n_pos = int(img.numel())
         denom = max(n_pos, 1)
-
-        # positives: their loss, with gradient, on their rows only
-        conf_sum = self.conf_loss(pred_scores[img, prior], cls_t[img, prior]).sum()
-        # hard negative mining: rank every negative by its loss (no gradient), keep the top
-        # ceil(neg_pos_ratio x positives) of each image (a fractional bound rounds up, as the reference's rank
-        # test does) and recompute the loss with gradient on those rows only
-        n_hard = (n_pos_img.float() * self.neg_pos_ratio).ceil().long().clamp(max=p)
-        k = int(n_hard.max()) if n else 0
-        if k > 0:
-            with torch.no_grad():
-                neg_loss = self.conf_loss(pred_scores, torch.zeros_like(cls_t)).masked_fill_(pos, 0.0)
-                hard_idx = neg_loss.topk(k, dim=1, sorted=True).indices  # (N, k)
-                # positives rank as 0 (the reference zeroes them): should one be reached, it adds nothing
-                keep = (torch.arange(k, device=pos.device)[None, :] < n_hard[:, None]) & ~pos.gather(1, hard_idx)
-            rows = pred_scores.gather(1, hard_idx[..., None].expand(-1, -1, c))  # (N, k, C)
-            conf_sum = conf_sum + (self.conf_loss(rows, torch.zeros_like(hard_idx)) * keep).sum()
-        conf = conf_sum / denom
+        # hard negative mining: each image's ceil(neg_pos_ratio x positives) negatives of highest loss (a
+        # fractional bound rounds up, as the reference's rank test does)
+        n_hard = (torch.bincount(img, minlength=n).float() * self.neg_pos_ratio).ceil().long().clamp(max=p)
+        neg_img, neg_prior = self.hard_negatives(pred_scores, img, prior, n_hard)
+        # the confidence loss, with gradient, on the rows that count only: positives and hard negatives
+        rows = pred_scores[torch.cat([img, neg_img]), torch.cat([prior, neg_prior])]
+        targets = torch.cat([cls_pos.to(rows.device), neg_img.new_zeros(neg_img.shape)])
+        conf = self.conf_loss(rows, targets).sum() / denom
 
         if n_pos == 0:
             loc = pred_locs.sum() * 0.0

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torchvision.ops import batched_nms, nms
 
-from maskssd.priors import cxcywh_to_xyxy, decode
+from maskssd import kernels
+from maskssd.priors import VARIANCES, cxcywh_to_xyxy, decode
 
 
 def softmax_last(x: torch.Tensor) -> torch.Tensor:
@@ -72,8 +73,30 @@ def postprocess(
     """
     n, p, c = scores.shape
     device = scores.device
-    scores, locs = scores.float(), locs.float()
     thresh = (min_score if min_score is not None else torch.tensor(spec.min_score)).to(device, torch.float32)
+    if device.type == "cpu" and kernels.ENABLED:
+        counts, out_boxes, labels, out_scores = kernels.detect(
+            locs, scores, priors_cxcy, thresh.expand(c - 1), spec.max_overlap, spec.top_k, spec.pre_nms_top_k,
+            spec.class_agnostic, VARIANCES)
+        split = counts.tolist()
+        img_k = torch.repeat_interleave(torch.arange(n), counts)
+    else:
+        img_k, out_boxes, labels, out_scores = postprocess_tensors(locs, scores, priors_cxcy, spec, thresh)
+        split = torch.bincount(img_k, minlength=n).tolist()
+    if sizes is not None:
+        wh = sizes.to(out_boxes.device, torch.float32)[img_k]
+        out_boxes = out_boxes * torch.cat([wh, wh], 1)
+    return [Detections(b, lab, s)
+            for b, lab, s in zip(out_boxes.split(split), labels.split(split), out_scores.split(split))]
+
+
+def postprocess_tensors(locs: torch.Tensor, scores: torch.Tensor, priors_cxcy: torch.Tensor, spec: DecodeSpec,
+                         thresh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`postprocess` in batched tensor operations (GPUs; the CPU runs :func:`maskssd.kernels.detect`).
+    Returns image index, boxes, labels and scores of the detections, image by image, best first."""
+    n, p, c = scores.shape
+    device = scores.device
+    scores, locs = scores.float(), locs.float()
     # 1. priors that can pass: p_c > t needs logit_c - logit_0 > log t (p_c < sigmoid(logit_c - logit_0)), a
     #    cheap test that skips the softmax and decoding of the ~95 % of priors that are confident background;
     #    the margin only widens this superset, the softmax below decides
@@ -100,16 +123,7 @@ def postprocess(
     groups = img_idx if spec.class_agnostic else img_idx * (c - 1) + cls_idx
     keep = grouped_nms(cand_boxes, cand_scores, groups, spec.max_overlap)  # by descending score
     keep = keep[_first_k_per_image(img_idx[keep], spec.top_k, n)]  # image by image, best first within each
-    img_k = img_idx[keep]
-    out_boxes = cand_boxes[keep]
-    if sizes is not None:
-        wh = sizes.to(out_boxes.device, torch.float32)[img_k]
-        out_boxes = out_boxes * torch.cat([wh, wh], 1)
-    split = torch.bincount(img_k, minlength=n).tolist()
-    return [
-        Detections(b, lab, s)
-        for b, lab, s in zip(out_boxes.split(split), (cls_idx[keep] + 1).split(split), cand_scores[keep].split(split))
-    ]
+    return img_idx[keep], cand_boxes[keep], cls_idx[keep] + 1, cand_scores[keep]
 
 
 def _first_k_per_image(img: torch.Tensor, k: int, n: int) -> torch.Tensor:

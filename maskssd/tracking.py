@@ -250,7 +250,7 @@ def log_model(run: MlflowRun, deploy_checkpoint: Path, extra_tags: Mapping[str, 
             input_example=example,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                               f"torchvision=={torchvision.__version__.split('+')[0]}",
-                              "timm", "numpy", "pillow", "pandas", "defusedxml", "pydantic", "rich"],
+                              "timm", "numpy", "numba", "pillow", "pandas", "defusedxml", "pydantic", "rich"],
             tags=dict(extra_tags or {}),
         )
     run.client.update_run(run.run_id, status="RUNNING")  # the fluent context closed it; the caller finishes it

@@ -1,0 +1,464 @@
+"""Compiled CPU kernels (numba) for the SSD loops that tensor code cannot make sparse.
+
+On a CPU the batched tensor versions in :mod:`maskssd.loss` and :mod:`maskssd.postprocess` are memory-bound:
+they compute the IoU of every object with every prior, the loss of every negative and the softmax of every
+prior, although only a few percent of those matter. These kernels visit only what can matter, with bounds
+that keep the result exact:
+
+- :class:`PriorMatcher` matches objects to priors (the tutorial's rule, ties included), visiting per object
+  only the priors whose IoU can reach the threshold or the object's best overlap;
+- :func:`hard_negatives` picks each image's hardest negatives from cheap bounds on their loss, computing the
+  exact loss only for the candidates those bounds cannot rule out;
+- :func:`detect` decodes, filters, runs greedy NMS and keeps the top-k of each image in one pass.
+
+The torch versions stay for other devices and as the tests' cross-check. Kernels compile on first use and
+are cached next to this file (numba's cache; ``NUMBA_CACHE_DIR`` moves it). They release the GIL and divide
+as IEEE floats do (0/0 is NaN, as in torch). They run on one thread: numba's parallel loops (a second OpenMP
+runtime whose idle workers spin) starved PyTorch's threads, and Python worker threads took ~2 ms to wake on
+these VMs, more than the work they would share.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+from numba import njit
+
+#: ``MASKSSD_CPU_KERNELS=0`` makes the CPU run the tensor code instead (diagnostics; same results).
+ENABLED = os.environ.get("MASKSSD_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+_F32 = np.float32
+_SLACK = 1e-6  # bounds are widened by this much: float rounding can never make a bound exclude a winner
+_HUGE = 1e30  # stands for NaN and infinite ranking keys, so that selection arithmetic stays finite
+
+
+# ------------------------------------------------------------------------------------------ matching
+class PriorMatcher:
+    """Sparse, exact SSD matching of objects to one fixed set of priors (see :meth:`__call__`).
+
+    Priors are grouped by their distinct x-interval (332 for SSD300's 8732). An object's IoU with any prior
+    of a group is at most ``x-overlap / max(object width, group width)``; groups whose bound is below what
+    is still needed are never visited.
+    """
+
+    def __init__(self, priors_xyxy: torch.Tensor):
+        pxy = priors_xyxy.detach().to("cpu", torch.float32).contiguous()
+        # the prior areas exactly as PriorIoU / box_iou compute them (same float32 operations)
+        self.area = ((pxy[:, 2] - pxy[:, 0]) * (pxy[:, 3] - pxy[:, 1])).numpy()
+        ux, inv_x = torch.unique(pxy[:, [0, 2]], dim=0, return_inverse=True)
+        self.ux = ux.contiguous().numpy()
+        self.py1, self.py2 = pxy[:, 1].contiguous().numpy(), pxy[:, 3].contiguous().numpy()
+        # priors group by group, by y1 within a group: a binary search finds the rows an object can overlap
+        y1 = self.py1.astype(np.float64)
+        order = np.lexsort((np.arange(len(y1)), y1, inv_x.numpy()))
+        self.group_priors = order.astype(np.int64)
+        self.group_y1 = y1[order]
+        sizes = np.bincount(inv_x.numpy(), minlength=len(ux))
+        self.group_ptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        height = (self.py2 - self.py1).astype(np.float64)
+        self.group_max_h = np.zeros(len(ux))
+        np.maximum.at(self.group_max_h, inv_x.numpy(), height)
+
+    def __call__(self, boxes: torch.Tensor, counts: torch.Tensor, threshold: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``boxes (K, 4)`` normalised xyxy of all images, ``counts (N,)`` objects per image -> the positive
+        priors as ``(img, prior, obj)``, ordered by image then prior; ``obj`` indexes ``boxes``.
+
+        A prior is positive when its best IoU over its image's objects reaches ``threshold`` (the first object
+        wins ties) or when it is some object's best prior (the first prior wins ties; the later object wins a
+        prior two objects share): the reference paper's matching, bit for bit.
+        """
+        b = boxes.detach().to("cpu", torch.float32).contiguous().numpy()
+        c = counts.detach().to("cpu", torch.int64).contiguous().numpy()
+        img, prior, obj = _match(b, c, _F32(threshold), self.ux, self.py1, self.py2, self.area, self.group_ptr,
+                                 self.group_priors, self.group_y1, self.group_max_h)
+        return torch.from_numpy(img), torch.from_numpy(prior), torch.from_numpy(obj)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _match(boxes, counts, thr, ux, py1, py2, area, group_ptr, group_priors, group_y1, group_max_h
+           ):  # pragma: no cover - compiled
+    """Positives of every image as (img, prior, obj), by image then prior."""
+    first, stop = 0, counts.shape[0]
+    n_priors = area.shape[0]
+    starts = np.cumsum(counts) - counts
+    best = np.zeros(n_priors, np.float32)  # scratch, reset entry by entry after each image
+    best_obj = np.zeros(n_priors, np.int64)
+    forced = np.full(n_priors, -1, np.int64)
+    marked = np.zeros(n_priors, np.bool_)
+    cand, ix, ub = np.empty(ux.shape[0], np.int64), np.empty(ux.shape[0], np.float32), np.empty(ux.shape[0])
+    found_prior = np.empty((stop - first, n_priors), np.int64)
+    found_obj = np.empty((stop - first, n_priors), np.int64)
+    n_found = np.zeros(stop - first, np.int64)
+    for r in range(stop - first):
+        i = first + r
+        n_found[r] = _match_image(boxes, starts[i], counts[i], thr, ux, py1, py2, area, group_ptr, group_priors,
+                                  group_y1, group_max_h, best, best_obj, forced, marked, cand, ix, ub, found_prior[r], found_obj[r])
+    total = n_found.sum()
+    img, prior, obj = np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total, np.int64)
+    k = 0
+    for r in range(stop - first):
+        img[k:k + n_found[r]] = first + r
+        prior[k:k + n_found[r]] = found_prior[r, :n_found[r]]
+        obj[k:k + n_found[r]] = found_obj[r, :n_found[r]]
+        k += n_found[r]
+    return img, prior, obj
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _match_image(boxes, start, count, thr, ux, py1, py2, area, group_ptr, group_priors, group_y1, group_max_h,
+                 best, best_obj, forced, marked, cand, ix, ub, out_prior, out_obj):  # pragma: no cover - compiled
+    """One image: writes its positive priors (sorted) and their objects to ``out_*``; returns how many."""
+    zero, tiny = _F32(0.0), _F32(1e-12)
+    n_touched = 0
+    for g in range(start, start + count):
+        x1, y1, x2, y2 = boxes[g, 0], boxes[g, 1], boxes[g, 2], boxes[g, 3]
+        a_obj = (x2 - x1) * (y2 - y1)
+        w_obj = float(x2 - x1)
+        # the groups that overlap the object in x (groups are sorted by x1: only those starting before x2)
+        n_cand = 0
+        for u in range(np.searchsorted(ux[:, 0], x2)):
+            ixu = min(x2, ux[u, 1]) - max(x1, ux[u, 0])
+            if ixu > zero:
+                cand[n_cand], ix[n_cand] = u, ixu
+                ub[n_cand] = ixu / max(w_obj, float(ux[u, 1] - ux[u, 0])) + _SLACK
+                n_cand += 1
+        best_v, best_p = zero, 0  # the object's best prior; all-zero overlaps give prior 0, as argmax does
+        level, upper = float(thr), np.inf
+        while True:  # visit groups in bands of their bound: [thr, inf), then lower until the best is found
+            for q in range(n_cand):
+                if not (level <= ub[q] < upper):
+                    continue
+                u, ixu = cand[q], ix[q]
+                g0, g1 = group_ptr[u], group_ptr[u + 1]
+                # rows that can overlap [y1, y2]: y1 of the prior in (y1 - tallest prior of the group, y2)
+                lo = g0 + np.searchsorted(group_y1[g0:g1], y1 - group_max_h[u] - _SLACK)
+                for j in range(lo, g0 + np.searchsorted(group_y1[g0:g1], y2)):
+                    p = group_priors[j]
+                    iyp = min(y2, py2[p]) - max(y1, py1[p])  # computed here: few priors get this far
+                    if iyp <= zero:
+                        continue
+                    inter = ixu * iyp
+                    iou = inter / max((a_obj + area[p]) - inter, tiny)  # box_iou's operations, in its order
+                    if iou > best_v or (iou == best_v and p < best_p):
+                        best_v, best_p = iou, p
+                    if iou >= thr and iou > best[p]:  # strict: the first object keeps a tie
+                        best[p], best_obj[p] = iou, g
+                        if not marked[p]:
+                            marked[p] = True
+                            out_prior[n_touched] = p
+                            n_touched += 1
+            # every unvisited prior has IoU < level: done once the best found reaches it
+            if best_v >= level or level <= 0.0:
+                break
+            upper = level
+            level = max(float(best_v), level * 0.5) if level > 1e-4 else 0.0
+        forced[best_p] = g  # a later object takes over a shared best prior
+        if not marked[best_p]:
+            marked[best_p] = True
+            out_prior[n_touched] = best_p
+            n_touched += 1
+    out_prior[:n_touched].sort()
+    for j in range(n_touched):
+        p = out_prior[j]
+        out_obj[j] = forced[p] if forced[p] >= 0 else best_obj[p]
+        best[p], forced[p], marked[p] = zero, -1, False
+    return n_touched
+
+
+# ------------------------------------------------------------------------------- hard negative mining
+_GAP_RES, _GAP_BINS = 8.0, 160  # the gap tables cover gaps 0..20 in steps of 1/8
+_TABLES: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _gap_tables(n_terms: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bounds on ``log(sum_j exp(x_j - max x))`` over ``n_terms`` terms whose two largest differ by ``g``: at
+    least ``log(1 + e^-g)``, at most ``log(1 + (n_terms - 1) e^-g)``, tabulated by bin of ``g`` and rounded
+    outwards (the bin's far edge for the lower bound, its near edge for the upper)."""
+    if n_terms not in _TABLES:
+        edges = np.arange(_GAP_BINS + 1) / _GAP_RES
+        lower = np.log1p(np.exp(-edges[1:])) if n_terms > 1 else np.zeros(_GAP_BINS)
+        lower[-1] = 0.0  # the last bin holds every larger gap
+        upper = np.log1p((n_terms - 1) * np.exp(-edges[:-1]))
+        _TABLES[n_terms] = (lower - _SLACK, upper + _SLACK)
+    return _TABLES[n_terms]
+
+
+def hard_negatives(scores: torch.Tensor, pos_img: torch.Tensor, pos_prior: torch.Tensor, n_hard: torch.Tensor,
+                   beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's ``n_hard[i]`` negatives (non-positive priors) of largest background loss, as ``(img, prior)``.
+
+    The loss must be an increasing function of ``a * logsumexp(s) - beta . s`` with ``a = sum(beta) >= 0``:
+    weighted, label-smoothed cross-entropy towards class 0, or (``beta`` = one-hot of class 0) any increasing
+    function of ``-log p_0`` such as the focal loss. ``scores (N, P, C)``; positives ``(img, prior)`` sorted
+    by image. Ties between equal losses go to the lower prior.
+    """
+    s = scores.detach().to("cpu", torch.float32).contiguous().numpy()
+    b = beta.detach().to("cpu", torch.float64).contiguous().numpy()
+    plain = b[0] == 1.0 and not b[1:].any()
+    lower, upper = _gap_tables(s.shape[2] - 1 if plain else s.shape[2])
+    img, prior = _hard_negatives(s, pos_img.numpy(), pos_prior.numpy(), n_hard.to(torch.int64).numpy(),
+                                 None if plain else b, lower, upper)
+    return torch.from_numpy(img), torch.from_numpy(prior)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _hard_negatives(scores, pos_img, pos_prior, n_hard, beta, lower, upper):  # pragma: no cover - compiled
+    """Hard negatives of every image as (img, prior), by image then prior."""
+    first, stop = 0, scores.shape[0]
+    # plain: the loss increases with -log p_0 = log(1 + S), S = sum_{c>0} exp(s_c - s_0): rank by
+    # log S = lse(s_1..) - s_0. Otherwise rank a * lse(s) - beta . s. Both are a log-sum-exp plus a linear term,
+    # bounded without any exp by the largest term and its gap to the second (the tables)
+    n_priors = scores.shape[1]
+    is_pos = np.zeros(n_priors, np.bool_)
+    lo_key, hi_key, neg = np.empty(n_priors, np.float64), np.empty(n_priors, np.float64), np.empty(n_priors, np.int64)
+    pos_start = np.searchsorted(pos_img, np.arange(first, stop + 1))
+    out_start = np.cumsum(n_hard[first:stop]) - n_hard[first:stop]
+    out_prior = np.empty(n_hard[first:stop].sum(), np.int64)
+    n_out = np.zeros(stop - first, np.int64)
+    for r in range(stop - first):
+        i = first + r
+        pos = pos_prior[pos_start[r]:pos_start[r + 1]]
+        for p in pos:
+            is_pos[p] = True
+        k = min(n_hard[i], n_priors - pos.shape[0])
+        n_out[r] = _hard_negatives_image(scores[i], is_pos, k, beta, lower, upper, lo_key, hi_key, neg,
+                                         out_prior[out_start[r]:out_start[r] + k])
+        for p in pos:
+            is_pos[p] = False
+    total = n_out.sum()
+    img, prior = np.empty(total, np.int64), np.empty(total, np.int64)
+    j = 0
+    for r in range(stop - first):
+        img[j:j + n_out[r]] = first + r
+        prior[j:j + n_out[r]] = out_prior[out_start[r]:out_start[r] + n_out[r]]
+        j += n_out[r]
+    return img, prior
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _hard_negatives_image(scores, is_pos, k, beta, lower, upper, lo_key, hi_key, neg, out
+                          ):  # pragma: no cover - compiled
+    """The ``k`` hardest negatives of one image ``scores (P, C)`` into ``out`` (prior order); returns ``k``."""
+    if k <= 0:
+        return 0
+    n_cls = scores.shape[1]
+    c0 = 1 if beta is None else 0
+    a = 1.0 if beta is None else beta.sum()
+    m, lo, hi = 0, np.inf, -np.inf
+    for p in range(scores.shape[0]):
+        if is_pos[p]:
+            continue
+        s = scores[p]
+        first, second = s[c0], _F32(-np.inf)
+        for c in range(c0 + 1, n_cls):  # the two largest, branch-free (random data defeats prediction)
+            second = max(second, min(first, s[c]))
+            first = max(first, s[c])
+        if beta is None:  # plain; numba compiles this test away (a run-time branch made the loop 2x slower)
+            base = float(first - s[0])
+        else:
+            base = a * float(first)
+            for c in range(n_cls):
+                base -= beta[c] * s[c]
+        gap = (first - second) * _F32(_GAP_RES)
+        b = int(min(gap, _F32(_GAP_BINS - 1))) if gap >= 0 else _GAP_BINS - 1  # NaN: the last bin
+        v_lo, v_hi = base + a * lower[b], base + a * upper[b]
+        if not abs(v_hi) < _HUGE:  # NaN or infinite logits rank first, as in torch.topk; the loss reports them
+            v_lo = v_hi = _HUGE
+        lo_key[m], hi_key[m], neg[m] = v_lo, v_hi, p
+        lo, hi = min(lo, v_lo), max(hi, v_lo)
+        m += 1
+    if k >= m:
+        out[:m] = neg[:m]
+        return m
+    # the k-th largest key is at least the k-th largest lower bound: only negatives whose upper bound reaches
+    # that can be among the k largest; they get the exact key (written over lo_key, kept in neg)
+    floor = _kth_largest_lower_bound(lo_key[:m], k, lo, hi)
+    n_cand = 0
+    for j in range(m):
+        if hi_key[j] < floor:
+            continue
+        s = scores[neg[j]]
+        mx = float(s[c0])
+        for c in range(c0 + 1, n_cls):
+            mx = max(mx, float(s[c]))
+        se = 0.0
+        for c in range(c0, n_cls):
+            se += math.exp(float(s[c]) - mx)
+        if beta is None:
+            key = mx + math.log(se) - float(s[0])
+        else:
+            key = a * (mx + math.log(se))
+            for c in range(n_cls):
+                key -= beta[c] * s[c]
+        lo_key[n_cand], neg[n_cand] = key if abs(key) < _HUGE else _HUGE, neg[j]
+        n_cand += 1
+    _take_top(lo_key[:n_cand], neg[:n_cand], k, out)
+    return k
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _kth_largest_lower_bound(values, k, lo, hi):  # pragma: no cover - compiled
+    """A value <= the k-th largest of ``values`` (which lie in ``[lo, hi]``): the lower edge of the histogram
+    bin that holds it."""
+    if not hi > lo:
+        return lo
+    n_bins = 256
+    hist = np.zeros(n_bins, np.int64)
+    scale = (n_bins - 1) / (hi - lo)
+    for v in values:
+        hist[min(max(int((v - lo) * scale), 0), n_bins - 1)] += 1
+    seen = 0
+    for b in range(n_bins - 1, -1, -1):
+        seen += hist[b]
+        if seen >= k:
+            return lo + b / scale - _SLACK
+    return lo
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _take_top(keys, idx, k, out):  # pragma: no cover - compiled
+    """``out[:k]`` = the ``idx`` of the ``k`` largest ``keys`` (ties: the first ones), in ``idx`` order."""
+    n = keys.shape[0]
+    if n <= k:
+        out[:n] = idx
+        return
+    kth = np.partition(keys, n - k)[n - k]
+    ties = k
+    for j in range(n):
+        if keys[j] > kth:
+            ties -= 1
+    w = 0
+    for j in range(n):
+        if keys[j] > kth or (keys[j] == kth and ties > 0):
+            if keys[j] == kth:
+                ties -= 1
+            out[w] = idx[j]
+            w += 1
+
+
+# -------------------------------------------------------------------------------------------- detect
+def detect(locs: torch.Tensor, scores: torch.Tensor, priors_cxcy: torch.Tensor, min_score: torch.Tensor,
+           max_overlap: float, top_k: int, pre_nms_top_k: int | None, class_agnostic: bool,
+           variances: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SSD post-processing of a batch on CPU: see :func:`maskssd.postprocess.postprocess`, which calls it.
+
+    ``locs (N,P,4)``, ``scores (N,P,C)`` logits, ``min_score (C-1,)``. Returns ``counts (N,)`` and, image
+    after image and best first, normalised xyxy ``boxes``, ``labels`` (1..C-1) and ``scores``.
+    """
+    thresh = min_score.detach().to("cpu", torch.float32).contiguous().numpy()
+    floor = float(thresh.min())
+    # p_c > t needs logit_c - logit_0 > log t: a cheap test that skips the softmax and decoding of the ~95 %
+    # of priors that are confident background; the margin only widens this superset, the softmax decides
+    bound = math.log(floor) - 0.01 if floor > 0 else -math.inf
+    counts, boxes, labels, probs = _detect(
+        locs.detach().to("cpu", torch.float32).contiguous().numpy(),
+        scores.detach().to("cpu", torch.float32).contiguous().numpy(),
+        priors_cxcy.detach().to("cpu", torch.float32).contiguous().numpy(),
+        thresh, _F32(bound), _F32(max_overlap), int(top_k), -1 if pre_nms_top_k is None else int(pre_nms_top_k),
+        bool(class_agnostic), _F32(variances[0]), _F32(variances[1]))
+    return (torch.from_numpy(counts), torch.from_numpy(boxes), torch.from_numpy(labels), torch.from_numpy(probs))
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _detect(locs, scores, priors, thresh, bound, max_overlap, top_k, pre_top_k, agnostic, v0, v1
+            ):  # pragma: no cover - compiled
+    n_img, n_priors, n_cls = scores.shape
+    cap = n_priors * (n_cls - 1)
+    c_prior, c_cls, c_score = np.empty(cap, np.int64), np.empty(cap, np.int64), np.empty(cap, np.float32)
+    e = np.empty(n_cls, np.float32)
+    counts = np.zeros(n_img, np.int64)
+    out_boxes = np.empty((n_img * top_k, 4), np.float32)
+    out_labels = np.empty(n_img * top_k, np.int64)
+    out_scores = np.empty(n_img * top_k, np.float32)
+    n_out = 0
+    for i in range(n_img):
+        # 1. the (prior, class) candidates above min_score, in (prior, class) order
+        n = 0
+        for p in range(n_priors):
+            s = scores[i, p]
+            d = s[1]
+            for c in range(2, n_cls):
+                d = max(d, s[c])
+            if not d - s[0] > bound:
+                continue
+            mx = max(s[0], d)  # (re-reading s in a loop here made this kernel 6x slower)
+            total = _F32(0.0)
+            for c in range(n_cls):
+                e[c] = math.exp(s[c] - mx)
+                total += e[c]
+            for c in range(1, n_cls):
+                prob = e[c] / total
+                if prob > thresh[c - 1]:
+                    c_prior[n], c_cls[n], c_score[n] = p, c, prob
+                    n += 1
+        # 2. best first (stable: ties keep (prior, class) order); optionally only the pre_top_k best
+        order = np.argsort(-c_score[:n], kind="mergesort")
+        if 0 <= pre_top_k < n:
+            order = order[:pre_top_k]
+        m = order.shape[0]
+        box = np.empty((m, 4), np.float32)
+        for j in range(m):
+            p = c_prior[order[j]]
+            off, pr = locs[i, p], priors[p]
+            cx = off[0] * v0 * pr[2] + pr[0]  # priors.decode's operations, in its order
+            cy = off[1] * v0 * pr[3] + pr[1]
+            w = math.exp(off[2] * v1) * pr[2]
+            h = math.exp(off[3] * v1) * pr[3]
+            half_w, half_h = w / _F32(2.0), h / _F32(2.0)
+            box[j, 0] = min(max(cx - half_w, _F32(0.0)), _F32(1.0))
+            box[j, 1] = min(max(cy - half_h, _F32(0.0)), _F32(1.0))
+            box[j, 2] = min(max(cx + half_w, _F32(0.0)), _F32(1.0))
+            box[j, 3] = min(max(cy + half_h, _F32(0.0)), _F32(1.0))
+        # 3. greedy NMS within each class (or the whole image), boxes visited best first
+        group = np.zeros(m, np.int64) if agnostic else c_cls[order]
+        by_group = np.argsort(group, kind="mergesort")  # stable: best first within each group
+        keep = _greedy_nms(box, by_group, group, max_overlap)
+        # 4. the top_k survivors, best first (ties: group order)
+        kept = by_group[keep]
+        kept = kept[np.argsort(-c_score[order[kept]], kind="mergesort")][:top_k]
+        for j in range(kept.shape[0]):
+            q = kept[j]
+            out_boxes[n_out] = box[q]
+            out_labels[n_out] = c_cls[order[q]]
+            out_scores[n_out] = c_score[order[q]]
+            n_out += 1
+        counts[i] = kept.shape[0]
+    return counts, out_boxes[:n_out].copy(), out_labels[:n_out].copy(), out_scores[:n_out].copy()
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _greedy_nms(box, visit, group, max_overlap):  # pragma: no cover - compiled
+    """Greedy NMS over ``box`` visited in ``visit`` order (grouped, best first within a group): a box is
+    suppressed by a kept box of its group with IoU > ``max_overlap`` (torchvision's ``nms`` rule). Returns
+    the positions in ``visit`` that are kept."""
+    m = visit.shape[0]
+    x1, y1, x2, y2 = np.empty(m, np.float32), np.empty(m, np.float32), np.empty(m, np.float32), np.empty(m, np.float32)
+    area = np.empty(m, np.float32)
+    for j in range(m):  # coordinates in visiting order, contiguous
+        b = box[visit[j]]
+        x1[j], y1[j], x2[j], y2[j] = b[0], b[1], b[2], b[3]
+        area[j] = (b[2] - b[0]) * (b[3] - b[1])
+    suppressed = np.zeros(m, np.bool_)
+    keep = np.empty(m, np.int64)
+    n_keep, start = 0, 0
+    while start < m:
+        end = start
+        while end < m and group[visit[end]] == group[visit[start]]:
+            end += 1
+        for a in range(start, end):
+            if suppressed[a]:
+                continue
+            keep[n_keep] = a
+            n_keep += 1
+            ax1, ay1, ax2, ay2, a_area = x1[a], y1[a], x2[a], y2[a], area[a]
+            for b in range(a + 1, end):
+                w = max(min(ax2, x2[b]) - max(ax1, x1[b]), _F32(0.0))
+                h = max(min(ay2, y2[b]) - max(ay1, y1[b]), _F32(0.0))
+                inter = w * h
+                # branch-free: suppressing an already suppressed box changes nothing
+                suppressed[b] |= inter / (a_area + area[b] - inter) > max_overlap
+        start = end
+    return keep[:n_keep]
