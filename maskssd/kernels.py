@@ -81,7 +81,7 @@ class PriorMatcher:
 def _match(boxes, counts, thr, ux, py1, py2, area, group_ptr, group_priors, group_y1, group_max_h
            ):  # pragma: no cover - compiled
     """Positives of every image as (img, prior, obj), by image then prior."""
-    first, stop = 0, counts.shape[0]
+    n_img = counts.shape[0]
     n_priors = area.shape[0]
     starts = np.cumsum(counts) - counts
     best = np.zeros(n_priors, np.float32)  # scratch, reset entry by entry after each image
@@ -89,21 +89,20 @@ def _match(boxes, counts, thr, ux, py1, py2, area, group_ptr, group_priors, grou
     forced = np.full(n_priors, -1, np.int64)
     marked = np.zeros(n_priors, np.bool_)
     cand, ix, ub = np.empty(ux.shape[0], np.int64), np.empty(ux.shape[0], np.float32), np.empty(ux.shape[0])
-    found_prior = np.empty((stop - first, n_priors), np.int64)
-    found_obj = np.empty((stop - first, n_priors), np.int64)
-    n_found = np.zeros(stop - first, np.int64)
-    for r in range(stop - first):
-        i = first + r
-        n_found[r] = _match_image(boxes, starts[i], counts[i], thr, ux, py1, py2, area, group_ptr, group_priors,
-                                  group_y1, group_max_h, best, best_obj, forced, marked, cand, ix, ub, found_prior[r], found_obj[r])
+    found_prior = np.empty((n_img, n_priors), np.int64)
+    found_obj = np.empty((n_img, n_priors), np.int64)
+    n_found = np.zeros(n_img, np.int64)
+    for i in range(n_img):
+        n_found[i] = _match_image(boxes, starts[i], counts[i], thr, ux, py1, py2, area, group_ptr, group_priors,
+                                  group_y1, group_max_h, best, best_obj, forced, marked, cand, ix, ub, found_prior[i], found_obj[i])
     total = n_found.sum()
     img, prior, obj = np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total, np.int64)
     k = 0
-    for r in range(stop - first):
-        img[k:k + n_found[r]] = first + r
-        prior[k:k + n_found[r]] = found_prior[r, :n_found[r]]
-        obj[k:k + n_found[r]] = found_obj[r, :n_found[r]]
-        k += n_found[r]
+    for i in range(n_img):
+        img[k:k + n_found[i]] = i
+        prior[k:k + n_found[i]] = found_prior[i, :n_found[i]]
+        obj[k:k + n_found[i]] = found_obj[i, :n_found[i]]
+        k += n_found[i]
     return img, prior, obj
 
 
@@ -207,34 +206,33 @@ def hard_negatives(scores: torch.Tensor, pos_img: torch.Tensor, pos_prior: torch
 @njit(cache=True, nogil=True, error_model="numpy")
 def _hard_negatives(scores, pos_img, pos_prior, n_hard, beta, lower, upper):  # pragma: no cover - compiled
     """Hard negatives of every image as (img, prior), by image then prior."""
-    first, stop = 0, scores.shape[0]
+    n_img = scores.shape[0]
     # plain: the loss increases with -log p_0 = log(1 + S), S = sum_{c>0} exp(s_c - s_0): rank by
     # log S = lse(s_1..) - s_0. Otherwise rank a * lse(s) - beta . s. Both are a log-sum-exp plus a linear term,
     # bounded without any exp by the largest term and its gap to the second (the tables)
     n_priors = scores.shape[1]
     is_pos = np.zeros(n_priors, np.bool_)
     lo_key, hi_key, neg = np.empty(n_priors, np.float64), np.empty(n_priors, np.float64), np.empty(n_priors, np.int64)
-    pos_start = np.searchsorted(pos_img, np.arange(first, stop + 1))
-    out_start = np.cumsum(n_hard[first:stop]) - n_hard[first:stop]
-    out_prior = np.empty(n_hard[first:stop].sum(), np.int64)
-    n_out = np.zeros(stop - first, np.int64)
-    for r in range(stop - first):
-        i = first + r
-        pos = pos_prior[pos_start[r]:pos_start[r + 1]]
+    pos_start = np.searchsorted(pos_img, np.arange(n_img + 1))
+    out_start = np.cumsum(n_hard) - n_hard
+    out_prior = np.empty(n_hard.sum(), np.int64)
+    n_out = np.zeros(n_img, np.int64)
+    for i in range(n_img):
+        pos = pos_prior[pos_start[i]:pos_start[i + 1]]
         for p in pos:
             is_pos[p] = True
         k = min(n_hard[i], n_priors - pos.shape[0])
-        n_out[r] = _hard_negatives_image(scores[i], is_pos, k, beta, lower, upper, lo_key, hi_key, neg,
-                                         out_prior[out_start[r]:out_start[r] + k])
+        n_out[i] = _hard_negatives_image(scores[i], is_pos, k, beta, lower, upper, lo_key, hi_key, neg,
+                                         out_prior[out_start[i]:out_start[i] + k])
         for p in pos:
             is_pos[p] = False
     total = n_out.sum()
     img, prior = np.empty(total, np.int64), np.empty(total, np.int64)
     j = 0
-    for r in range(stop - first):
-        img[j:j + n_out[r]] = first + r
-        prior[j:j + n_out[r]] = out_prior[out_start[r]:out_start[r] + n_out[r]]
-        j += n_out[r]
+    for i in range(n_img):
+        img[j:j + n_out[i]] = i
+        prior[j:j + n_out[i]] = out_prior[out_start[i]:out_start[i] + n_out[i]]
+        j += n_out[i]
     return img, prior
 
 
