@@ -168,20 +168,28 @@ def _match_image(boxes, start, count, thr, ux, py1, py2, area, group_ptr, group_
 
 
 # ------------------------------------------------------------------------------- hard negative mining
-_GAP_RES, _GAP_BINS = 8.0, 160  # the gap tables cover gaps 0..20 in steps of 1/8
+_GAP_RES, _GAP_BINS = 8.0, 64  # the gap table's bins: 1/8 wide, the last one holding every gap from 7.875 up
 _TABLES: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+_HIST_BINS = 256
 
 
-def _gap_tables(n_terms: int) -> tuple[np.ndarray, np.ndarray]:
-    """Bounds on ``log(sum_j exp(x_j - max x))`` over ``n_terms`` terms whose two largest differ by ``g``: at
-    least ``log(1 + e^-g)``, at most ``log(1 + (n_terms - 1) e^-g)``, tabulated by bin of ``g`` and rounded
-    outwards (the bin's far edge for the lower bound, its near edge for the upper)."""
+def _gap_table(n_terms: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bounds on ``log(sum_j exp(x_j - max x))`` over ``n_terms`` terms, by the bins of ``g1`` and ``g2``, the gaps of
+    the second and third largest terms to the largest: at least ``log(1 + e^-g1 + e^-g2)``, at most
+    ``log(1 + e^-g1 + (n_terms - 2) e^-g2)``, each taken at the bin edge that rounds it outwards."""
     if n_terms not in _TABLES:
         edges = np.arange(_GAP_BINS + 1) / _GAP_RES
-        lower = np.log1p(np.exp(-edges[1:])) if n_terms > 1 else np.zeros(_GAP_BINS)
-        lower[-1] = 0.0  # the last bin holds every larger gap
-        upper = np.log1p((n_terms - 1) * np.exp(-edges[:-1]))
-        _TABLES[n_terms] = (lower - _SLACK, upper + _SLACK)
+        near, far = edges[:-1], np.append(edges[1:-1], np.inf)
+        g1n, g2n = np.meshgrid(near, near, indexing="ij")
+        g1f, g2f = np.meshgrid(far, far, indexing="ij")
+        if n_terms == 1:
+            lower = upper = np.zeros((_GAP_BINS, _GAP_BINS))
+        elif n_terms == 2:
+            lower, upper = np.log1p(np.exp(-g1f)), np.log1p(np.exp(-g1n))
+        else:
+            lower = np.log1p(np.exp(-g1f) + np.exp(-g2f))
+            upper = np.log1p(np.exp(-g1n) + (n_terms - 2) * np.exp(-np.maximum(g1n, g2n)))
+        _TABLES[n_terms] = (np.ascontiguousarray(lower - _SLACK), np.ascontiguousarray(upper + _SLACK))
     return _TABLES[n_terms]
 
 
@@ -192,12 +200,13 @@ def hard_negatives(scores: torch.Tensor, pos_img: torch.Tensor, pos_prior: torch
     The loss must be an increasing function of ``a * logsumexp(s) - beta . s`` with ``a = sum(beta) >= 0``:
     weighted, label-smoothed cross-entropy towards class 0, or (``beta`` = one-hot of class 0) any increasing
     function of ``-log p_0`` such as the focal loss. ``scores (N, P, C)``; positives ``(img, prior)`` sorted
-    by image. Ties between equal losses go to the lower prior.
+    by image. Ties between equal losses go to the lower prior; NaN and infinite losses rank first, as in
+    ``torch.topk``.
     """
     s = scores.detach().to("cpu", torch.float32).contiguous().numpy()
     b = beta.detach().to("cpu", torch.float64).contiguous().numpy()
     plain = b[0] == 1.0 and not b[1:].any()
-    lower, upper = _gap_tables(s.shape[2] - 1 if plain else s.shape[2])
+    lower, upper = _gap_table(s.shape[2] - 1 if plain else s.shape[2])
     img, prior = _hard_negatives(s, pos_img.numpy(), pos_prior.numpy(), n_hard.to(torch.int64).numpy(),
                                  None if plain else b, lower, upper)
     return torch.from_numpy(img), torch.from_numpy(prior)
@@ -206,28 +215,20 @@ def hard_negatives(scores: torch.Tensor, pos_img: torch.Tensor, pos_prior: torch
 @njit(cache=True, nogil=True, error_model="numpy")
 def _hard_negatives(scores, pos_img, pos_prior, n_hard, beta, lower, upper):  # pragma: no cover - compiled
     """Hard negatives of every image as (img, prior), by image then prior."""
-    n_img = scores.shape[0]
-    # plain: the loss increases with -log p_0 = log(1 + S), S = sum_{c>0} exp(s_c - s_0): rank by
-    # log S = lse(s_1..) - s_0. Otherwise rank a * lse(s) - beta . s. Both are a log-sum-exp plus a linear term,
-    # bounded without any exp by the largest term and its gap to the second (the tables)
-    n_priors = scores.shape[1]
-    is_pos = np.zeros(n_priors, np.bool_)
-    lo_key, hi_key, neg = np.empty(n_priors, np.float64), np.empty(n_priors, np.float64), np.empty(n_priors, np.int64)
+    n_img, n_priors, _ = scores.shape
     pos_start = np.searchsorted(pos_img, np.arange(n_img + 1))
     out_start = np.cumsum(n_hard) - n_hard
     out_prior = np.empty(n_hard.sum(), np.int64)
     n_out = np.zeros(n_img, np.int64)
+    t1, base = np.empty(n_priors, np.float32), np.empty(n_priors)
+    lo_key, hi_key, cand = np.empty(n_priors), np.empty(n_priors), np.empty(n_priors, np.int64)
+    hist = np.empty(_HIST_BINS, np.int64)
     for i in range(n_img):
         pos = pos_prior[pos_start[i]:pos_start[i + 1]]
-        for p in pos:
-            is_pos[p] = True
         k = min(n_hard[i], n_priors - pos.shape[0])
-        n_out[i] = _hard_negatives_image(scores[i], is_pos, k, beta, lower, upper, lo_key, hi_key, neg,
-                                         out_prior[out_start[i]:out_start[i] + k])
-        for p in pos:
-            is_pos[p] = False
-    total = n_out.sum()
-    img, prior = np.empty(total, np.int64), np.empty(total, np.int64)
+        n_out[i] = _hard_negatives_image(scores[i], pos, k, beta, lower, upper, t1, base, lo_key, hi_key, cand,
+                                         hist, out_prior[out_start[i]:out_start[i] + k])
+    img, prior = np.empty(n_out.sum(), np.int64), np.empty(n_out.sum(), np.int64)
     j = 0
     for i in range(n_img):
         img[j:j + n_out[i]] = i
@@ -237,83 +238,155 @@ def _hard_negatives(scores, pos_img, pos_prior, n_hard, beta, lower, upper):  # 
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _hard_negatives_image(scores, is_pos, k, beta, lower, upper, lo_key, hi_key, neg, out
+def _hard_negatives_image(scores, pos, k, beta, lower, upper, t1, base, lo_key, hi_key, cand, hist, out
                           ):  # pragma: no cover - compiled
-    """The ``k`` hardest negatives of one image ``scores (P, C)`` into ``out`` (prior order); returns ``k``."""
+    """The ``k`` hardest negatives of one image ``scores (P, C)`` into ``out`` (prior order); returns how many.
+
+    The ranking key is ``a * lse - beta . s`` (plain: ``lse(s_1..) - s_0``). Three filters, each a bound that
+    no winner can fail: (1) ``base = a * max_c s_c - beta . s``, computed for every prior in vectorised column
+    passes, is within ``a * log(n_terms)`` below the key; (2) for the priors that pass, the gaps of the two
+    runners-up to the largest term bound the key to a band (the table); (3) the exact key of what remains.
+    Each filter's threshold is a floor under the k-th largest key taken from a histogram: selecting by
+    comparisons mispredicts branches on every image.
+    """
     if k <= 0:
         return 0
-    n_cls = scores.shape[1]
+    n_priors, n_cls = scores.shape
     c0 = 1 if beta is None else 0
     a = 1.0 if beta is None else beta.sum()
-    m, lo, hi = 0, np.inf, -np.inf
-    for p in range(scores.shape[0]):
-        if is_pos[p]:
-            continue
-        s = scores[p]
-        first, second = s[c0], _F32(-np.inf)
-        for c in range(c0 + 1, n_cls):  # the two largest, branch-free (random data defeats prediction)
-            second = max(second, min(first, s[c]))
-            first = max(first, s[c])
-        if beta is None:  # plain; numba compiles this test away (a run-time branch made the loop 2x slower)
-            base = float(first - s[0])
-        else:
-            base = a * float(first)
-            for c in range(n_cls):
-                base -= beta[c] * s[c]
-        gap = (first - second) * _F32(_GAP_RES)
-        b = int(min(gap, _F32(_GAP_BINS - 1))) if gap >= 0 else _GAP_BINS - 1  # NaN: the last bin
-        v_lo, v_hi = base + a * lower[b], base + a * upper[b]
-        if not abs(v_hi) < _HUGE:  # NaN or infinite logits rank first, as in torch.topk; the loss reports them
-            v_lo = v_hi = _HUGE
-        lo_key[m], hi_key[m], neg[m] = v_lo, v_hi, p
-        lo, hi = min(lo, v_lo), max(hi, v_lo)
-        m += 1
-    if k >= m:
-        out[:m] = neg[:m]
-        return m
-    # the k-th largest key is at least the k-th largest lower bound: only negatives whose upper bound reaches
-    # that can be among the k largest; they get the exact key (written over lo_key, kept in neg)
-    floor = _kth_largest_lower_bound(lo_key[:m], k, lo, hi)
-    n_cand = 0
-    for j in range(m):
-        if hi_key[j] < floor:
-            continue
-        s = scores[neg[j]]
-        mx = float(s[c0])
-        for c in range(c0 + 1, n_cls):
-            mx = max(mx, float(s[c]))
-        se = 0.0
-        for c in range(c0, n_cls):
-            se += math.exp(float(s[c]) - mx)
-        if beta is None:
-            key = mx + math.log(se) - float(s[0])
-        else:
-            key = a * (mx + math.log(se))
-            for c in range(n_cls):
-                key -= beta[c] * s[c]
-        lo_key[n_cand], neg[n_cand] = key if abs(key) < _HUGE else _HUGE, neg[j]
-        n_cand += 1
-    _take_top(lo_key[:n_cand], neg[:n_cand], k, out)
+    flat = scores.reshape(-1)
+    bad = 0
+    for j in range(flat.shape[0]):  # any NaN or infinite logit: the exact key of every negative
+        x = flat[j]
+        bad |= np.int32(not x - x == 0)
+    # (1) column passes, vectorised: branch-free selects, no row-length inner loop
+    for p in range(n_priors):
+        t1[p] = scores[p, c0]
+    for c in range(c0 + 1, n_cls):
+        for p in range(n_priors):
+            x, m = scores[p, c], t1[p]
+            t1[p] = x if x > m else m
+    if beta is None:  # (numba compiles one version per case; a run-time flag made the loops 2x slower)
+        for p in range(n_priors):
+            base[p] = float(t1[p]) - float(scores[p, 0])
+    else:
+        for p in range(n_priors):
+            base[p] = a * float(t1[p])
+        for c in range(n_cls):
+            for p in range(n_priors):
+                base[p] -= beta[c] * float(scores[p, c])
+    for p in pos:
+        base[p] = -np.inf
+    if bad or k >= n_priors - pos.shape[0]:
+        return _top_exact(scores, pos, k, beta, a, lo_key, cand, out)
+    floor = _sampled_floor(base, k, hist)  # <= the k-th largest base, so <= the k-th largest key
+    thr = floor - a * math.log(n_cls - c0) - _SLACK
+    n = 0
+    for p in range(n_priors):  # branch-free compaction
+        cand[n] = p
+        n += base[p] >= thr
+    # (2) the two-gap band of each candidate
+    last, minus_inf = float(_GAP_BINS - 1), _F32(-np.inf)
+    for j in range(n):
+        s = scores[cand[j]]
+        x1, x2, x3 = s[c0], minus_inf, minus_inf
+        for c in range(c0 + 1, n_cls):  # the three largest, branch-free
+            x = s[c]
+            x3 = max(x3, min(x2, x))
+            x2 = max(x2, min(x1, x))
+            x1 = max(x1, x)
+        g1 = (float(x1) - float(x2)) * _GAP_RES
+        g2 = (float(x1) - float(x3)) * _GAP_RES
+        b1, b2 = int(g1 if g1 < last else last), int(g2 if g2 < last else last)
+        lo_key[j] = base[cand[j]] + a * lower[b1, b2]
+        hi_key[j] = base[cand[j]] + a * upper[b1, b2]
+    floor = _hist_floor(lo_key[:n], k, hist)
+    w = 0
+    for j in range(n):
+        cand[w] = cand[j]
+        w += hi_key[j] >= floor
+    # (3) exact keys of the few left
+    for j in range(w):
+        lo_key[j] = _exact_key(scores[cand[j]], beta, a)
+    _take_top(lo_key[:w], cand[:w], k, out)
     return k
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _kth_largest_lower_bound(values, k, lo, hi):  # pragma: no cover - compiled
-    """A value <= the k-th largest of ``values`` (which lie in ``[lo, hi]``): the lower edge of the histogram
-    bin that holds it."""
+def _exact_key(s, beta, a):  # pragma: no cover - compiled
+    """The ranking key of one prior's logits ``s (C,)``, in float64; NaN and infinities rank first."""
+    c0 = 1 if beta is None else 0
+    mx = float(s[c0])
+    for c in range(c0 + 1, s.shape[0]):
+        mx = max(mx, float(s[c]))
+    total = 0.0
+    for c in range(c0, s.shape[0]):
+        total += math.exp(float(s[c]) - mx)
+    if beta is None:
+        key = mx + math.log(total) - float(s[0])
+    else:
+        key = a * (mx + math.log(total))
+        for c in range(s.shape[0]):
+            key -= beta[c] * s[c]
+    return key if abs(key) < _HUGE else _HUGE
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _top_exact(scores, pos, k, beta, a, keys, idx, out):  # pragma: no cover - compiled
+    """The slow, safe path: the exact key of every negative (NaN and infinite logits too), top ``k``."""
+    is_pos = np.zeros(scores.shape[0], np.bool_)
+    is_pos[pos] = True
+    n = 0
+    for p in range(scores.shape[0]):
+        if not is_pos[p]:
+            keys[n], idx[n] = _exact_key(scores[p], beta, a), p
+            n += 1
+    _take_top(keys[:n], idx[:n], k, out)
+    return min(k, n)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _sampled_floor(values, k, hist):  # pragma: no cover - compiled
+    """A value <= the k-th largest of ``values``: a histogram floor of a strided sample's matching order
+    statistic, accepted once at least ``k`` values reach it (else the sample's order is doubled)."""
+    n = values.shape[0]
+    sample = values[::max(1, n // 1024)]
+    rank = int(k * sample.shape[0] / n * 1.15) + 3
+    while rank < sample.shape[0]:
+        floor = _hist_floor(sample, rank, hist)
+        count = 0
+        for j in range(n):
+            count += values[j] >= floor
+        if count >= k:
+            return floor
+        rank *= 2
+    return -np.inf
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _hist_floor(values, k, hist):  # pragma: no cover - compiled
+    """A value <= the k-th largest of ``values`` (finite or -inf, ``k <= len(values)``): the lower edge of the
+    bin below the histogram bin that holds it (one bin of margin absorbs the binning's rounding)."""
+    lo, hi = np.inf, -np.inf
+    for j in range(values.shape[0]):
+        v = values[j]
+        hi = v if v > hi else hi
+        lo = v if v < lo and v > -np.inf else lo
     if not hi > lo:
-        return lo
-    n_bins = 256
-    hist = np.zeros(n_bins, np.int64)
+        return lo if lo < np.inf else -np.inf
+    n_bins = hist.shape[0]
+    hist[:] = 0
     scale = (n_bins - 1) / (hi - lo)
-    for v in values:
-        hist[min(max(int((v - lo) * scale), 0), n_bins - 1)] += 1
+    top = n_bins - 1.0
+    for j in range(values.shape[0]):  # branch-free binning (-inf goes to bin 0)
+        x = (values[j] - lo) * scale
+        hist[int(min(x if x > 0.0 else 0.0, top))] += 1
     seen = 0
-    for b in range(n_bins - 1, -1, -1):
+    for b in range(n_bins - 1, 0, -1):
         seen += hist[b]
         if seen >= k:
-            return lo + b / scale - _SLACK
-    return lo
+            return lo + (b - 1) / scale
+    return -np.inf
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
