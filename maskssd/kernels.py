@@ -38,9 +38,11 @@ _HUGE = 1e30  # stands for NaN and infinite ranking keys, so that selection arit
 class PriorMatcher:
     """Sparse, exact SSD matching of objects to one fixed set of priors (see :meth:`__call__`).
 
-    Priors are grouped by their distinct x-interval (332 for SSD300's 8732). An object's IoU with any prior
-    of a group is at most ``x-overlap / max(object width, group width)``; groups whose bound is below what
-    is still needed are never visited.
+    Priors are grouped by their distinct x-interval (332 for SSD300's 8732), sorted by y within a group. An
+    object's IoU with any prior of a group is at most ``x-overlap / max(object width, group width)``; in a
+    group, IoU >= ``level`` needs a y-overlap of at least ``level * (object area + smallest prior area) /
+    ((1 + level) * x-overlap)``, a window of rows. Each object visits the groups and rows that can reach
+    ``level`` (the threshold first); if its best IoU found stays below, it searches again at a lower level.
     """
 
     def __init__(self, priors_xyxy: torch.Tensor):
@@ -50,7 +52,8 @@ class PriorMatcher:
         ux, inv_x = torch.unique(pxy[:, [0, 2]], dim=0, return_inverse=True)
         self.ux = ux.contiguous().numpy()
         self.py1, self.py2 = pxy[:, 1].contiguous().numpy(), pxy[:, 3].contiguous().numpy()
-        # priors group by group, by y1 within a group: a binary search finds the rows an object can overlap
+        # priors group by group, by y1 within a group; per group the tallest prior, the smallest area and the
+        # mean row spacing, which guesses where a y-window starts
         y1 = self.py1.astype(np.float64)
         order = np.lexsort((np.arange(len(y1)), y1, inv_x.numpy()))
         self.group_priors = order.astype(np.int64)
@@ -60,6 +63,11 @@ class PriorMatcher:
         height = (self.py2 - self.py1).astype(np.float64)
         self.group_max_h = np.zeros(len(ux))
         np.maximum.at(self.group_max_h, inv_x.numpy(), height)
+        self.group_min_area = np.full(len(ux), np.inf)
+        np.minimum.at(self.group_min_area, inv_x.numpy(), self.area.astype(np.float64))
+        first, last = self.group_y1[self.group_ptr[:-1]], self.group_y1[np.maximum(self.group_ptr[1:] - 1, 0)]
+        span = last - first
+        self.group_inv_step = np.where(span > 0, (sizes - 1) / np.where(span > 0, span, 1.0), 0.0)
 
     def __call__(self, boxes: torch.Tensor, counts: torch.Tensor, threshold: float
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,13 +81,14 @@ class PriorMatcher:
         b = boxes.detach().to("cpu", torch.float32).contiguous().numpy()
         c = counts.detach().to("cpu", torch.int64).contiguous().numpy()
         img, prior, obj = _match(b, c, _F32(threshold), self.ux, self.py1, self.py2, self.area, self.group_ptr,
-                                 self.group_priors, self.group_y1, self.group_max_h)
+                                 self.group_priors, self.group_y1, self.group_max_h, self.group_min_area,
+                                 self.group_inv_step)
         return torch.from_numpy(img), torch.from_numpy(prior), torch.from_numpy(obj)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _match(boxes, counts, thr, ux, py1, py2, area, group_ptr, group_priors, group_y1, group_max_h
-           ):  # pragma: no cover - compiled
+def _match(boxes, counts, thr, ux, py1, py2, area, group_ptr, group_priors, group_y1, group_max_h, group_min_area,
+           group_inv_step):  # pragma: no cover - compiled
     """Positives of every image as (img, prior, obj), by image then prior."""
     n_img = counts.shape[0]
     n_priors = area.shape[0]
@@ -89,12 +98,14 @@ def _match(boxes, counts, thr, ux, py1, py2, area, group_ptr, group_priors, grou
     forced = np.full(n_priors, -1, np.int64)
     marked = np.zeros(n_priors, np.bool_)
     cand, ix, ub = np.empty(ux.shape[0], np.int64), np.empty(ux.shape[0], np.float32), np.empty(ux.shape[0])
+    band = np.empty(ux.shape[0], np.int64)
     found_prior = np.empty((n_img, n_priors), np.int64)
     found_obj = np.empty((n_img, n_priors), np.int64)
     n_found = np.zeros(n_img, np.int64)
     for i in range(n_img):
         n_found[i] = _match_image(boxes, starts[i], counts[i], thr, ux, py1, py2, area, group_ptr, group_priors,
-                                  group_y1, group_max_h, best, best_obj, forced, marked, cand, ix, ub, found_prior[i], found_obj[i])
+                                  group_y1, group_max_h, group_min_area, group_inv_step, best, best_obj, forced,
+                                  marked, cand, ix, ub, band, found_prior[i], found_obj[i])
     total = n_found.sum()
     img, prior, obj = np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total, np.int64)
     k = 0
@@ -107,9 +118,27 @@ def _match(boxes, counts, thr, ux, py1, py2, area, group_ptr, group_priors, grou
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def _lower_bound(a, lo, hi, inv_step, x):
+    """The first index in ``[lo, hi)`` with ``a[j] >= x`` (``a`` sorted there): guessed from the mean spacing
+    (``1 / inv_step``) of a near-regular grid, then corrected by a few steps (a binary search mispredicts)."""
+    if hi <= lo:
+        return lo
+    t = math.ceil((x - a[lo]) * inv_step)
+    t = t if t > 0.0 else 0.0  # (NaN too)
+    j = lo + int(t if t < hi - lo else hi - lo)
+    while j > lo and a[j - 1] >= x:
+        j -= 1
+    while j < hi and a[j] < x:
+        j += 1
+    return j
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def _match_image(boxes, start, count, thr, ux, py1, py2, area, group_ptr, group_priors, group_y1, group_max_h,
-                 best, best_obj, forced, marked, cand, ix, ub, out_prior, out_obj):  # pragma: no cover - compiled
-    """One image: writes its positive priors (sorted) and their objects to ``out_*``; returns how many."""
+                 group_min_area, group_inv_step, best, best_obj, forced, marked, cand, ix, ub, band, out_prior, out_obj
+                 ):  # pragma: no cover - compiled
+    """One image: writes its positive priors (sorted) and their objects to ``out_*``; returns how many.
+    Data-dependent branches are written as selects and compactions: on random boxes they mispredict."""
     zero, tiny = _F32(0.0), _F32(1e-12)
     n_touched = 0
     for g in range(start, start + count):
@@ -118,42 +147,44 @@ def _match_image(boxes, start, count, thr, ux, py1, py2, area, group_ptr, group_
         w_obj = float(x2 - x1)
         # the groups that overlap the object in x (groups are sorted by x1: only those starting before x2)
         n_cand = 0
-        for u in range(np.searchsorted(ux[:, 0], x2)):
+        for u in range(np.searchsorted(ux[:, 0], x2)):  # branch-free compaction
             ixu = min(x2, ux[u, 1]) - max(x1, ux[u, 0])
-            if ixu > zero:
-                cand[n_cand], ix[n_cand] = u, ixu
-                ub[n_cand] = ixu / max(w_obj, float(ux[u, 1] - ux[u, 0])) + _SLACK
-                n_cand += 1
+            cand[n_cand], ix[n_cand] = u, ixu
+            ub[n_cand] = ixu / max(w_obj, float(ux[u, 1] - ux[u, 0])) + _SLACK
+            n_cand += ixu > zero
         best_v, best_p = zero, 0  # the object's best prior; all-zero overlaps give prior 0, as argmax does
-        level, upper = float(thr), np.inf
-        while True:  # visit groups in bands of their bound: [thr, inf), then lower until the best is found
-            for q in range(n_cand):
-                if not (level <= ub[q] < upper):
-                    continue
+        level = float(thr)
+        while True:
+            # visit every group whose bound reaches `level`, and in it the window of rows whose IoU can
+            n_band = 0
+            for q in range(n_cand):  # branch-free compaction
+                band[n_band] = q
+                n_band += ub[q] >= level
+            for qq in range(n_band):
+                q = band[qq]
                 u, ixu = cand[q], ix[q]
                 g0, g1 = group_ptr[u], group_ptr[u + 1]
-                # rows that can overlap [y1, y2]: y1 of the prior in (y1 - tallest prior of the group, y2)
-                lo = g0 + np.searchsorted(group_y1[g0:g1], y1 - group_max_h[u] - _SLACK)
-                for j in range(lo, g0 + np.searchsorted(group_y1[g0:g1], y2)):
+                need = level * (float(a_obj) + group_min_area[u]) / ((1.0 + level) * float(ixu)) * (1.0 - 1e-5)
+                lo = _lower_bound(group_y1, g0, g1, group_inv_step[u], y1 + need - group_max_h[u] - _SLACK)
+                for j in range(lo, _lower_bound(group_y1, lo, g1, group_inv_step[u], y2 - need + _SLACK)):
                     p = group_priors[j]
-                    iyp = min(y2, py2[p]) - max(y1, py1[p])  # computed here: few priors get this far
-                    if iyp <= zero:
-                        continue
+                    iyp = max(min(y2, py2[p]) - max(y1, py1[p]), zero)
                     inter = ixu * iyp
                     iou = inter / max((a_obj + area[p]) - inter, tiny)  # box_iou's operations, in its order
-                    if iou > best_v or (iou == best_v and p < best_p):
-                        best_v, best_p = iou, p
+                    better = (iou > best_v) | ((iou == best_v) & (p < best_p))  # branch-free
+                    best_v = iou if better else best_v
+                    best_p = p if better else best_p
                     if iou >= thr and iou > best[p]:  # strict: the first object keeps a tie
                         best[p], best_obj[p] = iou, g
                         if not marked[p]:
                             marked[p] = True
                             out_prior[n_touched] = p
                             n_touched += 1
-            # every unvisited prior has IoU < level: done once the best found reaches it
+            # every row not visited has IoU < level: done once the best found reaches it. Otherwise search
+            # again, lower (rows seen twice change nothing)
             if best_v >= level or level <= 0.0:
                 break
-            upper = level
-            level = max(float(best_v), level * 0.5) if level > 1e-4 else 0.0
+            level = max(float(best_v), level * 0.25) if level > 1e-4 else 0.0
         forced[best_p] = g  # a later object takes over a shared best prior
         if not marked[best_p]:
             marked[best_p] = True

@@ -44,7 +44,7 @@ def target_sets(priors: torch.Tensor, seed: int) -> tuple[list[torch.Tensor], li
     return images, labels
 
 
-@pytest.mark.parametrize("threshold", [0.5, 0.35])
+@pytest.mark.parametrize("threshold", [0.5, 0.35, 0.9, 0.05])
 @pytest.mark.parametrize("name", list(PRIOR_SETS))
 def test_prior_matcher_equals_dense_matching(name, threshold):
     priors = PRIOR_SETS[name]
@@ -110,6 +110,38 @@ def test_hard_negative_kernel_selects_what_ranking_every_negative_selects(name, 
         pos = torch.zeros(scores.shape[:2], dtype=torch.bool)
         pos[img, prior] = True
         assert not pos[k_img, k_prior].any()
+
+
+def test_hard_negatives_with_all_losses_tied():
+    """Constant logits: every negative has the same loss (the floors' histograms collapse to one value)."""
+    priors = PRIOR_SETS["ssd300"]
+    loss = MultiBoxLoss(priors)
+    boxes, labels = target_sets(priors, 3)
+    img, prior, _, _ = loss.assign(boxes, labels)
+    n_hard = torch.bincount(img, minlength=len(boxes)) * 3
+    k_img, k_prior = loss.hard_negatives(torch.zeros(len(boxes), priors.shape[0], N_CLASSES), img, prior, n_hard)
+    assert torch.equal(torch.bincount(k_img, minlength=len(boxes)), n_hard)
+    pos = torch.zeros(len(boxes), priors.shape[0], dtype=torch.bool)
+    pos[img, prior] = True
+    assert not pos[k_img, k_prior].any()
+
+
+def test_non_finite_logits_rank_first_as_in_torch():
+    """A negative whose loss is NaN (a NaN logit, or an infinite background logit: inf - inf) is among the
+    hardest, as ``torch.topk`` ranks NaN, so that the loss reports the divergence."""
+    priors = PRIOR_SETS["ssd300"]
+    loss = MultiBoxLoss(priors)
+    boxes, labels = target_sets(priors, 4)
+    img, prior, _, _ = loss.assign(boxes, labels)
+    scores = random_scores(4, len(boxes), priors.shape[0], 1.0)
+    negatives = [int(p) for p in range(priors.shape[0]) if not bool(((img == 0) & (prior == p)).any())][:2]
+    scores[0, negatives[0], 0] = float("inf")
+    scores[0, negatives[1], 2] = float("nan")
+    n_hard = torch.bincount(img, minlength=len(boxes)) * 3
+    k_img, k_prior = loss.hard_negatives(scores, img, prior, n_hard)
+    d_img, d_prior = loss.hard_negatives_dense(scores, img, prior, n_hard)
+    assert set(negatives) <= set(k_prior[k_img == 0].tolist())
+    assert sorted((k_img * priors.shape[0] + k_prior).tolist()) == sorted((d_img * priors.shape[0] + d_prior).tolist())
 
 
 def test_hard_negatives_when_more_are_wanted_than_exist():
