@@ -7,9 +7,12 @@ exact ties that grid-aligned boxes produce.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
+from maskssd import kernels
 from maskssd.loss import MultiBoxLoss
 from maskssd.postprocess import DecodeSpec, postprocess, postprocess_tensors
 from maskssd.priors import PriorSpec, cxcywh_to_xyxy
@@ -110,6 +113,26 @@ def test_hard_negative_kernel_selects_what_ranking_every_negative_selects(name, 
         pos = torch.zeros(scores.shape[:2], dtype=torch.bool)
         pos[img, prior] = True
         assert not pos[k_img, k_prior].any()
+
+
+@pytest.mark.parametrize("n_terms", [1, 2, 3, 4, 6])
+def test_lse_band_contains_the_exact_log_sum_exp(n_terms):
+    """The mining's second filter: interpolated tables plus margin bound ``lse(x) - max(x)`` from both sides, for
+    gaps on and between grid nodes, past the grid's end, and with ties."""
+    g = torch.Generator().manual_seed(n_terms)
+    f, u, margin = kernels._gap_tables(n_terms)
+    rows = [torch.randn(4000, n_terms, generator=g) * scale for scale in (0.01, 0.3, 3.0, 30.0)]
+    rows.append(torch.randint(0, 200, (2000, n_terms), generator=g).float() / 8.0)  # gaps on grid nodes
+    rows.append(torch.zeros(10, n_terms))
+    x = torch.cat(rows).double()
+    top = x.sort(dim=1, descending=True).values
+    exact = (torch.logsumexp(x, dim=1) - top[:, 0]).numpy()
+    pad = torch.full((x.shape[0], 2), -torch.inf, dtype=torch.float64)
+    top = torch.cat([top, pad], 1).float().numpy()  # the kernel reads float32 logits
+    for j in range(x.shape[0]):
+        lo, hi = kernels._lse_band(f, None if u is f else u, top[j, 0], top[j, 1], top[j, 2])
+        assert lo - margin <= exact[j] + 1e-6 and exact[j] - 1e-6 <= hi + margin
+        assert hi - lo <= math.log(max(n_terms, 3) / 3) + 1e-9  # exact up to 3 terms
 
 
 def test_hard_negatives_with_all_losses_tied():
