@@ -99,22 +99,32 @@ def _match(boxes, counts, thr, ux, py1, py2, area, group_ptr, group_priors, grou
     marked = np.zeros(n_priors, np.bool_)
     cand, ix, ub = np.empty(ux.shape[0], np.int64), np.empty(ux.shape[0], np.float32), np.empty(ux.shape[0])
     band = np.empty(ux.shape[0], np.int64)
-    found_prior = np.empty((n_img, n_priors), np.int64)
-    found_obj = np.empty((n_img, n_priors), np.int64)
-    n_found = np.zeros(n_img, np.int64)
+    one_prior, one_obj = np.empty(n_priors, np.int64), np.empty(n_priors, np.int64)
+    # the output grows as needed (~10 positives per object): a dense (images x priors) buffer would be MBs of
+    # fresh pages per call
+    cap = 16 * counts.sum() + 64
+    img, prior, obj = np.empty(cap, np.int64), np.empty(cap, np.int64), np.empty(cap, np.int64)
+    total = 0
     for i in range(n_img):
-        n_found[i] = _match_image(boxes, starts[i], counts[i], thr, ux, py1, py2, area, group_ptr, group_priors,
-                                  group_y1, group_max_h, group_min_area, group_inv_step, best, best_obj, forced,
-                                  marked, cand, ix, ub, band, found_prior[i], found_obj[i])
-    total = n_found.sum()
-    img, prior, obj = np.empty(total, np.int64), np.empty(total, np.int64), np.empty(total, np.int64)
-    k = 0
-    for i in range(n_img):
-        img[k:k + n_found[i]] = i
-        prior[k:k + n_found[i]] = found_prior[i, :n_found[i]]
-        obj[k:k + n_found[i]] = found_obj[i, :n_found[i]]
-        k += n_found[i]
-    return img, prior, obj
+        n = _match_image(boxes, starts[i], counts[i], thr, ux, py1, py2, area, group_ptr, group_priors, group_y1,
+                         group_max_h, group_min_area, group_inv_step, best, best_obj, forced, marked, cand, ix, ub,
+                         band, one_prior, one_obj)
+        if total + n > cap:
+            cap = 2 * (total + n)
+            img, prior, obj = _grown(img, total, cap), _grown(prior, total, cap), _grown(obj, total, cap)
+        img[total:total + n] = i
+        prior[total:total + n] = one_prior[:n]
+        obj[total:total + n] = one_obj[:n]
+        total += n
+    return img[:total].copy(), prior[:total].copy(), obj[:total].copy()
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _grown(a, n, cap):  # pragma: no cover - compiled
+    """A copy of ``a[:n]`` with room for ``cap`` entries."""
+    out = np.empty(cap, a.dtype)
+    out[:n] = a[:n]
+    return out
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
