@@ -24,77 +24,16 @@ from _timing import add_threads_arg, machine, median_time, print_table, set_thre
 
 from maskssd.postprocess import DecodeSpec, postprocess, postprocess_tensors  # noqa: E402
 from maskssd.priors import PriorSpec, box_iou, cxcywh_to_xyxy  # noqa: E402
+from maskssd.reference import detect_objects, gcxgcy_to_cxcy  # noqa: E402
 
 N_CLASSES = 4
 MIN_SCORE, MAX_OVERLAP, TOP_K = 0.01, 0.45, 200
 
 
-# ------------------------------------------------------------------------ the tutorial, transcribed
-def find_jaccard_overlap(set_1: torch.Tensor, set_2: torch.Tensor) -> torch.Tensor:
-    lower = torch.max(set_1[:, :2].unsqueeze(1), set_2[:, :2].unsqueeze(0))
-    upper = torch.min(set_1[:, 2:].unsqueeze(1), set_2[:, 2:].unsqueeze(0))
-    dims = torch.clamp(upper - lower, min=0)
-    intersection = dims[:, :, 0] * dims[:, :, 1]
-    area_1 = (set_1[:, 2] - set_1[:, 0]) * (set_1[:, 3] - set_1[:, 1])
-    area_2 = (set_2[:, 2] - set_2[:, 0]) * (set_2[:, 3] - set_2[:, 1])
-    return intersection / (area_1.unsqueeze(1) + area_2.unsqueeze(0) - intersection)
-
-
-def gcxgcy_to_cxcy(gcxgcy: torch.Tensor, priors_cxcy: torch.Tensor) -> torch.Tensor:
-    return torch.cat([gcxgcy[:, :2] * priors_cxcy[:, 2:] / 10 + priors_cxcy[:, :2],
-                      torch.exp(gcxgcy[:, 2:] / 5) * priors_cxcy[:, 2:]], 1)
-
-
+# ------------------------------------------------------------------------------------------ baselines
 def decoded_boxes(locs_i: torch.Tensor, priors: torch.Tensor) -> torch.Tensor:
     # clamped like maskssd (the tutorial leaves boxes unclipped), so that the detections compare equal
     return cxcywh_to_xyxy(gcxgcy_to_cxcy(locs_i, priors)).clamp(0, 1)
-
-
-def tutorial_detect_objects(locs, scores, priors, min_score=MIN_SCORE, max_overlap=MAX_OVERLAP, top_k=TOP_K):
-    """``SSD300.detect_objects`` of the tutorial: per image, per class, a greedy suppression loop in Python
-    (its uint8 masks written as bool masks, which modern torch requires)."""
-    batch_size, n_classes = locs.size(0), scores.size(2)
-    predicted_scores = F.softmax(scores, dim=2)
-    all_boxes, all_labels, all_scores = [], [], []
-    for i in range(batch_size):
-        decoded_locs = decoded_boxes(locs[i], priors)
-        image_boxes, image_labels, image_scores = [], [], []
-        for c in range(1, n_classes):
-            class_scores = predicted_scores[i][:, c]
-            score_above_min_score = class_scores > min_score
-            n_above_min_score = score_above_min_score.sum().item()
-            if n_above_min_score == 0:
-                continue
-            class_scores = class_scores[score_above_min_score]
-            class_decoded_locs = decoded_locs[score_above_min_score]
-            class_scores, sort_ind = class_scores.sort(dim=0, descending=True)
-            class_decoded_locs = class_decoded_locs[sort_ind]
-            overlap = find_jaccard_overlap(class_decoded_locs, class_decoded_locs)
-            suppress = torch.zeros(n_above_min_score, dtype=torch.bool)
-            for box in range(class_decoded_locs.size(0)):
-                if suppress[box]:
-                    continue
-                suppress = suppress | (overlap[box] > max_overlap)
-                suppress[box] = False
-            image_boxes.append(class_decoded_locs[~suppress])
-            image_labels.append(torch.LongTensor(int((~suppress).sum().item()) * [c]))
-            image_scores.append(class_scores[~suppress])
-        if len(image_boxes) == 0:
-            image_boxes.append(torch.FloatTensor([[0.0, 0.0, 1.0, 1.0]]))
-            image_labels.append(torch.LongTensor([0]))
-            image_scores.append(torch.FloatTensor([0.0]))
-        image_boxes = torch.cat(image_boxes, dim=0)
-        image_labels = torch.cat(image_labels, dim=0)
-        image_scores = torch.cat(image_scores, dim=0)
-        if image_scores.size(0) > top_k:
-            image_scores, sort_ind = image_scores.sort(dim=0, descending=True)
-            image_scores = image_scores[:top_k]
-            image_boxes = image_boxes[sort_ind][:top_k]
-            image_labels = image_labels[sort_ind][:top_k]
-        all_boxes.append(image_boxes)
-        all_labels.append(image_labels)
-        all_scores.append(image_scores)
-    return all_boxes, all_labels, all_scores
 
 
 def torchvision_loop(locs, scores, priors, min_score=MIN_SCORE, max_overlap=MAX_OVERLAP, top_k=TOP_K):
@@ -163,7 +102,7 @@ def measure(batch: int, priors: torch.Tensor, spec: DecodeSpec, rep: int, base_r
     n_cand = int((probs > MIN_SCORE).sum()) / batch
     ours = postprocess(locs, scores, priors, spec)
     n_det = sum(len(d) for d in ours) / batch
-    if not same_detections(ours, list(zip(*tutorial_detect_objects(locs, scores, priors), strict=True))):
+    if not same_detections(ours, list(zip(*detect_objects(locs, scores, priors), strict=True))):
         raise SystemExit(f"batch {batch}: maskssd and the tutorial's loop disagree")
     if not same_detections(ours, torchvision_loop(locs, scores, priors)):
         raise SystemExit(f"batch {batch}: maskssd and the torchvision loop disagree")
@@ -172,7 +111,7 @@ def measure(batch: int, priors: torch.Tensor, spec: DecodeSpec, rep: int, base_r
     ours_s = median_time(lambda: postprocess(locs, scores, priors, spec), rep)
     thresh = torch.tensor(spec.min_score)
     return [
-        {"name": base, "seconds": median_time(lambda: tutorial_detect_objects(locs, scores, priors), base_rep),
+        {"name": base, "seconds": median_time(lambda: detect_objects(locs, scores, priors), base_rep),
          "note": f"{100 * frac:.1f}% of priors > min_score, {n_cand:.0f} candidates, {n_det:.0f} detections per image"},
         {"name": tv, "baseline": base, "seconds": median_time(lambda: torchvision_loop(locs, scores, priors), rep)},
         {"name": f"maskssd postprocess, batch {batch}", "baseline": base, "seconds": ours_s,

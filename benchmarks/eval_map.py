@@ -21,6 +21,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from maskssd.metrics import DetectionEvaluator, average_precision, coco_map  # noqa: E402
+from maskssd.reference import calculate_map  # noqa: E402
 
 CLASSES = ("with_mask", "without_mask", "mask_weared_incorrect")
 Images = tuple[list[torch.Tensor], ...]
@@ -61,76 +62,9 @@ def make_data(n_images: int = 128, n_dets: int = 200, seed: int = 0) -> Images:
 
 
 # --------------------------------------------------------------------------------------------- baseline
-def _jaccard(set_1: torch.Tensor, set_2: torch.Tensor) -> torch.Tensor:
-    lower = torch.max(set_1[:, :2].unsqueeze(1), set_2[:, :2].unsqueeze(0))
-    upper = torch.min(set_1[:, 2:].unsqueeze(1), set_2[:, 2:].unsqueeze(0))
-    dims = torch.clamp(upper - lower, min=0)
-    inter = dims[:, :, 0] * dims[:, :, 1]
-    area_1 = (set_1[:, 2] - set_1[:, 0]) * (set_1[:, 3] - set_1[:, 1])
-    area_2 = (set_2[:, 2] - set_2[:, 0]) * (set_2[:, 3] - set_2[:, 1])
-    return inter / (area_1.unsqueeze(1) + area_2.unsqueeze(0) - inter)
-
-
-def loop_map(det_boxes, det_labels, det_scores, true_boxes, true_labels, true_difficulties,
-             n_classes: int = len(CLASSES), threshold: float = 0.5) -> float:
-    """The tutorial's ``calculate_mAP``: one detection at a time (stable sort; classes w/o objects nan)."""
-    true_images = torch.LongTensor([i for i, t in enumerate(true_labels) for _ in range(t.size(0))])
-    true_boxes, true_labels = torch.cat(true_boxes), torch.cat(true_labels)
-    true_difficulties = torch.cat(true_difficulties).to(torch.uint8)
-    det_images = torch.LongTensor([i for i, t in enumerate(det_labels) for _ in range(t.size(0))])
-    det_boxes, det_labels, det_scores = torch.cat(det_boxes), torch.cat(det_labels), torch.cat(det_scores)
-
-    average_precisions = torch.zeros(n_classes, dtype=torch.float)
-    for c in range(1, n_classes + 1):
-        true_class_images = true_images[true_labels == c]
-        true_class_boxes = true_boxes[true_labels == c]
-        true_class_difficulties = true_difficulties[true_labels == c]
-        n_easy = (1 - true_class_difficulties).sum().item()
-        if n_easy == 0:
-            average_precisions[c - 1] = math.nan
-            continue
-        detected = torch.zeros(true_class_difficulties.size(0), dtype=torch.uint8)
-        det_class_images = det_images[det_labels == c]
-        det_class_boxes = det_boxes[det_labels == c]
-        det_class_scores = det_scores[det_labels == c]
-        n_det = det_class_boxes.size(0)
-        if n_det == 0:
-            continue
-        det_class_scores, sort_ind = torch.sort(det_class_scores, dim=0, descending=True, stable=True)
-        det_class_images = det_class_images[sort_ind]
-        det_class_boxes = det_class_boxes[sort_ind]
-
-        tp = torch.zeros(n_det, dtype=torch.float)
-        fp = torch.zeros(n_det, dtype=torch.float)
-        for d in range(n_det):
-            box = det_class_boxes[d].unsqueeze(0)
-            this_image = det_class_images[d]
-            object_boxes = true_class_boxes[true_class_images == this_image]
-            object_difficulties = true_class_difficulties[true_class_images == this_image]
-            if object_boxes.size(0) == 0:
-                fp[d] = 1
-                continue
-            max_overlap, ind = torch.max(_jaccard(box, object_boxes).squeeze(0), dim=0)
-            original_ind = torch.LongTensor(range(true_class_boxes.size(0)))[true_class_images == this_image][ind]
-            if max_overlap.item() > threshold:
-                if object_difficulties[ind] == 0:
-                    if detected[original_ind] == 0:
-                        tp[d] = 1
-                        detected[original_ind] = 1
-                    else:
-                        fp[d] = 1
-            else:
-                fp[d] = 1
-        cum_tp, cum_fp = torch.cumsum(tp, dim=0), torch.cumsum(fp, dim=0)
-        precision = cum_tp / (cum_tp + cum_fp + 1e-10)
-        recall = cum_tp / n_easy
-        thresholds = torch.arange(start=0, end=1.1, step=0.1).tolist()
-        precisions = torch.zeros(len(thresholds), dtype=torch.float)
-        for i, t in enumerate(thresholds):
-            above = recall >= t
-            precisions[i] = precision[above].max() if above.any() else 0.0
-        average_precisions[c - 1] = precisions.mean()
-    return average_precisions.nanmean().item()
+def loop_map(*data: list[torch.Tensor]) -> float:
+    """The tutorial's ``calculate_mAP`` (one detection at a time): the mean over classes with objects."""
+    return torch.tensor(calculate_map(*data, n_classes=len(CLASSES))).nanmean().item()
 
 
 # --------------------------------------------------------------------------------------------- timing

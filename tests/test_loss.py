@@ -2,93 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from maskssd import reference
 from maskssd.loss import MultiBoxLoss
 from maskssd.priors import PriorSpec, cxcywh_to_xyxy
+from maskssd.reference import ConfFn, cxcy_to_xy, find_jaccard_overlap
 
 N_CLASSES = 4
 PRIORS = PriorSpec.ssd300().priors()  # 8732 default boxes
 
 
 # ------------------------------------------------------------------------------- tutorial reference
-def find_jaccard_overlap(set_1: torch.Tensor, set_2: torch.Tensor) -> torch.Tensor:
-    lower = torch.max(set_1[:, :2].unsqueeze(1), set_2[:, :2].unsqueeze(0))
-    upper = torch.min(set_1[:, 2:].unsqueeze(1), set_2[:, 2:].unsqueeze(0))
-    dims = torch.clamp(upper - lower, min=0)
-    intersection = dims[:, :, 0] * dims[:, :, 1]
-    area_1 = (set_1[:, 2] - set_1[:, 0]) * (set_1[:, 3] - set_1[:, 1])
-    area_2 = (set_2[:, 2] - set_2[:, 0]) * (set_2[:, 3] - set_2[:, 1])
-    return intersection / (area_1.unsqueeze(1) + area_2.unsqueeze(0) - intersection)
-
-
-def xy_to_cxcy(xy: torch.Tensor) -> torch.Tensor:
-    return torch.cat([(xy[:, 2:] + xy[:, :2]) / 2, xy[:, 2:] - xy[:, :2]], 1)
-
-
-def cxcy_to_xy(cxcy: torch.Tensor) -> torch.Tensor:
-    return torch.cat([cxcy[:, :2] - (cxcy[:, 2:] / 2), cxcy[:, :2] + (cxcy[:, 2:] / 2)], 1)
-
-
-def cxcy_to_gcxgcy(cxcy: torch.Tensor, priors_cxcy: torch.Tensor) -> torch.Tensor:
-    return torch.cat([(cxcy[:, :2] - priors_cxcy[:, :2]) / (priors_cxcy[:, 2:] / 10),
-                      torch.log(cxcy[:, 2:] / priors_cxcy[:, 2:]) * 5], 1)
-
-
-ConfFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (scores (K, C), targets (K,)) -> (K,)
-
-
 def reference_match(boxes, labels, priors_cxcy, threshold):
     """The tutorial's per-image matching: true classes (N, P) and true locs (N, P, 4)."""
-    priors_xy = cxcy_to_xy(priors_cxcy)
-    batch_size, n_priors = len(boxes), priors_cxcy.size(0)
-    true_locs = torch.zeros((batch_size, n_priors, 4), dtype=torch.float)
-    true_classes = torch.zeros((batch_size, n_priors), dtype=torch.long)
-    for i in range(batch_size):
-        n_objects = boxes[i].size(0)
-        if n_objects == 0:  # the tutorial cannot match an empty image: it is all background
-            continue
-        overlap = find_jaccard_overlap(boxes[i], priors_xy)
-        overlap_for_each_prior, object_for_each_prior = overlap.max(dim=0)
-        _, prior_for_each_object = overlap.max(dim=1)
-        object_for_each_prior[prior_for_each_object] = torch.LongTensor(range(n_objects))
-        overlap_for_each_prior[prior_for_each_object] = 1.0
-        label_for_each_prior = labels[i][object_for_each_prior]
-        label_for_each_prior[overlap_for_each_prior < threshold] = 0
-        true_classes[i] = label_for_each_prior
-        true_locs[i] = cxcy_to_gcxgcy(xy_to_cxcy(boxes[i][object_for_each_prior]), priors_cxcy)
-    return true_classes, true_locs
+    return reference.MultiBoxLoss(priors_cxcy, threshold).match(boxes, labels)
 
 
 def reference_loss(pred_locs, pred_scores, boxes, labels, priors_cxcy, threshold=0.5, neg_pos_ratio=3.0,
                    alpha=1.0, loc_loss="l1", conf_fn: ConfFn | None = None):
-    """The tutorial's MultiBoxLoss.forward; ``conf_fn`` replaces its CrossEntropyLoss(reduction='none')."""
-    batch_size, n_priors, n_classes = pred_scores.shape
-    conf_fn = conf_fn or nn.CrossEntropyLoss(reduction="none")
-    true_classes, true_locs = reference_match(boxes, labels, priors_cxcy, threshold)
-    positive_priors = true_classes != 0
-    if loc_loss == "l1":
-        loc = nn.L1Loss()(pred_locs[positive_priors], true_locs[positive_priors])
-    else:  # the SSD paper: smooth L1 summed over coordinates, divided by the number of positives
-        loc = (nn.SmoothL1Loss(reduction="sum")(pred_locs[positive_priors], true_locs[positive_priors])
-               / positive_priors.sum().float())
-    n_positives = positive_priors.sum(dim=1)
-    n_hard_negatives = neg_pos_ratio * n_positives
-    conf_loss_all = conf_fn(pred_scores.view(-1, n_classes), true_classes.view(-1)).view(batch_size, n_priors)
-    conf_loss_pos = conf_loss_all[positive_priors]
-    conf_loss_neg = conf_loss_all.clone()
-    conf_loss_neg[positive_priors] = 0.0
-    conf_loss_neg, _ = conf_loss_neg.sort(dim=1, descending=True)
-    hardness_ranks = torch.LongTensor(range(n_priors)).unsqueeze(0).expand_as(conf_loss_neg)
-    hard_negatives = hardness_ranks < n_hard_negatives.unsqueeze(1)
-    conf_loss_hard_neg = conf_loss_neg[hard_negatives]
-    conf = (conf_loss_hard_neg.sum() + conf_loss_pos.sum()) / n_positives.sum().float()
-    return conf + alpha * loc, conf, loc, int(n_positives.sum())
+    """The tutorial's MultiBoxLoss.forward as (total, conf, loc, n_positives)."""
+    loss = reference.MultiBoxLoss(priors_cxcy, threshold, neg_pos_ratio, alpha, loc_loss, conf_fn)
+    return loss.terms(pred_locs, pred_scores, boxes, labels)
 
 
 def weighted_ce(weight: torch.Tensor | None = None, label_smoothing: float = 0.0,

@@ -17,6 +17,7 @@ from maskssd.metrics import (
     plot_confusion_matrix,
     plot_pr_curves,
 )
+from maskssd.reference import calculate_map as reference_map
 
 CLASSES = ("with_mask", "without_mask", "mask_weared_incorrect")
 ONE = ("face",)
@@ -45,110 +46,6 @@ def ap_of(images, names=ONE, method="voc07", iou_threshold=0.5) -> APResult:
 
 
 # --------------------------------------------------------------------------------------------- reference
-def reference_map(det_boxes, det_labels, det_scores, true_boxes, true_labels, true_difficulties,
-                  n_classes, method="voc07", threshold=0.5):
-    """Straight transcription of the tutorial's ``calculate_mAP`` loop (float32, one detection at a time).
-
-    Departures, all from the brief: stable score sort; a class without non-difficult objects is nan
-    and left out of the mean; ``method="voc12"`` swaps in the VOC2010+ devkit's all-point AP.
-    """
-    true_images = []
-    for i in range(len(true_labels)):
-        true_images.extend([i] * true_labels[i].size(0))
-    true_images = torch.LongTensor(true_images)
-    true_boxes = torch.cat(true_boxes, dim=0)
-    true_labels = torch.cat(true_labels, dim=0)
-    true_difficulties = torch.cat(true_difficulties, dim=0).to(torch.uint8)
-
-    det_images = []
-    for i in range(len(det_labels)):
-        det_images.extend([i] * det_labels[i].size(0))
-    det_images = torch.LongTensor(det_images)
-    det_boxes = torch.cat(det_boxes, dim=0)
-    det_labels = torch.cat(det_labels, dim=0)
-    det_scores = torch.cat(det_scores, dim=0)
-
-    average_precisions = torch.zeros(n_classes, dtype=torch.float)
-    for c in range(1, n_classes + 1):
-        true_class_images = true_images[true_labels == c]
-        true_class_boxes = true_boxes[true_labels == c]
-        true_class_difficulties = true_difficulties[true_labels == c]
-        n_easy_class_objects = (1 - true_class_difficulties).sum().item()
-        if n_easy_class_objects == 0:
-            average_precisions[c - 1] = math.nan
-            continue
-        true_class_boxes_detected = torch.zeros(true_class_difficulties.size(0), dtype=torch.uint8)
-
-        det_class_images = det_images[det_labels == c]
-        det_class_boxes = det_boxes[det_labels == c]
-        det_class_scores = det_scores[det_labels == c]
-        n_class_detections = det_class_boxes.size(0)
-        if n_class_detections == 0:
-            continue
-        det_class_scores, sort_ind = torch.sort(det_class_scores, dim=0, descending=True, stable=True)
-        det_class_images = det_class_images[sort_ind]
-        det_class_boxes = det_class_boxes[sort_ind]
-
-        true_positives = torch.zeros(n_class_detections, dtype=torch.float)
-        false_positives = torch.zeros(n_class_detections, dtype=torch.float)
-        for d in range(n_class_detections):
-            this_detection_box = det_class_boxes[d].unsqueeze(0)
-            this_image = det_class_images[d]
-            object_boxes = true_class_boxes[true_class_images == this_image]
-            object_difficulties = true_class_difficulties[true_class_images == this_image]
-            if object_boxes.size(0) == 0:
-                false_positives[d] = 1
-                continue
-            overlaps = find_jaccard_overlap(this_detection_box, object_boxes)
-            max_overlap, ind = torch.max(overlaps.squeeze(0), dim=0)
-            original_ind = torch.LongTensor(range(true_class_boxes.size(0)))[true_class_images == this_image][ind]
-            if max_overlap.item() > threshold:
-                if object_difficulties[ind] == 0:
-                    if true_class_boxes_detected[original_ind] == 0:
-                        true_positives[d] = 1
-                        true_class_boxes_detected[original_ind] = 1
-                    else:
-                        false_positives[d] = 1
-            else:
-                false_positives[d] = 1
-
-        cumul_true_positives = torch.cumsum(true_positives, dim=0)
-        cumul_false_positives = torch.cumsum(false_positives, dim=0)
-        cumul_precision = cumul_true_positives / (cumul_true_positives + cumul_false_positives + 1e-10)
-        cumul_recall = cumul_true_positives / n_easy_class_objects
-
-        if method == "voc07":
-            recall_thresholds = torch.arange(start=0, end=1.1, step=0.1).tolist()
-            precisions = torch.zeros(len(recall_thresholds), dtype=torch.float)
-            for i, th in enumerate(recall_thresholds):
-                recalls_above_t = cumul_recall >= th
-                if recalls_above_t.any():
-                    precisions[i] = cumul_precision[recalls_above_t].max()
-                else:
-                    precisions[i] = 0.0
-            average_precisions[c - 1] = precisions.mean()
-        else:  # VOC2010+ devkit voc_ap
-            mrec = [0.0, *cumul_recall.tolist(), 1.0]
-            mpre = [0.0, *cumul_precision.tolist(), 0.0]
-            for i in range(len(mpre) - 2, -1, -1):
-                mpre[i] = max(mpre[i], mpre[i + 1])
-            average_precisions[c - 1] = sum(
-                (mrec[i + 1] - mrec[i]) * mpre[i + 1] for i in range(len(mrec) - 1) if mrec[i + 1] != mrec[i]
-            )
-    return average_precisions.tolist()
-
-
-def find_jaccard_overlap(set_1, set_2):
-    lower_bounds = torch.max(set_1[:, :2].unsqueeze(1), set_2[:, :2].unsqueeze(0))
-    upper_bounds = torch.min(set_1[:, 2:].unsqueeze(1), set_2[:, 2:].unsqueeze(0))
-    intersection_dims = torch.clamp(upper_bounds - lower_bounds, min=0)
-    intersection = intersection_dims[:, :, 0] * intersection_dims[:, :, 1]
-    areas_set_1 = (set_1[:, 2] - set_1[:, 0]) * (set_1[:, 3] - set_1[:, 1])
-    areas_set_2 = (set_2[:, 2] - set_2[:, 0]) * (set_2[:, 3] - set_2[:, 1])
-    union = areas_set_1.unsqueeze(1) + areas_set_2.unsqueeze(0) - intersection
-    return intersection / union
-
-
 def random_case(seed: int, n_images: int = 20, grid: bool = False):
     """Random objects and detections: jittered copies (right or wrong class, duplicates), clutter, ties.
 

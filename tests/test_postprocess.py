@@ -9,18 +9,13 @@ import torchvision
 
 from maskssd.postprocess import DecodeSpec, Detections, postprocess
 from maskssd.priors import PriorSpec, cxcywh_to_xyxy
+from maskssd.reference import gcxgcy_to_cxcy
 
 N_CLASSES = 4
 SMALL_PRIORS = PriorSpec.linear((10, 5, 3, 1), 0.1, 0.9).priors()  # 540 priors: fast loops
 
 
 # ------------------------------------------------------------------------------------ reference
-def gcxgcy_to_cxcy(gcxgcy: torch.Tensor, priors_cxcy: torch.Tensor) -> torch.Tensor:
-    """The tutorial's decoding (variances 10 and 5)."""
-    return torch.cat([gcxgcy[:, :2] * priors_cxcy[:, 2:] / 10 + priors_cxcy[:, :2],
-                      torch.exp(gcxgcy[:, 2:] / 5) * priors_cxcy[:, 2:]], 1)
-
-
 def reference_postprocess(locs, scores, priors, min_score=0.01, max_overlap=0.45, top_k=200,
                           class_agnostic=False, sizes=None, class_min_score=None, pre_nms_top_k=None):
     """One image at a time, one class at a time: decode, softmax, score > min_score, NMS, then top_k."""

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torchvision
 
+from maskssd import reference
 from maskssd.priors import (
     VARIANCES,
     PriorIoU,
@@ -18,40 +19,6 @@ from maskssd.priors import (
     encode,
     xyxy_to_cxcywh,
 )
-
-
-# ------------------------------------------------------------------------------- tutorial reference
-def tutorial_create_prior_boxes() -> torch.Tensor:
-    """``SSD300.create_prior_boxes`` of sgrvinod's a-PyTorch-Tutorial-to-Object-Detection, transcribed."""
-    fmap_dims = {"conv4_3": 38, "conv7": 19, "conv8_2": 10, "conv9_2": 5, "conv10_2": 3, "conv11_2": 1}
-    obj_scales = {"conv4_3": 0.1, "conv7": 0.2, "conv8_2": 0.375, "conv9_2": 0.55, "conv10_2": 0.725,
-                  "conv11_2": 0.9}
-    aspect_ratios = {"conv4_3": [1.0, 2.0, 0.5], "conv7": [1.0, 2.0, 3.0, 0.5, 0.333],
-                     "conv8_2": [1.0, 2.0, 3.0, 0.5, 0.333], "conv9_2": [1.0, 2.0, 3.0, 0.5, 0.333],
-                     "conv10_2": [1.0, 2.0, 0.5], "conv11_2": [1.0, 2.0, 0.5]}
-    fmaps = list(fmap_dims.keys())
-    prior_boxes = []
-    for k, fmap in enumerate(fmaps):
-        for i in range(fmap_dims[fmap]):
-            for j in range(fmap_dims[fmap]):
-                cx = (j + 0.5) / fmap_dims[fmap]
-                cy = (i + 0.5) / fmap_dims[fmap]
-                for ratio in aspect_ratios[fmap]:
-                    prior_boxes.append([cx, cy, obj_scales[fmap] * sqrt(ratio), obj_scales[fmap] / sqrt(ratio)])
-                    if ratio == 1.0:
-                        try:
-                            additional_scale = sqrt(obj_scales[fmap] * obj_scales[fmaps[k + 1]])
-                        except IndexError:
-                            additional_scale = 1.0
-                        prior_boxes.append([cx, cy, additional_scale, additional_scale])
-    prior_boxes = torch.FloatTensor(prior_boxes)
-    prior_boxes.clamp_(0, 1)
-    return prior_boxes
-
-
-def tutorial_cxcy_to_gcxgcy(cxcy: torch.Tensor, priors_cxcy: torch.Tensor) -> torch.Tensor:
-    return torch.cat([(cxcy[:, :2] - priors_cxcy[:, :2]) / (priors_cxcy[:, 2:] / 10),
-                      torch.log(cxcy[:, 2:] / priors_cxcy[:, 2:]) * 5], 1)
 
 
 def random_boxes_xyxy(shape: tuple[int, ...], g: torch.Generator, min_size: float = 0.02) -> torch.Tensor:
@@ -65,7 +32,7 @@ def random_boxes_xyxy(shape: tuple[int, ...], g: torch.Generator, min_size: floa
 def test_ssd300_has_8732_priors_in_tutorial_order():
     spec = PriorSpec.ssd300()
     ours = spec.priors()
-    ref = tutorial_create_prior_boxes()
+    ref = reference.create_prior_boxes()
     assert spec.num_priors == 8732
     assert ours.shape == ref.shape == (8732, 4)
     assert ours.dtype == torch.float32
@@ -150,7 +117,7 @@ def test_encode_matches_tutorial_cxcy_to_gcxgcy():
     g = torch.Generator().manual_seed(1)
     priors = PriorSpec.ssd300().priors()
     boxes = xyxy_to_cxcywh(random_boxes_xyxy((priors.shape[0],), g))
-    torch.testing.assert_close(encode(boxes, priors), tutorial_cxcy_to_gcxgcy(boxes, priors), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(encode(boxes, priors), reference.cxcy_to_gcxgcy(boxes, priors), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
