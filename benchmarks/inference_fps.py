@@ -1,4 +1,5 @@
-"""Benchmark: single-image CPU inference speed per model and backend (PyTorch eager, TorchScript, ONNX Runtime).
+"""Benchmark: single-image CPU inference speed per model and backend (PyTorch eager NCHW and channels_last,
+TorchScript, ONNX Runtime).
 
 For each model (random weights: speed does not depend on them) and backend, a :class:`maskssd.predictor.Predictor`
 runs batch-1 inference on a 640x480 uint8 frame, as a camera would send it: end to end (resize + forward +
@@ -12,6 +13,7 @@ Run: ``.venv/bin/python benchmarks/inference_fps.py [--quick]``.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -44,7 +46,7 @@ MODELS: list[tuple[str, str, dict[str, Any]]] = [  # (label, registry name, buil
     ("ssdlite_effnet_lite0 384", "ssdlite_effnet_lite0", {"input_size": 384, "pretrained": False}),
     ("ssd300_vgg16", "ssd300_vgg16", {"pretrained": False}),
 ]
-BACKENDS = ("eager", "torchscript", "onnx")
+BACKENDS = ("eager", "eager NHWC", "torchscript", "onnx")  # eager NHWC: channels_last, the CPU default
 #: the deployment decode (server/detect default score threshold, the paper's NMS settings)
 DECODE = DecodeSpec(min_score=0.4, max_overlap=0.45, top_k=200)
 
@@ -74,7 +76,10 @@ class _TorchScriptRunner:
 def make_predictor(model: torch.nn.Module, backend: str, workdir: Path, threads: int = 0) -> Predictor:
     """A Predictor running ``model`` through ``backend`` (exported to ``workdir`` when needed)."""
     pred = Predictor(model, CLASSES, model.input_size, model.priors_cxcy, DECODE)
-    if backend == "torchscript":
+    if backend == "eager NHWC":  # what Predictor.from_checkpoint does on CPU (on a copy: the others stay NCHW)
+        pred.model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        pred.channels_last = True
+    elif backend == "torchscript":
         pred.model = _TorchScriptRunner(load_torchscript(export_torchscript(model, workdir / "model.ts")))  # type: ignore[assignment]
     elif backend == "onnx":
         pred.onnx_session = onnx_session(export_onnx(model, workdir / "model.onnx"), threads or None)

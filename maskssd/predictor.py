@@ -42,18 +42,25 @@ class Predictor:
     decode: DecodeSpec = field(default_factory=DecodeSpec)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     onnx_session: Any = None
+    channels_last: bool = False
     last_timing: Timing = field(default_factory=Timing)
 
     @classmethod
     def from_checkpoint(cls, ckpt_path: str | Path, device: str | torch.device = "cpu",
-                        decode: DecodeSpec | None = None, backend: str = "torch") -> Predictor:
+                        decode: DecodeSpec | None = None, backend: str = "torch",
+                        channels_last: bool | None = None) -> Predictor:
+        """``channels_last``: run the PyTorch model in NHWC memory format; by default on CPU, where every
+        maskssd detector runs 1.15-1.3x faster so (``benchmarks/model_forward.py``)."""
         from maskssd.checkpoint import load, load_detector
 
         ckpt = load(ckpt_path)
         model, _ = load_detector(ckpt, device)
         spec = decode or DecodeSpec(**ckpt.get("decode", {}))
+        nhwc = torch.device(device).type == "cpu" if channels_last is None else channels_last
         pred = cls(model, tuple(ckpt["class_names"]), model.input_size, model.priors_cxcy.to(device), spec,
-                   torch.device(device))
+                   torch.device(device), channels_last=nhwc and backend == "torch")
+        if pred.channels_last:
+            pred.model = model.to(memory_format=torch.channels_last)
         if backend == "onnx":
             from maskssd.export import onnx_session_for
 
@@ -71,8 +78,11 @@ class Predictor:
         if self.onnx_session is not None:
             locs, scores = self.onnx_session.run(None, {"images": batch.cpu().numpy()})
             return torch.from_numpy(locs), torch.from_numpy(scores)
+        batch = batch.to(self.device)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            return self.model(batch.to(self.device))
+            return self.model(batch)
 
     def predict(self, images: Sequence[np.ndarray | torch.Tensor], decode: DecodeSpec | None = None) -> list[Detections]:
         """``images``: uint8 ``(H, W, 3)`` arrays (RGB) or ``(3, H, W)`` tensors; detections in their pixels."""

@@ -83,6 +83,20 @@ def test_torchscript_matches_pytorch(model: torch.nn.Module, tmp_path: Path) -> 
         assert (locs - ref_locs).abs().max() < 1e-5 and (scores - ref_scores).abs().max() < 1e-5
 
 
+def test_cpu_predictor_runs_channels_last_with_the_same_detections(tiny_checkpoint: Path) -> None:
+    """On CPU the PyTorch backend runs NHWC (faster there); asking for NCHW gives the same detections."""
+    nhwc = Predictor.from_checkpoint(tiny_checkpoint)
+    nchw = Predictor.from_checkpoint(tiny_checkpoint, channels_last=False)
+    assert nhwc.channels_last and not nchw.channels_last
+    conv = next(m for m in nhwc.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    images = [np.random.default_rng(1).integers(0, 255, (240, 320, 3), dtype=np.uint8)]
+    a, b = nhwc.predict(images)[0], nchw.predict(images)[0]
+    assert len(a) == len(b) > 0 and torch.equal(a.labels, b.labels)
+    torch.testing.assert_close(a.scores, b.scores, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.boxes, b.boxes, rtol=1e-4, atol=1e-3)
+
+
 def test_onnx_backend_gives_the_torch_backends_detections(tiny_checkpoint: Path) -> None:
     cache = onnx_cache_path(tiny_checkpoint)
     cache.unlink(missing_ok=True)
