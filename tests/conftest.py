@@ -4,6 +4,7 @@
 clear reason where it is absent. Nothing from it is ever copied into the project.
 
 * ``shared_dir``, ``real_data``, ``rgba_sample``: paths under ``../shared`` (session; skip when absent).
+* ``tiny_checkpoint``: a deploy checkpoint of the tiny model that detects something (session; read-only).
 * ``synth_root``: a 40-image synthetic dataset, split ``default`` (session; read-only, copy it to write).
 * ``make_dataset(samples, splits=None, name="ds")``: a Kaggle-layout dataset under ``tmp_path`` from
   in-test images (PIL image, raw bytes or None) and XML strings; ``voc_xml(...)`` writes those strings and
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +53,30 @@ def rgba_sample() -> Path:
 
 
 # ---------------------------------------------------------------------------------------- synthetic
+TINY_CLASSES = ["with_mask", "without_mask", "mask_weared_incorrect"]
+TINY_DECODE = {"min_score": 0.01, "max_overlap": 0.45, "top_k": 200, "class_agnostic": False, "pre_nms_top_k": None}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model (seed 0), confident about ``with_mask`` on its coarsest priors and ``mask_weared_incorrect``
+    on the next level, so that detection has boxes to draw and class-agnostic NMS has overlaps to resolve."""
+    from maskssd.checkpoint import atomic_save
+    from maskssd.models import build_model
+
+    torch.manual_seed(0)
+    m = build_model("tiny", num_classes=4, input_size=128)
+    with torch.no_grad():
+        bias = m.cls_head[-1][-1].bias.view(-1, 4)
+        bias[:, 0], bias[:, 1] = 0.0, 8.0
+        bias = m.cls_head[-2][-1].bias.view(-1, 4)
+        bias[:, 0], bias[:, 3] = 0.0, 6.0
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    atomic_save({"format": 1, "model": m.state_dict(), "build_args": m.build_args, "class_names": TINY_CLASSES,
+                 "decode": TINY_DECODE, "epoch": 1}, path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 40-image synthetic dataset (Kaggle layout, split ``default``), generated once per session.

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from maskssd.checkpoint import atomic_save
 from maskssd.export import (
     export_onnx,
     export_torchscript,
@@ -23,7 +22,6 @@ from maskssd.models import build_model
 from maskssd.predictor import Predictor
 
 CLASSES = ["with_mask", "without_mask", "mask_weared_incorrect"]
-DECODE = {"min_score": 0.01, "max_overlap": 0.45, "top_k": 200, "class_agnostic": False, "pre_nms_top_k": None}
 MODELS = {
     "tiny": {"input_size": 128},
     "ssdlite_effnet_lite0": {"input_size": 192, "pretrained": False},
@@ -34,21 +32,6 @@ MODELS = {
 def model(request: pytest.FixtureRequest) -> torch.nn.Module:
     torch.manual_seed(0)
     return build_model(request.param, num_classes=4, **MODELS[request.param]).eval()
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    m = build_model("tiny", num_classes=4, input_size=128)
-    with torch.no_grad():  # confident "with_mask" on the coarsest priors, so there is something to compare
-        bias = m.cls_head[-1][-1].bias.view(-1, 4)
-        bias[:, 0], bias[:, 1] = 0.0, 8.0
-        bias = m.cls_head[-2][-1].bias.view(-1, 4)
-        bias[:, 0], bias[:, 3] = 0.0, 6.0
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    atomic_save({"format": 1, "model": m.state_dict(), "build_args": m.build_args, "class_names": CLASSES,
-                 "decode": DECODE, "epoch": 1}, path)
-    return path
 
 
 def _inputs(model: torch.nn.Module, batch: int) -> torch.Tensor:

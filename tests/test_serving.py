@@ -16,36 +16,14 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import torch
 import uvicorn
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from maskssd.checkpoint import atomic_save
-from maskssd.models import build_model
 from maskssd.predictor import Predictor
 from maskssd.serving import create_app
 
 CLASSES = ["with_mask", "without_mask", "mask_weared_incorrect"]
-DECODE = {"min_score": 0.01, "max_overlap": 0.45, "top_k": 200, "class_agnostic": False, "pre_nms_top_k": None}
-
-
-def save_tiny_checkpoint(path: Path, confident: bool = True) -> Path:
-    """A deploy checkpoint of the tiny model; ``confident`` makes its coarsest priors say ``with_mask``."""
-    torch.manual_seed(0)
-    m = build_model("tiny", num_classes=4, input_size=128)
-    if confident:
-        with torch.no_grad():
-            bias = m.cls_head[-1][-1].bias.view(-1, 4)
-            bias[:, 0], bias[:, 1] = 0.0, 8.0
-    atomic_save({"format": 1, "model": m.state_dict(), "build_args": m.build_args, "class_names": CLASSES,
-                 "decode": DECODE, "epoch": 1}, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt")
 
 
 class SpyPredictor:

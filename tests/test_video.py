@@ -9,32 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from maskssd.checkpoint import atomic_save
 from maskssd.cli import main
-from maskssd.models import build_model
 from maskssd.postprocess import Detections
 from maskssd.video import ClassSmoother, FPSMeter
 
 CLASSES = ["with_mask", "without_mask", "mask_weared_incorrect"]
-DECODE = {"min_score": 0.01, "max_overlap": 0.45, "top_k": 200, "class_agnostic": False, "pre_nms_top_k": None}
 N_FRAMES = 8
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model, confident about ``with_mask`` on its coarsest priors and ``mask_weared_incorrect`` on
-    the next level, so detect has boxes to draw and class-agnostic NMS has overlaps to resolve."""
-    torch.manual_seed(0)
-    m = build_model("tiny", num_classes=4, input_size=128)
-    with torch.no_grad():
-        bias = m.cls_head[-1][-1].bias.view(-1, 4)
-        bias[:, 0], bias[:, 1] = 0.0, 8.0
-        bias = m.cls_head[-2][-1].bias.view(-1, 4)
-        bias[:, 0], bias[:, 3] = 0.0, 6.0
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    atomic_save({"format": 1, "model": m.state_dict(), "build_args": m.build_args, "class_names": CLASSES,
-                 "decode": DECODE, "epoch": 1}, path)
-    return path
 
 
 @pytest.fixture(scope="module")
