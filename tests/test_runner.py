@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from maskssd import tracking
+from maskssd import runner, tracking
 from maskssd.checkpoint import atomic_save, load
 from maskssd.cli import main
 from maskssd.config import load_config
@@ -201,6 +201,26 @@ def test_atomic_checkpoint_survives_a_failed_write(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(load(path)["model"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_during_a_checkpoint_write_waits_for_the_write(tmp_path, monkeypatch, sig):
+    """Ctrl-C or SIGTERM arriving inside torch.save: the checkpoint is completed and renamed, then the
+    interrupt takes effect (torch's half-written zip would otherwise raise a RuntimeError hiding it)."""
+    real_save = torch.save
+
+    def save_interrupted_midway(obj, f, *a, **k):
+        f.write(b"")
+        signal.raise_signal(sig)  # handled at once by Python unless deferred
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save_interrupted_midway)
+    with runner.sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
+        atomic_save({"model": {"w": torch.full((3,), 2.0)}, "build_args": {}}, tmp_path / "last.pt")
+    monkeypatch.undo()
+    assert torch.equal(load(tmp_path / "last.pt")["model"]["w"], torch.full((3,), 2.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_sigterm_saves_marks_killed_and_prints_resume(workdir, synth_root):
