@@ -75,11 +75,11 @@ class _TorchScriptRunner:
 
 def make_predictor(model: torch.nn.Module, backend: str, workdir: Path, threads: int = 0) -> Predictor:
     """A Predictor running ``model`` through ``backend`` (exported to ``workdir`` when needed)."""
-    pred = Predictor(model, CLASSES, model.input_size, model.priors_cxcy, DECODE)
     if backend == "eager NHWC":  # what Predictor.from_checkpoint does on CPU (on a copy: the others stay NCHW)
-        pred.model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-        pred.channels_last = True
-    elif backend == "torchscript":
+        return Predictor(copy.deepcopy(model), CLASSES, model.input_size, model.priors_cxcy, DECODE,
+                         channels_last=True)
+    pred = Predictor(model, CLASSES, model.input_size, model.priors_cxcy, DECODE)
+    if backend == "torchscript":
         pred.model = _TorchScriptRunner(load_torchscript(export_torchscript(model, workdir / "model.ts")))  # type: ignore[assignment]
     elif backend == "onnx":
         pred.onnx_session = onnx_session(export_onnx(model, workdir / "model.onnx"), threads or None)

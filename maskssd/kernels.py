@@ -210,14 +210,14 @@ def _match_image(boxes, start, count, thr, ux, py1, py2, area, group_ptr, group_
 
 # ------------------------------------------------------------------------------- hard negative mining
 _GAP_RES, _GAP_CELLS = 8.0, 96  # the gap tables' grid: steps of 1/8 up to gap 12
-_TABLES: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
+_TABLES: dict[int, tuple[np.ndarray, np.ndarray | None, float]] = {}
 _HIST_BINS = 256
 
 
-def _gap_tables(n_terms: int) -> tuple[np.ndarray, np.ndarray, float]:
+def _gap_tables(n_terms: int) -> tuple[np.ndarray, np.ndarray | None, float]:
     """``log(sum_j exp(x_j - max x))`` over ``n_terms`` terms as a function of ``g1``, ``g2``, the gaps of the
     second and third largest terms to the largest: at least ``f = log(1 + e^-g1 + e^-g2)``, at most
-    ``u = log(1 + e^-g1 + (n_terms - 2) e^-g2)`` (equal for 3 terms). Both tabulated on a grid of step
+    ``u = log(1 + e^-g1 + (n_terms - 2) e^-g2)`` (equal for 3 terms: ``u`` is None). Both tabulated on a grid of step
     ``h = 1/8``; bilinear interpolation is within ``h^2 / 16`` of them (each second derivative is at most 1/4),
     so the kernel bounds the key to a band ~0.002 wide without any ``exp``. Returns ``f``, ``u`` and the
     margin to take off ``f`` (interpolation error, gaps past the grid, rounding)."""
@@ -230,10 +230,10 @@ def _gap_tables(n_terms: int) -> tuple[np.ndarray, np.ndarray, float]:
             f = np.log1p(np.exp(-g1))
         else:
             f = np.log1p(np.exp(-g1) + np.exp(-g2))
-        f = np.ascontiguousarray(f)
-        u = f if n_terms <= 3 else np.log1p(np.exp(-g1) + (n_terms - 2) * np.exp(-g2))  # smooth: no max(g1, g2)
+        # u equals f up to 3 terms: None then (the kernel compiles the second interpolation away)
+        u = None if n_terms <= 3 else np.ascontiguousarray(np.log1p(np.exp(-g1) + (n_terms - 2) * np.exp(-g2)))
         margin = 1.0 / (16 * _GAP_RES**2) + (n_terms - 1) * math.exp(-_GAP_CELLS / _GAP_RES) + _SLACK
-        _TABLES[n_terms] = (f, np.ascontiguousarray(u) if u is not f else f, margin)
+        _TABLES[n_terms] = (np.ascontiguousarray(f), u, margin)
     return _TABLES[n_terms]
 
 
@@ -252,7 +252,7 @@ def hard_negatives(scores: torch.Tensor, pos_img: torch.Tensor, pos_prior: torch
     plain = b[0] == 1.0 and not b[1:].any()
     f, u, margin = _gap_tables(s.shape[2] - 1 if plain else s.shape[2])
     img, prior = _hard_negatives(s, pos_img.numpy(), pos_prior.numpy(), n_hard.to(torch.int64).numpy(),
-                                 None if plain else b, f, None if u is f else u, margin)
+                                 None if plain else b, f, u, margin)
     return torch.from_numpy(img), torch.from_numpy(prior)
 
 

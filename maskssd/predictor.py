@@ -42,8 +42,12 @@ class Predictor:
     decode: DecodeSpec = field(default_factory=DecodeSpec)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     onnx_session: Any = None
-    channels_last: bool = False
+    channels_last: bool = False  # run the PyTorch model in NHWC memory format (the model is converted here)
     last_timing: Timing = field(default_factory=Timing)
+
+    def __post_init__(self) -> None:
+        if self.channels_last and self.model is not None:
+            self.model = self.model.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_checkpoint(cls, ckpt_path: str | Path, device: str | torch.device = "cpu",
@@ -59,8 +63,6 @@ class Predictor:
         nhwc = torch.device(device).type == "cpu" if channels_last is None else channels_last
         pred = cls(model, tuple(ckpt["class_names"]), model.input_size, model.priors_cxcy.to(device), spec,
                    torch.device(device), channels_last=nhwc and backend == "torch")
-        if pred.channels_last:
-            pred.model = model.to(memory_format=torch.channels_last)
         if backend == "onnx":
             from maskssd.export import onnx_session_for
 
