@@ -30,10 +30,10 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from maskssd.data import Annotation, FaceMaskDataset, load_split
+from maskssd.data.transforms import AugmentSpec, eval_transform, train_transform
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
-from maskssd.data import Annotation, FaceMaskDataset, load_split  # noqa: E402
-from maskssd.transforms import AugmentSpec, eval_transform, train_transform  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "face-mask-detection"
 
@@ -94,7 +94,7 @@ def main() -> None:
                  "pass --data DIR")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from maskssd.runner import build_loader  # heavy import (MLflow): after the argument checks
+    from maskssd.training.runner import build_loader  # heavy import (MLflow): after the argument checks
 
     anns = load_split(args.data, "train", args.split_name)
     bs = args.batch_size

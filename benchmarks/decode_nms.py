@@ -11,20 +11,15 @@ Run: ``.venv/bin/python benchmarks/decode_nms.py [--quick]``.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import add_threads_arg, machine, median_time, print_table, set_threads  # noqa: E402
-
-from maskssd.postprocess import DecodeSpec, postprocess, postprocess_tensors  # noqa: E402
-from maskssd.priors import PriorSpec, box_iou, cxcywh_to_xyxy  # noqa: E402
-from maskssd.reference import detect_objects, gcxgcy_to_cxcy  # noqa: E402
+from benchmarks._timing import add_threads_arg, machine, median_time, print_table, set_threads
+from maskssd.ssd.postprocess import DecodeSpec, postprocess, postprocess_tensors
+from maskssd.ssd.priors import PriorSpec, box_iou, cxcywh_to_xyxy
+from tests.reference.tutorial import detect_objects, gcxgcy_to_cxcy
 
 N_CLASSES = 4
 MIN_SCORE, MAX_OVERLAP, TOP_K = 0.01, 0.45, 200

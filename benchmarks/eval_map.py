@@ -10,18 +10,15 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from maskssd.metrics import DetectionEvaluator, average_precision, coco_map  # noqa: E402
-from maskssd.reference import calculate_map  # noqa: E402
+from maskssd.evaluation.metrics import DetectionEvaluator, average_precision, coco_map
+from tests.reference.tutorial import calculate_map
 
 CLASSES = ("with_mask", "without_mask", "mask_weared_incorrect")
 Images = tuple[list[torch.Tensor], ...]

@@ -26,17 +26,16 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from maskssd.export import (  # noqa: E402
+from maskssd.deploy.export import (
     export_onnx,
     export_torchscript,
     load_torchscript,
     onnx_session,
     physical_cores,
 )
-from maskssd.models import build_model  # noqa: E402
-from maskssd.postprocess import DecodeSpec  # noqa: E402
-from maskssd.predictor import Predictor  # noqa: E402
+from maskssd.deploy.predictor import Predictor
+from maskssd.ssd.models import build_model
+from maskssd.ssd.postprocess import DecodeSpec
 
 CLASSES = ("with_mask", "without_mask", "mask_weared_incorrect")
 MODELS: list[tuple[str, str, dict[str, Any]]] = [  # (label, registry name, build kwargs)

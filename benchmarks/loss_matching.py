@@ -7,18 +7,13 @@ same loss. Run: ``.venv/bin/python benchmarks/loss_matching.py [--quick]``.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import add_threads_arg, machine, median_time, print_table, set_threads  # noqa: E402
-
-from maskssd.loss import MultiBoxLoss  # noqa: E402
-from maskssd.priors import PriorSpec  # noqa: E402
-from maskssd.reference import MultiBoxLoss as TutorialMultiBoxLoss  # noqa: E402
+from benchmarks._timing import add_threads_arg, machine, median_time, print_table, set_threads
+from maskssd.ssd.loss import MultiBoxLoss
+from maskssd.ssd.priors import PriorSpec
+from tests.reference.tutorial import MultiBoxLoss as TutorialMultiBoxLoss
 
 N_CLASSES = 4
 

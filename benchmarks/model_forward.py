@@ -18,15 +18,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import add_threads_arg, machine, median_time, print_table, set_threads  # noqa: E402
-
-from maskssd.models import build_model  # noqa: E402
+from benchmarks._timing import add_threads_arg, machine, median_time, print_table, set_threads
+from maskssd.ssd.models import build_model
 
 TV_SSD = "torchvision ssd300_vgg16 (full)"
 TV_LITE = "torchvision ssdlite320_mobilenet_v3_large (full)"

@@ -31,10 +31,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
+from maskssd.ssd.models import build_model
+from maskssd.training.checkpoint import atomic_save
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-from maskssd.checkpoint import atomic_save  # noqa: E402
-from maskssd.models import build_model  # noqa: E402
 
 CLASSES = ["with_mask", "without_mask", "mask_weared_incorrect"]
 DECODE = {"min_score": 0.01, "max_overlap": 0.45, "top_k": 200, "class_agnostic": False, "pre_nms_top_k": None}

@@ -12,19 +12,16 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import add_threads_arg, machine, median_time, print_table  # noqa: E402
+from benchmarks._timing import add_threads_arg, machine, median_time, print_table
 
 
 def child(model_name: str, batch: int, size: int, repeat: int, threads: int | None) -> None:
     import torch
 
-    from maskssd.loss import MultiBoxLoss
-    from maskssd.models import build_model
     from maskssd.runtime import tune_cpu_allocator
+    from maskssd.ssd.loss import MultiBoxLoss
+    from maskssd.ssd.models import build_model
 
     tuned = tune_cpu_allocator()
     if threads:

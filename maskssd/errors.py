@@ -66,4 +66,6 @@ class PretrainedWeightsMissing(MaskSSDError):
 
 
 class TrainingInterrupted(MaskSSDError):
-    """Ctrl-C or SIGTERM stopped training; a checkpoint was saved."""
+    """Ctrl-C or SIGTERM stopped training; a checkpoint was saved. ``run_id``: the run to resume."""
+
+    run_id: str | None = None

@@ -1,4 +1,7 @@
-"""Process-level CPU settings that make PyTorch training and inference faster on CPU.
+"""Process-level settings: the local working folder, and the CPU allocator setting that makes PyTorch faster.
+
+``LOCAL_DIR`` (``mlruns/`` under the working directory) holds the default MLflow store, the Optuna storage,
+checkpoints and generated data; every layer that writes locally takes it from here.
 
 glibc returns every freed block above its mmap threshold to the kernel and maps it again on the next
 allocation, so each multi-megabyte activation of a CPU training step costs page faults; with the allocator
@@ -13,6 +16,10 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from pathlib import Path
+
+#: The local working folder (git-ignored): MLflow store and artifacts, Optuna storage, checkpoints, data.
+LOCAL_DIR = Path("mlruns")
 
 #: Set to ``0`` to keep glibc's default allocator behaviour.
 ENV_VAR = "MASKSSD_MALLOC_TUNING"

@@ -61,8 +61,8 @@ TINY_DECODE = {"min_score": 0.01, "max_overlap": 0.45, "top_k": 200, "class_agno
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model (seed 0), confident about ``with_mask`` on its coarsest priors and ``mask_weared_incorrect``
     on the next level, so that detection has boxes to draw and class-agnostic NMS has overlaps to resolve."""
-    from maskssd.checkpoint import atomic_save
-    from maskssd.models import build_model
+    from maskssd.ssd.models import build_model
+    from maskssd.training.checkpoint import atomic_save
 
     torch.manual_seed(0)
     m = build_model("tiny", num_classes=4, input_size=128)
@@ -83,7 +83,7 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Treat it as read-only: copy it (``shutil.copytree``) before writing into it.
     """
-    from maskssd.synth import generate
+    from maskssd.data.synth import generate
 
     return generate(tmp_path_factory.mktemp("synth") / "synth40", n_images=40, seed=0).root
 
@@ -92,7 +92,7 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def easy_synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """40 synthetic images with large faces and balanced classes: a tiny model scores above zero within two
     epochs, so trials differ (studies, importances, the champion rule). Read-only."""
-    from maskssd.synth import generate
+    from maskssd.data.synth import generate
 
     return generate(tmp_path_factory.mktemp("easy") / "easy40", n_images=40, seed=1, face_size=(0.25, 0.5),
                     faces_per_image=(1, 3), class_probs=(0.5, 0.3, 0.2)).root

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from maskssd.config import apply_overrides, flatten, load_config, parse_value, validate
 from maskssd.errors import ConfigError
+from maskssd.training.config import apply_overrides, flatten, load_config, parse_value, validate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,3 +134,10 @@ def test_paper_config_is_the_papers(tmp_path):
     assert cfg.loss.loc_loss == "l1"
     assert cfg.class_weight_list() == [1.0, 2.0, 3.0, 4.0]  # by name: bg 1, with 2, without 3, incorrect 4
     assert (cfg.train.best_metric, cfg.train.best_after_epoch) == ("val_loss", 40)
+
+
+def test_a_model_keyword_the_model_does_not_take_names_its_line(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text('[data]\nroot = "x"\n\n[model]\nname = "ssdlite_effnet_lite0"\nwidth = 8\n')
+    with pytest.raises(ConfigError, match=r"exp.toml:6 \[model.width\]: model 'ssdlite_effnet_lite0' takes no 'width'"):
+        load_config(path)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from maskssd.export import (
+from maskssd.deploy.export import (
     export_onnx,
     export_torchscript,
     load_torchscript,
@@ -18,8 +18,8 @@ from maskssd.export import (
     onnx_session,
     physical_cores,
 )
-from maskssd.models import build_model
-from maskssd.predictor import Predictor
+from maskssd.deploy.predictor import Predictor
+from maskssd.ssd.models import build_model
 
 CLASSES = ["with_mask", "without_mask", "mask_weared_incorrect"]
 MODELS = {

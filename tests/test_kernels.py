@@ -12,10 +12,11 @@ import math
 import pytest
 import torch
 
-from maskssd import kernels
-from maskssd.loss import MultiBoxLoss
-from maskssd.postprocess import DecodeSpec, postprocess, postprocess_tensors
-from maskssd.priors import PriorSpec, cxcywh_to_xyxy
+from maskssd.ssd import kernels
+from maskssd.ssd.kernels import mining
+from maskssd.ssd.loss import MultiBoxLoss
+from maskssd.ssd.postprocess import DecodeSpec, postprocess, postprocess_tensors
+from maskssd.ssd.priors import PriorSpec, cxcywh_to_xyxy
 
 N_CLASSES = 4
 PRIOR_SETS = {
@@ -120,7 +121,7 @@ def test_lse_band_contains_the_exact_log_sum_exp(n_terms):
     """The mining's second filter: interpolated tables plus margin bound ``lse(x) - max(x)`` from both sides, for
     gaps on and between grid nodes, past the grid's end, and with ties."""
     g = torch.Generator().manual_seed(n_terms)
-    f, u, margin = kernels._gap_tables(n_terms)
+    f, u, margin = mining._gap_tables(n_terms)
     rows = [torch.randn(4000, n_terms, generator=g) * scale for scale in (0.01, 0.3, 3.0, 30.0)]
     rows.append(torch.randint(0, 200, (2000, n_terms), generator=g).float() / 8.0)  # gaps on grid nodes
     rows.append(torch.zeros(10, n_terms))
@@ -130,7 +131,7 @@ def test_lse_band_contains_the_exact_log_sum_exp(n_terms):
     pad = torch.full((x.shape[0], 2), -torch.inf, dtype=torch.float64)
     top = torch.cat([top, pad], 1).float().numpy()  # the kernel reads float32 logits
     for j in range(x.shape[0]):
-        lo, hi = kernels._lse_band(f, u, top[j, 0], top[j, 1], top[j, 2])
+        lo, hi = mining._lse_band(f, u, top[j, 0], top[j, 1], top[j, 2])
         assert lo - margin <= exact[j] + 1e-6 and exact[j] - 1e-6 <= hi + margin
         assert hi - lo <= math.log(max(n_terms, 3) / 3) + 1e-9  # exact up to 3 terms
 

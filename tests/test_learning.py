@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from maskssd.data import DEFAULT_CLASSES, FaceMaskDataset, load_split
-from maskssd.engine import evaluate
-from maskssd.loss import MultiBoxLoss
-from maskssd.models import build_model
-from maskssd.postprocess import DecodeSpec
-from maskssd.runner import build_loader
-from maskssd.synth import generate
-from maskssd.transforms import AugmentSpec, eval_transform, train_transform
+from maskssd.data.synth import generate
+from maskssd.data.transforms import AugmentSpec, eval_transform, train_transform
+from maskssd.ssd.loss import MultiBoxLoss
+from maskssd.ssd.models import build_model
+from maskssd.ssd.postprocess import DecodeSpec
+from maskssd.training.engine import evaluate
+from maskssd.training.runner import build_loader
 
 SIZE = 128
 EPOCHS = 12
@@ -50,8 +50,8 @@ def test_tiny_model_learns_synthetic_faces(synth):
     decode = DecodeSpec()  # the paper protocol: min_score 0.01, NMS 0.45, top 200
     device = torch.device("cpu")
 
-    before, _ = evaluate(model, val, loss_fn, DEFAULT_CLASSES, device, decode, coco=False)
-    seen_before, _ = evaluate(model, seen, loss_fn, DEFAULT_CLASSES, device, decode, coco=False)
+    before, _ = evaluate(model, val, loss_fn=loss_fn, class_names=DEFAULT_CLASSES, device=device, decode=decode, coco=False)
+    seen_before, _ = evaluate(model, seen, loss_fn=loss_fn, class_names=DEFAULT_CLASSES, device=device, decode=decode, coco=False)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     epoch_losses = []
@@ -70,8 +70,8 @@ def test_tiny_model_learns_synthetic_faces(synth):
             n += 1
         epoch_losses.append(total / n)
 
-    after, result = evaluate(model, val, loss_fn, DEFAULT_CLASSES, device, decode, coco=False)
-    seen_after, _ = evaluate(model, seen, loss_fn, DEFAULT_CLASSES, device, decode, coco=False)
+    after, result = evaluate(model, val, loss_fn=loss_fn, class_names=DEFAULT_CLASSES, device=device, decode=decode, coco=False)
+    seen_after, _ = evaluate(model, seen, loss_fn=loss_fn, class_names=DEFAULT_CLASSES, device=device, decode=decode, coco=False)
     msg = (f"train loss per epoch {[round(x, 3) for x in epoch_losses]}; val before {before}, after {after}; "
            f"training images before {seen_before}, after {seen_after}")
     assert epoch_losses[-1] < 0.6 * epoch_losses[0], msg

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maskssd import reference
-from maskssd.loss import MultiBoxLoss
-from maskssd.priors import PriorSpec, cxcywh_to_xyxy
-from maskssd.reference import ConfFn, cxcy_to_xy, find_jaccard_overlap
+from maskssd.ssd.loss import MultiBoxLoss
+from maskssd.ssd.priors import PriorSpec, cxcywh_to_xyxy
+from tests.reference import tutorial as reference
+from tests.reference.tutorial import ConfFn, cxcy_to_xy, find_jaccard_overlap
 
 N_CLASSES = 4
 PRIORS = PriorSpec.ssd300().priors()  # 8732 default boxes

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from maskssd.metrics import (
+from maskssd.evaluation.metrics import (
     APResult,
     DetectionEvaluator,
     EvalResult,
@@ -17,7 +17,7 @@ from maskssd.metrics import (
     plot_confusion_matrix,
     plot_pr_curves,
 )
-from maskssd.reference import calculate_map as reference_map
+from tests.reference.tutorial import calculate_map as reference_map
 
 CLASSES = ("with_mask", "without_mask", "mask_weared_incorrect")
 ONE = ("face",)

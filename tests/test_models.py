@@ -10,10 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from maskssd.backbones import VGG16Base, efficientnet_lite0_file
-from maskssd.checkpoint import atomic_save, load, load_detector
 from maskssd.errors import MaskSSDError, PretrainedWeightsMissing
-from maskssd.models import (
+from maskssd.ssd.backbones import VGG16Base, efficientnet_lite0_file
+from maskssd.ssd.models import (
     SSD300VGG16,
     SSDDetector,
     build_model,
@@ -23,7 +22,8 @@ from maskssd.models import (
     ssdlite_mobilenet_v3,
     tiny,
 )
-from maskssd.postprocess import Detections
+from maskssd.ssd.postprocess import Detections
+from maskssd.training.checkpoint import atomic_save, load, load_detector
 
 #: Keyword arguments that build each model without downloads (models added later get pretrained=False).
 OFFLINE_KWARGS: dict[str, dict] = {"ssd300_vgg16": {}, "tiny": {}}
@@ -371,3 +371,22 @@ def test_failed_atomic_save_keeps_previous_file(tmp_path):
         atomic_save({"epoch": 2, "fn": lambda: 0}, path)
     assert torch.load(path, weights_only=False) == {"epoch": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_build_model_rejects_keywords_the_model_does_not_take():
+    from maskssd.errors import MaskSSDError
+
+    with pytest.raises(MaskSSDError, match="takes no 'width'"):
+        build_model("ssdlite_effnet_lite0", pretrained=False, width=8)
+
+
+def test_registering_a_taken_name_warns_and_replaces():
+    from maskssd.ssd import models
+
+    original = models._REGISTRY["tiny"]
+    try:
+        with pytest.warns(UserWarning, match="registered again"):
+            models.register_model("tiny")(lambda num_classes=4: original(num_classes))
+        assert models._REGISTRY["tiny"] is not original
+    finally:
+        models._REGISTRY["tiny"] = original

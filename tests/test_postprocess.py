@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from maskssd.postprocess import DecodeSpec, Detections, postprocess
-from maskssd.priors import PriorSpec, cxcywh_to_xyxy
-from maskssd.reference import gcxgcy_to_cxcy
+from maskssd.ssd.postprocess import DecodeSpec, Detections, postprocess
+from maskssd.ssd.priors import PriorSpec, cxcywh_to_xyxy
+from tests.reference.tutorial import gcxgcy_to_cxcy
 
 N_CLASSES = 4
 SMALL_PRIORS = PriorSpec.linear((10, 5, 3, 1), 0.1, 0.9).priors()  # 540 priors: fast loops

@@ -8,8 +8,7 @@ import pytest
 import torch
 import torchvision
 
-from maskssd import reference
-from maskssd.priors import (
+from maskssd.ssd.priors import (
     VARIANCES,
     PriorIoU,
     PriorSpec,
@@ -19,6 +18,7 @@ from maskssd.priors import (
     encode,
     xyxy_to_cxcywh,
 )
+from tests.reference import tutorial as reference
 
 
 def random_boxes_xyxy(shape: tuple[int, ...], g: torch.Generator, min_size: float = 0.02) -> torch.Tensor:

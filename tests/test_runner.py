@@ -13,12 +13,13 @@ import time
 import pytest
 import torch
 
-from maskssd import runner, tracking
-from maskssd.checkpoint import atomic_save, load
+from maskssd import tracking
 from maskssd.cli import main
-from maskssd.config import load_config
 from maskssd.errors import NonFiniteLossError, TrainingInterrupted
-from maskssd.runner import run_experiment
+from maskssd.tracking.experiment import run_experiment
+from maskssd.training import runner
+from maskssd.training.checkpoint import atomic_save, load
+from maskssd.training.config import load_config
 from tests.conftest import write_tiny_experiment as write_config
 
 pytestmark = pytest.mark.slow
@@ -48,7 +49,7 @@ def trained(tmp_path_factory, synth_root):
     os.chdir(tmp)
     try:
         cfg = load_config(write_config(tmp / "exp.toml", synth_root, coco=True))
-        result = run_experiment(cfg, tracking_uri=f"sqlite:///{tmp}/mlruns/mlflow.db", progress=False, show=False)
+        result = run_experiment(cfg, tracking_uri=f"sqlite:///{tmp}/mlruns/mlflow.db", progress=False)
     finally:
         os.chdir(old)
     return tmp, cfg, result, tracking.client(f"sqlite:///{tmp}/mlruns/mlflow.db")
@@ -79,7 +80,7 @@ def test_run_records_everything(trained):
 def test_logged_model_loads_and_predicts(trained):
     import numpy as np
 
-    from maskssd.registry import load_predictor
+    from maskssd.deploy.predictor import load_predictor
 
     tmp, cfg, result, c = trained
     uri = f"runs:/{result.run_id}/model"
@@ -135,18 +136,18 @@ def test_runs_table(trained, capsys, monkeypatch):
 
 def test_resume_logs_the_same_metrics(workdir, synth_root):
     cfg = load_config(write_config(workdir / "exp.toml", synth_root, epochs=3))
-    a = run_experiment(cfg, progress=False, show=False, log_model=False)
+    a = run_experiment(cfg, progress=False, log_model=False)
 
     def stop_after_2(epoch, metrics):
         if epoch == 2:
             raise KeyboardInterrupt  # what Ctrl-C / SIGTERM raise
 
     with pytest.raises(TrainingInterrupted):
-        run_experiment(cfg, progress=False, show=False, log_model=False, on_eval=[stop_after_2])
+        run_experiment(cfg, progress=False, log_model=False, on_eval=[stop_after_2])
     c = tracking.client()
     b_id = [r.info.run_id for r in tracking.runs_table(c, "t") if r.info.run_id != a.run_id][0]
     assert c.get_run(b_id).info.status == "KILLED"
-    b = run_experiment(cfg, resume_run_id=b_id, progress=False, show=False, log_model=False)
+    b = run_experiment(cfg, resume_run_id=b_id, progress=False, log_model=False)
     assert b.run_id == b_id and c.get_run(b_id).info.status == "FINISHED"
     ha, hb = histories(c, a.run_id), histories(c, b_id)
     assert ha.keys() == hb.keys()
@@ -166,7 +167,7 @@ def test_nan_loss_fails_run_and_keeps_last_good_checkpoint(workdir, synth_root):
             with torch.no_grad():
                 next(model.parameters()).fill_(float("nan"))
 
-    from maskssd import engine
+    from maskssd.training import engine
 
     original = engine.Trainer.__init__
 
@@ -177,7 +178,7 @@ def test_nan_loss_fails_run_and_keeps_last_good_checkpoint(workdir, synth_root):
     engine.Trainer.__init__ = spy
     try:
         with pytest.raises(NonFiniteLossError, match="epoch 2"):
-            run_experiment(cfg, progress=False, show=False, log_model=False, on_eval=[poison])
+            run_experiment(cfg, progress=False, log_model=False, on_eval=[poison])
     finally:
         engine.Trainer.__init__ = original
     c = tracking.client()
@@ -208,6 +209,8 @@ def test_interrupt_during_a_checkpoint_write_waits_for_the_write(tmp_path, monke
     """Ctrl-C or SIGTERM arriving inside torch.save: the checkpoint is completed and renamed, then the
     interrupt takes effect (torch's half-written zip would otherwise raise a RuntimeError hiding it)."""
     real_save = torch.save
+    # a background job (`nohup pytest &`) starts with SIGINT ignored: give the test Python's own handler
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # restored below
 
     def save_interrupted_midway(obj, f, *a, **k):
         f.write(b"")
@@ -215,12 +218,15 @@ def test_interrupt_during_a_checkpoint_write_waits_for_the_write(tmp_path, monke
         return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(torch, "save", save_interrupted_midway)
-    with runner.sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
-        atomic_save({"model": {"w": torch.full((3,), 2.0)}, "build_args": {}}, tmp_path / "last.pt")
+    try:
+        with runner.sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
+            atomic_save({"model": {"w": torch.full((3,), 2.0)}, "build_args": {}}, tmp_path / "last.pt")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the deferral put it back
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
     monkeypatch.undo()
     assert torch.equal(load(tmp_path / "last.pt")["model"]["w"], torch.full((3,), 2.0))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_sigterm_saves_marks_killed_and_prints_resume(workdir, synth_root):

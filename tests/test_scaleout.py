@@ -106,20 +106,18 @@ def test_train_and_promote_through_a_tracking_server(tmp_path, synth_root, mlflo
     assert (tmp_path / "out" / "detections.json").is_file()
 
 
-def test_nproc_launcher_builds_a_torchrun_command(monkeypatch):
-    from maskssd import distributed
+def test_nproc_launcher_builds_a_torchrun_command(monkeypatch, tmp_path, synth_root):
+    """``maskssd.cli.main([...])`` launches what it was given, not the process's own ``sys.argv``."""
+    from maskssd.cli import main
 
+    write_tiny_experiment(tmp_path / "exp.toml", synth_root, name="launch")
     seen = {}
-    monkeypatch.setattr(sys, "argv", ["maskssd", "train", "exp.toml", "--nproc", "2", "--set", "a.b=1"])
+    monkeypatch.setattr(sys, "argv", ["pytest", "--unrelated"])
     monkeypatch.setattr(subprocess, "call", lambda cmd: seen.setdefault("cmd", cmd) and 0)
-
-    class A:
-        nproc = 2
-
-    distributed.launch(A())
+    assert main(["train", str(tmp_path / "exp.toml"), "--nproc", "2", "--set", "train.epochs=3"]) == 0
     cmd = seen["cmd"]
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    assert cmd[5:] == ["-m", "maskssd", "train", "exp.toml", "--set", "a.b=1"]
+    assert cmd[5:] == ["-m", "maskssd", "train", str(tmp_path / "exp.toml"), "--set", "train.epochs=3"]
     assert Path(cmd[0]) == Path(sys.executable)
 
 

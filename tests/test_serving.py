@@ -3,7 +3,6 @@ the camera client and the montage."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import socket
 import struct
@@ -20,8 +19,8 @@ import uvicorn
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from maskssd.predictor import Predictor
-from maskssd.serving import create_app
+from maskssd.deploy.predictor import Predictor
+from maskssd.deploy.serving import create_app
 
 CLASSES = ["with_mask", "without_mask", "mask_weared_incorrect"]
 
@@ -190,11 +189,11 @@ def test_concurrent_clients_with_bad_uploads_and_batching(predictor: Predictor) 
                 n_good += 1
         assert max(batch_sizes) > 1
 
-        # the server keeps serving after the bad uploads; per-request min_score works
-        r = httpx.post(srv.url + "/detect", content=jpeg(1), params={"min_score": 0.0})
+        # the server keeps serving after the bad uploads; per-request score_threshold works
+        r = httpx.post(srv.url + "/detect", content=jpeg(1), params={"score_threshold": 0.0})
         assert r.status_code == 200 and len(r.json()["detections"]) >= 1 and r.json()["camera"] is None
-        r = httpx.post(srv.url + "/detect", content=jpeg(1), params={"min_score": 1.5})
-        assert r.status_code == 422 and "min_score" in r.json()["detail"]
+        r = httpx.post(srv.url + "/detect", content=jpeg(1), params={"score_threshold": 1.5})
+        assert r.status_code == 422 and "score_threshold" in r.json()["detail"]
         n_good += 1
         health = httpx.get(srv.url + "/health").json()
         assert health["status"] == "ok" and health["model"]["classes"] == CLASSES
@@ -258,7 +257,7 @@ def _write_video(path: Path, n: int = 6) -> Path:
 
 
 def test_stream_cameras_update_the_montage(predictor: Predictor, tmp_path: Path) -> None:
-    from maskssd.video import stream_main
+    from maskssd.deploy.video import stream
 
     video = _write_video(tmp_path / "clip.mp4")
     montage = tmp_path / "montage" / "cams.jpg"
@@ -266,19 +265,17 @@ def test_stream_cameras_update_the_montage(predictor: Predictor, tmp_path: Path)
     with LiveServer(app) as srv:
         r = httpx.get(srv.url + "/montage")
         assert r.status_code == 404 and "no montage" in r.json()["detail"]
-        rcs: list[int] = []
+        sent: list[int] = []
 
         def camera(name: str) -> None:
-            ns = argparse.Namespace(server=srv.url, source=str(video), name=name, max_frames=0, fps=0,
-                                    jpeg_quality=85)
-            rcs.append(stream_main(ns))
+            sent.append(stream(srv.url, str(video), camera=name).sent)
 
         threads = [threading.Thread(target=camera, args=(n,)) for n in ("door", "hall")]
         for t in threads:
             t.start()
         for t in threads:
             t.join(60)
-        assert rcs == [0, 0]
+        assert sent == [6, 6]
         deadline = time.monotonic() + 5
         size = None
         while time.monotonic() < deadline:  # the montage is rewritten at most every 0.5 s
@@ -304,10 +301,10 @@ def test_serve_cli_wires_arguments(tiny_checkpoint: Path, tmp_path: Path, monkey
     seen: dict[str, Any] = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
     rc = main(["serve", "--model", str(tiny_checkpoint), "--port", "8123", "--no-batching", "--backend", "onnx",
-               "--class-agnostic", "--montage", str(tmp_path / "m.jpg"), "--min-score", "0.5"])
+               "--class-agnostic", "--montage", str(tmp_path / "m.jpg"), "--score-threshold", "0.5"])
     assert rc == 0 and seen["port"] == 8123 and seen["host"] == "127.0.0.1"
     svc = seen["app"].state.service
-    assert svc.batching is False and svc.max_batch == 1 and svc.min_score == 0.5
+    assert svc.batching is False and svc.max_batch == 1 and svc.score_threshold == 0.5
     assert svc.montage_path == tmp_path / "m.jpg"
     assert svc.predictor.backend == "onnx" and svc.predictor.decode.class_agnostic is True
 

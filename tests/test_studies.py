@@ -18,7 +18,7 @@ from PIL import Image
 from maskssd import tracking
 from maskssd.cli import main
 from maskssd.errors import ConfigError
-from maskssd.studies import load_study_config, make_storage, open_study, sample
+from maskssd.tracking.studies import load_study_config, make_storage, open_study, sample
 from tests.conftest import write_tiny_experiment
 
 pytestmark = pytest.mark.slow
@@ -267,7 +267,7 @@ def test_a_killed_workers_trial_is_failed_and_retried(project):
 
 # -------------------------------------------------------------------------------------- registry
 def test_promote_moves_champion_only_when_better(project, capsys):
-    from maskssd.registry import promote
+    from maskssd.tracking.registry import promote
 
     study_toml = write_study(project / "s.toml", n_trials=3, objective="val_loss", direction="minimize")
     assert main(["study", str(study_toml), "--no-report"]) == 0

@@ -11,7 +11,6 @@ import pytest
 from defusedxml import ElementTree as SafeET
 from PIL import Image
 
-from maskssd import synth
 from maskssd.data import (
     DEFAULT_CLASSES,
     SPLITS,
@@ -20,9 +19,10 @@ from maskssd.data import (
     class_counts,
     load_annotations,
     load_split,
+    synth,
 )
+from maskssd.data.synth import SynthSummary, ensure_synth, generate
 from maskssd.errors import DataError
-from maskssd.synth import SynthSummary, ensure_synth, generate
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -21,7 +21,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from maskssd.data import FaceMaskDataset, load_annotations
-from maskssd.transforms import AugmentSpec, eval_transform, preprocess_images, train_transform
+from maskssd.data.transforms import AugmentSpec, eval_transform, preprocess_images, train_transform
 
 W, H = 300, 200
 GREY = 128

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from maskssd.cli import main
-from maskssd.postprocess import Detections
-from maskssd.video import ClassSmoother, FPSMeter
+from maskssd.deploy.video import ClassSmoother, FPSMeter
+from maskssd.ssd.postprocess import Detections
 
 CLASSES = ["with_mask", "without_mask", "mask_weared_incorrect"]
 N_FRAMES = 8

@@ -1,0 +1,48 @@
+"""Deployment: the predictor on raw images (PyTorch or ONNX Runtime), ONNX/TorchScript export, detection
+on files, videos and cameras, the HTTP service, and the MLflow pyfunc model.
+
+Names resolve lazily (:mod:`maskssd._lazy`): importing one loads only its module."""
+
+from __future__ import annotations
+
+from maskssd._lazy import lazy_exports
+
+_EXPORTS = {
+    "Timing": "predictor",
+    "Predictor": "predictor",
+    "resolve_checkpoint": "predictor",
+    "load_predictor": "predictor",
+    "INPUT_NAME": "export",
+    "OUTPUT_NAMES": "export",
+    "EXPORT_VERSION": "export",
+    "physical_cores": "export",
+    "export_onnx": "export",
+    "onnx_session_options": "export",
+    "onnx_session": "export",
+    "onnx_cache_path": "export",
+    "onnx_session_for": "export",
+    "export_torchscript": "export",
+    "load_torchscript": "export",
+    "verify_export": "export",
+    "ExportReport": "export",
+    "export_model": "export",
+    "VIDEO_EXTENSIONS": "detect",
+    "DetectSummary": "detect",
+    "detect_source": "detect",
+    "open_source": "video",
+    "frames": "video",
+    "FPSMeter": "video",
+    "ClassSmoother": "video",
+    "StreamSummary": "video",
+    "stream": "video",
+    "MONTAGE_INTERVAL_S": "serving",
+    "MAX_MONTAGE_CAMERAS": "serving",
+    "MAX_CAMERA_LABELS": "serving",
+    "RequestError": "serving",
+    "Metrics": "serving",
+    "DetectionService": "serving",
+    "create_app": "serving",
+    "run_server": "serving",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -1,0 +1,131 @@
+"""Detection on files and streams: annotated images and JSON for images and folders; annotated video, per-frame
+JSON lines and FPS for videos, cameras and stream URLs. Returns a :class:`DetectSummary`; the CLI prints it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from maskssd.data import IMAGE_EXTENSIONS, load_image
+from maskssd.errors import DataError, MaskSSDError
+
+__all__ = ["VIDEO_EXTENSIONS", "DetectSummary", "detect_source"]
+
+log = logging.getLogger(__name__)
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+
+
+@dataclass
+class DetectSummary:
+    """What a detection run produced."""
+
+    kind: str  # "images" or "video"
+    out: Path
+    counts: dict[str, int] = field(default_factory=dict)  # detections per class (images)
+    images: int = 0
+    failed: list[str] = field(default_factory=list)
+    frames: int = 0
+    fps: float = 0.0  # end to end (video)
+    model_fps: float = 0.0
+    backend: str = "torch"
+    video_path: Path | None = None
+    jsonl_path: Path | None = None
+
+
+def detect_source(predictor: Any, source: str, out: str | Path, *, score_threshold: float = 0.4,
+                  smooth: int = 0, max_frames: int = 0, show: bool = False) -> DetectSummary:
+    """Detect on ``source`` (an image, a folder, a video file, a camera index or a stream URL) into ``out``.
+
+    ``score_threshold`` is the display threshold: what is drawn and reported (decoding keeps the model's own).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    p = Path(source)
+    if p.is_dir() or (p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
+        return _detect_images(predictor, p, out, score_threshold)
+    if p.is_file() and p.suffix.lower() not in VIDEO_EXTENSIONS:
+        raise MaskSSDError(f"{source}: not an image ({', '.join(IMAGE_EXTENSIONS)}) or video ({', '.join(VIDEO_EXTENSIONS)})")
+    if not p.exists() and not source.isdigit() and "://" not in source:
+        raise MaskSSDError(f"source {source!r} not found (an image, a folder, a video, a camera index or a URL)")
+    return _detect_video(predictor, source, out, score_threshold, smooth, max_frames, show)
+
+
+def _detect_images(pred: Any, src: Path, out: Path, threshold: float) -> DetectSummary:
+    from maskssd.evaluation.drawing import draw_detections
+
+    files = sorted(f for f in src.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS) if src.is_dir() else [src]
+    if not files:
+        raise MaskSSDError(f"no images in {src}")
+    results, failed = [], []
+    counts = dict.fromkeys(pred.class_names, 0)
+    for f in files:
+        try:
+            img = load_image(f)
+        except DataError as e:
+            failed.append(str(e))
+            log.warning("skipped %s", e)
+            continue
+        d = pred.predict([np.asarray(img)])[0].above(threshold)
+        draw_detections(img, d, pred.class_names, threshold).save(out / f"{f.stem}.png")
+        for lab in d.labels.tolist():
+            counts[pred.class_names[lab - 1]] += 1
+        results.append({"image": str(f), "width": img.width, "height": img.height,
+                        "detections": d.to_list(pred.class_names)})
+    doc = {"classes": list(pred.class_names), "score_threshold": threshold, "images": results, "failed": failed}
+    (out / "detections.json").write_text(json.dumps(doc, indent=1))
+    return DetectSummary("images", out, counts, len(results), failed, backend=pred.backend)
+
+
+def _detect_video(pred: Any, src: str, out: Path, threshold: float, smooth: int, max_frames: int,
+                  show: bool) -> DetectSummary:
+    import cv2
+
+    from maskssd.deploy.video import ClassSmoother, FPSMeter, frames
+    from maskssd.evaluation.drawing import draw_detections
+
+    smoother = ClassSmoother(len(pred.class_names), smooth) if smooth > 0 else None
+    e2e, model_fps = FPSMeter(), FPSMeter()
+    writer = None
+    name = Path(src).stem if not src.isdigit() and "://" not in src else f"camera{src}" if src.isdigit() else "stream"
+    video_path, jsonl_path = out / f"{name}_annotated.mp4", out / f"{name}_detections.jsonl"
+    n, model_total, t_start = 0, 0.0, time.perf_counter()
+    with jsonl_path.open("w") as jl:
+        t_prev = time.perf_counter()
+        for i, frame, src_fps in frames(src, max_frames):
+            d = pred.predict([frame])[0].above(threshold)
+            if smoother is not None:
+                d = smoother(d)
+            model_s = pred.last_timing.model
+            model_total += model_s
+            model_fps.add(model_s)
+            caption = f"{e2e.fps:.1f} FPS end-to-end | model {model_fps.fps:.1f} FPS ({pred.backend})"
+            img = draw_detections(frame, d, pred.class_names, threshold, caption)
+            if writer is None:
+                fourcc = cv2.VideoWriter_fourcc(*"mp4v")
+                writer = cv2.VideoWriter(str(video_path), fourcc, src_fps if src_fps and src_fps < 121 else 20.0,
+                                         img.size)
+            bgr = cv2.cvtColor(np.asarray(img), cv2.COLOR_RGB2BGR)
+            writer.write(bgr)
+            if show:
+                cv2.imshow("maskssd", bgr)
+                if cv2.waitKey(1) & 0xFF == ord("q"):
+                    break
+            now = time.perf_counter()
+            e2e.add(now - t_prev)
+            t_prev = now
+            jl.write(json.dumps({"frame": i, "time": round(now - t_start, 4), "fps": round(e2e.fps, 2),
+                                 "model_ms": round(1000 * model_s, 2), "detections": d.to_list(pred.class_names)}) + "\n")
+            n += 1
+    if writer is not None:
+        writer.release()
+    if n == 0:
+        raise MaskSSDError(f"no frames could be read from {src}")
+    wall = time.perf_counter() - t_start
+    return DetectSummary("video", out, frames=n, fps=n / wall, model_fps=n / max(model_total, 1e-9),
+                         backend=pred.backend, video_path=video_path, jsonl_path=jsonl_path)

@@ -1,0 +1,131 @@
+"""Inference on raw images: resize, forward (PyTorch or ONNX Runtime), decode, NMS, boxes in original pixels.
+
+One :class:`Predictor` serves ``detect``, ``serve``, the MLflow pyfunc model and the video loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from maskssd.data.transforms import preprocess_images
+from maskssd.errors import MaskSSDError
+from maskssd.ssd.postprocess import DecodeSpec, Detections, postprocess
+
+
+@dataclass
+class Timing:
+    """Seconds spent per stage of the last call."""
+
+    preprocess: float = 0.0
+    model: float = 0.0
+    postprocess: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.preprocess + self.model + self.postprocess
+
+
+@dataclass
+class Predictor:
+    """A detector ready for raw images. ``backend`` is ``"torch"`` or an ONNX Runtime session."""
+
+    model: torch.nn.Module | None
+    class_names: tuple[str, ...]
+    input_size: int
+    priors_cxcy: torch.Tensor
+    decode: DecodeSpec = field(default_factory=DecodeSpec)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    onnx_session: Any = None
+    channels_last: bool = False  # run the PyTorch model in NHWC memory format (the model is converted here)
+    last_timing: Timing = field(default_factory=Timing)
+
+    def __post_init__(self) -> None:
+        if self.channels_last and self.model is not None:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_path: str | Path, device: str | torch.device = "cpu",
+                        decode: DecodeSpec | None = None, backend: str = "torch",
+                        channels_last: bool | None = None) -> Predictor:
+        """``channels_last``: run the PyTorch model in NHWC memory format; by default on CPU, where every
+        maskssd detector runs 1.15-1.3x faster so (``benchmarks/model_forward.py``)."""
+        from maskssd.training.checkpoint import load, load_detector
+
+        ckpt = load(ckpt_path)
+        model, _ = load_detector(ckpt, device)
+        spec = decode or DecodeSpec(**ckpt.get("decode", {}))
+        nhwc = torch.device(device).type == "cpu" if channels_last is None else channels_last
+        pred = cls(model, tuple(ckpt["class_names"]), model.input_size, model.priors_cxcy.to(device), spec,
+                   torch.device(device), channels_last=nhwc and backend == "torch")
+        if backend == "onnx":
+            from maskssd.deploy.export import onnx_session_for
+
+            pred.onnx_session = onnx_session_for(ckpt_path, model)
+            pred.model = None
+        elif backend != "torch":
+            raise ValueError(f"backend must be 'torch' or 'onnx', not {backend!r}")
+        return pred
+
+    @property
+    def backend(self) -> str:
+        return "onnx" if self.onnx_session is not None else "torch"
+
+    def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.onnx_session is not None:
+            locs, scores = self.onnx_session.run(None, {"images": batch.cpu().numpy()})
+            return torch.from_numpy(locs), torch.from_numpy(scores)
+        batch = batch.to(self.device)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            return self.model(batch)
+
+    def predict(self, images: Sequence[np.ndarray | torch.Tensor], decode: DecodeSpec | None = None) -> list[Detections]:
+        """``images``: uint8 ``(H, W, 3)`` arrays (RGB) or ``(3, H, W)`` tensors; detections in their pixels."""
+        t0 = time.perf_counter()
+        tensors = [torch.from_numpy(np.array(im, copy=not im.flags.writeable, order="C")).permute(2, 0, 1) if isinstance(im, np.ndarray) else im
+                   for im in images]
+        sizes = torch.tensor([[t.shape[-1], t.shape[-2]] for t in tensors], dtype=torch.float32)
+        batch = preprocess_images(tensors, self.input_size)
+        t1 = time.perf_counter()
+        locs, scores = self.forward(batch)
+        t2 = time.perf_counter()
+        dets = postprocess(locs, scores, self.priors_cxcy.to(locs.device), decode or self.decode, sizes.to(locs.device))
+        dets = [Detections(d.boxes.cpu(), d.labels.cpu(), d.scores.cpu()) for d in dets]
+        self.last_timing = Timing(t1 - t0, t2 - t1, time.perf_counter() - t2)
+        return dets
+
+    def describe(self) -> dict[str, Any]:
+        return {"classes": list(self.class_names), "input_size": self.input_size, "backend": self.backend,
+                "decode": asdict(self.decode)}
+
+
+def resolve_checkpoint(ref: str | Path, tracking_uri: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    """A local checkpoint file for a model reference: a file, or a ``runs:/`` / ``models:/`` URI (downloaded
+    through the tracking layer, imported only then)."""
+    ref_s = str(ref)
+    if ref_s.startswith(("runs:/", "models:/")):
+        from maskssd.tracking.registry import download_model
+
+        return download_model(ref_s, tracking_uri, cache_dir)
+    path = Path(ref_s).expanduser()
+    if not path.is_file():
+        raise MaskSSDError(f"model {ref_s!r} is neither a checkpoint file nor a runs:/ or models:/ URI")
+    return path
+
+
+def load_predictor(ref: str | Path, tracking_uri: str | None = None, device: str = "cpu", backend: str = "torch",
+                   **decode_overrides: Any) -> Predictor:
+    """A :class:`Predictor` for any model reference; ``decode_overrides`` (None values ignored) adjust decoding."""
+    pred = Predictor.from_checkpoint(resolve_checkpoint(ref, tracking_uri), device=device, backend=backend)
+    overrides = {k: v for k, v in decode_overrides.items() if v is not None}
+    if overrides:
+        pred.decode = replace(pred.decode, **overrides)
+    return pred

@@ -1,0 +1,122 @@
+"""One experiment as one MLflow run: start or resume the run, tag its lineage, train it through
+:func:`maskssd.training.runner.train_experiment`, and leave the run FINISHED, FAILED or KILLED.
+
+This is what ``maskssd train`` and every study trial call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+from maskssd.data import split_digest
+from maskssd.errors import NonFiniteLossError, TrainingInterrupted
+from maskssd.tracking import runs
+from maskssd.training import distributed
+from maskssd.training.config import ExperimentConfig, validate
+from maskssd.training.engine import resolve_device
+from maskssd.training.runner import (
+    EvalHook,
+    RunResult,
+    resolve_data_root,
+    sigterm_as_interrupt,
+    train_experiment,
+)
+
+__all__ = ["run_experiment"]
+
+log = logging.getLogger(__name__)
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    *,
+    tracking_uri: str | None = None,
+    run_name: str | None = None,
+    resume_run_id: str | None = None,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    on_eval: list[EvalHook] | None = None,
+    progress: bool = True,
+    log_model: bool = True,
+    on_start: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Train, evaluate and record one run; exceptions mark the run FAILED/KILLED and propagate.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every rank trains; rank 0 alone owns the MLflow run.
+    """
+    info = distributed.DistInfo.from_env()
+    device = distributed.setup(info, cfg.experiment.device) if info.enabled else resolve_device(cfg.experiment.device)
+    try:
+        run, cfg = _open_run(cfg, info, tracking_uri, run_name, resume_run_id, parent_run_id, tags)
+        if on_start is not None and info.is_main:
+            on_start(run.run_id)
+        return _tracked(cfg, run, info, device, resume_run_id is not None, on_eval or [], progress, log_model)
+    finally:
+        if info.enabled:
+            distributed.teardown()
+
+
+def _open_run(cfg: ExperimentConfig, info: distributed.DistInfo, tracking_uri: str | None, run_name: str | None,
+              resume_run_id: str | None, parent_run_id: str | None,
+              tags: Mapping[str, str] | None) -> tuple[runs.MlflowRun, ExperimentConfig]:
+    """The run (new, or the resumed one with its own config); other ranks get a read-only view of it."""
+    client = runs.client(tracking_uri)
+    run: runs.MlflowRun | None = None
+    if info.is_main:
+        if resume_run_id:
+            run = runs.MlflowRun.resume(client, resume_run_id)
+        else:
+            run = runs.MlflowRun.start(client, cfg.experiment.name, run_name, tags, parent_run_id)
+    run_id = distributed.broadcast_object(run.run_id if run else None)
+    if run is None:  # other ranks read the run (config, checkpoints) but never write to it
+        run = runs.ReadOnlyRun(client, run_id)
+    if resume_run_id:
+        with tempfile.TemporaryDirectory() as tmp:
+            text = run.download("config.json", tmp).read_text()
+        cfg = validate(json.loads(text), f"run {resume_run_id} config.json")
+    if info.is_main:
+        log.info("MLflow run %s in experiment %s (%s)%s", run.run_id, cfg.experiment.name, client.tracking_uri,
+                 f", {info.world} processes" if info.enabled else "")
+    return run, cfg
+
+
+def _lineage_tags(cfg: ExperimentConfig, root: Path) -> dict[str, str]:
+    tags = {"config_hash": cfg.digest(), "data.root": str(root.resolve()), "data.split": cfg.data.split_name,
+            "data.split_hash": split_digest(root, cfg.data.split_name), "model": cfg.model.name,
+            **runs.git_info(Path(__file__).resolve().parent), **cfg.experiment.tags}
+    if cfg.experiment.description:
+        tags["mlflow.note.content"] = cfg.experiment.description
+    return tags
+
+
+def _tracked(cfg: ExperimentConfig, run: runs.MlflowRun, info: distributed.DistInfo, device: torch.device,
+             resuming: bool, on_eval: list[EvalHook], progress: bool, log_model: bool) -> RunResult:
+    try:
+        if info.is_main and not resuming:
+            run.set_tags(_lineage_tags(cfg, resolve_data_root(cfg)))
+        with sigterm_as_interrupt():
+            result = train_experiment(cfg, run, resuming=resuming, on_eval=on_eval, progress=progress and info.is_main,
+                                      log_model=log_model, info=info, device=device)
+        run.finish("FINISHED")
+        return result
+    except TrainingInterrupted as e:
+        run.set_tags({"stopped": str(e)})
+        run.finish("KILLED")
+        e.run_id = run.run_id
+        raise
+    except NonFiniteLossError as e:
+        run.set_tags({"failure_reason": f"non-finite loss: {e}"})
+        run.finish("FAILED")
+        raise
+    except BaseException as e:
+        status = getattr(e, "run_status", "FAILED")
+        reason = getattr(e, "run_reason", f"{type(e).__name__}: {e}")
+        run.set_tags({"failure_reason" if status == "FAILED" else "stopped": reason[:5000]})
+        run.finish(status)
+        raise

@@ -1,0 +1,276 @@
+"""MLflow tracking: where runs go, and one run's params, metrics, checkpoints, plots and model.
+
+The default store is ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlruns/artifacts``;
+``MLFLOW_TRACKING_URI`` (or ``--tracking-uri``) selects any other store or a tracking server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import mlflow  # noqa: E402
+from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from maskssd.errors import MaskSSDError  # noqa: E402
+from maskssd.runtime import LOCAL_DIR  # noqa: E402
+
+T = TypeVar("T")
+MAX_PARAM_LENGTH = 6000
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{(Path.cwd() / LOCAL_DIR / 'mlflow.db').as_posix()}"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the local SQLite store under ``mlruns/``."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+@contextlib.contextmanager
+def sqlite_init_lock(uri: str) -> Iterator[None]:
+    """Serialise the first opening of a SQLite store across processes (study workers starting at once would
+    otherwise race to create its schema). SQLite files are local, so a file lock beside them is enough."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".init-lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def open_store(uri: str, make: Callable[[], T]) -> T:
+    """Open a store whose schema may not exist yet: SQLite under a file lock; a database server retried when
+    another process was creating the same schema at the same moment ("already exists", "duplicate key")."""
+    with sqlite_init_lock(uri):
+        for attempt in range(6):
+            try:
+                return make()
+            except Exception as e:  # noqa: BLE001 - only the schema race is retried
+                if attempt == 5 or not any(w in str(e) for w in ("already exists", "duplicate key")):
+                    raise
+                time.sleep(0.5 + 0.5 * attempt)
+    raise AssertionError("unreachable")
+
+
+def client(uri: str | None = None) -> MlflowClient:
+    """An MLflow client on the resolved store (also made the process-wide tracking and registry URI)."""
+    uri = resolve_tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return open_store(uri, lambda: MlflowClient(uri, registry_uri=uri))
+
+
+def _local_artifact_root(uri: str) -> str | None:
+    """Artifacts of a local SQLite store go next to it (``mlruns/artifacts``); servers choose their own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+    return None
+
+
+def experiment_id(c: MlflowClient, name: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    root = _local_artifact_root(c.tracking_uri)
+    location = f"{root}/{name.replace('/', '_')}" if root else None
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created by a concurrent worker in the meantime
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_info(path: str | Path = ".") -> dict[str, str]:
+    """Commit and dirtiness of the working tree (empty outside a git checkout)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return {"mlflow.source.git.commit": commit, "git_dirty": str(bool(dirty)).lower()}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+class MlflowRun:
+    """One MLflow run, seen by the runner and the engine as a :class:`maskssd.training.tracker.Tracker`."""
+
+    def __init__(self, c: MlflowClient, run_id: str):
+        self.client, self.run_id = c, run_id
+
+    @classmethod
+    def start(cls, c: MlflowClient, experiment: str, run_name: str | None = None,
+              tags: Mapping[str, str] | None = None, parent_run_id: str | None = None) -> MlflowRun:
+        tags = dict(tags or {})
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = c.create_run(experiment_id(c, experiment), run_name=run_name, tags=tags)
+        return cls(c, run.info.run_id)
+
+    @classmethod
+    def resume(cls, c: MlflowClient, run_id: str) -> MlflowRun:
+        try:
+            c.get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            raise MaskSSDError(f"no MLflow run {run_id} in {c.tracking_uri}") from None
+        c.update_run(run_id, status="RUNNING")
+        return cls(c, run_id)
+
+    # ------------------------------------------------------------------------------------ logging
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, tags=items[i:i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 500])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_checkpoint(self, path: Path, kind: str) -> None:
+        self.log_artifact(path, "checkpoints")
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_dict(self, d: Mapping[str, Any], artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, dict(d), artifact_file)
+
+    def log_figure(self, path: Path, artifact_path: str = "plots") -> None:
+        self.log_artifact(path, artifact_path)
+
+    def log_model(self, checkpoint: Path, tags: Mapping[str, str]) -> str | None:
+        return log_model(self, checkpoint, tags)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if status not in RunStatus.all_status() and status not in ("FINISHED", "FAILED", "KILLED"):
+            raise ValueError(status)
+        self.client.set_terminated(self.run_id, status)
+
+    # ----------------------------------------------------------------------------------- reading
+    def download(self, artifact_path: str, dst: str | Path) -> Path:
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        try:
+            return Path(mlflow.artifacts.download_artifacts(run_id=self.run_id, artifact_path=artifact_path,
+                                                            dst_path=str(dst), tracking_uri=self.client.tracking_uri))
+        except (mlflow.exceptions.MlflowException, OSError) as e:
+            raise MaskSSDError(f"run {self.run_id} has no artifact {artifact_path!r} ({e})") from None
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
+
+
+class ReadOnlyRun(MlflowRun):
+    """A run seen by a non-zero distributed rank: it may read artifacts, it writes nothing."""
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_dict(self, d: Mapping[str, Any], artifact_file: str) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+    def log_model(self, checkpoint: Path, tags: Mapping[str, str]) -> str | None:
+        return None
+
+
+def log_model(run: MlflowRun, deploy_checkpoint: Path, extra_tags: Mapping[str, str] | None = None) -> str:
+    """Log the detector as an MLflow pyfunc model at artifact path ``model`` (``runs:/RUN_ID/model`` loads it).
+
+    The model is self-contained: its weights (``artifacts/checkpoint.pt``), the maskssd code, a signature
+    (uint8 images ``(N, H, W, 3)`` in, one row per detection out) and an input example.
+    """
+    import numpy as np
+    import torch
+    import torchvision
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    import maskssd
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), "images")]),
+        outputs=Schema([ColSpec("long", "image_index"), ColSpec("double", "x1"), ColSpec("double", "y1"),
+                        ColSpec("double", "x2"), ColSpec("double", "y2"), ColSpec("string", "label"),
+                        ColSpec("double", "score")]),
+    )
+    example = np.zeros((1, 64, 64, 3), dtype=np.uint8)
+    code = Path(maskssd.__file__).parent
+    with mlflow.start_run(run_id=run.run_id), warnings.catch_warnings():
+        # the signature is explicit; MLflow's advice to infer one from type hints does not apply
+        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(code / "deploy" / "pyfunc.py"),
+            artifacts={"checkpoint": str(deploy_checkpoint)},
+            code_paths=[str(code)],
+            signature=signature,
+            input_example=example,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                              f"torchvision=={torchvision.__version__.split('+')[0]}",
+                              "timm", "numpy", "numba", "pillow", "pandas", "defusedxml", "pydantic", "rich"],
+            tags=dict(extra_tags or {}),
+        )
+    run.client.update_run(run.run_id, status="RUNNING")  # the fluent context closed it; the caller finishes it
+    return info.model_uri
+
+
+def runs_table(c: MlflowClient, experiment: str | None = None, max_results: int = 200,
+               order_by: Iterable[str] = ("attributes.start_time DESC",)) -> list[Any]:
+    """Runs of one experiment (or all), newest first."""
+    if experiment:
+        exp = c.get_experiment_by_name(experiment)
+        if exp is None:
+            raise MaskSSDError(f"no MLflow experiment named {experiment!r} in {c.tracking_uri}")
+        ids = [exp.experiment_id]
+    else:
+        ids = [e.experiment_id for e in c.search_experiments()]
+    return c.search_runs(ids, max_results=max_results, order_by=list(order_by))

@@ -1,0 +1,417 @@
+"""Optuna studies over MultiBox loss and learning-rate parameters, every trial a nested MLflow run.
+
+A study TOML names a base experiment, a search space over dotted config keys, a sampler, a pruner and a
+trial budget. ``maskssd study`` resumes a study when run again and lets several workers share one storage
+(SQLite or a journal file on one machine, PostgreSQL across machines). Trials report ``val_map`` at every
+evaluation epoch so pruners work; a trial whose loss goes NaN, or that raises, is recorded FAIL with its
+reason and the study goes on; a trial left RUNNING by a dead worker is failed by the heartbeat check and
+retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from maskssd.errors import ConfigError, MaskSSDError, NonFiniteLossError
+from maskssd.runtime import LOCAL_DIR
+from maskssd.tracking import runs
+from maskssd.tracking.experiment import run_experiment
+from maskssd.tracking.study_config import StudyConfig, first_value, load_study_config, sample, trial_config
+
+log = logging.getLogger(__name__)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class PrunedTrial(optuna.TrialPruned):
+    """Pruned by Optuna: the MLflow run is marked KILLED with the reason."""
+
+    run_status = "KILLED"
+
+    def __init__(self, epoch: int, value: float):
+        self.run_reason = f"pruned by Optuna at epoch {epoch} ({value:.4f})"
+        super().__init__(self.run_reason)
+
+
+def default_storage_url() -> str:
+    """``sqlite:///<cwd>/mlruns/optuna.db`` (or ``$MASKSSD_OPTUNA_STORAGE``)."""
+    return os.environ.get("MASKSSD_OPTUNA_STORAGE") or \
+        f"sqlite:///{(Path.cwd() / LOCAL_DIR / 'optuna.db').as_posix()}"
+
+
+def make_storage(url: str | None, cfg: StudyConfig) -> optuna.storages.BaseStorage:
+    """SQLite (default, under mlruns/), a journal file (``*.log`` / ``journal:PATH``), or any RDB URL (PostgreSQL).
+
+    RDB storages get a heartbeat, so a trial left RUNNING by a dead worker is failed (and retried) by the others.
+    """
+    url = url or default_storage_url()
+    if url.startswith("journal:") or url.endswith((".log", ".journal")):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = url.removeprefix("journal:")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(path))
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": 120}}
+    else:
+        engine_kwargs.update({"pool_size": 2, "max_overflow": 2, "pool_recycle": 300})
+    s = cfg.study
+    try:
+        # workers starting at once must not race to create the schema
+        return runs.open_store(url, lambda: optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=s.heartbeat_interval,
+            grace_period=s.grace_period, failed_trial_callback=_FailedTrialCallback(s.max_retry)))
+    except Exception as e:  # unreachable server, bad URL, missing driver
+        raise MaskSSDError(f"cannot open Optuna storage {_redact(url)}: {e}") from None
+
+
+class _FailedTrialCallback:
+    """A stale trial (its worker died): mark its MLflow run FAILED, then retry it up to ``max_retry`` times."""
+
+    def __init__(self, max_retry: int):
+        self.retry = optuna.storages.RetryFailedTrialCallback(max_retry=max_retry, inherit_intermediate_values=False)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            try:
+                c = runs.client(study.user_attrs.get("tracking_uri"))
+                c.set_tag(run_id, "failure_reason", "worker stopped sending heartbeats (killed?)")
+                c.set_terminated(run_id, "FAILED")
+            except Exception as e:  # noqa: BLE001 - the retry matters more than the bookkeeping
+                log.warning("could not mark MLflow run %s failed: %s", run_id, e)
+        self.retry(study, trial)
+
+
+def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
+    s = cfg.sampler
+    if s.name == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    if s.name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=s.seed, n_startup_trials=s.n_startup_trials, warn_independent_sampling=False)
+    if s.name == "grid":
+        grid = {}
+        for name, p in cfg.space.items():
+            if p.type == "categorical":
+                grid[name] = list(p.choices or [])
+            else:
+                n = int(round((p.high - p.low) / p.step)) + 1  # type: ignore[operator]
+                grid[name] = [p.low + i * p.step for i in range(n)]  # type: ignore[operator]
+                if p.type == "int":
+                    grid[name] = [int(v) for v in grid[name]]
+        return optuna.samplers.GridSampler(grid, seed=s.seed)
+    with warnings.catch_warnings():  # multivariate/group/constant_liar: "experimental" flags, long stable
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # constant_liar: parallel workers do not all sample next to the same running trial
+        return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials,
+                                          multivariate=s.multivariate, group=s.multivariate, constant_liar=True)
+
+
+def make_pruner(cfg: StudyConfig, epochs: int) -> optuna.pruners.BasePruner:
+    p = cfg.pruner
+    if p.name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+    if p.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=epochs,
+                                              reduction_factor=p.reduction_factor)
+    return optuna.pruners.NopPruner()
+
+
+class _Budget:
+    """Stop a worker once the study's finished + running trials reach its total budget (shared by workers)."""
+
+    def __init__(self, n_trials: int):
+        self.n = n_trials
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+        done = len(study.get_trials(deepcopy=False, states=states))
+        failed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
+        if done >= self.n or failed >= max(self.n, 3):
+            study.stop()
+
+
+def remaining(study: optuna.Study, n_trials: int) -> int:
+    """Trials still to start: the budget less finished and running ones (enqueued retries still count as to-do)."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+    return max(n_trials - len(study.get_trials(deepcopy=False, states=states)), 0)
+
+
+def parent_run(c: Any, cfg: StudyConfig, study: optuna.Study, storage_url: str) -> str:
+    """The study's single parent MLflow run, shared by every worker (the earliest created wins a race)."""
+    rid = study.user_attrs.get("mlflow_parent_run_id")
+    if rid:
+        try:
+            run = c.get_run(rid)
+            if run.info.lifecycle_stage == "active":
+                if run.info.status != "RUNNING":
+                    c.update_run(rid, status="RUNNING")
+                return rid
+        except Exception:  # noqa: BLE001 - deleted or another store: make a new one
+            pass
+    exp_id = runs.experiment_id(c, cfg.mlflow_experiment)
+    storage = _redact(storage_url)
+    # one parent per (study name, storage): a study of the same name in another storage gets its own
+    query = (f"tags.`optuna.study_name` = '{cfg.study.name}' and tags.`maskssd.role` = 'study' "
+             f"and tags.`optuna.storage` = '{storage}'")
+    existing = c.search_runs([exp_id], query, order_by=["attributes.start_time ASC"], max_results=5)
+    if not existing:
+        run = c.create_run(exp_id, run_name=f"study-{cfg.study.name}",
+                           tags={"optuna.study_name": cfg.study.name, "maskssd.role": "study",
+                                 "optuna.storage": storage, **runs.git_info(Path(__file__).parent)})
+        existing = c.search_runs([exp_id], query, order_by=["attributes.start_time ASC"], max_results=5)
+        if existing[0].info.run_id != run.info.run_id:  # another worker created one first: use the earliest
+            c.delete_run(run.info.run_id)
+    chosen = existing[0].info.run_id
+    study.set_user_attr("mlflow_parent_run_id", chosen)
+    return chosen
+
+
+def _redact(url: str) -> str:
+    import re
+
+    return re.sub(r"//([^:/@]+):[^@]+@", r"//\1:***@", url)
+
+
+def make_objective(cfg: StudyConfig, base: Path, study_path: Path, parent_id: str, tracking_uri: str | None):
+    """One trial: sample, build the trial's experiment, run it as a nested MLflow run, return the objective."""
+    def objective(trial: optuna.Trial) -> float:
+        values = sample(trial, cfg)
+        try:
+            exp = trial_config(cfg, base, values, study_path)
+        except ConfigError as e:
+            trial.set_user_attr("fail_reason", str(e))
+            raise
+        reported: dict[str, float] = {}
+
+        def report(epoch: int, metrics: dict[str, float]) -> None:
+            value = metrics.get(cfg.study.objective)
+            if value is None or not math.isfinite(value):
+                return
+            trial.report(value, epoch)
+            reported[str(epoch)] = value
+            if trial.should_prune():
+                raise PrunedTrial(epoch, value)
+
+        tags = {"optuna.study_name": cfg.study.name, "optuna.trial_number": str(trial.number),
+                "study": cfg.study.name, "trial": str(trial.number), "maskssd.role": "trial",
+                **{f"optuna.param.{k}": str(v) for k, v in values.items()}}
+
+        def started(run_id: str) -> None:
+            trial.set_user_attr("mlflow_run_id", run_id)
+
+        try:
+            result = run_experiment(exp, tracking_uri=tracking_uri, run_name=f"trial-{trial.number:03d}",
+                                    parent_run_id=parent_id, tags=tags, on_eval=[report], progress=False,
+                                    log_model=cfg.study.log_models, on_start=started)
+        except optuna.TrialPruned:
+            _tag_state(tracking_uri, trial, "PRUNED")
+            raise
+        except NonFiniteLossError as e:
+            trial.set_user_attr("fail_reason", f"non-finite loss: {e}")
+            _tag_state(tracking_uri, trial, "FAIL")
+            raise
+        except Exception as e:
+            trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:2000])
+            _tag_state(tracking_uri, trial, "FAIL")
+            raise
+        key = f"best_{cfg.study.objective}"
+        value = result.metrics.get(key, result.metrics.get(cfg.study.objective))
+        if value is None or not math.isfinite(value):
+            raise MaskSSDError(f"trial produced no finite {key}")
+        for k in ("test_map", "best_val_map", "best_epoch"):
+            if k in result.metrics:
+                trial.set_user_attr(k, result.metrics[k])
+        _tag_state(tracking_uri, trial, "COMPLETE")
+        return float(value)
+
+    return objective
+
+
+def _tag_state(tracking_uri: str | None, trial: optuna.Trial, state: str) -> None:
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id:
+        runs.client(tracking_uri).set_tag(run_id, "optuna.state", state)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage, name: str | None = None,
+               epochs: int = 10) -> optuna.Study:
+    return optuna.create_study(study_name=name or cfg.study.name, storage=storage, sampler=make_sampler(cfg),
+                               pruner=make_pruner(cfg, epochs), direction=cfg.study.direction, load_if_exists=True)
+
+
+@dataclass
+class StudyOutcome:
+    """Where a study stands after this worker's share: trial counts by state, and its report."""
+
+    name: str
+    parent_run_id: str
+    states: dict[str, int]
+    report: StudyReport | None = None
+
+
+@dataclass
+class StudyReport:
+    """The best trials (``(number, value, test_map, best_epoch, params, run_id)``, best first) and importances."""
+
+    name: str
+    direction: str
+    best: list[tuple[int, float, float | None, int | None, dict[str, Any], str]] = field(default_factory=list)
+    importances: dict[str, float] = field(default_factory=dict)
+
+
+def run_study(config: str | Path, *, n_trials: int | None = None, storage: str | None = None,
+              study_name: str | None = None, tracking_uri: str | None = None, timeout: float | None = None,
+              report: bool = True) -> StudyOutcome:
+    """Create or resume the study of a study TOML and work on it until its shared budget is spent."""
+    cfg, base = load_study_config(config)
+    if study_name:
+        cfg.study.name = study_name
+    n_trials = n_trials or cfg.study.n_trials
+    storage_url = storage or default_storage_url()
+    epochs = trial_config(cfg, base, {k: first_value(p) for k, p in cfg.space.items()}, config).train.epochs
+    study = open_study(cfg, make_storage(storage_url, cfg), None, epochs)
+    c = runs.client(tracking_uri)
+    study.set_user_attr("study_file", str(Path(config)))
+    study.set_user_attr("objective", cfg.study.objective)
+    if tracking_uri:
+        study.set_user_attr("tracking_uri", tracking_uri)
+    parent = parent_run(c, cfg, study, storage_url)
+    with warnings.catch_warnings():  # experimental in Optuna's API, stable in behaviour since v2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # trials of dead workers: FAIL (MLflow run too), then retried
+    todo = remaining(study, n_trials)
+    log.info("study %s: %d trials so far, budget %d, %d to go; MLflow parent run %s in experiment %s",
+             cfg.study.name, len(study.trials), n_trials, todo, parent, cfg.mlflow_experiment)
+    _log_study_params(runs.MlflowRun(c, parent), study, cfg, base, n_trials, config)
+    if todo > 0:
+        objective = make_objective(cfg, base, Path(config), parent, tracking_uri)
+        timeout = timeout or cfg.study.timeout or None
+        study.optimize(objective, n_trials=None if timeout else todo + 2 * n_trials, timeout=timeout,
+                       catch=(Exception,), callbacks=[_Budget(n_trials)], gc_after_trial=True)
+    states = {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in optuna.trial.TrialState}
+    finished = states.get("COMPLETE", 0) + states.get("PRUNED", 0)
+    if finished >= n_trials and not states.get("RUNNING"):
+        c.set_terminated(parent, "FINISHED")
+    return StudyOutcome(cfg.study.name, parent, {k: v for k, v in states.items() if v},
+                        summarize(study, c, parent) if report else None)
+
+
+def _log_study_params(run: runs.MlflowRun, study: optuna.Study, cfg: StudyConfig, base: Path, n_trials: int,
+                      config: str | Path) -> None:
+    if study.user_attrs.get("params_logged"):
+        return
+    run.log_params({"study.n_trials": n_trials, "study.objective": cfg.study.objective,
+                    "study.direction": cfg.study.direction, "sampler": cfg.sampler.name,
+                    "pruner": cfg.pruner.name, "base_experiment": str(base.name),
+                    **{f"space.{k}": p.model_dump_json(exclude_defaults=True) for k, p in cfg.space.items()}})
+    run.log_artifact(config, "study")
+    study.set_user_attr("params_logged", True)
+
+
+def best_trial_run(name: str, storage_url: str | None, tracking_uri: str | None) -> tuple[str, dict[str, str]]:
+    """The MLflow run of a study's best trial, and lineage tags for the registry."""
+    study = load_study(name, storage_url)
+    try:
+        best = study.best_trial
+    except ValueError:
+        raise MaskSSDError(f"study {name!r} has no completed trial yet") from None
+    run_id = best.user_attrs.get("mlflow_run_id")
+    if not run_id:
+        raise MaskSSDError(f"best trial {best.number} of {name!r} has no MLflow run")
+    return run_id, {"study": name, "trial": str(best.number), "study_value": f"{best.value:.6f}"}
+
+
+def load_study(name: str, storage_url: str | None = None) -> optuna.Study:
+    storage = storage_url or default_storage_url()
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise MaskSSDError(f"no study named {name!r} in {_redact(storage)}") from None
+
+
+def report_study(name: str, *, storage: str | None = None, tracking_uri: str | None = None) -> StudyReport:
+    """``maskssd study-report``: summarise a study (and log its plots to its parent run)."""
+    study = load_study(name, storage)
+    return summarize(study, runs.client(tracking_uri), study.user_attrs.get("mlflow_parent_run_id"))
+
+
+def summarize(study: optuna.Study, c: Any, parent_run_id: str | None, top: int = 10) -> StudyReport:
+    """Best trials and fANOVA importances; plots and a summary logged to the study's parent run."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    rep = StudyReport(study.study_name, study.direction.name.lower())
+    for tr in sorted(complete, key=lambda x: x.value, reverse=reverse)[:top]:
+        epoch = tr.user_attrs.get("best_epoch")
+        rep.best.append((tr.number, tr.value, tr.user_attrs.get("test_map"), int(epoch) if epoch else None,
+                         dict(tr.params), str(tr.user_attrs.get("mlflow_run_id", ""))))
+    if len(complete) >= 3:
+        try:
+            rep.importances = optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+        except (RuntimeError, ValueError) as e:
+            log.warning("no parameter importances: %s", e)
+    if parent_run_id:
+        _log_plots(study, c, parent_run_id, rep.importances)
+        if complete:
+            _log_summary(study, runs.MlflowRun(c, parent_run_id), rep.importances, len(complete))
+    return rep
+
+
+def _log_summary(study: optuna.Study, run: runs.MlflowRun, importances: Mapping[str, float], n_complete: int) -> None:
+    best = study.best_trial
+    count = lambda state: len(study.get_trials(deepcopy=False, states=(state,)))  # noqa: E731
+    run.log_metrics({"best_value": best.value, "best_trial": best.number, "n_complete": n_complete,
+                     "n_pruned": count(optuna.trial.TrialState.PRUNED),
+                     "n_failed": count(optuna.trial.TrialState.FAIL)}, step=len(study.trials))
+    run.set_tags({"best_trial": best.number, "best_run_id": best.user_attrs.get("mlflow_run_id", "")})
+    run.log_dict({"importances": dict(importances), "best_params": best.params, "best_value": best.value},
+                 "study/summary.json")
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _log_plots(study: optuna.Study, c: Any, parent_run_id: str, importances: Mapping[str, float]) -> None:
+    import tempfile
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    plots = {"optimization_history": lambda: ovm.plot_optimization_history(study),
+             "intermediate_values": lambda: ovm.plot_intermediate_values(study),
+             "parallel_coordinate": lambda: ovm.plot_parallel_coordinate(study),
+             "slice": lambda: ovm.plot_slice(study)}
+    if importances:
+        plots["param_importances"] = lambda: ovm.plot_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, fn in plots.items():
+            try:
+                ax = fn()
+            except (ValueError, RuntimeError, TypeError) as e:
+                log.warning("skipped plot %s: %s", name, e)
+                continue
+            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).get_figure()
+            fig.set_size_inches(10, 6)
+            path = Path(tmp) / f"{name}.png"
+            fig.savefig(path, dpi=90, bbox_inches="tight")
+            plt.close("all")
+            c.log_artifact(parent_run_id, str(path), "study_plots")

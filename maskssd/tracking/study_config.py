@@ -1,0 +1,175 @@
+"""Study configs: the TOML that names a base experiment, a search space over dotted experiment keys, a sampler,
+a pruner and a budget; and how one trial's sampled values become an experiment config."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import optuna
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from maskssd.errors import ConfigError
+from maskssd.training.config import (
+    ExperimentConfig,
+    _line_of,
+    apply_overrides,
+    config_error,
+    read_toml,
+    validate,
+)
+
+__all__ = ["ParamSpec", "PrunerSpec", "SamplerSpec", "StudyConfig", "StudySection", "first_value",
+           "load_study_config", "sample", "trial_config"]
+
+
+# ------------------------------------------------------------------------------------------- config
+class _S(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ParamSpec(_S):
+    """One searched parameter: ``target`` is the dotted experiment key it sets."""
+
+    target: str
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+    as_list: bool = False  # wrap the value in a list (e.g. one multistep decay epoch)
+    when: dict[str, Any] = Field(default_factory=dict)  # sampled only when these other params have these values
+
+    @model_validator(mode="after")
+    def _check(self) -> ParamSpec:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical parameter needs choices")
+            if any(not isinstance(c, (str, int, float, bool)) for c in self.choices):
+                raise ValueError("categorical choices must be strings, numbers or booleans")
+        else:
+            if self.low is None or self.high is None or not self.low < self.high:
+                raise ValueError(f"a {self.type} parameter needs low < high")
+            if self.log and self.low <= 0:
+                raise ValueError("a log-scale parameter needs low > 0")
+        return self
+
+
+class SamplerSpec(_S):
+    name: Literal["tpe", "random", "cmaes", "grid"] = "tpe"
+    seed: int | None = 0
+    n_startup_trials: int = Field(5, ge=0)
+    multivariate: bool = True
+
+
+class PrunerSpec(_S):
+    name: Literal["median", "hyperband", "none"] = "median"
+    n_startup_trials: int = Field(2, ge=0)
+    n_warmup_steps: int = Field(0, ge=0)  # epochs before pruning may start
+    min_resource: int = Field(1, ge=1)  # hyperband
+    reduction_factor: int = Field(3, ge=2)  # hyperband
+
+
+class StudySection(_S):
+    name: str
+    experiment: str  # base experiment TOML, relative to the study file
+    objective: str = "val_map"  # the selected checkpoint's value (logged as best_<objective>)
+    direction: Literal["maximize", "minimize"] = "maximize"
+    n_trials: int = Field(20, ge=1)  # the study's total budget, shared by every worker
+    timeout: float = Field(0, ge=0)  # seconds per worker; 0 = none
+    epochs: int | None = Field(None, ge=1)  # epochs per trial (default: the experiment's)
+    eval_every: int | None = Field(None, ge=1)
+    mlflow_experiment: str | None = None  # default: "study-<name>"
+    log_models: bool = True  # every finished trial logs its model, so the best can be promoted
+    heartbeat_interval: int = Field(30, ge=1)
+    grace_period: int = Field(90, ge=2)
+    max_retry: int = Field(1, ge=0)  # retries of a trial whose worker died
+    overrides: dict[str, Any] = Field(default_factory=dict)  # fixed experiment values for every trial
+
+
+class StudyConfig(_S):
+    study: StudySection
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    space: dict[str, ParamSpec]
+
+    @model_validator(mode="after")
+    def _conds(self) -> StudyConfig:
+        for name, p in self.space.items():
+            for other in p.when:
+                if other not in self.space:
+                    raise ValueError(f"space.{name}.when names {other!r}, which is not a parameter of the space")
+        if self.sampler.name == "grid":
+            for name, p in self.space.items():
+                if p.type != "categorical" and p.step is None:
+                    raise ValueError(f"grid sampling needs choices or a step for space.{name}")
+        return self
+
+    @property
+    def mlflow_experiment(self) -> str:
+        return self.study.mlflow_experiment or f"study-{self.study.name}"
+
+
+def load_study_config(path: str | Path) -> tuple[StudyConfig, Path]:
+    """Read and validate a study TOML (and its base experiment, with every parameter at its low/first value)."""
+    path = Path(path)
+    data, text = read_toml(path, "study file")
+    try:
+        cfg = StudyConfig.model_validate(data)
+    except ValidationError as e:
+        raise config_error(e, path, text) from None
+    base = (path.parent / cfg.study.experiment).resolve()
+    if not base.is_file():
+        raise ConfigError(f"base experiment {base} not found", path, "study.experiment", _line_of(text, ("study", "experiment")))
+    # every target must be a real experiment key: validate a trial config made of each parameter's first value
+    probe = {k: first_value(p) for k, p in cfg.space.items()}
+    base_cfg = trial_config(cfg, base, probe, path)
+    del base_cfg
+    return cfg, base
+
+
+def first_value(p: ParamSpec) -> Any:
+    if p.type == "categorical":
+        return p.choices[0]  # type: ignore[index]
+    return int(p.low) if p.type == "int" else p.low  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------- trials
+def sample(trial: optuna.Trial, cfg: StudyConfig) -> dict[str, Any]:
+    """Sample the space (conditional parameters only when their ``when`` holds); names -> values."""
+    values: dict[str, Any] = {}
+    pending = dict(cfg.space)
+    while pending:  # parameters whose conditions are decided, in dependency order
+        progressed = False
+        for name, p in list(pending.items()):
+            if any(other in pending for other in p.when):
+                continue
+            del pending[name]
+            progressed = True
+            if any(values.get(o, object()) != v for o, v in p.when.items()):
+                continue
+            if p.type == "categorical":
+                values[name] = trial.suggest_categorical(name, p.choices)  # type: ignore[arg-type]
+            elif p.type == "int":
+                values[name] = trial.suggest_int(name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)  # type: ignore[arg-type]
+            else:
+                values[name] = trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)  # type: ignore[arg-type]
+        if not progressed:
+            raise ConfigError(f"circular 'when' conditions among {sorted(pending)}")
+    return values
+
+
+def trial_config(cfg: StudyConfig, base: Path, values: Mapping[str, Any], study_path: str | Path = "") -> ExperimentConfig:
+    """The base experiment with the study's fixed overrides and one trial's sampled values applied."""
+    data, _ = read_toml(base, "base experiment")
+    apply_overrides(data, cfg.study.overrides, str(study_path))
+    sampled = {cfg.space[k].target: ([v] if cfg.space[k].as_list else v) for k, v in values.items()}
+    apply_overrides(data, sampled, str(study_path))
+    if cfg.study.epochs:
+        apply_overrides(data, {"train.epochs": cfg.study.epochs})
+    if cfg.study.eval_every:
+        apply_overrides(data, {"train.eval_every": cfg.study.eval_every})
+    apply_overrides(data, {"experiment.name": cfg.mlflow_experiment})
+    return validate(data, f"{base} (trial values {dict(values)} from {study_path})")

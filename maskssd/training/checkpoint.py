@@ -1,0 +1,112 @@
+"""Checkpoints: written atomically (a killed process never leaves a half-written file) and loadable into a
+ready-to-use detector.
+
+A training checkpoint holds model, optimiser, scheduler, epoch, RNG states, the resolved config and what
+rebuilds the model (``build_args``); a deployment checkpoint needs only the model part.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from maskssd.errors import MaskSSDError
+
+FORMAT_VERSION = 1
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM during the block and deliver them right after it.
+
+    An interrupt inside ``torch.save`` leaves its zip writer half-way; its clean-up then raises a
+    RuntimeError that hides the KeyboardInterrupt, and the run would end as failed instead of interrupted.
+    Elsewhere than in the main thread (where Python runs signal handlers) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: h for s, h in previous.items() if h is not None}  # None: installed outside Python, left alone
+    for s in previous:
+        signal.signal(s, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(held):  # delivered now, to the handlers in force again
+            signal.raise_signal(s)
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``. Ctrl-C or
+    SIGTERM during the write take effect once it is complete (:func:`interrupts_deferred`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with interrupts_deferred():
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return path
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read a maskssd checkpoint (refuses files that are not one, with the reason)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MaskSSDError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated, not a torch file, ...
+        raise MaskSSDError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "build_args" not in ckpt:
+        raise MaskSSDError(f"{path}: not a maskssd checkpoint (no model/build_args)")
+    return ckpt
+
+
+def load_detector(source: str | Path | dict[str, Any], device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A detector in eval mode from a checkpoint file (or its loaded dict), and the checkpoint."""
+    from maskssd.ssd.models import build_model
+
+    ckpt = source if isinstance(source, dict) else load(source)
+    args = dict(ckpt["build_args"])
+    args["pretrained"] = False  # the weights come from the checkpoint
+    args.pop("init_checkpoint", None)
+    name = args.pop("name")
+    model = build_model(name, **args)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt

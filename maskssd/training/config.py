@@ -1,0 +1,407 @@
+"""Experiment configs: TOML files validated on load, ``--set section.key=value`` overrides, dotted params.
+
+Every error names the key and the file (and the line where the key is written). Unknown keys, wrong types
+(strict: a string is not a number) and impossible values are all refused before anything runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from maskssd.data import DEFAULT_CLASSES
+from maskssd.errors import ConfigError
+from maskssd.ssd.decode_spec import DecodeSpec
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class ExperimentSection(_Section):
+    name: str = "maskssd"  # MLflow experiment name
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    description: str = ""
+    tags: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return v
+
+
+class SynthSection(_Section):
+    """A synthetic dataset generated at ``data.root`` on first use (see :mod:`maskssd.synth`)."""
+
+    images: int = Field(300, ge=10)
+    seed: int = 0
+    class_probs: list[float] = Field(default_factory=lambda: [0.80, 0.17, 0.03], min_length=1)  # the real imbalance
+    face_size: list[float] = Field(default_factory=lambda: [0.06, 0.35], min_length=2, max_length=2)
+    faces_per_image: list[int] = Field(default_factory=lambda: [1, 6], min_length=2, max_length=2)
+
+
+class DataSection(_Section):
+    root: str
+    split_name: str = "paper"
+    classes: list[str] = Field(default_factory=lambda: list(DEFAULT_CLASSES), min_length=1)
+    synthetic: SynthSection | None = None  # generate a synthetic dataset at ``root`` on first use
+    on_error: Literal["raise", "skip"] = "raise"
+    batch_size: int = Field(16, ge=1)
+    eval_batch_size: int = Field(32, ge=1)
+    num_workers: int = Field(0, ge=0)
+    cache_images: bool = True
+    final_split: Literal["val", "test", "none"] = "test"
+
+    @field_validator("classes")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v) or "background" in v:
+            raise ValueError("class names must be unique and may not be 'background'")
+        return v
+
+
+class AugmentSection(_Section):
+    photometric_p: float = Field(0.5, ge=0, le=1)
+    zoom_out_p: float = Field(0.5, ge=0, le=1)
+    zoom_out_max: float = Field(4.0, ge=1)
+    iou_crop_p: float = Field(1.0, ge=0, le=1)
+    hflip_p: float = Field(0.5, ge=0, le=1)
+
+
+class ModelSection(_Section):
+    name: str = "tiny"
+    input_size: int | None = Field(None, ge=32, le=2048)
+    pretrained: bool = False
+    init_checkpoint: str = ""  # a tutorial-layout SSD300 checkpoint (the paper's Pascal VOC start)
+    freeze_stages: int = Field(0, ge=0)
+    bn_mode: Literal["train", "frozen", "frozen_stages"] | None = None
+    min_scale: float | None = Field(None, gt=0, le=1)
+    max_scale: float | None = Field(None, gt=0, le=1.5)
+    scales: list[float] | None = None  # one per feature map; overrides min_scale/max_scale
+    aspect_ratios: list[float] | None = None
+    extra_channels: list[int] | None = None
+    width: int | None = Field(None, ge=4)  # tiny model only
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from maskssd.ssd.models import list_models
+
+        if v not in list_models():
+            raise ValueError(f"unknown model {v!r}; known: {', '.join(list_models())}")
+        return v
+
+    @model_validator(mode="after")
+    def _scales(self) -> ModelSection:
+        if self.min_scale and self.max_scale and self.min_scale >= self.max_scale:
+            raise ValueError("min_scale must be below max_scale")
+        if self.aspect_ratios and any(r <= 0 or r == 1 for r in self.aspect_ratios):
+            raise ValueError("aspect_ratios lists the ratios besides 1, each > 0")
+        return self
+
+    def build_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`maskssd.models.build_model` (unset values keep the model's default)."""
+        kw = self.model_dump(exclude={"name"}, exclude_none=True)
+        if not kw.get("init_checkpoint"):
+            kw.pop("init_checkpoint", None)
+        return kw
+
+
+class LossSection(_Section):
+    threshold: float = Field(0.5, gt=0, le=1)
+    neg_pos_ratio: float = Field(3.0, ge=0)
+    alpha: float = Field(1.0, ge=0)
+    class_weights: dict[str, float] = Field(default_factory=dict)  # by class name; "background" too; unset = 1
+    # classes not in class_weights get (most frequent class's boxes / this class's boxes) ** exponent; 0 = off
+    class_weight_exponent: float = Field(0.0, ge=0, le=2)
+    loc_loss: Literal["l1", "smooth_l1"] = "l1"
+    focal_gamma: float = Field(0.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+    @field_validator("class_weights")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, w in v.items():
+            if not w > 0:
+                raise ValueError(f"weight of {k!r} must be > 0, got {w}")
+        return v
+
+
+class OptimSection(_Section):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0)
+    bias_lr_mult: float = Field(1.0, gt=0)  # the paper's code: 2
+    grad_clip: float = Field(0.0, ge=0)  # max gradient norm; 0 = off
+
+
+class ScheduleSection(_Section):
+    name: Literal["constant", "multistep", "cosine"] = "constant"
+    decay_lr_at: list[int] = Field(default_factory=list)  # epochs (multistep)
+    decay_lr_to: float = Field(0.1, gt=0, le=1)  # factor applied at each of decay_lr_at
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine floor, as a fraction of lr
+    warmup_epochs: float = Field(0.0, ge=0)  # linear warm-up from warmup_start_ratio * lr
+    warmup_start_ratio: float = Field(0.001, gt=0, le=1)
+
+
+class TrainSection(_Section):
+    epochs: int = Field(10, ge=1)
+    eval_every: int = Field(1, ge=1)
+    save_every: int = Field(1, ge=1)
+    best_metric: Literal["val_map", "val_loss"] = "val_map"  # the paper: val_loss
+    best_after_epoch: int = Field(0, ge=0)  # the paper: 40
+    amp: bool = True  # mixed precision, used on GPU only
+    channels_last: bool = False  # NHWC memory format: faster depthwise convolutions on CPU (and tensor cores)
+    sync_bn: bool = False  # distributed runs: BatchNorm statistics over all processes' batches
+    log_images: int = Field(4, ge=0)  # annotated validation images logged at the end
+
+
+class EvalSection(_Section):
+    """Detection settings for evaluation; defaults are :class:`DecodeSpec`'s (the paper's protocol)."""
+
+    min_score: float = Field(DecodeSpec.min_score, ge=0, lt=1)
+    max_overlap: float = Field(DecodeSpec.max_overlap, gt=0, le=1)
+    top_k: int = Field(DecodeSpec.top_k, ge=1)
+    class_agnostic: bool = DecodeSpec.class_agnostic
+    pre_nms_top_k: int = Field(0, ge=0)  # 0 = keep every candidate (the paper's code)
+    coco: bool = True
+
+
+class ExperimentConfig(_Section):
+    experiment: ExperimentSection = Field(default_factory=ExperimentSection)
+    data: DataSection
+    augment: AugmentSection = Field(default_factory=AugmentSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    loss: LossSection = Field(default_factory=LossSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+    # ----------------------------------------------------------------------------------- helpers
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.data.classes)
+
+    def class_weight_list(self, box_counts: Mapping[str, int] | None = None) -> list[float] | None:
+        """Cross-entropy weights by class index (background first), or None when all are 1.
+
+        Explicit ``loss.class_weights`` win; other classes get ``(max count / count) ** class_weight_exponent``
+        from the training split's ``box_counts`` when the exponent is set.
+        """
+        w, exp = self.loss.class_weights, self.loss.class_weight_exponent
+        if not w and (exp == 0 or not box_counts):
+            return None
+
+        def weight(c: str) -> float:
+            if c in w:
+                return w[c]
+            if exp and box_counts and box_counts.get(c):
+                return (max(box_counts.values()) / box_counts[c]) ** exp
+            return 1.0
+
+        return [w.get("background", 1.0)] + [weight(c) for c in self.data.classes]
+
+    def flat(self) -> dict[str, Any]:
+        """Every effective value under a dotted name (``loss.alpha``), for MLflow params."""
+        return flatten(self.model_dump(mode="json"))
+
+    def digest(self) -> str:
+        """A short hash of the effective config (lineage tag)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def to_toml(self) -> str:
+        return dump_toml(self.model_dump(mode="json", exclude_none=True))
+
+
+# ----------------------------------------------------------------------------------------- loading
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> ``{"section.key": value}``; an empty table becomes ``"{}"``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = "{}" if isinstance(v, Mapping) else v
+    return out
+
+
+def parse_value(raw: str) -> Any:
+    """A ``--set`` value in TOML syntax (``2``, ``1e-3``, ``true``, ``[1, 2]``, ``"x"``); bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | Iterable[str], source: str = "--set") -> dict[str, Any]:
+    """Set dotted keys in a nested dict: ``{"loss.alpha": 2}`` or ``["loss.alpha=2"]``."""
+    items: list[tuple[str, Any]]
+    if isinstance(overrides, Mapping):
+        items = list(overrides.items())
+    else:
+        items = []
+        for s in overrides:
+            if "=" not in s:
+                raise ConfigError(f"override {s!r} is not of the form section.key=value", source)
+            k, v = s.split("=", 1)
+            items.append((k.strip(), parse_value(v.strip())))
+    for key, value in items:
+        parts = key.split(".")
+        node = data
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"cannot set {key}: {p} is a value, not a section", source, key)
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
+    """The line where a dotted key is written in a TOML text (best effort)."""
+    if not text or not loc:
+        return None
+    section, key = (".".join(str(p) for p in loc[:-1]), str(loc[-1])) if len(loc) > 1 else ("", str(loc[0]))
+    current = ""
+    key_re = re.compile(rf"^\s*\"?{re.escape(key)}\"?\s*=")
+    sec_re = re.compile(r"^\s*\[+\s*([^\]]+?)\s*\]+")
+    fallback = None
+    for i, line in enumerate(text.splitlines(), 1):
+        m = sec_re.match(line)
+        if m:
+            current = m.group(1)
+            if current == ".".join(str(p) for p in loc):
+                fallback = i
+            continue
+        if key_re.match(line):
+            if current == section or (section.startswith(current + ".") if current else False):
+                return i
+            if fallback is None and section.endswith(current):
+                fallback = i
+        elif section and current == section.split(".")[0] and re.match(rf"^\s*{re.escape(section.split('.', 1)[-1])}\s*=", line):
+            fallback = fallback or i
+    return fallback
+
+
+def _cross_checks(cfg: ExperimentConfig) -> tuple[str, str] | None:
+    """Checks that involve two sections: (key, message) of the first failure."""
+    from maskssd.ssd.models import model_keywords
+
+    allowed = model_keywords(cfg.model.name)
+    for key in cfg.model.build_kwargs():
+        if key not in allowed:
+            return f"model.{key}", f"model {cfg.model.name!r} takes no {key!r}; its keywords: {', '.join(allowed)}"
+    known = {"background", *cfg.data.classes}
+    unknown = sorted(set(cfg.loss.class_weights) - known)
+    if unknown:
+        return "loss.class_weights", f"unknown classes {unknown}; known: {sorted(known)}"
+    if any(e < 1 or e > cfg.train.epochs for e in cfg.schedule.decay_lr_at):
+        return "schedule.decay_lr_at", f"epochs must lie in [1, train.epochs = {cfg.train.epochs}]"
+    if cfg.schedule.warmup_epochs >= cfg.train.epochs:
+        return "schedule.warmup_epochs", "warm-up must end before the last epoch"
+    return None
+
+
+def config_error(e: ValidationError, path: str | Path | None, text: str = "") -> ConfigError:
+    """The first error of a pydantic validation as a ConfigError naming the key, the file and the line."""
+    err = e.errors()[0]
+    loc = tuple(str(p) for p in err["loc"])
+    key = ".".join(loc) if loc else None
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    elif "input" in err and err["type"] not in ("value_error",):
+        msg = f"{msg} (got {err['input']!r})"
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    return ConfigError(msg + more, path, key, _line_of(text, loc))
+
+
+def validate(data: dict[str, Any], path: str | Path | None = None, text: str = "") -> ExperimentConfig:
+    """Validate a config dict; the first error names the key, the file and the line."""
+    try:
+        cfg = ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        raise config_error(e, path, text) from None
+    problem = _cross_checks(cfg)
+    if problem is None:
+        return cfg
+    key, msg = problem
+    raise ConfigError(msg, path, key, _line_of(text, tuple(key.split("."))))
+
+
+def read_toml(path: str | Path, what: str = "config file") -> tuple[dict[str, Any], str]:
+    """A TOML file's data and text; a missing file or a syntax error is a ConfigError with its line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found", path)
+    text = path.read_text()
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"not valid TOML: {e}", path, None, toml_error_line(e, text)) from None
+
+
+def load_config(path: str | Path, overrides: Iterable[str] | Mapping[str, Any] = ()) -> ExperimentConfig:
+    """Read, override and validate an experiment TOML."""
+    data, text = read_toml(path)
+    apply_overrides(data, overrides)
+    return validate(data, path, text)
+
+
+def toml_error_line(e: tomllib.TOMLDecodeError, text: str) -> int | None:
+    """The line of a TOML syntax error (Python 3.11 keeps it only in the message)."""
+    if getattr(e, "lineno", None):
+        return e.lineno  # type: ignore[attr-defined]
+    m = re.search(r"at line (\d+)", str(e))
+    if m:
+        return int(m.group(1))
+    return text.count("\n") + 1 if "end of document" in str(e) else None
+
+
+def dump_toml(d: Mapping[str, Any]) -> str:
+    """A small TOML writer for resolved configs (tables of scalars, lists and inline tables)."""
+
+    def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, Mapping):
+            return "{ " + ", ".join(f"{json.dumps(k) if not re.fullmatch(r'[A-Za-z0-9_-]+', k) else k} = {val(x)}"
+                                    for k, x in v.items()) + " }"
+        raise TypeError(f"cannot write {type(v)} to TOML")
+
+    lines: list[str] = []
+    for section, body in d.items():
+        if isinstance(body, Mapping):
+            sub = {k: v for k, v in body.items() if isinstance(v, Mapping) and k not in ("tags", "class_weights")}
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {val(v)}" for k, v in body.items() if k not in sub]
+            for k, v in sub.items():
+                lines.append(f"\n[{section}.{k}]")
+                lines += [f"{kk} = {val(vv)}" for kk, vv in v.items()]
+            lines.append("")
+        else:
+            lines.insert(0, f"{section} = {val(body)}")
+    return "\n".join(lines)

@@ -1,0 +1,324 @@
+"""The training engine: optimiser and schedule builders, one-epoch training, evaluation, and ``Trainer.fit``.
+
+The engine knows nothing of MLflow: it reports through a :class:`~maskssd.training.tracker.RunLogger` (metrics,
+checkpoints) and
+``on_eval`` hooks (Optuna pruning). Every epoch's randomness derives from ``(seed, epoch)``, so a resumed run
+repeats an uninterrupted one exactly on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from maskssd.data import Batch
+from maskssd.errors import NonFiniteLossError, TrainingInterrupted
+from maskssd.evaluation.metrics import DetectionEvaluator, EvalResult
+from maskssd.ssd.loss import MultiBoxLoss
+from maskssd.ssd.postprocess import DecodeSpec, postprocess
+from maskssd.training import distributed
+from maskssd.training.checkpoint import atomic_save, rng_state
+from maskssd.training.config import ExperimentConfig, OptimSection, ScheduleSection
+from maskssd.training.tracker import NullTracker, RunLogger
+
+
+# ------------------------------------------------------------------------------------- optimisation
+def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimizer:
+    """SGD / Adam / AdamW with the biases in their own group at ``bias_lr_mult`` x lr (the paper's code: 2)."""
+    biases = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith(".bias")]
+    others = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith(".bias")]
+    groups = [{"params": others, "lr": cfg.lr}, {"params": biases, "lr": cfg.lr * cfg.bias_lr_mult}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov and cfg.momentum > 0)
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: ScheduleSection, epochs: int, progress: float) -> float:
+    """The learning-rate multiplier at ``progress`` epochs (a float: schedules step per iteration)."""
+    if cfg.name == "multistep":
+        f = cfg.decay_lr_to ** sum(progress >= e - 1 for e in cfg.decay_lr_at)  # decay_lr_at: 1-based epochs
+    elif cfg.name == "cosine":
+        t = min(max(progress - cfg.warmup_epochs, 0.0) / max(epochs - cfg.warmup_epochs, 1e-9), 1.0)
+        f = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    else:
+        f = 1.0
+    if cfg.warmup_epochs > 0 and progress < cfg.warmup_epochs:
+        f *= cfg.warmup_start_ratio + (1 - cfg.warmup_start_ratio) * progress / cfg.warmup_epochs
+    return f
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleSection, epochs: int,
+                    iters_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-iteration ``LambdaLR`` (its state is one counter, so it resumes exactly)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(cfg, epochs, it / max(iters_per_epoch, 1)))
+
+
+# -------------------------------------------------------------------------------------------- loops
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    if enabled and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class TrainSpec:
+    """What ``fit`` needs beyond the model: the epochs, selection rule and detection settings."""
+
+    epochs: int
+    seed: int = 0
+    eval_every: int = 1
+    save_every: int = 1
+    best_metric: str = "val_map"
+    best_after_epoch: int = 0
+    grad_clip: float = 0.0
+    amp: bool = True
+    decode: DecodeSpec = field(default_factory=DecodeSpec)
+    coco: bool = True
+    progress: bool = True
+    channels_last: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig, progress: bool = True) -> TrainSpec:
+        t = cfg.train
+        return cls(epochs=t.epochs, seed=cfg.experiment.seed, eval_every=t.eval_every, save_every=t.save_every,
+                   best_metric=t.best_metric, best_after_epoch=t.best_after_epoch, grad_clip=cfg.optim.grad_clip,
+                   amp=t.amp, decode=DecodeSpec.from_config(cfg.eval), coco=cfg.eval.coco, progress=progress,
+                   channels_last=t.channels_last)
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # last completed epoch (1-based)
+    best_value: float | None = None
+    best_epoch: int | None = None
+    last_saved_epoch: int = 0
+
+
+def _finite(value: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(value):
+        raise NonFiniteLossError(what)
+
+
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, *, class_names: tuple[str, ...],
+             device: torch.device, loss_fn: MultiBoxLoss | None = None, decode: DecodeSpec | None = None,
+             compute_map: bool = True, coco: bool = True, amp: bool = False, prefix: str = "val",
+             collect: list[tuple[str, Any]] | None = None,
+             channels_last: bool = False) -> tuple[dict[str, float], EvalResult | None]:
+    """Loss (and its parts) on a split and, with ``compute_map``, every detection metric, in one pass.
+
+    ``collect`` (a list) receives ``(image_id, Detections in original pixels)`` for every image. In a
+    distributed run each rank evaluates its shard; losses are averaged and per-image results gathered, in
+    dataset order, so every metric equals the single-process value.
+    """
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # total, conf, loc, batches
+    records: list[tuple[int, str, Any, torch.Tensor, torch.Tensor, torch.Tensor, tuple[float, float]]] = []
+    annotations = getattr(loader.dataset, "annotations", None)
+    order = {a.image_id: i for i, a in enumerate(annotations)} if annotations is not None else {}
+    priors = model.priors_cxcy
+    want_dets = compute_map or collect is not None
+    with torch.no_grad():
+        for batch in loader:
+            batch = batch.to(device)
+            images = batch.images.contiguous(memory_format=torch.channels_last) if channels_last else batch.images
+            with autocast(device, amp):
+                locs, scores = model(images)
+            if loss_fn is not None:
+                out = loss_fn(locs, scores, batch.boxes, batch.labels)
+                sums += torch.tensor([out.total.item(), out.conf.item(), out.loc.item(), 1.0], dtype=torch.float64)
+            if not want_dets:
+                continue
+            dets = postprocess(locs, scores, priors, decode or DecodeSpec(), batch.sizes)
+            for k, (image_id, d) in enumerate(zip(batch.image_ids, dets)):
+                w, h = batch.sizes[k].tolist()
+                scale = torch.tensor([w, h, w, h], device=batch.boxes[k].device)
+                records.append((order.get(image_id, len(records)), image_id, d.to_cpu(), (batch.boxes[k] * scale).cpu(),
+                                batch.labels[k].cpu(), batch.difficult[k].cpu(), (w, h)))
+    sums = distributed.all_reduce_sum(sums)
+    if want_dets and distributed.active():
+        records = [r for part in distributed.gather_objects(records) for r in part]
+    records.sort(key=lambda r: r[0])
+    metrics: dict[str, float] = {}
+    if loss_fn is not None:
+        mean = (sums[:3] / max(float(sums[3]), 1.0)).tolist()
+        metrics = {f"{prefix}_loss": mean[0], f"{prefix}_loss_conf": mean[1], f"{prefix}_loss_loc": mean[2]}
+    if collect is not None:
+        collect.extend((r[1], r[2]) for r in records)
+    result = None
+    if compute_map:
+        evaluator = DetectionEvaluator(class_names)
+        evaluator.update([r[2].boxes for r in records], [r[2].labels for r in records], [r[2].scores for r in records],
+                         [r[3] for r in records], [r[4] for r in records], [r[5] for r in records],
+                         [r[6] for r in records])
+        result = evaluator.compute(coco=coco)
+        metrics.update(result.as_metrics(prefix))
+    return metrics, result
+
+
+class Trainer:
+    """Holds what training mutates; ``fit`` runs epochs ``state.epoch + 1 .. spec.epochs``."""
+
+    def __init__(self, *, model: nn.Module, loss_fn: MultiBoxLoss, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, train_loader: torch.utils.data.DataLoader,
+                 val_loader: torch.utils.data.DataLoader, spec: TrainSpec, class_names: tuple[str, ...],
+                 device: torch.device, checkpoint_dir: Path, extra_state: Mapping[str, Any] | None = None,
+                 logger: RunLogger | None = None,
+                 on_eval: list[Callable[[int, dict[str, float]], None]] | None = None,
+                 train_model: nn.Module | None = None, is_main: bool = True):
+        self.model, self.loss_fn, self.optimizer, self.scheduler = model, loss_fn, optimizer, scheduler
+        self.train_model = train_model or model  # a DistributedDataParallel wrapper when distributed
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.spec, self.class_names, self.device = spec, class_names, device
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.extra_state = dict(extra_state or {})
+        self.logger = logger or NullTracker()
+        self.on_eval = on_eval or []
+        self.state = TrainState()
+        self.is_main = is_main
+        self.scaler = torch.amp.GradScaler("cuda", enabled=spec.amp and device.type == "cuda"
+                                           and not torch.cuda.is_bf16_supported())
+        self._snapshot: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def checkpoint(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.state.epoch,
+            "best_value": self.state.best_value,
+            "best_epoch": self.state.best_epoch,
+            "rng": rng_state(),
+            "build_args": getattr(self.model, "build_args", {}),
+            "class_names": list(self.class_names),
+            **self.extra_state,
+        }
+
+    def restore(self, ckpt: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if "scaler" in ckpt:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = TrainState(ckpt["epoch"], ckpt.get("best_value"), ckpt.get("best_epoch"), ckpt["epoch"])
+
+    def _save(self, kind: str, ckpt: dict[str, Any] | None = None) -> Path | None:
+        if not self.is_main:
+            return None
+        path = atomic_save(ckpt or self.checkpoint(), self.checkpoint_dir / f"{kind}.pt")
+        self.logger.log_checkpoint(path, kind)
+        return path
+
+    # ------------------------------------------------------------------------------------ epochs
+    def train_one_epoch(self, epoch: int, progress: Any = None, task: Any = None) -> dict[str, float]:
+        self.train_model.train()
+        sampler = self.train_loader.sampler
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        torch.manual_seed(self.spec.seed * 1009 + epoch)
+        sums, n_batches, n_images, t0 = torch.zeros(3, dtype=torch.float64), 0, 0, time.perf_counter()
+        for step, batch in enumerate(self.train_loader):
+            batch: Batch = batch.to(self.device, non_blocking=True)
+            images = batch.images.contiguous(memory_format=torch.channels_last) if self.spec.channels_last else batch.images
+            with autocast(self.device, self.spec.amp):
+                locs, scores = self.train_model(images)
+            out = self.loss_fn(locs, scores, batch.boxes, batch.labels)
+            _finite(out.total, f"loss is {out.total.item()} at epoch {epoch}, step {step + 1} "
+                               f"(conf {out.conf.item():.4g}, loc {out.loc.item():.4g}); "
+                               "try a lower optim.lr, gradient clipping (optim.grad_clip) or warm-up")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(out.total).backward()
+            if self.spec.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            sums += torch.tensor([out.total.item(), out.conf.item(), out.loc.item()], dtype=torch.float64)
+            n_batches += 1
+            n_images += len(batch)
+            if progress is not None:
+                progress.update(task, advance=1, loss=sums[0].item() / n_batches)
+        seconds = time.perf_counter() - t0
+        # distributed: average over every rank's batches; images/s of all ranks together
+        totals = distributed.all_reduce_sum(torch.cat([sums, torch.tensor([n_batches, n_images], dtype=torch.float64)]))
+        mean = (totals[:3] / max(float(totals[3]), 1.0)).tolist()
+        return {"train_loss": mean[0], "train_loss_conf": mean[1], "train_loss_loc": mean[2],
+                "epoch_seconds": seconds, "images_per_second": float(totals[4]) / max(seconds, 1e-9)}
+
+    def _improved(self, epoch: int, metrics: Mapping[str, float]) -> bool:
+        name = self.spec.best_metric
+        if epoch <= self.spec.best_after_epoch or name not in metrics:
+            return False
+        value = metrics[name]
+        better = (self.state.best_value is None or
+                  (value < self.state.best_value if name.endswith("loss") else value > self.state.best_value))
+        if better:
+            self.state.best_value, self.state.best_epoch = value, epoch
+        return better
+
+    def fit(self) -> TrainState:
+        """Train to ``spec.epochs``; Ctrl-C/SIGTERM save the last completed epoch and raise TrainingInterrupted."""
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        spec = self.spec
+        columns = [TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
+                   TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TextColumn("ETA"),
+                   TimeRemainingColumn()]
+        progress = Progress(*columns, disable=not (spec.progress and self.is_main), transient=False)
+        try:
+            with progress:
+                total = (spec.epochs - self.state.epoch) * len(self.train_loader)
+                task = progress.add_task("train", total=total, epoch=self.state.epoch + 1, epochs=spec.epochs, loss=0.0)
+                for epoch in range(self.state.epoch + 1, spec.epochs + 1):
+                    progress.update(task, epoch=epoch)
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    metrics = self.train_one_epoch(epoch, progress, task)
+                    do_map = epoch % spec.eval_every == 0 or epoch == spec.epochs
+                    val, _ = evaluate(self.model, self.val_loader, class_names=self.class_names, device=self.device,
+                                      loss_fn=self.loss_fn, decode=spec.decode, compute_map=do_map, coco=spec.coco,
+                                      amp=spec.amp, channels_last=spec.channels_last)
+                    metrics.update(val)
+                    metrics["lr"] = lr
+                    self.state.epoch = epoch
+                    self.logger.log_metrics(metrics, step=epoch)
+                    if self._improved(epoch, metrics):
+                        self._save("best")
+                    if epoch % spec.save_every == 0 or epoch == spec.epochs:
+                        self._save("last")
+                        self.state.last_saved_epoch = epoch
+                        self._snapshot = None
+                    elif self.is_main:
+                        self._snapshot = copy.deepcopy(self.checkpoint())
+                    if do_map:
+                        for hook in self.on_eval:
+                            hook(epoch, metrics)
+        except KeyboardInterrupt:
+            if self.state.last_saved_epoch < self.state.epoch and self._snapshot is not None:
+                self._save("last", self._snapshot)
+                self.state.last_saved_epoch = self.state.epoch
+            raise TrainingInterrupted(f"interrupted after epoch {self.state.last_saved_epoch}") from None
+        return self.state
