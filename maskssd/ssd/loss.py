@@ -57,6 +57,7 @@ class MultiBoxLoss(nn.Module):
     def __init__(
         self,
         priors_cxcy: torch.Tensor,
+        *,
         threshold: float = 0.5,
         neg_pos_ratio: float = 3.0,
         alpha: float = 1.0,
