@@ -108,7 +108,12 @@ def build_loader(ds: FaceMaskDataset, batch_size: int, workers: int, seed: int, 
 
 def build_detector(cfg: ExperimentConfig) -> SSDDetector:
     torch.manual_seed(cfg.experiment.seed)
-    return build_model(cfg.model.name, num_classes=len(cfg.class_names) + 1, **cfg.model.build_kwargs())
+    kwargs = cfg.model.build_kwargs()
+    if kwargs.get("init_checkpoint"):  # its class heads, where they fit, are mapped onto our classes by name
+        kwargs["class_names"] = list(cfg.class_names)
+    model = build_model(cfg.model.name, num_classes=len(cfg.class_names) + 1, **kwargs)
+    model.build_args.pop("class_names", None)  # rebuilding needs no init checkpoint, hence no class mapping
+    return model
 
 
 def build_loss(cfg: ExperimentConfig, model: SSDDetector, box_counts: Mapping[str, int] | None = None) -> MultiBoxLoss:
@@ -240,6 +245,10 @@ def _train(cfg: ExperimentConfig, run: tracking.MlflowRun, ckpt_dir: Path, resum
     root = resolve_data_root(cfg) if info.is_main else Path(cfg.data.root).expanduser()
     distributed.barrier()  # rank 0 may have generated the synthetic data
     model = build_detector(cfg).to(device)
+    init = getattr(model, "init_report", None)
+    if show and init and not resuming:
+        console.print(f"model.init_checkpoint: {len(init['loaded'])} tensors loaded, {len(init['dropped'])} dropped"
+                      + (f"; {init['class_order']}" if init.get("class_order") else ""), highlight=False)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     report = DataReport()
