@@ -69,3 +69,20 @@ class TrainingInterrupted(MaskSSDError):
     """Ctrl-C or SIGTERM stopped training; a checkpoint was saved. ``run_id``: the run to resume."""
 
     run_id: str | None = None
+
+
+class UnsafeCheckpointError(MaskSSDError):
+    """A model file whose unpickling needs arbitrary Python objects (which could run code): refused unread.
+
+    ``forbidden`` lists the pickle globals (``module.name``) that are not allowed.
+    """
+
+    def __init__(self, path: str | Path, forbidden: list[str], detail: str = ""):
+        self.path = str(path)
+        self.forbidden = list(forbidden)
+        what = ", ".join(self.forbidden[:5]) + (f" (+{len(self.forbidden) - 5} more)" if len(self.forbidden) > 5 else "")
+        super().__init__(
+            f"{self.path}: refused to load: it needs arbitrary Python objects ({what or detail or 'unknown'}), "
+            "which could run code when unpickled; nothing in it was run. maskssd loads model files holding only "
+            "tensors and plain containers (and the SSD300 tutorial's pickled modules, rebuilt as inert data); if you "
+            "trust the file, re-save its weights as a state dict: torch.save(model.state_dict(), PATH)")

@@ -12,7 +12,6 @@ import math
 import pytest
 import torch
 
-from maskssd.ssd import kernels
 from maskssd.ssd.kernels import mining
 from maskssd.ssd.loss import MultiBoxLoss
 from maskssd.ssd.postprocess import DecodeSpec, postprocess, postprocess_tensors

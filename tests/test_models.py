@@ -197,19 +197,20 @@ def _check_loaded(model: SSD300VGG16, voc_state: dict[str, torch.Tensor], report
     assert "rescale_factors" in report["loaded"]
 
 
-@pytest.mark.parametrize("layout", ["model_key", "plain_state_dict", "pickled_module", "in_memory_dict"])
+@pytest.mark.parametrize("layout", ["model_key", "plain_state_dict", "in_memory_module", "in_memory_dict"])
 def test_load_reference_checkpoint(layout, voc_state, tmp_path):
+    """Files of the tutorial's own whole-module format: tests/test_model_files.py."""
     if layout == "model_key":
         source: object = {"epoch": 231, "model": voc_state}
     elif layout == "plain_state_dict":
         source = voc_state
-    elif layout == "pickled_module":  # the tutorial saves the whole module under "model"
+    elif layout == "in_memory_module":
         module = SSD300VGG16(21)
         module.load_state_dict(voc_state)
         source = {"epoch": 231, "model": module, "optimizer": None}
     else:
         source = {"model": voc_state}
-    if layout != "in_memory_dict":
+    if not layout.startswith("in_memory"):
         path = tmp_path / "checkpoint_ssd300.pth.tar"
         torch.save(source, path)
         source = path

@@ -134,8 +134,15 @@ def test_runs_table(trained, capsys, monkeypatch):
     assert result.run_id[:8] in capsys.readouterr().out
 
 
-def test_resume_logs_the_same_metrics(workdir, synth_root):
+def test_resume_logs_the_same_metrics(workdir, synth_root, monkeypatch):
     cfg = load_config(write_config(workdir / "exp.toml", synth_root, epochs=3))
+    real_load, loads = torch.load, []
+
+    def recording_load(*args, **kwargs):  # every checkpoint read while training and resuming is weights-only
+        loads.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
     a = run_experiment(cfg, progress=False, log_model=False)
 
     def stop_after_2(epoch, metrics):
@@ -149,6 +156,7 @@ def test_resume_logs_the_same_metrics(workdir, synth_root):
     assert c.get_run(b_id).info.status == "KILLED"
     b = run_experiment(cfg, resume_run_id=b_id, progress=False, log_model=False)
     assert b.run_id == b_id and c.get_run(b_id).info.status == "FINISHED"
+    assert len(loads) >= 3 and all(w is True for w in loads), loads  # final evaluations, resume, best.pt
     ha, hb = histories(c, a.run_id), histories(c, b_id)
     assert ha.keys() == hb.keys()
     for k in ha:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from maskssd.data import split_digest
 from maskssd.errors import NonFiniteLossError, TrainingInterrupted
 from maskssd.tracking import runs
 from maskssd.training import distributed
@@ -23,7 +22,6 @@ from maskssd.training.engine import resolve_device
 from maskssd.training.runner import (
     EvalHook,
     RunResult,
-    resolve_data_root,
     sigterm_as_interrupt,
     train_experiment,
 )
@@ -86,10 +84,9 @@ def _open_run(cfg: ExperimentConfig, info: distributed.DistInfo, tracking_uri: s
     return run, cfg
 
 
-def _lineage_tags(cfg: ExperimentConfig, root: Path) -> dict[str, str]:
-    tags = {"config_hash": cfg.digest(), "data.root": str(root.resolve()), "data.split": cfg.data.split_name,
-            "data.split_hash": split_digest(root, cfg.data.split_name), "model": cfg.model.name,
-            **runs.git_info(Path(__file__).resolve().parent), **cfg.experiment.tags}
+def _source_tags(cfg: ExperimentConfig) -> dict[str, str]:
+    """The code's lineage (the data's is tagged by the runner), the config's own tags and its description."""
+    tags = {**runs.git_info(Path(__file__).resolve().parent), **cfg.experiment.tags}
     if cfg.experiment.description:
         tags["mlflow.note.content"] = cfg.experiment.description
     return tags
@@ -99,7 +96,7 @@ def _tracked(cfg: ExperimentConfig, run: runs.MlflowRun, info: distributed.DistI
              resuming: bool, on_eval: list[EvalHook], progress: bool, log_model: bool) -> RunResult:
     try:
         if info.is_main and not resuming:
-            run.set_tags(_lineage_tags(cfg, resolve_data_root(cfg)))
+            run.set_tags(_source_tags(cfg))
         with sigterm_as_interrupt():
             result = train_experiment(cfg, run, resuming=resuming, on_eval=on_eval, progress=progress and info.is_main,
                                       log_model=log_model, info=info, device=device)

@@ -1,12 +1,14 @@
-"""Checkpoints: written atomically (a killed process never leaves a half-written file) and loadable into a
-ready-to-use detector.
+"""Checkpoints: written atomically (a killed process never leaves a half-written file), read without running
+code (:func:`maskssd.ssd.safe_load.safe_load`), and loadable into a ready-to-use detector.
 
 A training checkpoint holds model, optimiser, scheduler, epoch, RNG states, the resolved config and what
-rebuilds the model (``build_args``); a deployment checkpoint needs only the model part.
+rebuilds the model (``build_args``); a deployment checkpoint needs only the model part. Everything in them is
+tensors and plain containers, so they load with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -21,6 +23,11 @@ import numpy as np
 import torch
 
 from maskssd.errors import MaskSSDError
+from maskssd.ssd.safe_load import safe_load
+
+__all__ = ["atomic_save", "interrupts_deferred", "load", "load_detector", "rng_state", "safe_load", "set_rng_state"]
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
@@ -70,32 +77,57 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The torch, numpy, Python (and CUDA) RNG states as tensors and plain numbers, so that checkpoints
+    load with ``weights_only=True`` (numpy's state holds an ndarray, which that unpickler refuses)."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached_gaussian)},
+        "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": None if gauss_next is None else float(gauss_next)},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def load(path: str | Path) -> dict[str, Any]:
-    """Read a maskssd checkpoint (refuses files that are not one, with the reason)."""
+    """Read a maskssd checkpoint (refuses files that are not one, with the reason), or a checkpoint of the
+    reference paper's code (a tutorial-layout SSD300, see :func:`maskssd.ssd.models.import_reference_checkpoint`)
+    as one. Reads with :func:`safe_load`: a file that needs arbitrary Python objects is refused unread."""
     path = Path(path)
     if not path.is_file():
         raise MaskSSDError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = safe_load(path)
+    except MaskSSDError:
+        raise
     except Exception as e:  # truncated, not a torch file, ...
         raise MaskSSDError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "build_args" not in ckpt:
-        raise MaskSSDError(f"{path}: not a maskssd checkpoint (no model/build_args)")
-    return ckpt
+    if isinstance(ckpt, dict) and "model" in ckpt and "build_args" in ckpt:
+        return ckpt
+    from maskssd.ssd.models import import_reference_checkpoint
+
+    imported = import_reference_checkpoint(ckpt, path)
+    if imported is None:
+        raise MaskSSDError(f"{path}: not a maskssd checkpoint (no model/build_args) nor an SSD300 of the reference "
+                           "paper's code (tutorial layout)")
+    log.info("note: %s", imported["import_note"])
+    return imported
 
 
 def load_detector(source: str | Path | dict[str, Any], device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:

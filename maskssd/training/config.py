@@ -110,7 +110,7 @@ class ModelSection(_Section):
         return self
 
     def build_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`maskssd.models.build_model` (unset values keep the model's default)."""
+        """Keyword arguments for :func:`maskssd.ssd.models.build_model` (unset values keep the model's default)."""
         kw = self.model_dump(exclude={"name"}, exclude_none=True)
         if not kw.get("init_checkpoint"):
             kw.pop("init_checkpoint", None)

@@ -202,6 +202,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ checkpoints
     def checkpoint(self) -> dict[str, Any]:
+        """Everything training mutates, as tensors and plain values (it loads with ``weights_only=True``)."""
+        best = self.state.best_value
         return {
             "format": 1,
             "model": self.model.state_dict(),
@@ -209,7 +211,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": self.state.epoch,
-            "best_value": self.state.best_value,
+            "best_value": None if best is None else float(best),  # a metric may be a numpy float
             "best_epoch": self.state.best_epoch,
             "rng": rng_state(),
             "build_args": getattr(self.model, "build_args", {}),

@@ -28,6 +28,7 @@ from maskssd.data import (
     collate,
     load_image,
     load_split,
+    split_digest,
 )
 from maskssd.data.transforms import AugmentSpec, eval_transform, train_transform
 from maskssd.errors import MaskSSDError
@@ -128,7 +129,16 @@ def build_loader(ds: FaceMaskDataset, batch_size: int, workers: int = 0, seed: i
 
 def build_detector(cfg: ExperimentConfig) -> SSDDetector:
     torch.manual_seed(cfg.experiment.seed)
-    return build_model(cfg.model.name, num_classes=len(cfg.class_names) + 1, **cfg.model.build_kwargs())
+    kwargs = cfg.model.build_kwargs()
+    if kwargs.get("init_checkpoint"):  # its class heads, where they fit, are mapped onto our classes by name
+        kwargs["class_names"] = list(cfg.class_names)
+    model = build_model(cfg.model.name, num_classes=len(cfg.class_names) + 1, **kwargs)
+    model.build_args.pop("class_names", None)  # rebuilding needs no init checkpoint, hence no class mapping
+    init = getattr(model, "init_report", None)
+    if init:
+        log.info("model.init_checkpoint: %d tensors loaded, %d dropped%s", len(init["loaded"]), len(init["dropped"]),
+                 f"; {init['class_order']}" if init.get("class_order") else "")
+    return model
 
 
 def build_loss(cfg: ExperimentConfig, model: SSDDetector, box_counts: Mapping[str, int] | None = None) -> MultiBoxLoss:
@@ -239,6 +249,9 @@ def _log_start(cfg: ExperimentConfig, parts: _Parts, tracker: Tracker, world: in
                    "model.parameters": sum(p.numel() for p in parts.model.parameters()),
                    "distributed.world_size": world})
     tracker.log_params(params)
+    tracker.set_tags({"config_hash": cfg.digest(), "data.root": str(parts.root.resolve()),
+                      "data.split": cfg.data.split_name, "data.split_hash": split_digest(parts.root, cfg.data.split_name),
+                      "model": cfg.model.name})
     tracker.log_text(cfg.to_toml(), "config.toml")
     tracker.log_dict(cfg.model_dump(mode="json"), "config.json")
     r = parts.report
