@@ -120,6 +120,85 @@ def cmd_data_stats(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_anchors(a: argparse.Namespace) -> int:
+    import math
+
+    from maskssd.anchors import (
+        evaluate_priors,
+        fit_anchors,
+        layout_from_config,
+        layout_from_size,
+        normalized_boxes,
+    )
+    from maskssd.data import DEFAULT_CLASSES, load_split
+
+    if a.config:
+        if a.input_size is not None or a.levels is not None or a.min_stride is not None:
+            raise MaskSSDError("--config gives the input size and the maps; change them with --set model.KEY=VALUE "
+                               "(e.g. --set model.input_size=320), not --input-size/--levels/--min-stride")
+        layout = layout_from_config(a.config, a.set or [])
+    else:
+        if a.set:
+            raise MaskSSDError("--set overrides a --config; there is none")
+        layout = layout_from_size(a.input_size or 384, a.levels or 6, a.min_stride or 8)
+    current = layout.current
+    num_ratios = a.ratios if a.ratios is not None else (len(current.aspect_ratios[0]) if current else 3)
+    anns = load_split(a.root, a.split, a.split_name, a.classes or list(DEFAULT_CLASSES), a.on_error)
+    boxes = normalized_boxes(anns)
+    if len(boxes) == 0:
+        raise MaskSSDError(f"{a.root}: split {a.split_name}/{a.split} has no boxes to fit default boxes to")
+    size = layout.input_size
+    fit = fit_anchors(boxes, layout.feature_maps, size, num_ratios)
+    cur = evaluate_priors(boxes, current, size) if current is not None else None
+
+    def pct(x: float) -> str:
+        return "-" if math.isnan(x) else f"{100 * x:.1f}%"
+
+    t = Table(title=f"default boxes for {layout.source}: {len(boxes)} {a.split} boxes of {a.split_name}, "
+                    f"recall = best prior IoU >= {fit.threshold:g}", title_justify="left")
+    for col in ("level", "map", "stride"):
+        t.add_column(col, justify="right")
+    if cur is not None:
+        for col in ("current scale", "share", "recall"):
+            t.add_column(col, justify="right", style="dim")
+    for col in ("fitted scale", "share", "recall"):
+        t.add_column(col, justify="right")
+    for k, f in enumerate(layout.feature_maps):
+        row = [str(k), f"{f}x{f}", f"{size / f:.0f}"]
+        if cur is not None:
+            row += [f"{current.scales[k]:.4g}", pct(cur.level_share[k]), pct(cur.level_recall[k])]
+        row += [f"{fit.scales[k]:.4g}", pct(fit.stats.level_share[k]), pct(fit.stats.level_recall[k])]
+        t.add_row(*row)
+    t.add_section()
+    row = ["all", "", ""]
+    if cur is not None:
+        row += ["", "", f"[bold]{pct(cur.recall)}"]
+    row += ["", "", f"[bold]{pct(fit.stats.recall)}"]
+    t.add_row(*row)
+    out.print(t)
+    lines = [("" if cur is None else f"aspect ratios besides 1: current {list(current.aspect_ratios[0])}; ")
+             + f"fitted {list(fit.aspect_ratios)}",
+             f"matcher recall: fitted {pct(fit.stats.recall)} (mean best IoU {fit.stats.mean_best_iou:.3f})"
+             + (f", current {pct(cur.recall)} (mean best IoU {cur.mean_best_iou:.3f})" if cur else "")
+             + f"; quantile start of the fit {pct(fit.quantile_stats.recall)}",
+             f"boxes under {fit.stats.small_px:g} px at {size} px ({fit.stats.small_boxes}): recall fitted "
+             f"{pct(fit.stats.small_recall)}" + (f", current {pct(cur.small_recall)}" if cur else ""),
+             *fit.notes]
+    for line in lines:
+        out.print(line, highlight=False, soft_wrap=True)
+    header = (f"# maskssd data anchors: {len(boxes)} boxes of {a.split_name}/{a.split}, maps "
+              f"{list(layout.feature_maps)} at {size} px; matcher recall {pct(fit.stats.recall)}"
+              + (f" (current {pct(cur.recall)})" if cur else "") + "\n")
+    snippet = header + fit.toml()
+    out.print("\n[model]\n" + snippet, highlight=False, markup=False, soft_wrap=True)
+    if a.out:
+        path = Path(a.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(snippet)
+        out.print(f"wrote {path}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- train
 def cmd_train(a: argparse.Namespace) -> int:
     from maskssd.config import load_config
@@ -341,6 +420,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--show-fixes", type=int, default=20, metavar="N", help="list the first N fixes (default 20)")
     s.add_argument("--verify", action="store_true", help="decode every image (finds truncated files; slower)")
     s.set_defaults(func=cmd_data_stats)
+
+    s = dsub.add_parser("anchors", help="fit default-box scales and aspect ratios to a split's boxes",
+                        formatter_class=_formatter,
+                        description="Fit per-level scales and aspect ratios of the default boxes to the boxes of a "
+                                    "split (as the model sees them, squashed into the square input), and compare "
+                                    "the matcher's recall (share of boxes whose best prior has IoU >= 0.5) with the "
+                                    "config's current boxes. Prints [model] lines for the config.",
+                        epilog="examples:\n"
+                               "  maskssd data anchors ../shared/data/face-mask-detection --split-name paper "
+                               "--config experiments/cpu_effnet_lite0.toml --out /tmp/anchors.toml\n"
+                               "  maskssd data anchors ../shared/data/face-mask-detection --split-name paper "
+                               "--config experiments/cpu_effnet_lite0.toml --set model.neck=fpn "
+                               "--set model.stride4=true\n"
+                               "  maskssd data anchors /tmp/synth --split-name default --input-size 320 --levels 6")
+    s.add_argument("root")
+    s.add_argument("--split-name", required=True, help="split list under ROOT/splits/")
+    s.add_argument("--split", default="train", choices=("train", "val", "test"), help="default: train")
+    s.add_argument("--config", help="experiment TOML: input size, maps and current boxes from its model")
+    s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a --config value (repeatable)")
+    s.add_argument("--input-size", type=int, help="without --config: square input size (default 384)")
+    s.add_argument("--levels", type=int, help="without --config: number of feature maps (default 6)")
+    s.add_argument("--min-stride", type=int, choices=(4, 8), help="without --config: stride of the finest map (default 8)")
+    s.add_argument("--ratios", type=int, help="aspect ratios besides 1 (default: the config's count, else 3)")
+    s.add_argument("--out", help="write the [model] lines (scales, aspect_ratios) to this file")
+    s.add_argument("--classes", nargs="+")
+    s.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+    s.set_defaults(func=cmd_data_anchors)
 
     # train
     t = sub.add_parser("train", help="train + evaluate one experiment, tracked in MLflow", formatter_class=_formatter,
