@@ -11,6 +11,13 @@ What a row includes:
   comparable to the maskssd rows.
 * "channels_last": the maskssd model and input in ``torch.channels_last``.
 Run: ``.venv/bin/python benchmarks/model_forward.py [--quick]``.
+
+``--models SPEC ...`` times only the given maskssd models at batch 1 (``--size``, NHWC with ``--channels-last``),
+the first row the baseline; a SPEC is a model name with optional build arguments, e.g.
+``ssdlite_effnet_lite0:neck=fpn,neck_channels=64,stride4=true``::
+
+    .venv/bin/python benchmarks/model_forward.py --threads 1 --channels-last --size 384 --models \\
+        ssdlite_effnet_lite0 ssdlite_effnet_lite0:neck=fpn ssdlite_effnet_lite0:neck=pan ssdlite_effnet_lite1
 """
 
 from __future__ import annotations
@@ -41,6 +48,32 @@ def maskssd_runner(name: str, size: int, channels_last: bool = False, **kw) -> C
         return lambda: model(x)
 
     return make
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, object]]:
+    """``name[:key=value,...]`` -> (name, build kwargs); values in TOML syntax (``64``, ``true``, ``"pan"``)."""
+    from maskssd.training.config import parse_value
+
+    name, _, args = spec.partition(":")
+    kw = {}
+    for item in filter(None, args.split(",")):
+        k, _, v = item.partition("=")
+        kw[k.strip()] = parse_value(v.strip())
+    return name, kw
+
+
+def run_specs(specs: list[str], size: int, channels_last: bool, repeat: int) -> None:
+    """Batch-1 latency of each spec; the first is the baseline."""
+    rows = []
+    with torch.inference_mode():
+        for spec in specs:
+            name, kw = parse_spec(spec)
+            model_size = kw.pop("input_size", size)
+            b1 = median_time(maskssd_runner(name, model_size, channels_last, **kw)(1), repeat=repeat, warmup=2)
+            rows.append({"name": spec, "seconds": b1, "baseline": specs[0] if spec != specs[0] else None})
+            print(f"  {spec}: {b1 * 1e3:.1f} ms", file=sys.stderr, flush=True)
+    print_table(f"Forward latency at batch 1, {size} px{', channels_last' if channels_last else ''} (median ms of "
+                f"{repeat}; random weights, 4 classes; {machine()})", rows)
 
 
 def torchvision_runners(which: str) -> tuple[Callable[[int], Callable[[], object]], Callable[[int], Callable[[], object]], int]:
@@ -75,9 +108,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=10, help="runs per light-model measurement")
     parser.add_argument("--vgg-repeat", type=int, default=3, help="runs per VGG16 measurement (~0.4 s per image)")
     parser.add_argument("--quick", action="store_true", help="fewer runs, no channels_last VGG row")
+    parser.add_argument("--models", nargs="+", metavar="SPEC",
+                        help="time only these maskssd models at batch 1: NAME[:key=value,...]")
+    parser.add_argument("--size", type=int, default=384, help="input size of --models (default 384)")
+    parser.add_argument("--channels-last", action="store_true", help="--models in NHWC")
     add_threads_arg(parser)
     args = parser.parse_args()
     set_threads(args.threads, args.default_allocator)
+    if args.models:
+        run_specs(args.models, args.size, args.channels_last, args.repeat)
+        return
     rep, vgg_rep = (3, 1) if args.quick else (args.repeat, args.vgg_repeat)
 
     cases: list[tuple[str, Callable[[int], Callable[[], object]], bool, str | None, str]] = []

@@ -70,6 +70,10 @@ def test_unknown_section(tmp_path):
     ("schedule.decay_lr_at=[50]", "schedule.decay_lr_at", "train.epochs"),
     ("augment.hflip_p=1.5", "augment.hflip_p", "less than or equal to 1"),
     ("train.epochs=2.5", "train.epochs", "valid integer"),
+    ("model.neck=bifpn", "model.neck", "'none', 'fpn' or 'pan'"),
+    ("model.stride4=true", "model", "need a neck"),
+    ("model.neck_channels=64", "model", "need a neck"),
+    ("model.neck_channels=4", "model.neck_channels", "greater than or equal to 8"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, key, words):
     p = write(tmp_path, BASE)
@@ -117,6 +121,19 @@ def test_class_weight_exponent_uses_box_counts(tmp_path):
     cfg = load_config(write(tmp_path, BASE), ["loss.class_weight_exponent=1.0"])
     w = cfg.class_weight_list({"with_mask": 100, "without_mask": 20, "mask_weared_incorrect": 5})
     assert w == [1.0, 2.0, 5.0, 20.0]  # explicit with_mask=2 wins; others (100/n)^1
+
+
+def test_neck_keys_reach_the_model_and_default_off_adds_nothing(tmp_path):
+    """Configs without a neck build (and record in checkpoints) exactly the arguments they did before."""
+    cfg = load_config(REPO / "experiments" / "cpu_effnet_lite0.toml")
+    assert (cfg.model.neck, cfg.model.neck_channels, cfg.model.stride4) == ("none", None, False)
+    kw = cfg.model.build_kwargs()
+    assert not {"neck", "neck_channels", "stride4"} & set(kw)
+    assert kw == {"input_size": 384, "pretrained": True, "freeze_stages": 3, "bn_mode": "frozen_stages",
+                  "scales": [0.04, 0.08, 0.16, 0.3, 0.5, 0.7], "aspect_ratios": [0.6, 0.4, 0.8]}
+    on = load_config(write(tmp_path, BASE), ["model.neck=pan", "model.neck_channels=96", "model.stride4=true"])
+    assert on.model.build_kwargs() == {"pretrained": False, "freeze_stages": 0, "neck": "pan", "neck_channels": 96,
+                                       "stride4": True}
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.toml")), ids=lambda p: p.name)

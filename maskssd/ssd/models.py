@@ -21,12 +21,13 @@ from maskssd.errors import MaskSSDError, PretrainedWeightsMissing
 from maskssd.ssd.backbones import (
     Backbone,
     BNMode,
-    EfficientNetLite0Features,
+    EfficientNetLiteFeatures,
     MobileNetV3Features,
     TinyBackbone,
     VGG16Base,
     conv_bn,
 )
+from maskssd.ssd.necks import NeckKind, build_neck
 from maskssd.ssd.postprocess import DecodeSpec, Detections, postprocess
 from maskssd.ssd.priors import PriorSpec
 
@@ -305,12 +306,17 @@ def _dw_pred(cin: int, cout: int) -> nn.Sequential:
 
 
 class SSDLite(SSDDetector):
-    """SSDLite: a backbone's maps plus depthwise-separable extra layers and heads (MobileNetV2 paper, sec. 6.3)."""
+    """SSDLite: a backbone's maps plus depthwise-separable extra layers and heads (MobileNetV2 paper, sec. 6.3).
+
+    ``neck`` (an :class:`maskssd.necks.FPN`, or None) turns the backbone's maps into a pyramid of the same sizes
+    before the heads; the extra layers still start from the backbone's deepest map (as RetinaNet's P6 from C5),
+    so they are the same with or without a neck.
+    """
 
     def __init__(self, backbone: Backbone, extra_channels: Sequence[int], num_classes: int, input_size: int,
                  min_scale: float = 0.1, max_scale: float = 0.95,
                  aspect_ratios: Sequence[float] = (2.0, 0.5, 3.0, 1 / 3), background_prior: float = 0.99,
-                 scales: Sequence[float] | None = None):
+                 scales: Sequence[float] | None = None, neck: nn.Module | None = None):
         channels = list(backbone.out_channels)
         extras = []
         for c in extra_channels:
@@ -336,11 +342,16 @@ class SSDLite(SSDDetector):
             spec = PriorSpec.linear(fmaps, min_scale, max_scale, ratios)
         super().__init__(num_classes, input_size, spec, backbone.mean, backbone.std)
         self.backbone = backbone
+        self.neck = neck  # None registers nothing: a model without a neck keeps its state-dict keys
+        if neck is not None:
+            channels[: len(backbone.out_channels)] = neck.out_channels
         self.extras = extras_m
         nb = spec.boxes_per_location
         self.loc_head = nn.ModuleList(_dw_pred(c, b * 4) for c, b in zip(channels, nb))
         self.cls_head = nn.ModuleList(_dw_pred(c, b * num_classes) for c, b in zip(channels, nb))
-        for m in [*self.extras.modules(), *self.loc_head.modules(), *self.cls_head.modules()]:
+        own = [*(neck.modules() if neck is not None else ()), *self.extras.modules(), *self.loc_head.modules(),
+               *self.cls_head.modules()]
+        for m in own:
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.03)
                 if m.bias is not None:
@@ -353,6 +364,8 @@ class SSDLite(SSDDetector):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.backbone(self.normalize(images))
         x = feats[-1]
+        if self.neck is not None:
+            feats = self.neck(feats)
         for e in self.extras:
             x = e(x)
             feats.append(x)
@@ -423,21 +436,58 @@ def ssd300_vgg16(num_classes: int = 4, pretrained: bool = False, init_checkpoint
 
 def _ssdlite(backbone: Backbone, num_classes: int, input_size: int, freeze_stages: int, bn_mode: BNMode,
              extra_channels: Sequence[int], min_scale: float, max_scale: float,
-             aspect_ratios: Sequence[float], scales: Sequence[float] | None) -> SSDLite:
+             aspect_ratios: Sequence[float], scales: Sequence[float] | None,
+             neck: NeckKind = "none", neck_channels: int = 64) -> SSDLite:
     backbone.configure(freeze_stages, bn_mode)
     return SSDLite(backbone, extra_channels, num_classes, input_size, min_scale, max_scale, aspect_ratios,
-                   scales=scales)
+                   scales=scales, neck=build_neck(neck, backbone.out_channels, neck_channels))
 
 
-@register_model("ssdlite_effnet_lite0")
-def ssdlite_effnet_lite0(num_classes: int = 4, input_size: int = 320, pretrained: bool = True,
+def _check_stride4(neck: NeckKind, stride4: bool) -> None:
+    if stride4 and neck == "none":
+        raise MaskSSDError("model.stride4 needs model.neck = \"fpn\" or \"pan\": the stride-4 stage alone "
+                           "(few channels, no context from deeper stages) is too weak a map to predict from")
+
+
+def _ssdlite_effnet_lite(variant: int, num_classes: int = 4, input_size: int = 320, pretrained: bool = True,
                          freeze_stages: int = 0, bn_mode: BNMode = "frozen_stages",
                          min_scale: float = 0.05, max_scale: float = 0.95,
                          aspect_ratios: Sequence[float] = (2.0, 0.5, 3.0, 1 / 3),
-                         extra_channels: Sequence[int] = (256, 256, 128), scales: Sequence[float] | None = None) -> SSDLite:
-    """SSDLite on ImageNet EfficientNet-Lite0 (offline weights), maps at strides 8-32 plus extras."""
-    return _ssdlite(EfficientNetLite0Features(pretrained), num_classes, input_size, freeze_stages, bn_mode,
-                    extra_channels, min_scale, max_scale, aspect_ratios, scales)
+                         extra_channels: Sequence[int] = (256, 256, 128), scales: Sequence[float] | None = None,
+                         neck: NeckKind = "none", neck_channels: int = 64, stride4: bool = False) -> SSDLite:
+    _check_stride4(neck, stride4)
+    return _ssdlite(EfficientNetLiteFeatures(variant, pretrained, stride4), num_classes, input_size, freeze_stages,
+                    bn_mode, extra_channels, min_scale, max_scale, aspect_ratios, scales, neck, neck_channels)
+
+
+def _effnet_builder(variant: int, doc: str) -> Callable[..., SSDLite]:
+    """The builder of ``ssdlite_effnet_lite{variant}``: explicit keywords (unknown config keys are refused)."""
+
+    def builder(num_classes: int = 4, input_size: int = 320, pretrained: bool = True, freeze_stages: int = 0,
+                bn_mode: BNMode = "frozen_stages", min_scale: float = 0.05, max_scale: float = 0.95,
+                aspect_ratios: Sequence[float] = (2.0, 0.5, 3.0, 1 / 3),
+                extra_channels: Sequence[int] = (256, 256, 128), scales: Sequence[float] | None = None,
+                neck: NeckKind = "none", neck_channels: int = 64, stride4: bool = False) -> SSDLite:
+        return _ssdlite_effnet_lite(variant, num_classes=num_classes, input_size=input_size, pretrained=pretrained,
+                                    freeze_stages=freeze_stages, bn_mode=bn_mode, min_scale=min_scale,
+                                    max_scale=max_scale, aspect_ratios=aspect_ratios, extra_channels=extra_channels,
+                                    scales=scales, neck=neck, neck_channels=neck_channels, stride4=stride4)
+
+    builder.__name__ = builder.__qualname__ = f"ssdlite_effnet_lite{variant}"
+    builder.__doc__ = doc
+    return builder
+
+
+ssdlite_effnet_lite0 = register_model("ssdlite_effnet_lite0")(_effnet_builder(0, """SSDLite on ImageNet
+EfficientNet-Lite0 (offline weights), maps at strides 8-32 plus extras.
+
+Options (all SSDLite models): ``freeze_stages``, ``bn_mode``, ``min_scale``/``max_scale`` or ``scales``,
+``aspect_ratios``, ``extra_channels``, ``neck`` ("none" | "fpn" | "pan") with ``neck_channels`` (64), and
+``stride4`` (a neck level on the stride-4 stage too: one more feature map)."""))
+ssdlite_effnet_lite1 = register_model("ssdlite_effnet_lite1")(_effnet_builder(1, """SSDLite on ImageNet
+EfficientNet-Lite1 (offline weights; Lite0's widths, deeper): as ssdlite_effnet_lite0."""))
+ssdlite_effnet_lite2 = register_model("ssdlite_effnet_lite2")(_effnet_builder(2, """SSDLite on ImageNet
+EfficientNet-Lite2 (offline weights; deeper and wider: 48/120/352 channels): as ssdlite_effnet_lite0."""))
 
 
 @register_model("ssdlite_mobilenet_v3")
@@ -445,17 +495,22 @@ def ssdlite_mobilenet_v3(num_classes: int = 4, input_size: int = 320, pretrained
                          freeze_stages: int = 0, bn_mode: BNMode = "frozen_stages",
                          min_scale: float = 0.2, max_scale: float = 0.95,
                          aspect_ratios: Sequence[float] = (2.0, 0.5, 3.0, 1 / 3),
-                         extra_channels: Sequence[int] = (512, 256, 256, 128), scales: Sequence[float] | None = None) -> SSDLite:
+                         extra_channels: Sequence[int] = (512, 256, 256, 128), scales: Sequence[float] | None = None,
+                         neck: NeckKind = "none", neck_channels: int = 64, stride4: bool = False) -> SSDLite:
     """SSDLite on torchvision's MobileNetV3-Large (ImageNet weights when cached), as ssdlite320_mobilenet_v3_large."""
+    if stride4:
+        raise MaskSSDError("ssdlite_mobilenet_v3 predicts from strides 16 and 32 only: model.stride4 is not available")
     return _ssdlite(MobileNetV3Features(pretrained), num_classes, input_size, freeze_stages, bn_mode,
-                    extra_channels, min_scale, max_scale, aspect_ratios, scales)
+                    extra_channels, min_scale, max_scale, aspect_ratios, scales, neck, neck_channels)
 
 
 @register_model("tiny")
 def tiny(num_classes: int = 4, input_size: int = 128, width: int = 16, freeze_stages: int = 0,
          bn_mode: BNMode = "train", min_scale: float = 0.1, max_scale: float = 0.9,
          aspect_ratios: Sequence[float] = (2.0, 0.5), extra_channels: Sequence[int] = (64, 64),
-         scales: Sequence[float] | None = None, pretrained: bool = False) -> SSDLite:
+         scales: Sequence[float] | None = None, pretrained: bool = False, neck: NeckKind = "none",
+         neck_channels: int = 64, stride4: bool = False) -> SSDLite:
     """A few hundred thousand parameters: tests and the synthetic quickstart on a 2-core CPU."""
-    return _ssdlite(TinyBackbone(width), num_classes, input_size, freeze_stages, bn_mode,
-                    extra_channels, min_scale, max_scale, aspect_ratios, scales)
+    _check_stride4(neck, stride4)
+    return _ssdlite(TinyBackbone(width, stride4), num_classes, input_size, freeze_stages, bn_mode,
+                    extra_channels, min_scale, max_scale, aspect_ratios, scales, neck, neck_channels)

@@ -91,6 +91,10 @@ class ModelSection(_Section):
     aspect_ratios: list[float] | None = None
     extra_channels: list[int] | None = None
     width: int | None = Field(None, ge=4)  # tiny model only
+    # a feature pyramid over the backbone maps before the heads (SSDLite models): none | fpn | pan (fpn + bottom-up)
+    neck: Literal["none", "fpn", "pan"] = "none"
+    neck_channels: int | None = Field(None, ge=8)  # channels of every neck level (the model's default: 64)
+    stride4: bool = False  # also predict on the stride-4 stage (through the neck): one more map, scales + 1
 
     @field_validator("name")
     @classmethod
@@ -107,6 +111,8 @@ class ModelSection(_Section):
             raise ValueError("min_scale must be below max_scale")
         if self.aspect_ratios and any(r <= 0 or r == 1 for r in self.aspect_ratios):
             raise ValueError("aspect_ratios lists the ratios besides 1, each > 0")
+        if self.neck == "none" and (self.stride4 or self.neck_channels is not None):
+            raise ValueError("stride4 and neck_channels need a neck: set neck = \"fpn\" or \"pan\"")
         return self
 
     def build_kwargs(self) -> dict[str, Any]:
@@ -114,6 +120,11 @@ class ModelSection(_Section):
         kw = self.model_dump(exclude={"name"}, exclude_none=True)
         if not kw.get("init_checkpoint"):
             kw.pop("init_checkpoint", None)
+        # off by default: left out, so configs without a neck build (and record) exactly what they did before
+        if kw.get("neck") == "none":
+            kw.pop("neck")
+        if not kw.get("stride4"):
+            kw.pop("stride4", None)
         return kw
 
 
