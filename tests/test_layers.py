@@ -143,3 +143,12 @@ def _plain_imports(path: Path) -> list[tuple[str]]:
         elif isinstance(node, ast.ImportFrom) and node.module:
             out.append((node.module,))
     return out
+
+
+@pytest.mark.parametrize("package", ["data", "ssd", "evaluation", "training", "tracking", "deploy"])
+def test_every_public_name_resolves(package: str) -> None:
+    import importlib
+
+    mod = importlib.import_module(f"maskssd.{package}")
+    missing = [n for n in mod.__all__ if not hasattr(mod, n)]
+    assert mod.__all__ and not missing, missing

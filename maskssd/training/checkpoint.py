@@ -107,7 +107,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def load(path: str | Path) -> dict[str, Any]:
     """Read a maskssd checkpoint (refuses files that are not one, with the reason), or a checkpoint of the
-    reference paper's code (a tutorial-layout SSD300, see :func:`maskssd.ssd.models.import_reference_checkpoint`)
+    reference paper's code (a tutorial-layout SSD300, see :func:`maskssd.ssd.ssd300.import_reference_checkpoint`)
     as one. Reads with :func:`safe_load`: a file that needs arbitrary Python objects is refused unread."""
     path = Path(path)
     if not path.is_file():
@@ -120,7 +120,7 @@ def load(path: str | Path) -> dict[str, Any]:
         raise MaskSSDError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if isinstance(ckpt, dict) and "model" in ckpt and "build_args" in ckpt:
         return ckpt
-    from maskssd.ssd.models import import_reference_checkpoint
+    from maskssd.ssd.ssd300 import import_reference_checkpoint
 
     imported = import_reference_checkpoint(ckpt, path)
     if imported is None:

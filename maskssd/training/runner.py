@@ -34,8 +34,9 @@ from maskssd.data.transforms import AugmentSpec, eval_transform, train_transform
 from maskssd.errors import MaskSSDError
 from maskssd.evaluation.metrics import EvalResult
 from maskssd.runtime import LOCAL_DIR
+from maskssd.ssd.detector import SSDDetector
 from maskssd.ssd.loss import MultiBoxLoss
-from maskssd.ssd.models import SSDDetector, build_model
+from maskssd.ssd.models import build_model
 from maskssd.ssd.postprocess import DecodeSpec
 from maskssd.training import distributed
 from maskssd.training.checkpoint import atomic_save, load
