@@ -28,13 +28,20 @@ def median_time(fn: Callable[[], Any], repeat: int = 5, warmup: int = 1) -> floa
 
 
 def add_threads_arg(parser: argparse.ArgumentParser, allocator: bool = True) -> None:
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's choice). On a busy machine 1 gives stable "
-                             "numbers: multi-threaded ops then wait for a second, descheduled worker thread")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's choice). On a busy machine 1 gives stable "
+        "numbers: multi-threaded ops then wait for a second, descheduled worker thread",
+    )
     if allocator:
-        parser.add_argument("--default-allocator", action="store_true",
-                            help="keep glibc's allocator defaults; by default both sides run with the allocator "
-                                 "setting every maskssd command makes (maskssd.runtime.tune_cpu_allocator)")
+        parser.add_argument(
+            "--default-allocator",
+            action="store_true",
+            help="keep glibc's allocator defaults; by default both sides run with the allocator "
+            "setting every maskssd command makes (maskssd.runtime.tune_cpu_allocator)",
+        )
 
 
 def set_threads(threads: int | None, default_allocator: bool = True) -> None:
@@ -50,8 +57,12 @@ def machine() -> str:
     return f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU"
 
 
-def print_table(title: str, rows: Sequence[Mapping[str, Any]], extra_columns: Sequence[str] = (),
-                console: Console | None = None) -> None:
+def print_table(
+    title: str,
+    rows: Sequence[Mapping[str, Any]],
+    extra_columns: Sequence[str] = (),
+    console: Console | None = None,
+) -> None:
     """Print one row per case: ``name``, ``seconds`` (a median), optional ``baseline`` (the name of the row to
     compare with; the row's speed-up is ``baseline time / row time``), ``note`` and any ``extra_columns``
     (already formatted values). Rows without a baseline are marked as baselines if another row refers to them."""
@@ -71,6 +82,12 @@ def print_table(title: str, rows: Sequence[Mapping[str, Any]], extra_columns: Se
             ratio, against = f"{by_name[base]['seconds'] / r['seconds']:.1f}x", base
         else:
             ratio, against = ("1.0x", "(baseline)") if r["name"] in referenced else ("", "")
-        table.add_row(r["name"], f"{r['seconds'] * 1e3:.2f}", *[str(r.get(c, "")) for c in extra_columns], ratio,
-                      against, str(r.get("note", "")))
+        table.add_row(
+            r["name"],
+            f"{r['seconds'] * 1e3:.2f}",
+            *[str(r.get(c, "")) for c in extra_columns],
+            ratio,
+            against,
+            str(r.get("note", "")),
+        )
     (console or Console(width=max(Console().width, 200))).print(table)

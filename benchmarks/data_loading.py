@@ -13,7 +13,7 @@ workers inherit it), so "cache on" is the steady state of a multi-epoch run.
 On a machine busy with other work, torch's intra-op threads in the main process (workers 0, and the
 baseline's tensor ops) can wait on each other for whole time slices: compare with ``--threads 1``.
 
-Run: ``.venv/bin/python benchmarks/data_loading.py [--data DIR] [--size 384] [--quick]``.
+Run: ``.venv/bin/python -m benchmarks.data_loading [--data DIR] [--size 384] [--quick]``.
 """
 
 from __future__ import annotations
@@ -44,15 +44,16 @@ def baseline_batches(anns: list[Annotation], size: int, batch_size: int) -> Iter
 
     for start in range(0, len(anns), batch_size):
         imgs = []
-        for a in anns[start:start + batch_size]:
+        for a in anns[start : start + batch_size]:
             with Image.open(a.image_path) as im:
                 img = im.convert("RGB").resize((size, size), Image.BILINEAR)
             imgs.append(F.pil_to_tensor(img).float().div_(255.0))
         yield torch.stack(imgs)
 
 
-def time_batches(make_iter: Callable[[int], Iterator], warmup: int, batches: int, batch_size: int,
-                 repeats: int) -> list[float]:
+def time_batches(
+    make_iter: Callable[[int], Iterator], warmup: int, batches: int, batch_size: int, repeats: int
+) -> list[float]:
     """Images/s of ``batches`` batches after ``warmup`` ones, per repeat (``make_iter(repeat)`` -> batches)."""
     rates = []
     for r in range(repeats):
@@ -72,8 +73,12 @@ def time_batches(make_iter: Callable[[int], Iterator], warmup: int, batches: int
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                   help=f"dataset root with splits/SPLIT_NAME/ (default: {DEFAULT_DATA})")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA,
+        help=f"dataset root with splits/SPLIT_NAME/ (default: {DEFAULT_DATA})",
+    )
     p.add_argument("--split-name", default="paper")
     p.add_argument("--size", type=int, default=384, help="network input size (default 384)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -81,17 +86,23 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed batches first (default 1)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads of the main process (default: torch's own)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads of the main process (default: torch's own)",
+    )
     p.add_argument("--quick", action="store_true", help="3 batches, 1 repeat: a smoke run")
     args = p.parse_args()
     if args.quick:
         args.batches, args.repeats = 3, 1
 
     if not (args.data / "splits" / args.split_name / "train.txt").is_file():
-        sys.exit(f"error: no dataset at {args.data} (expected {args.data}/splits/{args.split_name}/train.txt): "
-                 "the real face-mask dataset lives in ../shared/data/face-mask-detection beside the repository; "
-                 "pass --data DIR")
+        sys.exit(
+            f"error: no dataset at {args.data} (expected {args.data}/splits/{args.split_name}/train.txt): "
+            "the real face-mask dataset lives in ../shared/data/face-mask-detection beside the repository; "
+            "pass --data DIR"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     from maskssd.training.runner import build_loader  # heavy import (MLflow): after the argument checks
@@ -102,25 +113,38 @@ def main() -> None:
     anns = anns[:n_used]
     spec = AugmentSpec()
     console = Console(width=max(Console().width, 110))
-    console.print(f"{args.data} {args.split_name}/train: {n_used} images used, input {args.size}, batch {bs}, "
-                  f"{args.warmup} warm-up + {args.batches} timed batches x {args.repeats} repeats, "
-                  f"torch threads {torch.get_num_threads()}", highlight=False)
+    console.print(
+        f"{args.data} {args.split_name}/train: {n_used} images used, input {args.size}, batch {bs}, "
+        f"{args.warmup} warm-up + {args.batches} timed batches x {args.repeats} repeats, "
+        f"torch threads {torch.get_num_threads()}",
+        highlight=False,
+    )
 
     rows: list[tuple[str, str, str, list[float]]] = []
-    base = time_batches(lambda r: baseline_batches(anns, args.size, bs), args.warmup, args.batches, bs, args.repeats)
+    base = time_batches(
+        lambda r: baseline_batches(anns, args.size, bs), args.warmup, args.batches, bs, args.repeats
+    )
     rows.append(("baseline: PIL open + RGB + resize + to tensor", "0", "-", base))
 
     ds_eval = FaceMaskDataset(anns, eval_transform(args.size))
     eval_loader = build_loader(ds_eval, bs, 0, seed=0, shuffle=True)
-    rows.append(("eval: load + resize + collate", "0", "off",
-                 time_batches(lambda r: iter(eval_loader), args.warmup, args.batches, bs, args.repeats)))
+    rows.append(
+        (
+            "eval: load + resize + collate",
+            "0",
+            "off",
+            time_batches(lambda r: iter(eval_loader), args.warmup, args.batches, bs, args.repeats),
+        )
+    )
 
     for cache in (False, True):
         for workers in args.workers:
             ds = FaceMaskDataset(anns, train_transform(args.size, spec), cache_images=cache)
             if cache:
                 for i in range(len(ds)):
-                    ds.raw_sample(i)  # decodes into the cache: what every later epoch finds; forked workers inherit it
+                    ds.raw_sample(
+                        i
+                    )  # decodes into the cache: what every later epoch finds; forked workers inherit it
             loader = build_loader(ds, bs, workers, seed=0, shuffle=True)
 
             def epoch(r: int, loader=loader) -> Iterator:
@@ -128,13 +152,21 @@ def main() -> None:
                 return iter(loader)
 
             rates = time_batches(epoch, args.warmup, args.batches, bs, args.repeats)
-            rows.append(("train: load + SSD augment + collate", str(workers), "on" if cache else "off", rates))
+            rows.append(
+                ("train: load + SSD augment + collate", str(workers), "on" if cache else "off", rates)
+            )
             del loader  # stops persistent workers
 
     base_rate = statistics.median(base)
     t = Table(title=f"training data pipeline, images/s (input {args.size}, batch {bs}; higher is better)")
-    for col, just in (("pipeline", "left"), ("workers", "right"), ("cache", "center"), ("images/s", "right"),
-                      ("ms / batch", "right"), ("vs baseline", "right")):
+    for col, just in (
+        ("pipeline", "left"),
+        ("workers", "right"),
+        ("cache", "center"),
+        ("images/s", "right"),
+        ("ms / batch", "right"),
+        ("vs baseline", "right"),
+    ):
         t.add_column(col, justify=just)
     for name, workers, cache, rates in rows:
         med = statistics.median(rates)

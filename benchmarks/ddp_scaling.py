@@ -3,7 +3,7 @@
 Each configuration is a real ``maskssd train`` run (same global batch: 16 in one process, 8 per process in two)
 on a synthetic dataset; images/s is read back from the MLflow run (median over epochs after the first, which
 pays for start-up). The one-process run is the baseline. Run:
-``.venv/bin/python benchmarks/ddp_scaling.py [--quick] [--model tiny|ssdlite_effnet_lite0]``.
+``.venv/bin/python -m benchmarks.ddp_scaling [--quick] [--model tiny|ssdlite_effnet_lite0]``.
 """
 
 from __future__ import annotations
@@ -52,12 +52,41 @@ coco = false
 def run(tmp: Path, nproc: int, args: argparse.Namespace) -> tuple[float, float]:
     batch = args.global_batch // nproc
     cfg = tmp / f"cfg{nproc}.toml"
-    cfg.write_text(CONFIG.format(device=args.device, root=tmp / "synth", images=args.images, batch=batch,
-                                 model=args.model, size=args.size, epochs=args.epochs))
+    cfg.write_text(
+        CONFIG.format(
+            device=args.device,
+            root=tmp / "synth",
+            images=args.images,
+            batch=batch,
+            model=args.model,
+            size=args.size,
+            epochs=args.epochs,
+        )
+    )
     uri = f"sqlite:///{tmp}/mlflow.db"
-    base = ["-m", "maskssd", "train", str(cfg), "--no-progress", "--tracking-uri", uri, "--run-name", f"p{nproc}"]
-    cmd = [sys.executable, *base] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *base]
+    base = [
+        "-m",
+        "maskssd",
+        "train",
+        str(cfg),
+        "--no-progress",
+        "--tracking-uri",
+        uri,
+        "--run-name",
+        f"p{nproc}",
+    ]
+    cmd = (
+        [sys.executable, *base]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            *base,
+        ]
+    )
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     subprocess.run(cmd, cwd=tmp, env=env, check=True, capture_output=True, text=True)
     from maskssd import tracking
@@ -87,8 +116,10 @@ def main() -> None:
         tmp = Path(d)
         results = {n: run(tmp, n, args) for n in args.nproc}
     base = results[args.nproc[0]][0]
-    t = Table(title=f"DDP training throughput: {args.model} @{args.size}, {args.device} ({machine()})",
-              title_justify="left")
+    t = Table(
+        title=f"DDP training throughput: {args.model} @{args.size}, {args.device} ({machine()})",
+        title_justify="left",
+    )
     for col in ("processes", "batch per process", "images/s (median epoch)", "epoch s", "vs 1 process"):
         t.add_column(col, justify="right")
     for n, (ips, sec) in results.items():

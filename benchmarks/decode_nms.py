@@ -5,7 +5,7 @@ per-class ``torchvision.ops.nms`` loop.
 8732 SSD300 priors, 4 classes, realistic scores: confident background nearly everywhere, a few faces whose
 nearby priors score high, some clutter; about 1-5 % of priors exceed ``min_score`` 0.01 for some class.
 Paper settings: min_score 0.01, max_overlap 0.45, top_k 200. All three give the same detections.
-Run: ``.venv/bin/python benchmarks/decode_nms.py [--quick]``.
+Run: ``.venv/bin/python -m benchmarks.decode_nms [--quick]``.
 """
 
 from __future__ import annotations
@@ -84,7 +84,9 @@ def same_detections(ours, theirs) -> bool:
         if len(d) != s.numel():
             return False
         o1, o2 = d.scores.argsort(descending=True), s.argsort(descending=True)
-        if not (torch.allclose(d.scores[o1], s[o2], atol=1e-6) and torch.allclose(d.boxes[o1], b[o2], atol=1e-5)):
+        if not (
+            torch.allclose(d.scores[o1], s[o2], atol=1e-6) and torch.allclose(d.boxes[o1], b[o2], atol=1e-5)
+        ):
             return False
     return True
 
@@ -106,16 +108,34 @@ def measure(batch: int, priors: torch.Tensor, spec: DecodeSpec, rep: int, base_r
     ours_s = median_time(lambda: postprocess(locs, scores, priors, spec), rep)
     thresh = torch.tensor(spec.min_score)
     return [
-        {"name": base, "seconds": median_time(lambda: detect_objects(locs, scores, priors), base_rep),
-         "note": f"{100 * frac:.1f}% of priors > min_score, {n_cand:.0f} candidates, {n_det:.0f} detections per image"},
-        {"name": tv, "baseline": base, "seconds": median_time(lambda: torchvision_loop(locs, scores, priors), rep)},
-        {"name": f"maskssd postprocess, batch {batch}", "baseline": base, "seconds": ours_s,
-         "note": "compiled kernel: logit pre-filter, softmax + decode of candidates, greedy NMS"},
-        {"name": f"maskssd tensor path (the GPU code, on CPU), batch {batch}", "baseline": base,
-         "seconds": median_time(lambda: postprocess_tensors(locs, scores, priors, spec, thresh), rep),
-         "note": "batched ops, torchvision nms per (image, class) slice"},
-        {"name": f"maskssd postprocess, batch {batch} (vs torchvision loop)", "baseline": tv, "seconds": ours_s,
-         "note": "(the same timing, against the torchvision loop)"},
+        {
+            "name": base,
+            "seconds": median_time(lambda: detect_objects(locs, scores, priors), base_rep),
+            "note": f"{100 * frac:.1f}% of priors > min_score, {n_cand:.0f} candidates, {n_det:.0f} detections per image",
+        },
+        {
+            "name": tv,
+            "baseline": base,
+            "seconds": median_time(lambda: torchvision_loop(locs, scores, priors), rep),
+        },
+        {
+            "name": f"maskssd postprocess, batch {batch}",
+            "baseline": base,
+            "seconds": ours_s,
+            "note": "compiled kernel: logit pre-filter, softmax + decode of candidates, greedy NMS",
+        },
+        {
+            "name": f"maskssd tensor path (the GPU code, on CPU), batch {batch}",
+            "baseline": base,
+            "seconds": median_time(lambda: postprocess_tensors(locs, scores, priors, spec, thresh), rep),
+            "note": "batched ops, torchvision nms per (image, class) slice",
+        },
+        {
+            "name": f"maskssd postprocess, batch {batch} (vs torchvision loop)",
+            "baseline": tv,
+            "seconds": ours_s,
+            "note": "(the same timing, against the torchvision loop)",
+        },
     ]
 
 
@@ -132,8 +152,11 @@ def main() -> None:
     priors = PriorSpec.ssd300().priors()
     spec = DecodeSpec(MIN_SCORE, MAX_OVERLAP, TOP_K)
     rows = [row for batch in (1, 8) for row in measure(batch, priors, spec, rep, base_rep)]
-    print_table(f"Decode + NMS + top-k: 8732 priors, {N_CLASSES} classes, min_score {MIN_SCORE}, "
-                f"max_overlap {MAX_OVERLAP}, top_k {TOP_K} ({machine()}; {rep} runs, baseline {base_rep})", rows)
+    print_table(
+        f"Decode + NMS + top-k: 8732 priors, {N_CLASSES} classes, min_score {MIN_SCORE}, "
+        f"max_overlap {MAX_OVERLAP}, top_k {TOP_K} ({machine()}; {rep} runs, baseline {base_rep})",
+        rows,
+    )
 
 
 if __name__ == "__main__":

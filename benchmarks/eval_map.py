@@ -2,7 +2,7 @@
 
 128 images, 200 detections each, 3 classes, 5-30 objects per image; most detections are jittered copies
 of objects (some of the wrong class, many duplicates), the rest clutter. Both implementations must give
-the same mAP. Run: ``.venv/bin/python benchmarks/eval_map.py``.
+the same mAP. Run: ``.venv/bin/python -m benchmarks.eval_map``.
 """
 
 from __future__ import annotations
@@ -44,8 +44,11 @@ def make_data(n_images: int = 128, n_dets: int = 200, seed: int = 0) -> Images:
         src = torch.randint(0, n_gt, (n_near,), generator=g)
         jitter = torch.randn(n_near, 4, generator=g) * 0.15 * wh[src].repeat(1, 2)
         near = boxes[src] + jitter
-        near_labels = torch.where(torch.rand(n_near, generator=g) < 0.85, labels[src],
-                                  torch.randint(1, n_cls + 1, (n_near,), generator=g))
+        near_labels = torch.where(
+            torch.rand(n_near, generator=g) < 0.85,
+            labels[src],
+            torch.randint(1, n_cls + 1, (n_near,), generator=g),
+        )
         near_scores = (1.0 - jitter.abs().mean(1) / size[src, 0]) * torch.rand(n_near, generator=g).sqrt()
         n_far = n_dets - n_near
         far_xy = torch.rand(n_far, 2, generator=g) * 350
@@ -93,6 +96,7 @@ def main() -> None:
             ev = DetectionEvaluator(CLASSES)
             ev.update(*data)
             return ev.compute(coco=coco)
+
         return run
 
     base_ms, base_map = timed(lambda: loop_map(*data), args.baseline_repeats)
@@ -104,20 +108,29 @@ def main() -> None:
     if not math.isclose(vec_map, base_map, abs_tol=1e-6):
         raise SystemExit(f"mAP mismatch: batched {vec_map!r} vs loop {base_map!r}")
 
-    table = Table(title=f"VOC07 mAP: {args.images} images x {args.dets} detections ({n_det} detections, "
-                        f"{n_gt} objects, 3 classes), CPU, {torch.get_num_threads()} torch threads")
+    table = Table(
+        title=f"VOC07 mAP: {args.images} images x {args.dets} detections ({n_det} detections, "
+        f"{n_gt} objects, 3 classes), CPU, {torch.get_num_threads()} torch threads"
+    )
     table.add_column("implementation")
     table.add_column("median ms", justify="right")
     table.add_column("ratio vs baseline", justify="right")
     table.add_column("speed-up", justify="right")
     table.add_column("result", justify="right")
     rows = [
-        (f"tutorial per-detection loop, voc07 (baseline, {args.baseline_repeats} runs)", base_ms, f"mAP {base_map:.6f}"),
+        (
+            f"tutorial per-detection loop, voc07 (baseline, {args.baseline_repeats} runs)",
+            base_ms,
+            f"mAP {base_map:.6f}",
+        ),
         (f"maskssd.metrics batched, voc07 ({args.repeats} runs)", vec_ms, f"mAP {vec_map:.6f}"),
         ("maskssd.metrics batched, voc12", v12_ms, ""),
         ("DetectionEvaluator.compute(coco=False) (voc07+voc12+confusion)", ev_ms, ""),
-        ("pycocotools COCOeval via coco_map (info)", coco_ms,
-         f"mAP {coco_result['map']:.4f}, AP50 {coco_result['ap50']:.4f}"),
+        (
+            "pycocotools COCOeval via coco_map (info)",
+            coco_ms,
+            f"mAP {coco_result['map']:.4f}, AP50 {coco_result['ap50']:.4f}",
+        ),
     ]
     for name, ms, result in rows:
         table.add_row(name, f"{ms:.1f}", f"{ms / base_ms:.4f}", f"{base_ms / ms:.1f}x", result)

@@ -7,7 +7,7 @@ decode/NMS) and the forward alone (``Predictor.last_timing.model``). The median 
 warm-up is reported; PyTorch eager is the baseline of the speed-up column. Backends take turns call by call.
 On a machine busy with other work, multi-threaded PyTorch can stall at every parallel region waiting for a
 descheduled worker thread; ``--threads 1`` then gives steadier numbers.
-Run: ``.venv/bin/python benchmarks/inference_fps.py [--quick]``.
+Run: ``.venv/bin/python -m benchmarks.inference_fps [--quick]``.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def camera_frame(seed: int = 0) -> np.ndarray:
     img = np.full((480, 640, 3), 90, np.uint8) + rng.integers(0, 30, (480, 640, 3), dtype=np.uint8)
     for _ in range(6):
         x, y, s = int(rng.integers(0, 560)), int(rng.integers(0, 400)), int(rng.integers(30, 80))
-        img[y:y + s, x:x + s] = rng.integers(0, 255, 3)
+        img[y : y + s, x : x + s] = rng.integers(0, 255, 3)
     return img
 
 
@@ -74,9 +74,12 @@ class _TorchScriptRunner:
 
 def make_predictor(model: torch.nn.Module, backend: str, workdir: Path, threads: int = 0) -> Predictor:
     """A Predictor running ``model`` through ``backend`` (exported to ``workdir`` when needed)."""
-    if backend == "eager NHWC":  # what Predictor.from_checkpoint does on CPU (on a copy: the others stay NCHW)
-        return Predictor(copy.deepcopy(model), CLASSES, model.input_size, model.priors_cxcy, DECODE,
-                         channels_last=True)
+    if (
+        backend == "eager NHWC"
+    ):  # what Predictor.from_checkpoint does on CPU (on a copy: the others stay NCHW)
+        return Predictor(
+            copy.deepcopy(model), CLASSES, model.input_size, model.priors_cxcy, DECODE, channels_last=True
+        )
     pred = Predictor(model, CLASSES, model.input_size, model.priors_cxcy, DECODE)
     if backend == "torchscript":
         pred.model = _TorchScriptRunner(load_torchscript(export_torchscript(model, workdir / "model.ts")))  # type: ignore[assignment]
@@ -86,8 +89,9 @@ def make_predictor(model: torch.nn.Module, backend: str, workdir: Path, threads:
     return pred
 
 
-def measure(preds: dict[str, Predictor], frame: np.ndarray, warmup: int,
-            repeats: int) -> dict[str, tuple[float, float]]:
+def measure(
+    preds: dict[str, Predictor], frame: np.ndarray, warmup: int, repeats: int
+) -> dict[str, tuple[float, float]]:
     """Median end-to-end and model-only milliseconds of ``repeats`` batch-1 predictions per backend.
 
     Backends take turns call by call, so a change of machine load (other jobs) hits them all alike.
@@ -108,12 +112,18 @@ def measure(preds: dict[str, Predictor], frame: np.ndarray, warmup: int,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer repeats; skip VGG TorchScript/ONNX if eager is slow")
+    p.add_argument(
+        "--quick", action="store_true", help="fewer repeats; skip VGG TorchScript/ONNX if eager is slow"
+    )
     p.add_argument("--repeats", type=int, help="timed runs per cell (default 30, quick 5)")
     p.add_argument("--warmup", type=int, help="untimed runs per cell (default 5, quick 3)")
     p.add_argument("--models", nargs="+", help="only models whose label contains one of these words")
-    p.add_argument("--threads", type=int, default=0,
-                   help="intra-op threads of torch and ONNX Runtime (0 = their defaults: the physical cores)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="intra-op threads of torch and ONNX Runtime (0 = their defaults: the physical cores)",
+    )
     a = p.parse_args(argv)
     repeats = a.repeats or (5 if a.quick else 30)
     warmup = a.warmup or (3 if a.quick else 5)
@@ -149,21 +159,45 @@ def main(argv: list[str] | None = None) -> int:
                 e2e_ms, model_ms = timings.get(backend, (None, None))
                 rows.append((label, params, backend, e2e_ms, model_ms, base, notes[backend]))
                 if e2e_ms is not None:
-                    console.print(f"  {label:26s} {backend:12s} {e2e_ms:8.1f} ms end to end, {model_ms:8.1f} ms "
-                                  "model", highlight=False)
+                    console.print(
+                        f"  {label:26s} {backend:12s} {e2e_ms:8.1f} ms end to end, {model_ms:8.1f} ms model",
+                        highlight=False,
+                    )
 
-    t = Table(title=f"batch-1 CPU inference, 640x480 frame ({torch.get_num_threads()} torch / "
-                    f"{a.threads or physical_cores()} ORT threads, median of "
-                    f"{repeats}; speed-up vs PyTorch eager)")
-    for col in ("model", "params (M)", "backend", "end-to-end ms", "FPS", "model ms", "model FPS", "speed-up e2e",
-                "speed-up model", "note"):
+    t = Table(
+        title=f"batch-1 CPU inference, 640x480 frame ({torch.get_num_threads()} torch / "
+        f"{a.threads or physical_cores()} ORT threads, median of "
+        f"{repeats}; speed-up vs PyTorch eager)"
+    )
+    for col in (
+        "model",
+        "params (M)",
+        "backend",
+        "end-to-end ms",
+        "FPS",
+        "model ms",
+        "model FPS",
+        "speed-up e2e",
+        "speed-up model",
+        "note",
+    ):
         t.add_column(col, justify="left" if col in ("model", "backend", "note") else "right")
     for label, params, backend, e2e_ms, model_ms, base, note in rows:
         if e2e_ms is None:
             t.add_row(label, f"{params:.2f}", backend, "-", "-", "-", "-", "-", "-", note)
             continue
-        t.add_row(label, f"{params:.2f}", backend, f"{e2e_ms:.1f}", f"{1000 / e2e_ms:.1f}", f"{model_ms:.1f}",
-                  f"{1000 / model_ms:.1f}", f"{base[0] / e2e_ms:.2f}x", f"{base[1] / model_ms:.2f}x", note)
+        t.add_row(
+            label,
+            f"{params:.2f}",
+            backend,
+            f"{e2e_ms:.1f}",
+            f"{1000 / e2e_ms:.1f}",
+            f"{model_ms:.1f}",
+            f"{1000 / model_ms:.1f}",
+            f"{base[0] / e2e_ms:.2f}x",
+            f"{base[1] / model_ms:.2f}x",
+            note,
+        )
     console.print(t)
     return 0
 

@@ -1,7 +1,7 @@
 """Benchmark: MultiBox matching + loss, batched (maskssd.loss) vs the tutorial's per-image loop.
 
 A batch of 32 at the SSD300's 8732 priors, 4 classes, 1-20 realistic face boxes per image. Both must give the
-same loss. Run: ``.venv/bin/python benchmarks/loss_matching.py [--quick]``.
+same loss. Run: ``.venv/bin/python -m benchmarks.loss_matching [--quick]``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ def make_batch(batch: int, n_priors: int, seed: int = 0):
         wh = wh.clamp(max=0.95)
         c = wh / 2 + torch.rand(n, 2, generator=g) * (1 - wh)
         boxes.append(torch.cat([c - wh / 2, c + wh / 2], 1))
-        labels.append(torch.multinomial(torch.tensor([0.7, 0.22, 0.08]), n, replacement=True, generator=g) + 1)
+        labels.append(
+            torch.multinomial(torch.tensor([0.7, 0.22, 0.08]), n, replacement=True, generator=g) + 1
+        )
     locs = torch.randn(batch, n_priors, 4, generator=g)
     scores = torch.randn(batch, n_priors, N_CLASSES, generator=g)
     return locs, scores, boxes, labels
@@ -64,30 +66,56 @@ def main() -> None:
         def run():
             locs.grad = scores.grad = None
             fn().backward()
+
         return run
 
     base_match = "tutorial matching loop"
     base_fwd = "tutorial loss, forward"
     base_fb = "tutorial loss, forward+backward"
     rows = [
-        {"name": base_match, "note": f"{args.batch} images, {n_obj} objects",
-         "seconds": median_time(lambda: ref.match(boxes, labels), base_rep)},
-        {"name": "maskssd MultiBoxLoss.match", "baseline": base_match, "note": "sparse compiled matcher (CPU)",
-         "seconds": median_time(lambda: ours.match(boxes, labels), rep)},
-        {"name": "maskssd assign_dense (the GPU code, on CPU)", "baseline": base_match,
-         "note": "batched IoU of every object and prior",
-         "seconds": median_time(lambda: ours.assign_dense(gt, counts), rep)},
-        {"name": base_fwd, "note": "per-image loop, nn.L1Loss + CE, sort for hard negatives",
-         "seconds": median_time(lambda: ref(locs, scores, boxes, labels), base_rep)},
-        {"name": "maskssd MultiBoxLoss, forward", "baseline": base_fwd,
-         "note": "compiled matching + bounded hard-negative selection, CE on kept rows",
-         "seconds": median_time(lambda: ours(locs, scores, boxes, labels), rep)},
-        {"name": base_fb, "seconds": median_time(fwd_bwd(lambda: ref(locs, scores, boxes, labels)), base_rep)},
-        {"name": "maskssd MultiBoxLoss, forward+backward", "baseline": base_fb,
-         "seconds": median_time(fwd_bwd(lambda: ours(locs, scores, boxes, labels).total), rep)},
+        {
+            "name": base_match,
+            "note": f"{args.batch} images, {n_obj} objects",
+            "seconds": median_time(lambda: ref.match(boxes, labels), base_rep),
+        },
+        {
+            "name": "maskssd MultiBoxLoss.match",
+            "baseline": base_match,
+            "note": "sparse compiled matcher (CPU)",
+            "seconds": median_time(lambda: ours.match(boxes, labels), rep),
+        },
+        {
+            "name": "maskssd assign_dense (the GPU code, on CPU)",
+            "baseline": base_match,
+            "note": "batched IoU of every object and prior",
+            "seconds": median_time(lambda: ours.assign_dense(gt, counts), rep),
+        },
+        {
+            "name": base_fwd,
+            "note": "per-image loop, nn.L1Loss + CE, sort for hard negatives",
+            "seconds": median_time(lambda: ref(locs, scores, boxes, labels), base_rep),
+        },
+        {
+            "name": "maskssd MultiBoxLoss, forward",
+            "baseline": base_fwd,
+            "note": "compiled matching + bounded hard-negative selection, CE on kept rows",
+            "seconds": median_time(lambda: ours(locs, scores, boxes, labels), rep),
+        },
+        {
+            "name": base_fb,
+            "seconds": median_time(fwd_bwd(lambda: ref(locs, scores, boxes, labels)), base_rep),
+        },
+        {
+            "name": "maskssd MultiBoxLoss, forward+backward",
+            "baseline": base_fb,
+            "seconds": median_time(fwd_bwd(lambda: ours(locs, scores, boxes, labels).total), rep),
+        },
     ]
-    print_table(f"MultiBox matching + loss: batch {args.batch}, {priors.shape[0]} priors, {N_CLASSES} classes "
-                f"({machine()}; {rep} runs, baseline {base_rep})", rows)
+    print_table(
+        f"MultiBox matching + loss: batch {args.batch}, {priors.shape[0]} priors, {N_CLASSES} classes "
+        f"({machine()}; {rep} runs, baseline {base_rep})",
+        rows,
+    )
     print(f"same loss: maskssd {out.item():.7f} vs tutorial {expected.item():.7f}")
 
 

@@ -5,7 +5,7 @@ loopback, are warmed up, then take turns being driven by 1, 4 and 8 concurrent c
 keep-alive ``httpx`` clients), each sending ``--requests`` 640x480 JPEG camera frames as raw bodies. Reported: requests per second, p50/p95
 latency seen by the clients, and the mean batch size from the server's ``/metrics``. The batching-off run
 of the same model and concurrency is the baseline of the speed-up column.
-Run: ``.venv/bin/python benchmarks/server_throughput.py [--quick]``.
+Run: ``.venv/bin/python -m benchmarks.server_throughput [--quick]``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,13 @@ from maskssd.training.checkpoint import atomic_save
 ROOT = Path(__file__).resolve().parents[1]
 
 CLASSES = ["with_mask", "without_mask", "mask_weared_incorrect"]
-DECODE = {"min_score": 0.01, "max_overlap": 0.45, "top_k": 200, "class_agnostic": False, "pre_nms_top_k": None}
+DECODE = {
+    "min_score": 0.01,
+    "max_overlap": 0.45,
+    "top_k": 200,
+    "class_agnostic": False,
+    "pre_nms_top_k": None,
+}
 MODELS: list[tuple[str, str, dict[str, Any]]] = [
     ("tiny 128", "tiny", {"input_size": 128}),
     ("ssdlite_effnet_lite0 320", "ssdlite_effnet_lite0", {"input_size": 320, "pretrained": False}),
@@ -47,8 +53,17 @@ MODELS: list[tuple[str, str, dict[str, Any]]] = [
 def save_checkpoint(name: str, kwargs: dict[str, Any], path: Path) -> Path:
     torch.manual_seed(0)
     m = build_model(name, num_classes=4, **kwargs)
-    return atomic_save({"format": 1, "model": m.state_dict(), "build_args": m.build_args, "class_names": CLASSES,
-                        "decode": DECODE, "epoch": 0}, path)
+    return atomic_save(
+        {
+            "format": 1,
+            "model": m.state_dict(),
+            "build_args": m.build_args,
+            "class_names": CLASSES,
+            "decode": DECODE,
+            "epoch": 0,
+        },
+        path,
+    )
 
 
 def camera_jpegs(n: int = 16) -> list[bytes]:
@@ -61,7 +76,7 @@ def camera_jpegs(n: int = 16) -> list[bytes]:
         img = (img + rng.normal(0, 8, img.shape)).clip(0, 255).astype(np.uint8)
         for _ in range(5):
             x, y, s = int(rng.integers(0, 560)), int(rng.integers(0, 400)), int(rng.integers(30, 90))
-            img[y:y + s, x:x + s] = rng.integers(0, 255, 3)
+            img[y : y + s, x : x + s] = rng.integers(0, 255, 3)
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="JPEG", quality=85)
         out.append(buf.getvalue())
@@ -80,9 +95,22 @@ class ServerProcess:
     def __init__(self, ckpt: Path, batching: bool, args: argparse.Namespace, log: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "maskssd", "serve", "--model", str(ckpt), "--port", str(self.port),
-                    "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
-                    "--backend", args.backend]
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "maskssd",
+            "serve",
+            "--model",
+            str(ckpt),
+            "--port",
+            str(self.port),
+            "--max-batch",
+            str(args.max_batch),
+            "--max-wait-ms",
+            str(args.max_wait_ms),
+            "--backend",
+            args.backend,
+        ]
         if not batching:
             self.cmd.append("--no-batching")
         self.log = log
@@ -100,7 +128,9 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
+                )
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return self
@@ -145,7 +175,9 @@ def drive(url: str, clients: int, requests: int, frames: list[bytes]) -> dict[st
             for ri in range(requests):
                 body = frames[(ci * requests + ri) % len(frames)]
                 t0 = time.perf_counter()
-                r = c.post("/detect", content=body, headers={"content-type": "image/jpeg", "x-camera": f"cam{ci}"})
+                r = c.post(
+                    "/detect", content=body, headers={"content-type": "image/jpeg", "x-camera": f"cam{ci}"}
+                )
                 mine.append(time.perf_counter() - t0)
                 if r.status_code != 200:
                     with lock:
@@ -166,8 +198,13 @@ def drive(url: str, clients: int, requests: int, frames: list[bytes]) -> dict[st
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0]}")
     q = statistics.quantiles(latencies, n=20, method="inclusive")
-    return {"rps": len(latencies) / wall, "p50": 1000 * statistics.median(latencies), "p95": 1000 * q[18],
-            "batch": (b1[0] - b0[0]) / max(b1[1] - b0[1], 1), "n": len(latencies)}
+    return {
+        "rps": len(latencies) / wall,
+        "p50": 1000 * statistics.median(latencies),
+        "p95": 1000 * q[18],
+        "batch": (b1[0] - b0[0]) / max(b1[1] - b0[1], 1),
+        "n": len(latencies),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,14 +216,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch threads in the server (OMP_NUM_THREADS; 0 = torch's default, the physical cores)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads in the server (OMP_NUM_THREADS; 0 = torch's default, the physical cores)",
+    )
     a = p.parse_args(argv)
     n_req = a.requests or (6 if a.quick else 30)
     console = Console(width=None if sys.stdout.isatty() else 150)
     frames = camera_jpegs()
-    console.print(f"{len(frames)} JPEG frames of 640x480, {sum(map(len, frames)) / len(frames) / 1e3:.0f} kB on "
-                  f"average; {n_req} requests per client", highlight=False)
+    console.print(
+        f"{len(frames)} JPEG frames of 640x480, {sum(map(len, frames)) / len(frames) / 1e3:.0f} kB on "
+        f"average; {n_req} requests per client",
+        highlight=False,
+    )
     results: list[tuple[str, int, bool, dict[str, float]]] = []
     with tempfile.TemporaryDirectory(prefix="maskssd-serve-bench-") as tmp:
         for label, name, kwargs in [m for m in MODELS if not a.models or any(w in m[0] for w in a.models)]:
@@ -206,24 +250,48 @@ def main(argv: list[str] | None = None) -> int:
                     for batching, srv in servers.items():
                         r = drive(srv.url, clients, n_req, frames)
                         results.append((label, clients, batching, r))
-                        console.print(f"  batching {'on ' if batching else 'off'}, {clients} clients: "
-                                      f"{r['rps']:.1f} req/s, p50 {r['p50']:.0f} ms, p95 {r['p95']:.0f} ms, "
-                                      f"mean batch {r['batch']:.2f}", highlight=False)
+                        console.print(
+                            f"  batching {'on ' if batching else 'off'}, {clients} clients: "
+                            f"{r['rps']:.1f} req/s, p50 {r['p50']:.0f} ms, p95 {r['p95']:.0f} ms, "
+                            f"mean batch {r['batch']:.2f}",
+                            highlight=False,
+                        )
             finally:
                 for srv in servers.values():
                     if hasattr(srv, "proc"):
                         srv.stop()
 
     base = {(m, c): r["rps"] for m, c, b, r in results if not b}
-    t = Table(title=f"maskssd serve on loopback ({a.backend} backend{f', {a.threads} torch threads' if a.threads else ''}"
-                    f", max batch {a.max_batch}, max wait "
-                    f"{a.max_wait_ms:g} ms; {n_req} requests per client; speed-up vs batching off)")
-    for col in ("model", "clients", "batching", "requests", "req/s", "p50 ms", "p95 ms", "mean batch", "speed-up"):
+    t = Table(
+        title=f"maskssd serve on loopback ({a.backend} backend{f', {a.threads} torch threads' if a.threads else ''}"
+        f", max batch {a.max_batch}, max wait "
+        f"{a.max_wait_ms:g} ms; {n_req} requests per client; speed-up vs batching off)"
+    )
+    for col in (
+        "model",
+        "clients",
+        "batching",
+        "requests",
+        "req/s",
+        "p50 ms",
+        "p95 ms",
+        "mean batch",
+        "speed-up",
+    ):
         t.add_column(col, justify="left" if col in ("model", "batching") else "right")
     for label, clients, batching, r in sorted(results, key=lambda x: (x[0], x[1], x[2])):
         ref = base.get((label, clients))
-        t.add_row(label, str(clients), "on" if batching else "off", str(r["n"]), f"{r['rps']:.1f}", f"{r['p50']:.0f}",
-                  f"{r['p95']:.0f}", f"{r['batch']:.2f}", f"{r['rps'] / ref:.2f}x" if ref else "-")
+        t.add_row(
+            label,
+            str(clients),
+            "on" if batching else "off",
+            str(r["n"]),
+            f"{r['rps']:.1f}",
+            f"{r['p50']:.0f}",
+            f"{r['p95']:.0f}",
+            f"{r['batch']:.2f}",
+            f"{r['rps'] / ref:.2f}x" if ref else "-",
+        )
     console.print(t)
     return 0
 

@@ -2,7 +2,7 @@
 with ``maskssd.runtime.tune_cpu_allocator`` (what every ``maskssd`` command does at start).
 
 The allocator setting is per process, so each case runs in its own child process of this script, one after
-the other, on the same inputs. Run: ``.venv/bin/python benchmarks/train_step.py [--quick] [--model NAME]``.
+the other, on the same inputs. Run: ``.venv/bin/python -m benchmarks.train_step [--quick] [--model NAME]``.
 """
 
 from __future__ import annotations
@@ -62,8 +62,19 @@ def main() -> None:
         return child(args.model, args.batch, args.size, args.repeat, args.threads)
 
     def run(tuning: str) -> dict:
-        cmd = [sys.executable, __file__, "--child", "--model", args.model, "--batch", str(args.batch),
-               "--size", str(args.size), "--repeat", str(args.repeat)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            "--model",
+            args.model,
+            "--batch",
+            str(args.batch),
+            "--size",
+            str(args.size),
+            "--repeat",
+            str(args.repeat),
+        ]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         env = {**os.environ, "MASKSSD_MALLOC_TUNING": tuning}
@@ -73,12 +84,23 @@ def main() -> None:
     base, tuned = run("0"), run("1")
     name = "glibc default allocator"
     rows = [
-        {"name": name, "seconds": base["seconds"], "note": "freed blocks > 128 KiB-32 MiB go back to the kernel"},
-        {"name": "maskssd tune_cpu_allocator", "baseline": name, "seconds": tuned["seconds"],
-         "note": "freed memory stays in the process" if tuned["tuned"] else "NOT applied (not glibc?)"},
+        {
+            "name": name,
+            "seconds": base["seconds"],
+            "note": "freed blocks > 128 KiB-32 MiB go back to the kernel",
+        },
+        {
+            "name": "maskssd tune_cpu_allocator",
+            "baseline": name,
+            "seconds": tuned["seconds"],
+            "note": "freed memory stays in the process" if tuned["tuned"] else "NOT applied (not glibc?)",
+        },
     ]
-    print_table(f"One training step: {args.model}, batch {args.batch} x {args.size} px, forward + loss + backward + "
-                f"SGD ({machine()}; median of {args.repeat})", rows)
+    print_table(
+        f"One training step: {args.model}, batch {args.batch} x {args.size} px, forward + loss + backward + "
+        f"SGD ({machine()}; median of {args.repeat})",
+        rows,
+    )
 
 
 if __name__ == "__main__":

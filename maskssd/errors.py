@@ -44,8 +44,9 @@ def _unwrap_worker_message(message: str) -> tuple[str, str | None, str | None]:
 class ConfigError(MaskSSDError):
     """An invalid configuration value: names the key, the file and, where found, the line."""
 
-    def __init__(self, message: str, path: str | Path | None = None, key: str | None = None,
-                 line: int | None = None):
+    def __init__(
+        self, message: str, path: str | Path | None = None, key: str | None = None, line: int | None = None
+    ):
         self.path = None if path is None else str(path)
         self.key = key
         self.line = line
@@ -80,9 +81,12 @@ class UnsafeCheckpointError(MaskSSDError):
     def __init__(self, path: str | Path, forbidden: list[str], detail: str = ""):
         self.path = str(path)
         self.forbidden = list(forbidden)
-        what = ", ".join(self.forbidden[:5]) + (f" (+{len(self.forbidden) - 5} more)" if len(self.forbidden) > 5 else "")
+        what = ", ".join(self.forbidden[:5]) + (
+            f" (+{len(self.forbidden) - 5} more)" if len(self.forbidden) > 5 else ""
+        )
         super().__init__(
             f"{self.path}: refused to load: it needs arbitrary Python objects ({what or detail or 'unknown'}), "
             "which could run code when unpickled; nothing in it was run. maskssd loads model files holding only "
             "tensors and plain containers (and the SSD300 tutorial's pickled modules, rebuilt as inert data); if you "
-            "trust the file, re-save its weights as a state dict: torch.save(model.state_dict(), PATH)")
+            "trust the file, re-save its weights as a state dict: torch.save(model.state_dict(), PATH)"
+        )

@@ -29,7 +29,9 @@ RGBA_SAMPLE = SHARED_DIR / "data" / "face-mask-detection-rgba-sample"
 
 def _need(path: Path, what: str) -> Path:
     if not path.is_dir():
-        pytest.skip(f"{what} not available: {path} is absent (the read-only ../shared folder beside the repo root)")
+        pytest.skip(
+            f"{what} not available: {path} is absent (the read-only ../shared folder beside the repo root)"
+        )
     return path
 
 
@@ -54,7 +56,13 @@ def rgba_sample() -> Path:
 
 # ---------------------------------------------------------------------------------------- synthetic
 TINY_CLASSES = ["with_mask", "without_mask", "mask_weared_incorrect"]
-TINY_DECODE = {"min_score": 0.01, "max_overlap": 0.45, "top_k": 200, "class_agnostic": False, "pre_nms_top_k": None}
+TINY_DECODE = {
+    "min_score": 0.01,
+    "max_overlap": 0.45,
+    "top_k": 200,
+    "class_agnostic": False,
+    "pre_nms_top_k": None,
+}
 
 
 @pytest.fixture(scope="session")
@@ -72,8 +80,17 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         bias = m.cls_head[-2][-1].bias.view(-1, 4)
         bias[:, 0], bias[:, 3] = 0.0, 6.0
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    atomic_save({"format": 1, "model": m.state_dict(), "build_args": m.build_args, "class_names": TINY_CLASSES,
-                 "decode": TINY_DECODE, "epoch": 1}, path)
+    atomic_save(
+        {
+            "format": 1,
+            "model": m.state_dict(),
+            "build_args": m.build_args,
+            "class_names": TINY_CLASSES,
+            "decode": TINY_DECODE,
+            "epoch": 1,
+        },
+        path,
+    )
     return path
 
 
@@ -94,8 +111,14 @@ def easy_synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     epochs, so trials differ (studies, importances, the champion rule). Read-only."""
     from maskssd.data.synth import generate
 
-    return generate(tmp_path_factory.mktemp("easy") / "easy40", n_images=40, seed=1, face_size=(0.25, 0.5),
-                    faces_per_image=(1, 3), class_probs=(0.5, 0.3, 0.2)).root
+    return generate(
+        tmp_path_factory.mktemp("easy") / "easy40",
+        n_images=40,
+        seed=1,
+        face_size=(0.25, 0.5),
+        faces_per_image=(1, 3),
+        class_probs=(0.5, 0.3, 0.2),
+    ).root
 
 
 # ---------------------------------------------------------------------------- in-test VOC datasets
@@ -104,20 +127,35 @@ def easy_synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 VocObject = Sequence[object]
 
 
-def _voc_xml(filename: str, width: int | None, height: int | None, objects: Sequence[VocObject] = (),
-             prolog: str = "") -> str:
+def _voc_xml(
+    filename: str, width: int | None, height: int | None, objects: Sequence[VocObject] = (), prolog: str = ""
+) -> str:
     """A Pascal VOC annotation as the face-mask dataset writes it (``width=None`` leaves out ``<size>``)."""
     lines = [prolog, "<annotation>", "  <folder>images</folder>", f"  <filename>{filename}</filename>"]
     if width is not None and height is not None:
-        lines += ["  <size>", f"    <width>{width}</width>", f"    <height>{height}</height>",
-                  "    <depth>3</depth>", "  </size>"]
+        lines += [
+            "  <size>",
+            f"    <width>{width}</width>",
+            f"    <height>{height}</height>",
+            "    <depth>3</depth>",
+            "  </size>",
+        ]
     for obj in objects:
         name, x1, y1, x2, y2, *rest = obj
         difficult = rest[0] if rest else 0
-        lines += ["  <object>", f"    <name>{name}</name>", "    <truncated>0</truncated>",
-                  f"    <difficult>{int(difficult) if isinstance(difficult, bool) else difficult}</difficult>",
-                  "    <bndbox>", f"      <xmin>{x1}</xmin>", f"      <ymin>{y1}</ymin>",
-                  f"      <xmax>{x2}</xmax>", f"      <ymax>{y2}</ymax>", "    </bndbox>", "  </object>"]
+        lines += [
+            "  <object>",
+            f"    <name>{name}</name>",
+            "    <truncated>0</truncated>",
+            f"    <difficult>{int(difficult) if isinstance(difficult, bool) else difficult}</difficult>",
+            "    <bndbox>",
+            f"      <xmin>{x1}</xmin>",
+            f"      <ymin>{y1}</ymin>",
+            f"      <xmax>{x2}</xmax>",
+            f"      <ymax>{y2}</ymax>",
+            "    </bndbox>",
+            "  </object>",
+        ]
     lines.append("</annotation>")
     return "\n".join(line for line in lines if line) + "\n"
 
@@ -160,8 +198,12 @@ def _good_sample(image_id: str, width: int = 64, height: int = 48, seed: int = 0
     """A valid (image, xml) pair with two boxes (one ``with_mask``, one ``without_mask``)."""
     rng = np.random.default_rng(seed)
     img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
-    xml = _voc_xml(f"{image_id}.png", width, height,
-                   [("with_mask", 2, 3, 20, 25), ("without_mask", 30, 10, width - 2, height - 4)])
+    xml = _voc_xml(
+        f"{image_id}.png",
+        width,
+        height,
+        [("with_mask", 2, 3, 20, 25), ("without_mask", 30, 10, width - 2, height - 4)],
+    )
     return img, xml
 
 
@@ -169,8 +211,12 @@ def _good_sample(image_id: str, width: int = 64, height: int = 48, seed: int = 0
 def make_dataset(tmp_path: Path) -> Callable[..., Path]:
     """``make_dataset(samples, splits=None, name="ds")``: :func:`write_kaggle_dataset` under ``tmp_path``."""
 
-    def make(samples: Mapping[str, tuple[ImageSpec, str | None]], splits: Mapping[str, Sequence[str]] | None = None,
-             name: str = "ds", split_name: str = "test_split") -> Path:
+    def make(
+        samples: Mapping[str, tuple[ImageSpec, str | None]],
+        splits: Mapping[str, Sequence[str]] | None = None,
+        name: str = "ds",
+        split_name: str = "test_split",
+    ) -> Path:
         return write_kaggle_dataset(tmp_path / name, samples, splits, split_name)
 
     return make
@@ -234,7 +280,9 @@ coco = {coco}
 """
 
 
-def write_tiny_experiment(path: Path, root: Path, name: str = "t", epochs: int = 2, coco: bool = False) -> Path:
+def write_tiny_experiment(
+    path: Path, root: Path, name: str = "t", epochs: int = 2, coco: bool = False
+) -> Path:
     """An experiment TOML for the tiny model (96 px, width 8) on ``root``: seconds per epoch on a laptop CPU."""
     path.write_text(TINY_EXPERIMENT.format(root=root, name=name, epochs=epochs, coco=str(coco).lower()))
     return path
@@ -264,7 +312,9 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory):
     bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
     initdb = str(bins[-1] / "initdb") if bins else shutil.which("initdb")
     if not initdb:
-        pytest.skip("PostgreSQL is not installed and MASKSSD_TEST_POSTGRES_URL is not set (.ci/run starts one)")
+        pytest.skip(
+            "PostgreSQL is not installed and MASKSSD_TEST_POSTGRES_URL is not set (.ci/run starts one)"
+        )
     import tempfile
 
     pg_ctl = str(Path(initdb).parent / "pg_ctl")
@@ -281,15 +331,35 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory):
         runas = ["runuser", "-u", "postgres", "--"]
     port = _free_port()
     try:
-        subprocess.run([*runas, initdb, "-D", str(data), "-A", "trust", "-U", "postgres"], check=True,
-                       capture_output=True, timeout=120)
-        subprocess.run([*runas, pg_ctl, "-D", str(data), "-w", "-l", str(data / "log"), "-o",
-                        f"-c listen_addresses=127.0.0.1 -p {port} -k {data} -c fsync=off", "start"],
-                       check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [*runas, initdb, "-D", str(data), "-A", "trust", "-U", "postgres"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        subprocess.run(
+            [
+                *runas,
+                pg_ctl,
+                "-D",
+                str(data),
+                "-w",
+                "-l",
+                str(data / "log"),
+                "-o",
+                f"-c listen_addresses=127.0.0.1 -p {port} -k {data} -c fsync=off",
+                "start",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
     except (subprocess.SubprocessError, OSError) as e:
         pytest.skip(f"could not start a PostgreSQL server: {e}")
     yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    subprocess.run([*runas, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True, timeout=60)
+    subprocess.run(
+        [*runas, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True, timeout=60
+    )
     shutil.rmtree(data, ignore_errors=True)
 
 
@@ -320,10 +390,26 @@ def mlflow_server(tmp_path: Path, postgres_db: str):
     port = _free_port()
     log = (tmp_path / "mlflow-server.log").open("w")
     mlflow_bin = Path(sys.executable).parent / "mlflow"
-    proc = subprocess.Popen([str(mlflow_bin), "server", "--backend-store-uri", postgres_db,
-                             "--artifacts-destination", str(tmp_path / "server-artifacts"), "--serve-artifacts",
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.Popen(
+        [
+            str(mlflow_bin),
+            "server",
+            "--backend-store-uri",
+            postgres_db,
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--serve-artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:

@@ -65,12 +65,18 @@ def test_fit_returns_increasing_scales_and_k_ratios(synth_boxes: np.ndarray):
 def test_fitted_priors_beat_bad_priors(synth_boxes: np.ndarray):
     fit = fit_anchors(synth_boxes, MAPS, SIZE, num_ratios=2)
     too_big = evaluate_priors(synth_boxes, prior_spec(MAPS, (0.6, 0.7, 0.8, 0.9, 0.95), (3.0, 4.0)), SIZE)
-    too_small = evaluate_priors(synth_boxes, prior_spec(MAPS, (0.01, 0.012, 0.014, 0.016, 0.018), (0.2, 5.0)), SIZE)
+    too_small = evaluate_priors(
+        synth_boxes, prior_spec(MAPS, (0.01, 0.012, 0.014, 0.016, 0.018), (0.2, 5.0)), SIZE
+    )
     assert fit.stats.recall >= too_big.recall and fit.stats.recall >= too_small.recall
-    assert fit.stats.recall > 0.5 and fit.stats.mean_best_iou > max(too_big.mean_best_iou, too_small.mean_best_iou)
+    assert fit.stats.recall > 0.5 and fit.stats.mean_best_iou > max(
+        too_big.mean_best_iou, too_small.mean_best_iou
+    )
     # what the fit reports is what its spec gives
     again = evaluate_priors(synth_boxes, fit.spec(), SIZE)
-    assert again.recall == pytest.approx(fit.stats.recall) and again.level_share == pytest.approx(fit.stats.level_share)
+    assert again.recall == pytest.approx(fit.stats.recall) and again.level_share == pytest.approx(
+        fit.stats.level_share
+    )
 
 
 def test_recall_is_the_matchers_best_prior_iou(synth_boxes: np.ndarray):
@@ -108,12 +114,32 @@ def test_layout_of_a_config_model_builds_no_weights(tmp_path: Path, synth_root: 
     assert s4.feature_maps == ssdlite_feature_maps(96, 6, min_stride=4)
 
 
-def test_anchors_cli_writes_a_config_snippet(tmp_path: Path, synth_root: Path, capsys: pytest.CaptureFixture[str]):
+def test_anchors_cli_writes_a_config_snippet(
+    tmp_path: Path, synth_root: Path, capsys: pytest.CaptureFixture[str]
+):
     from maskssd.cli import main
 
     out = tmp_path / "sub" / "anchors.toml"
-    assert main(["data", "anchors", str(synth_root), "--split-name", "default", "--input-size", str(SIZE),
-                 "--levels", "5", "--ratios", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "anchors",
+                str(synth_root),
+                "--split-name",
+                "default",
+                "--input-size",
+                str(SIZE),
+                "--levels",
+                "5",
+                "--ratios",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     snippet = tomllib.loads(out.read_text())
     assert set(snippet) == {"scales", "aspect_ratios"}
     assert len(snippet["scales"]) == 5 and len(snippet["aspect_ratios"]) == 2
@@ -128,5 +154,19 @@ def test_anchors_cli_writes_a_config_snippet(tmp_path: Path, synth_root: Path, c
     printed = capsys.readouterr().out
     assert "current" in printed and "fitted" in printed
     # a config and --levels contradict each other: a clear error, exit status 2
-    assert main(["data", "anchors", str(synth_root), "--split-name", "default", "--config", str(cfg),
-                 "--levels", "4"]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "anchors",
+                str(synth_root),
+                "--split-name",
+                "default",
+                "--config",
+                str(cfg),
+                "--levels",
+                "4",
+            ]
+        )
+        == 2
+    )

@@ -59,22 +59,25 @@ def test_unknown_section(tmp_path):
     assert e.key == "trian" and e.line == 15
 
 
-@pytest.mark.parametrize("override, key, words", [
-    ('loss.alpha="x"', "loss.alpha", "valid number"),
-    ("data.batch_size=0", "data.batch_size", "greater than or equal to 1"),
-    ("optim.lr=-1", "optim.lr", "greater than 0"),
-    ("optim.name=rmsprop", "optim.name", "'sgd', 'adam' or 'adamw'"),
-    ('model.name="resnet"', "model.name", "unknown model"),
-    ("loss.loc_loss=l2", "loss.loc_loss", "'l1' or 'smooth_l1'"),
-    ("loss.class_weights.cat=2", "loss.class_weights", "unknown classes"),
-    ("schedule.decay_lr_at=[50]", "schedule.decay_lr_at", "train.epochs"),
-    ("augment.hflip_p=1.5", "augment.hflip_p", "less than or equal to 1"),
-    ("train.epochs=2.5", "train.epochs", "valid integer"),
-    ("model.neck=bifpn", "model.neck", "'none', 'fpn' or 'pan'"),
-    ("model.stride4=true", "model", "need a neck"),
-    ("model.neck_channels=64", "model", "need a neck"),
-    ("model.neck_channels=4", "model.neck_channels", "greater than or equal to 8"),
-])
+@pytest.mark.parametrize(
+    "override, key, words",
+    [
+        ('loss.alpha="x"', "loss.alpha", "valid number"),
+        ("data.batch_size=0", "data.batch_size", "greater than or equal to 1"),
+        ("optim.lr=-1", "optim.lr", "greater than 0"),
+        ("optim.name=rmsprop", "optim.name", "'sgd', 'adam' or 'adamw'"),
+        ('model.name="resnet"', "model.name", "unknown model"),
+        ("loss.loc_loss=l2", "loss.loc_loss", "'l1' or 'smooth_l1'"),
+        ("loss.class_weights.cat=2", "loss.class_weights", "unknown classes"),
+        ("schedule.decay_lr_at=[50]", "schedule.decay_lr_at", "train.epochs"),
+        ("augment.hflip_p=1.5", "augment.hflip_p", "less than or equal to 1"),
+        ("train.epochs=2.5", "train.epochs", "valid integer"),
+        ("model.neck=bifpn", "model.neck", "'none', 'fpn' or 'pan'"),
+        ("model.stride4=true", "model", "need a neck"),
+        ("model.neck_channels=64", "model", "need a neck"),
+        ("model.neck_channels=4", "model.neck_channels", "greater than or equal to 8"),
+    ],
+)
 def test_bad_values_name_the_key(tmp_path, override, key, words):
     p = write(tmp_path, BASE)
     e = error_of(p, [override])
@@ -129,11 +132,24 @@ def test_neck_keys_reach_the_model_and_default_off_adds_nothing(tmp_path):
     assert (cfg.model.neck, cfg.model.neck_channels, cfg.model.stride4) == ("none", None, False)
     kw = cfg.model.build_kwargs()
     assert not {"neck", "neck_channels", "stride4"} & set(kw)
-    assert kw == {"input_size": 384, "pretrained": True, "freeze_stages": 3, "bn_mode": "frozen_stages",
-                  "scales": [0.04, 0.08, 0.16, 0.3, 0.5, 0.7], "aspect_ratios": [0.6, 0.4, 0.8]}
-    on = load_config(write(tmp_path, BASE), ["model.neck=pan", "model.neck_channels=96", "model.stride4=true"])
-    assert on.model.build_kwargs() == {"pretrained": False, "freeze_stages": 0, "neck": "pan", "neck_channels": 96,
-                                       "stride4": True}
+    assert kw == {
+        "input_size": 384,
+        "pretrained": True,
+        "freeze_stages": 3,
+        "bn_mode": "frozen_stages",
+        "scales": [0.04, 0.08, 0.16, 0.3, 0.5, 0.7],
+        "aspect_ratios": [0.6, 0.4, 0.8],
+    }
+    on = load_config(
+        write(tmp_path, BASE), ["model.neck=pan", "model.neck_channels=96", "model.stride4=true"]
+    )
+    assert on.model.build_kwargs() == {
+        "pretrained": False,
+        "freeze_stages": 0,
+        "neck": "pan",
+        "neck_channels": 96,
+        "stride4": True,
+    }
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.toml")), ids=lambda p: p.name)
@@ -145,7 +161,12 @@ def test_shipped_experiments_validate(path):
 def test_paper_config_is_the_papers(tmp_path):
     cfg = load_config(REPO / "experiments" / "paper_ssd300.toml")
     assert cfg.model.name == "ssd300_vgg16" and cfg.data.split_name == "paper"
-    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == ("sgd", 1e-2, 0.9, 5e-4)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (
+        "sgd",
+        1e-2,
+        0.9,
+        5e-4,
+    )
     assert cfg.optim.bias_lr_mult == 2 and cfg.schedule.name == "constant"
     assert (cfg.data.batch_size, cfg.train.epochs, cfg.loss.alpha, cfg.loss.neg_pos_ratio) == (42, 300, 2, 2)
     assert cfg.loss.loc_loss == "l1"
@@ -156,5 +177,7 @@ def test_paper_config_is_the_papers(tmp_path):
 def test_a_model_keyword_the_model_does_not_take_names_its_line(tmp_path):
     path = tmp_path / "exp.toml"
     path.write_text('[data]\nroot = "x"\n\n[model]\nname = "ssdlite_effnet_lite0"\nwidth = 8\n')
-    with pytest.raises(ConfigError, match=r"exp.toml:6 \[model.width\]: model 'ssdlite_effnet_lite0' takes no 'width'"):
+    with pytest.raises(
+        ConfigError, match=r"exp.toml:6 \[model.width\]: model 'ssdlite_effnet_lite0' takes no 'width'"
+    ):
         load_config(path)

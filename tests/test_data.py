@@ -197,9 +197,12 @@ def test_classic_voc_layout_with_split_main(tmp_path: Path, voc_xml):
     (root / "ImageSets" / "Main").mkdir(parents=True)
     ids = [f"img{i}" for i in range(6)]
     for i, image_id in enumerate(ids):
-        Image.new("RGB", (50 + i, 40), (i * 30, 100, 200)).save(root / "JPEGImages" / f"{image_id}.jpg", quality=90)
+        Image.new("RGB", (50 + i, 40), (i * 30, 100, 200)).save(
+            root / "JPEGImages" / f"{image_id}.jpg", quality=90
+        )
         (root / "Annotations" / f"{image_id}.xml").write_text(
-            voc_xml(f"{image_id}.jpg", 50 + i, 40, [(DEFAULT_CLASSES[i % 3], 5, 5, 30, 30, i % 2)]))
+            voc_xml(f"{image_id}.jpg", 50 + i, 40, [(DEFAULT_CLASSES[i % 3], 5, 5, 30, 30, i % 2)])
+        )
     parts = {"train": ids[:3], "val": ids[3:5], "test": ids[5:]}
     for split, part in parts.items():
         (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(part) + "\n")
@@ -253,7 +256,9 @@ def test_missing_annotation_file(make_dataset, good_sample):
 
 
 def test_garbage_image_is_refused_when_parsed(make_dataset, voc_xml):
-    root = make_dataset({"junk": (b"certainly not a PNG", voc_xml("junk.png", 64, 48, [("with_mask", 1, 1, 9, 9)]))})
+    root = make_dataset(
+        {"junk": (b"certainly not a PNG", voc_xml("junk.png", 64, 48, [("with_mask", 1, 1, 9, 9)]))}
+    )
     e = _data_error(load_annotations, root)
     assert "junk.png" in str(e)
     assert "junk.png" in str(_data_error(load_image, root / "images" / "junk.png"))
@@ -299,8 +304,15 @@ def test_unknown_class_names_the_object(make_dataset, voc_xml):
 @pytest.mark.parametrize("tag,value", [("xmin", "abc"), ("ymax", "12px"), ("xmax", "nan"), ("ymin", "")])
 def test_non_numeric_coordinates_name_the_tag(make_dataset, voc_xml, tag: str, value: str):
     coords = {"xmin": 1, "ymin": 2, "xmax": 20, "ymax": 30} | {tag: value}
-    xml = voc_xml("num.png", 64, 48, [("with_mask", 1, 1, 5, 5),
-                                      ("without_mask", coords["xmin"], coords["ymin"], coords["xmax"], coords["ymax"])])
+    xml = voc_xml(
+        "num.png",
+        64,
+        48,
+        [
+            ("with_mask", 1, 1, 5, 5),
+            ("without_mask", coords["xmin"], coords["ymin"], coords["xmax"], coords["ymax"]),
+        ],
+    )
     root = make_dataset({"num": (Image.new("RGB", (64, 48)), xml)})
     e = _data_error(load_annotations, root)
     assert "num.xml" in str(e) and f"<{tag}>" in str(e)
@@ -325,7 +337,9 @@ def test_decompression_bomb_is_refused_before_decoding(make_dataset, voc_xml, tm
     assert str(bomb) in str(e) and "decompression-bomb" in str(e)
     e = _data_error(read_image_size, bomb)
     assert str(bomb) in str(e)
-    root = make_dataset({"bomb": (bomb.read_bytes(), voc_xml("bomb.png", 7000, 7000, [("with_mask", 1, 1, 9, 9)]))})
+    root = make_dataset(
+        {"bomb": (bomb.read_bytes(), voc_xml("bomb.png", 7000, 7000, [("with_mask", 1, 1, 9, 9)]))}
+    )
     e = _data_error(load_annotations, root)
     assert "bomb.png" in str(e) and "pixels" in str(e)
 
@@ -343,10 +357,13 @@ def test_max_pixels_can_be_lowered(make_dataset, good_sample):
 
 ENTITY_ATTACKS = {
     "external-entity": ('<!DOCTYPE annotation [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>', "&xxe;"),
-    "billion-laughs": ('<!DOCTYPE annotation [<!ENTITY lol "lol">'
-                       '<!ENTITY lol1 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">'
-                       '<!ENTITY lol2 "&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;">'
-                       '<!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">]>', "&lol3;"),
+    "billion-laughs": (
+        '<!DOCTYPE annotation [<!ENTITY lol "lol">'
+        '<!ENTITY lol1 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">'
+        '<!ENTITY lol2 "&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;">'
+        '<!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">]>',
+        "&lol3;",
+    ),
 }
 
 
@@ -362,8 +379,12 @@ def test_entity_attacks_are_refused_as_unsafe(make_dataset, voc_xml, attack: str
 
 
 def test_box_outside_the_image_is_clipped_and_counted(make_dataset, voc_xml):
-    xml = voc_xml("c.png", 64, 48, [("with_mask", -5, -3, 70, 30), ("without_mask", 10, 10, 20, 20),
-                                    ("with_mask", 50, 40, 64, 48)])
+    xml = voc_xml(
+        "c.png",
+        64,
+        48,
+        [("with_mask", -5, -3, 70, 30), ("without_mask", 10, 10, 20, 20), ("with_mask", 50, 40, 64, 48)],
+    )
     root = make_dataset({"c": (Image.new("RGB", (64, 48)), xml)})
     report = DataReport()
     (ann,) = load_annotations(root, report=report)
@@ -374,13 +395,18 @@ def test_box_outside_the_image_is_clipped_and_counted(make_dataset, voc_xml):
 
 
 def test_degenerate_boxes_are_dropped_and_counted(make_dataset, voc_xml):
-    xml = voc_xml("g.png", 64, 48, [
-        ("with_mask", 10, 10, 10, 20),      # zero width
-        ("without_mask", 5, 5, 30, 30),     # fine
-        ("with_mask", 30, 20, 10, 40),      # inverted
-        ("with_mask", 100, 100, 120, 120),  # entirely outside: clipped to nothing
-        ("mask_weared_incorrect", 40, 8, 60, 40, 1),  # fine, difficult
-    ])
+    xml = voc_xml(
+        "g.png",
+        64,
+        48,
+        [
+            ("with_mask", 10, 10, 10, 20),  # zero width
+            ("without_mask", 5, 5, 30, 30),  # fine
+            ("with_mask", 30, 20, 10, 40),  # inverted
+            ("with_mask", 100, 100, 120, 120),  # entirely outside: clipped to nothing
+            ("mask_weared_incorrect", 40, 8, 60, 40, 1),  # fine, difficult
+        ],
+    )
     root = make_dataset({"g": (Image.new("RGB", (64, 48)), xml)})
     report = DataReport()
     (ann,) = load_annotations(root, report=report)
@@ -392,7 +418,9 @@ def test_degenerate_boxes_are_dropped_and_counted(make_dataset, voc_xml):
 
 
 def test_xml_size_mismatch_uses_the_image_and_is_reported(make_dataset, voc_xml):
-    root = make_dataset({"s": (Image.new("RGB", (64, 48)), voc_xml("s.png", 640, 480, [("with_mask", 1, 1, 9, 9)]))})
+    root = make_dataset(
+        {"s": (Image.new("RGB", (64, 48)), voc_xml("s.png", 640, 480, [("with_mask", 1, 1, 9, 9)]))}
+    )
     report = DataReport()
     (ann,) = load_annotations(root, report=report)
     assert (ann.width, ann.height) == (64, 48)
@@ -405,8 +433,13 @@ def mixed_root(make_dataset, good_sample, voc_xml, tmp_path: Path) -> Path:
     img, xml = good_sample("x")
     bomb = io.BytesIO()
     Image.new("1", (7000, 7000)).save(bomb, format="PNG", optimize=True)
-    xxe = voc_xml("xxe.png", 64, 48, [("with_mask", 1, 1, 9, 9)],
-                  prolog='<!DOCTYPE annotation [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>')
+    xxe = voc_xml(
+        "xxe.png",
+        64,
+        48,
+        [("with_mask", 1, 1, 9, 9)],
+        prolog='<!DOCTYPE annotation [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>',
+    )
     samples = {
         "good1": good_sample("good1", seed=1),
         "bad_malformed": (img, xml.replace("</object>", "", 1)),
@@ -460,8 +493,12 @@ def test_cli_stats_malformed_xml_is_one_clear_error(malformed_root: Path, capsys
 
 
 def test_cli_stats_error_in_a_real_process_has_no_traceback(malformed_root: Path):
-    proc = subprocess.run([sys.executable, "-m", "maskssd", "data", "stats", str(malformed_root)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "maskssd", "data", "stats", str(malformed_root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "broken.xml" in proc.stderr.replace("\n", "")
@@ -549,8 +586,12 @@ def test_eval_samples_keep_boxes_normalised(synth_root: Path):
 
 
 def _same_sample(a: dict, b: dict) -> bool:
-    return (torch.equal(a["image"], b["image"]) and torch.equal(a["boxes"], b["boxes"])
-            and torch.equal(a["labels"], b["labels"]) and torch.equal(a["difficult"], b["difficult"]))
+    return (
+        torch.equal(a["image"], b["image"])
+        and torch.equal(a["boxes"], b["boxes"])
+        and torch.equal(a["labels"], b["labels"])
+        and torch.equal(a["difficult"], b["difficult"])
+    )
 
 
 def test_seeded_items_are_reproducible(synth_train: FaceMaskDataset):

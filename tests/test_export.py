@@ -88,7 +88,9 @@ def test_onnx_backend_gives_the_torch_backends_detections(tiny_checkpoint: Path)
     assert onnx_pred.backend == "onnx" and onnx_pred.model is None and cache.is_file()
     assert onnx_pred.onnx_session.get_session_options().intra_op_num_threads == physical_cores()
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in ((120, 160), (480, 640), (300, 300))]
+    images = [
+        rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in ((120, 160), (480, 640), (300, 300))
+    ]
     a, b = torch_pred.predict(images), onnx_pred.predict(images)
     assert sum(len(d) for d in a) > 0
     for da, db in zip(a, b, strict=True):
@@ -112,7 +114,9 @@ def test_onnx_backend_gives_the_torch_backends_detections(tiny_checkpoint: Path)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_export_cli(tiny_checkpoint: Path, tmp_path: Path, fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_cli(
+    tiny_checkpoint: Path, tmp_path: Path, fmt: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     from maskssd.cli import main
 
     out = tmp_path / "exported" / f"model.{fmt}"
@@ -132,8 +136,20 @@ def test_export_cli(tiny_checkpoint: Path, tmp_path: Path, fmt: str, capsys: pyt
 def test_export_cli_missing_model(tmp_path: Path) -> None:
     from maskssd.cli import main
 
-    assert main(["export", "--model", str(tmp_path / "nope.pt"), "--format", "onnx",
-                 "--out", str(tmp_path / "m.onnx")]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(tmp_path / "nope.pt"),
+                "--format",
+                "onnx",
+                "--out",
+                str(tmp_path / "m.onnx"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_neck_model_exports_to_onnx_and_verifies(tmp_path: Path) -> None:
@@ -143,8 +159,15 @@ def test_neck_model_exports_to_onnx_and_verifies(tmp_path: Path) -> None:
     from maskssd.deploy.export import verify_export
 
     torch.manual_seed(0)
-    model = build_model("ssdlite_effnet_lite0", num_classes=4, input_size=100, pretrained=False, neck="pan",
-                        neck_channels=32, stride4=True).eval()
+    model = build_model(
+        "ssdlite_effnet_lite0",
+        num_classes=4,
+        input_size=100,
+        pretrained=False,
+        neck="pan",
+        neck_channels=32,
+        stride4=True,
+    ).eval()
     path = export_onnx(model, tmp_path / "neck.onnx")
     sess = onnx_session(path)
     assert sess.get_outputs()[0].shape[1:] == [model.prior_spec.num_priors, 4]

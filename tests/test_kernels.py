@@ -22,8 +22,13 @@ PRIOR_SETS = {
     "ssd300": PriorSpec.ssd300().priors(),
     "linear_4maps": PriorSpec.linear((10, 5, 3, 1), 0.1, 0.9).priors(),
     "unclipped": PriorSpec((8, 4, 2), (0.2, 0.5, 0.9), ((2.0, 0.5), (2.0,), (3.0,)), clip=False).priors(),
-    "unstructured": torch.cat([torch.rand(300, 2, generator=torch.Generator().manual_seed(0)),
-                               0.05 + 0.6 * torch.rand(300, 2, generator=torch.Generator().manual_seed(1))], 1),
+    "unstructured": torch.cat(
+        [
+            torch.rand(300, 2, generator=torch.Generator().manual_seed(0)),
+            0.05 + 0.6 * torch.rand(300, 2, generator=torch.Generator().manual_seed(1)),
+        ],
+        1,
+    ),
 }
 
 
@@ -39,9 +44,20 @@ def target_sets(priors: torch.Tensor, seed: int) -> tuple[list[torch.Tensor], li
         images.append(torch.cat([c - wh / 2, c + wh / 2], 1))
     picks = torch.randint(0, priors.shape[0], (6,), generator=g)
     images.append(pxy[picks])  # boxes equal to priors
-    images.append(torch.cat([pxy[picks[:2]], pxy[picks[:2]], torch.tensor([[0.0, 0.0, 1.0, 1.0]])]))  # duplicates
-    images.append(torch.tensor([[0.25, 0.25, 0.5, 0.5], [0.0, 0.0, 0.5, 0.5], [0.5, 0.0, 1.0, 0.25],
-                                [0.4, 0.4, 0.4, 0.6], [0.3, 0.3, 0.3005, 0.3005]]))  # grid-aligned, zero area, tiny
+    images.append(
+        torch.cat([pxy[picks[:2]], pxy[picks[:2]], torch.tensor([[0.0, 0.0, 1.0, 1.0]])])
+    )  # duplicates
+    images.append(
+        torch.tensor(
+            [
+                [0.25, 0.25, 0.5, 0.5],
+                [0.0, 0.0, 0.5, 0.5],
+                [0.5, 0.0, 1.0, 0.25],
+                [0.4, 0.4, 0.4, 0.6],
+                [0.3, 0.3, 0.3005, 0.3005],
+            ]
+        )
+    )  # grid-aligned, zero area, tiny
     images.append(torch.zeros(0, 4))
     labels = [torch.randint(1, N_CLASSES, (b.shape[0],), generator=g) for b in images]
     return images, labels
@@ -104,9 +120,13 @@ def test_hard_negative_kernel_selects_what_ranking_every_negative_selects(name, 
         n_hard = (torch.bincount(img, minlength=len(boxes)).float() * ratio).ceil().long()
         k_img, k_prior = loss.hard_negatives(scores, img, prior, n_hard)
         d_img, d_prior = loss.hard_negatives_dense(scores, img, prior, n_hard)
-        assert torch.equal(torch.bincount(k_img, minlength=len(boxes)), torch.bincount(d_img, minlength=len(boxes)))
+        assert torch.equal(
+            torch.bincount(k_img, minlength=len(boxes)), torch.bincount(d_img, minlength=len(boxes))
+        )
         neg_loss = loss.conf_loss(scores, torch.zeros(scores.shape[:2], dtype=torch.long))
-        torch.testing.assert_close(neg_loss[k_img, k_prior].sum(), neg_loss[d_img, d_prior].sum(), rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(
+            neg_loss[k_img, k_prior].sum(), neg_loss[d_img, d_prior].sum(), rtol=1e-6, atol=1e-5
+        )
         if scale < 40 and name != "zero_background_weight":  # no ties: the very same priors
             key = lambda i, p: sorted((i * priors.shape[0] + p).tolist())  # noqa: E731
             assert key(k_img, k_prior) == key(d_img, d_prior)
@@ -142,7 +162,9 @@ def test_hard_negatives_with_all_losses_tied():
     boxes, labels = target_sets(priors, 3)
     img, prior, _, _ = loss.assign(boxes, labels)
     n_hard = torch.bincount(img, minlength=len(boxes)) * 3
-    k_img, k_prior = loss.hard_negatives(torch.zeros(len(boxes), priors.shape[0], N_CLASSES), img, prior, n_hard)
+    k_img, k_prior = loss.hard_negatives(
+        torch.zeros(len(boxes), priors.shape[0], N_CLASSES), img, prior, n_hard
+    )
     assert torch.equal(torch.bincount(k_img, minlength=len(boxes)), n_hard)
     pos = torch.zeros(len(boxes), priors.shape[0], dtype=torch.bool)
     pos[img, prior] = True
@@ -164,7 +186,9 @@ def test_non_finite_logits_rank_first_as_in_torch():
     k_img, k_prior = loss.hard_negatives(scores, img, prior, n_hard)
     d_img, d_prior = loss.hard_negatives_dense(scores, img, prior, n_hard)
     assert set(negatives) <= set(k_prior[k_img == 0].tolist())
-    assert sorted((k_img * priors.shape[0] + k_prior).tolist()) == sorted((d_img * priors.shape[0] + d_prior).tolist())
+    assert sorted((k_img * priors.shape[0] + k_prior).tolist()) == sorted(
+        (d_img * priors.shape[0] + d_prior).tolist()
+    )
 
 
 def test_hard_negatives_when_more_are_wanted_than_exist():
@@ -230,7 +254,9 @@ def test_kernels_survive_nan_and_infinite_outputs():
     n_hard = (torch.bincount(img, minlength=len(boxes)) * 3).clamp(max=priors.shape[0])
     k_img, k_prior = loss.hard_negatives(scores, img, prior, n_hard)
     assert int(k_prior.min()) >= 0 and int(k_prior.max()) < priors.shape[0]
-    assert torch.equal(torch.bincount(k_img, minlength=len(boxes)), torch.bincount(img, minlength=len(boxes)) * 3)
+    assert torch.equal(
+        torch.bincount(k_img, minlength=len(boxes)), torch.bincount(img, minlength=len(boxes)) * 3
+    )
     out = loss(torch.zeros(len(boxes), priors.shape[0], 4), scores, boxes, labels)
     assert not torch.isfinite(out.total)
     locs = torch.zeros(len(boxes), priors.shape[0], 4)

@@ -13,7 +13,16 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "maskssd"
-LAYERS = {"data": 1, "ssd": 2, "evaluation": 3, "training": 4, "tracking": 5, "deploy": 6, "cli": 7, "__main__": 7}
+LAYERS = {
+    "data": 1,
+    "ssd": 2,
+    "evaluation": 3,
+    "training": 4,
+    "tracking": 5,
+    "deploy": 6,
+    "cli": 7,
+    "__main__": 7,
+}
 LAZY_ONLY = {("deploy", "tracking")}
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 80
@@ -53,14 +62,18 @@ def imports(path: Path) -> list[tuple[str, bool, int]]:
                 continue  # type-only imports never run
             inner = top and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
             if isinstance(child, ast.Import):
-                found.extend((a.name, inner, child.lineno) for a in child.names if a.name.startswith("maskssd"))
+                found.extend(
+                    (a.name, inner, child.lineno) for a in child.names if a.name.startswith("maskssd")
+                )
             elif isinstance(child, ast.ImportFrom) and child.module and child.module.startswith("maskssd"):
                 exports = lazy_exports(child.module)
                 for a in child.names:
                     if a.name in exports:
                         target = f"{child.module}.{exports[a.name]}"
-                    elif PACKAGE.parent.joinpath(*child.module.split("."), f"{a.name}.py").is_file() or \
-                            PACKAGE.parent.joinpath(*child.module.split("."), a.name).is_dir():
+                    elif (
+                        PACKAGE.parent.joinpath(*child.module.split("."), f"{a.name}.py").is_file()
+                        or PACKAGE.parent.joinpath(*child.module.split("."), a.name).is_dir()
+                    ):
                         target = f"{child.module}.{a.name}"
                     else:
                         target = child.module
@@ -84,12 +97,16 @@ def test_imports_go_down(path: Path) -> None:
         where = f"{path.relative_to(PACKAGE.parent)}:{line} imports {target}"
         assert their_rank <= my_rank, f"upward import: {where} ({my_top} is below {their_top})"
         if (my_top, their_top) in LAZY_ONLY:
-            assert not top_level, f"{where} at module level; {my_top} may import {their_top} only inside a function"
+            assert not top_level, (
+                f"{where} at module level; {my_top} may import {their_top} only inside a function"
+            )
 
 
 def test_no_import_cycles() -> None:
     """Module-level imports between maskssd modules form no cycle (lazy ones are not followed)."""
-    edges = {m: sorted({t for t, top, _ in deps if top and t in GRAPH and t != m}) for m, deps in GRAPH.items()}
+    edges = {
+        m: sorted({t for t, top, _ in deps if top and t in GRAPH and t != m}) for m, deps in GRAPH.items()
+    }
     state: dict[str, int] = {}
     stack: list[str] = []
 
@@ -98,7 +115,7 @@ def test_no_import_cycles() -> None:
         stack.append(m)
         for n in edges[m]:
             if state.get(n) == 1:
-                cycle = stack[stack.index(n):] + [n]
+                cycle = stack[stack.index(n) :] + [n]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if n not in state:
                 dfs(n)
@@ -122,12 +139,21 @@ def test_the_checker_sees_an_upward_import(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_modules_and_functions_stay_short(path: Path) -> None:
     text = path.read_text()
-    assert text.count("\n") <= MAX_MODULE_LINES, f"{path.name}: over {MAX_MODULE_LINES} lines; split it by job"
+    assert text.count("\n") <= MAX_MODULE_LINES, (
+        f"{path.name}: over {MAX_MODULE_LINES} lines; split it by job"
+    )
     top, _ = layer_of(module_name(path))
     for node in ast.walk(ast.parse(text)):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (top, node.name) not in LONG_FUNCTIONS_ALLOWED:
-            length = node.end_lineno - node.lineno + 1
-            assert length <= MAX_FUNCTION_LINES, f"{path.name}:{node.lineno} {node.name} is {length} lines"
+        if (
+            isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and (top, node.name) not in LONG_FUNCTIONS_ALLOWED
+        ):
+            length = (
+                node.end_lineno - node.body[0].lineno + 1
+            )  # the body: a formatter-split signature is not code
+            assert length <= MAX_FUNCTION_LINES, (
+                f"{path.name}:{node.lineno} {node.name}'s body is {length} lines"
+            )
 
 
 def test_the_library_never_sees_argparse() -> None:

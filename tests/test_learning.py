@@ -22,8 +22,14 @@ EPOCHS = 12
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    summary = generate(tmp_path_factory.mktemp("learn") / "s", n_images=40, seed=0, face_size=(0.2, 0.45),
-                       faces_per_image=(1, 3), class_probs=(0.5, 0.3, 0.2))
+    summary = generate(
+        tmp_path_factory.mktemp("learn") / "s",
+        n_images=40,
+        seed=0,
+        face_size=(0.2, 0.45),
+        faces_per_image=(1, 3),
+        class_probs=(0.5, 0.3, 0.2),
+    )
     return summary.root
 
 
@@ -50,8 +56,12 @@ def test_tiny_model_learns_synthetic_faces(synth):
     decode = DecodeSpec()  # the paper protocol: min_score 0.01, NMS 0.45, top 200
     device = torch.device("cpu")
 
-    before, _ = evaluate(model, val, loss_fn=loss_fn, class_names=DEFAULT_CLASSES, device=device, decode=decode, coco=False)
-    seen_before, _ = evaluate(model, seen, loss_fn=loss_fn, class_names=DEFAULT_CLASSES, device=device, decode=decode, coco=False)
+    before, _ = evaluate(
+        model, val, loss_fn=loss_fn, class_names=DEFAULT_CLASSES, device=device, decode=decode, coco=False
+    )
+    seen_before, _ = evaluate(
+        model, seen, loss_fn=loss_fn, class_names=DEFAULT_CLASSES, device=device, decode=decode, coco=False
+    )
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     epoch_losses = []
@@ -70,10 +80,16 @@ def test_tiny_model_learns_synthetic_faces(synth):
             n += 1
         epoch_losses.append(total / n)
 
-    after, result = evaluate(model, val, loss_fn=loss_fn, class_names=DEFAULT_CLASSES, device=device, decode=decode, coco=False)
-    seen_after, _ = evaluate(model, seen, loss_fn=loss_fn, class_names=DEFAULT_CLASSES, device=device, decode=decode, coco=False)
-    msg = (f"train loss per epoch {[round(x, 3) for x in epoch_losses]}; val before {before}, after {after}; "
-           f"training images before {seen_before}, after {seen_after}")
+    after, result = evaluate(
+        model, val, loss_fn=loss_fn, class_names=DEFAULT_CLASSES, device=device, decode=decode, coco=False
+    )
+    seen_after, _ = evaluate(
+        model, seen, loss_fn=loss_fn, class_names=DEFAULT_CLASSES, device=device, decode=decode, coco=False
+    )
+    msg = (
+        f"train loss per epoch {[round(x, 3) for x in epoch_losses]}; val before {before}, after {after}; "
+        f"training images before {seen_before}, after {seen_after}"
+    )
     assert epoch_losses[-1] < 0.6 * epoch_losses[0], msg
     # the training images (29, without augmentation) are learnt: mAP ~0.8 whatever the seed; the 6 validation
     # images are too few for a tight bound (0.09-0.42 over seeds 0-3 at these settings), but mAP must rise

@@ -21,15 +21,26 @@ def reference_match(boxes, labels, priors_cxcy, threshold):
     return reference.MultiBoxLoss(priors_cxcy, threshold).match(boxes, labels)
 
 
-def reference_loss(pred_locs, pred_scores, boxes, labels, priors_cxcy, threshold=0.5, neg_pos_ratio=3.0,
-                   alpha=1.0, loc_loss="l1", conf_fn: ConfFn | None = None):
+def reference_loss(
+    pred_locs,
+    pred_scores,
+    boxes,
+    labels,
+    priors_cxcy,
+    threshold=0.5,
+    neg_pos_ratio=3.0,
+    alpha=1.0,
+    loc_loss="l1",
+    conf_fn: ConfFn | None = None,
+):
     """The tutorial's MultiBoxLoss.forward as (total, conf, loc, n_positives)."""
     loss = reference.MultiBoxLoss(priors_cxcy, threshold, neg_pos_ratio, alpha, loc_loss, conf_fn)
     return loss.terms(pred_locs, pred_scores, boxes, labels)
 
 
-def weighted_ce(weight: torch.Tensor | None = None, label_smoothing: float = 0.0,
-                focal_gamma: float = 0.0) -> ConfFn:
+def weighted_ce(
+    weight: torch.Tensor | None = None, label_smoothing: float = 0.0, focal_gamma: float = 0.0
+) -> ConfFn:
     """Cross-entropy written out: ``(1-e) w_y (-log p_y) + e/C sum_c w_c (-log p_c)``, times ``(1-p_y)^gamma``."""
 
     def fn(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -105,15 +116,24 @@ CONFIGS = {
     "paper_final": dict(neg_pos_ratio=2.0, alpha=2.0, class_weights=WEIGHTS),
     "ratio3_weights": dict(neg_pos_ratio=3.0, class_weights=WEIGHTS),
     "smooth_l1": dict(loc_loss="smooth_l1"),
-    "smooth_l1_alpha2_ratio2": dict(loc_loss="smooth_l1", alpha=2.0, neg_pos_ratio=2.0, class_weights=WEIGHTS),
+    "smooth_l1_alpha2_ratio2": dict(
+        loc_loss="smooth_l1", alpha=2.0, neg_pos_ratio=2.0, class_weights=WEIGHTS
+    ),
     "threshold_0.4": dict(threshold=0.4),
     "no_negatives": dict(neg_pos_ratio=0.0),
     "focal": dict(focal_gamma=2.0),
     "focal_weights": dict(focal_gamma=1.5, class_weights=WEIGHTS, neg_pos_ratio=2.0),
     "label_smoothing": dict(label_smoothing=0.1),
     "label_smoothing_weights": dict(label_smoothing=0.2, class_weights=WEIGHTS),
-    "everything": dict(label_smoothing=0.1, focal_gamma=2.0, class_weights=WEIGHTS, alpha=2.0,
-                       neg_pos_ratio=2.0, loc_loss="smooth_l1", threshold=0.45),
+    "everything": dict(
+        label_smoothing=0.1,
+        focal_gamma=2.0,
+        class_weights=WEIGHTS,
+        alpha=2.0,
+        neg_pos_ratio=2.0,
+        loc_loss="smooth_l1",
+        threshold=0.45,
+    ),
 }
 
 
@@ -125,8 +145,18 @@ def test_configured_loss_equals_reference(name, seed):
     out = MultiBoxLoss(PRIORS, **kw)(locs, scores, boxes, labels)
     weight = None if kw.get("class_weights") is None else torch.tensor(kw["class_weights"])
     conf_fn = weighted_ce(weight, kw.get("label_smoothing", 0.0), kw.get("focal_gamma", 0.0))
-    ref = reference_loss(locs, scores, boxes, labels, PRIORS, kw.get("threshold", 0.5),
-                         kw.get("neg_pos_ratio", 3.0), kw.get("alpha", 1.0), kw.get("loc_loss", "l1"), conf_fn)
+    ref = reference_loss(
+        locs,
+        scores,
+        boxes,
+        labels,
+        PRIORS,
+        kw.get("threshold", 0.5),
+        kw.get("neg_pos_ratio", 3.0),
+        kw.get("alpha", 1.0),
+        kw.get("loc_loss", "l1"),
+        conf_fn,
+    )
     assert_same(out, ref)
 
 
@@ -140,8 +170,9 @@ def test_written_out_cross_entropy_matches_torch():
     for weight in (None, w):
         for ls in (0.0, 0.1, 0.3):
             ours = weighted_ce(weight, ls)(scores, targets)
-            torch.testing.assert_close(ours, F.cross_entropy(scores, targets, weight=weight, reduction="none",
-                                                             label_smoothing=ls))
+            torch.testing.assert_close(
+                ours, F.cross_entropy(scores, targets, weight=weight, reduction="none", label_smoothing=ls)
+            )
 
 
 def test_focal_is_ce_times_one_minus_pt_power_gamma():
@@ -169,9 +200,12 @@ def test_label_smoothing_matches_cross_entropy():
     scores = torch.randn(1, 2, N_CLASSES, generator=torch.Generator().manual_seed(1))
     target = torch.tensor([3, 0])
     for ls in (0.05, 0.3):
-        out = MultiBoxLoss(priors, label_smoothing=ls, class_weights=WEIGHTS)(torch.zeros(1, 2, 4), scores, boxes, labels)
-        expected = F.cross_entropy(scores[0], target, weight=torch.tensor(WEIGHTS), label_smoothing=ls,
-                                   reduction="none").sum()
+        out = MultiBoxLoss(priors, label_smoothing=ls, class_weights=WEIGHTS)(
+            torch.zeros(1, 2, 4), scores, boxes, labels
+        )
+        expected = F.cross_entropy(
+            scores[0], target, weight=torch.tensor(WEIGHTS), label_smoothing=ls, reduction="none"
+        ).sum()
         torch.testing.assert_close(out.conf, expected)
 
 
@@ -254,7 +288,10 @@ def test_small_prior_set_more_negatives_wanted_than_exist():
     """neg_pos_ratio x positives may exceed the negatives available: every negative is taken."""
     priors = PriorSpec((2, 1), (0.4, 0.8), ((2.0,), (2.0,))).priors()  # 14 priors
     g = torch.Generator().manual_seed(0)
-    boxes = [torch.tensor([[0.05, 0.05, 0.95, 0.95], [0.0, 0.0, 0.5, 0.5]]), torch.tensor([[0.5, 0.5, 1.0, 1.0]])]
+    boxes = [
+        torch.tensor([[0.05, 0.05, 0.95, 0.95], [0.0, 0.0, 0.5, 0.5]]),
+        torch.tensor([[0.5, 0.5, 1.0, 1.0]]),
+    ]
     labels = [torch.tensor([1, 2]), torch.tensor([3])]
     locs = torch.randn(2, priors.shape[0], 4, generator=g)
     scores = torch.randn(2, priors.shape[0], N_CLASSES, generator=g)

@@ -14,9 +14,8 @@ from maskssd.evaluation.metrics import (
     average_precision,
     coco_map,
     confusion_matrix,
-    plot_confusion_matrix,
-    plot_pr_curves,
 )
+from maskssd.evaluation.plots import plot_confusion_matrix, plot_pr_curves
 from tests.reference.tutorial import calculate_map as reference_map
 
 CLASSES = ("with_mask", "without_mask", "mask_weared_incorrect")
@@ -31,8 +30,12 @@ def image(det_boxes=(), det_labels=(), det_scores=(), gt_boxes=(), gt_labels=(),
     """One image's six tensors (empty-safe)."""
     gt_difficult = [False] * len(gt_labels) if gt_difficult is None else gt_difficult
     return (
-        t(det_boxes).reshape(-1, 4), t(det_labels, torch.long), t(det_scores),
-        t(gt_boxes).reshape(-1, 4), t(gt_labels, torch.long), t(gt_difficult, torch.bool),
+        t(det_boxes).reshape(-1, 4),
+        t(det_labels, torch.long),
+        t(det_scores),
+        t(gt_boxes).reshape(-1, 4),
+        t(gt_labels, torch.long),
+        t(gt_difficult, torch.bool),
     )
 
 
@@ -75,8 +78,11 @@ def random_case(seed: int, n_images: int = 20, grid: bool = False):
             near = gt_boxes[src] + torch.randint(-1, 2, (n_near, 4), generator=g).float()
         else:
             near = gt_boxes[src] + torch.randn(n_near, 4, generator=g) * 3
-        near_labels = torch.where(torch.rand(n_near, generator=g) < 0.8, gt_labels[src],
-                                  torch.randint(1, n_cls + 1, (n_near,), generator=g))
+        near_labels = torch.where(
+            torch.rand(n_near, generator=g) < 0.8,
+            gt_labels[src],
+            torch.randint(1, n_cls + 1, (n_near,), generator=g),
+        )
         n_far = int(torch.randint(0, 6, (1,), generator=g))
         det_boxes = torch.cat([near, rand_boxes(n_far)])
         det_boxes = torch.cat([det_boxes[:, :2], torch.maximum(det_boxes[:, 2:], det_boxes[:, :2] + 0.5)], 1)
@@ -85,7 +91,9 @@ def random_case(seed: int, n_images: int = 20, grid: bool = False):
         if grid:  # coarse scores: many ties, so the stable order matters
             det_scores = (det_scores * 4).round() / 4
         perm = torch.randperm(det_boxes.shape[0], generator=g)
-        images.append((det_boxes[perm], det_labels[perm], det_scores[perm], gt_boxes, gt_labels, gt_difficult))
+        images.append(
+            (det_boxes[perm], det_labels[perm], det_scores[perm], gt_boxes, gt_labels, gt_difficult)
+        )
     return images
 
 
@@ -133,10 +141,22 @@ def test_difficult_object_neither_helps_nor_hurts(method, expected):
     # Objects A, B easy, D difficult. Detections: A .9, D .8, clutter .7 (FP), B .6.
     # Counting the D detection as FP would give voc07 (6 + 5/2) / 11; as TP it would change n_gt.
     gt = [SQUARES[0], SQUARES[1], SQUARES[2]]
-    with_d = image([SQUARES[0], SQUARES[2], [60, 60, 70, 70], SQUARES[1]], [1, 1, 1, 1], [0.9, 0.8, 0.7, 0.6],
-                   gt, [1, 1, 1], [False, False, True])
-    without_d = image([SQUARES[0], [60, 60, 70, 70], SQUARES[1]], [1, 1, 1], [0.9, 0.7, 0.6],
-                      gt, [1, 1, 1], [False, False, True])
+    with_d = image(
+        [SQUARES[0], SQUARES[2], [60, 60, 70, 70], SQUARES[1]],
+        [1, 1, 1, 1],
+        [0.9, 0.8, 0.7, 0.6],
+        gt,
+        [1, 1, 1],
+        [False, False, True],
+    )
+    without_d = image(
+        [SQUARES[0], [60, 60, 70, 70], SQUARES[1]],
+        [1, 1, 1],
+        [0.9, 0.7, 0.6],
+        gt,
+        [1, 1, 1],
+        [False, False, True],
+    )
     a, b = ap_of([with_d], method=method), ap_of([without_d], method=method)
     assert a.ap["face"] == pytest.approx(expected, abs=1e-9)
     assert b.ap["face"] == pytest.approx(expected, abs=1e-9)
@@ -203,7 +223,9 @@ def test_bad_arguments():
 
 # --------------------------------------------------------------------------------------------- VOC, vs loop
 @pytest.mark.parametrize("method", ["voc07", "voc12"])
-@pytest.mark.parametrize(("seed", "grid"), [(0, False), (1, False), (2, False), (3, True), (4, True), (5, True)])
+@pytest.mark.parametrize(
+    ("seed", "grid"), [(0, False), (1, False), (2, False), (3, True), (4, True), (5, True)]
+)
 def test_matches_tutorial_loop(seed, grid, method):
     images = random_case(seed, grid=grid)
     expected = reference_map(*batch(*images), len(CLASSES), method=method)
@@ -216,8 +238,10 @@ def test_matches_tutorial_loop(seed, grid, method):
 def test_input_dtypes_do_not_matter():
     images = random_case(7)
     base = ap_of(images, CLASSES)
-    as_double = [(db.double(), dl.int(), ds.double(), gb.double(), gl.int(), gd.to(torch.uint8))
-                 for db, dl, ds, gb, gl, gd in images]
+    as_double = [
+        (db.double(), dl.int(), ds.double(), gb.double(), gl.int(), gd.to(torch.uint8))
+        for db, dl, ds, gb, gl, gd in images
+    ]
     assert ap_of(as_double, CLASSES).ap == pytest.approx(base.ap, nan_ok=True)
 
 
@@ -256,18 +280,28 @@ def test_confusion_matrix_hand_case():
     names = ("a", "b")
     # Objects: a @ S0, b @ S1, a @ S2. Detections: a @ S0 (correct), a @ S1 (wrong class),
     # b far away (false positive), a @ S2 with score .3 (below threshold: the object is missed).
-    img = image([SQUARES[0], SQUARES[1], [60, 60, 70, 70], SQUARES[2]], [1, 1, 2, 1], [0.9, 0.8, 0.7, 0.3],
-                SQUARES[:3], [1, 2, 1])
+    img = image(
+        [SQUARES[0], SQUARES[1], [60, 60, 70, 70], SQUARES[2]],
+        [1, 1, 2, 1],
+        [0.9, 0.8, 0.7, 0.3],
+        SQUARES[:3],
+        [1, 2, 1],
+    )
     cm = confusion_matrix(*batch(img)[:5], names)
     assert cm.dtype == torch.int64
     assert cm.tolist() == [[0, 0, 1], [1, 1, 0], [0, 1, 0]]
-    assert confusion_matrix(*batch(img)[:5], names, score_threshold=0.2).tolist() == [[0, 0, 1], [0, 2, 0],
-                                                                                        [0, 1, 0]]
+    assert confusion_matrix(*batch(img)[:5], names, score_threshold=0.2).tolist() == [
+        [0, 0, 1],
+        [0, 2, 0],
+        [0, 1, 0],
+    ]
 
 
 def test_confusion_matrix_greedy_takes_next_free_object():
     # det1 = object 1 exactly; det2 overlaps object 1 best (taken) but object 2 at IoU 0.6: matched to it.
-    img = image([[0, 0, 10, 10], [0.5, 0, 10.5, 10]], [1, 1], [0.9, 0.8], [[0, 0, 10, 10], [3, 0, 13, 10]], [1, 1])
+    img = image(
+        [[0, 0, 10, 10], [0.5, 0, 10.5, 10]], [1, 1], [0.9, 0.8], [[0, 0, 10, 10], [3, 0, 13, 10]], [1, 1]
+    )
     assert confusion_matrix(*batch(img)[:5], ONE).tolist() == [[0, 0], [0, 2]]
     assert confusion_matrix([], [], [], [], [], ONE).tolist() == [[0, 0], [0, 0]]
 
@@ -299,11 +333,19 @@ def test_evaluator_two_updates_equal_one_shot():
     assert a.map == pytest.approx(direct.map) and 0 < a.map_coco < a.ap50_coco <= 1
 
     assert set(a.as_metrics("val")) == {
-        "val_map", "val_map_voc12", "val_map_coco", "val_ap50_coco", *(f"val_ap_{c}" for c in CLASSES)
+        "val_map",
+        "val_map_voc12",
+        "val_map_coco",
+        "val_ap50_coco",
+        *(f"val_ap_{c}" for c in CLASSES),
     }
     no_coco = two.compute(coco=False)
     assert math.isnan(no_coco.map_coco) and no_coco.map == pytest.approx(a.map)
-    assert set(no_coco.as_metrics("test")) == {"test_map", "test_map_voc12", *(f"test_ap_{c}" for c in CLASSES)}
+    assert set(no_coco.as_metrics("test")) == {
+        "test_map",
+        "test_map_voc12",
+        *(f"test_ap_{c}" for c in CLASSES),
+    }
     two.reset()
     assert len(two) == 0
 
@@ -314,9 +356,11 @@ def test_plots_write_png(tmp_path):
     evaluator = DetectionEvaluator(CLASSES)
     evaluator.update(*batch(*images))
     result = evaluator.compute(coco=False)
-    for path in (plot_pr_curves(result, tmp_path / "pr.png"),
-                 plot_pr_curves(ap_of(images, CLASSES, "voc12"), tmp_path / "sub" / "pr12.png"),
-                 plot_confusion_matrix(result.confusion, CLASSES, tmp_path / "cm.png")):
+    for path in (
+        plot_pr_curves(result, tmp_path / "pr.png"),
+        plot_pr_curves(ap_of(images, CLASSES, "voc12"), tmp_path / "sub" / "pr12.png"),
+        plot_confusion_matrix(result.confusion, CLASSES, tmp_path / "cm.png"),
+    ):
         data = path.read_bytes()
         assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -324,6 +368,8 @@ def test_plots_write_png(tmp_path):
 def test_iou_tie_picks_first_object():
     # det1 has IoU 90/110 with both objects: like the tutorial's torch.max it takes the first (object 1),
     # so det2 (exactly on object 1) is a duplicate: precision 1, 1/2 at recall 1/2 -> voc07 6/11.
-    img = image([[1, 0, 11, 10], [0, 0, 10, 10]], [1, 1], [0.9, 0.8], [[0, 0, 10, 10], [2, 0, 12, 10]], [1, 1])
+    img = image(
+        [[1, 0, 11, 10], [0, 0, 10, 10]], [1, 1], [0.9, 0.8], [[0, 0, 10, 10], [2, 0, 12, 10]], [1, 1]
+    )
     assert ap_of([img]).ap["face"] == pytest.approx(6 / 11)
     assert ap_of([img], method="voc12").ap["face"] == pytest.approx(0.5)

@@ -31,7 +31,7 @@ from maskssd.training.engine import Trainer, TrainSpec, build_optimizer, build_s
 # ------------------------------------------------------------------------------ the tutorial's model.py
 #: The PyTorch SSD300 tutorial's ``model.py`` (sgrvinod), reduced to what its checkpoints pickle: the same
 #: classes in a module named ``model``, the same attributes and submodule names, priors as a plain attribute.
-TUTORIAL_MODEL_PY = '''
+TUTORIAL_MODEL_PY = """
 import torch
 from torch import nn
 
@@ -105,7 +105,7 @@ class SSD300(nn.Module):
         self.rescale_factors = nn.Parameter(torch.FloatTensor(1, 512, 1, 1))
         nn.init.constant_(self.rescale_factors, 20)
         self.priors_cxcy = create_prior_boxes()
-'''
+"""
 
 
 def save_tutorial_style(path: Path, state: dict[str, torch.Tensor], n_classes: int, layout: str) -> Path:
@@ -196,8 +196,12 @@ def test_hostile_checkpoint_is_live(tmp_path):
 def test_commands_refuse_a_checkpoint_that_runs_code(command, kind, tmp_path, capsys):
     marker = tmp_path / "PWNED"
     evil = write_hostile(tmp_path / "evil.pt", marker, kind)
-    args = {"evaluate": ["--data", str(tmp_path)], "export": ["--format", "onnx", "--out", str(tmp_path / "m.onnx")],
-            "detect": ["--source", str(tmp_path), "--out", str(tmp_path / "out")], "serve": ["--port", "1"]}[command]
+    args = {
+        "evaluate": ["--data", str(tmp_path)],
+        "export": ["--format", "onnx", "--out", str(tmp_path / "m.onnx")],
+        "detect": ["--source", str(tmp_path), "--out", str(tmp_path / "out")],
+        "serve": ["--port", "1"],
+    }[command]
     assert main([command, "--model", str(evil), *args]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "refused to load" in err and "evil.pt" in err and "nothing in it was run" in err
@@ -211,8 +215,10 @@ def test_init_checkpoint_refuses_a_checkpoint_that_runs_code(kind, tmp_path):
     marker = tmp_path / "PWNED"
     evil = write_hostile(tmp_path / "evil.pt", marker, kind)
     cfg_path = tmp_path / "exp.toml"
-    cfg_path.write_text(f'[data]\nroot = "{tmp_path}"\n\n[model]\nname = "ssd300_vgg16"\ninput_size = 300\n'
-                        f'init_checkpoint = "{evil}"\n')
+    cfg_path.write_text(
+        f'[data]\nroot = "{tmp_path}"\n\n[model]\nname = "ssd300_vgg16"\ninput_size = 300\n'
+        f'init_checkpoint = "{evil}"\n'
+    )
     with pytest.raises(UnsafeCheckpointError, match="refused to load") as e:
         runner.build_detector(load_config(cfg_path))  # what `maskssd train` builds its model with
     assert e.value.path == str(evil) and e.value.forbidden
@@ -229,9 +235,14 @@ def test_train_with_a_hostile_init_checkpoint_exits_2(tmp_path, capsys, monkeypa
     marker = tmp_path / "PWNED"
     evil = write_hostile(tmp_path / "evil.pt", marker, "exec")
     cfg_path = tmp_path / "exp.toml"
-    cfg_path.write_text(f'[data]\nroot = "{tmp_path}"\n\n[model]\nname = "ssd300_vgg16"\ninput_size = 300\n'
-                        f'init_checkpoint = "{evil}"\n')
-    assert main(["train", str(cfg_path), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--no-progress"]) == 2
+    cfg_path.write_text(
+        f'[data]\nroot = "{tmp_path}"\n\n[model]\nname = "ssd300_vgg16"\ninput_size = 300\n'
+        f'init_checkpoint = "{evil}"\n'
+    )
+    assert (
+        main(["train", str(cfg_path), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--no-progress"])
+        == 2
+    )
     assert "refused to load" in capsys.readouterr().err
     assert not marker.exists()
 
@@ -241,24 +252,39 @@ def test_training_checkpoint_loads_weights_only_and_restores(tmp_path):
     """Everything ``Trainer.checkpoint`` and the deployment checkpoint hold is tensors and plain values: plain
     ``torch.load(weights_only=True)`` reads them (no stand-ins), and resume and the RNG states round-trip."""
     cfg_path = tmp_path / "exp.toml"
-    cfg_path.write_text(f'[data]\nroot = "{tmp_path}"\n\n[model]\nname = "tiny"\ninput_size = 64\nwidth = 4\n')
+    cfg_path.write_text(
+        f'[data]\nroot = "{tmp_path}"\n\n[model]\nname = "tiny"\ninput_size = 64\nwidth = 4\n'
+    )
     cfg = load_config(cfg_path)
 
     def trainer() -> Trainer:
         torch.manual_seed(0)
         model = build_model("tiny", num_classes=4, input_size=64, width=4)
         opt = build_optimizer(model, cfg.optim)
-        return Trainer(model=model, loss_fn=None, optimizer=opt, scheduler=build_scheduler(opt, cfg.schedule, 2, 3),
-                       train_loader=[], val_loader=[], spec=TrainSpec(2), class_names=cfg.class_names,
-                       device=torch.device("cpu"), checkpoint_dir=tmp_path,
-                       extra_state={"config": cfg.model_dump(mode="json"), "run_id": "abc"})
+        return Trainer(
+            model=model,
+            loss_fn=None,
+            optimizer=opt,
+            scheduler=build_scheduler(opt, cfg.schedule, 2, 3),
+            train_loader=[],
+            val_loader=[],
+            spec=TrainSpec(2),
+            class_names=cfg.class_names,
+            device=torch.device("cpu"),
+            checkpoint_dir=tmp_path,
+            extra_state={"config": cfg.model_dump(mode="json"), "run_id": "abc"},
+        )
 
     a = trainer()
     _, scores = a.model(torch.rand(2, 3, 64, 64))
     scores.sum().backward()
     a.optimizer.step()
     a.scheduler.step()
-    a.state.epoch, a.state.best_value, a.state.best_epoch = 1, np.float64(0.25), 1  # metrics may be numpy floats
+    a.state.epoch, a.state.best_value, a.state.best_epoch = (
+        1,
+        np.float64(0.25),
+        1,
+    )  # metrics may be numpy floats
     path = atomic_save(a.checkpoint(), tmp_path / "last.pt")
     raw = torch.load(path, map_location="cpu", weights_only=True)
     assert raw["best_value"] == 0.25 and raw["config"]["model"]["name"] == "tiny"
@@ -268,8 +294,10 @@ def test_training_checkpoint_loads_weights_only_and_restores(tmp_path):
     assert b.scheduler.last_epoch == a.scheduler.last_epoch
     for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
         assert torch.equal(p, q)
-    assert torch.equal(a.optimizer.state_dict()["state"][0]["momentum_buffer"],
-                       b.optimizer.state_dict()["state"][0]["momentum_buffer"])
+    assert torch.equal(
+        a.optimizer.state_dict()["state"][0]["momentum_buffer"],
+        b.optimizer.state_dict()["state"][0]["momentum_buffer"],
+    )
     deploy = atomic_save(runner.deploy_checkpoint(raw, cfg), tmp_path / "model.pt")
     assert torch.load(deploy, weights_only=True)["class_names"] == list(cfg.class_names)
     load_detector(deploy)
@@ -278,7 +306,9 @@ def test_training_checkpoint_loads_weights_only_and_restores(tmp_path):
 def test_rng_state_round_trip():
     random.random(), np.random.random(), torch.rand(1)
     state = rng_state()
-    assert isinstance(state["numpy"]["keys"], torch.Tensor) and isinstance(state["python"]["state"], torch.Tensor)
+    assert isinstance(state["numpy"]["keys"], torch.Tensor) and isinstance(
+        state["python"]["state"], torch.Tensor
+    )
     first = (random.random(), random.gauss(0, 1), np.random.random(), np.random.normal(), torch.rand(3))
     set_rng_state(state)
     again = (random.random(), random.gauss(0, 1), np.random.random(), np.random.normal(), torch.rand(3))
@@ -300,11 +330,16 @@ def test_reference_code_checkpoints_load_with_the_same_outputs(layout, paper_sta
     assert "model" not in sys.modules
     ckpt = load(path)
     assert ckpt["class_names"] == list(DEFAULT_CLASSES) and ckpt["epoch"] == 231
-    assert "assumed the paper's label order (with_mask, mask_weared_incorrect, without_mask)" in ckpt["import_note"]
+    assert (
+        "assumed the paper's label order (with_mask, mask_weared_incorrect, without_mask)"
+        in ckpt["import_note"]
+    )
     assert "assumed the paper's label order" in " ".join(capsys.readouterr().err.split())
     model, _ = load_detector(ckpt)
     reference = SSD300VGG16(4).eval()
-    reference.load_state_dict(paper_state)  # the same weights, loaded as a state dict (the paper's class order)
+    reference.load_state_dict(
+        paper_state
+    )  # the same weights, loaded as a state dict (the paper's class order)
     x = torch.rand(1, 3, 300, 300, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         locs, scores = model(x)
@@ -343,8 +378,10 @@ def test_voc_start_is_an_init_checkpoint_not_a_model(layout, voc_state, tmp_path
     for k in own:
         if k not in heads:
             assert torch.equal(own[k], voc_state[k]), k
-    for command, extra in (("evaluate", ["--data", str(tmp_path)]),
-                           ("export", ["--format", "torchscript", "--out", str(tmp_path / "m.pt")])):
+    for command, extra in (
+        ("evaluate", ["--data", str(tmp_path)]),
+        ("export", ["--format", "torchscript", "--out", str(tmp_path / "m.pt")]),
+    ):
         assert main([command, "--model", str(path), *extra]) == 2
         err = " ".join(capsys.readouterr().err.split())
         assert "21-class" in err and "model.init_checkpoint" in err
@@ -352,11 +389,18 @@ def test_voc_start_is_an_init_checkpoint_not_a_model(layout, voc_state, tmp_path
 
 def test_paper_checkpoint_as_init_checkpoint_maps_classes_by_name(paper_state, tmp_path):
     path = save_tutorial_style(tmp_path / "paper.pt", paper_state, 4, "paper")
-    model = ssd300_vgg16(init_checkpoint=str(path), class_names=["without_mask", "with_mask", "mask_weared_incorrect"])
+    model = ssd300_vgg16(
+        init_checkpoint=str(path), class_names=["without_mask", "with_mask", "mask_weared_incorrect"]
+    )
     assert model.init_report["dropped"] == [] and model.init_report["missing"] == []
     assert "assumed the paper's label order" in model.init_report["class_order"]
     bias = model.pred_convs.cl_conv4_3.bias.view(-1, 4)[0].tolist()
-    assert bias == [0.0, 3.0, 1.0, 2.0]  # without_mask, with_mask, mask_weared_incorrect in the paper's indices
+    assert bias == [
+        0.0,
+        3.0,
+        1.0,
+        2.0,
+    ]  # without_mask, with_mask, mask_weared_incorrect in the paper's indices
     with pytest.raises(MaskSSDError, match="does not look like"):
         load_reference_checkpoint(SSD300VGG16(4), {"model": {"w": torch.zeros(1)}})
 
@@ -367,11 +411,30 @@ def test_paper_checkpoint_evaluates_and_exports(paper_state, tmp_path, make_data
     path = save_tutorial_style(tmp_path / "paper.pt", paper_state, 4, "paper")
     root = make_dataset({"a": good_sample("a"), "b": good_sample("b", seed=1)}, {"val": ["a", "b"]})
     dets = tmp_path / "dets.json"
-    assert main(["evaluate", "--model", str(path), "--data", str(root), "--split", "val",
-                 "--split-name", "test_split", "--save-detections", str(dets)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(path),
+                "--data",
+                str(root),
+                "--split",
+                "val",
+                "--split-name",
+                "test_split",
+                "--save-detections",
+                str(dets),
+            ]
+        )
+        == 0
+    )
     assert "assumed the paper's label order" in " ".join(capsys.readouterr().err.split())
     doc = json.loads(dets.read_text())
     assert doc["classes"] == list(DEFAULT_CLASSES) and set(doc["metrics"]["ap"]) == set(DEFAULT_CLASSES)
     assert len(doc["images"]) == 2
-    assert main(["export", "--model", str(path), "--format", "torchscript", "--out", str(tmp_path / "m.ts")]) == 0
+    assert (
+        main(["export", "--model", str(path), "--format", "torchscript", "--out", str(tmp_path / "m.ts")])
+        == 0
+    )
     assert "verification against PyTorch" in capsys.readouterr().out

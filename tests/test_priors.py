@@ -117,7 +117,9 @@ def test_encode_matches_tutorial_cxcy_to_gcxgcy():
     g = torch.Generator().manual_seed(1)
     priors = PriorSpec.ssd300().priors()
     boxes = xyxy_to_cxcywh(random_boxes_xyxy((priors.shape[0],), g))
-    torch.testing.assert_close(encode(boxes, priors), reference.cxcy_to_gcxgcy(boxes, priors), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        encode(boxes, priors), reference.cxcy_to_gcxgcy(boxes, priors), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -143,7 +145,9 @@ def test_encode_custom_variances():
     prior = torch.tensor([[0.5, 0.5, 0.2, 0.4]])
     box = torch.tensor([[0.6, 0.3, 0.4, 0.2]])
     out = encode(box, prior, (0.5, 1.0))
-    expected = torch.tensor([[0.1 / 0.1, -0.2 / 0.2, torch.log(torch.tensor(2.0)), torch.log(torch.tensor(0.5))]])
+    expected = torch.tensor(
+        [[0.1 / 0.1, -0.2 / 0.2, torch.log(torch.tensor(2.0)), torch.log(torch.tensor(0.5))]]
+    )
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(decode(out, prior, (0.5, 1.0)), box)
 
@@ -166,8 +170,9 @@ def test_box_iou_batched_matches_per_item():
     for i in range(4):
         torch.testing.assert_close(batched[i], torchvision.ops.box_iou(a[i], b[i]), rtol=1e-5, atol=1e-6)
     # broadcasting priors (P, 4) against batched objects (N, M, 4)
-    torch.testing.assert_close(box_iou(a, b[0]), torch.stack([torchvision.ops.box_iou(x, b[0]) for x in a]),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        box_iou(a, b[0]), torch.stack([torchvision.ops.box_iou(x, b[0]) for x in a]), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_box_iou_simple_cases():

@@ -38,7 +38,9 @@ def workdir(tmp_path, monkeypatch):
 
 def histories(c, run_id: str) -> dict[str, list[tuple[int, float]]]:
     keys = c.get_run(run_id).data.metrics.keys()
-    return {k: sorted((m.step, m.value) for m in c.get_metric_history(run_id, k)) for k in keys if k not in TIMING}
+    return {
+        k: sorted((m.step, m.value) for m in c.get_metric_history(run_id, k)) for k in keys if k not in TIMING
+    }
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +62,31 @@ def test_run_records_everything(trained):
     run = c.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     p, m, t = run.data.params, run.data.metrics, run.data.tags
-    assert p["optim.lr"] == "0.003" and p["model.name"] == "tiny" and p["loss.class_weights.mask_weared_incorrect"] == "3.0"
-    assert t["config_hash"] == cfg.digest() and t["data.split"] == "default" and len(t["data.split_hash"]) == 12
-    for key in ("train_loss", "train_loss_conf", "train_loss_loc", "val_loss", "val_loss_conf", "val_loss_loc", "lr",
-                "epoch_seconds", "images_per_second", "val_map", "val_map_voc12", "val_map_coco", "val_ap50_coco",
-                "test_map", "best_val_map"):
+    assert (
+        p["optim.lr"] == "0.003"
+        and p["model.name"] == "tiny"
+        and p["loss.class_weights.mask_weared_incorrect"] == "3.0"
+    )
+    assert (
+        t["config_hash"] == cfg.digest() and t["data.split"] == "default" and len(t["data.split_hash"]) == 12
+    )
+    for key in (
+        "train_loss",
+        "train_loss_conf",
+        "train_loss_loc",
+        "val_loss",
+        "val_loss_conf",
+        "val_loss_loc",
+        "lr",
+        "epoch_seconds",
+        "images_per_second",
+        "val_map",
+        "val_map_voc12",
+        "val_map_coco",
+        "val_ap50_coco",
+        "test_map",
+        "best_val_map",
+    ):
         assert key in m, key
     for cls in cfg.class_names:
         assert f"val_ap_{cls}" in m and f"test_ap_{cls}" in m
@@ -106,8 +128,21 @@ def test_evaluate_save_detections(trained, capsys):
     tmp, cfg, result, c = trained
     ckpt = tmp / "mlruns" / "checkpoints" / result.run_id / "model.pt"
     out = tmp / "dets.json"
-    rc = main(["evaluate", "--model", str(ckpt), "--data", str(cfg.data.root), "--split", "val",
-               "--split-name", "default", "--save-detections", str(out)])
+    rc = main(
+        [
+            "evaluate",
+            "--model",
+            str(ckpt),
+            "--data",
+            str(cfg.data.root),
+            "--split",
+            "val",
+            "--split-name",
+            "default",
+            "--save-detections",
+            str(out),
+        ]
+    )
     assert rc == 0
     doc = json.loads(out.read_text())
     assert doc["classes"] == list(cfg.class_names)
@@ -129,8 +164,20 @@ def test_evaluate_save_detections(trained, capsys):
 
 def test_runs_table(trained, capsys, monkeypatch):
     tmp, cfg, result, c = trained
-    assert main(["runs", "--experiment", "t", "--tracking-uri", f"sqlite:///{tmp}/mlruns/mlflow.db",
-                 "--sort", "val_map"]) == 0
+    assert (
+        main(
+            [
+                "runs",
+                "--experiment",
+                "t",
+                "--tracking-uri",
+                f"sqlite:///{tmp}/mlruns/mlflow.db",
+                "--sort",
+                "val_map",
+            ]
+        )
+        == 0
+    )
     assert result.run_id[:8] in capsys.readouterr().out
 
 
@@ -240,8 +287,14 @@ def test_interrupt_during_a_checkpoint_write_waits_for_the_write(tmp_path, monke
 def test_sigterm_saves_marks_killed_and_prints_resume(workdir, synth_root):
     cfg = write_config(workdir / "exp.toml", synth_root, name="sig", epochs=40)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, "-m", "maskssd", "train", str(cfg), "--no-progress"], cwd=workdir,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "maskssd", "train", str(cfg), "--no-progress"],
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     ckpt_root = workdir / "mlruns" / "checkpoints"
     deadline = time.time() + 120
     while time.time() < deadline and not list(ckpt_root.glob("*/last.pt")):

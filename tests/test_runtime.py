@@ -16,8 +16,9 @@ def _run(value: str | None) -> str:
     env = {k: v for k, v in os.environ.items() if k != "MASKSSD_MALLOC_TUNING"}
     if value is not None:
         env["MASKSSD_MALLOC_TUNING"] = value
-    return subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-c", CODE], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")

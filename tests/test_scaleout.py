@@ -37,14 +37,55 @@ def _metrics(uri: str, experiment: str) -> list:
 def test_ddp_two_processes_match_one(tmp_path, synth_root):
     cfg = write_tiny_experiment(tmp_path / "exp.toml", synth_root, name="ddp", epochs=2)
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    single = subprocess.run([sys.executable, "-m", "maskssd", "train", str(cfg), "--no-progress", "--run-name", "one",
-                             "--tracking-uri", uri, "--set", "train.log_images=0"],
-                            cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    single = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "maskssd",
+            "train",
+            str(cfg),
+            "--no-progress",
+            "--run-name",
+            "one",
+            "--tracking-uri",
+            uri,
+            "--set",
+            "train.log_images=0",
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                          "-m", "maskssd", "train", str(cfg), "--no-progress", "--run-name", "two",
-                          "--tracking-uri", uri, "--set", "data.batch_size=4", "--set", "train.log_images=0"],
-                         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "maskssd",
+            "train",
+            str(cfg),
+            "--no-progress",
+            "--run-name",
+            "two",
+            "--tracking-uri",
+            uri,
+            "--set",
+            "data.batch_size=4",
+            "--set",
+            "train.log_images=0",
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     runs = {r.info.run_name: r for r in _metrics(uri, "ddp")}
     assert set(runs) == {"one", "two"}  # rank 1 logged nothing of its own
@@ -54,8 +95,24 @@ def test_ddp_two_processes_match_one(tmp_path, synth_root):
     # the DDP run's gathered evaluation equals a single-process evaluation of the same checkpoint
     out = tmp_path / "dets.json"
     ckpt = tmp_path / "mlruns" / "checkpoints" / runs["two"].info.run_id / "model.pt"
-    assert main(["evaluate", "--model", str(ckpt), "--data", str(synth_root), "--split", "val",
-                 "--split-name", "default", "--save-detections", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(ckpt),
+                "--data",
+                str(synth_root),
+                "--split",
+                "val",
+                "--split-name",
+                "default",
+                "--save-detections",
+                str(out),
+            ]
+        )
+        == 0
+    )
     import json
 
     single_map = json.loads(out.read_text())["metrics"]["map"]
@@ -70,9 +127,28 @@ def test_study_workers_on_postgres(tmp_path, synth_root, postgres_db):
     write_tiny_experiment(tmp_path / "exp.toml", synth_root, epochs=2)
     study_toml = write_study(tmp_path / "s.toml", n_trials=4)
     storage = postgres_db  # plain postgresql:// (SQLAlchemy's default PostgreSQL driver: psycopg 3)
-    workers = [subprocess.Popen([sys.executable, "-m", "maskssd", "study", str(study_toml), "--storage", storage,
-                                 "--no-report", "--threads", "1"], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "maskssd",
+                "study",
+                str(study_toml),
+                "--storage",
+                storage,
+                "--no-report",
+                "--threads",
+                "1",
+            ],
+            cwd=tmp_path,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     for w in workers:
         _, err = w.communicate(timeout=300)
         assert w.returncode == 0, err[-3000:]
@@ -85,11 +161,23 @@ def test_study_workers_on_postgres(tmp_path, synth_root, postgres_db):
 def test_train_and_promote_through_a_tracking_server(tmp_path, synth_root, mlflow_server):
     cfg = write_tiny_experiment(tmp_path / "exp.toml", synth_root, name="team", epochs=2)
     env = _env(MLFLOW_TRACKING_URI=mlflow_server)
-    r = subprocess.run([sys.executable, "-m", "maskssd", "train", str(cfg), "--no-progress"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "maskssd", "train", str(cfg), "--no-progress"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    p = subprocess.run([sys.executable, "-m", "maskssd", "promote", "--experiment", "team", "--metric", "best_val_map"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "maskssd", "promote", "--experiment", "team", "--metric", "best_val_map"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "moved @champion" in p.stdout.replace("\n", " ")
     c = tracking.client(mlflow_server)
@@ -99,9 +187,25 @@ def test_train_and_promote_through_a_tracking_server(tmp_path, synth_root, mlflo
     assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # nothing went to the local default store
     img = tmp_path / "img.png"
     Image.fromarray(np.full((60, 80, 3), 90, np.uint8)).save(img)
-    d = subprocess.run([sys.executable, "-m", "maskssd", "detect", "--model", "models:/maskssd-face-mask@champion",
-                        "--source", str(img), "--out", str(tmp_path / "out")], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
+    d = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "maskssd",
+            "detect",
+            "--model",
+            "models:/maskssd-face-mask@champion",
+            "--source",
+            str(img),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert d.returncode == 0, d.stderr[-3000:]
     assert (tmp_path / "out" / "detections.json").is_file()
 
@@ -127,10 +231,27 @@ def test_ddp_run_resumes_after_sigterm(tmp_path, synth_root):
 
     cfg = write_tiny_experiment(tmp_path / "exp.toml", synth_root, name="ddp-resume", epochs=10)
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "maskssd",
-           "train", str(cfg), "--no-progress", "--tracking-uri", uri, "--set", "data.batch_size=4",
-           "--set", "train.log_images=0"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "maskssd",
+        "train",
+        str(cfg),
+        "--no-progress",
+        "--tracking-uri",
+        uri,
+        "--set",
+        "data.batch_size=4",
+        "--set",
+        "train.log_images=0",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 180
     ckpts = tmp_path / "mlruns" / "checkpoints"
     while time.time() < deadline and not list(ckpts.glob("*/last.pt")):
@@ -142,8 +263,14 @@ def test_ddp_run_resumes_after_sigterm(tmp_path, synth_root):
     assert run.info.status in ("KILLED", "FAILED")  # stopped, whichever rank noticed first
     epochs_before = len(c.get_metric_history(run.info.run_id, "train_loss"))
     assert 1 <= epochs_before < 10
-    resume = subprocess.run(cmd[:9] + ["--resume", run.info.run_id, "--no-progress", "--tracking-uri", uri],
-                            cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    resume = subprocess.run(
+        cmd[:9] + ["--resume", run.info.run_id, "--no-progress", "--tracking-uri", uri],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resume.returncode == 0, resume.stderr[-3000:]
     run = c.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"

@@ -85,7 +85,7 @@ def jpeg(seed: int, size: tuple[int, int] = (160, 120)) -> bytes:
     rng = np.random.default_rng(seed)
     img = np.full((size[1], size[0], 3), rng.integers(0, 255, 3), np.uint8)
     x, y = rng.integers(0, size[0] // 2), rng.integers(0, size[1] // 2)
-    img[y:y + size[1] // 3, x:x + size[0] // 3] = rng.integers(0, 255, 3)
+    img[y : y + size[1] // 3, x : x + size[0] // 3] = rng.integers(0, 255, 3)
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
@@ -93,11 +93,17 @@ def jpeg(seed: int, size: tuple[int, int] = (160, 120)) -> bytes:
 
 def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     """A tiny valid-looking PNG whose header claims ``width x height`` pixels."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -159,11 +165,17 @@ def test_concurrent_clients_with_bad_uploads_and_batching(predictor: Predictor) 
                         if ri == 2 and ci in BAD:
                             r = c.post("/detect", **BAD[ci][1])
                         elif ri % 2:  # multipart upload, camera in the query
-                            r = c.post("/detect", params={"camera": f"cam{ci}"},
-                                       files={"file": ("f.jpg", jpeg(ci * 10 + ri), "image/jpeg")})
+                            r = c.post(
+                                "/detect",
+                                params={"camera": f"cam{ci}"},
+                                files={"file": ("f.jpg", jpeg(ci * 10 + ri), "image/jpeg")},
+                            )
                         else:  # raw body, camera in the header (like maskssd stream)
-                            r = c.post("/detect", content=jpeg(ci * 10 + ri),
-                                       headers={"content-type": "image/jpeg", "x-camera": f"cam{ci}"})
+                            r = c.post(
+                                "/detect",
+                                content=jpeg(ci * 10 + ri),
+                                headers={"content-type": "image/jpeg", "x-camera": f"cam{ci}"},
+                            )
                     except httpx.HTTPError as e:
                         r = e  # type: ignore[assignment]
                     with lock:
@@ -202,12 +214,16 @@ def test_concurrent_clients_with_bad_uploads_and_batching(predictor: Predictor) 
         m = metric_samples(httpx.get(srv.url + "/metrics").text)
 
     assert sample(m, "maskssd_requests_total", endpoint="/detect", status="200") == n_good
-    assert sample(m, "maskssd_requests_total", endpoint="/detect", status="400") == \
-        sum(1 for _, _, s in BAD.values() if s == 400)
-    assert sample(m, "maskssd_requests_total", endpoint="/detect", status="413") == \
-        sum(1 for _, _, s in BAD.values() if s == 413)
+    assert sample(m, "maskssd_requests_total", endpoint="/detect", status="400") == sum(
+        1 for _, _, s in BAD.values() if s == 400
+    )
+    assert sample(m, "maskssd_requests_total", endpoint="/detect", status="413") == sum(
+        1 for _, _, s in BAD.values() if s == 413
+    )
     assert sample(m, "maskssd_requests_total", endpoint="/detect", status="422") == 1
-    assert sample(m, "maskssd_request_latency_seconds_count", endpoint="/detect") == n_clients * n_requests + 2
+    assert (
+        sample(m, "maskssd_request_latency_seconds_count", endpoint="/detect") == n_clients * n_requests + 2
+    )
     # every good image went through the model exactly once; some batches held several
     assert sample(m, "maskssd_batch_size_sum") == n_good
     n_batches = sample(m, "maskssd_batch_size_count")
@@ -295,13 +311,30 @@ def test_stream_cameras_update_the_montage(predictor: Predictor, tmp_path: Path)
     assert [p.name for p in montage.parent.iterdir()] == ["cams.jpg"]  # no temporary files left behind
 
 
-def test_serve_cli_wires_arguments(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_cli_wires_arguments(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from maskssd.cli import main
 
     seen: dict[str, Any] = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
-    rc = main(["serve", "--model", str(tiny_checkpoint), "--port", "8123", "--no-batching", "--backend", "onnx",
-               "--class-agnostic", "--montage", str(tmp_path / "m.jpg"), "--score-threshold", "0.5"])
+    rc = main(
+        [
+            "serve",
+            "--model",
+            str(tiny_checkpoint),
+            "--port",
+            "8123",
+            "--no-batching",
+            "--backend",
+            "onnx",
+            "--class-agnostic",
+            "--montage",
+            str(tmp_path / "m.jpg"),
+            "--score-threshold",
+            "0.5",
+        ]
+    )
     assert rc == 0 and seen["port"] == 8123 and seen["host"] == "127.0.0.1"
     svc = seen["app"].state.service
     assert svc.batching is False and svc.max_batch == 1 and svc.score_threshold == 0.5

@@ -89,10 +89,29 @@ def project(tmp_path, monkeypatch, easy_synth_root):
     return tmp_path
 
 
-def write_study(path: Path, name: str = "s", n_trials: int = 3, epochs: int = 2, sampler: str = "tpe",
-                pruner: str = "none", space: str = SPACE, objective: str = "val_map", direction: str = "maximize") -> Path:
-    path.write_text(STUDY.format(name=name, n_trials=n_trials, epochs=epochs, sampler=sampler, pruner=pruner,
-                                 space=space, objective=objective, direction=direction))
+def write_study(
+    path: Path,
+    name: str = "s",
+    n_trials: int = 3,
+    epochs: int = 2,
+    sampler: str = "tpe",
+    pruner: str = "none",
+    space: str = SPACE,
+    objective: str = "val_map",
+    direction: str = "maximize",
+) -> Path:
+    path.write_text(
+        STUDY.format(
+            name=name,
+            n_trials=n_trials,
+            epochs=epochs,
+            sampler=sampler,
+            pruner=pruner,
+            space=space,
+            objective=objective,
+            direction=direction,
+        )
+    )
     return path
 
 
@@ -193,8 +212,15 @@ def test_nan_trial_is_recorded_and_the_study_goes_on(project):
 
 def test_a_bad_trial_is_pruned_in_both_systems(project):
     space = '[space.lr]\ntarget = "optim.lr"\ntype = "categorical"\nchoices = [3e-3, 1e-7]\n'
-    study_toml = write_study(project / "s.toml", n_trials=2, epochs=3, pruner="median", space=space,
-                             objective="val_loss", direction="minimize")
+    study_toml = write_study(
+        project / "s.toml",
+        n_trials=2,
+        epochs=3,
+        pruner="median",
+        space=space,
+        objective="val_loss",
+        direction="minimize",
+    )
     cfg, _ = load_study_config(study_toml)
     study = open_study(cfg, make_storage(storage_url(project), cfg), epochs=3)
     study.enqueue_trial({"lr": 3e-3})  # a good trial first, then one that barely moves
@@ -211,9 +237,14 @@ def test_a_bad_trial_is_pruned_in_both_systems(project):
 def _worker(project: Path, study_toml: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     # one core per worker: two workers x two threads on two cores would oversubscribe them
-    return subprocess.Popen([sys.executable, "-m", "maskssd", "study", str(study_toml), "--no-report", "--threads", "1",
-                             *extra],
-                            cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "maskssd", "study", str(study_toml), "--no-report", "--threads", "1", *extra],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_two_workers_share_one_study(project):
@@ -246,7 +277,9 @@ def test_a_killed_workers_trial_is_failed_and_retried(project):
             trials = load(project).trials
         except Exception:  # noqa: BLE001 - the storage or the study does not exist yet
             continue
-        running = next((t for t in trials if t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs), None)
+        running = next(
+            (t for t in trials if t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs), None
+        )
     assert running is not None, "the worker never started a trial"
     w.send_signal(signal.SIGKILL)
     w.wait(timeout=30)
@@ -281,7 +314,9 @@ def test_promote_moves_champion_only_when_better(project, capsys):
     c = tracking.client()
     assert str(c.get_model_version_by_alias("maskssd-face-mask", "champion").version) == "1"
     p3 = promote(worst, metric="best_val_loss", maximize=False, force=True)
-    assert p3.moved_alias and str(c.get_model_version_by_alias("maskssd-face-mask", "champion").version) == "3"
+    assert (
+        p3.moved_alias and str(c.get_model_version_by_alias("maskssd-face-mask", "champion").version) == "3"
+    )
     # the study's best trial beats the forced worst one
     assert main(["promote", "--study", "s", "--metric", "best_val_loss", "--minimize"]) == 0
     champion = c.get_model_version_by_alias("maskssd-face-mask", "champion")
@@ -292,8 +327,32 @@ def test_promote_moves_champion_only_when_better(project, capsys):
     img = project / "face.png"
     Image.fromarray(np.full((80, 100, 3), 128, np.uint8)).save(img)
     out_dir = project / "out"
-    assert main(["detect", "--model", "models:/maskssd-face-mask@champion", "--source", str(img),
-                 "--out", str(out_dir)]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "--model",
+                "models:/maskssd-face-mask@champion",
+                "--source",
+                str(img),
+                "--out",
+                str(out_dir),
+            ]
+        )
+        == 0
+    )
     assert (out_dir / "face.png").is_file() and (out_dir / "detections.json").is_file()
-    assert main(["evaluate", "--model", "models:/maskssd-face-mask@champion", "--data", str(project / ".." / "x"),
-                 "--split", "val"]) == 2  # a missing dataset: one clear error
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                "models:/maskssd-face-mask@champion",
+                "--data",
+                str(project / ".." / "x"),
+                "--split",
+                "val",
+            ]
+        )
+        == 2
+    )  # a missing dataset: one clear error

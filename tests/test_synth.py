@@ -70,8 +70,12 @@ def test_loads_cleanly_boxes_inside_and_apart(big: SynthSummary):
     report = DataReport()
     anns = load_annotations(big.root, report=report)
     assert len(anns) == 150
-    assert report.summary() == {"clipped_boxes": 0, "dropped_degenerate_boxes": 0,
-                                "xml_size_mismatches": 0, "skipped_samples": 0}
+    assert report.summary() == {
+        "clipped_boxes": 0,
+        "dropped_degenerate_boxes": 0,
+        "xml_size_mismatches": 0,
+        "skipped_samples": 0,
+    }
     assert not report.fixes and not report.skipped
     for a in anns:
         assert 256 <= max(a.width, a.height) <= 480
@@ -126,8 +130,11 @@ def _pixels(root: Path) -> dict[str, np.ndarray]:
 
 
 def _texts(root: Path) -> dict[str, bytes]:
-    files = [*sorted((root / "annotations").glob("*.xml")), *sorted((root / "splits").rglob("*.txt")),
-             root / "README.md"]
+    files = [
+        *sorted((root / "annotations").glob("*.xml")),
+        *sorted((root / "splits").rglob("*.txt")),
+        root / "README.md",
+    ]
     return {str(p.relative_to(root)): p.read_bytes() for p in files}
 
 

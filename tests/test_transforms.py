@@ -51,8 +51,9 @@ def rect_image() -> torch.Tensor:
 def rect_sample(order: tuple[int, ...] = (1, 2, 3, 4)) -> dict:
     return {
         "image": tv_tensors.Image(rect_image()),
-        "boxes": tv_tensors.BoundingBoxes(torch.tensor([BOXES[k] for k in order], dtype=torch.float32),
-                                          format="XYXY", canvas_size=(H, W)),
+        "boxes": tv_tensors.BoundingBoxes(
+            torch.tensor([BOXES[k] for k in order], dtype=torch.float32), format="XYXY", canvas_size=(H, W)
+        ),
         "labels": torch.tensor(order, dtype=torch.int64),
         "difficult": torch.tensor([DIFFICULT[k] for k in order]),
         "image_id": "rects",
@@ -85,16 +86,22 @@ def assert_aligned(out: dict, margin: int = 2) -> int:
         if ix2 - ix1 < 1 or iy2 - iy1 < 1:
             continue  # a sliver left by a crop: too thin to check its inside
         inside = _is_colour(rgb[iy1:iy2, ix1:ix2], COLOURS[label])
-        assert inside.mean() >= 0.97, f"label {label}: only {inside.mean():.0%} of the box is its colour ({box})"
+        assert inside.mean() >= 0.97, (
+            f"label {label}: only {inside.mean():.0%} of the box is its colour ({box})"
+        )
         # ring 1..3 px outside the box, inside the image
         ox1, oy1 = max(math.floor(x1) - 3, 0), max(math.floor(y1) - 3, 0)
         ox2, oy2 = min(math.ceil(x2) + 3, w), min(math.ceil(y2) + 3, h)
         ring = np.ones((oy2 - oy1, ox2 - ox1), bool)
-        ring[max(math.floor(y1) - 1 - oy1, 0):math.ceil(y2) + 1 - oy1,
-             max(math.floor(x1) - 1 - ox1, 0):math.ceil(x2) + 1 - ox1] = False
+        ring[
+            max(math.floor(y1) - 1 - oy1, 0) : math.ceil(y2) + 1 - oy1,
+            max(math.floor(x1) - 1 - ox1, 0) : math.ceil(x2) + 1 - ox1,
+        ] = False
         if ring.sum() >= 4:
             around = _is_colour(rgb[oy1:oy2, ox1:ox2][ring], COLOURS[label])
-            assert around.mean() <= 0.25, f"label {label}: {around.mean():.0%} of the ring is its colour ({box})"
+            assert around.mean() <= 0.25, (
+                f"label {label}: {around.mean():.0%} of the ring is its colour ({box})"
+            )
         checked += 1
     return checked
 
@@ -129,7 +136,9 @@ def test_resize_keeps_boxes_on_their_pixels(size):
     hw = (size, size) if isinstance(size, int) else size
     assert tuple(out["image"].shape) == (3, *hw)
     assert assert_aligned(out) == 4
-    expected = torch.tensor([BOXES[k] for k in (1, 2, 3, 4)], dtype=torch.float32) / torch.tensor([W, H, W, H])
+    expected = torch.tensor([BOXES[k] for k in (1, 2, 3, 4)], dtype=torch.float32) / torch.tensor(
+        [W, H, W, H]
+    )
     assert torch.allclose(out["boxes"], expected, atol=1e-6)
     assert assert_aligned(train_transform(size, NONE)(rect_sample())) == 4
 
@@ -149,8 +158,10 @@ def test_zoom_out_keeps_boxes_on_their_pixels(seed: int):
 def test_zoom_out_actually_zooms():
     outs = [_run(train_transform(SIZE, _spec(zoom_out_p=1.0)), rect_sample(), s) for s in range(6)]
     base = eval_transform(SIZE)(rect_sample())["boxes"]
-    assert all(float((o["boxes"][:, 2] - o["boxes"][:, 0]).sum()) < float((base[:, 2] - base[:, 0]).sum())
-               for o in outs)
+    assert all(
+        float((o["boxes"][:, 2] - o["boxes"][:, 0]).sum()) < float((base[:, 2] - base[:, 0]).sum())
+        for o in outs
+    )
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -163,7 +174,8 @@ def test_iou_crop_keeps_boxes_on_their_pixels(seed: int):
 def test_iou_crop_actually_crops():
     outs = [_run(train_transform(SIZE, _spec(iou_crop_p=1.0)), rect_sample(), s) for s in range(12)]
     assert any(o["boxes"].shape[0] < 4 for o in outs) or any(
-        not torch.allclose(o["boxes"], outs[0]["boxes"]) for o in outs)
+        not torch.allclose(o["boxes"], outs[0]["boxes"]) for o in outs
+    )
 
 
 def test_hflip_mirrors_boxes_with_their_pixels():
@@ -185,9 +197,11 @@ def test_photometric_changes_pixels_not_boxes(seed: int):
     # structure survives: each box is still a flat patch that differs from the ring around it
     img = out["image"]
     for x1, y1, x2, y2 in (out["boxes"] * SIZE).round().int().tolist():
-        inside = img[:, y1 + 3:y2 - 3, x1 + 3:x2 - 3].reshape(3, -1)
+        inside = img[:, y1 + 3 : y2 - 3, x1 + 3 : x2 - 3].reshape(3, -1)
         assert float(inside.std(dim=1).max()) < 0.02
-        ring = torch.cat([img[:, y1 - 5:y1 - 2, x1:x2].reshape(3, -1), img[:, y2 + 2:y2 + 5, x1:x2].reshape(3, -1)], 1)
+        ring = torch.cat(
+            [img[:, y1 - 5 : y1 - 2, x1:x2].reshape(3, -1), img[:, y2 + 2 : y2 + 5, x1:x2].reshape(3, -1)], 1
+        )
         assert float((inside.mean(1) - ring.mean(1)).abs().max()) > 0.05
 
 
@@ -218,8 +232,11 @@ def test_train_pipeline_through_the_dataset(tmp_path: Path, voc_xml):
     classes = ("red", "green", "blue", "yellow")
     objects = [(classes[k - 1], *BOXES[k], int(DIFFICULT[k])) for k in (4, 2, 1, 3)]
     (root / "annotations" / "rects.xml").write_text(voc_xml("rects.png", W, H, objects))
-    ds = FaceMaskDataset(load_annotations(root, classes=classes), train_transform(SIZE, AugmentSpec(photometric_p=0.0)),
-                         classes)
+    ds = FaceMaskDataset(
+        load_annotations(root, classes=classes),
+        train_transform(SIZE, AugmentSpec(photometric_p=0.0)),
+        classes,
+    )
     assert ds.annotations[0].labels.tolist() == [4, 2, 1, 3]
     assert ds.annotations[0].difficult.tolist() == [False, True, False, True]
     checked = sum(assert_aligned(ds[(seed, 0)]) for seed in range(20))

@@ -47,7 +47,9 @@ def _count_frames(path: Path) -> tuple[int, tuple[int, int]]:
     return n, size
 
 
-def test_detect_video_writes_annotated_video_and_jsonl(tiny_checkpoint: Path, video: Path, tmp_path: Path) -> None:
+def test_detect_video_writes_annotated_video_and_jsonl(
+    tiny_checkpoint: Path, video: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     assert main(["detect", "--model", str(tiny_checkpoint), "--source", str(video), "--out", str(out)]) == 0
     assert _count_frames(out / "clip_annotated.mp4") == (N_FRAMES, (160, 120))
@@ -59,13 +61,45 @@ def test_detect_video_writes_annotated_video_and_jsonl(tiny_checkpoint: Path, vi
     assert lines[-1]["fps"] > 0
 
 
-def test_detect_video_with_smoothing_and_class_agnostic_nms(tiny_checkpoint: Path, video: Path,
-                                                            tmp_path: Path) -> None:
+def test_detect_video_with_smoothing_and_class_agnostic_nms(
+    tiny_checkpoint: Path, video: Path, tmp_path: Path
+) -> None:
     plain, agnostic = tmp_path / "plain", tmp_path / "agnostic"
-    assert main(["detect", "--model", str(tiny_checkpoint), "--source", str(video), "--out", str(plain),
-                 "--max-frames", "4"]) == 0
-    assert main(["detect", "--model", str(tiny_checkpoint), "--source", str(video), "--out", str(agnostic),
-                 "--smooth", "3", "--class-agnostic", "--max-frames", "4"]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "--model",
+                str(tiny_checkpoint),
+                "--source",
+                str(video),
+                "--out",
+                str(plain),
+                "--max-frames",
+                "4",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "detect",
+                "--model",
+                str(tiny_checkpoint),
+                "--source",
+                str(video),
+                "--out",
+                str(agnostic),
+                "--smooth",
+                "3",
+                "--class-agnostic",
+                "--max-frames",
+                "4",
+            ]
+        )
+        == 0
+    )
     a = [json.loads(x) for x in (plain / "clip_detections.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (agnostic / "clip_detections.jsonl").read_text().splitlines()]
     assert len(a) == len(b) == 4 and _count_frames(agnostic / "clip_annotated.mp4")[0] == 4
@@ -74,8 +108,9 @@ def test_detect_video_with_smoothing_and_class_agnostic_nms(tiny_checkpoint: Pat
 
 
 def _one_face(label: int, score: float = 0.9, shift: float = 0.0) -> Detections:
-    return Detections(torch.tensor([[10.0 + shift, 10.0, 60.0 + shift, 70.0]]), torch.tensor([label]),
-                      torch.tensor([score]))
+    return Detections(
+        torch.tensor([[10.0 + shift, 10.0, 60.0 + shift, 70.0]]), torch.tensor([label]), torch.tensor([score])
+    )
 
 
 def test_class_smoother_flips_a_single_frame_change_back() -> None:
@@ -88,8 +123,11 @@ def test_class_smoother_flips_a_single_frame_change_back() -> None:
     smoother = ClassSmoother(num_classes=3, window=3)
     labels = []
     for i, lab in enumerate([1, 1, 2, 2, 2, 2]):
-        d = Detections(torch.tensor([[10.0 + i, 10, 60 + i, 70], [100, 10, 150, 70]]), torch.tensor([lab, 3]),
-                       torch.tensor([0.8, 0.7]))
+        d = Detections(
+            torch.tensor([[10.0 + i, 10, 60 + i, 70], [100, 10, 150, 70]]),
+            torch.tensor([lab, 3]),
+            torch.tensor([0.8, 0.7]),
+        )
         res = smoother(d)
         labels.append(res.labels.tolist())
     assert [x[0] for x in labels] == [1, 1, 1, 2, 2, 2]
@@ -100,8 +138,11 @@ def test_class_smoother_new_face_listed_before_a_known_one() -> None:
     smoother = ClassSmoother(num_classes=3, window=3)
     smoother(_one_face(1))
     # a face appears far away (listed first), the known face flickers to class 2 for this frame
-    d = Detections(torch.tensor([[200.0, 10, 250, 70], [11.0, 10, 61, 70]]), torch.tensor([3, 2]),
-                   torch.tensor([0.9, 0.9]))
+    d = Detections(
+        torch.tensor([[200.0, 10, 250, 70], [11.0, 10, 61, 70]]),
+        torch.tensor([3, 2]),
+        torch.tensor([0.9, 0.9]),
+    )
     assert smoother(d).labels.tolist() == [3, 1]
     assert len(smoother.tracks) == 2
 
@@ -114,8 +155,9 @@ def test_fps_meter() -> None:
     assert m.fps == pytest.approx(20.0)
 
 
-def test_detect_image_folder_skips_bad_images(tiny_checkpoint: Path, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_detect_image_folder_skips_bad_images(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from PIL import Image
 
     src = tmp_path / "photos"

@@ -23,6 +23,7 @@ err = Console(stderr=True)
 #: Detections drawn and reported by ``detect`` and ``serve`` (the decode threshold for AP is DecodeSpec.min_score).
 DISPLAY_THRESHOLD = 0.4
 
+
 # --------------------------------------------------------------------------------------------- train
 def cmd_train(a: argparse.Namespace) -> int:
     from maskssd.errors import TrainingInterrupted
@@ -35,11 +36,19 @@ def cmd_train(a: argparse.Namespace) -> int:
 
         return launch(a.nproc, list(a.argv))
     try:
-        r = run_experiment(cfg, tracking_uri=a.tracking_uri, run_name=a.run_name, resume_run_id=a.resume,
-                           progress=not a.no_progress)
+        r = run_experiment(
+            cfg,
+            tracking_uri=a.tracking_uri,
+            run_name=a.run_name,
+            resume_run_id=a.resume,
+            progress=not a.no_progress,
+        )
     except TrainingInterrupted as e:
-        err.print(f"[yellow]{escape(str(e))}; checkpoint saved.[/] Resume with:\n  maskssd train {a.config} --resume "
-                  f"{e.run_id}" + (f" --tracking-uri {a.tracking_uri}" if a.tracking_uri else ""), highlight=False)
+        err.print(
+            f"[yellow]{escape(str(e))}; checkpoint saved.[/] Resume with:\n  maskssd train {a.config} --resume "
+            f"{e.run_id}" + (f" --tracking-uri {a.tracking_uri}" if a.tracking_uri else ""),
+            highlight=False,
+        )
         return 130
     if r.evaluation is not None and int(os.environ.get("RANK", "0")) == 0:
         out.print(ap_table(r.evaluation))
@@ -74,29 +83,59 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from maskssd.training.runner import build_loader
 
     pred = load_predictor(a.model, a.tracking_uri, a.device)
-    decode = DecodeSpec(min_score=a.min_score, max_overlap=a.max_overlap, top_k=a.top_k,
-                        class_agnostic=a.class_agnostic)
+    decode = DecodeSpec(
+        min_score=a.min_score, max_overlap=a.max_overlap, top_k=a.top_k, class_agnostic=a.class_agnostic
+    )
     anns = load_split(a.data, a.split, a.split_name, pred.class_names, a.on_error, DataReport())
     ds = FaceMaskDataset(anns, eval_transform(pred.input_size), pred.class_names)
     collected: list[tuple[str, Any]] = []
-    _, result = evaluate(pred.model, build_loader(ds, a.batch_size, a.workers), class_names=pred.class_names,
-                         device=torch.device(a.device), decode=decode, prefix=a.split, collect=collected)
+    _, result = evaluate(
+        pred.model,
+        build_loader(ds, a.batch_size, a.workers),
+        class_names=pred.class_names,
+        device=torch.device(a.device),
+        decode=decode,
+        prefix=a.split,
+        collect=collected,
+    )
     assert result is not None
     t = Table(title=f"{a.model} on {a.data} {a.split_name}/{a.split} ({len(ds)} images)")
     for col in ("class", "AP (VOC07)", "AP (all-point)", "AP (COCO .5:.95)", "objects"):
         t.add_column(col, justify="right" if col != "class" else "left")
     for c in pred.class_names:
-        t.add_row(c, f"{100 * result.ap[c]:.1f}", f"{100 * result.ap_voc12[c]:.1f}",
-                  f"{100 * result.ap_coco.get(c, float('nan')):.1f}", str(result.n_gt[c]))
-    t.add_row("[bold]mean", f"[bold]{100 * result.map:.1f}", f"{100 * result.map_voc12:.1f}",
-              f"{100 * result.map_coco:.1f}", "")
+        t.add_row(
+            c,
+            f"{100 * result.ap[c]:.1f}",
+            f"{100 * result.ap_voc12[c]:.1f}",
+            f"{100 * result.ap_coco.get(c, float('nan')):.1f}",
+            str(result.n_gt[c]),
+        )
+    t.add_row(
+        "[bold]mean",
+        f"[bold]{100 * result.map:.1f}",
+        f"{100 * result.map_voc12:.1f}",
+        f"{100 * result.map_coco:.1f}",
+        "",
+    )
     out.print(t)
     out.print(f"COCO AP50: {100 * result.ap50_coco:.1f}")
     if a.save_detections:
-        settings = {"min_score": decode.min_score, "max_overlap": decode.max_overlap, "top_k": decode.top_k,
-                    "class_agnostic": decode.class_agnostic, "model": str(a.model), "split": a.split}
-        path = write_detections(a.save_detections, pred.class_names, collected,
-                                {x.image_id: (x.width, x.height) for x in anns}, result, settings)
+        settings = {
+            "min_score": decode.min_score,
+            "max_overlap": decode.max_overlap,
+            "top_k": decode.top_k,
+            "class_agnostic": decode.class_agnostic,
+            "model": str(a.model),
+            "split": a.split,
+        }
+        path = write_detections(
+            a.save_detections,
+            pred.class_names,
+            collected,
+            {x.image_id: (x.width, x.height) for x in anns},
+            result,
+            settings,
+        )
         out.print(f"detections written to {path}")
     return 0
 
@@ -105,10 +144,23 @@ def cmd_detect(a: argparse.Namespace) -> int:
     from maskssd.deploy.detect import detect_source
     from maskssd.deploy.predictor import load_predictor
 
-    pred = load_predictor(a.model, a.tracking_uri, a.device, a.backend,
-                          class_agnostic=a.class_agnostic or None, max_overlap=a.max_overlap)
-    r = detect_source(pred, a.source, a.out, score_threshold=a.score_threshold, smooth=a.smooth,
-                      max_frames=a.max_frames, show=a.show)
+    pred = load_predictor(
+        a.model,
+        a.tracking_uri,
+        a.device,
+        a.backend,
+        class_agnostic=a.class_agnostic or None,
+        max_overlap=a.max_overlap,
+    )
+    r = detect_source(
+        pred,
+        a.source,
+        a.out,
+        score_threshold=a.score_threshold,
+        smooth=a.smooth,
+        max_frames=a.max_frames,
+        show=a.show,
+    )
     if r.kind == "images":
         t = Table(title=f"{r.images} images -> {r.out}")
         for c in r.counts:
@@ -133,28 +185,46 @@ def cmd_runs(a: argparse.Namespace) -> int:
     if not runs:
         out.print("no runs")
         return 0
-    classes = sorted({k.removeprefix("best_val_ap_") for r in runs for k in r.data.metrics if k.startswith("best_val_ap_")})
+    classes = sorted(
+        {k.removeprefix("best_val_ap_") for r in runs for k in r.data.metrics if k.startswith("best_val_ap_")}
+    )
     rows = []
     for r in runs:
         m, p = r.data.metrics, r.data.params
-        rows.append({
-            "run": r.info.run_id[:8], "name": r.info.run_name or "", "status": r.info.status,
-            "model": p.get("model.name", ""), "lr": p.get("optim.lr", ""), "alpha": p.get("loss.alpha", ""),
-            "neg/pos": p.get("loss.neg_pos_ratio", ""), "epochs": p.get("train.epochs", ""),
-            "val_map": m.get("best_val_map", m.get("val_map")), "test_map": m.get("test_map"),
-            **{f"AP {c}": m.get(f"best_val_ap_{c}") for c in classes},
-        })
+        rows.append(
+            {
+                "run": r.info.run_id[:8],
+                "name": r.info.run_name or "",
+                "status": r.info.status,
+                "model": p.get("model.name", ""),
+                "lr": p.get("optim.lr", ""),
+                "alpha": p.get("loss.alpha", ""),
+                "neg/pos": p.get("loss.neg_pos_ratio", ""),
+                "epochs": p.get("train.epochs", ""),
+                "val_map": m.get("best_val_map", m.get("val_map")),
+                "test_map": m.get("test_map"),
+                **{f"AP {c}": m.get(f"best_val_ap_{c}") for c in classes},
+            }
+        )
     key = a.sort
     if key:
         if key not in rows[0]:
             raise MaskSSDError(f"cannot sort by {key!r}; columns: {', '.join(rows[0])}")
-        rows.sort(key=lambda r: (r[key] is None, -(r[key] or 0) if isinstance(r[key], float) else str(r[key])))
+        rows.sort(
+            key=lambda r: (r[key] is None, -(r[key] or 0) if isinstance(r[key], float) else str(r[key]))
+        )
     t = Table(title=f"runs ({a.experiment or 'all experiments'})")
     for col in rows[0]:
-        t.add_column(col, justify="right" if col not in ("run", "name", "status", "model") else "left",
-                     no_wrap=col == "run", min_width=8 if col == "run" else None)
+        t.add_column(
+            col,
+            justify="right" if col not in ("run", "name", "status", "model") else "left",
+            no_wrap=col == "run",
+            min_width=8 if col == "run" else None,
+        )
     for r in rows:
-        t.add_row(*[("" if v is None else f"{100 * v:.1f}" if isinstance(v, float) else str(v)) for v in r.values()])
+        t.add_row(
+            *[("" if v is None else f"{100 * v:.1f}" if isinstance(v, float) else str(v)) for v in r.values()]
+        )
     out.print(t)
     return 0
 
@@ -163,8 +233,15 @@ def cmd_runs(a: argparse.Namespace) -> int:
 def cmd_study(a: argparse.Namespace) -> int:
     from maskssd.tracking.studies import run_study
 
-    o = run_study(a.config, n_trials=a.n_trials, storage=a.storage, study_name=a.study_name,
-                  tracking_uri=a.tracking_uri, timeout=a.timeout, report=not a.no_report)
+    o = run_study(
+        a.config,
+        n_trials=a.n_trials,
+        storage=a.storage,
+        study_name=a.study_name,
+        tracking_uri=a.tracking_uri,
+        timeout=a.timeout,
+        report=not a.no_report,
+    )
     out.print("trials: " + ", ".join(f"{k.lower()} {v}" for k, v in o.states.items()))
     if o.report is not None:
         _print_study_report(o.report)
@@ -184,8 +261,14 @@ def _print_study_report(rep: Any) -> None:
         t.add_column(col)
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
     for number, value, test_map, epoch, params, run_id in rep.best:
-        t.add_row(str(number), f"{value:.4f}", "" if test_map is None else f"{test_map:.4f}", str(epoch or ""),
-                  ", ".join(f"{k}={fmt(v)}" for k, v in params.items()), run_id[:8])
+        t.add_row(
+            str(number),
+            f"{value:.4f}",
+            "" if test_map is None else f"{test_map:.4f}",
+            str(epoch or ""),
+            ", ".join(f"{k}={fmt(v)}" for k, v in params.items()),
+            run_id[:8],
+        )
     out.print(t)
     if rep.importances:
         ti = Table(title="parameter importances (fANOVA)")
@@ -214,10 +297,15 @@ def cmd_promote(a: argparse.Namespace) -> int:
         run_id, extra, metric = registry.best_run(c, a.experiment, a.metric, not a.minimize), {}, a.metric
     p = registry.promote(run_id, a.name, metric, not a.minimize, a.force, a.tracking_uri, extra)
     verdict = "[green]moved @champion to it[/]" if p.moved_alias else "[yellow]kept @champion[/]"
-    out.print(f"registered {p.name} version {p.version} from run {p.run_id} ({p.metric} = {p.value:.4f}); "
-              f"{verdict}: {p.reason}")
-    out.print(f"use it: --model models:/{p.name}@{registry.CHAMPION}" if p.moved_alias else
-              f"use it: --model models:/{p.name}/{p.version}")
+    out.print(
+        f"registered {p.name} version {p.version} from run {p.run_id} ({p.metric} = {p.value:.4f}); "
+        f"{verdict}: {p.reason}"
+    )
+    out.print(
+        f"use it: --model models:/{p.name}@{registry.CHAMPION}"
+        if p.moved_alias
+        else f"use it: --model models:/{p.name}/{p.version}"
+    )
     return 0
 
 
@@ -225,14 +313,24 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from maskssd.deploy.predictor import load_predictor
     from maskssd.deploy.serving import create_app, run_server
 
-    pred = load_predictor(a.model, a.tracking_uri, a.device, a.backend, class_agnostic=a.class_agnostic or None)
-    app = create_app(pred, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, batching=not a.no_batching,
-                     montage_path=a.montage, score_threshold=a.score_threshold)
+    pred = load_predictor(
+        a.model, a.tracking_uri, a.device, a.backend, class_agnostic=a.class_agnostic or None
+    )
+    app = create_app(
+        pred,
+        max_batch=a.max_batch,
+        max_wait_ms=a.max_wait_ms,
+        batching=not a.no_batching,
+        montage_path=a.montage,
+        score_threshold=a.score_threshold,
+    )
     d = pred.describe()
     batching = "off" if a.no_batching else f"max {a.max_batch} images / {a.max_wait_ms:g} ms"
-    err.print(f"serving {a.model} ({d['backend']}, input {d['input_size']}, classes {', '.join(d['classes'])}) on "
-              f"http://{a.host}:{a.port}  batching: {batching}" + (f"; montage: {a.montage}" if a.montage else ""),
-              highlight=False)
+    err.print(
+        f"serving {a.model} ({d['backend']}, input {d['input_size']}, classes {', '.join(d['classes'])}) on "
+        f"http://{a.host}:{a.port}  batching: {batching}" + (f"; montage: {a.montage}" if a.montage else ""),
+        highlight=False,
+    )
     run_server(app, a.host, a.port)
     return 0
 
@@ -240,7 +338,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def cmd_stream(a: argparse.Namespace) -> int:
     from maskssd.deploy.video import stream
 
-    r = stream(a.server, a.source, camera=a.name, max_frames=a.max_frames, fps=a.fps, jpeg_quality=a.jpeg_quality)
+    r = stream(
+        a.server, a.source, camera=a.name, max_frames=a.max_frames, fps=a.fps, jpeg_quality=a.jpeg_quality
+    )
     out.print(f"{r.camera}: sent {r.sent} frames ({r.failed} refused), {r.fps:.1f} FPS end to end")
     return 0
 
@@ -249,14 +349,23 @@ def cmd_export(a: argparse.Namespace) -> int:
     from maskssd.deploy.export import export_model
 
     r = export_model(a.model, a.format, a.out, tracking_uri=a.tracking_uri)
-    out.print(f"wrote {r.path} ({r.fmt}, {r.megabytes:.2f} MB) from {r.source} in {r.seconds:.1f} s", highlight=False)
+    out.print(
+        f"wrote {r.path} ({r.fmt}, {r.megabytes:.2f} MB) from {r.source} in {r.seconds:.1f} s",
+        highlight=False,
+    )
     for kind, name, typ, shape in r.io:
         out.print(f"  {kind:6s} {name:7s} {typ:14s} {shape}", highlight=False)
-    out.print("  images: RGB float in [0, 1], resized to the input size (the model normalises itself); "
-              "scores are logits (softmax over the last axis, class 0 = background)", highlight=False)
+    out.print(
+        "  images: RGB float in [0, 1], resized to the input size (the model normalises itself); "
+        "scores are logits (softmax over the last axis, class 0 = background)",
+        highlight=False,
+    )
     colour = "green" if r.ok else "red"
-    out.print(f"[{colour}]verification against PyTorch on a random batch of 2: max abs diff locs "
-              f"{r.max_diff_locs:.2e}, scores {r.max_diff_scores:.2e} (tolerance {r.tolerance:.0e})[/]", highlight=False)
+    out.print(
+        f"[{colour}]verification against PyTorch on a random batch of 2: max abs diff locs "
+        f"{r.max_diff_locs:.2e}, scores {r.max_diff_scores:.2e} (tolerance {r.tolerance:.0e})[/]",
+        highlight=False,
+    )
     return 0 if r.ok else 1
 
 

@@ -17,7 +17,9 @@ def cmd_data_synth(a: argparse.Namespace) -> int:
     from maskssd.data.synth import generate
 
     s = generate(a.out, n_images=a.images, seed=a.seed, split_name=a.split_name)
-    out.print(f"wrote {s.images} synthetic images to {s.root} (split {s.split_name!r}: {s.split_sizes}); boxes: {s.boxes}")
+    out.print(
+        f"wrote {s.images} synthetic images to {s.root} (split {s.split_name!r}: {s.split_sizes}); boxes: {s.boxes}"
+    )
     return 0
 
 
@@ -28,7 +30,9 @@ def cmd_data_split(a: argparse.Namespace) -> int:
     anns = load_annotations(a.root, None, classes, a.on_error)
     parts = stratified_split(anns, a.ratios, a.seed, len(classes))
     path = write_split(a.root, a.name, parts)
-    out.print(f"wrote {path}: train {len(parts[0])}, val {len(parts[1])}, test {len(parts[2])} images (seed {a.seed})")
+    out.print(
+        f"wrote {path}: train {len(parts[0])}, val {len(parts[1])}, test {len(parts[2])} images (seed {a.seed})"
+    )
     return 0
 
 
@@ -52,11 +56,17 @@ def cmd_data_stats(a: argparse.Namespace) -> int:
     split_names = [a.split] if a.split else layout.split_names()
     for name in split_names:
         for split in ("train", "val", "test"):
-            ids = layout.read_split(name, split) if (a.split or layout.split_file(name, split).is_file()) else []
+            ids = (
+                layout.read_split(name, split)
+                if (a.split or layout.split_file(name, split).is_file())
+                else []
+            )
             missing = [i for i in ids if i not in by_id]
             if missing and a.on_error == "raise":
-                raise MaskSSDError(f"{layout.split_file(name, split)}: {len(missing)} ids have no valid annotation "
-                                   f"(first: {missing[0]})")
+                raise MaskSSDError(
+                    f"{layout.split_file(name, split)}: {len(missing)} ids have no valid annotation "
+                    f"(first: {missing[0]})"
+                )
             groups.append((f"{name}/{split}", [by_id[i] for i in ids if i in by_id]))
 
     t = Table(title=f"{a.root} ({layout.kind} layout)")
@@ -92,28 +102,31 @@ def cmd_data_stats(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_data_anchors(a: argparse.Namespace) -> int:
-    from maskssd.data import DEFAULT_CLASSES, load_split
-    from maskssd.ssd.anchors import (
-        evaluate_priors,
-        fit_anchors,
-        layout_from_size,
-        layout_of_model,
-        normalized_boxes,
-    )
+def _anchor_layout(a: argparse.Namespace):  # noqa: ANN202 - an anchors.ModelLayout
+    """The maps to fit: from ``--config`` (and ``--set``), else from ``--input-size/--levels/--min-stride``."""
+    from maskssd.ssd.anchors import layout_from_size, layout_of_model
 
     if a.config:
         if a.input_size is not None or a.levels is not None or a.min_stride is not None:
-            raise MaskSSDError("--config gives the input size and the maps; change them with --set model.KEY=VALUE "
-                               "(e.g. --set model.input_size=320), not --input-size/--levels/--min-stride")
+            raise MaskSSDError(
+                "--config gives the input size and the maps; change them with --set model.KEY=VALUE "
+                "(e.g. --set model.input_size=320), not --input-size/--levels/--min-stride"
+            )
         from maskssd.training.config import load_config
 
         cfg = load_config(a.config, a.set or [])
-        layout = layout_of_model(cfg.model.name, cfg.model.build_kwargs(), len(cfg.class_names) + 1, a.config)
+        return layout_of_model(cfg.model.name, cfg.model.build_kwargs(), len(cfg.class_names) + 1, a.config)
     else:
         if a.set:
             raise MaskSSDError("--set overrides a --config; there is none")
-        layout = layout_from_size(a.input_size or 384, a.levels or 6, a.min_stride or 8)
+        return layout_from_size(a.input_size or 384, a.levels or 6, a.min_stride or 8)
+
+
+def cmd_data_anchors(a: argparse.Namespace) -> int:
+    from maskssd.data import DEFAULT_CLASSES, load_split
+    from maskssd.ssd.anchors import evaluate_priors, fit_anchors, normalized_boxes
+
+    layout = _anchor_layout(a)
     current = layout.current
     num_ratios = a.ratios if a.ratios is not None else (len(current.aspect_ratios[0]) if current else 3)
     anns = load_split(a.root, a.split, a.split_name, a.classes or list(DEFAULT_CLASSES), a.on_error)
@@ -127,8 +140,11 @@ def cmd_data_anchors(a: argparse.Namespace) -> int:
     def pct(x: float) -> str:
         return "-" if math.isnan(x) else f"{100 * x:.1f}%"
 
-    t = Table(title=f"default boxes for {layout.source}: {len(boxes)} {a.split} boxes of {a.split_name}, "
-                    f"recall = best prior IoU >= {fit.threshold:g}", title_justify="left")
+    t = Table(
+        title=f"default boxes for {layout.source}: {len(boxes)} {a.split} boxes of {a.split_name}, "
+        f"recall = best prior IoU >= {fit.threshold:g}",
+        title_justify="left",
+    )
     for col in ("level", "map", "stride"):
         t.add_column(col, justify="right")
     if cur is not None:
@@ -149,19 +165,24 @@ def cmd_data_anchors(a: argparse.Namespace) -> int:
     row += ["", "", f"[bold]{pct(fit.stats.recall)}"]
     t.add_row(*row)
     out.print(t)
-    lines = [("" if cur is None else f"aspect ratios besides 1: current {list(current.aspect_ratios[0])}; ")
-             + f"fitted {list(fit.aspect_ratios)}",
-             f"matcher recall: fitted {pct(fit.stats.recall)} (mean best IoU {fit.stats.mean_best_iou:.3f})"
-             + (f", current {pct(cur.recall)} (mean best IoU {cur.mean_best_iou:.3f})" if cur else "")
-             + f"; quantile start of the fit {pct(fit.quantile_stats.recall)}",
-             f"boxes under {fit.stats.small_px:g} px at {size} px ({fit.stats.small_boxes}): recall fitted "
-             f"{pct(fit.stats.small_recall)}" + (f", current {pct(cur.small_recall)}" if cur else ""),
-             *fit.notes]
+    lines = [
+        ("" if cur is None else f"aspect ratios besides 1: current {list(current.aspect_ratios[0])}; ")
+        + f"fitted {list(fit.aspect_ratios)}",
+        f"matcher recall: fitted {pct(fit.stats.recall)} (mean best IoU {fit.stats.mean_best_iou:.3f})"
+        + (f", current {pct(cur.recall)} (mean best IoU {cur.mean_best_iou:.3f})" if cur else "")
+        + f"; quantile start of the fit {pct(fit.quantile_stats.recall)}",
+        f"boxes under {fit.stats.small_px:g} px at {size} px ({fit.stats.small_boxes}): recall fitted "
+        f"{pct(fit.stats.small_recall)}" + (f", current {pct(cur.small_recall)}" if cur else ""),
+        *fit.notes,
+    ]
     for line in lines:
         out.print(line, highlight=False, soft_wrap=True)
-    header = (f"# maskssd data anchors: {len(boxes)} boxes of {a.split_name}/{a.split}, maps "
-              f"{list(layout.feature_maps)} at {size} px; matcher recall {pct(fit.stats.recall)}"
-              + (f" (current {pct(cur.recall)})" if cur else "") + "\n")
+    header = (
+        f"# maskssd data anchors: {len(boxes)} boxes of {a.split_name}/{a.split}, maps "
+        f"{list(layout.feature_maps)} at {size} px; matcher recall {pct(fit.stats.recall)}"
+        + (f" (current {pct(cur.recall)})" if cur else "")
+        + "\n"
+    )
     snippet = header + fit.toml()
     out.print("\n[model]\n" + snippet, highlight=False, markup=False, soft_wrap=True)
     if a.out:

@@ -41,78 +41,123 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="checkpoint FILE, runs:/RUN_ID/model, or models:/NAME@ALIAS (e.g. models:/maskssd-face-mask@champion)")
-    p.add_argument("--tracking-uri", help="MLflow store for runs:/ and models:/ (default: $MLFLOW_TRACKING_URI or mlruns/)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint FILE, runs:/RUN_ID/model, or models:/NAME@ALIAS (e.g. models:/maskssd-face-mask@champion)",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow store for runs:/ and models:/ (default: $MLFLOW_TRACKING_URI or mlruns/)",
+    )
 
 
 # -------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="maskssd", description="maskssd: face-mask detection with SSD: data, training, evaluation, studies, promotion, serving.", epilog=EPILOG_MAIN,
-                                formatter_class=_formatter)
+    p = argparse.ArgumentParser(
+        prog="maskssd",
+        description="maskssd: face-mask detection with SSD: data, training, evaluation, studies, promotion, serving.",
+        epilog=EPILOG_MAIN,
+        formatter_class=_formatter,
+    )
     from maskssd import __version__
 
     p.add_argument("--version", action="version", version=f"maskssd {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     # data
-    d = sub.add_parser("data", help="datasets: synthesise, split, inspect", formatter_class=_formatter,
-                       description="Work with Pascal VOC face-mask datasets (Kaggle images/+annotations/ or classic VOC).")
+    d = sub.add_parser(
+        "data",
+        help="datasets: synthesise, split, inspect",
+        formatter_class=_formatter,
+        description="Work with Pascal VOC face-mask datasets (Kaggle images/+annotations/ or classic VOC).",
+    )
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
-    s = dsub.add_parser("synth", help="generate a synthetic face-mask dataset", formatter_class=_formatter,
-                        description="Draw scenes of faces with a mask, without one, or with one below the nose, in the "
-                                    "real class imbalance; written in the Kaggle VOC layout with a stratified split.",
-                        epilog="example:\n  maskssd data synth /tmp/synth --images 200 --seed 0 && maskssd data stats /tmp/synth")
+    s = dsub.add_parser(
+        "synth",
+        help="generate a synthetic face-mask dataset",
+        formatter_class=_formatter,
+        description="Draw scenes of faces with a mask, without one, or with one below the nose, in the "
+        "real class imbalance; written in the Kaggle VOC layout with a stratified split.",
+        epilog="example:\n  maskssd data synth /tmp/synth --images 200 --seed 0 && maskssd data stats /tmp/synth",
+    )
     s.add_argument("out", help="output folder (new, empty, or an earlier synthetic dataset)")
     s.add_argument("--images", type=int, default=200, help="number of images (default 200)")
     s.add_argument("--seed", type=int, default=0, help="same seed, same dataset (default 0)")
     s.add_argument("--split-name", default="default", help="written to OUT/splits/NAME/ (default: default)")
     s.set_defaults(func=cmd_data_synth)
 
-    s = dsub.add_parser("split", help="write a seeded stratified train/val/test split", formatter_class=_formatter,
-                        description="Iterative stratification: every split gets its share of every class.",
-                        epilog="example:\n  maskssd data split /tmp/synth --name seed1 --seed 1")
+    s = dsub.add_parser(
+        "split",
+        help="write a seeded stratified train/val/test split",
+        formatter_class=_formatter,
+        description="Iterative stratification: every split gets its share of every class.",
+        epilog="example:\n  maskssd data split /tmp/synth --name seed1 --seed 1",
+    )
     s.add_argument("root")
     s.add_argument("--name", required=True, help="written to ROOT/splits/NAME/{train,val,test}.txt")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--ratios", type=float, nargs=3, default=(0.7, 0.15, 0.15), metavar=("TRAIN", "VAL", "TEST"))
-    s.add_argument("--classes", nargs="+", help="class names (default: with_mask without_mask mask_weared_incorrect)")
+    s.add_argument(
+        "--ratios", type=float, nargs=3, default=(0.7, 0.15, 0.15), metavar=("TRAIN", "VAL", "TEST")
+    )
+    s.add_argument(
+        "--classes", nargs="+", help="class names (default: with_mask without_mask mask_weared_incorrect)"
+    )
     s.add_argument("--on-error", choices=("raise", "skip"), default="raise")
     s.set_defaults(func=cmd_data_split)
 
-    s = dsub.add_parser("stats", help="images and boxes per class and split, box sizes, problems fixed",
-                        formatter_class=_formatter,
-                        epilog="example:\n  maskssd data stats ../shared/data/face-mask-detection --split paper")
+    s = dsub.add_parser(
+        "stats",
+        help="images and boxes per class and split, box sizes, problems fixed",
+        formatter_class=_formatter,
+        epilog="example:\n  maskssd data stats ../shared/data/face-mask-detection --split paper",
+    )
     s.add_argument("root")
     s.add_argument("--split", help="split name under ROOT/splits/ (default: every split found)")
     s.add_argument("--classes", nargs="+")
-    s.add_argument("--on-error", choices=("raise", "skip"), default="raise",
-                   help="skip: count bad samples instead of stopping at the first")
-    s.add_argument("--show-fixes", type=int, default=20, metavar="N", help="list the first N fixes (default 20)")
+    s.add_argument(
+        "--on-error",
+        choices=("raise", "skip"),
+        default="raise",
+        help="skip: count bad samples instead of stopping at the first",
+    )
+    s.add_argument(
+        "--show-fixes", type=int, default=20, metavar="N", help="list the first N fixes (default 20)"
+    )
     s.add_argument("--verify", action="store_true", help="decode every image (finds truncated files; slower)")
     s.set_defaults(func=cmd_data_stats)
 
-    s = dsub.add_parser("anchors", help="fit default-box scales and aspect ratios to a split's boxes",
-                        formatter_class=_formatter,
-                        description="Fit per-level scales and aspect ratios of the default boxes to the boxes of a "
-                                    "split (as the model sees them, squashed into the square input), and compare "
-                                    "the matcher's recall (share of boxes whose best prior has IoU >= 0.5) with the "
-                                    "config's current boxes. Prints [model] lines for the config.",
-                        epilog="examples:\n"
-                               "  maskssd data anchors ../shared/data/face-mask-detection --split-name paper "
-                               "--config experiments/cpu_effnet_lite0.toml --out /tmp/anchors.toml\n"
-                               "  maskssd data anchors ../shared/data/face-mask-detection --split-name paper "
-                               "--config experiments/cpu_effnet_lite0.toml --set model.neck=fpn "
-                               "--set model.stride4=true\n"
-                               "  maskssd data anchors /tmp/synth --split-name default --input-size 320 --levels 6")
+    s = dsub.add_parser(
+        "anchors",
+        help="fit default-box scales and aspect ratios to a split's boxes",
+        formatter_class=_formatter,
+        description="Fit per-level scales and aspect ratios of the default boxes to the boxes of a "
+        "split (as the model sees them, squashed into the square input), and compare "
+        "the matcher's recall (share of boxes whose best prior has IoU >= 0.5) with the "
+        "config's current boxes. Prints [model] lines for the config.",
+        epilog="examples:\n"
+        "  maskssd data anchors ../shared/data/face-mask-detection --split-name paper "
+        "--config experiments/cpu_effnet_lite0.toml --out /tmp/anchors.toml\n"
+        "  maskssd data anchors ../shared/data/face-mask-detection --split-name paper "
+        "--config experiments/cpu_effnet_lite0.toml --set model.neck=fpn "
+        "--set model.stride4=true\n"
+        "  maskssd data anchors /tmp/synth --split-name default --input-size 320 --levels 6",
+    )
     s.add_argument("root")
     s.add_argument("--split-name", required=True, help="split list under ROOT/splits/")
     s.add_argument("--split", default="train", choices=("train", "val", "test"), help="default: train")
     s.add_argument("--config", help="experiment TOML: input size, maps and current boxes from its model")
-    s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a --config value (repeatable)")
+    s.add_argument(
+        "--set", action="append", metavar="SECTION.KEY=VALUE", help="override a --config value (repeatable)"
+    )
     s.add_argument("--input-size", type=int, help="without --config: square input size (default 384)")
     s.add_argument("--levels", type=int, help="without --config: number of feature maps (default 6)")
-    s.add_argument("--min-stride", type=int, choices=(4, 8), help="without --config: stride of the finest map (default 8)")
+    s.add_argument(
+        "--min-stride",
+        type=int,
+        choices=(4, 8),
+        help="without --config: stride of the finest map (default 8)",
+    )
     s.add_argument("--ratios", type=int, help="aspect ratios besides 1 (default: the config's count, else 3)")
     s.add_argument("--out", help="write the [model] lines (scales, aspect_ratios) to this file")
     s.add_argument("--classes", nargs="+")
@@ -120,36 +165,59 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_data_anchors)
 
     # train
-    t = sub.add_parser("train", help="train + evaluate one experiment, tracked in MLflow", formatter_class=_formatter,
-                       description="Train the model of an experiment config, evaluate it every train.eval_every epochs, "
-                                   "keep last/best checkpoints, evaluate the best on the final split and log params, "
-                                   "metrics, checkpoints, plots and the model to MLflow.",
-                       epilog="examples:\n  maskssd train experiments/quickstart.toml\n"
-                              "  maskssd train experiments/quickstart.toml --set optim.lr=1e-3 --set loss.alpha=2\n"
-                              "  maskssd train experiments/quickstart.toml --resume RUN_ID   # after Ctrl-C / SIGTERM\n"
-                              "  MLFLOW_TRACKING_URI=http://mlflow:5000 maskssd train experiments/paper_ssd300.toml")
+    t = sub.add_parser(
+        "train",
+        help="train + evaluate one experiment, tracked in MLflow",
+        formatter_class=_formatter,
+        description="Train the model of an experiment config, evaluate it every train.eval_every epochs, "
+        "keep last/best checkpoints, evaluate the best on the final split and log params, "
+        "metrics, checkpoints, plots and the model to MLflow.",
+        epilog="examples:\n  maskssd train experiments/quickstart.toml\n"
+        "  maskssd train experiments/quickstart.toml --set optim.lr=1e-3 --set loss.alpha=2\n"
+        "  maskssd train experiments/quickstart.toml --resume RUN_ID   # after Ctrl-C / SIGTERM\n"
+        "  MLFLOW_TRACKING_URI=http://mlflow:5000 maskssd train experiments/paper_ssd300.toml",
+    )
     t.add_argument("config", help="experiment TOML (see experiments/)")
-    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    t.add_argument(
+        "--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)"
+    )
     t.add_argument("--run-name")
     t.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
-    t.add_argument("--tracking-uri", help="MLflow store or server (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
-    t.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun underneath)")
+    t.add_argument(
+        "--tracking-uri",
+        help="MLflow store or server (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)",
+    )
+    t.add_argument(
+        "--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun underneath)"
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     t.set_defaults(func=cmd_train)
 
     # evaluate
-    e = sub.add_parser("evaluate", help="per-class AP and mAP of a model on a split", formatter_class=_formatter,
-                       description="The paper's protocol (VOC07 11-point AP at IoU > 0.5, difficult ignored, detections "
-                                   "at min_score 0.01, NMS 0.45, top_k 200), plus all-point and COCO mAP.",
-                       epilog="example:\n  maskssd evaluate --model models:/maskssd-face-mask@champion \\\n"
-                              "      --data ../shared/data/face-mask-detection --split val --save-detections dets.json")
+    e = sub.add_parser(
+        "evaluate",
+        help="per-class AP and mAP of a model on a split",
+        formatter_class=_formatter,
+        description="The paper's protocol (VOC07 11-point AP at IoU > 0.5, difficult ignored, detections "
+        "at min_score 0.01, NMS 0.45, top_k 200), plus all-point and COCO mAP.",
+        epilog="example:\n  maskssd evaluate --model models:/maskssd-face-mask@champion \\\n"
+        "      --data ../shared/data/face-mask-detection --split val --save-detections dets.json",
+    )
     _model_arg(e)
     e.add_argument("--data", required=True, help="dataset root")
     e.add_argument("--split", choices=("train", "val", "test"), default="val")
     e.add_argument("--split-name", default="paper", help="split list under ROOT/splits/ (default: paper)")
-    e.add_argument("--save-detections", metavar="FILE.json", help="write every detection (original pixels) and the metrics")
-    e.add_argument("--min-score", type=float, default=DecodeSpec.min_score,
-                   help=f"decode threshold: detections kept for AP (default {DecodeSpec.min_score}, the paper's)")
+    e.add_argument(
+        "--save-detections",
+        metavar="FILE.json",
+        help="write every detection (original pixels) and the metrics",
+    )
+    e.add_argument(
+        "--min-score",
+        type=float,
+        default=DecodeSpec.min_score,
+        help=f"decode threshold: detections kept for AP (default {DecodeSpec.min_score}, the paper's)",
+    )
     e.add_argument("--max-overlap", type=float, default=DecodeSpec.max_overlap, help="NMS IoU")
     e.add_argument("--top-k", type=int, default=DecodeSpec.top_k, help="detections kept per image")
     e.add_argument("--class-agnostic", action="store_true", help="NMS across classes (one class per face)")
@@ -160,22 +228,38 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
 
     # detect
-    de = sub.add_parser("detect", help="annotate images, a folder, a video, a camera or a stream URL",
-                        formatter_class=_formatter,
-                        description="Detect faces and mask use; writes annotated images/video and JSON detections "
-                                    "(with_mask green, mask_weared_incorrect yellow, without_mask red).",
-                        epilog="examples:\n  maskssd detect --model runs:/RUN_ID/model --source photos/ --out out/\n"
-                               "  maskssd detect --model models:/maskssd-face-mask@champion --source clip.mp4 --out out/\n"
-                               "  maskssd detect --model model.pt --source 0 --out out/ --max-frames 300   # webcam 0")
+    de = sub.add_parser(
+        "detect",
+        help="annotate images, a folder, a video, a camera or a stream URL",
+        formatter_class=_formatter,
+        description="Detect faces and mask use; writes annotated images/video and JSON detections "
+        "(with_mask green, mask_weared_incorrect yellow, without_mask red).",
+        epilog="examples:\n  maskssd detect --model runs:/RUN_ID/model --source photos/ --out out/\n"
+        "  maskssd detect --model models:/maskssd-face-mask@champion --source clip.mp4 --out out/\n"
+        "  maskssd detect --model model.pt --source 0 --out out/ --max-frames 300   # webcam 0",
+    )
     _model_arg(de)
-    de.add_argument("--source", required=True, help="IMAGE, DIR, VIDEO file, CAMERA_INDEX or stream URL (rtsp://, http://)")
+    de.add_argument(
+        "--source",
+        required=True,
+        help="IMAGE, DIR, VIDEO file, CAMERA_INDEX or stream URL (rtsp://, http://)",
+    )
     de.add_argument("--out", required=True, help="output folder")
-    de.add_argument("--score-threshold", type=float, default=DISPLAY_THRESHOLD,
-                    help=f"display threshold: draw and report detections above it (default {DISPLAY_THRESHOLD})")
+    de.add_argument(
+        "--score-threshold",
+        type=float,
+        default=DISPLAY_THRESHOLD,
+        help=f"display threshold: draw and report detections above it (default {DISPLAY_THRESHOLD})",
+    )
     de.add_argument("--max-overlap", type=float, default=None, help="NMS IoU (default: the model's)")
     de.add_argument("--class-agnostic", action="store_true", help="one class per face: NMS across classes")
-    de.add_argument("--smooth", type=int, default=0, metavar="FRAMES",
-                    help="video: vote each face's class over the last FRAMES frames (0 = off)")
+    de.add_argument(
+        "--smooth",
+        type=int,
+        default=0,
+        metavar="FRAMES",
+        help="video: vote each face's class over the last FRAMES frames (0 = off)",
+    )
     de.add_argument("--max-frames", type=int, default=0, help="video/camera: stop after N frames (0 = all)")
     de.add_argument("--backend", choices=("torch", "onnx"), default="torch")
     de.add_argument("--device", default="cpu")
@@ -183,8 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     de.set_defaults(func=cmd_detect)
 
     # runs
-    r = sub.add_parser("runs", help="compare runs in a table", formatter_class=_formatter,
-                       epilog="example:\n  maskssd runs --experiment quickstart --sort val_map")
+    r = sub.add_parser(
+        "runs",
+        help="compare runs in a table",
+        formatter_class=_formatter,
+        epilog="example:\n  maskssd runs --experiment quickstart --sort val_map",
+    )
     r.add_argument("--experiment")
     r.add_argument("--sort", help="column to sort by (e.g. val_map, test_map, status)")
     r.add_argument("--limit", type=int, default=50)
@@ -192,12 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_runs)
 
     # study
-    st = sub.add_parser("study", help="run (or resume) an Optuna study; each trial an MLflow run",
-                        formatter_class=_formatter,
-                        description="Search MultiBox loss and learning-rate parameters. Running the same command again "
-                                    "resumes the study; several workers may share one storage.",
-                        epilog="examples:\n  maskssd study studies/quickstart.toml\n"
-                               "  maskssd study studies/paper_multibox.toml --storage postgresql://user:pw@db/optuna  # on each worker")
+    st = sub.add_parser(
+        "study",
+        help="run (or resume) an Optuna study; each trial an MLflow run",
+        formatter_class=_formatter,
+        description="Search MultiBox loss and learning-rate parameters. Running the same command again "
+        "resumes the study; several workers may share one storage.",
+        epilog="examples:\n  maskssd study studies/quickstart.toml\n"
+        "  maskssd study studies/paper_multibox.toml --storage postgresql://user:pw@db/optuna  # on each worker",
+    )
     st.add_argument("config", help="study TOML (see studies/)")
     st.add_argument("--n-trials", type=int, help="trials for this worker (default: the config's)")
     st.add_argument("--storage", help="Optuna storage URL (default: sqlite:///mlruns/optuna.db)")
@@ -207,18 +298,24 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--no-report", action="store_true", help="skip the closing report and plots")
     st.set_defaults(func=cmd_study)
 
-    sr = sub.add_parser("study-report", help="best trials, parameter importances and plots of a study",
-                        formatter_class=_formatter)
+    sr = sub.add_parser(
+        "study-report",
+        help="best trials, parameter importances and plots of a study",
+        formatter_class=_formatter,
+    )
     sr.add_argument("name")
     sr.add_argument("--storage")
     sr.add_argument("--tracking-uri")
     sr.set_defaults(func=cmd_study_report)
 
     # promote
-    pr = sub.add_parser("promote", help="register a run's model; move @champion if it is better",
-                        formatter_class=_formatter,
-                        epilog="examples:\n  maskssd promote --study quickstart\n  maskssd promote --run RUN_ID --force\n"
-                               "  maskssd promote --experiment quickstart --metric best_val_map")
+    pr = sub.add_parser(
+        "promote",
+        help="register a run's model; move @champion if it is better",
+        formatter_class=_formatter,
+        epilog="examples:\n  maskssd promote --study quickstart\n  maskssd promote --run RUN_ID --force\n"
+        "  maskssd promote --experiment quickstart --metric best_val_map",
+    )
     g = pr.add_mutually_exclusive_group(required=True)
     g.add_argument("--study", help="the best trial of this Optuna study")
     g.add_argument("--run", help="this MLflow run")
@@ -226,15 +323,21 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--metric", help="selection metric (default best_val_map)")
     pr.add_argument("--minimize", action="store_true", help="lower is better for --metric")
     pr.add_argument("--name", default="maskssd-face-mask", help="registered model name")
-    pr.add_argument("--force", action="store_true", help="move @champion even if the new version is not better")
+    pr.add_argument(
+        "--force", action="store_true", help="move @champion even if the new version is not better"
+    )
     pr.add_argument("--storage", help="Optuna storage of --study")
     pr.add_argument("--tracking-uri")
     pr.set_defaults(func=cmd_promote)
 
     # serve / stream / export
-    sv = sub.add_parser("serve", help="HTTP detection service with dynamic batching", formatter_class=_formatter,
-                        epilog="example:\n  maskssd serve --model models:/maskssd-face-mask@champion --port 8000\n"
-                               "  curl -F file=@photo.jpg http://127.0.0.1:8000/detect")
+    sv = sub.add_parser(
+        "serve",
+        help="HTTP detection service with dynamic batching",
+        formatter_class=_formatter,
+        epilog="example:\n  maskssd serve --model models:/maskssd-face-mask@champion --port 8000\n"
+        "  curl -F file=@photo.jpg http://127.0.0.1:8000/detect",
+    )
     _model_arg(sv)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
@@ -242,25 +345,41 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-wait-ms", type=float, default=10.0)
     sv.add_argument("--no-batching", action="store_true")
     sv.add_argument("--backend", choices=("torch", "onnx"), default="torch")
-    sv.add_argument("--montage", metavar="FILE.jpg", help="keep a montage of the latest frame of every camera here")
-    sv.add_argument("--score-threshold", type=float, default=DISPLAY_THRESHOLD,
-                    help=f"display threshold of answers (default {DISPLAY_THRESHOLD}; a request's ?score_threshold= wins)")
+    sv.add_argument(
+        "--montage", metavar="FILE.jpg", help="keep a montage of the latest frame of every camera here"
+    )
+    sv.add_argument(
+        "--score-threshold",
+        type=float,
+        default=DISPLAY_THRESHOLD,
+        help=f"display threshold of answers (default {DISPLAY_THRESHOLD}; a request's ?score_threshold= wins)",
+    )
     sv.add_argument("--device", default="cpu")
     sv.add_argument("--class-agnostic", action="store_true")
     sv.set_defaults(func=cmd_serve)
 
-    sm = sub.add_parser("stream", help="camera client: send frames to a maskssd server", formatter_class=_formatter,
-                        epilog="example:\n  maskssd stream --server http://10.0.0.5:8000 --source 0 --name door")
+    sm = sub.add_parser(
+        "stream",
+        help="camera client: send frames to a maskssd server",
+        formatter_class=_formatter,
+        epilog="example:\n  maskssd stream --server http://10.0.0.5:8000 --source 0 --name door",
+    )
     sm.add_argument("--server", required=True)
     sm.add_argument("--source", required=True, help="CAMERA_INDEX, VIDEO file or stream URL")
     sm.add_argument("--name", default="cam1")
     sm.add_argument("--max-frames", type=int, default=0)
-    sm.add_argument("--fps", type=float, default=0, help="cap the frame rate (0 = as fast as the server answers)")
+    sm.add_argument(
+        "--fps", type=float, default=0, help="cap the frame rate (0 = as fast as the server answers)"
+    )
     sm.add_argument("--jpeg-quality", type=int, default=85)
     sm.set_defaults(func=cmd_stream)
 
-    ex = sub.add_parser("export", help="export a model to ONNX or TorchScript", formatter_class=_formatter,
-                        epilog="example:\n  maskssd export --model runs:/RUN_ID/model --format onnx --out model.onnx")
+    ex = sub.add_parser(
+        "export",
+        help="export a model to ONNX or TorchScript",
+        formatter_class=_formatter,
+        epilog="example:\n  maskssd export --model runs:/RUN_ID/model --format onnx --out model.onnx",
+    )
     _model_arg(ex)
     ex.add_argument("--format", choices=("onnx", "torchscript"), required=True)
     ex.add_argument("--out", required=True)
@@ -274,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _threads_arg(*parsers: argparse.ArgumentParser) -> None:
     for p in parsers:
-        p.add_argument("--threads", type=int, metavar="N",
-                       help="torch CPU threads (default: all cores). Several processes on one machine (study "
-                            "workers, servers) run far better with cores / processes each than oversubscribed")
+        p.add_argument(
+            "--threads",
+            type=int,
+            metavar="N",
+            help="torch CPU threads (default: all cores). Several processes on one machine (study "
+            "workers, servers) run far better with cores / processes each than oversubscribed",
+        )

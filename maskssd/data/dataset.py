@@ -46,7 +46,9 @@ class Batch:
         )
 
     def pin_memory(self) -> Batch:
-        return Batch(self.images.pin_memory(), self.boxes, self.labels, self.difficult, self.image_ids, self.sizes)
+        return Batch(
+            self.images.pin_memory(), self.boxes, self.labels, self.difficult, self.image_ids, self.sizes
+        )
 
 
 Sample = dict[str, Any]
@@ -117,7 +119,9 @@ class FaceMaskDataset(torch.utils.data.Dataset):
         h, w = img.shape[-2:]
         return {
             "image": tv_tensors.Image(img),
-            "boxes": tv_tensors.BoundingBoxes(torch.from_numpy(ann.boxes.copy()), format="XYXY", canvas_size=(h, w)),
+            "boxes": tv_tensors.BoundingBoxes(
+                torch.from_numpy(ann.boxes.copy()), format="XYXY", canvas_size=(h, w)
+            ),
             "labels": torch.from_numpy(ann.labels.copy()),
             "difficult": torch.from_numpy(ann.difficult.copy()),
             "image_id": ann.image_id,
@@ -167,8 +171,16 @@ class SeededSampler(torch.utils.data.Sampler):
     (like ``DistributedSampler``), so ranks see disjoint shards of equal length.
     """
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, num_replicas: int = 1,
-                 drop_last: bool = False, pad: bool = True):
+    def __init__(
+        self,
+        n: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        num_replicas: int = 1,
+        drop_last: bool = False,
+        pad: bool = True,
+    ):
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self.rank, self.num_replicas, self.drop_last, self.pad = rank, num_replicas, drop_last, pad
         self.epoch = 0
@@ -190,10 +202,10 @@ class SeededSampler(torch.utils.data.Sampler):
         else:
             order = list(range(self.n))
         if not self.pad:
-            for index in order[self.rank::self.num_replicas]:
+            for index in order[self.rank :: self.num_replicas]:
                 yield sample_seed(self.seed, self.epoch, index), index
             return
         total = self.num_samples * self.num_replicas
         order = (order + order[: max(total - len(order), 0)])[:total]
-        for index in order[self.rank:total:self.num_replicas]:
+        for index in order[self.rank : total : self.num_replicas]:
             yield sample_seed(self.seed, self.epoch, index), index

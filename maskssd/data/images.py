@@ -55,8 +55,13 @@ def read_image_size(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tup
         raise
     except FileNotFoundError:
         raise DataError("image file not found", path) from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as e:
         raise DataError(f"unreadable image ({type(e).__name__}: {e})", path) from None
 
 
@@ -74,8 +79,14 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Im
         raise
     except FileNotFoundError:
         raise DataError("image file not found", path) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as e:
         raise DataError(f"unreadable or corrupt image ({type(e).__name__}: {e})", path) from None
 
 
@@ -92,8 +103,12 @@ def decode_image_bytes(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, name: st
                 return _to_rgb(img)
     except DataError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as e:
         raise DataError(f"not a readable image ({type(e).__name__}: {e})", name) from None
-
-

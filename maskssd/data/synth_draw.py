@@ -1,4 +1,4 @@
-"""Drawing synthetic face-mask scenes: palettes, backgrounds, people, faces and masks (see :mod:`maskssd.data.synth`)."""
+"""Drawing synthetic face-mask scenes: people, faces and masks on a background (see :mod:`maskssd.data.synth`)."""
 
 from __future__ import annotations
 
@@ -9,32 +9,23 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-__all__ = ["INCORRECT", "MASK", "MAX_FACE_IOU", "NONE", "Face", "Plan", "body_box", "hair_box", "iou", "overlap", "render"]
+from maskssd.data.synth_style import INCORRECT, MASK, NONE, Look, background, make_look, mix, scale
 
-# appearance kinds, by class position
-MASK, NONE, INCORRECT = 0, 1, 2
+__all__ = [
+    "INCORRECT",
+    "MASK",
+    "MAX_FACE_IOU",
+    "NONE",
+    "Face",
+    "Plan",
+    "body_box",
+    "hair_box",
+    "iou",
+    "overlap",
+    "render",
+]
+
 MAX_FACE_IOU = 0.1
-
-RGB = tuple[int, int, int]
-
-_SKIN: tuple[RGB, ...] = (
-    (255, 224, 196), (246, 206, 176), (241, 194, 150), (234, 182, 128), (224, 172, 105),
-    (198, 134, 66), (170, 110, 70), (141, 85, 36), (110, 70, 45), (92, 58, 36),
-)
-_HAIR: tuple[RGB, ...] = (
-    (18, 15, 14), (28, 22, 20), (45, 30, 22), (70, 45, 28), (100, 68, 40), (150, 110, 65),
-    (205, 175, 115), (165, 160, 155), (120, 50, 25),
-)
-_IRIS: tuple[RGB, ...] = ((50, 32, 20), (80, 55, 35), (60, 95, 140), (75, 110, 70), (25, 20, 18))
-_SURGICAL: tuple[RGB, ...] = (
-    (160, 205, 235), (140, 192, 228), (190, 222, 240), (238, 240, 242), (225, 232, 236),
-    (170, 222, 205), (242, 200, 212),
-)
-_CLOTH: tuple[RGB, ...] = (
-    (26, 26, 30), (35, 35, 40), (95, 95, 100), (130, 130, 135), (35, 45, 90), (200, 182, 150),
-    (150, 35, 45), (60, 110, 70), (230, 225, 215),
-)
-_KN95: tuple[RGB, ...] = ((236, 236, 230), (245, 245, 242), (215, 215, 210))
 
 
 @dataclass
@@ -48,7 +39,6 @@ class Plan:
     width: int
     height: int
     faces: list[Face]
-
 
 
 # -------------------------------------------------------------------------------------------- geometry
@@ -83,169 +73,24 @@ def body_box(box: Sequence[float]) -> tuple[float, float, float, float]:
 
 
 # --------------------------------------------------------------------------------------------- drawing
-def _clip8(v: float) -> int:
-    return 0 if v < 0 else 255 if v > 255 else int(v)
-
-
-def _jitter(rng: np.random.Generator, color: Sequence[int], amount: float) -> RGB:
-    noise = rng.normal(0, amount, 3)
-    return (_clip8(color[0] + noise[0]), _clip8(color[1] + noise[1]), _clip8(color[2] + noise[2]))
-
-
-def _scale(color: Sequence[int], k: float) -> RGB:
-    return (_clip8(color[0] * k), _clip8(color[1] * k), _clip8(color[2] * k))
-
-
-def _mix(a: Sequence[int], b: Sequence[int], t: float) -> RGB:
-    return tuple(int(round(x * (1 - t) + y * t)) for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
-
-
-def _random_color(rng: np.random.Generator) -> RGB:
-    style = rng.random()
-    if style < 0.35:  # muted / indoor
-        base = rng.uniform(90, 235)
-        return _jitter(rng, (base, base * rng.uniform(0.85, 1.05), base * rng.uniform(0.7, 1.0)), 12)
-    if style < 0.55:  # dark
-        return _jitter(rng, (rng.uniform(15, 80),) * 3, 15)
-    return tuple(int(v) for v in rng.integers(0, 256, 3))  # type: ignore[return-value]
-
-
-def _background(rng: np.random.Generator, w: int, h: int) -> Image.Image:
-    c1, c2 = np.array(_random_color(rng), np.float32), np.array(_random_color(rng), np.float32)
-    angle = rng.uniform(0, 2 * math.pi)
-    xs = np.linspace(0, 1, w, dtype=np.float32)[None, :] * math.cos(angle)
-    ys = np.linspace(0, 1, h, dtype=np.float32)[:, None] * math.sin(angle)
-    t = xs + ys
-    t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
-    arr = c1 + t[..., None] * (c2 - c1)
-    # low-frequency colour blotches
-    gw, gh = int(rng.integers(3, 12)), int(rng.integers(3, 10))
-    blot = rng.integers(0, 256, (gh, gw, 3), dtype=np.uint8)
-    blot_img = Image.fromarray(blot, "RGB").resize((w, h), Image.BICUBIC)
-    arr += (np.asarray(blot_img, np.float32) - 128.0) * rng.uniform(0.05, 0.35)
-    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
-    d = ImageDraw.Draw(img, "RGBA")
-    if rng.random() < 0.5:  # floor
-        y0 = rng.uniform(0.55, 0.85) * h
-        d.rectangle((0, y0, w, h), fill=_random_color(rng) + (int(rng.integers(150, 256)),))
-    for _ in range(int(rng.integers(3, 16))):
-        kind = rng.random()
-        col = _random_color(rng)
-        x0, y0 = rng.uniform(-0.1, 1.0) * w, rng.uniform(-0.1, 1.0) * h
-        bw, bh = rng.uniform(0.05, 0.5) * w, rng.uniform(0.05, 0.6) * h
-        if kind < 0.35:  # shelves, cupboards, windows, doors
-            d.rectangle((x0, y0, x0 + bw, y0 + bh), fill=col,
-                        outline=_scale(col, 0.6) if rng.random() < 0.5 else None, width=int(rng.integers(1, 4)))
-            if rng.random() < 0.5:
-                n = int(rng.integers(1, 5))
-                for s in range(1, n + 1):
-                    yy = y0 + bh * s / (n + 1)
-                    d.line((x0, yy, x0 + bw, yy), fill=_scale(col, 0.55), width=max(1, int(bh * 0.03)))
-                    for _item in range(int(rng.integers(0, 5))):  # things on the shelf
-                        ix = x0 + rng.uniform(0, 0.9) * bw
-                        iw, ih = rng.uniform(0.03, 0.12) * bw, rng.uniform(0.05, 0.8) * bh / (n + 1)
-                        d.rectangle((ix, yy - ih, ix + iw, yy), fill=_random_color(rng))
-        elif kind < 0.55:
-            d.ellipse((x0, y0, x0 + bw, y0 + bh), fill=col)
-        elif kind < 0.7:
-            pts = [(x0 + rng.uniform(0, 1) * bw, y0 + rng.uniform(0, 1) * bh) for _ in range(int(rng.integers(3, 7)))]
-            d.polygon(pts, fill=col)
-        elif kind < 0.85:
-            d.line((x0, y0, x0 + rng.uniform(-1, 1) * bw, y0 + rng.uniform(-1, 1) * bh), fill=col,
-                   width=int(rng.integers(2, 12)))
-        else:  # out-of-focus lights
-            for _light in range(int(rng.integers(3, 10))):
-                r = rng.uniform(0.01, 0.05) * w
-                cx, cy = rng.uniform(0, w), rng.uniform(0, h)
-                d.ellipse((cx - r, cy - r, cx + r, cy + r),
-                          fill=_jitter(rng, (250, 235, 200), 20) + (int(rng.integers(60, 160)),))
-    if rng.random() < 0.6:
-        img = img.filter(ImageFilter.BoxBlur(float(rng.uniform(0.5, 2.5))))
-    return img
-
-
-@dataclass
-class _Look:
-    """Everything random about one person, drawn before anything is painted."""
-
-    skin: RGB
-    hair: RGB
-    hair_style: str  # bald, short, long, cap, hood
-    hairline: float
-    hood: RGB
-    cap: RGB
-    iris: RGB
-    yaw: float
-    roll: float
-    eye_y: float
-    nose_len: float
-    mouth_gap: float
-    mouth_style: str
-    beard: bool
-    glasses: bool
-    glasses_color: RGB
-    mask_type: str  # surgical, cloth, kn95
-    mask: RGB
-    strap: RGB
-    incorrect_style: str  # nose, chin
-    mask_top: float
-    mask_bottom: float
-    body: bool
-    clothes: RGB
-    shade: float
-
-
-def _look(rng: np.random.Generator, kind: int) -> _Look:
-    skin = _jitter(rng, _SKIN[int(rng.integers(len(_SKIN)))], 6)
-    hair = _jitter(rng, _HAIR[int(rng.integers(len(_HAIR)))], 6)
-    hair_style = str(rng.choice(["bald", "short", "long", "cap", "hood"], p=[0.08, 0.47, 0.3, 0.08, 0.07]))
-    mask_type = str(rng.choice(["surgical", "cloth", "kn95"], p=[0.6, 0.3, 0.1]))
-    if mask_type == "surgical":
-        mask = _jitter(rng, _SURGICAL[int(rng.integers(len(_SURGICAL)))], 5)
-        strap = _jitter(rng, (240, 240, 240), 5)
-    elif mask_type == "cloth":
-        mask = _jitter(rng, _CLOTH[int(rng.integers(len(_CLOTH)))], 8)
-        strap = _scale(mask, 0.85)
-    else:
-        mask = _jitter(rng, _KN95[int(rng.integers(len(_KN95)))], 4)
-        strap = _jitter(rng, (235, 235, 235), 5)
-    eye_y = rng.uniform(0.38, 0.43)
-    nose_len = rng.uniform(0.18, 0.22)
-    mouth_gap = rng.uniform(0.11, 0.15)
-    incorrect_style = "chin" if rng.random() < 0.25 else "nose"
-    nose_y = eye_y + nose_len
-    if kind == MASK:
-        top, bottom = eye_y + rng.uniform(0.075, 0.11), rng.uniform(0.96, 1.04)
-    elif kind == INCORRECT and incorrect_style == "nose":
-        top, bottom = nose_y + rng.uniform(0.015, 0.04), rng.uniform(1.05, 1.13)
-    else:
-        top, bottom = nose_y + mouth_gap + rng.uniform(0.06, 0.09), rng.uniform(1.13, 1.2)
-    return _Look(
-        skin=skin, hair=hair, hair_style=hair_style, hairline=rng.uniform(0.06, 0.2),
-        hood=_random_color(rng), cap=_random_color(rng), iris=_IRIS[int(rng.integers(len(_IRIS)))],
-        yaw=float(np.clip(rng.normal(0, 0.3), -0.6, 0.6)), roll=float(np.clip(rng.normal(0, 5), -12, 12)),
-        eye_y=eye_y, nose_len=nose_len, mouth_gap=mouth_gap,
-        mouth_style=str(rng.choice(["closed", "smile", "open"], p=[0.5, 0.35, 0.15])),
-        beard=bool(rng.random() < 0.12), glasses=bool(rng.random() < 0.12),
-        glasses_color=_jitter(rng, (30, 30, 30), 20) if rng.random() < 0.7 else _random_color(rng),
-        mask_type=mask_type, mask=mask, strap=strap, incorrect_style=incorrect_style,
-        mask_top=top, mask_bottom=bottom, body=bool(rng.random() < 0.85), clothes=_random_color(rng),
-        shade=rng.uniform(0.0, 0.12),
-    )
-
-
-def _draw_body(d: ImageDraw.ImageDraw, box: tuple[float, float, float, float], look: _Look) -> None:
+def _draw_body(d: ImageDraw.ImageDraw, box: tuple[float, float, float, float], look: Look) -> None:
     x1, y1, x2, y2 = box
     fw, fh = x2 - x1, y2 - y1
     cx = (x1 + x2) / 2
-    neck = _scale(look.skin, 0.82)
+    neck = scale(look.skin, 0.82)
     d.rectangle((cx - 0.19 * fw, y2 - 0.3 * fh, cx + 0.19 * fw, y2 + 0.45 * fh), fill=neck)
     top = y2 + 0.28 * fh
     half = fw * 1.25
-    d.rounded_rectangle((cx - half, top, cx + half, top + 3.5 * fh), radius=max(1.0, 0.45 * fw), fill=look.clothes)
+    d.rounded_rectangle(
+        (cx - half, top, cx + half, top + 3.5 * fh), radius=max(1.0, 0.45 * fw), fill=look.clothes
+    )
     # collar
     d.polygon([(cx - 0.3 * fw, top), (cx + 0.3 * fw, top), (cx, top + 0.35 * fh)], fill=neck)
-    d.line((cx, top + 0.5 * fh, cx, top + 3.5 * fh), fill=_scale(look.clothes, 0.75), width=max(1, int(fw * 0.04)))
+    d.line(
+        (cx, top + 0.5 * fh, cx, top + 3.5 * fh),
+        fill=scale(look.clothes, 0.75),
+        width=max(1, int(fw * 0.04)),
+    )
 
 
 class _Patch:
@@ -318,47 +163,71 @@ def _head_halfwidth(v: float) -> float:
     return 0.44 * math.sqrt(max(0.0, 1.0 - t * t))
 
 
-def _draw_mask(p: _Patch, look: _Look, cx: float) -> None:
+def _draw_mask(p: _Patch, look: Look, cx: float) -> None:
     top, bottom = look.mask_top, look.mask_bottom
     mh = bottom - top
     half = max(_head_halfwidth(top), 0.3) + 0.03
     lower_v = top + 0.62 * mh
     lower_half = max(_head_halfwidth(min(lower_v, 0.97)), 0.24) + 0.03
     peak = 0.035 if look.mask_top < look.eye_y + 0.15 else 0.01  # over the nose
-    outline = _scale(look.mask, 0.78)
+    outline = scale(look.mask, 0.78)
     ear_y = look.eye_y + 0.06
     lw = p.w(0.022)
     # straps to the ears (drawn first: the mask covers their ends)
     for side in (-1, 1):
         ear_u = 0.5 + side * 0.47
         p.line([(cx + side * half, top + 0.05), (ear_u, ear_y)], look.strap, lw, solid=True)
-        p.line([(cx + side * lower_half, lower_v), (ear_u - side * 0.01, ear_y + 0.13)], look.strap, lw, solid=True)
+        p.line(
+            [(cx + side * lower_half, lower_v), (ear_u - side * 0.01, ear_y + 0.13)],
+            look.strap,
+            lw,
+            solid=True,
+        )
     if look.mask_type == "kn95":
-        pts = [(cx - half, top + 0.07), (cx, top - peak), (cx + half, top + 0.07),
-               (cx + lower_half, lower_v), (cx + 0.12, bottom - 0.04), (cx, bottom),
-               (cx - 0.12, bottom - 0.04), (cx - lower_half, lower_v)]
+        pts = [
+            (cx - half, top + 0.07),
+            (cx, top - peak),
+            (cx + half, top + 0.07),
+            (cx + lower_half, lower_v),
+            (cx + 0.12, bottom - 0.04),
+            (cx, bottom),
+            (cx - 0.12, bottom - 0.04),
+            (cx - lower_half, lower_v),
+        ]
     else:
-        pts = [(cx - half, top + 0.04), (cx - half * 0.5, top), (cx, top - peak), (cx + half * 0.5, top),
-               (cx + half, top + 0.04), (cx + lower_half, lower_v), (cx + lower_half * 0.75, bottom - 0.07),
-               (cx + 0.12, bottom - 0.015), (cx, bottom), (cx - 0.12, bottom - 0.015),
-               (cx - lower_half * 0.75, bottom - 0.07), (cx - lower_half, lower_v)]
+        pts = [
+            (cx - half, top + 0.04),
+            (cx - half * 0.5, top),
+            (cx, top - peak),
+            (cx + half * 0.5, top),
+            (cx + half, top + 0.04),
+            (cx + lower_half, lower_v),
+            (cx + lower_half * 0.75, bottom - 0.07),
+            (cx + 0.12, bottom - 0.015),
+            (cx, bottom),
+            (cx - 0.12, bottom - 0.015),
+            (cx - lower_half * 0.75, bottom - 0.07),
+            (cx - lower_half, lower_v),
+        ]
     p.polygon(pts, look.mask, solid=True, outline=outline, width=p.w(0.012))
     if look.mask_type == "surgical":
-        pleat = _scale(look.mask, 0.82) + (200,)
+        pleat = scale(look.mask, 0.82) + (200,)
         for k in (0.28, 0.5, 0.72):
             v = top + k * mh * 0.85
             hw = half + (lower_half - half) * min(1.0, (v - top) / (lower_v - top))
             p.line([(cx - hw + 0.02, v), (cx + hw - 0.02, v + 0.005)], pleat, p.w(0.013))
-        p.line([(cx - 0.12, top + 0.015), (cx + 0.12, top + 0.015)], _scale(look.mask, 0.7), p.w(0.012))
+        p.line([(cx - 0.12, top + 0.015), (cx + 0.12, top + 0.015)], scale(look.mask, 0.7), p.w(0.012))
     elif look.mask_type == "cloth":
-        p.line([(cx, top - peak + 0.01), (cx, bottom - 0.01)], _scale(look.mask, 0.7), p.w(0.012))
+        p.line([(cx, top - peak + 0.01), (cx, bottom - 0.01)], scale(look.mask, 0.7), p.w(0.012))
     else:
-        p.line([(cx, top - peak + 0.01), (cx, bottom - 0.01)], _scale(look.mask, 0.8), p.w(0.01))
-        p.polygon([(cx, top - peak), (cx + half, top + 0.07), (cx + lower_half, lower_v), (cx, bottom)],
-                  (0, 0, 0, 22))
+        p.line([(cx, top - peak + 0.01), (cx, bottom - 0.01)], scale(look.mask, 0.8), p.w(0.01))
+        p.polygon(
+            [(cx, top - peak), (cx + half, top + 0.07), (cx + lower_half, lower_v), (cx, bottom)],
+            (0, 0, 0, 22),
+        )
 
 
-def _draw_head(p: _Patch, look: _Look) -> None:
+def _draw_head(p: _Patch, look: Look) -> None:
     """Hood or long hair behind, ears, the head with its shading, hair or cap on top; clipped to the forehead."""
     skin, hair = look.skin, look.hair
     yaw = look.yaw
@@ -372,13 +241,13 @@ def _draw_head(p: _Patch, look: _Look) -> None:
         p.rounded(-0.04, -0.1, 1.04, 1.3, 0.35, hair, solid=True)
     # ears
     if not hood:
-        ear = _scale(skin, 0.93)
+        ear = scale(skin, 0.93)
         lw_ear = 0.12 * min(1.3, max(0.3, 1 + 0.6 * yaw))  # the far ear hides behind the cheek
         rw_ear = 0.12 * min(1.3, max(0.3, 1 - 0.6 * yaw))
         p.ellipse(0.12 - lw_ear, eye_y - 0.04, 0.16, eye_y + 0.2, ear, solid=True, region=True)
         p.ellipse(0.84, eye_y - 0.04, 0.88 + rw_ear, eye_y + 0.2, ear, solid=True, region=True)
-        p.ellipse(0.12 - lw_ear * 0.6, eye_y, 0.12, eye_y + 0.15, _scale(skin, 0.8))
-        p.ellipse(0.88, eye_y, 0.88 + rw_ear * 0.6, eye_y + 0.15, _scale(skin, 0.8))
+        p.ellipse(0.12 - lw_ear * 0.6, eye_y, 0.12, eye_y + 0.15, scale(skin, 0.8))
+        p.ellipse(0.88, eye_y, 0.88 + rw_ear * 0.6, eye_y + 0.15, scale(skin, 0.8))
     # head
     if hood:
         p.ellipse(0.1, 0.02, 0.9, 1.0, skin, solid=True, region=True)
@@ -399,12 +268,12 @@ def _draw_head(p: _Patch, look: _Look) -> None:
         p.ellipse(0.2 + 0.1 * yaw, hl - 0.06, 0.8 + 0.1 * yaw, hl + 0.06, hair)  # fringe
     elif look.hair_style == "cap":
         p.chord(0.02, -0.3, 0.98, 0.3, 180, 360, look.cap, solid=True)
-        p.rounded(0.06 + 0.08 * yaw, -0.03, 0.94 + 0.08 * yaw, 0.07, 0.04, _scale(look.cap, 0.75), solid=True)
+        p.rounded(0.06 + 0.08 * yaw, -0.03, 0.94 + 0.08 * yaw, 0.07, 0.04, scale(look.cap, 0.75), solid=True)
     # clip the face region to the forehead (v >= 0): the box goes forehead to chin, ear to ear
     p.dr.rectangle((0, 0, p.region.width, p.oy - 1), fill=0)
 
 
-def _draw_features(p: _Patch, look: _Look, cx: float, eye_y: float, nose_y: float) -> None:
+def _draw_features(p: _Patch, look: Look, cx: float, eye_y: float, nose_y: float) -> None:
     """Beard, eyebrows, eyes (and glasses), nose."""
     skin, hair, yaw = look.skin, look.hair, look.yaw
     # beard (hidden under a mask where there is one)
@@ -413,51 +282,74 @@ def _draw_features(p: _Patch, look: _Look, cx: float, eye_y: float, nose_y: floa
         p.ellipse(cx - 0.16, nose_y + 0.02, cx + 0.16, nose_y + 0.08, hair)
     # eyebrows and eyes
     dx = 0.18 * (1 - 0.2 * abs(yaw))
-    brow = _scale(hair, 0.9) if look.hair_style != "bald" else _scale(skin, 0.45)
+    brow = scale(hair, 0.9) if look.hair_style != "bald" else scale(skin, 0.45)
     for side in (-1, 1):
         ex = cx + side * dx
-        p.line([(ex - side * 0.09, eye_y - 0.065), (ex, eye_y - 0.09), (ex + side * 0.08, eye_y - 0.07)],
-               brow, p.w(0.03))
+        p.line(
+            [(ex - side * 0.09, eye_y - 0.065), (ex, eye_y - 0.09), (ex + side * 0.08, eye_y - 0.07)],
+            brow,
+            p.w(0.03),
+        )
         p.ellipse(ex - 0.075, eye_y - 0.035, ex + 0.075, eye_y + 0.035, (240, 238, 232))
         ix = ex + 0.02 * yaw
         p.ellipse(ix - 0.037, eye_y - 0.035, ix + 0.037, eye_y + 0.035, look.iris)
         p.ellipse(ix - 0.016, eye_y - 0.016, ix + 0.016, eye_y + 0.016, (10, 10, 10))
-        p.line([(ex - 0.08, eye_y - 0.03), (ex + 0.08, eye_y - 0.03)], _scale(skin, 0.55), p.w(0.01))
+        p.line([(ex - 0.08, eye_y - 0.03), (ex + 0.08, eye_y - 0.03)], scale(skin, 0.55), p.w(0.01))
         if look.glasses:
-            p.ellipse(ex - 0.12, eye_y - 0.08, ex + 0.12, eye_y + 0.08, None, outline=look.glasses_color,
-                      width=p.w(0.02))
+            p.ellipse(
+                ex - 0.12,
+                eye_y - 0.08,
+                ex + 0.12,
+                eye_y + 0.08,
+                None,
+                outline=look.glasses_color,
+                width=p.w(0.02),
+            )
     if look.glasses:
-        p.line([(cx - dx + 0.12, eye_y - 0.01), (cx + dx - 0.12, eye_y - 0.01)], look.glasses_color, p.w(0.02))
+        p.line(
+            [(cx - dx + 0.12, eye_y - 0.01), (cx + dx - 0.12, eye_y - 0.01)], look.glasses_color, p.w(0.02)
+        )
         p.line([(cx - dx - 0.12, eye_y - 0.01), (0.08, eye_y)], look.glasses_color, p.w(0.02))
         p.line([(cx + dx + 0.12, eye_y - 0.01), (0.92, eye_y)], look.glasses_color, p.w(0.02))
     # nose
     tip = cx + 0.035 * yaw
-    nose_dark = _scale(skin, 0.8)
-    p.polygon([(cx, eye_y + 0.02), (tip - 0.075, nose_y), (tip + 0.075, nose_y)], _scale(skin, 0.9))
-    p.line([(cx + 0.03 * (1 if yaw >= 0 else -1), eye_y + 0.03), (tip + 0.05 * (1 if yaw >= 0 else -1), nose_y - 0.02)],
-           nose_dark, p.w(0.014))
-    p.ellipse(tip - 0.085, nose_y - 0.04, tip + 0.085, nose_y + 0.015, _scale(skin, 0.92))
+    nose_dark = scale(skin, 0.8)
+    p.polygon([(cx, eye_y + 0.02), (tip - 0.075, nose_y), (tip + 0.075, nose_y)], scale(skin, 0.9))
+    p.line(
+        [
+            (cx + 0.03 * (1 if yaw >= 0 else -1), eye_y + 0.03),
+            (tip + 0.05 * (1 if yaw >= 0 else -1), nose_y - 0.02),
+        ],
+        nose_dark,
+        p.w(0.014),
+    )
+    p.ellipse(tip - 0.085, nose_y - 0.04, tip + 0.085, nose_y + 0.015, scale(skin, 0.92))
     for side in (-1, 1):
-        p.ellipse(tip + side * 0.045 - 0.022, nose_y - 0.015, tip + side * 0.045 + 0.022, nose_y + 0.01,
-                  _scale(skin, 0.45))
+        p.ellipse(
+            tip + side * 0.045 - 0.022,
+            nose_y - 0.015,
+            tip + side * 0.045 + 0.022,
+            nose_y + 0.01,
+            scale(skin, 0.45),
+        )
 
 
-def _draw_mouth(p: _Patch, look: _Look, cx: float, mouth_y: float) -> None:
+def _draw_mouth(p: _Patch, look: Look, cx: float, mouth_y: float) -> None:
     skin, yaw = look.skin, look.yaw
-    lips = _mix(skin, (175, 60, 65), 0.45)
+    lips = mix(skin, (175, 60, 65), 0.45)
     mx = cx + 0.03 * yaw
     if look.mouth_style == "open":
         p.ellipse(mx - 0.11, mouth_y - 0.035, mx + 0.11, mouth_y + 0.05, lips)
         p.ellipse(mx - 0.08, mouth_y - 0.015, mx + 0.08, mouth_y + 0.03, (60, 20, 25))
     elif look.mouth_style == "smile":
         p.chord(mx - 0.13, mouth_y - 0.06, mx + 0.13, mouth_y + 0.05, 0, 180, lips)
-        p.line([(mx - 0.12, mouth_y - 0.005), (mx + 0.12, mouth_y - 0.005)], _scale(lips, 0.55), p.w(0.012))
+        p.line([(mx - 0.12, mouth_y - 0.005), (mx + 0.12, mouth_y - 0.005)], scale(lips, 0.55), p.w(0.012))
     else:
         p.ellipse(mx - 0.12, mouth_y - 0.03, mx + 0.12, mouth_y + 0.03, lips)
-        p.line([(mx - 0.12, mouth_y), (mx + 0.12, mouth_y)], _scale(lips, 0.55), p.w(0.014))
+        p.line([(mx - 0.12, mouth_y), (mx + 0.12, mouth_y)], scale(lips, 0.55), p.w(0.014))
 
 
-def _draw_face(look: _Look, kind: int, fw: float, fh: float, ss: int) -> _Patch:
+def _draw_face(look: Look, kind: int, fw: float, fh: float, ss: int) -> _Patch:
     p = _Patch(fw, fh, ss)
     cx = 0.5 + 0.1 * look.yaw
     eye_y, nose_y = look.eye_y, look.eye_y + look.nose_len
@@ -469,8 +361,9 @@ def _draw_face(look: _Look, kind: int, fw: float, fh: float, ss: int) -> _Patch:
     return p
 
 
-def _paste_face(img: Image.Image, p: _Patch, look: _Look, box: tuple[float, float, float, float]
-                ) -> tuple[int, int, int, int] | None:
+def _paste_face(
+    img: Image.Image, p: _Patch, look: Look, box: tuple[float, float, float, float]
+) -> tuple[int, int, int, int] | None:
     """Composite the patch onto ``img`` at the face box; return the drawn face's box (image pixels)."""
     ss = p.ss
     vis, alpha, region = p.vis, p.alpha, p.region
@@ -482,7 +375,10 @@ def _paste_face(img: Image.Image, p: _Patch, look: _Look, box: tuple[float, floa
     rolled = abs(look.roll) > 0.5
     m = int(0.25 * max(bbox[2] - bbox[0], bbox[3] - bbox[1])) + ss if rolled else ss
     left, top = max(0, (bbox[0] - m) // ss * ss), max(0, (bbox[1] - m) // ss * ss)
-    right, bottom = min(vis.width, -(-(bbox[2] + m) // ss) * ss), min(vis.height, -(-(bbox[3] + m) // ss) * ss)
+    right, bottom = (
+        min(vis.width, -(-(bbox[2] + m) // ss) * ss),
+        min(vis.height, -(-(bbox[3] + m) // ss) * ss),
+    )
     cut = (left, top, right, bottom)
     vis, alpha, region = vis.crop(cut), alpha.crop(cut), region.crop(cut)
     ox, oy = ox - left, oy - top
@@ -511,13 +407,17 @@ def _paste_face(img: Image.Image, p: _Patch, look: _Look, box: tuple[float, floa
     return (x1, y1, x2, y2)
 
 
-def render(plan: Plan, rng: np.random.Generator) -> tuple[Image.Image, list[tuple[int, tuple[int, int, int, int]]]]:
-    img = _background(rng, plan.width, plan.height)
-    looks = [_look(rng, f.kind) for f in plan.faces]
+def render(
+    plan: Plan, rng: np.random.Generator
+) -> tuple[Image.Image, list[tuple[int, tuple[int, int, int, int]]]]:
+    img = background(rng, plan.width, plan.height)
+    looks = [make_look(rng, f.kind) for f in plan.faces]
     d = ImageDraw.Draw(img)
     objects = []
     drawn: list[tuple[float, float, float, float]] = []
-    for f, look in zip(plan.faces, looks, strict=True):  # far to near: a body never covers a face drawn before it
+    for f, look in zip(
+        plan.faces, looks, strict=True
+    ):  # far to near: a body never covers a face drawn before it
         if look.body and not any(overlap(body_box(f.box), hair_box(b)) > 0 for b in drawn):
             _draw_body(d, f.box, look)
         fw, fh = f.box[2] - f.box[0], f.box[3] - f.box[1]

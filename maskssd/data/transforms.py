@@ -71,8 +71,13 @@ def train_transform(size: int | tuple[int, int], spec: AugmentSpec = AugmentSpec
     if spec.photometric_p > 0:
         steps.append(v2.RandomPhotometricDistort(p=spec.photometric_p))
     if spec.zoom_out_p > 0 and spec.zoom_out_max > 1:
-        steps.append(v2.RandomZoomOut(fill={tv_tensors.Image: IMAGENET_MEAN_UINT8, "others": 0},
-                                      side_range=(1.0, spec.zoom_out_max), p=spec.zoom_out_p))
+        steps.append(
+            v2.RandomZoomOut(
+                fill={tv_tensors.Image: IMAGENET_MEAN_UINT8, "others": 0},
+                side_range=(1.0, spec.zoom_out_max),
+                p=spec.zoom_out_p,
+            )
+        )
     if spec.iou_crop_p > 0:
         steps.append(_IoUCropIfBoxes(spec.iou_crop_p))
     if spec.hflip_p > 0:

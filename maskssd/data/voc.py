@@ -171,12 +171,21 @@ def _number(node: Element, tag: str, path: Path, where: str) -> float:
     return value
 
 
-def _parse_object(obj: Element, where: str, xml_path: Path, class_index: dict[str, int], width: int, height: int,
-                  report: DataReport) -> tuple[tuple[float, float, float, float], int, bool] | None:
+def _parse_object(
+    obj: Element,
+    where: str,
+    xml_path: Path,
+    class_index: dict[str, int],
+    width: int,
+    height: int,
+    report: DataReport,
+) -> tuple[tuple[float, float, float, float], int, bool] | None:
     """One ``<object>``: its box clipped to the image, label and difficult flag; None for a degenerate box."""
     name = _text(obj, "name", xml_path, where)
     if name not in class_index:
-        raise DataError(f"unknown class {name!r} (known: {', '.join(class_index)})", xml_path, f"{where}/name")
+        raise DataError(
+            f"unknown class {name!r} (known: {', '.join(class_index)})", xml_path, f"{where}/name"
+        )
     bnd = obj.find("bndbox")
     if bnd is None:
         raise DataError("missing <bndbox>", xml_path, where)
@@ -187,13 +196,19 @@ def _parse_object(obj: Element, where: str, xml_path: Path, class_index: dict[st
         try:
             is_difficult = bool(int(float(diff_node.text.strip())))
         except ValueError:
-            raise DataError(f"<difficult> is not 0/1: {diff_node.text!r}", xml_path, f"{where}/difficult") from None
+            raise DataError(
+                f"<difficult> is not 0/1: {diff_node.text!r}", xml_path, f"{where}/difficult"
+            ) from None
     cx1, cy1 = min(max(x1, 0.0), width), min(max(y1, 0.0), height)
     cx2, cy2 = min(max(x2, 0.0), width), min(max(y2, 0.0), height)
     if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
         report.clipped_boxes += 1
-        report.fixes.append((str(xml_path), f"{where}: box ({x1:g},{y1:g},{x2:g},{y2:g}) clipped to the "
-                                            f"{width}x{height} image"))
+        report.fixes.append(
+            (
+                str(xml_path),
+                f"{where}: box ({x1:g},{y1:g},{x2:g},{y2:g}) clipped to the {width}x{height} image",
+            )
+        )
     if cx2 - cx1 < 1.0 or cy2 - cy1 < 1.0:
         report.dropped_degenerate += 1
         report.fixes.append((str(xml_path), f"{where}: degenerate box ({x1:g},{y1:g},{x2:g},{y2:g}) dropped"))
@@ -239,8 +254,12 @@ def parse_voc_xml(
         xw, xh = _number(size, "width", xml_path, "size"), _number(size, "height", xml_path, "size")
         if (int(xw), int(xh)) != (width, height):
             report.size_mismatch += 1
-            report.fixes.append((str(xml_path), f"<size> {int(xw)}x{int(xh)} differs from the image "
-                                                f"{width}x{height}; used the image's"))
+            report.fixes.append(
+                (
+                    str(xml_path),
+                    f"<size> {int(xw)}x{int(xh)} differs from the image {width}x{height}; used the image's",
+                )
+            )
 
     class_index = {name: i + 1 for i, name in enumerate(classes)}
     boxes, labels, difficult = [], [], []
@@ -292,7 +311,9 @@ def load_annotations(
         except DataError as e:
             if on_error == "raise":
                 raise
-            report.skipped.append((e.path or image_id, e.reason if e.element is None else f"[{e.element}] {e.reason}"))
+            report.skipped.append(
+                (e.path or image_id, e.reason if e.element is None else f"[{e.element}] {e.reason}")
+            )
     return out
 
 
@@ -309,8 +330,9 @@ def load_split(
 ) -> list[Annotation]:
     """Annotations of one split (``train``/``val``/``test``) of a named split list."""
     layout = VOCLayout.detect(root)
-    return load_annotations(root, layout.read_split(split_name, split), classes, on_error, report, max_pixels,
-                            verify_images)
+    return load_annotations(
+        root, layout.read_split(split_name, split), classes, on_error, report, max_pixels, verify_images
+    )
 
 
 def stratified_split(
@@ -394,9 +416,13 @@ def box_size_histogram(annotations: Iterable[Annotation]) -> dict[str, int]:
     return {n: int(((s >= lo) & (s < hi)).sum()) for n, lo, hi in zip(names, edges[:-1], edges[1:])}
 
 
-def relative_area_quantiles(annotations: Iterable[Annotation], qs: Sequence[float] = (0.1, 0.5, 0.9)) -> list[float]:
-    areas = [((a.boxes[:, 2] - a.boxes[:, 0]) * (a.boxes[:, 3] - a.boxes[:, 1])) / (a.width * a.height)
-             for a in annotations]
+def relative_area_quantiles(
+    annotations: Iterable[Annotation], qs: Sequence[float] = (0.1, 0.5, 0.9)
+) -> list[float]:
+    areas = [
+        ((a.boxes[:, 2] - a.boxes[:, 0]) * (a.boxes[:, 3] - a.boxes[:, 1])) / (a.width * a.height)
+        for a in annotations
+    ]
     v = np.concatenate(areas) if areas else np.zeros(0)
     return [float(np.quantile(v, q)) if v.size else float("nan") for q in qs]
 
@@ -404,5 +430,3 @@ def relative_area_quantiles(annotations: Iterable[Annotation], qs: Sequence[floa
 def class_counts(annotations: Iterable[Annotation], classes: Sequence[str]) -> dict[str, int]:
     c = Counter(int(x) for a in annotations for x in a.labels)
     return {name: c.get(i + 1, 0) for i, name in enumerate(classes)}
-
-

@@ -38,8 +38,16 @@ class DetectSummary:
     jsonl_path: Path | None = None
 
 
-def detect_source(predictor: Any, source: str, out: str | Path, *, score_threshold: float = 0.4,
-                  smooth: int = 0, max_frames: int = 0, show: bool = False) -> DetectSummary:
+def detect_source(
+    predictor: Any,
+    source: str,
+    out: str | Path,
+    *,
+    score_threshold: float = 0.4,
+    smooth: int = 0,
+    max_frames: int = 0,
+    show: bool = False,
+) -> DetectSummary:
     """Detect on ``source`` (an image, a folder, a video file, a camera index or a stream URL) into ``out``.
 
     ``score_threshold`` is the display threshold: what is drawn and reported (decoding keeps the model's own).
@@ -50,16 +58,22 @@ def detect_source(predictor: Any, source: str, out: str | Path, *, score_thresho
     if p.is_dir() or (p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
         return _detect_images(predictor, p, out, score_threshold)
     if p.is_file() and p.suffix.lower() not in VIDEO_EXTENSIONS:
-        raise MaskSSDError(f"{source}: not an image ({', '.join(IMAGE_EXTENSIONS)}) or video ({', '.join(VIDEO_EXTENSIONS)})")
+        raise MaskSSDError(
+            f"{source}: not an image ({', '.join(IMAGE_EXTENSIONS)}) or video ({', '.join(VIDEO_EXTENSIONS)})"
+        )
     if not p.exists() and not source.isdigit() and "://" not in source:
-        raise MaskSSDError(f"source {source!r} not found (an image, a folder, a video, a camera index or a URL)")
+        raise MaskSSDError(
+            f"source {source!r} not found (an image, a folder, a video, a camera index or a URL)"
+        )
     return _detect_video(predictor, source, out, score_threshold, smooth, max_frames, show)
 
 
 def _detect_images(pred: Any, src: Path, out: Path, threshold: float) -> DetectSummary:
     from maskssd.evaluation.drawing import draw_detections
 
-    files = sorted(f for f in src.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS) if src.is_dir() else [src]
+    files = (
+        sorted(f for f in src.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS) if src.is_dir() else [src]
+    )
     if not files:
         raise MaskSSDError(f"no images in {src}")
     results, failed = [], []
@@ -75,15 +89,27 @@ def _detect_images(pred: Any, src: Path, out: Path, threshold: float) -> DetectS
         draw_detections(img, d, pred.class_names, threshold).save(out / f"{f.stem}.png")
         for lab in d.labels.tolist():
             counts[pred.class_names[lab - 1]] += 1
-        results.append({"image": str(f), "width": img.width, "height": img.height,
-                        "detections": d.to_list(pred.class_names)})
-    doc = {"classes": list(pred.class_names), "score_threshold": threshold, "images": results, "failed": failed}
+        results.append(
+            {
+                "image": str(f),
+                "width": img.width,
+                "height": img.height,
+                "detections": d.to_list(pred.class_names),
+            }
+        )
+    doc = {
+        "classes": list(pred.class_names),
+        "score_threshold": threshold,
+        "images": results,
+        "failed": failed,
+    }
     (out / "detections.json").write_text(json.dumps(doc, indent=1))
     return DetectSummary("images", out, counts, len(results), failed, backend=pred.backend)
 
 
-def _detect_video(pred: Any, src: str, out: Path, threshold: float, smooth: int, max_frames: int,
-                  show: bool) -> DetectSummary:
+def _detect_video(
+    pred: Any, src: str, out: Path, threshold: float, smooth: int, max_frames: int, show: bool
+) -> DetectSummary:
     import cv2
 
     from maskssd.deploy.video import ClassSmoother, FPSMeter, frames
@@ -92,7 +118,13 @@ def _detect_video(pred: Any, src: str, out: Path, threshold: float, smooth: int,
     smoother = ClassSmoother(len(pred.class_names), smooth) if smooth > 0 else None
     e2e, model_fps = FPSMeter(), FPSMeter()
     writer = None
-    name = Path(src).stem if not src.isdigit() and "://" not in src else f"camera{src}" if src.isdigit() else "stream"
+    name = (
+        Path(src).stem
+        if not src.isdigit() and "://" not in src
+        else f"camera{src}"
+        if src.isdigit()
+        else "stream"
+    )
     video_path, jsonl_path = out / f"{name}_annotated.mp4", out / f"{name}_detections.jsonl"
     n, model_total, t_start = 0, 0.0, time.perf_counter()
     with jsonl_path.open("w") as jl:
@@ -108,8 +140,9 @@ def _detect_video(pred: Any, src: str, out: Path, threshold: float, smooth: int,
             img = draw_detections(frame, d, pred.class_names, threshold, caption)
             if writer is None:
                 fourcc = cv2.VideoWriter_fourcc(*"mp4v")
-                writer = cv2.VideoWriter(str(video_path), fourcc, src_fps if src_fps and src_fps < 121 else 20.0,
-                                         img.size)
+                writer = cv2.VideoWriter(
+                    str(video_path), fourcc, src_fps if src_fps and src_fps < 121 else 20.0, img.size
+                )
             bgr = cv2.cvtColor(np.asarray(img), cv2.COLOR_RGB2BGR)
             writer.write(bgr)
             if show:
@@ -119,13 +152,31 @@ def _detect_video(pred: Any, src: str, out: Path, threshold: float, smooth: int,
             now = time.perf_counter()
             e2e.add(now - t_prev)
             t_prev = now
-            jl.write(json.dumps({"frame": i, "time": round(now - t_start, 4), "fps": round(e2e.fps, 2),
-                                 "model_ms": round(1000 * model_s, 2), "detections": d.to_list(pred.class_names)}) + "\n")
+            jl.write(
+                json.dumps(
+                    {
+                        "frame": i,
+                        "time": round(now - t_start, 4),
+                        "fps": round(e2e.fps, 2),
+                        "model_ms": round(1000 * model_s, 2),
+                        "detections": d.to_list(pred.class_names),
+                    }
+                )
+                + "\n"
+            )
             n += 1
     if writer is not None:
         writer.release()
     if n == 0:
         raise MaskSSDError(f"no frames could be read from {src}")
     wall = time.perf_counter() - t_start
-    return DetectSummary("video", out, frames=n, fps=n / wall, model_fps=n / max(model_total, 1e-9),
-                         backend=pred.backend, video_path=video_path, jsonl_path=jsonl_path)
+    return DetectSummary(
+        "video",
+        out,
+        frames=n,
+        fps=n / wall,
+        model_fps=n / max(model_total, 1e-9),
+        backend=pred.backend,
+        video_path=video_path,
+        jsonl_path=jsonl_path,
+    )

@@ -91,8 +91,13 @@ def _dummy_input(model: torch.nn.Module, batch: int = 1, seed: int = 0) -> torch
 
 
 # ---------------------------------------------------------------------------------------------- ONNX
-def export_onnx(model: torch.nn.Module, path: str | Path, opset: int = 17, metadata: dict[str, str] | None = None,
-                dynamo: bool = False) -> Path:
+def export_onnx(
+    model: torch.nn.Module,
+    path: str | Path,
+    opset: int = 17,
+    metadata: dict[str, str] | None = None,
+    dynamo: bool = False,
+) -> Path:
     """Write ``model``'s forward as ONNX (input ``images``, outputs ``locs``/``scores``, dynamic batch), atomically.
 
     ``metadata`` lands in the model's ``metadata_props`` (class names, input size ... for other runtimes).
@@ -109,8 +114,10 @@ def export_onnx(model: torch.nn.Module, path: str | Path, opset: int = 17, metad
             except Exception as e:  # the exporter's own error types vary between releases
                 if dynamo:
                     raise
-                warnings.warn(f"legacy ONNX export failed ({type(e).__name__}: {e}); retrying with dynamo=True",
-                              stacklevel=2)
+                warnings.warn(
+                    f"legacy ONNX export failed ({type(e).__name__}: {e}); retrying with dynamo=True",
+                    stacklevel=2,
+                )
                 _torch_onnx_export(model, x, tmp, opset, True)
             proto = onnx.load(str(tmp))
             # the legacy exporter leaves the prior and class dims symbolic; they are fixed by the model
@@ -120,8 +127,11 @@ def export_onnx(model: torch.nn.Module, path: str | Path, opset: int = 17, metad
                     dims[i].dim_value = int(ref.shape[i])
                 if dims:
                     dims[0].dim_param = "batch"
-            meta = {"maskssd.export_version": EXPORT_VERSION, "maskssd.input_size": str(int(model.input_size)),
-                    **(metadata or {})}
+            meta = {
+                "maskssd.export_version": EXPORT_VERSION,
+                "maskssd.input_size": str(int(model.input_size)),
+                **(metadata or {}),
+            }
             if getattr(model, "build_args", None):
                 meta.setdefault("maskssd.build_args", json.dumps(model.build_args, default=str))
             del proto.metadata_props[:]
@@ -133,7 +143,11 @@ def export_onnx(model: torch.nn.Module, path: str | Path, opset: int = 17, metad
 
 
 def _torch_onnx_export(model: torch.nn.Module, x: torch.Tensor, path: Path, opset: int, dynamo: bool) -> None:
-    kwargs: dict[str, Any] = {"input_names": [INPUT_NAME], "output_names": list(OUTPUT_NAMES), "opset_version": opset}
+    kwargs: dict[str, Any] = {
+        "input_names": [INPUT_NAME],
+        "output_names": list(OUTPUT_NAMES),
+        "opset_version": opset,
+    }
     if dynamo:
         kwargs["dynamic_shapes"] = {"images": {0: torch.export.Dim("batch", min=1, max=4096)}}
     else:
@@ -223,7 +237,9 @@ def export_torchscript(model: torch.nn.Module, path: str | Path) -> Path:
     """Trace ``model`` on a dummy batch and save the TorchScript module atomically (batch size stays dynamic)."""
     path = Path(path)
     with _eval_mode(model), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace is deprecated in favour of torch.export
+        warnings.simplefilter(
+            "ignore", FutureWarning
+        )  # torch.jit.trace is deprecated in favour of torch.export
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(model, _dummy_input(model), check_trace=False)
         with _atomic_path(path, ".pt") as tmp:
@@ -238,8 +254,9 @@ def load_torchscript(path: str | Path, device: str | torch.device = "cpu") -> to
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def verify_export(model: torch.nn.Module, path: str | Path, fmt: str, batch: int = 2,
-                  seed: int = 1) -> tuple[float, float]:
+def verify_export(
+    model: torch.nn.Module, path: str | Path, fmt: str, batch: int = 2, seed: int = 1
+) -> tuple[float, float]:
     """Max abs difference of (locs, scores) between ``model`` and its export on a random batch."""
     with _eval_mode(model), torch.no_grad():
         x = _dummy_input(model, batch, seed)
@@ -249,8 +266,10 @@ def verify_export(model: torch.nn.Module, path: str | Path, fmt: str, batch: int
             locs, scores = sess.run(list(OUTPUT_NAMES), {INPUT_NAME: x.cpu().numpy()})
         else:
             locs, scores = (t.cpu().numpy() for t in load_torchscript(path)(x))
-    return (float(np.abs(locs - ref_locs.cpu().numpy()).max()),
-            float(np.abs(scores - ref_scores.cpu().numpy()).max()))
+    return (
+        float(np.abs(locs - ref_locs.cpu().numpy()).max()),
+        float(np.abs(scores - ref_scores.cpu().numpy()).max()),
+    )
 
 
 @dataclass
@@ -272,7 +291,9 @@ class ExportReport:
         return max(self.max_diff_locs, self.max_diff_scores) <= self.tolerance
 
 
-def export_model(model_ref: str | Path, fmt: str, out: str | Path, *, tracking_uri: str | None = None) -> ExportReport:
+def export_model(
+    model_ref: str | Path, fmt: str, out: str | Path, *, tracking_uri: str | None = None
+) -> ExportReport:
     """Export a model reference (file, ``runs:/``, ``models:/``) to ONNX or TorchScript and verify it."""
     from maskssd.deploy.predictor import resolve_checkpoint
     from maskssd.training.checkpoint import load, load_detector
@@ -285,8 +306,11 @@ def export_model(model_ref: str | Path, fmt: str, out: str | Path, *, tracking_u
     out = Path(out)
     t0 = time.perf_counter()
     if fmt == "onnx":
-        meta = {"maskssd.class_names": json.dumps(list(ckpt.get("class_names", []))),
-                "maskssd.decode": json.dumps(ckpt.get("decode", {})), "maskssd.source": str(model_ref)}
+        meta = {
+            "maskssd.class_names": json.dumps(list(ckpt.get("class_names", []))),
+            "maskssd.decode": json.dumps(ckpt.get("decode", {})),
+            "maskssd.source": str(model_ref),
+        }
         export_onnx(model, out, metadata=meta)
     else:
         export_torchscript(model, out)
@@ -295,13 +319,27 @@ def export_model(model_ref: str | Path, fmt: str, out: str | Path, *, tracking_u
         locs, scores = model(_dummy_input(model))
     if fmt == "onnx":
         sess = onnx_session(out)
-        io = [(kind, it.name, it.type, list(it.shape))
-              for kind, items in (("input", sess.get_inputs()), ("output", sess.get_outputs())) for it in items]
+        io = [
+            (kind, it.name, it.type, list(it.shape))
+            for kind, items in (("input", sess.get_inputs()), ("output", sess.get_outputs()))
+            for it in items
+        ]
     else:
         size = int(model.input_size)
-        io = [("input", "images", "float32", ["N", 3, size, size]),
-              ("output", "locs", "float32", ["N", locs.shape[1], locs.shape[2]]),
-              ("output", "scores", "float32", ["N", scores.shape[1], scores.shape[2]])]
+        io = [
+            ("input", "images", "float32", ["N", 3, size, size]),
+            ("output", "locs", "float32", ["N", locs.shape[1], locs.shape[2]]),
+            ("output", "scores", "float32", ["N", scores.shape[1], scores.shape[2]]),
+        ]
     d_locs, d_scores = verify_export(model, out, fmt)
-    return ExportReport(out, fmt, ckpt_path, out.stat().st_size / 1e6, seconds, io, d_locs, d_scores,
-                        1e-4 if fmt == "onnx" else 1e-5)
+    return ExportReport(
+        out,
+        fmt,
+        ckpt_path,
+        out.stat().st_size / 1e6,
+        seconds,
+        io,
+        d_locs,
+        d_scores,
+        1e-4 if fmt == "onnx" else 1e-5,
+    )

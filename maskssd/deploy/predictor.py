@@ -51,9 +51,14 @@ class Predictor:
             self.model = self.model.to(memory_format=torch.channels_last)
 
     @classmethod
-    def from_checkpoint(cls, ckpt_path: str | Path, device: str | torch.device = "cpu",
-                        decode: DecodeSpec | None = None, backend: str = "torch",
-                        channels_last: bool | None = None) -> Predictor:
+    def from_checkpoint(
+        cls,
+        ckpt_path: str | Path,
+        device: str | torch.device = "cpu",
+        decode: DecodeSpec | None = None,
+        backend: str = "torch",
+        channels_last: bool | None = None,
+    ) -> Predictor:
         """``channels_last``: run the PyTorch model in NHWC memory format; by default on CPU, where every
         maskssd detector runs 1.15-1.3x faster so (``benchmarks/model_forward.py``)."""
         from maskssd.training.checkpoint import load, load_detector
@@ -62,8 +67,15 @@ class Predictor:
         model, _ = load_detector(ckpt, device)
         spec = decode or DecodeSpec(**ckpt.get("decode", {}))
         nhwc = torch.device(device).type == "cpu" if channels_last is None else channels_last
-        pred = cls(model, tuple(ckpt["class_names"]), model.input_size, model.priors_cxcy.to(device), spec,
-                   torch.device(device), channels_last=nhwc and backend == "torch")
+        pred = cls(
+            model,
+            tuple(ckpt["class_names"]),
+            model.input_size,
+            model.priors_cxcy.to(device),
+            spec,
+            torch.device(device),
+            channels_last=nhwc and backend == "torch",
+        )
         if backend == "onnx":
             from maskssd.deploy.export import onnx_session_for
 
@@ -87,27 +99,41 @@ class Predictor:
         with torch.inference_mode():
             return self.model(batch)
 
-    def predict(self, images: Sequence[np.ndarray | torch.Tensor], decode: DecodeSpec | None = None) -> list[Detections]:
+    def predict(
+        self, images: Sequence[np.ndarray | torch.Tensor], decode: DecodeSpec | None = None
+    ) -> list[Detections]:
         """``images``: uint8 ``(H, W, 3)`` arrays (RGB) or ``(3, H, W)`` tensors; detections in their pixels."""
         t0 = time.perf_counter()
-        tensors = [torch.from_numpy(np.array(im, copy=not im.flags.writeable, order="C")).permute(2, 0, 1) if isinstance(im, np.ndarray) else im
-                   for im in images]
+        tensors = [
+            torch.from_numpy(np.array(im, copy=not im.flags.writeable, order="C")).permute(2, 0, 1)
+            if isinstance(im, np.ndarray)
+            else im
+            for im in images
+        ]
         sizes = torch.tensor([[t.shape[-1], t.shape[-2]] for t in tensors], dtype=torch.float32)
         batch = preprocess_images(tensors, self.input_size)
         t1 = time.perf_counter()
         locs, scores = self.forward(batch)
         t2 = time.perf_counter()
-        dets = postprocess(locs, scores, self.priors_cxcy.to(locs.device), decode or self.decode, sizes.to(locs.device))
+        dets = postprocess(
+            locs, scores, self.priors_cxcy.to(locs.device), decode or self.decode, sizes.to(locs.device)
+        )
         dets = [Detections(d.boxes.cpu(), d.labels.cpu(), d.scores.cpu()) for d in dets]
         self.last_timing = Timing(t1 - t0, t2 - t1, time.perf_counter() - t2)
         return dets
 
     def describe(self) -> dict[str, Any]:
-        return {"classes": list(self.class_names), "input_size": self.input_size, "backend": self.backend,
-                "decode": asdict(self.decode)}
+        return {
+            "classes": list(self.class_names),
+            "input_size": self.input_size,
+            "backend": self.backend,
+            "decode": asdict(self.decode),
+        }
 
 
-def resolve_checkpoint(ref: str | Path, tracking_uri: str | None = None, cache_dir: str | Path | None = None) -> Path:
+def resolve_checkpoint(
+    ref: str | Path, tracking_uri: str | None = None, cache_dir: str | Path | None = None
+) -> Path:
     """A local checkpoint file for a model reference: a file, or a ``runs:/`` / ``models:/`` URI (downloaded
     through the tracking layer, imported only then)."""
     ref_s = str(ref)
@@ -121,8 +147,13 @@ def resolve_checkpoint(ref: str | Path, tracking_uri: str | None = None, cache_d
     return path
 
 
-def load_predictor(ref: str | Path, tracking_uri: str | None = None, device: str = "cpu", backend: str = "torch",
-                   **decode_overrides: Any) -> Predictor:
+def load_predictor(
+    ref: str | Path,
+    tracking_uri: str | None = None,
+    device: str = "cpu",
+    backend: str = "torch",
+    **decode_overrides: Any,
+) -> Predictor:
     """A :class:`Predictor` for any model reference; ``decode_overrides`` (None values ignored) adjust decoding."""
     pred = Predictor.from_checkpoint(resolve_checkpoint(ref, tracking_uri), device=device, backend=backend)
     overrides = {k: v for k, v in decode_overrides.items() if v is not None}

@@ -27,8 +27,17 @@ class MaskSSDModel(mlflow.pyfunc.PythonModel):
         rows = []
         for i, d in enumerate(dets):
             for box, label, score in zip(d.boxes.tolist(), d.labels.tolist(), d.scores.tolist()):
-                rows.append({"image_index": i, "x1": box[0], "y1": box[1], "x2": box[2], "y2": box[3],
-                             "label": self.predictor.class_names[label - 1], "score": score})
+                rows.append(
+                    {
+                        "image_index": i,
+                        "x1": box[0],
+                        "y1": box[1],
+                        "x2": box[2],
+                        "y2": box[3],
+                        "label": self.predictor.class_names[label - 1],
+                        "score": score,
+                    }
+                )
         columns = ["image_index", "x1", "y1", "x2", "y2", "label", "score"]
         return pd.DataFrame(rows, columns=columns).astype({"image_index": "int64", "label": "str"})
 

@@ -81,20 +81,44 @@ class Metrics:
     def __init__(self, max_batch: int):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("maskssd_requests", "HTTP requests by endpoint and status code",
-                                ["endpoint", "status"], registry=r)
-        self.latency = Histogram("maskssd_request_latency_seconds", "HTTP request latency", ["endpoint"],
-                                 buckets=(.005, .01, .025, .05, .075, .1, .15, .25, .5, .75, 1, 2.5, 5, 10),
-                                 registry=r)
-        self.batch_size = Histogram("maskssd_batch_size", "images per model call",
-                                    buckets=tuple(float(b) for b in range(1, max(max_batch, 1) + 1)), registry=r)
-        self.inference = Histogram("maskssd_model_inference_seconds", "network forward time per model call",
-                                   buckets=(.002, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5), registry=r)
-        self.batch_seconds = Histogram("maskssd_batch_seconds", "preprocess + forward + NMS time per model call",
-                                       buckets=(.002, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5), registry=r)
-        self.in_flight = Gauge("maskssd_images_in_flight", "decoded images queued or in the model", registry=r)
+        self.requests = Counter(
+            "maskssd_requests",
+            "HTTP requests by endpoint and status code",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "maskssd_request_latency_seconds",
+            "HTTP request latency",
+            ["endpoint"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "maskssd_batch_size",
+            "images per model call",
+            buckets=tuple(float(b) for b in range(1, max(max_batch, 1) + 1)),
+            registry=r,
+        )
+        self.inference = Histogram(
+            "maskssd_model_inference_seconds",
+            "network forward time per model call",
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "maskssd_batch_seconds",
+            "preprocess + forward + NMS time per model call",
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "maskssd_images_in_flight", "decoded images queued or in the model", registry=r
+        )
         self.frames = Counter("maskssd_camera_frames", "frames answered per camera", ["camera"], registry=r)
-        self.rejected = Counter("maskssd_rejected_images", "refused requests by status code", ["status"], registry=r)
+        self.rejected = Counter(
+            "maskssd_rejected_images", "refused requests by status code", ["status"], registry=r
+        )
 
 
 class _MetricsMiddleware:
@@ -127,9 +151,19 @@ class _MetricsMiddleware:
 class DetectionService:
     """Queue, batcher, model worker and montage of one app (created by :func:`create_app`)."""
 
-    def __init__(self, predictor: Any, *, max_batch: int = 8, max_wait_ms: float = 10.0, batching: bool = True,
-                 max_bytes: int = 20_000_000, max_pixels: int = MAX_IMAGE_PIXELS,
-                 montage_path: str | Path | None = None, score_threshold: float = 0.4, max_queue: int = 256):
+    def __init__(
+        self,
+        predictor: Any,
+        *,
+        max_batch: int = 8,
+        max_wait_ms: float = 10.0,
+        batching: bool = True,
+        max_bytes: int = 20_000_000,
+        max_pixels: int = MAX_IMAGE_PIXELS,
+        montage_path: str | Path | None = None,
+        score_threshold: float = 0.4,
+        max_queue: int = 256,
+    ):
         self.predictor = predictor
         self.max_batch = max(1, int(max_batch)) if batching else 1
         self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0 if batching else 0.0
@@ -145,7 +179,9 @@ class DetectionService:
         self.model_executor: ThreadPoolExecutor | None = None
         self.aux_executor: ThreadPoolExecutor | None = None
         self.tasks: list[asyncio.Task] = []
-        self.cameras: OrderedDict[str, tuple[np.ndarray, Detections]] = OrderedDict()  # latest frame per camera
+        self.cameras: OrderedDict[str, tuple[np.ndarray, Detections]] = (
+            OrderedDict()
+        )  # latest frame per camera
         self.camera_labels: set[str] = set()
         self.montage_dirty: asyncio.Event | None = None
         self.montage_written = 0
@@ -221,8 +257,9 @@ class DetectionService:
                 continue
             t_start = time.perf_counter()
             try:
-                dets, timing = await loop.run_in_executor(self.model_executor, self._predict,
-                                                          [j.image for j in batch])
+                dets, timing = await loop.run_in_executor(
+                    self.model_executor, self._predict, [j.image for j in batch]
+                )
             except Exception as e:  # a model failure fails this batch only; the server keeps serving
                 err = RequestError(500, f"inference failed: {type(e).__name__}: {e}")
                 for j in batch:
@@ -235,8 +272,9 @@ class DetectionService:
             m.batch_seconds.observe(timing.total)
             for j, d in zip(batch, dets, strict=True):
                 if not j.future.done():
-                    j.future.set_result(_Result(d, len(batch), 1000 * timing.model,
-                                                1000 * (t_start - j.t_enqueued)))
+                    j.future.set_result(
+                        _Result(d, len(batch), 1000 * timing.model, 1000 * (t_start - j.t_enqueued))
+                    )
 
     def _predict(self, images: list[np.ndarray]) -> tuple[list[Detections], Any]:
         dets = self.predictor.predict(images)
@@ -247,8 +285,9 @@ class DetectionService:
         """The upload: multipart field ``file`` or the raw body, at most ``max_bytes``."""
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            raise RequestError(413, f"request body of {int(declared):,} bytes is over the limit of "
-                                    f"{self.max_bytes:,} bytes")
+            raise RequestError(
+                413, f"request body of {int(declared):,} bytes is over the limit of {self.max_bytes:,} bytes"
+            )
         chunks, n = [], 0
         async for chunk in request.stream():
             n += len(chunk)
@@ -260,12 +299,16 @@ class DetectionService:
         if ctype.startswith("multipart/"):
             body = await self._multipart_file(request, body)
         if not body:
-            raise RequestError(400, "empty image: send the image bytes as the body or as the multipart field 'file'")
+            raise RequestError(
+                400, "empty image: send the image bytes as the body or as the multipart field 'file'"
+            )
         return body
 
     async def _multipart_file(self, request: Request, body: bytes) -> bytes:
         if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-            raise RequestError(415, "multipart bodies must be multipart/form-data with the image in field 'file'")
+            raise RequestError(
+                415, "multipart bodies must be multipart/form-data with the image in field 'file'"
+            )
         sent = False
 
         async def replay() -> Message:
@@ -283,9 +326,13 @@ class DetectionService:
         try:
             upload = form.get("file")
             if upload is None:
-                raise RequestError(400, f"multipart body has no field 'file' (fields: {', '.join(form.keys()) or 'none'})")
+                raise RequestError(
+                    400, f"multipart body has no field 'file' (fields: {', '.join(form.keys()) or 'none'})"
+                )
             if isinstance(upload, str):
-                raise RequestError(400, "multipart field 'file' must be a file upload (curl -F file=@photo.jpg)")
+                raise RequestError(
+                    400, "multipart field 'file' must be a file upload (curl -F file=@photo.jpg)"
+                )
             return await upload.read()
         finally:
             await form.close()
@@ -298,8 +345,11 @@ class DetectionService:
                 with Image.open(io.BytesIO(data)) as probe:
                     w, h = probe.size
             if w * h > self.max_pixels:
-                raise RequestError(413, f"image is {w}x{h} = {w * h:,} pixels, over the limit of "
-                                        f"{self.max_pixels:,} (decompression-bomb guard)")
+                raise RequestError(
+                    413,
+                    f"image is {w}x{h} = {w * h:,} pixels, over the limit of "
+                    f"{self.max_pixels:,} (decompression-bomb guard)",
+                )
         except Image.DecompressionBombError as e:
             raise RequestError(413, f"image refused as a decompression bomb: {e}") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
@@ -340,8 +390,10 @@ class DetectionService:
             try:
                 await loop.run_in_executor(self.aux_executor, self._write_montage, snapshot)
             except Exception as e:  # the montage is a side show: report and keep serving
-                print(f"maskssd serve: cannot write montage {self.montage_path}: {type(e).__name__}: {e}",
-                      flush=True)
+                print(
+                    f"maskssd serve: cannot write montage {self.montage_path}: {type(e).__name__}: {e}",
+                    flush=True,
+                )
             await asyncio.sleep(MONTAGE_INTERVAL_S)
 
     def _write_montage(self, snapshot: list[tuple[str, tuple[np.ndarray, Detections]]]) -> None:
@@ -349,7 +401,10 @@ class DetectionService:
 
         assert self.montage_path is not None
         names = [name for name, _ in snapshot]
-        frames = [draw_detections(img, d, self.predictor.class_names, self.score_threshold) for _, (img, d) in snapshot]
+        frames = [
+            draw_detections(img, d, self.predictor.class_names, self.score_threshold)
+            for _, (img, d) in snapshot
+        ]
         grid = montage(frames, names)
         path = self.montage_path
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -387,9 +442,56 @@ def _threshold(raw: str | None, default: float) -> float:
     return value
 
 
-def create_app(predictor: Any, *, max_batch: int = 8, max_wait_ms: float = 10, batching: bool = True,
-               max_bytes: int = 20_000_000, max_pixels: int = MAX_IMAGE_PIXELS,
-               montage_path: str | Path | None = None, score_threshold: float = 0.4, max_queue: int = 256) -> FastAPI:
+def _add_status_routes(app: FastAPI, svc: DetectionService) -> None:
+    """``GET /health``, ``GET /metrics`` and ``GET /montage``."""
+    predictor = svc.predictor
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        """Liveness plus what is served."""
+        return {
+            "status": "ok",
+            "model": predictor.describe(),
+            "uptime_s": round(time.time() - svc.started, 3),
+            "batching": {
+                "enabled": svc.batching,
+                "max_batch": svc.max_batch,
+                "max_wait_ms": 1000 * svc.max_wait,
+            },
+            "queued": svc.queue.qsize() if svc.queue is not None else 0,
+        }
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text exposition of this app's registry."""
+        return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/montage")
+    async def get_montage() -> Response:
+        """The latest montage of every camera's last annotated frame (JPEG)."""
+        path = svc.montage_path
+        if path is None:
+            raise RequestError(404, "montage disabled (start the server with --montage FILE.jpg)")
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            raise RequestError(404, "no montage yet: no camera has sent a frame") from None
+        media = "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
+        return Response(data, media_type=media, headers={"cache-control": "no-store"})
+
+
+def create_app(
+    predictor: Any,
+    *,
+    max_batch: int = 8,
+    max_wait_ms: float = 10,
+    batching: bool = True,
+    max_bytes: int = 20_000_000,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    montage_path: str | Path | None = None,
+    score_threshold: float = 0.4,
+    max_queue: int = 256,
+) -> FastAPI:
     """The detection service as a FastAPI app (``app.state.service`` holds queue, metrics and montage).
 
     ``POST /detect`` (image as multipart field ``file`` or the raw body; ``?camera=`` or header ``x-camera``;
@@ -397,9 +499,17 @@ def create_app(predictor: Any, *, max_batch: int = 8, max_wait_ms: float = 10, b
     ``GET /montage`` (latest frame of every camera, when ``montage_path`` is set). Refused requests get a
     4xx JSON ``{"detail": reason}``. ``max_queue`` bounds the images waiting for the model (503 beyond).
     """
-    svc = DetectionService(predictor, max_batch=max_batch, max_wait_ms=max_wait_ms, batching=batching,
-                           max_bytes=max_bytes, max_pixels=max_pixels, montage_path=montage_path,
-                           score_threshold=score_threshold, max_queue=max_queue)
+    svc = DetectionService(
+        predictor,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        batching=batching,
+        max_bytes=max_bytes,
+        max_pixels=max_pixels,
+        montage_path=montage_path,
+        score_threshold=score_threshold,
+        max_queue=max_queue,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -409,8 +519,12 @@ def create_app(predictor: Any, *, max_batch: int = 8, max_wait_ms: float = 10, b
         finally:
             await svc.stop()
 
-    app = FastAPI(title="maskssd", description="Face-mask detection (SSD) with dynamic batching.",
-                  version="1", lifespan=lifespan)
+    app = FastAPI(
+        title="maskssd",
+        description="Face-mask detection (SSD) with dynamic batching.",
+        version="1",
+        lifespan=lifespan,
+    )
     app.state.service = svc
     app.add_middleware(_MetricsMiddleware, metrics=svc.metrics)
 
@@ -435,36 +549,17 @@ def create_app(predictor: Any, *, max_batch: int = 8, max_wait_ms: float = 10, b
         svc.metrics.frames.labels(svc.camera_label(camera)).inc()
         if svc.montage_path is not None:
             svc.remember_frame(camera or "unnamed", image, dets)
-        return {"detections": dets.to_list(predictor.class_names), "width": int(image.shape[1]),
-                "height": int(image.shape[0]), "camera": camera, "model_ms": round(r.model_ms, 3),
-                "batch_size": r.batch_size, "queue_ms": round(r.queue_ms, 3)}
+        return {
+            "detections": dets.to_list(predictor.class_names),
+            "width": int(image.shape[1]),
+            "height": int(image.shape[0]),
+            "camera": camera,
+            "model_ms": round(r.model_ms, 3),
+            "batch_size": r.batch_size,
+            "queue_ms": round(r.queue_ms, 3),
+        }
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        """Liveness plus what is served."""
-        return {"status": "ok", "model": predictor.describe(), "uptime_s": round(time.time() - svc.started, 3),
-                "batching": {"enabled": svc.batching, "max_batch": svc.max_batch,
-                             "max_wait_ms": 1000 * svc.max_wait},
-                "queued": svc.queue.qsize() if svc.queue is not None else 0}
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        """Prometheus text exposition of this app's registry."""
-        return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/montage")
-    async def get_montage() -> Response:
-        """The latest montage of every camera's last annotated frame (JPEG)."""
-        path = svc.montage_path
-        if path is None:
-            raise RequestError(404, "montage disabled (start the server with --montage FILE.jpg)")
-        try:
-            data = await asyncio.to_thread(path.read_bytes)
-        except FileNotFoundError:
-            raise RequestError(404, "no montage yet: no camera has sent a frame") from None
-        media = "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
-        return Response(data, media_type=media, headers={"cache-control": "no-store"})
-
+    _add_status_routes(app, svc)
     return app
 
 

@@ -116,8 +116,15 @@ class StreamSummary:
     fps: float  # end to end, over the last frames
 
 
-def stream(server: str, source: str, *, camera: str = "cam1", max_frames: int = 0, fps: float = 0.0,
-           jpeg_quality: int = 85) -> StreamSummary:
+def stream(
+    server: str,
+    source: str,
+    *,
+    camera: str = "cam1",
+    max_frames: int = 0,
+    fps: float = 0.0,
+    jpeg_quality: int = 85,
+) -> StreamSummary:
     """Camera client: read frames, send them as JPEG to ``SERVER/detect`` named ``camera``, measure FPS."""
     import io
 
@@ -133,7 +140,9 @@ def stream(server: str, source: str, *, camera: str = "cam1", max_frames: int = 
             buf = io.BytesIO()
             Image.fromarray(frame).save(buf, format="JPEG", quality=jpeg_quality)
             try:
-                r = client.post(url, content=buf.getvalue(), headers={"content-type": "image/jpeg", "x-camera": camera})
+                r = client.post(
+                    url, content=buf.getvalue(), headers={"content-type": "image/jpeg", "x-camera": camera}
+                )
             except httpx.HTTPError as e:
                 raise MaskSSDError(f"server {server} unreachable: {e}") from None
             if r.status_code != 200:
@@ -148,5 +157,11 @@ def stream(server: str, source: str, *, camera: str = "cam1", max_frames: int = 
             meter.add(now - t_prev)
             t_prev = now
             if i % 10 == 0:
-                log.info("%s: frame %d, %d faces, %.1f FPS end to end", camera, i, len(r.json()["detections"]), meter.fps)
+                log.info(
+                    "%s: frame %d, %d faces, %.1f FPS end to end",
+                    camera,
+                    i,
+                    len(r.json()["detections"]),
+                    meter.fps,
+                )
     return StreamSummary(camera, sent, failed, meter.fps)

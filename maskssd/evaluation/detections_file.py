@@ -14,15 +14,28 @@ from maskssd.ssd.postprocess import Detections
 __all__ = ["write_detections"]
 
 
-def write_detections(path: str | Path, class_names: Sequence[str], detections: Sequence[tuple[str, Detections]],
-                     sizes: Mapping[str, tuple[int, int]], result: EvalResult, settings: Mapping[str, Any]) -> Path:
+def write_detections(
+    path: str | Path,
+    class_names: Sequence[str],
+    detections: Sequence[tuple[str, Detections]],
+    sizes: Mapping[str, tuple[int, int]],
+    result: EvalResult,
+    settings: Mapping[str, Any],
+) -> Path:
     """Write ``(image_id, Detections)`` pairs with each image's (width, height), the metrics and the settings."""
     doc = {
         "classes": list(class_names),
-        "images": [{"id": i, "width": sizes[i][0], "height": sizes[i][1], "detections": d.to_list(class_names)}
-                   for i, d in detections],
-        "metrics": {"map": result.map, "ap": result.ap, "map_voc12": result.map_voc12,
-                    "map_coco": result.map_coco, "ap50_coco": result.ap50_coco},
+        "images": [
+            {"id": i, "width": sizes[i][0], "height": sizes[i][1], "detections": d.to_list(class_names)}
+            for i, d in detections
+        ],
+        "metrics": {
+            "map": result.map,
+            "ap": result.ap,
+            "map_voc12": result.map_voc12,
+            "map_coco": result.map_coco,
+            "ap50_coco": result.ap50_coco,
+        },
         "settings": dict(settings),
     }
     path = Path(path)

@@ -22,8 +22,13 @@ def colour_of(name: str, index: int = 0) -> tuple[int, int, int]:
     return CLASS_COLOURS.get(name, _FALLBACK[index % len(_FALLBACK)])
 
 
-def draw_detections(image: Image.Image | np.ndarray, dets: Detections, class_names: Sequence[str],
-                    min_score: float = 0.3, text: str | None = None) -> Image.Image:
+def draw_detections(
+    image: Image.Image | np.ndarray,
+    dets: Detections,
+    class_names: Sequence[str],
+    min_score: float = 0.3,
+    text: str | None = None,
+) -> Image.Image:
     """A copy of ``image`` with boxes (pixels) above ``min_score``, labels and an optional caption."""
     img = Image.fromarray(image) if isinstance(image, np.ndarray) else image.copy()
     draw = ImageDraw.Draw(img)
@@ -46,7 +51,9 @@ def draw_detections(image: Image.Image | np.ndarray, dets: Detections, class_nam
     return img
 
 
-def montage(frames: Sequence[Image.Image], names: Sequence[str], tile: tuple[int, int] = (480, 360)) -> Image.Image:
+def montage(
+    frames: Sequence[Image.Image], names: Sequence[str], tile: tuple[int, int] = (480, 360)
+) -> Image.Image:
     """A grid of camera frames (the paper's central-server view), each captioned with its camera name."""
     n = max(len(frames), 1)
     cols = int(np.ceil(np.sqrt(n)))

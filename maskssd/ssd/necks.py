@@ -60,7 +60,9 @@ class FPN(nn.Module):
         self.smooth = nn.ModuleList(_dw_separable(channels) for _ in range(n))
         self.bottom_up = bottom_up
         if bottom_up:
-            self.down = nn.ModuleList(conv_bn(channels, channels, 3, 2, groups=channels) for _ in range(n - 1))
+            self.down = nn.ModuleList(
+                conv_bn(channels, channels, 3, 2, groups=channels) for _ in range(n - 1)
+            )
             self.pan_smooth = nn.ModuleList(_dw_separable(channels) for _ in range(n - 1))
         self.out_channels = [channels] * n
 

@@ -48,7 +48,11 @@ class Detections:
 
     def to_list(self, class_names: tuple[str, ...] | list[str]) -> list[dict]:
         return [
-            {"box": [round(float(v), 2) for v in b], "label": class_names[int(lab) - 1], "score": round(float(s), 5)}
+            {
+                "box": [round(float(v), 2) for v in b],
+                "label": class_names[int(lab) - 1],
+                "score": round(float(s), 5),
+            }
             for b, lab, s in zip(self.boxes.tolist(), self.labels.tolist(), self.scores.tolist())
         ]
 
@@ -71,8 +75,16 @@ def postprocess(
     thresh = (min_score if min_score is not None else torch.tensor(spec.min_score)).to(device, torch.float32)
     if device.type == "cpu" and kernels.ENABLED:
         counts, out_boxes, labels, out_scores = kernels.detect(
-            locs, scores, priors_cxcy, thresh.expand(c - 1), spec.max_overlap, spec.top_k, spec.pre_nms_top_k,
-            spec.class_agnostic, VARIANCES)
+            locs,
+            scores,
+            priors_cxcy,
+            thresh.expand(c - 1),
+            spec.max_overlap,
+            spec.top_k,
+            spec.pre_nms_top_k,
+            spec.class_agnostic,
+            VARIANCES,
+        )
         split = counts.tolist()
         img_k = torch.repeat_interleave(torch.arange(n), counts)
     else:
@@ -81,12 +93,19 @@ def postprocess(
     if sizes is not None:
         wh = sizes.to(out_boxes.device, torch.float32)[img_k]
         out_boxes = out_boxes * torch.cat([wh, wh], 1)
-    return [Detections(b, lab, s)
-            for b, lab, s in zip(out_boxes.split(split), labels.split(split), out_scores.split(split))]
+    return [
+        Detections(b, lab, s)
+        for b, lab, s in zip(out_boxes.split(split), labels.split(split), out_scores.split(split))
+    ]
 
 
-def postprocess_tensors(locs: torch.Tensor, scores: torch.Tensor, priors_cxcy: torch.Tensor, spec: DecodeSpec,
-                         thresh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def postprocess_tensors(
+    locs: torch.Tensor,
+    scores: torch.Tensor,
+    priors_cxcy: torch.Tensor,
+    spec: DecodeSpec,
+    thresh: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`postprocess` in batched tensor operations (GPUs; the CPU runs :func:`maskssd.kernels.detect`).
     Returns image index, boxes, labels and scores of the detections, image by image, best first."""
     n, p, c = scores.shape
@@ -112,7 +131,12 @@ def postprocess_tensors(locs: torch.Tensor, scores: torch.Tensor, priors_cxcy: t
     if spec.pre_nms_top_k is not None:
         order = torch.sort(cand_scores, descending=True, stable=True).indices
         sel = order[_first_k_per_image(img_idx[order], spec.pre_nms_top_k, n)]
-        img_idx, prior_idx, cls_idx, cand_scores = img_idx[sel], prior_idx[sel], cls_idx[sel], cand_scores[sel]
+        img_idx, prior_idx, cls_idx, cand_scores = (
+            img_idx[sel],
+            prior_idx[sel],
+            cls_idx[sel],
+            cand_scores[sel],
+        )
     cand_boxes = cxcywh_to_xyxy(decode(locs[img_idx, prior_idx], priors_cxcy[prior_idx])).clamp_(0.0, 1.0)
     # 3. NMS per image and class (or per image), 4. the top_k of each image
     groups = img_idx if spec.class_agnostic else img_idx * (c - 1) + cls_idx
@@ -131,7 +155,9 @@ def _first_k_per_image(img: torch.Tensor, k: int, n: int) -> torch.Tensor:
     return order[rank < k]
 
 
-def grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+def grouped_nms(
+    boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float
+) -> torch.Tensor:
     """Greedy NMS within each group; kept indices, by descending score. Keeps the same boxes as
     ``torchvision.ops.batched_nms``.
 
@@ -146,7 +172,7 @@ def grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
     keep, start = [], 0
     for count in counts:
         if count:
-            keep.append(nms(b[start:start + count], s[start:start + count], iou_threshold) + start)
+            keep.append(nms(b[start : start + count], s[start : start + count], iou_threshold) + start)
             start += count
     kept = order[torch.cat(keep)]
     return kept[torch.sort(scores[kept], descending=True, stable=True).indices]

@@ -51,7 +51,9 @@ class PriorSpec:
         out = []
         for k, (fmap, scale, ratios) in enumerate(zip(self.feature_maps, self.scales, self.aspect_ratios)):
             # the extra square box: between this scale and the next; the last map's is extra_scale_last itself
-            extra = math.sqrt(scale * self.scales[k + 1]) if k + 1 < len(self.scales) else self.extra_scale_last
+            extra = (
+                math.sqrt(scale * self.scales[k + 1]) if k + 1 < len(self.scales) else self.extra_scale_last
+            )
             whs = [(scale, scale), (extra, extra)]
             whs += [(scale * math.sqrt(r), scale / math.sqrt(r)) for r in ratios]
             # the tutorial puts the extra square box right after ratio 1
@@ -69,13 +71,24 @@ class PriorSpec:
         return cls(
             feature_maps=(38, 19, 10, 5, 3, 1),
             scales=(0.1, 0.2, 0.375, 0.55, 0.725, 0.9),
-            aspect_ratios=((2.0, 0.5), (2.0, 3.0, 0.5, 0.333), (2.0, 3.0, 0.5, 0.333),
-                           (2.0, 3.0, 0.5, 0.333), (2.0, 0.5), (2.0, 0.5)),  # 0.333 as in the paper's code
+            aspect_ratios=(
+                (2.0, 0.5),
+                (2.0, 3.0, 0.5, 0.333),
+                (2.0, 3.0, 0.5, 0.333),
+                (2.0, 3.0, 0.5, 0.333),
+                (2.0, 0.5),
+                (2.0, 0.5),
+            ),  # 0.333 as in the paper's code
         )
 
     @classmethod
-    def linear(cls, feature_maps: Sequence[int], min_scale: float, max_scale: float,
-               aspect_ratios: Sequence[Sequence[float]] | None = None) -> PriorSpec:
+    def linear(
+        cls,
+        feature_maps: Sequence[int],
+        min_scale: float,
+        max_scale: float,
+        aspect_ratios: Sequence[Sequence[float]] | None = None,
+    ) -> PriorSpec:
         """Scales spaced linearly from ``min_scale`` to ``max_scale`` (the SSD paper's rule)."""
         n = len(feature_maps)
         scales = [min_scale + (max_scale - min_scale) * k / max(n - 1, 1) for k in range(n)]
@@ -92,16 +105,18 @@ def cxcywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
     return torch.cat([b[..., :2] - b[..., 2:] / 2, b[..., :2] + b[..., 2:] / 2], -1)
 
 
-def encode(boxes_cxcywh: torch.Tensor, priors_cxcywh: torch.Tensor,
-           variances: tuple[float, float] = VARIANCES) -> torch.Tensor:
+def encode(
+    boxes_cxcywh: torch.Tensor, priors_cxcywh: torch.Tensor, variances: tuple[float, float] = VARIANCES
+) -> torch.Tensor:
     """Boxes -> offsets ``(g_cx, g_cy, g_w, g_h)`` w.r.t. priors (broadcasts over leading dims)."""
     centre = (boxes_cxcywh[..., :2] - priors_cxcywh[..., :2]) / (priors_cxcywh[..., 2:] * variances[0])
     size = torch.log(boxes_cxcywh[..., 2:].clamp(min=1e-8) / priors_cxcywh[..., 2:]) / variances[1]
     return torch.cat([centre, size], -1)
 
 
-def decode(offsets: torch.Tensor, priors_cxcywh: torch.Tensor,
-           variances: tuple[float, float] = VARIANCES) -> torch.Tensor:
+def decode(
+    offsets: torch.Tensor, priors_cxcywh: torch.Tensor, variances: tuple[float, float] = VARIANCES
+) -> torch.Tensor:
     """Offsets -> boxes ``cxcywh`` (inverse of :func:`encode`; batched over leading dims)."""
     centre = offsets[..., :2] * variances[0] * priors_cxcywh[..., 2:] + priors_cxcywh[..., :2]
     size = torch.exp(offsets[..., 2:] * variances[1]) * priors_cxcywh[..., 2:]

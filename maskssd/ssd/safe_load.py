@@ -26,7 +26,9 @@ from maskssd.errors import UnsafeCheckpointError
 __all__ = ["TUTORIAL_CLASSES", "InertModule", "InertOptimizer", "safe_load"]
 
 #: The public SSD300 tutorial's model classes (its ``model.py``): whole-module checkpoints reference them.
-TUTORIAL_CLASSES = tuple(f"model.{n}" for n in ("SSD300", "VGGBase", "AuxiliaryConvolutions", "PredictionConvolutions"))
+TUTORIAL_CLASSES = tuple(
+    f"model.{n}" for n in ("SSD300", "VGGBase", "AuxiliaryConvolutions", "PredictionConvolutions")
+)
 
 
 class InertModule:
@@ -36,7 +38,9 @@ class InertModule:
     pickled_as = "torch.nn.Module"
     dump_patches = False  # read by torch.load's check of the source saved with legacy module pickles
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:  # called only by a pickle REDUCE: arguments ignored
+    def __init__(
+        self, *args: Any, **kwargs: Any
+    ) -> None:  # called only by a pickle REDUCE: arguments ignored
         self.__dict__["attributes"] = {}
 
     def __setstate__(self, state: Any) -> None:
@@ -103,8 +107,11 @@ def _stand_in_globals() -> list[tuple[Any, str]]:
         else:
             continue
         seen.add(name)
-    pairs += [(_plain_dict, "collections.defaultdict"), (dict, "builtins.dict"),
-              (_nothing, "torch.nn.backends.thnn._get_thnn_function_backend")]
+    pairs += [
+        (_plain_dict, "collections.defaultdict"),
+        (dict, "builtins.dict"),
+        (_nothing, "torch.nn.backends.thnn._get_thnn_function_backend"),
+    ]
     _stand_ins.extend(pairs)
     return _stand_ins
 
@@ -175,12 +182,17 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.allowed = {k: _fresh(v) if isinstance(v, FunctionType) else v for k, v in _legacy_allowed().items()}
+        self.allowed = {
+            k: _fresh(v) if isinstance(v, FunctionType) else v for k, v in _legacy_allowed().items()
+        }
 
     def find_class(self, module: str, name: str) -> Any:
         import _compat_pickle
 
-        if (module, name) in _compat_pickle.NAME_MAPPING:  # Python 2 names, as pickle's own find_class maps them
+        if (
+            module,
+            name,
+        ) in _compat_pickle.NAME_MAPPING:  # Python 2 names, as pickle's own find_class maps them
             module, name = _compat_pickle.NAME_MAPPING[(module, name)]
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         found = self.allowed.get(f"{module}.{name}")
@@ -190,8 +202,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 #: The ``pickle_module`` for ``torch.load`` of legacy files: :class:`_RestrictedUnpickler` for every pickle.
-_restricted_pickle = SimpleNamespace(__name__="maskssd.checkpoint.restricted_pickle", Unpickler=_RestrictedUnpickler,
-                                     load=lambda f, **kw: _RestrictedUnpickler(f, **kw).load())
+_restricted_pickle = SimpleNamespace(
+    __name__="maskssd.checkpoint.restricted_pickle",
+    Unpickler=_RestrictedUnpickler,
+    load=lambda f, **kw: _RestrictedUnpickler(f, **kw).load(),
+)
 
 
 def safe_load(path: str | Path) -> Any:

@@ -15,8 +15,14 @@ from maskssd.ssd.backbones import VGG16Base
 from maskssd.ssd.detector import IMAGENET_MEAN, IMAGENET_STD, SSDDetector
 from maskssd.ssd.priors import PriorSpec
 
-__all__ = ["PAPER_CLASSES", "SSD300VGG16", "import_reference_checkpoint", "load_reference_checkpoint",
-           "reorder_class_heads"]
+__all__ = [
+    "PAPER_CLASSES",
+    "SSD300VGG16",
+    "import_reference_checkpoint",
+    "load_reference_checkpoint",
+    "reorder_class_heads",
+]
+
 
 class AuxiliaryConvolutions(nn.Module):
     """SSD300's extra layers after conv7 (tutorial names: conv8_1 ... conv11_2)."""
@@ -35,7 +41,12 @@ class AuxiliaryConvolutions(nn.Module):
 
     def forward(self, conv7: torch.Tensor) -> list[torch.Tensor]:
         r, out, x = torch.relu, [], conv7
-        for a, b in (("conv8_1", "conv8_2"), ("conv9_1", "conv9_2"), ("conv10_1", "conv10_2"), ("conv11_1", "conv11_2")):
+        for a, b in (
+            ("conv8_1", "conv8_2"),
+            ("conv9_1", "conv9_2"),
+            ("conv10_1", "conv10_2"),
+            ("conv11_1", "conv11_2"),
+        ):
             x = r(getattr(self, b)(r(getattr(self, a)(x))))
             out.append(x)
         return out
@@ -60,9 +71,14 @@ class PredictionConvolutions(nn.Module):
 
     def forward(self, feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         n = feats[0].shape[0]
-        locs = [getattr(self, f"loc_{m}")(f).permute(0, 2, 3, 1).reshape(n, -1, 4) for m, f in zip(self.MAPS, feats)]
-        cls = [getattr(self, f"cl_{m}")(f).permute(0, 2, 3, 1).reshape(n, -1, self.num_classes)
-               for m, f in zip(self.MAPS, feats)]
+        locs = [
+            getattr(self, f"loc_{m}")(f).permute(0, 2, 3, 1).reshape(n, -1, 4)
+            for m, f in zip(self.MAPS, feats)
+        ]
+        cls = [
+            getattr(self, f"cl_{m}")(f).permute(0, 2, 3, 1).reshape(n, -1, self.num_classes)
+            for m, f in zip(self.MAPS, feats)
+        ]
         return torch.cat(locs, 1), torch.cat(cls, 1)
 
 
@@ -116,8 +132,9 @@ def reference_num_classes(state: dict[str, torch.Tensor]) -> int:
     return int(state["pred_convs.cl_conv4_3.weight"].shape[0]) // PriorSpec.ssd300().boxes_per_location[0]
 
 
-def reorder_class_heads(state: dict[str, torch.Tensor], source: Sequence[str],
-                        target: Sequence[str]) -> dict[str, torch.Tensor]:
+def reorder_class_heads(
+    state: dict[str, torch.Tensor], source: Sequence[str], target: Sequence[str]
+) -> dict[str, torch.Tensor]:
     """A copy of ``state`` whose class heads (``pred_convs.cl_*``) output ``target``'s classes: their output
     channels (``box * n_classes + class``, background first) permuted from ``source``'s order, by name."""
     if sorted(source) != sorted(target):
@@ -134,16 +151,20 @@ def reorder_class_heads(state: dict[str, torch.Tensor], source: Sequence[str],
 def _source_classes(obj: Any, n_classes: int) -> tuple[tuple[str, ...] | None, bool]:
     """The class order (after background) of a loaded checkpoint and whether it was assumed: maskssd's own
     name theirs; a 4-class tutorial-layout one is taken to be the paper's; others are unknown (None)."""
-    if isinstance(obj, dict) and isinstance(obj.get("class_names"), list | tuple) and \
-            len(obj["class_names"]) + 1 == n_classes:
+    if (
+        isinstance(obj, dict)
+        and isinstance(obj.get("class_names"), list | tuple)
+        and len(obj["class_names"]) + 1 == n_classes
+    ):
         return tuple(obj["class_names"]), False
     if n_classes == len(PAPER_CLASSES) + 1:
         return PAPER_CLASSES, True
     return None, False
 
 
-def load_reference_checkpoint(model: nn.Module, source: str | Path | dict,
-                              class_names: Sequence[str] | None = None) -> dict[str, Any]:
+def load_reference_checkpoint(
+    model: nn.Module, source: str | Path | dict, class_names: Sequence[str] | None = None
+) -> dict[str, Any]:
     """Load a tutorial-layout SSD300 checkpoint, dropping tensors whose shape differs (the class heads when
     the number of classes changes), as the reference paper did. Returns what was loaded and dropped.
 
@@ -180,8 +201,13 @@ def load_reference_checkpoint(model: nn.Module, source: str | Path | dict,
     if heads and all(k in state and state[k].shape == own[k].shape for k in heads):
         n = reference_num_classes(state)
         src, assumed = _source_classes(obj, n)
-        target = tuple(class_names) if class_names is not None else \
-            _default_classes() if n == len(PAPER_CLASSES) + 1 else None
+        target = (
+            tuple(class_names)
+            if class_names is not None
+            else _default_classes()
+            if n == len(PAPER_CLASSES) + 1
+            else None
+        )
         if src is not None and target is not None:
             read = "assumed the paper's label order" if assumed else "read the checkpoint's class order"
             names_differ = sorted(src) != sorted(target)
@@ -192,14 +218,23 @@ def load_reference_checkpoint(model: nn.Module, source: str | Path | dict,
                 state = reorder_class_heads(state, src, target)
                 class_order = f"{read} ({', '.join(src)}); class heads mapped by name to {', '.join(target)}"
     loaded = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    dropped = heads if names_differ else sorted(k for k in state if k in own and own[k].shape != state[k].shape)
+    dropped = (
+        heads if names_differ else sorted(k for k in state if k in own and own[k].shape != state[k].shape)
+    )
     unknown = sorted(k for k in state if k not in own)
     if len(loaded) < len(own) // 2:
-        raise MaskSSDError(f"checkpoint does not look like an SSD300 tutorial checkpoint: only {len(loaded)} of "
-                           f"{len(own)} tensors match (unknown keys: {unknown[:5]})")
+        raise MaskSSDError(
+            f"checkpoint does not look like an SSD300 tutorial checkpoint: only {len(loaded)} of "
+            f"{len(own)} tensors match (unknown keys: {unknown[:5]})"
+        )
     model.load_state_dict(loaded, strict=False)
-    return {"loaded": sorted(loaded), "dropped": dropped, "unknown": unknown,
-            "missing": sorted(k for k in own if k not in loaded), "class_order": class_order}
+    return {
+        "loaded": sorted(loaded),
+        "dropped": dropped,
+        "unknown": unknown,
+        "missing": sorted(k for k in own if k not in loaded),
+        "class_order": class_order,
+    }
 
 
 def _default_classes() -> tuple[str, ...]:
@@ -208,8 +243,9 @@ def _default_classes() -> tuple[str, ...]:
     return DEFAULT_CLASSES
 
 
-def import_reference_checkpoint(obj: Any, path: str | Path,
-                                class_names: Sequence[str] | None = None) -> dict[str, Any] | None:
+def import_reference_checkpoint(
+    obj: Any, path: str | Path, class_names: Sequence[str] | None = None
+) -> dict[str, Any] | None:
     """A checkpoint of the reference paper's code as a maskssd deployment checkpoint, or None when ``obj``
     holds no tutorial-layout SSD300.
 
@@ -223,19 +259,25 @@ def import_reference_checkpoint(obj: Any, path: str | Path,
         return None
     n = reference_num_classes(state)
     if n == 21:
-        raise MaskSSDError(f"{path}: a 21-class (Pascal VOC) SSD300 of the tutorial: the paper's starting point, "
-                           "not a face-mask detector, so there is nothing to evaluate or export. Train from it: "
-                           "set model.init_checkpoint to this file (model.name = \"ssd300_vgg16\")")
+        raise MaskSSDError(
+            f"{path}: a 21-class (Pascal VOC) SSD300 of the tutorial: the paper's starting point, "
+            "not a face-mask detector, so there is nothing to evaluate or export. Train from it: "
+            'set model.init_checkpoint to this file (model.name = "ssd300_vgg16")'
+        )
     if n != len(PAPER_CLASSES) + 1:
-        raise MaskSSDError(f"{path}: a tutorial-layout SSD300 with {n - 1} classes; maskssd reads the paper's "
-                           f"{len(PAPER_CLASSES)} face-mask classes ({', '.join(PAPER_CLASSES)})")
+        raise MaskSSDError(
+            f"{path}: a tutorial-layout SSD300 with {n - 1} classes; maskssd reads the paper's "
+            f"{len(PAPER_CLASSES)} face-mask classes ({', '.join(PAPER_CLASSES)})"
+        )
     with torch.device("meta"):
         expected = {k: v.shape for k, v in SSD300VGG16(n).state_dict().items()}
     missing = sorted(k for k in expected if k not in state)
     wrong = sorted(k for k in expected if k in state and state[k].shape != expected[k])
     if missing or wrong:
-        raise MaskSSDError(f"{path}: not a complete SSD300 of the tutorial's layout (missing {missing[:3]}, "
-                           f"shapes differ {wrong[:3]})")
+        raise MaskSSDError(
+            f"{path}: not a complete SSD300 of the tutorial's layout (missing {missing[:3]}, "
+            f"shapes differ {wrong[:3]})"
+        )
     target = tuple(class_names) if class_names is not None else _default_classes()
     src, assumed = _source_classes(obj, n)
     assert src is not None  # 4 classes: named by the file, else the paper's
@@ -243,8 +285,16 @@ def import_reference_checkpoint(obj: Any, path: str | Path,
     epoch = obj.get("epoch", 0) if isinstance(obj, dict) else 0
     where = "model_state_dict" if isinstance(obj, dict) and "model_state_dict" in obj else "model"
     order = "assumed the paper's label order" if assumed else "read the file's class order"
-    note = (f"{path} is a checkpoint of the reference paper's code (tutorial layout, 4 classes under "
-            f"{where!r}); {order} ({', '.join(src)}) and mapped its classes by name to {', '.join(target)}")
-    return {"format": 1, "model": state, "build_args": {"name": "ssd300_vgg16", "num_classes": n},
-            "class_names": list(target), "epoch": int(epoch) if isinstance(epoch, int | float) else 0,
-            "source_class_names": list(src), "import_note": note}
+    note = (
+        f"{path} is a checkpoint of the reference paper's code (tutorial layout, 4 classes under "
+        f"{where!r}); {order} ({', '.join(src)}) and mapped its classes by name to {', '.join(target)}"
+    )
+    return {
+        "format": 1,
+        "model": state,
+        "build_args": {"name": "ssd300_vgg16", "num_classes": n},
+        "class_names": list(target),
+        "epoch": int(epoch) if isinstance(epoch, int | float) else 0,
+        "source_class_names": list(src),
+        "import_note": note,
+    }

@@ -16,6 +16,7 @@ from maskssd.ssd.priors import PriorSpec
 
 __all__ = ["SSDLite"]
 
+
 def _dw_extra(cin: int, cout: int) -> nn.Sequential:
     """SSDLite extra layer: 1x1 to cout/2, 3x3 depthwise stride 2, 1x1 to cout."""
     mid = cout // 2
@@ -35,10 +36,19 @@ class SSDLite(SSDDetector):
     so they are the same with or without a neck.
     """
 
-    def __init__(self, backbone: Backbone, extra_channels: Sequence[int], num_classes: int, input_size: int,
-                 min_scale: float = 0.1, max_scale: float = 0.95,
-                 aspect_ratios: Sequence[float] = (2.0, 0.5, 3.0, 1 / 3), background_prior: float = 0.99,
-                 scales: Sequence[float] | None = None, neck: nn.Module | None = None):
+    def __init__(
+        self,
+        backbone: Backbone,
+        extra_channels: Sequence[int],
+        num_classes: int,
+        input_size: int,
+        min_scale: float = 0.1,
+        max_scale: float = 0.95,
+        aspect_ratios: Sequence[float] = (2.0, 0.5, 3.0, 1 / 3),
+        background_prior: float = 0.99,
+        scales: Sequence[float] | None = None,
+        neck: nn.Module | None = None,
+    ):
         channels = list(backbone.out_channels)
         extras = []
         for c in extra_channels:
@@ -58,7 +68,9 @@ class SSDLite(SSDDetector):
         ratios = tuple(tuple(aspect_ratios) for _ in fmaps)
         if scales is not None:
             if len(scales) != len(fmaps):
-                raise MaskSSDError(f"model.scales needs one scale per feature map ({len(fmaps)}), got {len(scales)}")
+                raise MaskSSDError(
+                    f"model.scales needs one scale per feature map ({len(fmaps)}), got {len(scales)}"
+                )
             spec = PriorSpec(tuple(fmaps), tuple(scales), ratios)
         else:
             spec = PriorSpec.linear(fmaps, min_scale, max_scale, ratios)
@@ -71,8 +83,12 @@ class SSDLite(SSDDetector):
         nb = spec.boxes_per_location
         self.loc_head = nn.ModuleList(_dw_pred(c, b * 4) for c, b in zip(channels, nb))
         self.cls_head = nn.ModuleList(_dw_pred(c, b * num_classes) for c, b in zip(channels, nb))
-        own = [*(neck.modules() if neck is not None else ()), *self.extras.modules(), *self.loc_head.modules(),
-               *self.cls_head.modules()]
+        own = [
+            *(neck.modules() if neck is not None else ()),
+            *self.extras.modules(),
+            *self.loc_head.modules(),
+            *self.cls_head.modules(),
+        ]
         for m in own:
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.03)

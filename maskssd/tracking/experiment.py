@@ -49,7 +49,11 @@ def run_experiment(
     Under torchrun (``WORLD_SIZE`` > 1) every rank trains; rank 0 alone owns the MLflow run.
     """
     info = distributed.DistInfo.from_env()
-    device = distributed.setup(info, cfg.experiment.device) if info.enabled else resolve_device(cfg.experiment.device)
+    device = (
+        distributed.setup(info, cfg.experiment.device)
+        if info.enabled
+        else resolve_device(cfg.experiment.device)
+    )
     try:
         run, cfg = _open_run(cfg, info, tracking_uri, run_name, resume_run_id, parent_run_id, tags)
         if on_start is not None and info.is_main:
@@ -60,9 +64,15 @@ def run_experiment(
             distributed.teardown()
 
 
-def _open_run(cfg: ExperimentConfig, info: distributed.DistInfo, tracking_uri: str | None, run_name: str | None,
-              resume_run_id: str | None, parent_run_id: str | None,
-              tags: Mapping[str, str] | None) -> tuple[runs.MlflowRun, ExperimentConfig]:
+def _open_run(
+    cfg: ExperimentConfig,
+    info: distributed.DistInfo,
+    tracking_uri: str | None,
+    run_name: str | None,
+    resume_run_id: str | None,
+    parent_run_id: str | None,
+    tags: Mapping[str, str] | None,
+) -> tuple[runs.MlflowRun, ExperimentConfig]:
     """The run (new, or the resumed one with its own config); other ranks get a read-only view of it."""
     client = runs.client(tracking_uri)
     run: runs.MlflowRun | None = None
@@ -79,8 +89,13 @@ def _open_run(cfg: ExperimentConfig, info: distributed.DistInfo, tracking_uri: s
             text = run.download("config.json", tmp).read_text()
         cfg = validate(json.loads(text), f"run {resume_run_id} config.json")
     if info.is_main:
-        log.info("MLflow run %s in experiment %s (%s)%s", run.run_id, cfg.experiment.name, client.tracking_uri,
-                 f", {info.world} processes" if info.enabled else "")
+        log.info(
+            "MLflow run %s in experiment %s (%s)%s",
+            run.run_id,
+            cfg.experiment.name,
+            client.tracking_uri,
+            f", {info.world} processes" if info.enabled else "",
+        )
     return run, cfg
 
 
@@ -92,14 +107,30 @@ def _source_tags(cfg: ExperimentConfig) -> dict[str, str]:
     return tags
 
 
-def _tracked(cfg: ExperimentConfig, run: runs.MlflowRun, info: distributed.DistInfo, device: torch.device,
-             resuming: bool, on_eval: list[EvalHook], progress: bool, log_model: bool) -> RunResult:
+def _tracked(
+    cfg: ExperimentConfig,
+    run: runs.MlflowRun,
+    info: distributed.DistInfo,
+    device: torch.device,
+    resuming: bool,
+    on_eval: list[EvalHook],
+    progress: bool,
+    log_model: bool,
+) -> RunResult:
     try:
         if info.is_main and not resuming:
             run.set_tags(_source_tags(cfg))
         with sigterm_as_interrupt():
-            result = train_experiment(cfg, run, resuming=resuming, on_eval=on_eval, progress=progress and info.is_main,
-                                      log_model=log_model, info=info, device=device)
+            result = train_experiment(
+                cfg,
+                run,
+                resuming=resuming,
+                on_eval=on_eval,
+                progress=progress and info.is_main,
+                log_model=log_model,
+                info=info,
+                device=device,
+            )
         run.finish("FINISHED")
         return result
     except TrainingInterrupted as e:

@@ -55,11 +55,17 @@ def _metric(c: mlflow.runs.MlflowClient, run_id: str, metric: str) -> float:
     return float("nan") if value is None else float(value)
 
 
-def best_run(c: mlflow.runs.MlflowClient, experiment: str, metric: str, maximize: bool = True,
-             require_model: bool = True) -> str:
+def best_run(
+    c: mlflow.runs.MlflowClient,
+    experiment: str,
+    metric: str,
+    maximize: bool = True,
+    require_model: bool = True,
+) -> str:
     """The finished run of an experiment with the best ``metric`` (that logged a model)."""
-    found = runs.runs_table(c, experiment, max_results=1000,
-                            order_by=[f"metrics.{metric} {'DESC' if maximize else 'ASC'}"])
+    found = runs.runs_table(
+        c, experiment, max_results=1000, order_by=[f"metrics.{metric} {'DESC' if maximize else 'ASC'}"]
+    )
     for r in found:
         if r.info.status != "FINISHED" or metric not in r.data.metrics:
             continue
@@ -72,12 +78,22 @@ def best_run(c: mlflow.runs.MlflowClient, experiment: str, metric: str, maximize
 def _has_model(c: mlflow.runs.MlflowClient, run_id: str) -> bool:
     """Whether the run logged a model (MLflow 3 keeps logged models beside, not inside, run artifacts)."""
     exp = c.get_run(run_id).info.experiment_id
-    return bool(c.search_logged_models(experiment_ids=[exp], filter_string=f"source_run_id = '{run_id}'",
-                                       max_results=1))
+    return bool(
+        c.search_logged_models(
+            experiment_ids=[exp], filter_string=f"source_run_id = '{run_id}'", max_results=1
+        )
+    )
 
 
-def promote(run_id: str, name: str = DEFAULT_MODEL_NAME, metric: str = "best_val_map", maximize: bool = True,
-            force: bool = False, tracking_uri: str | None = None, extra_tags: dict[str, str] | None = None) -> Promotion:
+def promote(
+    run_id: str,
+    name: str = DEFAULT_MODEL_NAME,
+    metric: str = "best_val_map",
+    maximize: bool = True,
+    force: bool = False,
+    tracking_uri: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> Promotion:
     """Register ``runs:/RUN_ID/model`` as a new version with lineage tags; move ``champion`` if it is better."""
     c = runs.client(tracking_uri)
     try:
@@ -85,7 +101,9 @@ def promote(run_id: str, name: str = DEFAULT_MODEL_NAME, metric: str = "best_val
     except mlflow.exceptions.MlflowException:
         raise MaskSSDError(f"no MLflow run {run_id} in {c.tracking_uri}") from None
     if run.info.status != "FINISHED":
-        raise MaskSSDError(f"run {run_id} is {run.info.status}; only finished runs with a logged model are promoted")
+        raise MaskSSDError(
+            f"run {run_id} is {run.info.status}; only finished runs with a logged model are promoted"
+        )
     value = _metric(c, run_id, metric)
     if math.isnan(value):
         raise MaskSSDError(f"run {run_id} has no metric {metric!r}")
@@ -105,13 +123,18 @@ def promote(run_id: str, name: str = DEFAULT_MODEL_NAME, metric: str = "best_val
     try:
         c.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
-        c.create_registered_model(name, description="maskssd face-mask detector (SSD); see version tags for lineage")
+        c.create_registered_model(
+            name, description="maskssd face-mask detector (SSD); see version tags for lineage"
+        )
     mv = mlflow.register_model(f"runs:/{run_id}/model", name, tags=tags)
     try:
         champion = c.get_model_version_by_alias(name, CHAMPION)
         champ_version: str | None = champion.version
-        champ_value = float(champion.tags.get("selection_value", "nan")) \
-            if champion.tags.get("selection_metric") == metric else _metric(c, champion.run_id, metric)
+        champ_value = (
+            float(champion.tags.get("selection_value", "nan"))
+            if champion.tags.get("selection_metric") == metric
+            else _metric(c, champion.run_id, metric)
+        )
     except mlflow.exceptions.MlflowException:
         champ_version, champ_value = None, None
     if champ_version is None:
@@ -123,7 +146,10 @@ def promote(run_id: str, name: str = DEFAULT_MODEL_NAME, metric: str = "best_val
     elif (value > champ_value) if maximize else (value < champ_value):
         move, reason = True, f"{metric} {value:.4f} beats champion v{champ_version} ({champ_value:.4f})"
     else:
-        move, reason = False, f"{metric} {value:.4f} does not beat champion v{champ_version} ({champ_value:.4f})"
+        move, reason = (
+            False,
+            f"{metric} {value:.4f} does not beat champion v{champ_version} ({champ_value:.4f})",
+        )
     if move:
         c.set_registered_model_alias(name, CHAMPION, mv.version)
     c.set_model_version_tag(name, mv.version, "promotion", reason)

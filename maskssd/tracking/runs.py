@@ -108,10 +108,16 @@ def experiment_id(c: MlflowClient, name: str) -> str:
 def git_info(path: str | Path = ".") -> dict[str, str]:
     """Commit and dirtiness of the working tree (empty outside a git checkout)."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=path,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return {"mlflow.source.git.commit": commit, "git_dirty": str(bool(dirty)).lower()}
     except (OSError, subprocess.SubprocessError):
         return {}
@@ -124,8 +130,14 @@ class MlflowRun:
         self.client, self.run_id = c, run_id
 
     @classmethod
-    def start(cls, c: MlflowClient, experiment: str, run_name: str | None = None,
-              tags: Mapping[str, str] | None = None, parent_run_id: str | None = None) -> MlflowRun:
+    def start(
+        cls,
+        c: MlflowClient,
+        experiment: str,
+        run_name: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        parent_run_id: str | None = None,
+    ) -> MlflowRun:
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
@@ -145,18 +157,18 @@ class MlflowRun:
     def log_params(self, params: Mapping[str, Any]) -> None:
         items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         items = [RunTag(k, str(v)) for k, v in tags.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, tags=items[i:i + 100])
+            self.client.log_batch(self.run_id, tags=items[i : i + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
         for i in range(0, len(items), 500):
-            self.client.log_batch(self.run_id, metrics=items[i:i + 500])
+            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -185,8 +197,14 @@ class MlflowRun:
     def download(self, artifact_path: str, dst: str | Path) -> Path:
         Path(dst).mkdir(parents=True, exist_ok=True)
         try:
-            return Path(mlflow.artifacts.download_artifacts(run_id=self.run_id, artifact_path=artifact_path,
-                                                            dst_path=str(dst), tracking_uri=self.client.tracking_uri))
+            return Path(
+                mlflow.artifacts.download_artifacts(
+                    run_id=self.run_id,
+                    artifact_path=artifact_path,
+                    dst_path=str(dst),
+                    tracking_uri=self.client.tracking_uri,
+                )
+            )
         except (mlflow.exceptions.MlflowException, OSError) as e:
             raise MaskSSDError(f"run {self.run_id} has no artifact {artifact_path!r} ({e})") from None
 
@@ -238,9 +256,17 @@ def log_model(run: MlflowRun, deploy_checkpoint: Path, extra_tags: Mapping[str, 
 
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), "images")]),
-        outputs=Schema([ColSpec("long", "image_index"), ColSpec("double", "x1"), ColSpec("double", "y1"),
-                        ColSpec("double", "x2"), ColSpec("double", "y2"), ColSpec("string", "label"),
-                        ColSpec("double", "score")]),
+        outputs=Schema(
+            [
+                ColSpec("long", "image_index"),
+                ColSpec("double", "x1"),
+                ColSpec("double", "y1"),
+                ColSpec("double", "x2"),
+                ColSpec("double", "y2"),
+                ColSpec("string", "label"),
+                ColSpec("double", "score"),
+            ]
+        ),
     )
     example = np.zeros((1, 64, 64, 3), dtype=np.uint8)
     code = Path(maskssd.__file__).parent
@@ -254,17 +280,32 @@ def log_model(run: MlflowRun, deploy_checkpoint: Path, extra_tags: Mapping[str, 
             code_paths=[str(code)],
             signature=signature,
             input_example=example,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                              f"torchvision=={torchvision.__version__.split('+')[0]}",
-                              "timm", "numpy", "numba", "pillow", "pandas", "defusedxml", "pydantic", "rich"],
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"torchvision=={torchvision.__version__.split('+')[0]}",
+                "timm",
+                "numpy",
+                "numba",
+                "pillow",
+                "pandas",
+                "defusedxml",
+                "pydantic",
+                "rich",
+            ],
             tags=dict(extra_tags or {}),
         )
-    run.client.update_run(run.run_id, status="RUNNING")  # the fluent context closed it; the caller finishes it
+    run.client.update_run(
+        run.run_id, status="RUNNING"
+    )  # the fluent context closed it; the caller finishes it
     return info.model_uri
 
 
-def runs_table(c: MlflowClient, experiment: str | None = None, max_results: int = 200,
-               order_by: Iterable[str] = ("attributes.start_time DESC",)) -> list[Any]:
+def runs_table(
+    c: MlflowClient,
+    experiment: str | None = None,
+    max_results: int = 200,
+    order_by: Iterable[str] = ("attributes.start_time DESC",),
+) -> list[Any]:
     """Runs of one experiment (or all), newest first."""
     if experiment:
         exp = c.get_experiment_by_name(experiment)

@@ -43,8 +43,10 @@ class PrunedTrial(optuna.TrialPruned):
 
 def default_storage_url() -> str:
     """``sqlite:///<cwd>/mlruns/optuna.db`` (or ``$MASKSSD_OPTUNA_STORAGE``)."""
-    return os.environ.get("MASKSSD_OPTUNA_STORAGE") or \
-        f"sqlite:///{(Path.cwd() / LOCAL_DIR / 'optuna.db').as_posix()}"
+    return (
+        os.environ.get("MASKSSD_OPTUNA_STORAGE")
+        or f"sqlite:///{(Path.cwd() / LOCAL_DIR / 'optuna.db').as_posix()}"
+    )
 
 
 def make_storage(url: str | None, cfg: StudyConfig) -> optuna.storages.BaseStorage:
@@ -68,9 +70,16 @@ def make_storage(url: str | None, cfg: StudyConfig) -> optuna.storages.BaseStora
     s = cfg.study
     try:
         # workers starting at once must not race to create the schema
-        return runs.open_store(url, lambda: optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=s.heartbeat_interval,
-            grace_period=s.grace_period, failed_trial_callback=_FailedTrialCallback(s.max_retry)))
+        return runs.open_store(
+            url,
+            lambda: optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=s.heartbeat_interval,
+                grace_period=s.grace_period,
+                failed_trial_callback=_FailedTrialCallback(s.max_retry),
+            ),
+        )
     except Exception as e:  # unreachable server, bad URL, missing driver
         raise MaskSSDError(f"cannot open Optuna storage {_redact(url)}: {e}") from None
 
@@ -79,7 +88,9 @@ class _FailedTrialCallback:
     """A stale trial (its worker died): mark its MLflow run FAILED, then retry it up to ``max_retry`` times."""
 
     def __init__(self, max_retry: int):
-        self.retry = optuna.storages.RetryFailedTrialCallback(max_retry=max_retry, inherit_intermediate_values=False)
+        self.retry = optuna.storages.RetryFailedTrialCallback(
+            max_retry=max_retry, inherit_intermediate_values=False
+        )
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         run_id = trial.user_attrs.get("mlflow_run_id")
@@ -98,7 +109,9 @@ def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
     if s.name == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
     if s.name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=s.seed, n_startup_trials=s.n_startup_trials, warn_independent_sampling=False)
+        return optuna.samplers.CmaEsSampler(
+            seed=s.seed, n_startup_trials=s.n_startup_trials, warn_independent_sampling=False
+        )
     if s.name == "grid":
         grid = {}
         for name, p in cfg.space.items():
@@ -113,17 +126,25 @@ def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
     with warnings.catch_warnings():  # multivariate/group/constant_liar: "experimental" flags, long stable
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         # constant_liar: parallel workers do not all sample next to the same running trial
-        return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials,
-                                          multivariate=s.multivariate, group=s.multivariate, constant_liar=True)
+        return optuna.samplers.TPESampler(
+            seed=s.seed,
+            n_startup_trials=s.n_startup_trials,
+            multivariate=s.multivariate,
+            group=s.multivariate,
+            constant_liar=True,
+        )
 
 
 def make_pruner(cfg: StudyConfig, epochs: int) -> optuna.pruners.BasePruner:
     p = cfg.pruner
     if p.name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps
+        )
     if p.name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=epochs,
-                                              reduction_factor=p.reduction_factor)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=p.min_resource, max_resource=epochs, reduction_factor=p.reduction_factor
+        )
     return optuna.pruners.NopPruner()
 
 
@@ -134,7 +155,11 @@ class _Budget:
         self.n = n_trials
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+        states = (
+            optuna.trial.TrialState.COMPLETE,
+            optuna.trial.TrialState.PRUNED,
+            optuna.trial.TrialState.RUNNING,
+        )
         done = len(study.get_trials(deepcopy=False, states=states))
         failed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
         if done >= self.n or failed >= max(self.n, 3):
@@ -143,7 +168,11 @@ class _Budget:
 
 def remaining(study: optuna.Study, n_trials: int) -> int:
     """Trials still to start: the budget less finished and running ones (enqueued retries still count as to-do)."""
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+    states = (
+        optuna.trial.TrialState.COMPLETE,
+        optuna.trial.TrialState.PRUNED,
+        optuna.trial.TrialState.RUNNING,
+    )
     return max(n_trials - len(study.get_trials(deepcopy=False, states=states)), 0)
 
 
@@ -162,13 +191,22 @@ def parent_run(c: Any, cfg: StudyConfig, study: optuna.Study, storage_url: str) 
     exp_id = runs.experiment_id(c, cfg.mlflow_experiment)
     storage = _redact(storage_url)
     # one parent per (study name, storage): a study of the same name in another storage gets its own
-    query = (f"tags.`optuna.study_name` = '{cfg.study.name}' and tags.`maskssd.role` = 'study' "
-             f"and tags.`optuna.storage` = '{storage}'")
+    query = (
+        f"tags.`optuna.study_name` = '{cfg.study.name}' and tags.`maskssd.role` = 'study' "
+        f"and tags.`optuna.storage` = '{storage}'"
+    )
     existing = c.search_runs([exp_id], query, order_by=["attributes.start_time ASC"], max_results=5)
     if not existing:
-        run = c.create_run(exp_id, run_name=f"study-{cfg.study.name}",
-                           tags={"optuna.study_name": cfg.study.name, "maskssd.role": "study",
-                                 "optuna.storage": storage, **runs.git_info(Path(__file__).parent)})
+        run = c.create_run(
+            exp_id,
+            run_name=f"study-{cfg.study.name}",
+            tags={
+                "optuna.study_name": cfg.study.name,
+                "maskssd.role": "study",
+                "optuna.storage": storage,
+                **runs.git_info(Path(__file__).parent),
+            },
+        )
         existing = c.search_runs([exp_id], query, order_by=["attributes.start_time ASC"], max_results=5)
         if existing[0].info.run_id != run.info.run_id:  # another worker created one first: use the earliest
             c.delete_run(run.info.run_id)
@@ -185,6 +223,7 @@ def _redact(url: str) -> str:
 
 def make_objective(cfg: StudyConfig, base: Path, study_path: Path, parent_id: str, tracking_uri: str | None):
     """One trial: sample, build the trial's experiment, run it as a nested MLflow run, return the objective."""
+
     def objective(trial: optuna.Trial) -> float:
         values = sample(trial, cfg)
         try:
@@ -203,17 +242,30 @@ def make_objective(cfg: StudyConfig, base: Path, study_path: Path, parent_id: st
             if trial.should_prune():
                 raise PrunedTrial(epoch, value)
 
-        tags = {"optuna.study_name": cfg.study.name, "optuna.trial_number": str(trial.number),
-                "study": cfg.study.name, "trial": str(trial.number), "maskssd.role": "trial",
-                **{f"optuna.param.{k}": str(v) for k, v in values.items()}}
+        tags = {
+            "optuna.study_name": cfg.study.name,
+            "optuna.trial_number": str(trial.number),
+            "study": cfg.study.name,
+            "trial": str(trial.number),
+            "maskssd.role": "trial",
+            **{f"optuna.param.{k}": str(v) for k, v in values.items()},
+        }
 
         def started(run_id: str) -> None:
             trial.set_user_attr("mlflow_run_id", run_id)
 
         try:
-            result = run_experiment(exp, tracking_uri=tracking_uri, run_name=f"trial-{trial.number:03d}",
-                                    parent_run_id=parent_id, tags=tags, on_eval=[report], progress=False,
-                                    log_model=cfg.study.log_models, on_start=started)
+            result = run_experiment(
+                exp,
+                tracking_uri=tracking_uri,
+                run_name=f"trial-{trial.number:03d}",
+                parent_run_id=parent_id,
+                tags=tags,
+                on_eval=[report],
+                progress=False,
+                log_model=cfg.study.log_models,
+                on_start=started,
+            )
         except optuna.TrialPruned:
             _tag_state(tracking_uri, trial, "PRUNED")
             raise
@@ -245,10 +297,17 @@ def _tag_state(tracking_uri: str | None, trial: optuna.Trial, state: str) -> Non
 
 
 # --------------------------------------------------------------------------------------------- CLI
-def open_study(cfg: StudyConfig, storage: optuna.storages.BaseStorage, name: str | None = None,
-               epochs: int = 10) -> optuna.Study:
-    return optuna.create_study(study_name=name or cfg.study.name, storage=storage, sampler=make_sampler(cfg),
-                               pruner=make_pruner(cfg, epochs), direction=cfg.study.direction, load_if_exists=True)
+def open_study(
+    cfg: StudyConfig, storage: optuna.storages.BaseStorage, name: str | None = None, epochs: int = 10
+) -> optuna.Study:
+    return optuna.create_study(
+        study_name=name or cfg.study.name,
+        storage=storage,
+        sampler=make_sampler(cfg),
+        pruner=make_pruner(cfg, epochs),
+        direction=cfg.study.direction,
+        load_if_exists=True,
+    )
 
 
 @dataclass
@@ -271,9 +330,16 @@ class StudyReport:
     importances: dict[str, float] = field(default_factory=dict)
 
 
-def run_study(config: str | Path, *, n_trials: int | None = None, storage: str | None = None,
-              study_name: str | None = None, tracking_uri: str | None = None, timeout: float | None = None,
-              report: bool = True) -> StudyOutcome:
+def run_study(
+    config: str | Path,
+    *,
+    n_trials: int | None = None,
+    storage: str | None = None,
+    study_name: str | None = None,
+    tracking_uri: str | None = None,
+    timeout: float | None = None,
+    report: bool = True,
+) -> StudyOutcome:
     """Create or resume the study of a study TOML and work on it until its shared budget is spent."""
     cfg, base = load_study_config(config)
     if study_name:
@@ -290,37 +356,66 @@ def run_study(config: str | Path, *, n_trials: int | None = None, storage: str |
     parent = parent_run(c, cfg, study, storage_url)
     with warnings.catch_warnings():  # experimental in Optuna's API, stable in behaviour since v2.9
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # trials of dead workers: FAIL (MLflow run too), then retried
+        optuna.storages.fail_stale_trials(
+            study
+        )  # trials of dead workers: FAIL (MLflow run too), then retried
     todo = remaining(study, n_trials)
-    log.info("study %s: %d trials so far, budget %d, %d to go; MLflow parent run %s in experiment %s",
-             cfg.study.name, len(study.trials), n_trials, todo, parent, cfg.mlflow_experiment)
+    log.info(
+        "study %s: %d trials so far, budget %d, %d to go; MLflow parent run %s in experiment %s",
+        cfg.study.name,
+        len(study.trials),
+        n_trials,
+        todo,
+        parent,
+        cfg.mlflow_experiment,
+    )
     _log_study_params(runs.MlflowRun(c, parent), study, cfg, base, n_trials, config)
     if todo > 0:
         objective = make_objective(cfg, base, Path(config), parent, tracking_uri)
         timeout = timeout or cfg.study.timeout or None
-        study.optimize(objective, n_trials=None if timeout else todo + 2 * n_trials, timeout=timeout,
-                       catch=(Exception,), callbacks=[_Budget(n_trials)], gc_after_trial=True)
+        study.optimize(
+            objective,
+            n_trials=None if timeout else todo + 2 * n_trials,
+            timeout=timeout,
+            catch=(Exception,),
+            callbacks=[_Budget(n_trials)],
+            gc_after_trial=True,
+        )
     states = {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in optuna.trial.TrialState}
     finished = states.get("COMPLETE", 0) + states.get("PRUNED", 0)
     if finished >= n_trials and not states.get("RUNNING"):
         c.set_terminated(parent, "FINISHED")
-    return StudyOutcome(cfg.study.name, parent, {k: v for k, v in states.items() if v},
-                        summarize(study, c, parent) if report else None)
+    return StudyOutcome(
+        cfg.study.name,
+        parent,
+        {k: v for k, v in states.items() if v},
+        summarize(study, c, parent) if report else None,
+    )
 
 
-def _log_study_params(run: runs.MlflowRun, study: optuna.Study, cfg: StudyConfig, base: Path, n_trials: int,
-                      config: str | Path) -> None:
+def _log_study_params(
+    run: runs.MlflowRun, study: optuna.Study, cfg: StudyConfig, base: Path, n_trials: int, config: str | Path
+) -> None:
     if study.user_attrs.get("params_logged"):
         return
-    run.log_params({"study.n_trials": n_trials, "study.objective": cfg.study.objective,
-                    "study.direction": cfg.study.direction, "sampler": cfg.sampler.name,
-                    "pruner": cfg.pruner.name, "base_experiment": str(base.name),
-                    **{f"space.{k}": p.model_dump_json(exclude_defaults=True) for k, p in cfg.space.items()}})
+    run.log_params(
+        {
+            "study.n_trials": n_trials,
+            "study.objective": cfg.study.objective,
+            "study.direction": cfg.study.direction,
+            "sampler": cfg.sampler.name,
+            "pruner": cfg.pruner.name,
+            "base_experiment": str(base.name),
+            **{f"space.{k}": p.model_dump_json(exclude_defaults=True) for k, p in cfg.space.items()},
+        }
+    )
     run.log_artifact(config, "study")
     study.set_user_attr("params_logged", True)
 
 
-def best_trial_run(name: str, storage_url: str | None, tracking_uri: str | None) -> tuple[str, dict[str, str]]:
+def best_trial_run(
+    name: str, storage_url: str | None, tracking_uri: str | None
+) -> tuple[str, dict[str, str]]:
     """The MLflow run of a study's best trial, and lineage tags for the registry."""
     study = load_study(name, storage_url)
     try:
@@ -354,12 +449,21 @@ def summarize(study: optuna.Study, c: Any, parent_run_id: str | None, top: int =
     rep = StudyReport(study.study_name, study.direction.name.lower())
     for tr in sorted(complete, key=lambda x: x.value, reverse=reverse)[:top]:
         epoch = tr.user_attrs.get("best_epoch")
-        rep.best.append((tr.number, tr.value, tr.user_attrs.get("test_map"), int(epoch) if epoch else None,
-                         dict(tr.params), str(tr.user_attrs.get("mlflow_run_id", ""))))
+        rep.best.append(
+            (
+                tr.number,
+                tr.value,
+                tr.user_attrs.get("test_map"),
+                int(epoch) if epoch else None,
+                dict(tr.params),
+                str(tr.user_attrs.get("mlflow_run_id", "")),
+            )
+        )
     if len(complete) >= 3:
         try:
             rep.importances = optuna.importance.get_param_importances(
-                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+            )
         except (RuntimeError, ValueError) as e:
             log.warning("no parameter importances: %s", e)
     if parent_run_id:
@@ -369,15 +473,26 @@ def summarize(study: optuna.Study, c: Any, parent_run_id: str | None, top: int =
     return rep
 
 
-def _log_summary(study: optuna.Study, run: runs.MlflowRun, importances: Mapping[str, float], n_complete: int) -> None:
+def _log_summary(
+    study: optuna.Study, run: runs.MlflowRun, importances: Mapping[str, float], n_complete: int
+) -> None:
     best = study.best_trial
     count = lambda state: len(study.get_trials(deepcopy=False, states=(state,)))  # noqa: E731
-    run.log_metrics({"best_value": best.value, "best_trial": best.number, "n_complete": n_complete,
-                     "n_pruned": count(optuna.trial.TrialState.PRUNED),
-                     "n_failed": count(optuna.trial.TrialState.FAIL)}, step=len(study.trials))
+    run.log_metrics(
+        {
+            "best_value": best.value,
+            "best_trial": best.number,
+            "n_complete": n_complete,
+            "n_pruned": count(optuna.trial.TrialState.PRUNED),
+            "n_failed": count(optuna.trial.TrialState.FAIL),
+        },
+        step=len(study.trials),
+    )
     run.set_tags({"best_trial": best.number, "best_run_id": best.user_attrs.get("mlflow_run_id", "")})
-    run.log_dict({"importances": dict(importances), "best_params": best.params, "best_value": best.value},
-                 "study/summary.json")
+    run.log_dict(
+        {"importances": dict(importances), "best_params": best.params, "best_value": best.value},
+        "study/summary.json",
+    )
 
 
 def _fmt(v: Any) -> str:
@@ -394,13 +509,16 @@ def _log_plots(study: optuna.Study, c: Any, parent_run_id: str, importances: Map
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
-    plots = {"optimization_history": lambda: ovm.plot_optimization_history(study),
-             "intermediate_values": lambda: ovm.plot_intermediate_values(study),
-             "parallel_coordinate": lambda: ovm.plot_parallel_coordinate(study),
-             "slice": lambda: ovm.plot_slice(study)}
+    plots = {
+        "optimization_history": lambda: ovm.plot_optimization_history(study),
+        "intermediate_values": lambda: ovm.plot_intermediate_values(study),
+        "parallel_coordinate": lambda: ovm.plot_parallel_coordinate(study),
+        "slice": lambda: ovm.plot_slice(study),
+    }
     if importances:
         plots["param_importances"] = lambda: ovm.plot_param_importances(
-            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+        )
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name, fn in plots.items():

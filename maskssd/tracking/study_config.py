@@ -20,8 +20,17 @@ from maskssd.training.config import (
     validate,
 )
 
-__all__ = ["ParamSpec", "PrunerSpec", "SamplerSpec", "StudyConfig", "StudySection", "first_value",
-           "load_study_config", "sample", "trial_config"]
+__all__ = [
+    "ParamSpec",
+    "PrunerSpec",
+    "SamplerSpec",
+    "StudyConfig",
+    "StudySection",
+    "first_value",
+    "load_study_config",
+    "sample",
+    "trial_config",
+]
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -40,7 +49,9 @@ class ParamSpec(_S):
     step: float | None = None
     choices: list[Any] | None = None
     as_list: bool = False  # wrap the value in a list (e.g. one multistep decay epoch)
-    when: dict[str, Any] = Field(default_factory=dict)  # sampled only when these other params have these values
+    when: dict[str, Any] = Field(
+        default_factory=dict
+    )  # sampled only when these other params have these values
 
     @model_validator(mode="after")
     def _check(self) -> ParamSpec:
@@ -100,7 +111,9 @@ class StudyConfig(_S):
         for name, p in self.space.items():
             for other in p.when:
                 if other not in self.space:
-                    raise ValueError(f"space.{name}.when names {other!r}, which is not a parameter of the space")
+                    raise ValueError(
+                        f"space.{name}.when names {other!r}, which is not a parameter of the space"
+                    )
         if self.sampler.name == "grid":
             for name, p in self.space.items():
                 if p.type != "categorical" and p.step is None:
@@ -122,7 +135,12 @@ def load_study_config(path: str | Path) -> tuple[StudyConfig, Path]:
         raise config_error(e, path, text) from None
     base = (path.parent / cfg.study.experiment).resolve()
     if not base.is_file():
-        raise ConfigError(f"base experiment {base} not found", path, "study.experiment", _line_of(text, ("study", "experiment")))
+        raise ConfigError(
+            f"base experiment {base} not found",
+            path,
+            "study.experiment",
+            _line_of(text, ("study", "experiment")),
+        )
     # every target must be a real experiment key: validate a trial config made of each parameter's first value
     probe = {k: first_value(p) for k, p in cfg.space.items()}
     base_cfg = trial_config(cfg, base, probe, path)
@@ -153,7 +171,9 @@ def sample(trial: optuna.Trial, cfg: StudyConfig) -> dict[str, Any]:
             if p.type == "categorical":
                 values[name] = trial.suggest_categorical(name, p.choices)  # type: ignore[arg-type]
             elif p.type == "int":
-                values[name] = trial.suggest_int(name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)  # type: ignore[arg-type]
+                values[name] = trial.suggest_int(
+                    name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log
+                )  # type: ignore[arg-type]
             else:
                 values[name] = trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)  # type: ignore[arg-type]
         if not progressed:
@@ -161,7 +181,9 @@ def sample(trial: optuna.Trial, cfg: StudyConfig) -> dict[str, Any]:
     return values
 
 
-def trial_config(cfg: StudyConfig, base: Path, values: Mapping[str, Any], study_path: str | Path = "") -> ExperimentConfig:
+def trial_config(
+    cfg: StudyConfig, base: Path, values: Mapping[str, Any], study_path: str | Path = ""
+) -> ExperimentConfig:
     """The base experiment with the study's fixed overrides and one trial's sampled values applied."""
     data, _ = read_toml(base, "base experiment")
     apply_overrides(data, cfg.study.overrides, str(study_path))

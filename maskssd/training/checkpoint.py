@@ -25,7 +25,15 @@ import torch
 from maskssd.errors import MaskSSDError
 from maskssd.ssd.safe_load import safe_load
 
-__all__ = ["atomic_save", "interrupts_deferred", "load", "load_detector", "rng_state", "safe_load", "set_rng_state"]
+__all__ = [
+    "atomic_save",
+    "interrupts_deferred",
+    "load",
+    "load_detector",
+    "rng_state",
+    "safe_load",
+    "set_rng_state",
+]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +53,9 @@ def interrupts_deferred() -> Iterator[None]:
         return
     held: list[int] = []
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    previous = {s: h for s, h in previous.items() if h is not None}  # None: installed outside Python, left alone
+    previous = {
+        s: h for s, h in previous.items() if h is not None
+    }  # None: installed outside Python, left alone
     for s in previous:
         signal.signal(s, lambda signum, frame: held.append(signum))
     try:
@@ -83,10 +93,17 @@ def rng_state() -> dict[str, Any]:
     version, internal, gauss_next = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached_gaussian": float(cached_gaussian)},
-        "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
-                   "gauss_next": None if gauss_next is None else float(gauss_next)},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": None if gauss_next is None else float(gauss_next),
+        },
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -97,8 +114,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` returned."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
@@ -124,13 +142,17 @@ def load(path: str | Path) -> dict[str, Any]:
 
     imported = import_reference_checkpoint(ckpt, path)
     if imported is None:
-        raise MaskSSDError(f"{path}: not a maskssd checkpoint (no model/build_args) nor an SSD300 of the reference "
-                           "paper's code (tutorial layout)")
+        raise MaskSSDError(
+            f"{path}: not a maskssd checkpoint (no model/build_args) nor an SSD300 of the reference "
+            "paper's code (tutorial layout)"
+        )
     log.info("note: %s", imported["import_note"])
     return imported
 
 
-def load_detector(source: str | Path | dict[str, Any], device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_detector(
+    source: str | Path | dict[str, Any], device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A detector in eval mode from a checkpoint file (or its loaded dict), and the checkpoint."""
     from maskssd.ssd.models import build_model
 

@@ -45,7 +45,9 @@ class SynthSection(_Section):
 
     images: int = Field(300, ge=10)
     seed: int = 0
-    class_probs: list[float] = Field(default_factory=lambda: [0.80, 0.17, 0.03], min_length=1)  # the real imbalance
+    class_probs: list[float] = Field(
+        default_factory=lambda: [0.80, 0.17, 0.03], min_length=1
+    )  # the real imbalance
     face_size: list[float] = Field(default_factory=lambda: [0.06, 0.35], min_length=2, max_length=2)
     faces_per_image: list[int] = Field(default_factory=lambda: [1, 6], min_length=2, max_length=2)
 
@@ -112,7 +114,7 @@ class ModelSection(_Section):
         if self.aspect_ratios and any(r <= 0 or r == 1 for r in self.aspect_ratios):
             raise ValueError("aspect_ratios lists the ratios besides 1, each > 0")
         if self.neck == "none" and (self.stride4 or self.neck_channels is not None):
-            raise ValueError("stride4 and neck_channels need a neck: set neck = \"fpn\" or \"pan\"")
+            raise ValueError('stride4 and neck_channels need a neck: set neck = "fpn" or "pan"')
         return self
 
     def build_kwargs(self) -> dict[str, Any]:
@@ -132,7 +134,9 @@ class LossSection(_Section):
     threshold: float = Field(0.5, gt=0, le=1)
     neg_pos_ratio: float = Field(3.0, ge=0)
     alpha: float = Field(1.0, ge=0)
-    class_weights: dict[str, float] = Field(default_factory=dict)  # by class name; "background" too; unset = 1
+    class_weights: dict[str, float] = Field(
+        default_factory=dict
+    )  # by class name; "background" too; unset = 1
     # classes not in class_weights get (most frequent class's boxes / this class's boxes) ** exponent; 0 = off
     class_weight_exponent: float = Field(0.0, ge=0, le=2)
     loc_loss: Literal["l1", "smooth_l1"] = "l1"
@@ -259,7 +263,9 @@ def parse_value(raw: str) -> Any:
         return raw
 
 
-def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | Iterable[str], source: str = "--set") -> dict[str, Any]:
+def apply_overrides(
+    data: dict[str, Any], overrides: Mapping[str, Any] | Iterable[str], source: str = "--set"
+) -> dict[str, Any]:
     """Set dotted keys in a nested dict: ``{"loss.alpha": 2}`` or ``["loss.alpha=2"]``."""
     items: list[tuple[str, Any]]
     if isinstance(overrides, Mapping):
@@ -304,7 +310,11 @@ def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
                 return i
             if fallback is None and section.endswith(current):
                 fallback = i
-        elif section and current == section.split(".")[0] and re.match(rf"^\s*{re.escape(section.split('.', 1)[-1])}\s*=", line):
+        elif (
+            section
+            and current == section.split(".")[0]
+            and re.match(rf"^\s*{re.escape(section.split('.', 1)[-1])}\s*=", line)
+        ):
             fallback = fallback or i
     return fallback
 
@@ -316,7 +326,10 @@ def _cross_checks(cfg: ExperimentConfig) -> tuple[str, str] | None:
     allowed = model_keywords(cfg.model.name)
     for key in cfg.model.build_kwargs():
         if key not in allowed:
-            return f"model.{key}", f"model {cfg.model.name!r} takes no {key!r}; its keywords: {', '.join(allowed)}"
+            return (
+                f"model.{key}",
+                f"model {cfg.model.name!r} takes no {key!r}; its keywords: {', '.join(allowed)}",
+            )
     known = {"background", *cfg.data.classes}
     unknown = sorted(set(cfg.loss.class_weights) - known)
     if unknown:
@@ -399,14 +412,22 @@ def dump_toml(d: Mapping[str, Any]) -> str:
         if isinstance(v, (list, tuple)):
             return "[" + ", ".join(val(x) for x in v) + "]"
         if isinstance(v, Mapping):
-            return "{ " + ", ".join(f"{json.dumps(k) if not re.fullmatch(r'[A-Za-z0-9_-]+', k) else k} = {val(x)}"
-                                    for k, x in v.items()) + " }"
+            return (
+                "{ "
+                + ", ".join(
+                    f"{json.dumps(k) if not re.fullmatch(r'[A-Za-z0-9_-]+', k) else k} = {val(x)}"
+                    for k, x in v.items()
+                )
+                + " }"
+            )
         raise TypeError(f"cannot write {type(v)} to TOML")
 
     lines: list[str] = []
     for section, body in d.items():
         if isinstance(body, Mapping):
-            sub = {k: v for k, v in body.items() if isinstance(v, Mapping) and k not in ("tags", "class_weights")}
+            sub = {
+                k: v for k, v in body.items() if isinstance(v, Mapping) and k not in ("tags", "class_weights")
+            }
             lines.append(f"[{section}]")
             lines += [f"{k} = {val(v)}" for k, v in body.items() if k not in sub]
             for k, v in sub.items():

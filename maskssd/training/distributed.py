@@ -39,8 +39,12 @@ class DistInfo:
         """What torchrun (or any launcher setting RANK/WORLD_SIZE) says about this process."""
         env = os.environ
         world = int(env.get("WORLD_SIZE", "1"))
-        return cls(int(env.get("RANK", "0")), world, int(env.get("LOCAL_RANK", "0")),
-                   int(env.get("LOCAL_WORLD_SIZE", str(world))))
+        return cls(
+            int(env.get("RANK", "0")),
+            world,
+            int(env.get("LOCAL_RANK", "0")),
+            int(env.get("LOCAL_WORLD_SIZE", str(world))),
+        )
 
 
 def setup(info: DistInfo, device_name: str) -> torch.device:
@@ -112,6 +116,14 @@ def launch(nproc: int, argv: list[str]) -> int:
         if a.startswith("--nproc="):
             continue
         cleaned.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "maskssd", *cleaned]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "maskssd",
+        *cleaned,
+    ]
     return subprocess.call(cmd)

@@ -39,8 +39,13 @@ def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimize
     groups = [{"params": others, "lr": cfg.lr}, {"params": biases, "lr": cfg.lr * cfg.bias_lr_mult}]
     groups = [g for g in groups if g["params"]]
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=cfg.nesterov and cfg.momentum > 0)
+        return torch.optim.SGD(
+            groups,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nesterov=cfg.nesterov and cfg.momentum > 0,
+        )
     if cfg.name == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -60,11 +65,13 @@ def lr_factor(cfg: ScheduleSection, epochs: int, progress: float) -> float:
     return f
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleSection, epochs: int,
-                    iters_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleSection, epochs: int, iters_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-iteration ``LambdaLR`` (its state is one counter, so it resumes exactly)."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(cfg, epochs, it / max(iters_per_epoch, 1)))
+        optimizer, lambda it: lr_factor(cfg, epochs, it / max(iters_per_epoch, 1))
+    )
 
 
 # -------------------------------------------------------------------------------------------- loops
@@ -101,10 +108,20 @@ class TrainSpec:
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, progress: bool = True) -> TrainSpec:
         t = cfg.train
-        return cls(epochs=t.epochs, seed=cfg.experiment.seed, eval_every=t.eval_every, save_every=t.save_every,
-                   best_metric=t.best_metric, best_after_epoch=t.best_after_epoch, grad_clip=cfg.optim.grad_clip,
-                   amp=t.amp, decode=DecodeSpec.from_config(cfg.eval), coco=cfg.eval.coco, progress=progress,
-                   channels_last=t.channels_last)
+        return cls(
+            epochs=t.epochs,
+            seed=cfg.experiment.seed,
+            eval_every=t.eval_every,
+            save_every=t.save_every,
+            best_metric=t.best_metric,
+            best_after_epoch=t.best_after_epoch,
+            grad_clip=cfg.optim.grad_clip,
+            amp=t.amp,
+            decode=DecodeSpec.from_config(cfg.eval),
+            coco=cfg.eval.coco,
+            progress=progress,
+            channels_last=t.channels_last,
+        )
 
 
 @dataclass
@@ -120,11 +137,21 @@ def _finite(value: torch.Tensor, what: str) -> None:
         raise NonFiniteLossError(what)
 
 
-def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, *, class_names: tuple[str, ...],
-             device: torch.device, loss_fn: MultiBoxLoss | None = None, decode: DecodeSpec | None = None,
-             compute_map: bool = True, coco: bool = True, amp: bool = False, prefix: str = "val",
-             collect: list[tuple[str, Any]] | None = None,
-             channels_last: bool = False) -> tuple[dict[str, float], EvalResult | None]:
+def evaluate(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    *,
+    class_names: tuple[str, ...],
+    device: torch.device,
+    loss_fn: MultiBoxLoss | None = None,
+    decode: DecodeSpec | None = None,
+    compute_map: bool = True,
+    coco: bool = True,
+    amp: bool = False,
+    prefix: str = "val",
+    collect: list[tuple[str, Any]] | None = None,
+    channels_last: bool = False,
+) -> tuple[dict[str, float], EvalResult | None]:
     """Loss (and its parts) on a split and, with ``compute_map``, every detection metric, in one pass.
 
     ``collect`` (a list) receives ``(image_id, Detections in original pixels)`` for every image. In a
@@ -141,20 +168,33 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, *, class_nam
     with torch.no_grad():
         for batch in loader:
             batch = batch.to(device)
-            images = batch.images.contiguous(memory_format=torch.channels_last) if channels_last else batch.images
+            images = (
+                batch.images.contiguous(memory_format=torch.channels_last) if channels_last else batch.images
+            )
             with autocast(device, amp):
                 locs, scores = model(images)
             if loss_fn is not None:
                 out = loss_fn(locs, scores, batch.boxes, batch.labels)
-                sums += torch.tensor([out.total.item(), out.conf.item(), out.loc.item(), 1.0], dtype=torch.float64)
+                sums += torch.tensor(
+                    [out.total.item(), out.conf.item(), out.loc.item(), 1.0], dtype=torch.float64
+                )
             if not want_dets:
                 continue
             dets = postprocess(locs, scores, priors, decode or DecodeSpec(), batch.sizes)
             for k, (image_id, d) in enumerate(zip(batch.image_ids, dets)):
                 w, h = batch.sizes[k].tolist()
                 scale = torch.tensor([w, h, w, h], device=batch.boxes[k].device)
-                records.append((order.get(image_id, len(records)), image_id, d.to_cpu(), (batch.boxes[k] * scale).cpu(),
-                                batch.labels[k].cpu(), batch.difficult[k].cpu(), (w, h)))
+                records.append(
+                    (
+                        order.get(image_id, len(records)),
+                        image_id,
+                        d.to_cpu(),
+                        (batch.boxes[k] * scale).cpu(),
+                        batch.labels[k].cpu(),
+                        batch.difficult[k].cpu(),
+                        (w, h),
+                    )
+                )
     sums = distributed.all_reduce_sum(sums)
     if want_dets and distributed.active():
         records = [r for part in distributed.gather_objects(records) for r in part]
@@ -168,9 +208,15 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, *, class_nam
     result = None
     if compute_map:
         evaluator = DetectionEvaluator(class_names)
-        evaluator.update([r[2].boxes for r in records], [r[2].labels for r in records], [r[2].scores for r in records],
-                         [r[3] for r in records], [r[4] for r in records], [r[5] for r in records],
-                         [r[6] for r in records])
+        evaluator.update(
+            [r[2].boxes for r in records],
+            [r[2].labels for r in records],
+            [r[2].scores for r in records],
+            [r[3] for r in records],
+            [r[4] for r in records],
+            [r[5] for r in records],
+            [r[6] for r in records],
+        )
         result = evaluator.compute(coco=coco)
         metrics.update(result.as_metrics(prefix))
     return metrics, result
@@ -179,13 +225,25 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, *, class_nam
 class Trainer:
     """Holds what training mutates; ``fit`` runs epochs ``state.epoch + 1 .. spec.epochs``."""
 
-    def __init__(self, *, model: nn.Module, loss_fn: MultiBoxLoss, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, train_loader: torch.utils.data.DataLoader,
-                 val_loader: torch.utils.data.DataLoader, spec: TrainSpec, class_names: tuple[str, ...],
-                 device: torch.device, checkpoint_dir: Path, extra_state: Mapping[str, Any] | None = None,
-                 logger: RunLogger | None = None,
-                 on_eval: list[Callable[[int, dict[str, float]], None]] | None = None,
-                 train_model: nn.Module | None = None, is_main: bool = True):
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        loss_fn: MultiBoxLoss,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        train_loader: torch.utils.data.DataLoader,
+        val_loader: torch.utils.data.DataLoader,
+        spec: TrainSpec,
+        class_names: tuple[str, ...],
+        device: torch.device,
+        checkpoint_dir: Path,
+        extra_state: Mapping[str, Any] | None = None,
+        logger: RunLogger | None = None,
+        on_eval: list[Callable[[int, dict[str, float]], None]] | None = None,
+        train_model: nn.Module | None = None,
+        is_main: bool = True,
+    ):
         self.model, self.loss_fn, self.optimizer, self.scheduler = model, loss_fn, optimizer, scheduler
         self.train_model = train_model or model  # a DistributedDataParallel wrapper when distributed
         self.train_loader, self.val_loader = train_loader, val_loader
@@ -196,8 +254,9 @@ class Trainer:
         self.on_eval = on_eval or []
         self.state = TrainState()
         self.is_main = is_main
-        self.scaler = torch.amp.GradScaler("cuda", enabled=spec.amp and device.type == "cuda"
-                                           and not torch.cuda.is_bf16_supported())
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=spec.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+        )
         self._snapshot: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------ checkpoints
@@ -244,13 +303,20 @@ class Trainer:
         sums, n_batches, n_images, t0 = torch.zeros(3, dtype=torch.float64), 0, 0, time.perf_counter()
         for step, batch in enumerate(self.train_loader):
             batch: Batch = batch.to(self.device, non_blocking=True)
-            images = batch.images.contiguous(memory_format=torch.channels_last) if self.spec.channels_last else batch.images
+            images = (
+                batch.images.contiguous(memory_format=torch.channels_last)
+                if self.spec.channels_last
+                else batch.images
+            )
             with autocast(self.device, self.spec.amp):
                 locs, scores = self.train_model(images)
             out = self.loss_fn(locs, scores, batch.boxes, batch.labels)
-            _finite(out.total, f"loss is {out.total.item()} at epoch {epoch}, step {step + 1} "
-                               f"(conf {out.conf.item():.4g}, loc {out.loc.item():.4g}); "
-                               "try a lower optim.lr, gradient clipping (optim.grad_clip) or warm-up")
+            _finite(
+                out.total,
+                f"loss is {out.total.item()} at epoch {epoch}, step {step + 1} "
+                f"(conf {out.conf.item():.4g}, loc {out.loc.item():.4g}); "
+                "try a lower optim.lr, gradient clipping (optim.grad_clip) or warm-up",
+            )
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(out.total).backward()
             if self.spec.grad_clip > 0:
@@ -266,18 +332,26 @@ class Trainer:
                 progress.update(task, advance=1, loss=sums[0].item() / n_batches)
         seconds = time.perf_counter() - t0
         # distributed: average over every rank's batches; images/s of all ranks together
-        totals = distributed.all_reduce_sum(torch.cat([sums, torch.tensor([n_batches, n_images], dtype=torch.float64)]))
+        totals = distributed.all_reduce_sum(
+            torch.cat([sums, torch.tensor([n_batches, n_images], dtype=torch.float64)])
+        )
         mean = (totals[:3] / max(float(totals[3]), 1.0)).tolist()
-        return {"train_loss": mean[0], "train_loss_conf": mean[1], "train_loss_loc": mean[2],
-                "epoch_seconds": seconds, "images_per_second": float(totals[4]) / max(seconds, 1e-9)}
+        return {
+            "train_loss": mean[0],
+            "train_loss_conf": mean[1],
+            "train_loss_loc": mean[2],
+            "epoch_seconds": seconds,
+            "images_per_second": float(totals[4]) / max(seconds, 1e-9),
+        }
 
     def _improved(self, epoch: int, metrics: Mapping[str, float]) -> bool:
         name = self.spec.best_metric
         if epoch <= self.spec.best_after_epoch or name not in metrics:
             return False
         value = metrics[name]
-        better = (self.state.best_value is None or
-                  (value < self.state.best_value if name.endswith("loss") else value > self.state.best_value))
+        better = self.state.best_value is None or (
+            value < self.state.best_value if name.endswith("loss") else value > self.state.best_value
+        )
         if better:
             self.state.best_value, self.state.best_epoch = value, epoch
         return better
@@ -287,22 +361,38 @@ class Trainer:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         spec = self.spec
-        columns = [TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
-                   TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TextColumn("ETA"),
-                   TimeRemainingColumn()]
+        columns = [
+            TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+            BarColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        ]
         progress = Progress(*columns, disable=not (spec.progress and self.is_main), transient=False)
         try:
             with progress:
                 total = (spec.epochs - self.state.epoch) * len(self.train_loader)
-                task = progress.add_task("train", total=total, epoch=self.state.epoch + 1, epochs=spec.epochs, loss=0.0)
+                task = progress.add_task(
+                    "train", total=total, epoch=self.state.epoch + 1, epochs=spec.epochs, loss=0.0
+                )
                 for epoch in range(self.state.epoch + 1, spec.epochs + 1):
                     progress.update(task, epoch=epoch)
                     lr = self.optimizer.param_groups[0]["lr"]
                     metrics = self.train_one_epoch(epoch, progress, task)
                     do_map = epoch % spec.eval_every == 0 or epoch == spec.epochs
-                    val, _ = evaluate(self.model, self.val_loader, class_names=self.class_names, device=self.device,
-                                      loss_fn=self.loss_fn, decode=spec.decode, compute_map=do_map, coco=spec.coco,
-                                      amp=spec.amp, channels_last=spec.channels_last)
+                    val, _ = evaluate(
+                        self.model,
+                        self.val_loader,
+                        class_names=self.class_names,
+                        device=self.device,
+                        loss_fn=self.loss_fn,
+                        decode=spec.decode,
+                        compute_map=do_map,
+                        coco=spec.coco,
+                        amp=spec.amp,
+                        channels_last=spec.channels_last,
+                    )
                     metrics.update(val)
                     metrics["lr"] = lr
                     self.state.epoch = epoch

@@ -94,16 +94,24 @@ def resolve_data_root(cfg: ExperimentConfig) -> Path:
         from maskssd.data.synth import ensure_synth
 
         syn = cfg.data.synthetic
-        ensure_synth(root, syn.images, syn.seed, cfg.data.split_name, class_probs=tuple(syn.class_probs),
-                     face_size=tuple(syn.face_size), faces_per_image=tuple(syn.faces_per_image),
-                     classes=tuple(cfg.class_names))
+        ensure_synth(
+            root,
+            syn.images,
+            syn.seed,
+            cfg.data.split_name,
+            class_probs=tuple(syn.class_probs),
+            face_size=tuple(syn.face_size),
+            faces_per_image=tuple(syn.faces_per_image),
+            classes=tuple(cfg.class_names),
+        )
     if not root.exists():
         raise MaskSSDError(f"data.root {root} does not exist (relative paths are read from {Path.cwd()})")
     return root
 
 
-def build_datasets(cfg: ExperimentConfig, root: Path, input_size: int,
-                   report: DataReport | None = None) -> dict[str, FaceMaskDataset]:
+def build_datasets(
+    cfg: ExperimentConfig, root: Path, input_size: int, report: DataReport | None = None
+) -> dict[str, FaceMaskDataset]:
     report = report if report is not None else DataReport()
     aug = AugmentSpec(**cfg.augment.model_dump())
     out = {}
@@ -118,14 +126,29 @@ def build_datasets(cfg: ExperimentConfig, root: Path, input_size: int,
     return out
 
 
-def build_loader(ds: FaceMaskDataset, batch_size: int, workers: int = 0, seed: int = 0, shuffle: bool = False,
-                 rank: int = 0, world: int = 1, pin: bool = False) -> torch.utils.data.DataLoader:
+def build_loader(
+    ds: FaceMaskDataset,
+    batch_size: int,
+    workers: int = 0,
+    seed: int = 0,
+    shuffle: bool = False,
+    rank: int = 0,
+    world: int = 1,
+    pin: bool = False,
+) -> torch.utils.data.DataLoader:
     """Training loaders (``shuffle``) pad shards to equal length like ``DistributedSampler``; evaluation loaders
     shard without padding, so every image is evaluated exactly once across ranks."""
     sampler = SeededSampler(len(ds), seed, shuffle, rank, world, pad=shuffle)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                       collate_fn=collate, pin_memory=pin, persistent_workers=workers > 0,
-                                       drop_last=False)
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin,
+        persistent_workers=workers > 0,
+        drop_last=False,
+    )
 
 
 def build_detector(cfg: ExperimentConfig) -> SSDDetector:
@@ -137,23 +160,42 @@ def build_detector(cfg: ExperimentConfig) -> SSDDetector:
     model.build_args.pop("class_names", None)  # rebuilding needs no init checkpoint, hence no class mapping
     init = getattr(model, "init_report", None)
     if init:
-        log.info("model.init_checkpoint: %d tensors loaded, %d dropped%s", len(init["loaded"]), len(init["dropped"]),
-                 f"; {init['class_order']}" if init.get("class_order") else "")
+        log.info(
+            "model.init_checkpoint: %d tensors loaded, %d dropped%s",
+            len(init["loaded"]),
+            len(init["dropped"]),
+            f"; {init['class_order']}" if init.get("class_order") else "",
+        )
     return model
 
 
-def build_loss(cfg: ExperimentConfig, model: SSDDetector, box_counts: Mapping[str, int] | None = None) -> MultiBoxLoss:
+def build_loss(
+    cfg: ExperimentConfig, model: SSDDetector, box_counts: Mapping[str, int] | None = None
+) -> MultiBoxLoss:
     ls = cfg.loss
-    return MultiBoxLoss(model.priors_cxcy, threshold=ls.threshold, neg_pos_ratio=ls.neg_pos_ratio, alpha=ls.alpha,
-                        class_weights=cfg.class_weight_list(box_counts), loc_loss=ls.loc_loss,
-                        focal_gamma=ls.focal_gamma, label_smoothing=ls.label_smoothing)
+    return MultiBoxLoss(
+        model.priors_cxcy,
+        threshold=ls.threshold,
+        neg_pos_ratio=ls.neg_pos_ratio,
+        alpha=ls.alpha,
+        class_weights=cfg.class_weight_list(box_counts),
+        loc_loss=ls.loc_loss,
+        focal_gamma=ls.focal_gamma,
+        label_smoothing=ls.label_smoothing,
+    )
 
 
 def deploy_checkpoint(ckpt: Mapping[str, Any], cfg: ExperimentConfig) -> dict[str, Any]:
     """The part of a training checkpoint a deployed model needs: weights, how to rebuild, classes, decoding."""
-    return {"format": 1, "model": ckpt["model"], "build_args": ckpt["build_args"],
-            "class_names": list(cfg.class_names), "decode": asdict(DecodeSpec.from_config(cfg.eval)),
-            "epoch": ckpt["epoch"], "config": cfg.model_dump(mode="json")}
+    return {
+        "format": 1,
+        "model": ckpt["model"],
+        "build_args": ckpt["build_args"],
+        "class_names": list(cfg.class_names),
+        "decode": asdict(DecodeSpec.from_config(cfg.eval)),
+        "epoch": ckpt["epoch"],
+        "config": cfg.model_dump(mode="json"),
+    }
 
 
 def checkpoint_root() -> Path:
@@ -192,8 +234,15 @@ class _Parts:
     root: Path
 
 
-def _build(cfg: ExperimentConfig, tracker: Tracker, ckpt_dir: Path, on_eval: list[EvalHook], progress: bool,
-           info: distributed.DistInfo, device: torch.device) -> _Parts:
+def _build(
+    cfg: ExperimentConfig,
+    tracker: Tracker,
+    ckpt_dir: Path,
+    on_eval: list[EvalHook],
+    progress: bool,
+    info: distributed.DistInfo,
+    device: torch.device,
+) -> _Parts:
     root = resolve_data_root(cfg) if info.is_main else Path(cfg.data.root).expanduser()
     distributed.barrier()  # rank 0 may have generated the synthetic data
     model = build_detector(cfg).to(device)
@@ -203,7 +252,13 @@ def _build(cfg: ExperimentConfig, tracker: Tracker, ckpt_dir: Path, on_eval: lis
     datasets = build_datasets(cfg, root, model.input_size, report)
     loss_fn = build_loss(cfg, model, datasets["train"].class_box_counts()).to(device)
     seed, pin = cfg.experiment.seed, device.type == "cuda"
-    loader = {"rank": info.rank, "world": info.world, "pin": pin, "workers": cfg.data.num_workers, "seed": seed}
+    loader = {
+        "rank": info.rank,
+        "world": info.world,
+        "pin": pin,
+        "workers": cfg.data.num_workers,
+        "seed": seed,
+    }
     train_loader = build_loader(datasets["train"], cfg.data.batch_size, shuffle=True, **loader)
     val_loader = build_loader(datasets["val"], cfg.data.eval_batch_size, shuffle=False, **loader)
     optimizer = build_optimizer(model, cfg.optim)
@@ -215,13 +270,25 @@ def _build(cfg: ExperimentConfig, tracker: Tracker, ckpt_dir: Path, on_eval: lis
                 raise MaskSSDError("train.sync_bn needs GPUs: torch's SyncBatchNorm does not run on CPU")
             train_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    trainer = Trainer(model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
-                      train_loader=train_loader, val_loader=val_loader, spec=TrainSpec.from_config(cfg, progress),
-                      class_names=cfg.class_names, device=device, checkpoint_dir=ckpt_dir,
-                      extra_state={"config": cfg.model_dump(mode="json"), "run_id": tracker.run_id},
-                      logger=tracker if info.is_main else None, on_eval=on_eval if info.is_main else [],
-                      train_model=train_model, is_main=info.is_main)
+            train_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    trainer = Trainer(
+        model=model,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        spec=TrainSpec.from_config(cfg, progress),
+        class_names=cfg.class_names,
+        device=device,
+        checkpoint_dir=ckpt_dir,
+        extra_state={"config": cfg.model_dump(mode="json"), "run_id": tracker.run_id},
+        logger=tracker if info.is_main else None,
+        on_eval=on_eval if info.is_main else [],
+        train_model=train_model,
+        is_main=info.is_main,
+    )
     return _Parts(model, datasets, loss_fn, trainer, report, root)
 
 
@@ -244,24 +311,43 @@ def _restore(parts: _Parts, tracker: Tracker, ckpt_dir: Path, info: distributed.
 def _log_start(cfg: ExperimentConfig, parts: _Parts, tracker: Tracker, world: int) -> None:
     params = cfg.flat()
     weights = parts.loss_fn.class_weights
-    params.update({"data.train_images": len(parts.datasets["train"]), "data.val_images": len(parts.datasets["val"]),
-                   "model.num_priors": int(parts.model.priors_cxcy.shape[0]),
-                   "loss.effective_class_weights": weights.tolist() if weights is not None else "none",
-                   "model.parameters": sum(p.numel() for p in parts.model.parameters()),
-                   "distributed.world_size": world})
+    params.update(
+        {
+            "data.train_images": len(parts.datasets["train"]),
+            "data.val_images": len(parts.datasets["val"]),
+            "model.num_priors": int(parts.model.priors_cxcy.shape[0]),
+            "loss.effective_class_weights": weights.tolist() if weights is not None else "none",
+            "model.parameters": sum(p.numel() for p in parts.model.parameters()),
+            "distributed.world_size": world,
+        }
+    )
     tracker.log_params(params)
-    tracker.set_tags({"config_hash": cfg.digest(), "data.root": str(parts.root.resolve()),
-                      "data.split": cfg.data.split_name, "data.split_hash": split_digest(parts.root, cfg.data.split_name),
-                      "model": cfg.model.name})
+    tracker.set_tags(
+        {
+            "config_hash": cfg.digest(),
+            "data.root": str(parts.root.resolve()),
+            "data.split": cfg.data.split_name,
+            "data.split_hash": split_digest(parts.root, cfg.data.split_name),
+            "model": cfg.model.name,
+        }
+    )
     tracker.log_text(cfg.to_toml(), "config.toml")
     tracker.log_dict(cfg.model_dump(mode="json"), "config.json")
     r = parts.report
     tracker.log_dict({"summary": r.summary(), "fixes": r.fixes, "skipped": r.skipped}, "data_report.json")
 
 
-def train_experiment(cfg: ExperimentConfig, tracker: Tracker, *, resuming: bool = False,
-                     on_eval: list[EvalHook] | None = None, progress: bool = True, log_model: bool = True,
-                     info: distributed.DistInfo | None = None, device: torch.device | None = None) -> RunResult:
+def train_experiment(
+    cfg: ExperimentConfig,
+    tracker: Tracker,
+    *,
+    resuming: bool = False,
+    on_eval: list[EvalHook] | None = None,
+    progress: bool = True,
+    log_model: bool = True,
+    info: distributed.DistInfo | None = None,
+    device: torch.device | None = None,
+) -> RunResult:
     """Train, select, evaluate and log one run. Under torchrun every rank calls it; rank 0 alone logs."""
     info = info or distributed.DistInfo()
     device = device or torch.device("cpu")
@@ -277,8 +363,15 @@ def train_experiment(cfg: ExperimentConfig, tracker: Tracker, *, resuming: bool 
     return _finish(cfg, parts, tracker, ckpt_dir, log_model, info, device)
 
 
-def _finish(cfg: ExperimentConfig, parts: _Parts, tracker: Tracker, ckpt_dir: Path, log_model: bool,
-            info: distributed.DistInfo, device: torch.device) -> RunResult:
+def _finish(
+    cfg: ExperimentConfig,
+    parts: _Parts,
+    tracker: Tracker,
+    ckpt_dir: Path,
+    log_model: bool,
+    info: distributed.DistInfo,
+    device: torch.device,
+) -> RunResult:
     """Evaluate the selected checkpoint on val and, once, on the final split; log plots and the model."""
     ckpt = None
     if info.is_main:
@@ -287,15 +380,27 @@ def _finish(cfg: ExperimentConfig, parts: _Parts, tracker: Tracker, ckpt_dir: Pa
     ckpt = distributed.broadcast_object(ckpt)
     parts.model.load_state_dict(ckpt["model"])
     final: dict[str, float] = {"best_epoch": float(ckpt["epoch"])}
-    kw = {"class_names": cfg.class_names, "device": device, "loss_fn": parts.loss_fn,
-          "decode": DecodeSpec.from_config(cfg.eval), "coco": cfg.eval.coco, "amp": cfg.train.amp,
-          "channels_last": cfg.train.channels_last}
+    kw = {
+        "class_names": cfg.class_names,
+        "device": device,
+        "loss_fn": parts.loss_fn,
+        "decode": DecodeSpec.from_config(cfg.eval),
+        "coco": cfg.eval.coco,
+        "amp": cfg.train.amp,
+        "channels_last": cfg.train.channels_last,
+    }
     val_metrics, val_result = evaluate(parts.model, parts.trainer.val_loader, **kw)
     final.update({f"best_{k}": v for k, v in val_metrics.items()})
     test_result = None
     if cfg.data.final_split == "test":  # the only touch of the test split: the selected checkpoint, once
-        loader = build_loader(parts.datasets["test"], cfg.data.eval_batch_size, cfg.data.num_workers,
-                              cfg.experiment.seed, rank=info.rank, world=info.world)
+        loader = build_loader(
+            parts.datasets["test"],
+            cfg.data.eval_batch_size,
+            cfg.data.num_workers,
+            cfg.experiment.seed,
+            rank=info.rank,
+            world=info.world,
+        )
         test_metrics, test_result = evaluate(parts.model, loader, prefix="test", **kw)
         final.update(test_metrics)
     assert val_result is not None
@@ -303,8 +408,12 @@ def _finish(cfg: ExperimentConfig, parts: _Parts, tracker: Tracker, ckpt_dir: Pa
     model_uri = None
     if info.is_main:
         tracker.log_metrics(final, step=int(ckpt["epoch"]))
-        tracker.set_tags({"best_checkpoint": "best.pt" if (ckpt_dir / "best.pt").is_file() else "last.pt",
-                          "best_epoch": str(ckpt["epoch"])})
+        tracker.set_tags(
+            {
+                "best_checkpoint": "best.pt" if (ckpt_dir / "best.pt").is_file() else "last.pt",
+                "best_epoch": str(ckpt["epoch"]),
+            }
+        )
         _log_plots(tracker, parts, evaluation, cfg, ckpt_dir)
         if log_model:
             deploy = atomic_save(deploy_checkpoint(ckpt, cfg), ckpt_dir / "model.pt")
@@ -313,9 +422,11 @@ def _finish(cfg: ExperimentConfig, parts: _Parts, tracker: Tracker, ckpt_dir: Pa
     return RunResult(tracker.run_id, "FINISHED", final, int(ckpt["epoch"]), model_uri, evaluation=evaluation)
 
 
-def _log_plots(tracker: Tracker, parts: _Parts, ev: FinalEvaluation, cfg: ExperimentConfig, ckpt_dir: Path) -> None:
+def _log_plots(
+    tracker: Tracker, parts: _Parts, ev: FinalEvaluation, cfg: ExperimentConfig, ckpt_dir: Path
+) -> None:
     from maskssd.evaluation.drawing import draw_detections
-    from maskssd.evaluation.metrics import plot_confusion_matrix, plot_pr_curves
+    from maskssd.evaluation.plots import plot_confusion_matrix, plot_pr_curves
 
     out = ckpt_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
@@ -329,7 +440,9 @@ def _log_plots(tracker: Tracker, parts: _Parts, ev: FinalEvaluation, cfg: Experi
     for i, ann in enumerate(val_ds.annotations[: min(cfg.train.log_images, len(val_ds))]):
         sample = val_ds[i]
         size = torch.tensor([[float(ann.width), float(ann.height)]], device=device)
-        dets = model.detect(sample["image"].as_subclass(torch.Tensor)[None].to(device), decode, size)[0].to_cpu()
+        dets = model.detect(sample["image"].as_subclass(torch.Tensor)[None].to(device), decode, size)[
+            0
+        ].to_cpu()
         path = out / f"val_{ann.image_id}.png"
         draw_detections(load_image(ann.image_path), dets, cfg.class_names).save(path)
         tracker.log_artifact(path, "images")

@@ -21,11 +21,22 @@ from torch import nn
 def create_prior_boxes() -> torch.Tensor:
     """``SSD300.create_prior_boxes``: the 8732 default boxes, ``(cx, cy, w, h)``, clipped to [0, 1]."""
     fmap_dims = {"conv4_3": 38, "conv7": 19, "conv8_2": 10, "conv9_2": 5, "conv10_2": 3, "conv11_2": 1}
-    obj_scales = {"conv4_3": 0.1, "conv7": 0.2, "conv8_2": 0.375, "conv9_2": 0.55, "conv10_2": 0.725,
-                  "conv11_2": 0.9}
-    aspect_ratios = {"conv4_3": [1.0, 2.0, 0.5], "conv7": [1.0, 2.0, 3.0, 0.5, 0.333],
-                     "conv8_2": [1.0, 2.0, 3.0, 0.5, 0.333], "conv9_2": [1.0, 2.0, 3.0, 0.5, 0.333],
-                     "conv10_2": [1.0, 2.0, 0.5], "conv11_2": [1.0, 2.0, 0.5]}
+    obj_scales = {
+        "conv4_3": 0.1,
+        "conv7": 0.2,
+        "conv8_2": 0.375,
+        "conv9_2": 0.55,
+        "conv10_2": 0.725,
+        "conv11_2": 0.9,
+    }
+    aspect_ratios = {
+        "conv4_3": [1.0, 2.0, 0.5],
+        "conv7": [1.0, 2.0, 3.0, 0.5, 0.333],
+        "conv8_2": [1.0, 2.0, 3.0, 0.5, 0.333],
+        "conv9_2": [1.0, 2.0, 3.0, 0.5, 0.333],
+        "conv10_2": [1.0, 2.0, 0.5],
+        "conv11_2": [1.0, 2.0, 0.5],
+    }
     fmaps = list(fmap_dims.keys())
     prior_boxes = []
     for k, fmap in enumerate(fmaps):
@@ -34,8 +45,9 @@ def create_prior_boxes() -> torch.Tensor:
                 cx = (j + 0.5) / fmap_dims[fmap]
                 cy = (i + 0.5) / fmap_dims[fmap]
                 for ratio in aspect_ratios[fmap]:
-                    prior_boxes.append([cx, cy, obj_scales[fmap] * math.sqrt(ratio),
-                                        obj_scales[fmap] / math.sqrt(ratio)])
+                    prior_boxes.append(
+                        [cx, cy, obj_scales[fmap] * math.sqrt(ratio), obj_scales[fmap] / math.sqrt(ratio)]
+                    )
                     if ratio == 1.0:
                         try:
                             additional_scale = math.sqrt(obj_scales[fmap] * obj_scales[fmaps[k + 1]])
@@ -66,14 +78,24 @@ def cxcy_to_xy(cxcy: torch.Tensor) -> torch.Tensor:
 
 def cxcy_to_gcxgcy(cxcy: torch.Tensor, priors_cxcy: torch.Tensor) -> torch.Tensor:
     """Encoding against priors, variances 0.1 and 0.2 (written as 10 and 5)."""
-    return torch.cat([(cxcy[:, :2] - priors_cxcy[:, :2]) / (priors_cxcy[:, 2:] / 10),
-                      torch.log(cxcy[:, 2:] / priors_cxcy[:, 2:]) * 5], 1)
+    return torch.cat(
+        [
+            (cxcy[:, :2] - priors_cxcy[:, :2]) / (priors_cxcy[:, 2:] / 10),
+            torch.log(cxcy[:, 2:] / priors_cxcy[:, 2:]) * 5,
+        ],
+        1,
+    )
 
 
 def gcxgcy_to_cxcy(gcxgcy: torch.Tensor, priors_cxcy: torch.Tensor) -> torch.Tensor:
     """Decoding: the inverse of :func:`cxcy_to_gcxgcy`."""
-    return torch.cat([gcxgcy[:, :2] * priors_cxcy[:, 2:] / 10 + priors_cxcy[:, :2],
-                      torch.exp(gcxgcy[:, 2:] / 5) * priors_cxcy[:, 2:]], 1)
+    return torch.cat(
+        [
+            gcxgcy[:, :2] * priors_cxcy[:, 2:] / 10 + priors_cxcy[:, :2],
+            torch.exp(gcxgcy[:, 2:] / 5) * priors_cxcy[:, 2:],
+        ],
+        1,
+    )
 
 
 # -------------------------------------------------------------------------------------------- model.py
@@ -88,8 +110,15 @@ class MultiBoxLoss(nn.Module):
     (``nn.L1Loss``, a mean); ``conf_fn`` may replace its ``CrossEntropyLoss(reduction="none")``.
     """
 
-    def __init__(self, priors_cxcy: torch.Tensor, threshold: float = 0.5, neg_pos_ratio: float = 3,
-                 alpha: float = 1.0, loc_loss: str = "l1", conf_fn: ConfFn | None = None):
+    def __init__(
+        self,
+        priors_cxcy: torch.Tensor,
+        threshold: float = 0.5,
+        neg_pos_ratio: float = 3,
+        alpha: float = 1.0,
+        loc_loss: str = "l1",
+        conf_fn: ConfFn | None = None,
+    ):
         super().__init__()
         self.priors_cxcy = priors_cxcy
         self.priors_xy = cxcy_to_xy(priors_cxcy)
@@ -99,8 +128,9 @@ class MultiBoxLoss(nn.Module):
         self.loc_loss = loc_loss
         self.cross_entropy = conf_fn or nn.CrossEntropyLoss(reduction="none")
 
-    def match(self, boxes: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def match(
+        self, boxes: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """True classes ``(N, P)`` and encoded true locations ``(N, P, 4)``."""
         batch_size, n_priors = len(boxes), self.priors_cxcy.size(0)
         true_locs = torch.zeros((batch_size, n_priors, 4), dtype=torch.float)
@@ -120,8 +150,13 @@ class MultiBoxLoss(nn.Module):
             true_locs[i] = cxcy_to_gcxgcy(xy_to_cxcy(boxes[i][object_for_each_prior]), self.priors_cxcy)
         return true_classes, true_locs
 
-    def terms(self, predicted_locs: torch.Tensor, predicted_scores: torch.Tensor, boxes: Sequence[torch.Tensor],
-              labels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    def terms(
+        self,
+        predicted_locs: torch.Tensor,
+        predicted_scores: torch.Tensor,
+        boxes: Sequence[torch.Tensor],
+        labels: Sequence[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """``(total, conf, loc, n_positives)``."""
         batch_size, n_priors, n_classes = predicted_scores.shape
         true_classes, true_locs = self.match(boxes, labels)
@@ -129,8 +164,10 @@ class MultiBoxLoss(nn.Module):
         if self.loc_loss == "l1":
             loc_loss = nn.L1Loss()(predicted_locs[positive_priors], true_locs[positive_priors])
         else:
-            loc_loss = (nn.SmoothL1Loss(reduction="sum")(predicted_locs[positive_priors], true_locs[positive_priors])
-                        / positive_priors.sum().float())
+            loc_loss = (
+                nn.SmoothL1Loss(reduction="sum")(predicted_locs[positive_priors], true_locs[positive_priors])
+                / positive_priors.sum().float()
+            )
         n_positives = positive_priors.sum(dim=1)
         n_hard_negatives = self.neg_pos_ratio * n_positives
         conf_loss_all = self.cross_entropy(predicted_scores.view(-1, n_classes), true_classes.view(-1))
@@ -145,14 +182,24 @@ class MultiBoxLoss(nn.Module):
         conf_loss = (conf_loss_hard_neg.sum() + conf_loss_pos.sum()) / n_positives.sum().float()
         return conf_loss + self.alpha * loc_loss, conf_loss, loc_loss, int(n_positives.sum())
 
-    def forward(self, predicted_locs: torch.Tensor, predicted_scores: torch.Tensor, boxes: Sequence[torch.Tensor],
-                labels: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        predicted_locs: torch.Tensor,
+        predicted_scores: torch.Tensor,
+        boxes: Sequence[torch.Tensor],
+        labels: Sequence[torch.Tensor],
+    ) -> torch.Tensor:
         return self.terms(predicted_locs, predicted_scores, boxes, labels)[0]
 
 
-def detect_objects(predicted_locs: torch.Tensor, predicted_scores: torch.Tensor, priors_cxcy: torch.Tensor,
-                   min_score: float = 0.01, max_overlap: float = 0.45, top_k: int = 200
-                   ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+def detect_objects(
+    predicted_locs: torch.Tensor,
+    predicted_scores: torch.Tensor,
+    priors_cxcy: torch.Tensor,
+    min_score: float = 0.01,
+    max_overlap: float = 0.45,
+    top_k: int = 200,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """``SSD300.detect_objects``: per image, per class, a greedy suppression loop in Python.
 
     Departures: decoded boxes are clamped to [0, 1] (as maskssd does), and the uint8 masks are bool masks
@@ -203,10 +250,17 @@ def detect_objects(predicted_locs: torch.Tensor, predicted_scores: torch.Tensor,
 
 
 # --------------------------------------------------------------------------------------------- utils.py
-def calculate_map(det_boxes: Sequence[torch.Tensor], det_labels: Sequence[torch.Tensor],
-                  det_scores: Sequence[torch.Tensor], true_boxes: Sequence[torch.Tensor],
-                  true_labels: Sequence[torch.Tensor], true_difficulties: Sequence[torch.Tensor], n_classes: int,
-                  method: str = "voc07", threshold: float = 0.5) -> list[float]:
+def calculate_map(
+    det_boxes: Sequence[torch.Tensor],
+    det_labels: Sequence[torch.Tensor],
+    det_scores: Sequence[torch.Tensor],
+    true_boxes: Sequence[torch.Tensor],
+    true_labels: Sequence[torch.Tensor],
+    true_difficulties: Sequence[torch.Tensor],
+    n_classes: int,
+    method: str = "voc07",
+    threshold: float = 0.5,
+) -> list[float]:
     """``calculate_mAP``: per-class AP, one detection at a time (float32); classes are ``1..n_classes``.
 
     Departures: a stable score sort; a class without non-difficult objects gets nan (and is left out of a
@@ -252,7 +306,9 @@ def calculate_map(det_boxes: Sequence[torch.Tensor], det_labels: Sequence[torch.
                 continue
             overlaps = find_jaccard_overlap(this_detection_box, object_boxes)
             max_overlap, ind = torch.max(overlaps.squeeze(0), dim=0)
-            original_ind = torch.LongTensor(range(true_class_boxes.size(0)))[true_class_images == this_image][ind]
+            original_ind = torch.LongTensor(range(true_class_boxes.size(0)))[true_class_images == this_image][
+                ind
+            ]
             if max_overlap.item() > threshold:
                 if object_difficulties[ind] == 0:
                     if true_class_boxes_detected[original_ind] == 0:

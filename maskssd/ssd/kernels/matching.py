@@ -45,8 +45,9 @@ class PriorMatcher:
         span = last - first
         self.group_inv_step = np.where(span > 0, (sizes - 1) / np.where(span > 0, span, 1.0), 0.0)
 
-    def __call__(self, boxes: torch.Tensor, counts: torch.Tensor, threshold: float
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, boxes: torch.Tensor, counts: torch.Tensor, threshold: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``boxes (K, 4)`` normalised xyxy of all images, ``counts (N,)`` objects per image -> the positive
         priors as ``(img, prior, obj)``, ordered by image then prior; ``obj`` indexes ``boxes``.
 
@@ -56,15 +57,40 @@ class PriorMatcher:
         """
         b = boxes.detach().to("cpu", torch.float32).contiguous().numpy()
         c = counts.detach().to("cpu", torch.int64).contiguous().numpy()
-        img, prior, obj = _match(b, c, _F32(threshold), self.ux, self.py1, self.py2, self.area, self.group_ptr,
-                                 self.group_priors, self.group_y1, self.group_max_h, self.group_min_area,
-                                 self.group_inv_step)
+        img, prior, obj = _match(
+            b,
+            c,
+            _F32(threshold),
+            self.ux,
+            self.py1,
+            self.py2,
+            self.area,
+            self.group_ptr,
+            self.group_priors,
+            self.group_y1,
+            self.group_max_h,
+            self.group_min_area,
+            self.group_inv_step,
+        )
         return torch.from_numpy(img), torch.from_numpy(prior), torch.from_numpy(obj)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _match(boxes, counts, thr, ux, py1, py2, area, group_ptr, group_priors, group_y1, group_max_h, group_min_area,
-           group_inv_step):  # pragma: no cover - compiled
+def _match(
+    boxes,
+    counts,
+    thr,
+    ux,
+    py1,
+    py2,
+    area,
+    group_ptr,
+    group_priors,
+    group_y1,
+    group_max_h,
+    group_min_area,
+    group_inv_step,
+):  # pragma: no cover - compiled
     """Positives of every image as (img, prior, obj), by image then prior."""
     n_img = counts.shape[0]
     n_priors = area.shape[0]
@@ -82,15 +108,38 @@ def _match(boxes, counts, thr, ux, py1, py2, area, group_ptr, group_priors, grou
     img, prior, obj = np.empty(cap, np.int64), np.empty(cap, np.int64), np.empty(cap, np.int64)
     total = 0
     for i in range(n_img):
-        n = _match_image(boxes, starts[i], counts[i], thr, ux, py1, py2, area, group_ptr, group_priors, group_y1,
-                         group_max_h, group_min_area, group_inv_step, best, best_obj, forced, marked, cand, ix, ub,
-                         band, one_prior, one_obj)
+        n = _match_image(
+            boxes,
+            starts[i],
+            counts[i],
+            thr,
+            ux,
+            py1,
+            py2,
+            area,
+            group_ptr,
+            group_priors,
+            group_y1,
+            group_max_h,
+            group_min_area,
+            group_inv_step,
+            best,
+            best_obj,
+            forced,
+            marked,
+            cand,
+            ix,
+            ub,
+            band,
+            one_prior,
+            one_obj,
+        )
         if total + n > cap:
             cap = 2 * (total + n)
             img, prior, obj = _grown(img, total, cap), _grown(prior, total, cap), _grown(obj, total, cap)
-        img[total:total + n] = i
-        prior[total:total + n] = one_prior[:n]
-        obj[total:total + n] = one_obj[:n]
+        img[total : total + n] = i
+        prior[total : total + n] = one_prior[:n]
+        obj[total : total + n] = one_obj[:n]
         total += n
     return img[:total].copy(), prior[:total].copy(), obj[:total].copy()
 
@@ -120,9 +169,32 @@ def _lower_bound(a, lo, hi, inv_step, x):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _match_image(boxes, start, count, thr, ux, py1, py2, area, group_ptr, group_priors, group_y1, group_max_h,
-                 group_min_area, group_inv_step, best, best_obj, forced, marked, cand, ix, ub, band, out_prior, out_obj
-                 ):  # pragma: no cover - compiled
+def _match_image(
+    boxes,
+    start,
+    count,
+    thr,
+    ux,
+    py1,
+    py2,
+    area,
+    group_ptr,
+    group_priors,
+    group_y1,
+    group_max_h,
+    group_min_area,
+    group_inv_step,
+    best,
+    best_obj,
+    forced,
+    marked,
+    cand,
+    ix,
+    ub,
+    band,
+    out_prior,
+    out_obj,
+):  # pragma: no cover - compiled
     """One image: writes its positive priors (sorted) and their objects to ``out_*``; returns how many.
     Data-dependent branches are written as selects and compactions: on random boxes they mispredict."""
     zero, tiny = _F32(0.0), _F32(1e-12)
@@ -150,7 +222,9 @@ def _match_image(boxes, start, count, thr, ux, py1, py2, area, group_ptr, group_
                 q = band[qq]
                 u, ixu = cand[q], ix[q]
                 g0, g1 = group_ptr[u], group_ptr[u + 1]
-                need = level * (float(a_obj) + group_min_area[u]) / ((1.0 + level) * float(ixu)) * (1.0 - 1e-5)
+                need = (
+                    level * (float(a_obj) + group_min_area[u]) / ((1.0 + level) * float(ixu)) * (1.0 - 1e-5)
+                )
                 lo = _lower_bound(group_y1, g0, g1, group_inv_step[u], y1 + need - group_max_h[u] - _SLACK)
                 for j in range(lo, _lower_bound(group_y1, lo, g1, group_inv_step[u], y2 - need + _SLACK)):
                     p = group_priors[j]

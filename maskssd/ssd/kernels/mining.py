@@ -32,14 +32,23 @@ def _gap_tables(n_terms: int) -> tuple[np.ndarray, np.ndarray | None, float]:
         else:
             f = np.log1p(np.exp(-g1) + np.exp(-g2))
         # u equals f up to 3 terms: None then (the kernel compiles the second interpolation away)
-        u = None if n_terms <= 3 else np.ascontiguousarray(np.log1p(np.exp(-g1) + (n_terms - 2) * np.exp(-g2)))
+        u = (
+            None
+            if n_terms <= 3
+            else np.ascontiguousarray(np.log1p(np.exp(-g1) + (n_terms - 2) * np.exp(-g2)))
+        )
         margin = 1.0 / (16 * _GAP_RES**2) + (n_terms - 1) * math.exp(-_GAP_CELLS / _GAP_RES) + _SLACK
         _TABLES[n_terms] = (np.ascontiguousarray(f), u, margin)
     return _TABLES[n_terms]
 
 
-def hard_negatives(scores: torch.Tensor, pos_img: torch.Tensor, pos_prior: torch.Tensor, n_hard: torch.Tensor,
-                   beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def hard_negatives(
+    scores: torch.Tensor,
+    pos_img: torch.Tensor,
+    pos_prior: torch.Tensor,
+    n_hard: torch.Tensor,
+    beta: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image's ``n_hard[i]`` negatives (non-positive priors) of largest background loss, as ``(img, prior)``.
 
     The loss must be an increasing function of ``a * logsumexp(s) - beta . s`` with ``a = sum(beta) >= 0``:
@@ -52,8 +61,16 @@ def hard_negatives(scores: torch.Tensor, pos_img: torch.Tensor, pos_prior: torch
     b = beta.detach().to("cpu", torch.float64).contiguous().numpy()
     plain = b[0] == 1.0 and not b[1:].any()
     f, u, margin = _gap_tables(s.shape[2] - 1 if plain else s.shape[2])
-    img, prior = _hard_negatives(s, pos_img.numpy(), pos_prior.numpy(), n_hard.to(torch.int64).numpy(),
-                                 None if plain else b, f, u, margin)
+    img, prior = _hard_negatives(
+        s,
+        pos_img.numpy(),
+        pos_prior.numpy(),
+        n_hard.to(torch.int64).numpy(),
+        None if plain else b,
+        f,
+        u,
+        margin,
+    )
     return torch.from_numpy(img), torch.from_numpy(prior)
 
 
@@ -69,22 +86,37 @@ def _hard_negatives(scores, pos_img, pos_prior, n_hard, beta, f, u, margin):  # 
     lo_key, hi_key, cand = np.empty(n_priors), np.empty(n_priors), np.empty(n_priors, np.int64)
     hist = np.empty(_HIST_BINS, np.int64)
     for i in range(n_img):
-        pos = pos_prior[pos_start[i]:pos_start[i + 1]]
+        pos = pos_prior[pos_start[i] : pos_start[i + 1]]
         k = min(n_hard[i], n_priors - pos.shape[0])
-        n_out[i] = _hard_negatives_image(scores[i], pos, k, beta, f, u, margin, t1, base, lo_key, hi_key, cand,
-                                         hist, out_prior[out_start[i]:out_start[i] + k])
+        n_out[i] = _hard_negatives_image(
+            scores[i],
+            pos,
+            k,
+            beta,
+            f,
+            u,
+            margin,
+            t1,
+            base,
+            lo_key,
+            hi_key,
+            cand,
+            hist,
+            out_prior[out_start[i] : out_start[i] + k],
+        )
     img, prior = np.empty(n_out.sum(), np.int64), np.empty(n_out.sum(), np.int64)
     j = 0
     for i in range(n_img):
-        img[j:j + n_out[i]] = i
-        prior[j:j + n_out[i]] = out_prior[out_start[i]:out_start[i] + n_out[i]]
+        img[j : j + n_out[i]] = i
+        prior[j : j + n_out[i]] = out_prior[out_start[i] : out_start[i] + n_out[i]]
         j += n_out[i]
     return img, prior
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _hard_negatives_image(scores, pos, k, beta, f, u, margin, t1, base, lo_key, hi_key, cand, hist, out
-                          ):  # pragma: no cover - compiled
+def _hard_negatives_image(
+    scores, pos, k, beta, f, u, margin, t1, base, lo_key, hi_key, cand, hist, out
+):  # pragma: no cover - compiled
     """The ``k`` hardest negatives of one image ``scores (P, C)`` into ``out`` (prior order); returns how many.
 
     The ranking key is ``a * lse - beta . s`` (plain: ``lse(s_1..) - s_0``). Three filters, each a bound that
@@ -211,7 +243,7 @@ def _sampled_floor(values, k, hist):  # pragma: no cover - compiled
     """A value <= the k-th largest of ``values``: a histogram floor of a strided sample's matching order
     statistic, accepted once at least ``k`` values reach it (else the sample's order is doubled)."""
     n = values.shape[0]
-    sample = values[::max(1, n // 1024)]
+    sample = values[:: max(1, n // 1024)]
     rank = int(k * sample.shape[0] / n * 1.15) + 3
     while rank < sample.shape[0]:
         floor = _hist_floor(sample, rank, hist)

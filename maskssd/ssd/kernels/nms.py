@@ -11,9 +11,17 @@ from numba import njit
 from maskssd.ssd.kernels._common import _F32
 
 
-def detect(locs: torch.Tensor, scores: torch.Tensor, priors_cxcy: torch.Tensor, min_score: torch.Tensor,
-           max_overlap: float, top_k: int, pre_nms_top_k: int | None, class_agnostic: bool,
-           variances: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def detect(
+    locs: torch.Tensor,
+    scores: torch.Tensor,
+    priors_cxcy: torch.Tensor,
+    min_score: torch.Tensor,
+    max_overlap: float,
+    top_k: int,
+    pre_nms_top_k: int | None,
+    class_agnostic: bool,
+    variances: tuple[float, float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """SSD post-processing of a batch on CPU: see :func:`maskssd.postprocess.postprocess`, which calls it.
 
     ``locs (N,P,4)``, ``scores (N,P,C)`` logits, ``min_score (C-1,)``. Returns ``counts (N,)`` and, image
@@ -28,14 +36,27 @@ def detect(locs: torch.Tensor, scores: torch.Tensor, priors_cxcy: torch.Tensor, 
         locs.detach().to("cpu", torch.float32).contiguous().numpy(),
         scores.detach().to("cpu", torch.float32).contiguous().numpy(),
         priors_cxcy.detach().to("cpu", torch.float32).contiguous().numpy(),
-        thresh, _F32(bound), _F32(max_overlap), int(top_k), -1 if pre_nms_top_k is None else int(pre_nms_top_k),
-        bool(class_agnostic), _F32(variances[0]), _F32(variances[1]))
-    return (torch.from_numpy(counts), torch.from_numpy(boxes), torch.from_numpy(labels), torch.from_numpy(probs))
+        thresh,
+        _F32(bound),
+        _F32(max_overlap),
+        int(top_k),
+        -1 if pre_nms_top_k is None else int(pre_nms_top_k),
+        bool(class_agnostic),
+        _F32(variances[0]),
+        _F32(variances[1]),
+    )
+    return (
+        torch.from_numpy(counts),
+        torch.from_numpy(boxes),
+        torch.from_numpy(labels),
+        torch.from_numpy(probs),
+    )
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _detect(locs, scores, priors, thresh, bound, max_overlap, top_k, pre_top_k, agnostic, v0, v1
-            ):  # pragma: no cover - compiled
+def _detect(
+    locs, scores, priors, thresh, bound, max_overlap, top_k, pre_top_k, agnostic, v0, v1
+):  # pragma: no cover - compiled
     n_img, n_priors, n_cls = scores.shape
     cap = n_priors * (n_cls - 1)
     c_prior, c_cls, c_score = np.empty(cap, np.int64), np.empty(cap, np.int64), np.empty(cap, np.float32)
@@ -106,7 +127,12 @@ def _greedy_nms(box, visit, group, max_overlap):  # pragma: no cover - compiled
     suppressed by a kept box of its group with IoU > ``max_overlap`` (torchvision's ``nms`` rule). Returns
     the positions in ``visit`` that are kept."""
     m = visit.shape[0]
-    x1, y1, x2, y2 = np.empty(m, np.float32), np.empty(m, np.float32), np.empty(m, np.float32), np.empty(m, np.float32)
+    x1, y1, x2, y2 = (
+        np.empty(m, np.float32),
+        np.empty(m, np.float32),
+        np.empty(m, np.float32),
+        np.empty(m, np.float32),
+    )
     area = np.empty(m, np.float32)
     for j in range(m):  # coordinates in visiting order, contiguous
         b = box[visit[j]]
