@@ -1,5 +1,5 @@
-"""Detection metrics: VOC07/VOC12/COCO AP, PR curves, the confusion matrix, drawing detections, and the
-saved-detections file.
+"""Detection metrics: VOC07/VOC12/COCO AP, PR curves, the confusion matrix, drawing detections, the
+saved-detections file, bootstrap intervals (and the paired comparison of two runs) and the error analysis.
 
 Names resolve lazily (:mod:`maskssd._lazy`): importing one loads only its module."""
 
@@ -24,6 +24,30 @@ _EXPORTS = {
     "draw_detections": "drawing",
     "montage": "drawing",
     "write_detections": "detections_file",
+    "annotation_targets": "detections_file",
+    "compare_detections": "detections_file",
+    "detections_and_targets": "detections_file",
+    "detections_doc": "detections_file",
+    "load_detections": "detections_file",
+    "mark_doc": "detections_file",
+    "score_detections": "detections_file",
+    "BootstrapResult": "bootstrap",
+    "ClassTable": "bootstrap",
+    "Interval": "bootstrap",
+    "Marked": "bootstrap",
+    "PairedResult": "bootstrap",
+    "intervals_from_dict": "bootstrap",
+    "mark_detections": "bootstrap",
+    "paired_bootstrap": "bootstrap",
+    "resample_weights": "bootstrap",
+    "resampled_ap": "bootstrap",
+    "SIZE_BUCKETS": "analysis",
+    "SIZE_EDGES": "analysis",
+    "ErrorAnalysis": "analysis",
+    "analyse": "analysis",
+    "render_worst": "analysis",
+    "size_bucket": "analysis",
+    "draw_review": "drawing",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS, globals())

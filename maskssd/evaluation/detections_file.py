@@ -1,5 +1,11 @@
-"""The saved-detections file (``maskssd evaluate --save-detections``): every detection of a split in original
-pixels, the metrics printed for it and the settings that produced it, as JSON."""
+"""The saved-detections file (``maskssd evaluate --save-detections``, a run's ``detections/<split>.json``): every
+detection of a split in original pixels at full precision, each image's id and size, the metrics printed for
+it (with their bootstrap intervals when computed), the settings that produced it and where its data lives.
+
+Ground truth is not stored: it comes from the dataset (:func:`score_detections` takes the split's
+annotations), so a file re-scores to exactly the numbers printed when it was written. Boxes and scores are
+written with Python's float repr (JSON doubles), which reads back to the very float32 values the model gave.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,78 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from maskssd.evaluation.metrics import EvalResult
+import torch
+from torch import Tensor
+
+from maskssd.data.voc import Annotation
+from maskssd.errors import MaskSSDError
+from maskssd.evaluation.bootstrap import (
+    BootstrapResult,
+    Marked,
+    PairedResult,
+    mark_detections,
+    paired_bootstrap,
+)
+from maskssd.evaluation.metrics import DetectionEvaluator, EvalResult
 from maskssd.ssd.postprocess import Detections
 
-__all__ = ["write_detections"]
+__all__ = [
+    "annotation_targets",
+    "compare_detections",
+    "detections_and_targets",
+    "detections_doc",
+    "load_detections",
+    "mark_doc",
+    "score_detections",
+    "write_detections",
+]
+
+FORMAT = 2  # 1: boxes rounded to 0.01 px and scores to 5 digits (could not be re-scored exactly)
+
+
+def _rows(d: Detections, class_names: Sequence[str]) -> list[dict[str, Any]]:
+    return [
+        {"box": [float(v) for v in b], "label": class_names[int(lab) - 1], "score": float(s)}
+        for b, lab, s in zip(d.boxes.tolist(), d.labels.tolist(), d.scores.tolist())
+    ]
+
+
+def detections_doc(
+    class_names: Sequence[str],
+    detections: Sequence[tuple[str, Detections]],
+    sizes: Mapping[str, tuple[int, int]],
+    result: EvalResult,
+    settings: Mapping[str, Any],
+    *,
+    bootstrap: BootstrapResult | None = None,
+    data: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The file's content: ``(image_id, Detections)`` pairs in evaluation order with each image's (width,
+    height), the metrics, the settings, the bootstrap intervals (if any) and the data (``root``,
+    ``split_name``, ``split``) the ground truth comes from."""
+    doc: dict[str, Any] = {
+        "format": FORMAT,
+        "classes": list(class_names),
+        "images": [
+            {"id": i, "width": sizes[i][0], "height": sizes[i][1], "detections": _rows(d, class_names)}
+            for i, d in detections
+        ],
+        "metrics": {
+            "map": result.map,
+            "ap": result.ap,
+            "map_voc12": result.map_voc12,
+            "ap_voc12": result.ap_voc12,
+            "map_coco": result.map_coco,
+            "ap50_coco": result.ap50_coco,
+            "n_gt": result.n_gt,
+        },
+        "settings": dict(settings),
+    }
+    if bootstrap is not None:
+        doc["bootstrap"] = bootstrap.to_dict()
+    if data is not None:
+        doc["data"] = dict(data)
+    return doc
 
 
 def write_detections(
@@ -21,24 +95,174 @@ def write_detections(
     sizes: Mapping[str, tuple[int, int]],
     result: EvalResult,
     settings: Mapping[str, Any],
+    *,
+    bootstrap: BootstrapResult | None = None,
+    data: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``(image_id, Detections)`` pairs with each image's (width, height), the metrics and the settings."""
-    doc = {
-        "classes": list(class_names),
-        "images": [
-            {"id": i, "width": sizes[i][0], "height": sizes[i][1], "detections": d.to_list(class_names)}
-            for i, d in detections
-        ],
-        "metrics": {
-            "map": result.map,
-            "ap": result.ap,
-            "map_voc12": result.map_voc12,
-            "map_coco": result.map_coco,
-            "ap50_coco": result.ap50_coco,
-        },
-        "settings": dict(settings),
-    }
+    """Write :func:`detections_doc` as JSON (NaN metrics as JSON ``NaN``, which Python reads back)."""
+    doc = detections_doc(class_names, detections, sizes, result, settings, bootstrap=bootstrap, data=data)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1))
     return path
+
+
+def load_detections(path: str | Path) -> dict[str, Any]:
+    """Read a saved-detections file; refuses (MaskSSDError) one that is not one or cannot be re-scored."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise MaskSSDError(f"{path}: not a readable detections file ({e})") from None
+    if not isinstance(doc, dict) or not {"classes", "images"} <= set(doc):
+        raise MaskSSDError(f"{path}: not a maskssd detections file (no 'classes' and 'images')")
+    if doc.get("format", 1) < FORMAT:
+        raise MaskSSDError(
+            f"{path}: an old detections file (boxes rounded to 0.01 px): it cannot reproduce its metrics; "
+            "write it again with maskssd evaluate --save-detections"
+        )
+    for k, im in enumerate(doc["images"]):
+        if not {"id", "width", "height", "detections"} <= set(im):
+            raise MaskSSDError(f"{path} [images[{k}]]: needs id, width, height and detections")
+    doc["path"] = str(path)
+    return doc
+
+
+def _doc_tensors(doc: Mapping[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    index = {name: i + 1 for i, name in enumerate(doc["classes"])}
+    boxes, labels, scores = [], [], []
+    for im in doc["images"]:
+        dets = im["detections"]
+        boxes.append(torch.tensor([d["box"] for d in dets], dtype=torch.float64).reshape(-1, 4))
+        labels.append(torch.tensor([index[d["label"]] for d in dets], dtype=torch.long))
+        scores.append(torch.tensor([d["score"] for d in dets], dtype=torch.float64))
+    return boxes, labels, scores
+
+
+def annotation_targets(ann: Annotation) -> tuple[Tensor, Tensor, Tensor]:
+    """An image's ground truth as the evaluation scores it: pixel boxes (float32), labels, difficult flags."""
+    return (
+        torch.from_numpy(ann.boxes.copy()).float().reshape(-1, 4),
+        torch.from_numpy(ann.labels.copy()).long(),
+        torch.from_numpy(ann.difficult.copy()).bool(),
+    )
+
+
+def detections_and_targets(
+    detections: Sequence[tuple[str, Detections]], annotations: Sequence[Annotation]
+) -> tuple[list[str], tuple[list[Tensor], ...], list[Annotation]]:
+    """``(image ids, (det boxes, labels, scores, gt boxes, labels, difficult), annotations)`` in the order of
+    ``detections`` (``evaluate(..., collect=...)`` pairs): the per-image lists every metric function takes."""
+    by_id = {a.image_id: a for a in annotations}
+    missing = [i for i, _ in detections if i not in by_id]
+    if missing:
+        raise MaskSSDError(f"{len(missing)} images have detections but no annotation (first: {missing[0]!r})")
+    anns = [by_id[i] for i, _ in detections]
+    gt = [annotation_targets(a) for a in anns]
+    data = (
+        [d.boxes for _, d in detections],
+        [d.labels for _, d in detections],
+        [d.scores for _, d in detections],
+        [g[0] for g in gt],
+        [g[1] for g in gt],
+        [g[2] for g in gt],
+    )
+    return [i for i, _ in detections], data, anns
+
+
+def _ground_truth(
+    doc: Mapping[str, Any], annotations: Sequence[Annotation]
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """The annotations of the file's images, in its order; refuses missing images and different sizes."""
+    by_id = {a.image_id: a for a in annotations}
+    where = doc.get("path", "the detections file")
+    missing = [im["id"] for im in doc["images"] if im["id"] not in by_id]
+    if missing:
+        raise MaskSSDError(
+            f"{where}: {len(missing)} of its {len(doc['images'])} images are not in the dataset "
+            f"(first: {missing[0]!r}); pass the data the detections were made on"
+        )
+    out: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+    for im in doc["images"]:
+        ann = by_id[im["id"]]
+        if (ann.width, ann.height) != (im["width"], im["height"]):
+            raise MaskSSDError(
+                f"{where}: image {im['id']!r} is {im['width']}x{im['height']} in the file but "
+                f"{ann.width}x{ann.height} in the dataset"
+            )
+        for store, value in zip(out, annotation_targets(ann)):
+            store.append(value)
+    return out
+
+
+def score_detections(
+    doc: Mapping[str, Any],
+    annotations: Sequence[Annotation],
+    *,
+    iou_threshold: float = 0.5,
+    coco: bool = False,
+) -> EvalResult:
+    """Every metric of a saved file against the dataset's ground truth (annotations loaded with the file's
+    ``classes``); equal to what was printed when the file was written."""
+    ev = DetectionEvaluator(doc["classes"], iou_threshold)
+    ev.update(
+        *_doc_tensors(doc),
+        *_ground_truth(doc, annotations),
+        [(im["width"], im["height"]) for im in doc["images"]],
+    )
+    return ev.compute(coco=coco)
+
+
+def mark_doc(
+    doc: Mapping[str, Any], annotations: Sequence[Annotation], *, iou_threshold: float = 0.5
+) -> Marked:
+    """A saved file's detections sorted and marked once, ready to be resampled (:mod:`.bootstrap`)."""
+    return mark_detections(
+        *_doc_tensors(doc),
+        *_ground_truth(doc, annotations),
+        doc["classes"],
+        iou_threshold,
+        image_ids=[im["id"] for im in doc["images"]],
+    )
+
+
+def _aligned(doc: Mapping[str, Any], ids: Sequence[str], reference: str) -> Mapping[str, Any]:
+    """``doc`` with its images in the order ``ids``; refuses a file on other images."""
+    own = [im["id"] for im in doc["images"]]
+    if own == list(ids):
+        return doc
+    if sorted(own) != sorted(ids):
+        only = sorted(set(own) ^ set(ids))
+        raise MaskSSDError(
+            f"{doc.get('path', 'a detections file')} and {reference} are not on the same images "
+            f"({len(own)} vs {len(ids)} images; {len(only)} differ, e.g. {only[0]!r}): a paired comparison "
+            "needs both runs' detections on the same split"
+        )
+    by_id = {im["id"]: im for im in doc["images"]}
+    return {**doc, "images": [by_id[i] for i in ids]}
+
+
+def compare_detections(
+    docs_a: Sequence[Mapping[str, Any]],
+    docs_b: Sequence[Mapping[str, Any]],
+    annotations: Sequence[Annotation],
+    *,
+    n: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+    iou_threshold: float = 0.5,
+) -> PairedResult:
+    """The paired bootstrap of saved files: A − B on the same images (each side one file or several, pooled)."""
+    docs = [*docs_a, *docs_b]
+    if not docs_a or not docs_b:
+        raise MaskSSDError("a comparison needs at least one detections file on each side")
+    ref = docs[0]
+    ids = [im["id"] for im in ref["images"]]
+    for d in docs[1:]:
+        if list(d["classes"]) != list(ref["classes"]):
+            raise MaskSSDError(f"{d.get('path')}: classes {d['classes']} differ from {ref['classes']}")
+    marked = [
+        mark_doc(_aligned(d, ids, str(ref.get("path"))), annotations, iou_threshold=iou_threshold)
+        for d in docs
+    ]
+    return paired_bootstrap(marked[: len(docs_a)], marked[len(docs_a) :], n=n, seed=seed, ci=ci)

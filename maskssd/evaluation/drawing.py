@@ -68,3 +68,37 @@ def montage(
         draw.rectangle([x, y + tile[1] - 14, x + draw.textlength(name) + 8, y + tile[1]], fill=(0, 0, 0))
         draw.text((x + 4, y + tile[1] - 13), name, fill=(255, 255, 255))
     return out
+
+
+#: Outline of objects a model missed in :func:`draw_review`.
+MISSED_COLOUR = (255, 0, 255)
+
+
+def draw_review(
+    image: Image.Image | np.ndarray,
+    dets: Detections,
+    class_names: Sequence[str],
+    *,
+    min_score: float,
+    false_detections: Sequence[int] = (),
+    missed_boxes: Sequence[Sequence[float]] = (),
+    missed_labels: Sequence[int] = (),
+    text: str | None = None,
+) -> Image.Image:
+    """An error review: detections above ``min_score`` (false ones captioned ``FP``, by index into ``dets``) and
+    the missed objects outlined in magenta (``missed <class>``)."""
+    img = draw_detections(image, dets, class_names, min_score=min_score, text=text)
+    draw = ImageDraw.Draw(img)
+    width = max(1, round(max(img.size) / 250))
+    boxes = dets.boxes.tolist()
+    for k in false_detections:
+        box = boxes[k]
+        draw.line([box[0], box[1], box[2], box[3]], fill=(255, 255, 255), width=width)
+        draw.text((box[0] + 2, box[3] - 11), "FP", fill=(255, 255, 255))
+    for box, label in zip(missed_boxes, missed_labels):
+        draw.rectangle(list(box), outline=MISSED_COLOUR, width=width)
+        caption = f"missed {class_names[int(label) - 1]}"
+        y = min(box[3] + 1, img.size[1] - 11)
+        draw.rectangle([box[0], y, box[0] + draw.textlength(caption) + 4, y + 11], fill=MISSED_COLOUR)
+        draw.text((box[0] + 2, y), caption, fill=(0, 0, 0))
+    return img

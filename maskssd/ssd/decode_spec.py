@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DecodeSpec"]
+__all__ = ["DISPLAY_THRESHOLD", "DecodeSpec"]
+
+#: The operating threshold: detections drawn and reported by ``detect`` and ``serve``, and where the error
+#: analysis counts recall and false boxes (the decode threshold for AP is ``DecodeSpec.min_score``).
+DISPLAY_THRESHOLD = 0.4
 
 
 @dataclass(frozen=True)

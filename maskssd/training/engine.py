@@ -22,6 +22,7 @@ from torch import nn
 
 from maskssd.data import Batch
 from maskssd.errors import NonFiniteLossError, TrainingInterrupted
+from maskssd.evaluation.detections_file import annotation_targets
 from maskssd.evaluation.metrics import DetectionEvaluator, EvalResult
 from maskssd.ssd.loss import MultiBoxLoss
 from maskssd.ssd.postprocess import DecodeSpec, postprocess
@@ -183,18 +184,12 @@ def evaluate(
             dets = postprocess(locs, scores, priors, decode or DecodeSpec(), batch.sizes)
             for k, (image_id, d) in enumerate(zip(batch.image_ids, dets)):
                 w, h = batch.sizes[k].tolist()
-                scale = torch.tensor([w, h, w, h], device=batch.boxes[k].device)
-                records.append(
-                    (
-                        order.get(image_id, len(records)),
-                        image_id,
-                        d.to_cpu(),
-                        (batch.boxes[k] * scale).cpu(),
-                        batch.labels[k].cpu(),
-                        batch.difficult[k].cpu(),
-                        (w, h),
-                    )
-                )
+                if image_id in order:  # the annotation's pixel boxes: what a saved file re-scores against
+                    gt = annotation_targets(annotations[order[image_id]])
+                else:
+                    scale = torch.tensor([w, h, w, h], device=batch.boxes[k].device)
+                    gt = ((batch.boxes[k] * scale).cpu(), batch.labels[k].cpu(), batch.difficult[k].cpu())
+                records.append((order.get(image_id, len(records)), image_id, d.to_cpu(), *gt, (w, h)))
     sums = distributed.all_reduce_sum(sums)
     if want_dets and distributed.active():
         records = [r for part in distributed.gather_objects(records) for r in part]
