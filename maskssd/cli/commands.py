@@ -16,12 +16,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from maskssd.errors import MaskSSDError
+from maskssd.ssd.decode_spec import DISPLAY_THRESHOLD as DISPLAY_THRESHOLD  # the parser's defaults
 from maskssd.ssd.decode_spec import DecodeSpec
 
 out = Console()
 err = Console(stderr=True)
-#: Detections drawn and reported by ``detect`` and ``serve`` (the decode threshold for AP is DecodeSpec.min_score).
-DISPLAY_THRESHOLD = 0.4
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -57,28 +56,36 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def ap_table(ev: Any) -> Table:
-    """Per-class AP of a run's selected checkpoint on val (and the final split)."""
+    """Per-class AP of a run's selected checkpoint on val (and the final split), with bootstrap intervals."""
+    from maskssd.cli.research import fmt_interval
+
     table = Table(title="Average precision (VOC07 11-point, IoU > 0.5) of the selected checkpoint")
     table.add_column("class")
-    table.add_column("val AP", justify="right")
-    splits = [ev.val] + ([ev.final] if ev.final is not None else [])
-    if ev.final is not None:
-        table.add_column(f"{ev.final_split} AP", justify="right")
+    splits = [("val", ev.val)] + ([(ev.final_split, ev.final)] if ev.final is not None else [])
+    boots = [getattr(ev.reports.get(s), "bootstrap", None) for s, _ in splits]
+    ci = next((f" [{100 * b.ci:g}% CI]" for b in boots if b is not None), "")
+    for split, _ in splits:
+        table.add_column(f"{split} AP{ci}", justify="right")
+
+    def cell(value: float, boot: Any, key: str) -> str:
+        iv = None if boot is None else boot.map if key == "map" else boot.ap[key]
+        return fmt_interval(value, iv.low, iv.high) if iv is not None else f"{100 * value:.1f}"
+
     for c in ev.class_names:
-        table.add_row(c, *[f"{100 * r.ap[c]:.1f}" for r in splits])
-    table.add_row("[bold]mAP", *[f"[bold]{100 * r.map:.1f}" for r in splits])
+        table.add_row(c, *[cell(r.ap[c], b, c) for (_, r), b in zip(splits, boots)])
+    table.add_row("[bold]mAP", *[f"[bold]{cell(r.map, b, 'map')}" for (_, r), b in zip(splits, boots)])
     if not math.isnan(ev.val.map_coco):
-        table.add_row("mAP COCO", *[f"{100 * r.map_coco:.1f}" for r in splits])
+        table.add_row("mAP COCO", *[f"{100 * r.map_coco:.1f}" for _, r in splits])
     return table
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     import torch
 
+    from maskssd.cli.research import analysis_tables, metrics_table
     from maskssd.data import DataReport, FaceMaskDataset, load_split
     from maskssd.data.transforms import eval_transform
     from maskssd.deploy.predictor import load_predictor
-    from maskssd.evaluation.detections_file import write_detections
     from maskssd.training.engine import evaluate
     from maskssd.training.runner import build_loader
 
@@ -99,45 +106,66 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         collect=collected,
     )
     assert result is not None
-    t = Table(title=f"{a.model} on {a.data} {a.split_name}/{a.split} ({len(ds)} images)")
-    for col in ("class", "AP (VOC07)", "AP (all-point)", "AP (COCO .5:.95)", "objects"):
-        t.add_column(col, justify="right" if col != "class" else "left")
-    for c in pred.class_names:
-        t.add_row(
-            c,
-            f"{100 * result.ap[c]:.1f}",
-            f"{100 * result.ap_voc12[c]:.1f}",
-            f"{100 * result.ap_coco.get(c, float('nan')):.1f}",
-            str(result.n_gt[c]),
-        )
-    t.add_row(
-        "[bold]mean",
-        f"[bold]{100 * result.map:.1f}",
-        f"{100 * result.map_voc12:.1f}",
-        f"{100 * result.map_coco:.1f}",
-        "",
-    )
-    out.print(t)
+    boot, analysis = _uncertainty_and_errors(a, pred.class_names, collected, anns)
+    title = f"{a.model} on {a.data} {a.split_name}/{a.split} ({len(ds)} images)"
+    if boot is not None:
+        title += f"; {100 * boot.ci:g}% intervals from {boot.n} image resamples (seed {boot.seed})"
+    out.print(metrics_table(title, result, pred.class_names, boot))
     out.print(f"COCO AP50: {100 * result.ap50_coco:.1f}")
+    for table in analysis_tables(analysis):
+        out.print(table)
     if a.save_detections:
-        settings = {
-            "min_score": decode.min_score,
-            "max_overlap": decode.max_overlap,
-            "top_k": decode.top_k,
-            "class_agnostic": decode.class_agnostic,
-            "model": str(a.model),
-            "split": a.split,
-        }
-        path = write_detections(
-            a.save_detections,
-            pred.class_names,
-            collected,
-            {x.image_id: (x.width, x.height) for x in anns},
-            result,
-            settings,
-        )
-        out.print(f"detections written to {path}")
+        _save_detections(a, decode, pred.class_names, collected, anns, result, boot)
     return 0
+
+
+def _uncertainty_and_errors(
+    a: argparse.Namespace, class_names: Any, collected: Any, anns: Any
+) -> tuple[Any, Any]:
+    from maskssd.evaluation.analysis import analyse
+    from maskssd.evaluation.bootstrap import bootstrap, mark_detections
+    from maskssd.evaluation.detections_file import detections_and_targets
+
+    ids, data, _ = detections_and_targets(collected, anns)
+    boot = None
+    if a.bootstrap:
+        marked = mark_detections(*data, class_names, image_ids=ids)
+        boot = bootstrap(marked, n=a.bootstrap, seed=a.seed, ci=a.ci)
+    return boot, analyse(*data, class_names, image_ids=ids, threshold=a.operating_threshold)
+
+
+def _save_detections(
+    a: argparse.Namespace,
+    decode: DecodeSpec,
+    class_names: Any,
+    collected: Any,
+    anns: Any,
+    result: Any,
+    boot: Any,
+) -> None:
+    from pathlib import Path
+
+    from maskssd.evaluation.detections_file import write_detections
+
+    settings = {
+        "min_score": decode.min_score,
+        "max_overlap": decode.max_overlap,
+        "top_k": decode.top_k,
+        "class_agnostic": decode.class_agnostic,
+        "model": str(a.model),
+        "split": a.split,
+    }
+    path = write_detections(
+        a.save_detections,
+        class_names,
+        collected,
+        {x.image_id: (x.width, x.height) for x in anns},
+        result,
+        settings,
+        bootstrap=boot,
+        data={"root": str(Path(a.data).resolve()), "split_name": a.split_name, "split": a.split},
+    )
+    out.print(f"detections written to {path}")
 
 
 def cmd_detect(a: argparse.Namespace) -> int:
@@ -188,9 +216,10 @@ def cmd_runs(a: argparse.Namespace) -> int:
     classes = sorted(
         {k.removeprefix("best_val_ap_") for r in runs for k in r.data.metrics if k.startswith("best_val_ap_")}
     )
-    rows = []
+    rows, intervals = [], []
     for r in runs:
         m, p = r.data.metrics, r.data.params
+        intervals.append(_run_intervals(m))
         rows.append(
             {
                 "run": r.info.run_id[:8],
@@ -207,11 +236,15 @@ def cmd_runs(a: argparse.Namespace) -> int:
             }
         )
     key = a.sort
+    entries = list(zip(rows, intervals))
     if key:
         if key not in rows[0]:
             raise MaskSSDError(f"cannot sort by {key!r}; columns: {', '.join(rows[0])}")
-        rows.sort(
-            key=lambda r: (r[key] is None, -(r[key] or 0) if isinstance(r[key], float) else str(r[key]))
+        entries.sort(
+            key=lambda e: (
+                e[0][key] is None,
+                -(e[0][key] or 0) if isinstance(e[0][key], float) else str(e[0][key]),
+            )
         )
     t = Table(title=f"runs ({a.experiment or 'all experiments'})")
     for col in rows[0]:
@@ -221,12 +254,30 @@ def cmd_runs(a: argparse.Namespace) -> int:
             no_wrap=col == "run",
             min_width=8 if col == "run" else None,
         )
-    for r in rows:
-        t.add_row(
-            *[("" if v is None else f"{100 * v:.1f}" if isinstance(v, float) else str(v)) for v in r.values()]
-        )
+    for r, iv in entries:
+        t.add_row(*[_cell(v, iv.get(k)) for k, v in r.items()])
     out.print(t)
     return 0
+
+
+def _cell(value: Any, interval: str | None) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return interval or f"{100 * value:.1f}"
+    return str(value)
+
+
+def _run_intervals(m: dict[str, float]) -> dict[str, str]:
+    """``66.5 [61.0, 71.9]`` cells for val_map and test_map where the run logged bootstrap intervals."""
+    from maskssd.cli.research import fmt_interval
+
+    cells = {}
+    for col, base in (("val_map", "best_val_map"), ("test_map", "test_map")):
+        low, high = m.get(f"{base}_ci_low"), m.get(f"{base}_ci_high")
+        if base in m and low is not None and high is not None:
+            cells[col] = fmt_interval(m[base], low, high)
+    return cells
 
 
 # --------------------------------------------------------------------------------------- studies etc.

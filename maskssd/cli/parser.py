@@ -19,6 +19,7 @@ from maskssd.cli.commands import (
     cmd_train,
 )
 from maskssd.cli.data import cmd_data_anchors, cmd_data_split, cmd_data_stats, cmd_data_synth
+from maskssd.cli.research import cmd_compare
 from maskssd.ssd.decode_spec import DecodeSpec
 
 __all__ = ["build_parser"]
@@ -30,6 +31,7 @@ examples:
   maskssd train experiments/quickstart.toml            # train, evaluate, log everything to MLflow
   mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db
   maskssd runs --experiment quickstart                 # compare runs in the terminal
+  maskssd compare RUN_A RUN_B --split val              # paired bootstrap: A - B with its interval
   maskssd study studies/quickstart.toml                # an Optuna study, each trial an MLflow run
   maskssd promote --study quickstart                   # register the best trial, move @champion
   maskssd detect --model models:/maskssd-face-mask@champion --source photo.jpg --out out/
@@ -225,6 +227,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=int, default=0)
     e.add_argument("--device", default="cpu")
     e.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+    e.add_argument(
+        "--bootstrap",
+        type=int,
+        default=0,
+        metavar="N",
+        help="percentile intervals on every AP from N image resamples (e.g. 1000; default 0 = none)",
+    )
+    e.add_argument("--ci", type=float, default=0.95, help="interval level (default 0.95)")
+    e.add_argument("--seed", type=int, default=0, help="resampling seed (default 0)")
+    e.add_argument(
+        "--operating-threshold",
+        type=float,
+        default=DISPLAY_THRESHOLD,
+        help=f"error analysis: recall and false boxes at this score (default {DISPLAY_THRESHOLD})",
+    )
     e.set_defaults(func=cmd_evaluate)
 
     # detect
@@ -278,6 +295,33 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--limit", type=int, default=50)
     r.add_argument("--tracking-uri")
     r.set_defaults(func=cmd_runs)
+
+    cp = sub.add_parser(
+        "compare",
+        help="paired bootstrap: is run A better than run B on the same images?",
+        formatter_class=_formatter,
+        description="Resample the images of a split with replacement, re-score both runs' saved detections on\n"
+        "each resample (no inference), and report A - B in mAP and per-class AP (VOC07) with its percentile\n"
+        "interval and the share of resamples in which A beats B.\n\n"
+        "RUN_A and RUN_B are MLflow run ids (their detections/<split>.json, saved at the end of training) or\n"
+        "detection files (maskssd evaluate --save-detections); several, comma-separated, are pooled (seeds).\n"
+        "Ground truth is read from the data the detections were made on (or --data). Nothing is logged.",
+        epilog="examples:\n  maskssd compare 3f2a... 9c1b... --split val\n"
+        "  maskssd compare a.json b.json --n 2000 --json\n"
+        "  maskssd compare RUN_A1,RUN_A2,RUN_A3 RUN_B1,RUN_B2,RUN_B3   # seeds pooled",
+    )
+    cp.add_argument("run_a", metavar="RUN_A", help="run id(s) or detections file(s), comma-separated")
+    cp.add_argument("run_b", metavar="RUN_B", help="run id(s) or detections file(s), comma-separated")
+    cp.add_argument("--split", choices=("val", "test"), default="val")
+    cp.add_argument("--n", type=int, default=1000, help="image resamples (default 1000)")
+    cp.add_argument("--seed", type=int, default=0)
+    cp.add_argument("--ci", type=float, default=0.95, help="interval level (default 0.95)")
+    cp.add_argument("--json", action="store_true", help="print JSON (for scripts) instead of a table")
+    cp.add_argument("--data", help="dataset root (default: where the detections were made)")
+    cp.add_argument("--split-name", help="split list under ROOT/splits/ (default: the detections')")
+    cp.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+    cp.add_argument("--tracking-uri")
+    cp.set_defaults(func=cmd_compare)
 
     # study
     st = sub.add_parser(

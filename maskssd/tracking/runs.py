@@ -315,3 +315,25 @@ def runs_table(
     else:
         ids = [e.experiment_id for e in c.search_experiments()]
     return c.search_runs(ids, max_results=max_results, order_by=list(order_by))
+
+
+def download_detections(ref: str, split: str, dst: str | Path, tracking_uri: str | None = None) -> Path:
+    """A saved-detections file: ``ref`` itself when it is a file, else run ``ref``'s ``detections/<split>.json``
+    (the selected checkpoint's detections, saved by every run that finished its final evaluation)."""
+    if Path(ref).is_file():
+        return Path(ref)
+    c = client(tracking_uri)
+    try:
+        c.get_run(ref)
+    except mlflow.exceptions.MlflowException:
+        raise MaskSSDError(
+            f"{ref!r} is neither a detections file nor an MLflow run in {c.tracking_uri}"
+        ) from None
+    names = {Path(a.path).name for a in c.list_artifacts(ref, "detections")}
+    if f"{split}.json" not in names:
+        have = ", ".join(sorted(n.removesuffix(".json") for n in names)) or "none"
+        raise MaskSSDError(
+            f"run {ref} has no saved detections for split {split!r} (saved: {have}); runs save them at the end "
+            "of training, or use maskssd evaluate --save-detections and pass the file"
+        )
+    return MlflowRun(c, ref).download(f"detections/{split}.json", Path(dst) / ref)

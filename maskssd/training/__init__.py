@@ -68,6 +68,9 @@ _EXPORTS = {
     "checkpoint_root": "runner",
     "sigterm_as_interrupt": "runner",
     "train_experiment": "runner",
+    "SplitReport": "final_report",
+    "report_split": "final_report",
+    "log_report": "final_report",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from maskssd.data import DEFAULT_CLASSES
 from maskssd.errors import ConfigError
-from maskssd.ssd.decode_spec import DecodeSpec
+from maskssd.ssd.decode_spec import DISPLAY_THRESHOLD, DecodeSpec
 
 
 class _Section(BaseModel):
@@ -192,6 +192,12 @@ class EvalSection(_Section):
     class_agnostic: bool = DecodeSpec.class_agnostic
     pre_nms_top_k: int = Field(0, ge=0)  # 0 = keep every candidate (the paper's code)
     coco: bool = True
+    # the final evaluation's uncertainty and error analysis (maskssd.evaluation.bootstrap, .analysis)
+    bootstrap: int = Field(1000, ge=0)  # image resamples for the AP intervals; 0 = no intervals
+    bootstrap_seed: int | None = None  # None: experiment.seed
+    bootstrap_ci: float = Field(0.95, gt=0, lt=1)  # interval level
+    operating_threshold: float = Field(DISPLAY_THRESHOLD, gt=0, lt=1)  # recall / false boxes counted here
+    worst_images: int = Field(8, ge=0)  # validation images with the most errors, drawn as artifacts
 
 
 class ExperimentConfig(_Section):

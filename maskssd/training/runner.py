@@ -42,6 +42,7 @@ from maskssd.training import distributed
 from maskssd.training.checkpoint import atomic_save, load
 from maskssd.training.config import ExperimentConfig
 from maskssd.training.engine import Trainer, TrainSpec, build_optimizer, build_scheduler, evaluate
+from maskssd.training.final_report import SplitReport, log_report, report_split
 from maskssd.training.tracker import Tracker
 
 __all__ = [
@@ -84,6 +85,7 @@ class FinalEvaluation:
     val: EvalResult
     final: EvalResult | None
     final_split: str
+    reports: dict[str, SplitReport] = field(default_factory=dict)  # intervals, error analysis, by split
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -389,7 +391,8 @@ def _finish(
         "amp": cfg.train.amp,
         "channels_last": cfg.train.channels_last,
     }
-    val_metrics, val_result = evaluate(parts.model, parts.trainer.val_loader, **kw)
+    collected: dict[str, list[tuple[str, Any]]] = {"val": []}
+    val_metrics, val_result = evaluate(parts.model, parts.trainer.val_loader, collect=collected["val"], **kw)
     final.update({f"best_{k}": v for k, v in val_metrics.items()})
     test_result = None
     if cfg.data.final_split == "test":  # the only touch of the test split: the selected checkpoint, once
@@ -401,12 +404,27 @@ def _finish(
             rank=info.rank,
             world=info.world,
         )
-        test_metrics, test_result = evaluate(parts.model, loader, prefix="test", **kw)
+        collected["test"] = []
+        test_metrics, test_result = evaluate(
+            parts.model, loader, prefix="test", collect=collected["test"], **kw
+        )
         final.update(test_metrics)
     assert val_result is not None
     evaluation = FinalEvaluation(cfg.class_names, val_result, test_result, cfg.data.final_split)
     model_uri = None
     if info.is_main:
+        for split, result in (("val", val_result), ("test", test_result)):
+            if result is not None:
+                evaluation.reports[split] = report_split(
+                    cfg,
+                    split=split,
+                    prefix="best_val" if split == "val" else split,
+                    result=result,
+                    detections=collected[split],
+                    annotations=parts.datasets[split].annotations,
+                    root=parts.root,
+                )
+                final.update(evaluation.reports[split].metrics)
         tracker.log_metrics(final, step=int(ckpt["epoch"]))
         tracker.set_tags(
             {
@@ -434,6 +452,9 @@ def _log_plots(
     tracker.log_figure(plot_confusion_matrix(ev.val.confusion, cfg.class_names, out / "confusion_val.png"))
     if ev.final is not None:
         tracker.log_figure(plot_pr_curves(ev.final, out / f"pr_curves_{ev.final_split}.png"))
+    settings = {**asdict(DecodeSpec.from_config(cfg.eval)), "run_id": tracker.run_id}
+    for report in ev.reports.values():
+        log_report(tracker, report, cfg, ckpt_dir, settings)
     val_ds, model = parts.datasets["val"], parts.model.eval()
     decode = DecodeSpec.from_config(cfg.eval)
     device = next(model.parameters()).device

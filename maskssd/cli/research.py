@@ -1,0 +1,175 @@
+"""Research commands and tables: ``maskssd compare`` (the paired bootstrap of two runs' saved detections), and
+the uncertainty and error-analysis tables ``maskssd evaluate`` prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from maskssd.cli.commands import out
+from maskssd.errors import MaskSSDError
+
+__all__ = ["analysis_tables", "cmd_compare", "fmt_interval", "metrics_table"]
+
+
+def fmt_interval(
+    value: float, low: float | None = None, high: float | None = None, signed: bool = False
+) -> str:
+    """``66.5 [61.0, 71.9]`` (percent); the value alone without an interval; ``-`` for nan."""
+    if value is None or math.isnan(value):
+        return "-"
+    f = "{:+.1f}" if signed else "{:.1f}"
+    text = f.format(100 * value)
+    if low is None or high is None or math.isnan(low) or math.isnan(high):
+        return text
+    return f"{text} [{f.format(100 * low)}, {f.format(100 * high)}]"
+
+
+def metrics_table(title: str, result: Any, class_names: Sequence[str], boot: Any = None) -> Table:
+    """Per-class AP (VOC07 with its bootstrap interval when given, all-point, COCO) and objects."""
+    t = Table(title=title)
+    ci = f" [{100 * boot.ci:g}% CI]" if boot is not None else ""
+    for col in ("class", f"AP (VOC07){ci}", "AP (all-point)", "AP (COCO .5:.95)", "objects"):
+        t.add_column(col, justify="right" if col != "class" else "left")
+
+    def cell(value: float, iv: Any) -> str:
+        return fmt_interval(value, iv.low, iv.high) if iv is not None else fmt_interval(value)
+
+    for c in class_names:
+        t.add_row(
+            c,
+            cell(result.ap[c], boot.ap[c] if boot is not None else None),
+            fmt_interval(result.ap_voc12[c]),
+            fmt_interval(result.ap_coco.get(c, float("nan"))),
+            str(result.n_gt[c]),
+        )
+    t.add_row(
+        "[bold]mean",
+        "[bold]" + cell(result.map, boot.map if boot is not None else None),
+        fmt_interval(result.map_voc12),
+        fmt_interval(result.map_coco),
+        "",
+    )
+    return t
+
+
+def analysis_tables(analysis: Any) -> list[Table]:
+    """AP and recall by face size, false boxes at the operating threshold, and the confusion matrix there."""
+    from maskssd.evaluation.analysis import SIZE_BUCKETS
+
+    thr = f"score >= {analysis.threshold:g}"
+    size = Table(title=f"by face size ({analysis.size_measure}): VOC07 AP / recall at {thr} / objects")
+    size.add_column("class")
+    for _, label in SIZE_BUCKETS:
+        size.add_column(label, justify="right")
+    size.add_column("all sizes", justify="right")
+    for c in [*analysis.class_names, "all"]:
+        cells = []
+        for key, _ in SIZE_BUCKETS:
+            ap = analysis.map_by_size[key] if c == "all" else analysis.ap[c][key]
+            cells.append(
+                f"{fmt_interval(ap)} / {fmt_interval(analysis.recall[c][key])} / {analysis.n_gt[c][key]}"
+            )
+        cells.append(f"- / {fmt_interval(analysis.recall[c]['all'])} / {analysis.n_gt[c]['all']}")
+        size.add_row("[bold]all (mAP)" if c == "all" else c, *cells)
+    ops = Table(title=f"detections at the operating threshold ({thr})")
+    for col in ("class", "shown", "true", "false", "precision", "recall"):
+        ops.add_column(col, justify="right" if col != "class" else "left")
+    for c in analysis.class_names:
+        d = analysis.detections[c]
+        prec = d["tp"] / d["above"] if d["above"] else float("nan")
+        ops.add_row(
+            c,
+            str(d["above"]),
+            str(d["tp"]),
+            str(d["false"]),
+            fmt_interval(prec),
+            fmt_interval(analysis.recall[c]["all"]),
+        )
+    names = ["background", *analysis.class_names]
+    conf = Table(title=f"confusion matrix at {thr} (rows: true class, columns: predicted)")
+    conf.add_column("true \\ predicted")
+    for n in names:
+        conf.add_column(n, justify="right")
+    for n, row in zip(names, analysis.confusion.tolist()):
+        conf.add_row(n, *[str(v) for v in row])
+    return [size, ops, conf]
+
+
+# ------------------------------------------------------------------------------------------- compare
+def _load_side(refs: str, split: str, tracking_uri: str | None, tmp: Path) -> list[dict[str, Any]]:
+    from maskssd.evaluation.detections_file import load_detections
+    from maskssd.tracking.runs import download_detections
+
+    docs = []
+    for ref in [r for r in refs.split(",") if r]:
+        doc = load_detections(download_detections(ref, split, tmp, tracking_uri))
+        doc["ref"] = ref
+        docs.append(doc)
+    if not docs:
+        raise MaskSSDError(f"no run or file in {refs!r}")
+    return docs
+
+
+def _annotations(doc: Mapping[str, Any], a: argparse.Namespace, split: str) -> list[Any]:
+    from maskssd.data import DataReport, load_split
+
+    data = doc.get("data") or {}
+    root = a.data or data.get("root")
+    if not root:
+        raise MaskSSDError(f"{doc['ref']}: the file does not say where its data is; pass --data ROOT")
+    if not Path(root).is_dir():
+        raise MaskSSDError(f"the data of {doc['ref']} is not at {root}; pass --data ROOT")
+    split_name = a.split_name or data.get("split_name", "paper")
+    return load_split(root, split, split_name, doc["classes"], a.on_error, DataReport())
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from maskssd.evaluation.detections_file import compare_detections
+
+    with tempfile.TemporaryDirectory() as tmp:
+        docs_a = _load_side(a.run_a, a.split, a.tracking_uri, Path(tmp))
+        docs_b = _load_side(a.run_b, a.split, a.tracking_uri, Path(tmp))
+    split = (docs_a[0].get("data") or {}).get("split", a.split)  # a file says which split it holds
+    anns = _annotations(docs_a[0], a, split)
+    r = compare_detections(docs_a, docs_b, anns, n=a.n, seed=a.seed, ci=a.ci)
+    n_images = len(docs_a[0]["images"])
+    if a.json:
+        doc = {
+            "a": [d["ref"] for d in docs_a],
+            "b": [d["ref"] for d in docs_b],
+            "split": split,
+            "images": n_images,
+        }
+        print(json.dumps({**doc, **r.to_dict()}, indent=1))
+        return 0
+    name = lambda docs: ", ".join(d["ref"][:12] for d in docs)  # noqa: E731
+    t = Table(
+        title=f"A = {name(docs_a)}  vs  B = {name(docs_b)}: {split} split, {n_images} images, paired bootstrap "
+        f"({r.n} resamples, seed {r.seed}); AP in %, VOC07"
+    )
+    for col in ("", "A", "B", f"A - B [{100 * r.ci:g}% CI]", "P(A > B)", "ties"):
+        t.add_column(col, justify="right" if col else "left")
+    for key, iv in r.diff.items():
+        t.add_row(
+            "[bold]mAP" if key == "map" else key,
+            fmt_interval(r.a[key]),
+            fmt_interval(r.b[key]),
+            fmt_interval(iv.estimate, iv.low, iv.high, signed=True),
+            f"{r.a_wins[key]:.3f}",
+            f"{r.ties[key]:.3f}",
+        )
+    out.print(t)
+    out.print(
+        "A - B is the difference on the same images; the interval holds the middle "
+        f"{100 * r.ci:g}% of {r.n} image resamples; P(A > B) is the share of resamples in which A scores higher.",
+        highlight=False,
+    )
+    return 0

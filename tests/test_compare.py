@@ -1,0 +1,185 @@
+"""Uncertainty end to end against a real MLflow SQL store: a run logs bootstrap intervals, its detections and its
+error analysis; a saved file re-scores to the printed numbers; ``maskssd compare`` runs the paired bootstrap of
+two tiny runs; ``maskssd runs`` shows the intervals; ``maskssd evaluate --bootstrap`` prints them."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from maskssd import tracking
+from maskssd.cli import main
+from maskssd.data import load_split
+from maskssd.evaluation.detections_file import load_detections, score_detections
+from maskssd.tracking.experiment import run_experiment
+from maskssd.training.config import load_config
+from tests.conftest import write_tiny_experiment
+
+pytestmark = pytest.mark.slow
+
+
+#: Light augmentation and a higher rate: the tiny model finds faces on the easy set within ten epochs (~5 s).
+QUICK = [
+    "schedule.warmup_epochs=0",
+    "augment.iou_crop_p=0.0",
+    "augment.zoom_out_p=0.0",
+    "augment.photometric_p=0.0",
+    "optim.lr=0.01",
+    "eval.worst_images=3",
+]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, easy_synth_root):
+    """Two finished tiny runs on the same data: A (10 epochs, val mAP > 0) and B (2 epochs), no logged models:
+    ``(tmp dir, tracking URI, B's config, [A's run id, B's], [A's RunResult, B's])``."""
+    tmp = tmp_path_factory.mktemp("compare")
+    uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
+    old = os.getcwd()
+    os.chdir(tmp)
+    try:
+        ids, results = [], []
+        for epochs, n in ((10, 300), (2, 1000)):
+            path = write_tiny_experiment(tmp / f"e{epochs}.toml", easy_synth_root, name="cmp", epochs=epochs)
+            cfg = load_config(path, [*QUICK, f"eval.bootstrap={n}"])
+            results.append(run_experiment(cfg, tracking_uri=uri, progress=False, log_model=False))
+            ids.append(results[-1].run_id)
+    finally:
+        os.chdir(old)
+    return tmp, uri, cfg, ids, results
+
+
+def test_run_logs_intervals_detections_and_error_analysis(two_runs):
+    tmp, uri, cfg, (a, _), _results = two_runs
+    c = tracking.client(uri)
+    m = c.get_run(a).data.metrics
+    assert m["best_val_map"] > 0 and m["best_val_map_ci_high"] > m["best_val_map_ci_low"]
+    for split in ("best_val", "test"):
+        assert m[f"{split}_map_ci_low"] <= m[f"{split}_map_ci_high"]
+        for cls in cfg.class_names:
+            if f"{split}_ap_{cls}_ci_low" in m:
+                assert m[f"{split}_ap_{cls}_ci_low"] <= m[f"{split}_ap_{cls}_ci_high"]
+        assert 0.0 <= m[f"{split}_recall_op"] <= 1.0
+        assert any(k.startswith(f"{split}_map_size_") for k in m)
+    arts = {x.path for d in ("detections", "analysis", "errors") for x in c.list_artifacts(a, d)}
+    assert {"detections/val.json", "detections/test.json", "analysis/val.json", "analysis/test.json"} <= arts
+    assert 1 <= len([p for p in arts if p.startswith("errors/") and p.endswith(".png")]) <= 3
+
+
+def test_saved_detections_rescore_to_the_logged_numbers(two_runs, tmp_path):
+    tmp, uri, cfg, (a, _), _results = two_runs
+    c = tracking.client(uri)
+    m = c.get_run(a).data.metrics
+    for split, prefix in (("val", "best_val"), ("test", "test")):
+        doc = load_detections(
+            tracking.runs.MlflowRun(c, a).download(f"detections/{split}.json", tmp_path / split)
+        )
+        assert doc["data"]["split"] == split and doc["bootstrap"]["n"] == 300
+        anns = load_split(doc["data"]["root"], split, doc["data"]["split_name"], doc["classes"])
+        r = score_detections(doc, anns)
+        assert abs(r.map - m[f"{prefix}_map"]) < 1e-9
+        for cls in cfg.class_names:
+            if f"{prefix}_ap_{cls}" in m:
+                assert abs(r.ap[cls] - m[f"{prefix}_ap_{cls}"]) < 1e-9
+        assert doc["bootstrap"]["map"][1:] == [m[f"{prefix}_map_ci_low"], m[f"{prefix}_map_ci_high"]]
+
+
+def test_compare_two_runs(two_runs, capsys):
+    tmp, uri, cfg, (a, b), _results = two_runs
+    ma, mb = (tracking.client(uri).get_run(r).data.metrics for r in (a, b))
+    assert main(["compare", a, b, "--split", "val", "--n", "300", "--tracking-uri", uri]) == 0
+    text = capsys.readouterr().out
+    assert "P(A > B)" in text and "mAP" in text
+    assert f"{100 * (ma['best_val_map'] - mb['best_val_map']):+.1f} [" in text
+    args = ["compare", a, b, "--split", "test", "--n", "300", "--seed", "2", "--json", "--tracking-uri", uri]
+    assert main(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    got = doc["metrics"]["map"]
+    assert doc["a"] == [a] and doc["b"] == [b] and doc["split"] == "test" and doc["n"] == 300
+    assert got["a"] == pytest.approx(ma["test_map"], abs=1e-9) and got["b"] == pytest.approx(
+        mb["test_map"], abs=1e-9
+    )
+    assert got["diff"] == pytest.approx(ma["test_map"] - mb["test_map"], abs=1e-9)
+    # ten epochs against two: A is better, and on most resamples of the test images
+    assert got["diff"] > 0 and got["low"] <= got["diff"] <= got["high"] and got["a_wins"] > 0.5
+    # a run against itself: exactly no difference
+    assert main(["compare", a, a, "--n", "100", "--json", "--tracking-uri", uri]) == 0
+    same = json.loads(capsys.readouterr().out)["metrics"]["map"]
+    assert [same["diff"], same["low"], same["high"], same["ties"]] == [0.0, 0.0, 0.0, 1.0]
+
+
+def test_compare_refuses_other_images_and_missing_detections(two_runs, tmp_path, capsys):
+    tmp, uri, cfg, (a, b), _results = two_runs
+    c = tracking.client(uri)
+    path = tracking.runs.MlflowRun(c, a).download("detections/val.json", tmp_path)
+    doc = json.loads(path.read_text())
+    doc["images"] = doc["images"][1:]
+    fewer = tmp_path / "fewer.json"
+    fewer.write_text(json.dumps(doc))
+    assert main(["compare", str(fewer), b, "--tracking-uri", uri]) == 2
+    assert "not on the same images" in capsys.readouterr().err
+    empty = c.create_run(c.get_run(a).info.experiment_id).info.run_id
+    assert main(["compare", a, empty, "--tracking-uri", uri]) == 2
+    assert "no saved detections for split 'val'" in capsys.readouterr().err
+    assert main(["compare", a, "no-such-run", "--tracking-uri", uri]) == 2
+    assert "neither a detections file nor an MLflow run" in capsys.readouterr().err
+
+
+def test_runs_table_shows_intervals(two_runs, capsys, monkeypatch):
+    from maskssd.cli import commands
+
+    monkeypatch.setattr(commands.out, "width", 400)  # every column at full width
+    tmp, uri, cfg, (a, _), _results = two_runs
+    m = tracking.client(uri).get_run(a).data.metrics
+    assert main(["runs", "--experiment", "cmp", "--tracking-uri", uri]) == 0
+    text = capsys.readouterr().out
+    cell = f"{100 * m['best_val_map']:.1f} [{100 * m['best_val_map_ci_low']:.1f}, {100 * m['best_val_map_ci_high']:.1f}]"
+    assert cell in text
+
+
+def test_evaluate_prints_intervals_and_the_file_rescores_exactly(two_runs, tmp_path, capsys, monkeypatch):
+    """``maskssd evaluate`` of run A's selected checkpoint: its numbers, intervals, error tables; the file it
+    saves re-scores to the printed numbers."""
+    from maskssd.cli import commands
+    from maskssd.training.checkpoint import atomic_save, load
+    from maskssd.training.runner import deploy_checkpoint
+
+    monkeypatch.setattr(commands.out, "width", 300)
+
+    tmp, uri, cfg, (a, _), _results = two_runs
+    model = atomic_save(
+        deploy_checkpoint(load(tmp / "mlruns" / "checkpoints" / a / "best.pt"), cfg), tmp_path / "m.pt"
+    )
+    out = tmp_path / "dets.json"
+    root = cfg.data.root
+    args = ["evaluate", "--model", str(model), "--data", root, "--split", "val", "--split-name", "default"]
+    assert main([*args, "--bootstrap", "200", "--seed", "1", "--save-detections", str(out)]) == 0
+    text = capsys.readouterr().out
+    doc = load_detections(out)
+    assert doc["metrics"]["map"] == pytest.approx(
+        tracking.client(uri).get_run(a).data.metrics["best_val_map"]
+    )
+    assert doc["metrics"]["map"] > 0
+    lo, hi = doc["bootstrap"]["map"][1:]
+    assert lo < hi and f"{100 * doc['metrics']['map']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]" in text
+    assert "by face size" in text and "confusion matrix" in text and "operating threshold" in text
+    r = score_detections(doc, load_split(root, "val", "default", doc["classes"]))
+    assert abs(r.map - doc["metrics"]["map"]) < 1e-9 and abs(r.map_voc12 - doc["metrics"]["map_voc12"]) < 1e-9
+    assert all(
+        abs(r.ap[c] - doc["metrics"]["ap"][c]) < 1e-9 for c in doc["classes"] if doc["metrics"]["n_gt"][c]
+    )
+    assert r.n_gt == doc["metrics"]["n_gt"]
+
+
+def test_train_table_shows_intervals(two_runs, capsys, monkeypatch):
+    from maskssd.cli import commands
+
+    monkeypatch.setattr(commands.out, "width", 300)
+    ev = two_runs[4][0].evaluation  # the RunResult `maskssd train` prints from
+    commands.out.print(commands.ap_table(ev))
+    text = capsys.readouterr().out
+    boot = ev.reports["test"].bootstrap
+    assert "test AP [95% CI]" in text
+    assert f"{100 * ev.final.map:.1f} [{100 * boot.map.low:.1f}, {100 * boot.map.high:.1f}]" in text
