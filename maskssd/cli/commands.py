@@ -35,6 +35,10 @@ def cmd_train(a: argparse.Namespace) -> int:
         from maskssd.training.distributed import launch
 
         return launch(a.nproc, list(a.argv))
+    if a.seeds or (a.resume and _is_seeds_parent(a.resume, a.tracking_uri)):
+        from maskssd.cli.seeds import train_seeds
+
+        return train_seeds(a, cfg)
     try:
         r = run_experiment(
             cfg,
@@ -54,6 +58,12 @@ def cmd_train(a: argparse.Namespace) -> int:
         out.print(ap_table(r.evaluation))
     out.print(f"[green]run {r.run_id} finished[/]; model: runs:/{r.run_id}/model")
     return 0
+
+
+def _is_seeds_parent(run_id: str, tracking_uri: str | None) -> bool:
+    from maskssd.tracking.seeds import is_seeds_parent
+
+    return is_seeds_parent(run_id, tracking_uri=tracking_uri)
 
 
 def ap_table(ev: Any) -> Table:
@@ -178,6 +188,7 @@ def cmd_detect(a: argparse.Namespace) -> int:
 
 
 def cmd_runs(a: argparse.Namespace) -> int:
+    from maskssd.cli.seeds import cell_text, metric_cell, run_order, sort_grouped
     from maskssd.tracking import runs as tracking
 
     c = tracking.client(a.tracking_uri)
@@ -186,32 +197,40 @@ def cmd_runs(a: argparse.Namespace) -> int:
         out.print("no runs")
         return 0
     classes = sorted(
-        {k.removeprefix("best_val_ap_") for r in runs for k in r.data.metrics if k.startswith("best_val_ap_")}
+        {
+            k.removeprefix("best_val_ap_").removesuffix("_mean")
+            for r in runs
+            for k in r.data.metrics
+            if k.startswith("best_val_ap_") and not k.endswith("_std")
+        }
     )
+    order = run_order(runs, a.children)  # a seeds parent's children: hidden, or listed under it
     rows = []
-    for r in runs:
+    for r, child in order:
         m, p = r.data.metrics, r.data.params
         rows.append(
             {
                 "run": r.info.run_id[:8],
-                "name": r.info.run_name or "",
+                "name": ("└ " if child else "") + (r.info.run_name or ""),
                 "status": r.info.status,
                 "model": p.get("model.name", ""),
                 "lr": p.get("optim.lr", ""),
                 "alpha": p.get("loss.alpha", ""),
                 "neg/pos": p.get("loss.neg_pos_ratio", ""),
                 "epochs": p.get("train.epochs", ""),
-                "val_map": m.get("best_val_map", m.get("val_map")),
-                "test_map": m.get("test_map"),
-                **{f"AP {c}": m.get(f"best_val_ap_{c}") for c in classes},
+                "val_map": metric_cell(m, "best_val_map", "val_map"),
+                "test_map": metric_cell(m, "test_map"),
+                **{f"AP {c}": metric_cell(m, f"best_val_ap_{c}") for c in classes},
             }
         )
     key = a.sort
     if key:
         if key not in rows[0]:
             raise MaskSSDError(f"cannot sort by {key!r}; columns: {', '.join(rows[0])}")
-        rows.sort(
-            key=lambda r: (r[key] is None, -(r[key] or 0) if isinstance(r[key], float) else str(r[key]))
+        rows = sort_grouped(
+            rows,
+            [child for _, child in order],
+            lambda r: (r[key] is None, -(r[key] or 0) if isinstance(r[key], float) else str(r[key])),
         )
     t = Table(title=f"runs ({a.experiment or 'all experiments'})")
     for col in rows[0]:
@@ -222,9 +241,7 @@ def cmd_runs(a: argparse.Namespace) -> int:
             min_width=8 if col == "run" else None,
         )
     for r in rows:
-        t.add_row(
-            *[("" if v is None else f"{100 * v:.1f}" if isinstance(v, float) else str(v)) for v in r.values()]
-        )
+        t.add_row(*[cell_text(v) for v in r.values()])
     out.print(t)
     return 0
 

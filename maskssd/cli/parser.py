@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  maskssd train experiments/quickstart.toml\n"
         "  maskssd train experiments/quickstart.toml --set optim.lr=1e-3 --set loss.alpha=2\n"
         "  maskssd train experiments/quickstart.toml --resume RUN_ID   # after Ctrl-C / SIGTERM\n"
+        "  maskssd train experiments/quickstart.toml --seeds 0,1,2      # mean ± std over 3 seeds\n"
         "  MLFLOW_TRACKING_URI=http://mlflow:5000 maskssd train experiments/paper_ssd300.toml",
     )
     t.add_argument("config", help="experiment TOML (see experiments/)")
@@ -182,7 +183,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)"
     )
     t.add_argument("--run-name")
-    t.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
+    t.add_argument(
+        "--resume",
+        metavar="RUN_ID",
+        help="continue this MLflow run from its last checkpoint; a --seeds parent: finish its missing seeds",
+    )
+    t.add_argument(
+        "--seeds",
+        type=_seed_list,
+        metavar="S,S,...",
+        help="train once per seed (experiment.seed; e.g. 0,1,2 or 0-4) as child runs of one parent run "
+        "that logs each final metric's mean and std over the seeds",
+    )
     t.add_argument(
         "--tracking-uri",
         help="MLflow store or server (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)",
@@ -276,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--experiment")
     r.add_argument("--sort", help="column to sort by (e.g. val_map, test_map, status)")
     r.add_argument("--limit", type=int, default=50)
+    r.add_argument(
+        "--children", action="store_true", help="also list the seed runs of a --seeds parent, under it"
+    )
     r.add_argument("--tracking-uri")
     r.set_defaults(func=cmd_runs)
 
@@ -389,6 +404,20 @@ def build_parser() -> argparse.ArgumentParser:
     mo.set_defaults(func=cmd_models)
     _threads_arg(t, e, de, st, sv, ex)
     return p
+
+
+def _seed_list(text: str) -> list[int]:
+    """``0,1,2`` or ``0-4`` (or both: ``0-2,7``) -> distinct seeds in order."""
+    seeds: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
+            seeds += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a seed list: {text!r} (e.g. 0,1,2 or 0-4)") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"give distinct seeds: {text!r}")
+    return seeds
 
 
 def _threads_arg(*parsers: argparse.ArgumentParser) -> None:

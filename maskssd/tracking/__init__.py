@@ -1,5 +1,5 @@
-"""Tracking: MLflow stores and runs, one experiment as one MLflow run, the Model Registry, and Optuna
-studies whose trials are nested MLflow runs.
+"""Tracking: MLflow stores and runs, one experiment as one MLflow run (or one per seed under a parent run),
+the Model Registry, and Optuna studies whose trials are nested MLflow runs.
 
 Names resolve lazily (:mod:`maskssd._lazy`): importing one loads only its module."""
 
@@ -21,6 +21,11 @@ _EXPORTS = {
     "log_model": "runs",
     "runs_table": "runs",
     "run_experiment": "experiment",
+    "SeedRun": "seeds",
+    "SeedsResult": "seeds",
+    "children_of": "seeds",
+    "is_seeds_parent": "seeds",
+    "run_seeds": "seeds",
     "DEFAULT_MODEL_NAME": "registry",
     "CHAMPION": "registry",
     "download_model": "registry",
