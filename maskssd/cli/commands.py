@@ -250,15 +250,14 @@ def cmd_runs(a: argparse.Namespace) -> int:
 def cmd_study(a: argparse.Namespace) -> int:
     from maskssd.tracking.studies import run_study
 
-    o = run_study(
-        a.config,
-        n_trials=a.n_trials,
-        storage=a.storage,
-        study_name=a.study_name,
-        tracking_uri=a.tracking_uri,
-        timeout=a.timeout,
-        report=not a.no_report,
-    )
+    kw = {"n_trials": a.n_trials, "storage": a.storage, "study_name": a.study_name}
+    kw.update(tracking_uri=a.tracking_uri, timeout=a.timeout, report=not a.no_report)
+    if a.workers > 1:
+        from maskssd.tracking.study_workers import run_study_workers
+
+        o = run_study_workers(a.config, workers=a.workers, threads=a.threads, **kw)
+    else:
+        o = run_study(a.config, **kw)
     out.print("trials: " + ", ".join(f"{k.lower()} {v}" for k, v in o.states.items()))
     if o.report is not None:
         _print_study_report(o.report)
@@ -294,6 +293,27 @@ def _print_study_report(rep: Any) -> None:
         for k, v in rep.importances.items():
             ti.add_row(k, f"{v:.3f}")
         out.print(ti)
+    if rep.fidelity is not None:
+        out.print(_fidelity_table(rep.fidelity))
+
+
+def _fidelity_table(f: Any) -> Table:
+    """Spearman ρ between trials' early and final values, over the trials that ran the full budget."""
+    out.print(
+        f"cheap fidelity: Spearman ρ = {_rho(f.spearman)} between the value at epoch {f.rung_epoch} (the lowest "
+        f"rung) and the final value, over {f.n} trials that ran all {f.full_epochs} epochs",
+        highlight=False,
+    )
+    t = Table(title="cheap-fidelity check, by epoch")
+    for col in ("epoch", "Spearman ρ", "trials"):
+        t.add_column(col, justify="right")
+    for epoch, (rho, n) in f.by_epoch.items():
+        t.add_row(str(epoch), _rho(rho), str(n))
+    return t
+
+
+def _rho(v: float) -> str:
+    return "n/a (needs 3+ trials, not all tied)" if math.isnan(v) else f"{v:+.2f}"
 
 
 def cmd_promote(a: argparse.Namespace) -> int:

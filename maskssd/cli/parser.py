@@ -302,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Search MultiBox loss and learning-rate parameters. Running the same command again "
         "resumes the study; several workers may share one storage.",
         epilog="examples:\n  maskssd study studies/quickstart.toml\n"
+        "  maskssd study studies/cpu_effnet_lite0.toml --workers 2   # two one-thread workers on 2 cores\n"
         "  maskssd study studies/paper_multibox.toml --storage postgresql://user:pw@db/optuna  # on each worker",
     )
     st.add_argument("config", help="study TOML (see studies/)")
@@ -310,12 +311,20 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--study-name", help="default: the config's study.name")
     st.add_argument("--tracking-uri")
     st.add_argument("--timeout", type=float, help="seconds for this worker")
+    st.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes on this machine sharing the study's storage and budget, each with "
+        "cores/N torch threads (or --threads)",
+    )
     st.add_argument("--no-report", action="store_true", help="skip the closing report and plots")
     st.set_defaults(func=cmd_study)
 
     sr = sub.add_parser(
         "study-report",
-        help="best trials, parameter importances and plots of a study",
+        help="best trials, parameter importances, the cheap-fidelity check and plots of a study",
         formatter_class=_formatter,
     )
     sr.add_argument("name")

@@ -51,12 +51,21 @@ _EXPORTS = {
     "make_objective": "studies",
     "open_study": "studies",
     "StudyOutcome": "studies",
-    "StudyReport": "studies",
+    "StudyReport": "study_report",
     "run_study": "studies",
     "best_trial_run": "studies",
     "load_study": "studies",
     "report_study": "studies",
-    "summarize": "studies",
+    "summarize": "study_report",
+    "FidelityCheck": "study_fidelity",
+    "fidelity_check": "study_fidelity",
+    "OpenedStudy": "studies",
+    "open_for_work": "studies",
+    "work_on": "studies",
+    "outcome": "studies",
+    "lowest_rung": "studies",
+    "run_study_workers": "study_workers",
+    "default_threads": "study_workers",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS, globals())
