@@ -298,6 +298,74 @@ def test_a_killed_workers_trial_is_failed_and_retried(project):
     assert run.info.status == "FAILED" and "heartbeat" in run.data.tags["failure_reason"]
 
 
+# ------------------------------------------------------------------------------ multi-fidelity
+def test_first_trials_run_the_full_budget_then_successive_halving_prunes():
+    from maskssd.tracking.study_fidelity import SuccessiveHalving
+
+    pruner = SuccessiveHalving(n_full=2, min_resource=1, reduction_factor=2)
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    verdicts = []
+    for value in (0.9, 0.1, 0.2, 0.95):  # trial 1 and 2 are worse than trial 0 at the first rung
+        trial = study.ask()
+        trial.report(value, 1)
+        verdicts.append(trial.should_prune())
+        study.tell(trial, value)
+    assert verdicts == [False, False, True, False]  # 1 is kept (one of the first two), 2 is not
+    assert all("completed_rung_0" in t.system_attrs for t in study.trials)  # rung values of all recorded
+
+
+def test_spearman_matches_scipy_with_ties():
+    from scipy.stats import spearmanr
+
+    from maskssd.tracking.study_fidelity import spearman
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 5, 12).astype(float)  # ties
+    y = x + rng.normal(0, 1.5, 12)
+    assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
+    assert spearman([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+    assert np.isnan(spearman([1.0, 2.0], [1.0, 2.0])) and np.isnan(spearman([1.0, 1, 1], [1.0, 2, 3]))
+
+
+def test_multi_fidelity_study_with_two_workers_and_its_fidelity_check(project, capsys):
+    import json
+
+    from scipy.stats import spearmanr
+
+    study_toml = write_study(
+        project / "s.toml",
+        n_trials=3,
+        epochs=2,
+        pruner="successive_halving",
+        objective="val_loss",
+        direction="minimize",
+    )
+    # the three trials run the full budget (n_startup_trials), so the check has three points
+    text = study_toml.read_text().replace("n_startup_trials = 1", "n_startup_trials = 3")
+    study_toml.write_text(text.replace("eval_every = 1", "eval_every = 1\nlog_models = false"))
+    assert main(["study", str(study_toml), "--workers", "2"]) == 0
+    assert "cheap-fidelity check" in capsys.readouterr().out
+    study = load(project)
+    assert study.metric_names == ["val_loss"]
+    assert sorted(t.number for t in study.trials) == [0, 1, 2]
+    assert all(t.state.name == "COMPLETE" for t in study.trials)
+    assert all("completed_rung_0" in t.system_attrs for t in study.trials)  # successive halving saw them
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2  # two processes shared the budget
+    assert len({t.params["lr"] for t in study.trials}) == 3  # seeded workers do not draw the same trials
+    assert study.user_attrs["fidelity"] == {"rung_epoch": 1, "full_epochs": 2}
+
+    # the report: Spearman rho of the value at the lowest rung (epoch 1) and the final value, on the parent run
+    expected = spearmanr([t.intermediate_values[1] for t in study.trials], [t.value for t in study.trials])
+    c = tracking.client()
+    parent = c.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["fidelity_spearman"] == pytest.approx(expected.statistic, abs=1e-12)
+    assert parent.data.metrics["fidelity_n"] == 3 and parent.data.metrics["fidelity_rung_epoch"] == 1
+    summary = tracking.MlflowRun(c, parent.info.run_id).download("study/summary.json", project / "dl")
+    fidelity = json.loads(summary.read_text())["fidelity"]
+    assert fidelity["full_epochs"] == 2 and fidelity["by_epoch"]["1"]["n"] == 3
+
+
 # -------------------------------------------------------------------------------------- registry
 def test_promote_moves_champion_only_when_better(project, capsys):
     from maskssd.tracking.registry import promote

@@ -34,6 +34,10 @@ def cmd_train(a: argparse.Namespace) -> int:
         from maskssd.training.distributed import launch
 
         return launch(a.nproc, list(a.argv))
+    if a.seeds or (a.resume and _is_seeds_parent(a.resume, a.tracking_uri)):
+        from maskssd.cli.seeds import train_seeds
+
+        return train_seeds(a, cfg)
     try:
         r = run_experiment(
             cfg,
@@ -53,6 +57,12 @@ def cmd_train(a: argparse.Namespace) -> int:
         out.print(ap_table(r.evaluation))
     out.print(f"[green]run {r.run_id} finished[/]; model: runs:/{r.run_id}/model")
     return 0
+
+
+def _is_seeds_parent(run_id: str, tracking_uri: str | None) -> bool:
+    from maskssd.tracking.seeds import is_seeds_parent
+
+    return is_seeds_parent(run_id, tracking_uri=tracking_uri)
 
 
 def ap_table(ev: Any) -> Table:
@@ -206,6 +216,7 @@ def cmd_detect(a: argparse.Namespace) -> int:
 
 
 def cmd_runs(a: argparse.Namespace) -> int:
+    from maskssd.cli.seeds import cell_text, metric_cell, run_order, sort_grouped
     from maskssd.tracking import runs as tracking
 
     c = tracking.client(a.tracking_uri)
@@ -214,37 +225,41 @@ def cmd_runs(a: argparse.Namespace) -> int:
         out.print("no runs")
         return 0
     classes = sorted(
-        {k.removeprefix("best_val_ap_") for r in runs for k in r.data.metrics if k.startswith("best_val_ap_")}
+        {
+            k.removeprefix("best_val_ap_").removesuffix("_mean")
+            for r in runs
+            for k in r.data.metrics
+            if k.startswith("best_val_ap_") and not k.endswith("_std")
+        }
     )
-    rows, intervals = [], []
-    for r in runs:
+    order = run_order(runs, a.children)  # a seeds parent's children: hidden, or listed under it
+    rows, intervals = [], {}
+    for r, child in order:
         m, p = r.data.metrics, r.data.params
-        intervals.append(_run_intervals(m))
         rows.append(
             {
                 "run": r.info.run_id[:8],
-                "name": r.info.run_name or "",
+                "name": ("└ " if child else "") + (r.info.run_name or ""),
                 "status": r.info.status,
                 "model": p.get("model.name", ""),
                 "lr": p.get("optim.lr", ""),
                 "alpha": p.get("loss.alpha", ""),
                 "neg/pos": p.get("loss.neg_pos_ratio", ""),
                 "epochs": p.get("train.epochs", ""),
-                "val_map": m.get("best_val_map", m.get("val_map")),
-                "test_map": m.get("test_map"),
-                **{f"AP {c}": m.get(f"best_val_ap_{c}") for c in classes},
+                "val_map": metric_cell(m, "best_val_map", "val_map"),
+                "test_map": metric_cell(m, "test_map"),
+                **{f"AP {c}": metric_cell(m, f"best_val_ap_{c}") for c in classes},
             }
         )
+        intervals[id(rows[-1])] = _run_intervals(m)
     key = a.sort
-    entries = list(zip(rows, intervals))
     if key:
         if key not in rows[0]:
             raise MaskSSDError(f"cannot sort by {key!r}; columns: {', '.join(rows[0])}")
-        entries.sort(
-            key=lambda e: (
-                e[0][key] is None,
-                -(e[0][key] or 0) if isinstance(e[0][key], float) else str(e[0][key]),
-            )
+        rows = sort_grouped(
+            rows,
+            [child for _, child in order],
+            lambda r: (r[key] is None, -(r[key] or 0) if isinstance(r[key], float) else str(r[key])),
         )
     t = Table(title=f"runs ({a.experiment or 'all experiments'})")
     for col in rows[0]:
@@ -254,18 +269,11 @@ def cmd_runs(a: argparse.Namespace) -> int:
             no_wrap=col == "run",
             min_width=8 if col == "run" else None,
         )
-    for r, iv in entries:
-        t.add_row(*[_cell(v, iv.get(k)) for k, v in r.items()])
+    for r in rows:
+        iv = intervals[id(r)]
+        t.add_row(*[iv.get(k) or cell_text(v) for k, v in r.items()])
     out.print(t)
     return 0
-
-
-def _cell(value: Any, interval: str | None) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return interval or f"{100 * value:.1f}"
-    return str(value)
 
 
 def _run_intervals(m: dict[str, float]) -> dict[str, str]:
@@ -284,15 +292,14 @@ def _run_intervals(m: dict[str, float]) -> dict[str, str]:
 def cmd_study(a: argparse.Namespace) -> int:
     from maskssd.tracking.studies import run_study
 
-    o = run_study(
-        a.config,
-        n_trials=a.n_trials,
-        storage=a.storage,
-        study_name=a.study_name,
-        tracking_uri=a.tracking_uri,
-        timeout=a.timeout,
-        report=not a.no_report,
-    )
+    kw = {"n_trials": a.n_trials, "storage": a.storage, "study_name": a.study_name}
+    kw.update(tracking_uri=a.tracking_uri, timeout=a.timeout, report=not a.no_report)
+    if a.workers > 1:
+        from maskssd.tracking.study_workers import run_study_workers
+
+        o = run_study_workers(a.config, workers=a.workers, threads=a.threads, **kw)
+    else:
+        o = run_study(a.config, **kw)
     out.print("trials: " + ", ".join(f"{k.lower()} {v}" for k, v in o.states.items()))
     if o.report is not None:
         _print_study_report(o.report)
@@ -328,6 +335,27 @@ def _print_study_report(rep: Any) -> None:
         for k, v in rep.importances.items():
             ti.add_row(k, f"{v:.3f}")
         out.print(ti)
+    if rep.fidelity is not None:
+        out.print(_fidelity_table(rep.fidelity))
+
+
+def _fidelity_table(f: Any) -> Table:
+    """Spearman ρ between trials' early and final values, over the trials that ran the full budget."""
+    out.print(
+        f"cheap fidelity: Spearman ρ = {_rho(f.spearman)} between the value at epoch {f.rung_epoch} (the lowest "
+        f"rung) and the final value, over {f.n} trials that ran all {f.full_epochs} epochs",
+        highlight=False,
+    )
+    t = Table(title="cheap-fidelity check, by epoch")
+    for col in ("epoch", "Spearman ρ", "trials"):
+        t.add_column(col, justify="right")
+    for epoch, (rho, n) in f.by_epoch.items():
+        t.add_row(str(epoch), _rho(rho), str(n))
+    return t
+
+
+def _rho(v: float) -> str:
+    return "n/a (needs 3+ trials, not all tied)" if math.isnan(v) else f"{v:+.2f}"
 
 
 def cmd_promote(a: argparse.Namespace) -> int:

@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  maskssd train experiments/quickstart.toml\n"
         "  maskssd train experiments/quickstart.toml --set optim.lr=1e-3 --set loss.alpha=2\n"
         "  maskssd train experiments/quickstart.toml --resume RUN_ID   # after Ctrl-C / SIGTERM\n"
+        "  maskssd train experiments/quickstart.toml --seeds 0,1,2      # mean ± std over 3 seeds\n"
         "  MLFLOW_TRACKING_URI=http://mlflow:5000 maskssd train experiments/paper_ssd300.toml",
     )
     t.add_argument("config", help="experiment TOML (see experiments/)")
@@ -184,7 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)"
     )
     t.add_argument("--run-name")
-    t.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
+    t.add_argument(
+        "--resume",
+        metavar="RUN_ID",
+        help="continue this MLflow run from its last checkpoint; a --seeds parent: finish its missing seeds",
+    )
+    t.add_argument(
+        "--seeds",
+        type=_seed_list,
+        metavar="S,S,...",
+        help="train once per seed (experiment.seed; e.g. 0,1,2 or 0-4) as child runs of one parent run "
+        "that logs each final metric's mean and std over the seeds",
+    )
     t.add_argument(
         "--tracking-uri",
         help="MLflow store or server (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)",
@@ -293,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--experiment")
     r.add_argument("--sort", help="column to sort by (e.g. val_map, test_map, status)")
     r.add_argument("--limit", type=int, default=50)
+    r.add_argument(
+        "--children", action="store_true", help="also list the seed runs of a --seeds parent, under it"
+    )
     r.add_argument("--tracking-uri")
     r.set_defaults(func=cmd_runs)
 
@@ -331,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Search MultiBox loss and learning-rate parameters. Running the same command again "
         "resumes the study; several workers may share one storage.",
         epilog="examples:\n  maskssd study studies/quickstart.toml\n"
+        "  maskssd study studies/cpu_effnet_lite0.toml --workers 2   # two one-thread workers on 2 cores\n"
         "  maskssd study studies/paper_multibox.toml --storage postgresql://user:pw@db/optuna  # on each worker",
     )
     st.add_argument("config", help="study TOML (see studies/)")
@@ -339,12 +355,20 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--study-name", help="default: the config's study.name")
     st.add_argument("--tracking-uri")
     st.add_argument("--timeout", type=float, help="seconds for this worker")
+    st.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes on this machine sharing the study's storage and budget, each with "
+        "cores/N torch threads (or --threads)",
+    )
     st.add_argument("--no-report", action="store_true", help="skip the closing report and plots")
     st.set_defaults(func=cmd_study)
 
     sr = sub.add_parser(
         "study-report",
-        help="best trials, parameter importances and plots of a study",
+        help="best trials, parameter importances, the cheap-fidelity check and plots of a study",
         formatter_class=_formatter,
     )
     sr.add_argument("name")
@@ -433,6 +457,20 @@ def build_parser() -> argparse.ArgumentParser:
     mo.set_defaults(func=cmd_models)
     _threads_arg(t, e, de, st, sv, ex)
     return p
+
+
+def _seed_list(text: str) -> list[int]:
+    """``0,1,2`` or ``0-4`` (or both: ``0-2,7``) -> distinct seeds in order."""
+    seeds: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
+            seeds += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a seed list: {text!r} (e.g. 0,1,2 or 0-4)") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"give distinct seeds: {text!r}")
+    return seeds
 
 
 def _threads_arg(*parsers: argparse.ArgumentParser) -> None:

@@ -13,6 +13,8 @@ _EXPORTS = {
     "read_image_size": "images",
     "load_image": "images",
     "decode_image_bytes": "images",
+    "ImageCache": "image_cache",
+    "shared_image_cache": "image_cache",
     "DEFAULT_CLASSES": "voc",
     "SPLITS": "voc",
     "OnError": "voc",

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from maskssd.data.image_cache import shared_image_cache
 from maskssd.data.images import MAX_IMAGE_PIXELS, load_image
 from maskssd.data.voc import DEFAULT_CLASSES, Annotation, DataReport, OnError, load_annotations, load_split
 
@@ -61,7 +62,9 @@ class FaceMaskDataset(torch.utils.data.Dataset):
     A sample is a dict: ``image`` (uint8 ``tv_tensors.Image`` before the transform; the transform
     returns a float image in [0, 1]), ``boxes`` (``tv_tensors.BoundingBoxes``), ``labels``,
     ``difficult``, ``image_id`` and ``size`` (original width, height).
-    ``cache_images`` keeps decoded images in memory: worth it for small datasets read for many epochs.
+    ``cache_images`` keeps decoded images in memory, in a cache shared by every dataset of the process
+    (:mod:`maskssd.data.image_cache`): worth it for small datasets read for many epochs, and for the
+    successive trials of a study worker, which then decode each image once.
     """
 
     def __init__(
@@ -77,7 +80,6 @@ class FaceMaskDataset(torch.utils.data.Dataset):
         self.classes = tuple(classes)
         self.cache_images = cache_images
         self.max_pixels = max_pixels
-        self._cache: dict[int, torch.Tensor] = {}
 
     @classmethod
     def from_root(
@@ -102,14 +104,15 @@ class FaceMaskDataset(torch.utils.data.Dataset):
         return len(self.annotations)
 
     def _image_tensor(self, index: int) -> torch.Tensor:
-        if index in self._cache:
-            return self._cache[index]
+        path = self.annotations[index].image_path
+        if self.cache_images:
+            return shared_image_cache().get(path, self.max_pixels, lambda: self._decode(path))
+        return self._decode(path)
+
+    def _decode(self, path: str | Path) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as F
 
-        img = F.pil_to_tensor(load_image(self.annotations[index].image_path, self.max_pixels))
-        if self.cache_images:
-            self._cache[index] = img
-        return img
+        return F.pil_to_tensor(load_image(path, self.max_pixels))
 
     def raw_sample(self, index: int) -> Sample:
         from torchvision import tv_tensors

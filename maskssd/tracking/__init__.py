@@ -1,5 +1,5 @@
-"""Tracking: MLflow stores and runs, one experiment as one MLflow run, the Model Registry, and Optuna
-studies whose trials are nested MLflow runs.
+"""Tracking: MLflow stores and runs, one experiment as one MLflow run (or one per seed under a parent run),
+the Model Registry, and Optuna studies whose trials are nested MLflow runs.
 
 Names resolve lazily (:mod:`maskssd._lazy`): importing one loads only its module."""
 
@@ -21,6 +21,11 @@ _EXPORTS = {
     "log_model": "runs",
     "runs_table": "runs",
     "run_experiment": "experiment",
+    "SeedRun": "seeds",
+    "SeedsResult": "seeds",
+    "children_of": "seeds",
+    "is_seeds_parent": "seeds",
+    "run_seeds": "seeds",
     "DEFAULT_MODEL_NAME": "registry",
     "CHAMPION": "registry",
     "download_model": "registry",
@@ -46,12 +51,21 @@ _EXPORTS = {
     "make_objective": "studies",
     "open_study": "studies",
     "StudyOutcome": "studies",
-    "StudyReport": "studies",
+    "StudyReport": "study_report",
     "run_study": "studies",
     "best_trial_run": "studies",
     "load_study": "studies",
     "report_study": "studies",
-    "summarize": "studies",
+    "summarize": "study_report",
+    "FidelityCheck": "study_fidelity",
+    "fidelity_check": "study_fidelity",
+    "OpenedStudy": "studies",
+    "open_for_work": "studies",
+    "work_on": "studies",
+    "outcome": "studies",
+    "lowest_rung": "studies",
+    "run_study_workers": "study_workers",
+    "default_threads": "study_workers",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS, globals())

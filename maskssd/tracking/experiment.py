@@ -46,9 +46,11 @@ def run_experiment(
 ) -> RunResult:
     """Train, evaluate and record one run; exceptions mark the run FAILED/KILLED and propagate.
 
-    Under torchrun (``WORLD_SIZE`` > 1) every rank trains; rank 0 alone owns the MLflow run.
+    Under torchrun (``WORLD_SIZE`` > 1) every rank trains; rank 0 alone owns the MLflow run. A process group
+    already set up by the caller (several seeds in one torchrun job) is used and left as it is.
     """
     info = distributed.DistInfo.from_env()
+    owns_group = info.enabled and not distributed.active()
     device = (
         distributed.setup(info, cfg.experiment.device)
         if info.enabled
@@ -60,7 +62,7 @@ def run_experiment(
             on_start(run.run_id)
         return _tracked(cfg, run, info, device, resume_run_id is not None, on_eval or [], progress, log_model)
     finally:
-        if info.enabled:
+        if owns_group:
             distributed.teardown()
 
 

@@ -5,7 +5,8 @@ trial budget. ``maskssd study`` resumes a study when run again and lets several 
 (SQLite or a journal file on one machine, PostgreSQL across machines). Trials report ``val_map`` at every
 evaluation epoch so pruners work; a trial whose loss goes NaN, or that raises, is recorded FAIL with its
 reason and the study goes on; a trial left RUNNING by a dead worker is failed by the heartbeat check and
-retried.
+retried. The budget is Optuna's ``MaxTrialsCallback`` over finished and running trials, shared by every worker;
+``maskssd study --workers N`` starts N local workers (:mod:`maskssd.tracking.study_workers`).
 """
 
 from __future__ import annotations
@@ -13,22 +14,32 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 
-from maskssd.errors import ConfigError, MaskSSDError, NonFiniteLossError
+from maskssd.errors import ConfigError, MaskSSDError, NonFiniteLossError, TrainingInterrupted
 from maskssd.runtime import LOCAL_DIR
 from maskssd.tracking import runs
 from maskssd.tracking.experiment import run_experiment
 from maskssd.tracking.study_config import StudyConfig, first_value, load_study_config, sample, trial_config
+from maskssd.tracking.study_fidelity import Hyperband, SuccessiveHalving
+from maskssd.tracking.study_report import StudyReport, summarize
 
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+#: Trials that spend the shared budget: finished ones and those running on any worker (a failed trial does
+#: not: it is retried or replaced, up to the failure cap).
+BUDGET_STATES = (
+    optuna.trial.TrialState.COMPLETE,
+    optuna.trial.TrialState.PRUNED,
+    optuna.trial.TrialState.RUNNING,
+)
 
 
 class PrunedTrial(optuna.TrialPruned):
@@ -53,6 +64,7 @@ def make_storage(url: str | None, cfg: StudyConfig) -> optuna.storages.BaseStora
     """SQLite (default, under mlruns/), a journal file (``*.log`` / ``journal:PATH``), or any RDB URL (PostgreSQL).
 
     RDB storages get a heartbeat, so a trial left RUNNING by a dead worker is failed (and retried) by the others.
+    SQLite runs in write-ahead-log mode, so local workers read while another writes.
     """
     url = url or default_storage_url()
     if url.startswith("journal:") or url.endswith((".log", ".journal")):
@@ -65,32 +77,49 @@ def make_storage(url: str | None, cfg: StudyConfig) -> optuna.storages.BaseStora
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": 120}}
+        _sqlite_wal(url.removeprefix("sqlite:///"))
     else:
         engine_kwargs.update({"pool_size": 2, "max_overflow": 2, "pool_recycle": 300})
     s = cfg.study
     try:
         # workers starting at once must not race to create the schema
-        return runs.open_store(
-            url,
-            lambda: optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=s.heartbeat_interval,
-                grace_period=s.grace_period,
-                failed_trial_callback=_FailedTrialCallback(s.max_retry),
-            ),
-        )
+        return runs.open_store(url, lambda: _rdb_storage(url, engine_kwargs, s))
     except Exception as e:  # unreachable server, bad URL, missing driver
         raise MaskSSDError(f"cannot open Optuna storage {_redact(url)}: {e}") from None
 
 
-class _FailedTrialCallback:
+def _rdb_storage(url: str, engine_kwargs: dict[str, Any], s: Any) -> optuna.storages.RDBStorage:
+    with warnings.catch_warnings():  # heartbeats: "experimental" in Optuna's API, stable since v2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=s.heartbeat_interval,
+            grace_period=s.grace_period,
+            heartbeat_stale_trial_callback=_StaleTrialCallback(s.max_retry),
+        )
+
+
+def _sqlite_wal(path: str) -> None:
+    """Write-ahead logging (persistent in the file): readers do not block the writer, nor it them."""
+    import sqlite3
+    from contextlib import closing
+
+    with runs.sqlite_init_lock(f"sqlite:///{path}"), closing(sqlite3.connect(path, timeout=120)) as con:
+        con.execute("PRAGMA journal_mode=WAL")
+
+
+class _StaleTrialCallback:
     """A stale trial (its worker died): mark its MLflow run FAILED, then retry it up to ``max_retry`` times."""
 
     def __init__(self, max_retry: int):
-        self.retry = optuna.storages.RetryFailedTrialCallback(
-            max_retry=max_retry, inherit_intermediate_values=False
-        )
+        with (
+            warnings.catch_warnings()
+        ):  # "experimental" since Optuna 2.8; the successor of RetryFailedTrialCallback
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=max_retry, inherit_intermediate_values=False
+            )
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         run_id = trial.user_attrs.get("mlflow_run_id")
@@ -104,8 +133,11 @@ class _FailedTrialCallback:
         self.retry(study, trial)
 
 
-def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
-    s = cfg.sampler
+def make_sampler(cfg: StudyConfig, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The study's sampler; ``seed_offset`` (a local worker's index) keeps workers from drawing the same trials."""
+    s = cfg.sampler.model_copy()
+    if s.seed is not None:
+        s.seed += seed_offset
     if s.name == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
     if s.name == "cmaes":
@@ -141,39 +173,40 @@ def make_pruner(cfg: StudyConfig, epochs: int) -> optuna.pruners.BasePruner:
         return optuna.pruners.MedianPruner(
             n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps
         )
+    if p.name == "successive_halving":
+        return SuccessiveHalving(
+            n_full=p.n_startup_trials, min_resource=p.min_resource, reduction_factor=p.reduction_factor
+        )
     if p.name == "hyperband":
-        return optuna.pruners.HyperbandPruner(
-            min_resource=p.min_resource, max_resource=epochs, reduction_factor=p.reduction_factor
+        return Hyperband(
+            n_full=p.n_startup_trials,
+            min_resource=p.min_resource,
+            max_resource=epochs,
+            reduction_factor=p.reduction_factor,
         )
     return optuna.pruners.NopPruner()
 
 
-class _Budget:
-    """Stop a worker once the study's finished + running trials reach its total budget (shared by workers)."""
+def lowest_rung(cfg: StudyConfig) -> int:
+    """The first epoch at which the pruner may stop a trial (the cheap fidelity the report checks)."""
+    p = cfg.pruner
+    return p.min_resource if p.name in ("successive_halving", "hyperband") else max(p.n_warmup_steps, 1)
+
+
+class _FailureCap:
+    """Stop a worker once the study has as many failed trials as its budget (at least 3): something is broken."""
 
     def __init__(self, n_trials: int):
-        self.n = n_trials
+        self.n = max(n_trials, 3)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        states = (
-            optuna.trial.TrialState.COMPLETE,
-            optuna.trial.TrialState.PRUNED,
-            optuna.trial.TrialState.RUNNING,
-        )
-        done = len(study.get_trials(deepcopy=False, states=states))
-        failed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
-        if done >= self.n or failed >= max(self.n, 3):
+        if len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))) >= self.n:
             study.stop()
 
 
 def remaining(study: optuna.Study, n_trials: int) -> int:
     """Trials still to start: the budget less finished and running ones (enqueued retries still count as to-do)."""
-    states = (
-        optuna.trial.TrialState.COMPLETE,
-        optuna.trial.TrialState.PRUNED,
-        optuna.trial.TrialState.RUNNING,
-    )
-    return max(n_trials - len(study.get_trials(deepcopy=False, states=states)), 0)
+    return max(n_trials - len(study.get_trials(deepcopy=False, states=BUDGET_STATES)), 0)
 
 
 def parent_run(c: Any, cfg: StudyConfig, study: optuna.Study, storage_url: str) -> str:
@@ -225,6 +258,7 @@ def make_objective(cfg: StudyConfig, base: Path, study_path: Path, parent_id: st
     """One trial: sample, build the trial's experiment, run it as a nested MLflow run, return the objective."""
 
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         values = sample(trial, cfg)
         try:
             exp = trial_config(cfg, base, values, study_path)
@@ -269,6 +303,10 @@ def make_objective(cfg: StudyConfig, base: Path, study_path: Path, parent_id: st
         except optuna.TrialPruned:
             _tag_state(tracking_uri, trial, "PRUNED")
             raise
+        except TrainingInterrupted as e:  # Ctrl-C / SIGTERM stop the worker, not only this trial
+            trial.set_user_attr("fail_reason", f"interrupted: {e}")
+            _tag_state(tracking_uri, trial, "FAIL")
+            raise KeyboardInterrupt(str(e)) from None
         except NonFiniteLossError as e:
             trial.set_user_attr("fail_reason", f"non-finite loss: {e}")
             _tag_state(tracking_uri, trial, "FAIL")
@@ -298,16 +336,24 @@ def _tag_state(tracking_uri: str | None, trial: optuna.Trial, state: str) -> Non
 
 # --------------------------------------------------------------------------------------------- CLI
 def open_study(
-    cfg: StudyConfig, storage: optuna.storages.BaseStorage, name: str | None = None, epochs: int = 10
+    cfg: StudyConfig,
+    storage: optuna.storages.BaseStorage,
+    name: str | None = None,
+    epochs: int = 10,
+    worker: int = 0,
 ) -> optuna.Study:
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=name or cfg.study.name,
         storage=storage,
-        sampler=make_sampler(cfg),
+        sampler=make_sampler(cfg, worker),
         pruner=make_pruner(cfg, epochs),
         direction=cfg.study.direction,
         load_if_exists=True,
     )
+    with warnings.catch_warnings():  # "experimental" since Optuna 3.2
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([cfg.study.objective])  # the objective's name in plots and the dashboard
+    return study
 
 
 @dataclass
@@ -321,13 +367,95 @@ class StudyOutcome:
 
 
 @dataclass
-class StudyReport:
-    """The best trials (``(number, value, test_map, best_epoch, params, run_id)``, best first) and importances."""
+class OpenedStudy:
+    """A study opened for work: its config, the Optuna study, the MLflow client and the parent run."""
 
-    name: str
-    direction: str
-    best: list[tuple[int, float, float | None, int | None, dict[str, Any], str]] = field(default_factory=list)
-    importances: dict[str, float] = field(default_factory=dict)
+    cfg: StudyConfig
+    base: Path
+    config: Path
+    study: optuna.Study
+    client: Any
+    parent: str
+    n_trials: int
+    tracking_uri: str | None
+
+
+def open_for_work(
+    config: str | Path,
+    *,
+    n_trials: int | None = None,
+    storage: str | None = None,
+    study_name: str | None = None,
+    tracking_uri: str | None = None,
+    worker: int = 0,
+) -> OpenedStudy:
+    """Create or load the study of a study TOML and its MLflow parent run; fail the trials of dead workers.
+    ``worker``: this process's index among local workers (offsets the sampler's seed)."""
+    cfg, base = load_study_config(config)
+    if study_name:
+        cfg.study.name = study_name
+    n_trials = n_trials or cfg.study.n_trials
+    storage_url = storage or default_storage_url()
+    epochs = trial_config(cfg, base, {k: first_value(p) for k, p in cfg.space.items()}, config).train.epochs
+    study = open_study(cfg, make_storage(storage_url, cfg), None, epochs, worker)
+    c = runs.client(tracking_uri)
+    study.set_user_attr("study_file", str(Path(config)))
+    study.set_user_attr("objective", cfg.study.objective)
+    study.set_user_attr("fidelity", {"rung_epoch": lowest_rung(cfg), "full_epochs": epochs})
+    if tracking_uri:
+        study.set_user_attr("tracking_uri", tracking_uri)
+    parent = parent_run(c, cfg, study, storage_url)
+    with warnings.catch_warnings():  # experimental in Optuna's API, stable in behaviour since v2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(
+            study
+        )  # trials of dead workers: FAIL (MLflow run too), then retried
+    _log_study_params(runs.MlflowRun(c, parent), study, cfg, base, n_trials, config)
+    return OpenedStudy(cfg, base, Path(config), study, c, parent, n_trials, tracking_uri)
+
+
+def work_on(o: OpenedStudy, timeout: float | None = None) -> None:
+    """Run trials until the study's shared budget is spent (finished + running trials of every worker, Optuna's
+    ``MaxTrialsCallback``), as many trials have failed, or this worker's ``timeout`` has passed."""
+    todo = remaining(o.study, o.n_trials)
+    log.info(
+        "study %s: %d trials so far, budget %d, %d to go; MLflow parent run %s in experiment %s",
+        o.cfg.study.name,
+        len(o.study.trials),
+        o.n_trials,
+        todo,
+        o.parent,
+        o.cfg.mlflow_experiment,
+    )
+    if todo <= 0:
+        return
+    timeout = timeout or o.cfg.study.timeout or None
+    o.study.optimize(
+        make_objective(o.cfg, o.base, o.config, o.parent, o.tracking_uri),
+        n_trials=None if timeout else todo + 2 * o.n_trials,
+        timeout=timeout,
+        catch=(Exception,),
+        callbacks=[
+            optuna.study.MaxTrialsCallback(o.n_trials, states=BUDGET_STATES),
+            _FailureCap(o.n_trials),
+        ],
+        gc_after_trial=True,
+    )
+
+
+def outcome(o: OpenedStudy, report: bool = True) -> StudyOutcome:
+    """Trial counts by state (the parent run FINISHED once the budget is), and the report."""
+    study, c = o.study, o.client
+    states = {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in optuna.trial.TrialState}
+    finished = states.get("COMPLETE", 0) + states.get("PRUNED", 0)
+    if finished >= o.n_trials and not states.get("RUNNING"):
+        c.set_terminated(o.parent, "FINISHED")
+    return StudyOutcome(
+        o.cfg.study.name,
+        o.parent,
+        {k: v for k, v in states.items() if v},
+        summarize(study, c, o.parent) if report else None,
+    )
 
 
 def run_study(
@@ -341,56 +469,11 @@ def run_study(
     report: bool = True,
 ) -> StudyOutcome:
     """Create or resume the study of a study TOML and work on it until its shared budget is spent."""
-    cfg, base = load_study_config(config)
-    if study_name:
-        cfg.study.name = study_name
-    n_trials = n_trials or cfg.study.n_trials
-    storage_url = storage or default_storage_url()
-    epochs = trial_config(cfg, base, {k: first_value(p) for k, p in cfg.space.items()}, config).train.epochs
-    study = open_study(cfg, make_storage(storage_url, cfg), None, epochs)
-    c = runs.client(tracking_uri)
-    study.set_user_attr("study_file", str(Path(config)))
-    study.set_user_attr("objective", cfg.study.objective)
-    if tracking_uri:
-        study.set_user_attr("tracking_uri", tracking_uri)
-    parent = parent_run(c, cfg, study, storage_url)
-    with warnings.catch_warnings():  # experimental in Optuna's API, stable in behaviour since v2.9
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(
-            study
-        )  # trials of dead workers: FAIL (MLflow run too), then retried
-    todo = remaining(study, n_trials)
-    log.info(
-        "study %s: %d trials so far, budget %d, %d to go; MLflow parent run %s in experiment %s",
-        cfg.study.name,
-        len(study.trials),
-        n_trials,
-        todo,
-        parent,
-        cfg.mlflow_experiment,
+    o = open_for_work(
+        config, n_trials=n_trials, storage=storage, study_name=study_name, tracking_uri=tracking_uri
     )
-    _log_study_params(runs.MlflowRun(c, parent), study, cfg, base, n_trials, config)
-    if todo > 0:
-        objective = make_objective(cfg, base, Path(config), parent, tracking_uri)
-        timeout = timeout or cfg.study.timeout or None
-        study.optimize(
-            objective,
-            n_trials=None if timeout else todo + 2 * n_trials,
-            timeout=timeout,
-            catch=(Exception,),
-            callbacks=[_Budget(n_trials)],
-            gc_after_trial=True,
-        )
-    states = {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in optuna.trial.TrialState}
-    finished = states.get("COMPLETE", 0) + states.get("PRUNED", 0)
-    if finished >= n_trials and not states.get("RUNNING"):
-        c.set_terminated(parent, "FINISHED")
-    return StudyOutcome(
-        cfg.study.name,
-        parent,
-        {k: v for k, v in states.items() if v},
-        summarize(study, c, parent) if report else None,
-    )
+    work_on(o, timeout)
+    return outcome(o, report)
 
 
 def _log_study_params(
@@ -440,96 +523,3 @@ def report_study(name: str, *, storage: str | None = None, tracking_uri: str | N
     """``maskssd study-report``: summarise a study (and log its plots to its parent run)."""
     study = load_study(name, storage)
     return summarize(study, runs.client(tracking_uri), study.user_attrs.get("mlflow_parent_run_id"))
-
-
-def summarize(study: optuna.Study, c: Any, parent_run_id: str | None, top: int = 10) -> StudyReport:
-    """Best trials and fANOVA importances; plots and a summary logged to the study's parent run."""
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    rep = StudyReport(study.study_name, study.direction.name.lower())
-    for tr in sorted(complete, key=lambda x: x.value, reverse=reverse)[:top]:
-        epoch = tr.user_attrs.get("best_epoch")
-        rep.best.append(
-            (
-                tr.number,
-                tr.value,
-                tr.user_attrs.get("test_map"),
-                int(epoch) if epoch else None,
-                dict(tr.params),
-                str(tr.user_attrs.get("mlflow_run_id", "")),
-            )
-        )
-    if len(complete) >= 3:
-        try:
-            rep.importances = optuna.importance.get_param_importances(
-                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
-            )
-        except (RuntimeError, ValueError) as e:
-            log.warning("no parameter importances: %s", e)
-    if parent_run_id:
-        _log_plots(study, c, parent_run_id, rep.importances)
-        if complete:
-            _log_summary(study, runs.MlflowRun(c, parent_run_id), rep.importances, len(complete))
-    return rep
-
-
-def _log_summary(
-    study: optuna.Study, run: runs.MlflowRun, importances: Mapping[str, float], n_complete: int
-) -> None:
-    best = study.best_trial
-    count = lambda state: len(study.get_trials(deepcopy=False, states=(state,)))  # noqa: E731
-    run.log_metrics(
-        {
-            "best_value": best.value,
-            "best_trial": best.number,
-            "n_complete": n_complete,
-            "n_pruned": count(optuna.trial.TrialState.PRUNED),
-            "n_failed": count(optuna.trial.TrialState.FAIL),
-        },
-        step=len(study.trials),
-    )
-    run.set_tags({"best_trial": best.number, "best_run_id": best.user_attrs.get("mlflow_run_id", "")})
-    run.log_dict(
-        {"importances": dict(importances), "best_params": best.params, "best_value": best.value},
-        "study/summary.json",
-    )
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
-def _log_plots(study: optuna.Study, c: Any, parent_run_id: str, importances: Mapping[str, float]) -> None:
-    import tempfile
-    import warnings
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
-
-    plots = {
-        "optimization_history": lambda: ovm.plot_optimization_history(study),
-        "intermediate_values": lambda: ovm.plot_intermediate_values(study),
-        "parallel_coordinate": lambda: ovm.plot_parallel_coordinate(study),
-        "slice": lambda: ovm.plot_slice(study),
-    }
-    if importances:
-        plots["param_importances"] = lambda: ovm.plot_param_importances(
-            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
-        )
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name, fn in plots.items():
-            try:
-                ax = fn()
-            except (ValueError, RuntimeError, TypeError) as e:
-                log.warning("skipped plot %s: %s", name, e)
-                continue
-            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).get_figure()
-            fig.set_size_inches(10, 6)
-            path = Path(tmp) / f"{name}.png"
-            fig.savefig(path, dpi=90, bbox_inches="tight")
-            plt.close("all")
-            c.log_artifact(parent_run_id, str(path), "study_plots")

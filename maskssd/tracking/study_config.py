@@ -76,11 +76,16 @@ class SamplerSpec(_S):
 
 
 class PrunerSpec(_S):
-    name: Literal["median", "hyperband", "none"] = "median"
-    n_startup_trials: int = Field(2, ge=0)
-    n_warmup_steps: int = Field(0, ge=0)  # epochs before pruning may start
-    min_resource: int = Field(1, ge=1)  # hyperband
-    reduction_factor: int = Field(3, ge=2)  # hyperband
+    """``successive_halving`` (ASHA) and ``hyperband`` are multi-fidelity over epochs: rungs at ``min_resource *
+    reduction_factor**k`` epochs; their first ``n_startup_trials`` trials (by number) are never pruned."""
+
+    name: Literal["median", "successive_halving", "hyperband", "none"] = "median"
+    n_startup_trials: int = Field(
+        2, ge=0
+    )  # median: finished trials before pruning; else: never-pruned trials
+    n_warmup_steps: int = Field(0, ge=0)  # median: epochs before pruning may start
+    min_resource: int = Field(1, ge=1)  # successive_halving, hyperband: epochs of the first rung
+    reduction_factor: int = Field(3, ge=2)  # successive_halving, hyperband
 
 
 class StudySection(_S):
@@ -91,7 +96,8 @@ class StudySection(_S):
     n_trials: int = Field(20, ge=1)  # the study's total budget, shared by every worker
     timeout: float = Field(0, ge=0)  # seconds per worker; 0 = none
     epochs: int | None = Field(None, ge=1)  # epochs per trial (default: the experiment's)
-    eval_every: int | None = Field(None, ge=1)
+    eval_every: int | None = Field(None, ge=1)  # epochs between reports to the pruner
+    input_size: int | None = Field(None, ge=32)  # a cheaper fidelity: the trials' model.input_size
     mlflow_experiment: str | None = None  # default: "study-<name>"
     log_models: bool = True  # every finished trial logs its model, so the best can be promoted
     heartbeat_interval: int = Field(30, ge=1)
@@ -193,5 +199,7 @@ def trial_config(
         apply_overrides(data, {"train.epochs": cfg.study.epochs})
     if cfg.study.eval_every:
         apply_overrides(data, {"train.eval_every": cfg.study.eval_every})
+    if cfg.study.input_size:
+        apply_overrides(data, {"model.input_size": cfg.study.input_size})
     apply_overrides(data, {"experiment.name": cfg.mlflow_experiment})
     return validate(data, f"{base} (trial values {dict(values)} from {study_path})")

@@ -1,0 +1,143 @@
+"""``maskssd train --seeds``: the per-seed table; and the cells of seeds parents in ``maskssd runs``
+(``mean ± std (n)``, their children hidden or listed under them)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from rich.markup import escape
+from rich.table import Table
+
+from maskssd.cli.commands import err, out
+
+__all__ = ["SeedStat", "cell_text", "metric_cell", "run_order", "sort_grouped", "train_seeds"]
+
+#: Tag values (maskssd.tracking.seeds), repeated here so that ``maskssd runs`` does not import training code.
+_ROLE, _PARENT = "maskssd.role", "mlflow.parentRunId"
+
+
+# ------------------------------------------------------------------------------------------- train
+def train_seeds(a: argparse.Namespace, cfg: Any) -> int:
+    """``maskssd train CONFIG --seeds 0,1,2`` and ``--resume PARENT_ID``."""
+    from maskssd.errors import TrainingInterrupted
+    from maskssd.tracking.seeds import run_seeds
+
+    try:
+        r = run_seeds(
+            cfg,
+            a.seeds,
+            tracking_uri=a.tracking_uri,
+            resume_parent_id=a.resume,
+            run_name=a.run_name,
+            progress=not a.no_progress,
+        )
+    except TrainingInterrupted as e:
+        err.print(
+            f"[yellow]{escape(str(e))}; checkpoint saved.[/] Resume the missing seeds with:\n  maskssd train "
+            f"{a.config} --resume {e.run_id}"
+            + (f" --tracking-uri {a.tracking_uri}" if a.tracking_uri else ""),
+            highlight=False,
+        )
+        return 130
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0 if r.status == "FINISHED" else 1
+    out.print(seeds_table(r))
+    colour = "green" if r.status == "FINISHED" else "red"
+    out.print(f"[{colour}]parent run {r.parent_run_id} {r.status.lower()}[/] ({len(r.seeds)} seeds)")
+    return 0 if r.status == "FINISHED" else 1
+
+
+def seeds_table(r: Any) -> Table:
+    """One row per seed (its selected checkpoint's val mAP, test mAP, val AP per class), then mean ± std."""
+    classes = sorted(
+        k.removeprefix("best_val_ap_").removesuffix("_mean")
+        for k in r.aggregate
+        if k.startswith("best_val_ap_") and k.endswith("_mean")
+    )
+    keys = ["best_val_map", "test_map", *[f"best_val_ap_{c}" for c in classes]]
+    keys = [k for k in keys if f"{k}_mean" in r.aggregate or any(k in s.metrics for s in r.runs.values())]
+    t = Table(title=f"seeds of parent run {r.parent_run_id} (AP in %, the selected checkpoint)")
+    for col in ("seed", "run", "status", *[k.removeprefix("best_") for k in keys]):
+        t.add_column(col, justify="left" if col in ("run", "status") else "right")
+    for seed in r.seeds:
+        s = r.runs.get(seed)
+        if s is None:
+            continue
+        status = s.status.lower() + (" (kept)" if s.action == "kept" else "")
+        t.add_row(str(seed), (s.run_id or "")[:8], status, *[cell_text(s.metrics.get(k)) for k in keys])
+    t.add_row(
+        "[bold]mean ± std", "", "", *[cell_text(metric_cell(r.aggregate, k)) for k in keys], end_section=True
+    )
+    return t
+
+
+# -------------------------------------------------------------------------------------------- runs
+class SeedStat(float):
+    """A seeds parent's mean over its seeds (a float, so it sorts like one), with its std and seed count."""
+
+    std: float
+    n: int
+
+    def __new__(cls, mean: float, std: float, n: int) -> SeedStat:
+        obj = super().__new__(cls, mean)
+        obj.std, obj.n = std, n
+        return obj
+
+
+def metric_cell(m: dict[str, float], key: str, fallback: str | None = None) -> float | None:
+    """A run's metric ``key`` (else ``fallback``), or for a seeds parent its ``mean ± std (n)``."""
+    if f"{key}_mean" in m:
+        return SeedStat(m[f"{key}_mean"], m.get(f"{key}_std", math.nan), int(m.get("n_seeds", 0)))
+    return m.get(key, m.get(fallback) if fallback else None)
+
+
+def cell_text(v: Any) -> str:
+    """Metrics in %: ``66.5``, a parent's ``66.5 ± 1.2 (3)`` (``66.5 (1)`` for one seed)."""
+    if v is None:
+        return ""
+    if isinstance(v, SeedStat):
+        spread = f" ± {100 * v.std:.1f}" if math.isfinite(v.std) else ""
+        return f"{100 * v:.1f}{spread} ({v.n})"
+    return f"{100 * v:.1f}" if isinstance(v, float) else str(v)
+
+
+def run_order(runs: Sequence[Any], show_children: bool) -> list[tuple[Any, bool]]:
+    """``(run, is_child)`` in table order: children of a listed seeds parent hidden, or (``show_children``)
+    right under it."""
+    parents = {r.info.run_id for r in runs if r.data.tags.get(_ROLE) == "seeds"}
+    children: dict[str, list[Any]] = {}
+    top = []
+    for r in runs:
+        parent = r.data.tags.get(_PARENT)
+        if parent in parents:
+            children.setdefault(parent, []).append(r)
+        else:
+            top.append(r)
+    ordered: list[tuple[Any, bool]] = []
+    for r in top:
+        ordered.append((r, False))
+        if show_children:
+            kids = children.get(r.info.run_id, [])
+            ordered += [(k, True) for k in sorted(kids, key=_seed_key)]
+    return ordered
+
+
+def _seed_key(run: Any) -> tuple[int, str]:
+    raw = run.data.tags.get("maskssd.seed", "")
+    return (int(raw), "") if raw.lstrip("-").isdigit() else (0, raw)
+
+
+def sort_grouped(rows: list[dict[str, Any]], is_child: Sequence[bool], key: Callable[[Any], Any]) -> list:
+    """Sort rows by ``key`` of their top row, each parent's child rows staying right under it."""
+    groups: list[list[dict[str, Any]]] = []
+    for row, child in zip(rows, is_child):
+        if child and groups:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    groups.sort(key=lambda g: key(g[0]))
+    return [row for g in groups for row in g]

@@ -1,0 +1,359 @@
+"""Seeds as an axis: one experiment trained once per seed, every seed a child MLflow run of one parent run
+that holds the mean and the standard deviation of every final metric over its seeds.
+
+``maskssd train CONFIG --seeds 0,1,2`` calls :func:`run_seeds`. The parent run (tag ``maskssd.role=seeds``)
+holds the config (its params, ``config.toml`` and ``config.json``; no ``experiment.seed``), the seed list
+(param ``seeds``), and for every final metric ``K`` its finished children logged (``best_*`` and ``test_*``,
+written once at a child's final step; confidence-interval metrics named that way included) ``K_mean`` and
+``K_std`` (the sample standard deviation, ddof 1; NaN for a single seed), ``n_seeds`` (the finished children
+averaged), a tag ``maskssd.children`` listing its children's run ids in seed order and the artifact
+``seeds.json`` (seed -> run id, status). Children carry ``mlflow.parentRunId``, ``maskssd.role=seed`` and
+``maskssd.seed``.
+
+Resuming a parent (``resume_parent_id``) finishes only what is missing: a FINISHED child is kept untouched; a
+KILLED, FAILED or RUNNING child that saved a checkpoint continues from it in the same run
+(``run_experiment(resume_run_id=...)``); a seed with neither starts a new child. Then the parent is
+aggregated again. An interrupted seed (Ctrl-C, SIGTERM) marks the parent KILLED and raises
+:class:`~maskssd.errors.TrainingInterrupted` whose ``run_id`` is the parent's: resume that.
+
+Under torchrun every rank calls :func:`run_seeds` (``--nproc`` re-runs the whole command): one process group
+serves every seed, each seed's child trains distributed, and rank 0 alone writes to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from maskssd.errors import MaskSSDError, NonFiniteLossError, TrainingInterrupted
+from maskssd.tracking import runs
+from maskssd.tracking.experiment import run_experiment
+from maskssd.training import distributed
+from maskssd.training.config import ExperimentConfig, validate
+from maskssd.training.runner import EvalHook
+
+__all__ = [
+    "CHILDREN_TAG",
+    "FINAL_PREFIXES",
+    "ROLE_TAG",
+    "SEED_TAG",
+    "SeedRun",
+    "SeedsResult",
+    "aggregate",
+    "children_of",
+    "is_final_metric",
+    "is_seeds_parent",
+    "run_seeds",
+]
+
+log = logging.getLogger(__name__)
+
+ROLE_TAG = "maskssd.role"
+SEED_TAG = "maskssd.seed"
+CHILDREN_TAG = "maskssd.children"
+#: A run's final metrics (logged once, at its last step): the selected checkpoint's ``best_*`` and ``test_*``.
+FINAL_PREFIXES = ("best_", "test_")
+
+
+@dataclass
+class SeedRun:
+    """One seed's child run. ``action``: ``new`` (started), ``resumed`` (continued) or ``kept`` (already done)."""
+
+    seed: int
+    run_id: str | None
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    action: str = "new"
+    reason: str = ""
+
+
+@dataclass
+class SeedsResult:
+    """The parent run, each seed's child, and the aggregate the parent logged (``K_mean``, ``K_std``, ``n_seeds``)."""
+
+    parent_run_id: str
+    seeds: list[int]
+    runs: dict[int, SeedRun]
+    aggregate: dict[str, float]
+    status: str
+
+    def mean_std(self, key: str) -> tuple[float, float, int]:
+        """``(mean, std, n)`` of a final metric over the finished seeds (NaN when absent)."""
+        a = self.aggregate
+        return a.get(f"{key}_mean", math.nan), a.get(f"{key}_std", math.nan), int(a.get("n_seeds", 0))
+
+
+@dataclass
+class _Plan:
+    parent_id: str
+    name: str
+    cfg: ExperimentConfig
+    seeds: list[int]
+    actions: dict[int, tuple[str, str | None]]  # seed -> (new | resumed | kept, child run id)
+
+
+# ------------------------------------------------------------------------------------------ reading
+def is_final_metric(key: str) -> bool:
+    return key.startswith(FINAL_PREFIXES)
+
+
+def aggregate(metrics: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """``K_mean`` and ``K_std`` (sample std, ddof 1; NaN for one run) of every final metric ``K`` that each of
+    ``metrics`` holds, and ``n_seeds``."""
+    out = {"n_seeds": float(len(metrics))}
+    if not metrics:
+        return out
+    keys = set.intersection(*({k for k in m if is_final_metric(k)} for m in metrics))
+    n = len(metrics)
+    for k in sorted(keys):
+        values = [float(m[k]) for m in metrics]
+        mean = math.fsum(values) / n
+        out[f"{k}_mean"] = mean
+        out[f"{k}_std"] = (
+            math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
+        )
+    return out
+
+
+def children_of(c: Any, parent_id: str) -> list[Any]:
+    """The child runs of a parent (``mlflow.parentRunId``), by seed then start time (MLflow ``Run`` objects)."""
+    exp = c.get_run(parent_id).info.experiment_id
+    found = c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1000)
+    return sorted(found, key=lambda r: (_seed_of(r) is None, _seed_of(r) or 0, r.info.start_time or 0))
+
+
+def is_seeds_parent(run_id: str, *, tracking_uri: str | None = None) -> bool:
+    """Whether ``run_id`` is the parent of a seeds run (False for any other run, or none)."""
+    try:
+        return runs.client(tracking_uri).get_run(run_id).data.tags.get(ROLE_TAG) == "seeds"
+    except mlflow.exceptions.MlflowException:
+        return False
+
+
+def _seed_of(run: Any) -> int | None:
+    raw = run.data.tags.get(SEED_TAG, run.data.params.get("experiment.seed"))
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def _final_metrics(c: Any, run_id: str) -> dict[str, float]:
+    return {k: v for k, v in c.get_run(run_id).data.metrics.items() if is_final_metric(k)}
+
+
+def _resumable(c: Any, run_id: str) -> bool:
+    """A child that logged its config and a last checkpoint can continue where it stopped."""
+    top = {a.path for a in c.list_artifacts(run_id)}
+    ckpts = {a.path for a in c.list_artifacts(run_id, "checkpoints")} if "checkpoints" in top else set()
+    return "config.json" in top and "checkpoints/last.pt" in ckpts
+
+
+# ------------------------------------------------------------------------------------- the parent
+def _check_seeds(seeds: Sequence[int] | None) -> list[int]:
+    seeds = [int(s) for s in (seeds or [])]
+    if not seeds:
+        raise MaskSSDError("give at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise MaskSSDError(f"seeds repeat: {seeds}")
+    return seeds
+
+
+def _new_parent(c: Any, cfg: ExperimentConfig, seeds: list[int], run_name: str | None) -> _Plan:
+    name = run_name or f"{cfg.experiment.name}-seeds"
+    listed = ",".join(map(str, seeds))
+    tags = {ROLE_TAG: "seeds", "maskssd.seeds": listed, **runs.git_info(Path(__file__).resolve().parent)}
+    if cfg.experiment.description:
+        tags["mlflow.note.content"] = cfg.experiment.description
+    run = runs.MlflowRun.start(c, cfg.experiment.name, name, tags)
+    params = {k: v for k, v in cfg.flat().items() if k != "experiment.seed"}
+    run.log_params({**params, "seeds": listed})
+    run.log_text(cfg.to_toml(), "config.toml")
+    run.log_dict(cfg.model_dump(mode="json"), "config.json")
+    return _Plan(run.run_id, name, cfg, seeds, {s: ("new", None) for s in seeds})
+
+
+def _resume_parent(c: Any, parent_id: str, seeds: Sequence[int] | None) -> _Plan:
+    try:
+        run = c.get_run(parent_id)
+    except mlflow.exceptions.MlflowException:
+        raise MaskSSDError(f"no MLflow run {parent_id} in {c.tracking_uri}") from None
+    if run.data.tags.get(ROLE_TAG) != "seeds" or "seeds" not in run.data.params:
+        raise MaskSSDError(f"run {parent_id} is not the parent of a seeds run (tag {ROLE_TAG}=seeds)")
+    logged = _check_seeds([int(s) for s in run.data.params["seeds"].split(",")])
+    if seeds and list(seeds) != logged:
+        raise MaskSSDError(f"run {parent_id} was started with seeds {logged}, not {list(seeds)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        text = runs.MlflowRun(c, parent_id).download("config.json", tmp).read_text()
+    cfg = validate(json.loads(text), f"run {parent_id} config.json")
+    c.update_run(parent_id, status="RUNNING")
+    by_seed: dict[int, list[Any]] = {}
+    for child in children_of(c, parent_id):
+        seed = _seed_of(child)
+        if seed is not None:
+            by_seed.setdefault(seed, []).append(child)
+    actions: dict[int, tuple[str, str | None]] = {}
+    for seed in logged:
+        candidates = by_seed.get(seed, [])
+        finished = [r.info.run_id for r in candidates if r.info.status == "FINISHED"]
+        resumable = [r.info.run_id for r in candidates if _resumable(c, r.info.run_id)]
+        if finished:
+            actions[seed] = ("kept", finished[-1])
+        elif resumable:
+            actions[seed] = ("resumed", resumable[-1])
+        else:
+            actions[seed] = ("new", None)
+    return _Plan(parent_id, run.info.run_name or f"{cfg.experiment.name}-seeds", cfg, logged, actions)
+
+
+def _record(parent: runs.MlflowRun, results: Mapping[int, SeedRun], plan: _Plan) -> dict[str, float]:
+    """Children, their statuses and the aggregate over the finished ones, written to the parent (rank 0)."""
+    order = [results[s] for s in plan.seeds if s in results]
+    parent.set_tags({CHILDREN_TAG: ",".join(r.run_id for r in order if r.run_id)})
+    doc = {
+        "parent_run_id": plan.parent_id,
+        "seeds": {
+            str(r.seed): {
+                "run_id": r.run_id,
+                "status": r.status,
+                **({"reason": r.reason} if r.reason else {}),
+            }
+            for r in order
+        },
+    }
+    parent.log_dict(doc, "seeds.json")
+    agg = aggregate([r.metrics for r in order if r.status == "FINISHED"])
+    parent.log_metrics(agg, step=0)
+    return agg
+
+
+# ---------------------------------------------------------------------------------------- the seeds
+def _with_seed(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
+    data = cfg.model_dump(mode="json")
+    data["experiment"]["seed"] = seed
+    return validate(data, f"seed {seed}")
+
+
+def _train_seed(
+    c: Any, plan: _Plan, seed: int, tracking_uri: str | None, main: bool, run_kw: Mapping[str, Any]
+) -> SeedRun:
+    action, child = plan.actions[seed]
+    started: list[str] = [child] if child else []
+    if main:
+        log.info("seed %d: %s", seed, f"resuming run {child}" if action == "resumed" else "new run")
+    try:
+        r = run_experiment(
+            _with_seed(plan.cfg, seed),
+            tracking_uri=tracking_uri,
+            run_name=f"{plan.name}-seed{seed}",
+            resume_run_id=child if action == "resumed" else None,
+            parent_run_id=plan.parent_id,
+            tags={ROLE_TAG: "seed", SEED_TAG: str(seed)},
+            on_start=started.append,
+            **run_kw,
+        )
+    except NonFiniteLossError as e:  # a diverging seed is a result: record it, go on with the others
+        return SeedRun(seed, started[-1] if started else None, "FAILED", action=action, reason=str(e))
+    return SeedRun(
+        seed, r.run_id, "FINISHED", _final_metrics(c, r.run_id) if main else dict(r.metrics), action
+    )
+
+
+def _run_all(
+    c: Any, plan: _Plan, tracking_uri: str | None, run_kw: Mapping[str, Any], info: distributed.DistInfo
+) -> SeedsResult:
+    parent = runs.MlflowRun(c, plan.parent_id) if info.is_main else runs.ReadOnlyRun(c, plan.parent_id)
+    results: dict[int, SeedRun] = {}
+    seed = plan.seeds[0]
+    try:
+        for seed in plan.seeds:
+            action, child = plan.actions[seed]
+            if action == "kept":
+                metrics = _final_metrics(c, child) if info.is_main else {}  # type: ignore[arg-type]
+                results[seed] = SeedRun(seed, child, "FINISHED", metrics, "kept")
+                log.info("seed %d: kept finished run %s", seed, child)
+            else:
+                results[seed] = _train_seed(c, plan, seed, tracking_uri, info.is_main, run_kw)
+            if info.is_main:
+                _record(parent, results, plan)
+    except (TrainingInterrupted, KeyboardInterrupt) as e:
+        child = getattr(e, "run_id", None) or plan.actions[seed][1]
+        results[seed] = SeedRun(seed, child, "KILLED", action=plan.actions[seed][0], reason=str(e))
+        if info.is_main:
+            _record(parent, results, plan)
+            parent.set_tags({"stopped": f"seed {seed}: {e or 'interrupted'}"})
+        parent.finish("KILLED")
+        stop = e if isinstance(e, TrainingInterrupted) else TrainingInterrupted(f"interrupted at seed {seed}")
+        stop.run_id = plan.parent_id
+        raise stop from None
+    except BaseException as e:
+        parent.set_tags({"failure_reason": f"seed {seed}: {type(e).__name__}: {e}"[:5000]})
+        parent.finish("FAILED")
+        raise
+    return _close(parent, plan, results, info)
+
+
+def _close(
+    parent: runs.MlflowRun, plan: _Plan, results: dict[int, SeedRun], info: distributed.DistInfo
+) -> SeedsResult:
+    agg = _record(parent, results, plan) if info.is_main else {}
+    failed = [r for r in results.values() if r.status != "FINISHED"]
+    status = "FAILED" if failed else "FINISHED"
+    if failed:
+        parent.set_tags({"failure_reason": "; ".join(f"seed {r.seed}: {r.reason}" for r in failed)[:5000]})
+    parent.finish(status)
+    result = SeedsResult(plan.parent_id, plan.seeds, results, agg, status)
+    return distributed.broadcast_object(result if info.is_main else None)
+
+
+def run_seeds(
+    cfg: ExperimentConfig,
+    seeds: Sequence[int] | None = None,
+    *,
+    tracking_uri: str | None = None,
+    resume_parent_id: str | None = None,
+    run_name: str | None = None,
+    on_eval: list[EvalHook] | None = None,
+    progress: bool = True,
+    log_model: bool = True,
+) -> SeedsResult:
+    """Train ``cfg`` once per seed as children of one parent run, or finish the parent ``resume_parent_id``
+    (its own config and seeds; ``seeds``, if given, must match). Returns each seed's run and the aggregate.
+
+    A seed whose loss goes non-finite is recorded FAILED and the others still run (the parent ends FAILED);
+    an interruption marks the parent KILLED and raises ``TrainingInterrupted`` naming the parent.
+    """
+    info = distributed.DistInfo.from_env()
+    owns_group = info.enabled and not distributed.active()
+    if owns_group:
+        distributed.setup(info, cfg.experiment.device)
+    try:
+        c = runs.client(tracking_uri)
+        plan = None
+        if info.is_main:
+            if resume_parent_id:
+                plan = _resume_parent(c, resume_parent_id, seeds)
+            else:
+                plan = _new_parent(c, cfg, _check_seeds(seeds), run_name)
+            todo = {s: a for s, (a, _) in plan.actions.items()}
+            log.info(
+                "seeds %s: parent run %s in experiment %s; %s",
+                plan.seeds,
+                plan.parent_id,
+                plan.cfg.experiment.name,
+                ", ".join(f"seed {s} {a}" for s, a in todo.items()),
+            )
+        plan = distributed.broadcast_object(plan)
+        run_kw = {"on_eval": on_eval, "progress": progress, "log_model": log_model}
+        return _run_all(c, plan, tracking_uri, run_kw, info)
+    finally:
+        if owns_group:
+            distributed.teardown()

@@ -1,0 +1,129 @@
+"""Seeds as an axis, against a real MLflow SQL store: one parent run per config with a child run per seed, the
+parent's mean ± std, resuming a parent (only the missing seeds run), and the ``runs`` table's parent cells."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+
+from maskssd import tracking
+from maskssd.cli import commands, main
+from maskssd.errors import TrainingInterrupted
+from maskssd.tracking.seeds import aggregate, children_of, run_seeds
+from maskssd.training.config import load_config
+from tests.conftest import write_tiny_experiment
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MASKSSD_CHECKPOINT_DIR", raising=False)
+    return tmp_path
+
+
+def parents(c, experiment: str = "t") -> list:
+    exp = c.get_experiment_by_name(experiment)
+    return c.search_runs([exp.experiment_id], "tags.`maskssd.role` = 'seeds'")
+
+
+def test_aggregate_is_mean_and_sample_std():
+    runs = [{"best_val_map": 0.6, "test_map": 0.5, "val_loss": 1.0}, {"best_val_map": 0.7, "test_map": 0.8}]
+    agg = aggregate(runs)
+    assert agg["n_seeds"] == 2 and "val_loss_mean" not in agg  # per-epoch metrics are not final ones
+    assert agg["best_val_map_mean"] == pytest.approx(0.65)
+    assert agg["test_map_std"] == pytest.approx(statistics.stdev([0.5, 0.8]))  # ddof = 1
+    one = aggregate(runs[:1])
+    assert one["best_val_map_mean"] == 0.6 and math.isnan(one["best_val_map_std"])  # one seed: std undefined
+
+
+def test_seeds_make_one_parent_with_mean_and_std_of_its_children(workdir, synth_root, capsys, monkeypatch):
+    monkeypatch.setattr(commands.out, "width", 250)  # the whole runs table, no cell cut short
+    cfg = write_tiny_experiment(workdir / "exp.toml", synth_root, epochs=1)
+    one_epoch = ["--set", "schedule.warmup_epochs=0"]
+    assert main(["train", str(cfg), "--seeds", "0,1", "--no-progress", *one_epoch]) == 0
+    c = tracking.client()
+    [parent] = parents(c)
+    assert parent.info.status == "FINISHED" and parent.data.params["seeds"] == "0,1"
+    assert "experiment.seed" not in parent.data.params and parent.data.params["optim.lr"] == "0.003"
+    kids = children_of(c, parent.info.run_id)
+    assert [k.data.tags["maskssd.seed"] for k in kids] == ["0", "1"]
+    assert [k.data.params["experiment.seed"] for k in kids] == ["0", "1"]
+    assert all(k.info.status == "FINISHED" for k in kids)
+    assert parent.data.tags["maskssd.children"] == ",".join(k.info.run_id for k in kids)
+    m = parent.data.metrics
+    assert m["n_seeds"] == 2
+    for key in ("best_val_map", "test_map", "best_val_loss", "best_val_ap_with_mask", "test_ap_with_mask"):
+        values = [k.data.metrics[key] for k in kids]
+        assert m[f"{key}_mean"] == pytest.approx(statistics.fmean(values), abs=1e-12), key
+        assert m[f"{key}_std"] == pytest.approx(statistics.stdev(values), abs=1e-12), key
+    assert kids[0].data.metrics["best_val_loss"] != kids[1].data.metrics["best_val_loss"]  # seeds differ
+    doc = json.loads(
+        (tracking.MlflowRun(c, parent.info.run_id).download("seeds.json", workdir / "dl")).read_text()
+    )
+    assert {s: v["run_id"] for s, v in doc["seeds"].items()} == {
+        "0": kids[0].info.run_id,
+        "1": kids[1].info.run_id,
+    }
+    assert {v["status"] for v in doc["seeds"].values()} == {"FINISHED"}
+    capsys.readouterr()
+
+    # maskssd runs: the parent as mean ± std (n), its children hidden; --children lists them under it
+    assert main(["runs", "--experiment", "t", "--sort", "val_map"]) == 0
+    table = capsys.readouterr().out
+    mean, std = 100 * m["best_val_map_mean"], 100 * m["best_val_map_std"]
+    assert f"{mean:.1f} ± {std:.1f} (2)" in table
+    assert parent.info.run_id[:8] in table and kids[0].info.run_id[:8] not in table
+    assert main(["runs", "--experiment", "t", "--children", "--sort", "val_map"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    at = {
+        k: next(i for i, line in enumerate(table) if k[:8] in line)
+        for k in (parent.info.run_id, *[k.info.run_id for k in kids])
+    }
+    assert at[parent.info.run_id] < min(at[k.info.run_id] for k in kids)
+
+    # a deleted child: resuming the parent starts that seed again and keeps the other one as it was
+    c.delete_run(kids[1].info.run_id)
+    assert main(["train", str(cfg), "--resume", parent.info.run_id, "--no-progress", *one_epoch]) == 0
+    now = children_of(c, parent.info.run_id)
+    assert now[0].info.run_id == kids[0].info.run_id and now[1].info.run_id != kids[1].info.run_id
+    assert now[0].info.end_time == kids[0].info.end_time
+    assert c.get_run(parent.info.run_id).data.metrics["n_seeds"] == 2
+
+
+def test_resuming_a_parent_finishes_only_the_interrupted_seed(workdir, synth_root):
+    cfg = load_config(write_tiny_experiment(workdir / "exp.toml", synth_root, epochs=2))
+    calls = []
+
+    def stop_in_second_seed(epoch, metrics):  # seed 0 evaluates at epochs 1, 2; seed 1 is stopped at its 1
+        calls.append(epoch)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what Ctrl-C / SIGTERM raise
+
+    with pytest.raises(TrainingInterrupted) as stopped:
+        run_seeds(cfg, [0, 1], on_eval=[stop_in_second_seed], progress=False, log_model=False)
+    c = tracking.client()
+    parent_id = stopped.value.run_id  # what the CLI's resume command names
+    assert c.get_run(parent_id).info.status == "KILLED"
+    first, second = children_of(c, parent_id)
+    assert (first.info.status, second.info.status) == ("FINISHED", "KILLED")
+    assert c.get_run(parent_id).data.metrics["n_seeds"] == 1  # the aggregate so far
+
+    r = run_seeds(cfg, resume_parent_id=parent_id, progress=False, log_model=False)
+    assert r.status == "FINISHED" and r.parent_run_id == parent_id
+    assert (r.runs[0].action, r.runs[1].action) == ("kept", "resumed")
+    after = children_of(c, parent_id)
+    assert [k.info.run_id for k in after] == [first.info.run_id, second.info.run_id]  # no new run
+    assert after[0].data.metrics == first.data.metrics and after[0].info.end_time == first.info.end_time
+    assert after[1].info.status == "FINISHED"
+    assert [m.step for m in c.get_metric_history(second.info.run_id, "train_loss")] == [1, 2]
+    p = c.get_run(parent_id)
+    assert p.info.status == "FINISHED" and p.data.metrics["n_seeds"] == 2
+    values = [k.data.metrics["best_val_loss"] for k in after]
+    assert p.data.metrics["best_val_loss_mean"] == pytest.approx(statistics.fmean(values), abs=1e-12)
+    assert r.mean_std("best_val_loss")[2] == 2
