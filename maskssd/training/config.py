@@ -192,6 +192,7 @@ class EvalSection(_Section):
     class_agnostic: bool = DecodeSpec.class_agnostic
     pre_nms_top_k: int = Field(0, ge=0)  # 0 = keep every candidate (the paper's code)
     coco: bool = True
+    tta_hflip: bool = False  # also predict on the mirrored images, merged before NMS (maskssd.ssd.tta)
 
 
 class ExperimentConfig(_Section):

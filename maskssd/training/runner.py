@@ -388,6 +388,7 @@ def _finish(
         "coco": cfg.eval.coco,
         "amp": cfg.train.amp,
         "channels_last": cfg.train.channels_last,
+        "tta_hflip": cfg.eval.tta_hflip,
     }
     val_metrics, val_result = evaluate(parts.model, parts.trainer.val_loader, **kw)
     final.update({f"best_{k}": v for k, v in val_metrics.items()})
