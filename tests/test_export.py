@@ -179,7 +179,7 @@ def test_neck_model_exports_to_onnx_and_verifies(tmp_path: Path) -> None:
 
 
 def test_onnx_backend_with_tta_gives_the_torch_backends_tta_detections(tiny_checkpoint: Path) -> None:
-    """Test-time augmentation runs one batch of the frame and its mirror through any backend."""
+    """Test-time augmentation runs the frame and its mirror through any backend."""
     from maskssd.ssd.postprocess import DecodeSpec
 
     decode = DecodeSpec(min_score=0.05, class_agnostic=True)

@@ -205,8 +205,9 @@ def test_engine_evaluate_honours_tta_hflip(synth_root: Path) -> None:
     loss_inputs.clear()
     metrics, result = evaluate(model, loader, collect=tta_dets, tta_hflip=True, channels_last=True, **kw)
     assert result is not None and 0.0 <= metrics["val_map"] <= 1.0
-    for x in model.seen:  # one call per batch: the images, then their mirrors
-        assert x.shape[0] == 4 and torch.equal(x[2:], x[:2].flip(-1))
+    assert len(model.seen) == 4  # two calls per batch: the images, then their mirrors
+    for plain_x, mirrored_x in zip(model.seen[::2], model.seen[1::2]):
+        assert plain_x.shape[0] == 2 and torch.equal(mirrored_x, plain_x.flip(-1))
     p = model.prior_spec.num_priors
     assert loss_inputs == [torch.Size([2, p, 4])] * 2  # the loss sees the plain images' predictions only
     assert [i for i, _ in tta_dets] == [i for i, _ in plain_dets]
@@ -229,7 +230,7 @@ def test_config_key_reaches_the_engine() -> None:
     assert TrainSpec.from_config(cfg).tta_hflip is True
 
 
-def test_hflip_forward_runs_one_batch_of_images_and_mirrors() -> None:
+def test_hflip_forward_runs_the_images_and_their_mirrors() -> None:
     spec = PriorSpec.linear(ssdlite_feature_maps(64, 4), 0.15, 0.9)
     model = MirrorEquivariantModel(spec)
     x = torch.rand(3, 3, 64, 64)

@@ -382,7 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="export a model to ONNX or TorchScript",
         formatter_class=_formatter,
-        epilog="example:\n  maskssd export --model runs:/RUN_ID/model --format onnx --out model.onnx",
+        epilog="examples:\n  maskssd export --model runs:/RUN_ID/model --format onnx --out model.onnx\n"
+        "  maskssd export --model model.pt --format onnx --int8 --calibration ../shared/data/face-mask-detection \\\n"
+        "      --out model.int8.onnx",
     )
     _model_arg(ex)
     ex.add_argument("--format", choices=("onnx", "torchscript"), required=True)

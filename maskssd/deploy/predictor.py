@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from maskssd.data.transforms import preprocess_images
+from maskssd.deploy.optimize import optimize_for_inference
 from maskssd.errors import MaskSSDError
 from maskssd.ssd.postprocess import DecodeSpec, Detections, postprocess
 from maskssd.ssd.priors import PriorSpec
@@ -47,7 +48,8 @@ def to_chw(image: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Predictor:
-    """A detector ready for raw images. ``backend`` is ``"torch"`` or an ONNX Runtime session.
+    """A detector ready for raw images: a PyTorch ``model``, or an ONNX Runtime session (float or int8) with
+    ``model`` None.
 
     ``tta_hflip`` also runs the model on the mirrored images and merges both predictions before NMS
     (:mod:`maskssd.ssd.tta`; needs the model's ``prior_spec``, taken from ``model`` when not given).
@@ -115,8 +117,6 @@ class Predictor:
             raise MaskSSDError("the onnx-int8 backend needs calibration images (--calibration DATA_ROOT)")
         ckpt = load(ckpt_path)
         model, _ = load_detector(ckpt, device)
-        from maskssd.deploy.optimize import optimize_for_inference
-
         model = optimize_for_inference(model, fold_bn=fold_bn, inplace=True)
         spec = decode or DecodeSpec(**ckpt.get("decode", {}))
         nhwc = torch.device(device).type == "cpu" if channels_last is None else channels_last

@@ -80,12 +80,12 @@ def tta_priors(priors_cxcy: torch.Tensor) -> torch.Tensor:
 def hflip_forward(
     forward: Forward, images: torch.Tensor, perm: torch.Tensor
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """One call of ``forward`` on the images and their mirrors (a batch of ``2N``).
+    """``forward`` on the images, then on their mirrors: two calls, not one batch of ``2N`` (on CPU a batch of
+    two 384 px images took 1.35x as long as two single-image calls in PyTorch, 1.1x in ONNX Runtime).
 
     Returns the plain predictions ``(locs, scores)`` (for a loss) and the merged ones (for post-processing
     against :func:`tta_priors`).
     """
-    n = images.shape[0]
-    locs, scores = forward(torch.cat([images, images.flip(-1)], 0))
-    plain = (locs[:n], scores[:n])
-    return plain, merge_hflip(locs[:n], scores[:n], locs[n:], scores[n:], perm)
+    locs, scores = forward(images)
+    flipped_locs, flipped_scores = forward(images.flip(-1))
+    return (locs, scores), merge_hflip(locs, scores, flipped_locs, flipped_scores, perm)
