@@ -176,3 +176,17 @@ def test_neck_model_exports_to_onnx_and_verifies(tmp_path: Path) -> None:
     ts = tmp_path / "neck.ts"
     export_torchscript(model, ts)
     assert max(verify_export(model, ts, "torchscript", batch=2)) < 1e-5
+
+
+def test_onnx_backend_with_tta_gives_the_torch_backends_tta_detections(tiny_checkpoint: Path) -> None:
+    """Test-time augmentation runs the frame and its mirror through any backend."""
+    from maskssd.ssd.postprocess import DecodeSpec
+
+    decode = DecodeSpec(min_score=0.05, class_agnostic=True)
+    torch_pred = Predictor.from_checkpoint(tiny_checkpoint, decode=decode, tta_hflip=True)
+    onnx_pred = Predictor.from_checkpoint(tiny_checkpoint, decode=decode, backend="onnx", tta_hflip=True)
+    assert onnx_pred.tta_hflip and onnx_pred.prior_spec is not None
+    images = [np.random.default_rng(5).integers(0, 255, (180, 240, 3), dtype=np.uint8)]
+    a, b = torch_pred.predict(images)[0], onnx_pred.predict(images)[0]
+    assert len(a) == len(b) > 0 and torch.equal(a.labels, b.labels)
+    assert (a.boxes - b.boxes).abs().max() < 1e-3 and (a.scores - b.scores).abs().max() < 1e-4

@@ -270,3 +270,21 @@ def test_eval_transform_is_deterministic_and_only_resizes(size):
     assert torch.equal(batch[0], outs[0]["image"].as_subclass(torch.Tensor))
     flipped = dict(rect_sample(), image=tv_tensors.Image(other))
     assert torch.equal(batch[1], eval_transform(size)(flipped)["image"].as_subclass(torch.Tensor))
+
+
+def test_preprocess_images_keeps_camera_frames_channels_last():
+    """A (3, H, W) view of an (H, W, 3) frame resizes to a channels_last batch: the CPU model's layout, so the
+    predictor copies nothing more; its values are those of a contiguous image, and the input is never written."""
+    frame = torch.randint(
+        0, 256, (120, 160, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    view = frame.permute(2, 0, 1)
+    one = preprocess_images([view], 64)
+    assert one.shape == (1, 3, 64, 64) and one.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(one, preprocess_images([view.contiguous()], 64))
+    two = preprocess_images([view, view], 64)
+    assert two.is_contiguous(memory_format=torch.channels_last) and torch.equal(two[1], one[0])
+    same = torch.rand(3, 64, 64) * 255  # already the model size (resize may return it as it is)
+    before = same.clone()
+    preprocess_images([same], 64)
+    assert torch.equal(same, before)

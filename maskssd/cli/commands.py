@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -95,11 +96,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from maskssd.cli.research import analysis_tables, metrics_table
     from maskssd.data import DataReport, FaceMaskDataset, load_split
     from maskssd.data.transforms import eval_transform
-    from maskssd.deploy.predictor import load_predictor
+    from maskssd.deploy.predictor import PredictorModule, load_predictor
     from maskssd.training.engine import evaluate
     from maskssd.training.runner import build_loader
 
-    pred = load_predictor(a.model, a.tracking_uri, a.device)
+    pred = load_predictor(a.model, a.tracking_uri, a.device, a.backend, **_predictor_options(a, a.split_name))
     decode = DecodeSpec(
         min_score=a.min_score, max_overlap=a.max_overlap, top_k=a.top_k, class_agnostic=a.class_agnostic
     )
@@ -107,13 +108,14 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     ds = FaceMaskDataset(anns, eval_transform(pred.input_size), pred.class_names)
     collected: list[tuple[str, Any]] = []
     _, result = evaluate(
-        pred.model,
+        PredictorModule(pred),
         build_loader(ds, a.batch_size, a.workers),
         class_names=pred.class_names,
         device=torch.device(a.device),
         decode=decode,
         prefix=a.split,
         collect=collected,
+        tta_hflip=a.tta_hflip,
     )
     assert result is not None
     boot, analysis = _uncertainty_and_errors(a, pred.class_names, collected, anns)
@@ -125,7 +127,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     for table in analysis_tables(analysis):
         out.print(table)
     if a.save_detections:
-        _save_detections(a, decode, pred.class_names, collected, anns, result, boot)
+        _save_detections(a, decode, pred, collected, anns, result, boot)
     return 0
 
 
@@ -147,7 +149,7 @@ def _uncertainty_and_errors(
 def _save_detections(
     a: argparse.Namespace,
     decode: DecodeSpec,
-    class_names: Any,
+    pred: Any,
     collected: Any,
     anns: Any,
     result: Any,
@@ -162,12 +164,14 @@ def _save_detections(
         "max_overlap": decode.max_overlap,
         "top_k": decode.top_k,
         "class_agnostic": decode.class_agnostic,
+        "tta_hflip": a.tta_hflip,
+        "backend": pred.backend,
         "model": str(a.model),
         "split": a.split,
     }
     path = write_detections(
         a.save_detections,
-        class_names,
+        pred.class_names,
         collected,
         {x.image_id: (x.width, x.height) for x in anns},
         result,
@@ -187,6 +191,7 @@ def cmd_detect(a: argparse.Namespace) -> int:
         a.tracking_uri,
         a.device,
         a.backend,
+        **_predictor_options(a),
         class_agnostic=a.class_agnostic or None,
         max_overlap=a.max_overlap,
     )
@@ -393,7 +398,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from maskssd.deploy.serving import create_app, run_server
 
     pred = load_predictor(
-        a.model, a.tracking_uri, a.device, a.backend, class_agnostic=a.class_agnostic or None
+        a.model,
+        a.tracking_uri,
+        a.device,
+        a.backend,
+        **_predictor_options(a),
+        class_agnostic=a.class_agnostic or None,
     )
     app = create_app(
         pred,
@@ -424,9 +434,27 @@ def cmd_stream(a: argparse.Namespace) -> int:
     return 0
 
 
+def _predictor_options(a: argparse.Namespace, split_name: str = "paper") -> dict[str, Any]:
+    """``load_predictor`` keywords of the inference options (``--tta-hflip``, ``--no-fold-bn``, calibration)."""
+    calibration = None
+    if a.backend == "onnx-int8":
+        from maskssd.deploy.quantize import Calibration
+
+        if not a.calibration:
+            raise MaskSSDError(
+                "--backend onnx-int8 needs --calibration DATA_ROOT (training images to calibrate on)"
+            )
+        calibration = Calibration(
+            Path(a.calibration), a.calibration_split_name or split_name, a.calibration_images
+        )
+    return {"tta_hflip": a.tta_hflip, "fold_bn": not a.no_fold_bn, "calibration": calibration}
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from maskssd.deploy.export import export_model
 
+    if a.int8:
+        return _export_int8(a)
     r = export_model(a.model, a.format, a.out, tracking_uri=a.tracking_uri)
     out.print(
         f"wrote {r.path} ({r.fmt}, {r.megabytes:.2f} MB) from {r.source} in {r.seconds:.1f} s",
@@ -443,6 +471,28 @@ def cmd_export(a: argparse.Namespace) -> int:
     out.print(
         f"[{colour}]verification against PyTorch on a random batch of 2: max abs diff locs "
         f"{r.max_diff_locs:.2e}, scores {r.max_diff_scores:.2e} (tolerance {r.tolerance:.0e})[/]",
+        highlight=False,
+    )
+    return 0 if r.ok else 1
+
+
+def _export_int8(a: argparse.Namespace) -> int:
+    from maskssd.deploy.quantize import Calibration, export_int8
+
+    if a.format != "onnx" or not a.calibration:
+        raise MaskSSDError("--int8 needs --format onnx and --calibration DATA_ROOT (training images)")
+    cal = Calibration(Path(a.calibration), a.split_name, a.calibration_images)
+    r = export_int8(a.model, a.out, cal, tracking_uri=a.tracking_uri)
+    out.print(
+        f"wrote {r.path} (ONNX int8, {r.megabytes:.2f} MB) from {r.source} in {r.seconds:.1f} s, calibrated on "
+        f"{r.calibration_images} images of {a.calibration} {a.split_name}/train",
+        highlight=False,
+    )
+    colour = "green" if r.ok else "red"
+    out.print(
+        f"[{colour}]against the float model on {min(4, r.calibration_images)} calibration images: correlation "
+        f"locs {r.corr_locs:.4f}, scores {r.corr_scores:.4f} (minimum {r.min_corr}); max abs diff locs "
+        f"{r.max_diff_locs:.3f}, scores {r.max_diff_scores:.3f}[/]",
         highlight=False,
     )
     return 0 if r.ok else 1

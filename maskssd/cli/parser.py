@@ -24,6 +24,9 @@ from maskssd.ssd.decode_spec import DecodeSpec
 
 __all__ = ["build_parser"]
 
+#: ``--backend`` choices (maskssd.deploy.predictor.BACKENDS, named here so ``--help`` needs no torch).
+BACKENDS = ("torch", "onnx", "onnx-int8")
+
 EPILOG_MAIN = """\
 examples:
   maskssd data synth /tmp/synth --images 200          # a synthetic face-mask dataset (VOC layout)
@@ -235,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-overlap", type=float, default=DecodeSpec.max_overlap, help="NMS IoU")
     e.add_argument("--top-k", type=int, default=DecodeSpec.top_k, help="detections kept per image")
     e.add_argument("--class-agnostic", action="store_true", help="NMS across classes (one class per face)")
+    e.add_argument("--backend", choices=BACKENDS, default="torch")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--workers", type=int, default=0)
     e.add_argument("--device", default="cpu")
@@ -290,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="video: vote each face's class over the last FRAMES frames (0 = off)",
     )
     de.add_argument("--max-frames", type=int, default=0, help="video/camera: stop after N frames (0 = all)")
-    de.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    de.add_argument("--backend", choices=BACKENDS, default="torch")
     de.add_argument("--device", default="cpu")
     de.add_argument("--show", action="store_true", help="show frames in a window (needs a display)")
     de.set_defaults(func=cmd_detect)
@@ -412,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch", type=int, default=8)
     sv.add_argument("--max-wait-ms", type=float, default=10.0)
     sv.add_argument("--no-batching", action="store_true")
-    sv.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    sv.add_argument("--backend", choices=BACKENDS, default="torch")
     sv.add_argument(
         "--montage", metavar="FILE.jpg", help="keep a montage of the latest frame of every camera here"
     )
@@ -446,16 +450,33 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="export a model to ONNX or TorchScript",
         formatter_class=_formatter,
-        epilog="example:\n  maskssd export --model runs:/RUN_ID/model --format onnx --out model.onnx",
+        epilog="examples:\n  maskssd export --model runs:/RUN_ID/model --format onnx --out model.onnx\n"
+        "  maskssd export --model model.pt --format onnx --int8 --calibration ../shared/data/face-mask-detection \\\n"
+        "      --out model.int8.onnx",
     )
     _model_arg(ex)
     ex.add_argument("--format", choices=("onnx", "torchscript"), required=True)
     ex.add_argument("--out", required=True)
+    ex.add_argument(
+        "--int8",
+        action="store_true",
+        help="ONNX Runtime int8: static quantisation calibrated on --calibration's training images",
+    )
+    ex.add_argument(
+        "--calibration", metavar="DATA_ROOT", help="dataset whose training images calibrate --int8"
+    )
+    ex.add_argument(
+        "--split-name",
+        default="paper",
+        help="split list of --calibration under ROOT/splits/ (default: paper)",
+    )
+    ex.add_argument("--calibration-images", type=int, default=100, metavar="N", help="default: 100")
     ex.set_defaults(func=cmd_export)
 
     mo = sub.add_parser("models", help="list the model names a config may use")
     mo.set_defaults(func=cmd_models)
     _threads_arg(t, e, de, st, sv, ex)
+    _inference_args(e, de, sv)
     return p
 
 
@@ -471,6 +492,32 @@ def _seed_list(text: str) -> list[int]:
     if not seeds or len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"give distinct seeds: {text!r}")
     return seeds
+
+
+def _inference_args(*parsers: argparse.ArgumentParser) -> None:
+    """Options of the predictor: test-time augmentation, BatchNorm folding, the int8 backend's calibration."""
+    for p in parsers:
+        p.add_argument(
+            "--tta-hflip",
+            action="store_true",
+            help="also run the model on the mirrored image and merge both before NMS (about 2x the model time)",
+        )
+        p.add_argument(
+            "--no-fold-bn",
+            action="store_true",
+            help="keep BatchNorm layers (by default they are folded into the convolutions: same outputs, faster)",
+        )
+        p.add_argument(
+            "--calibration",
+            metavar="DATA_ROOT",
+            help="--backend onnx-int8: dataset whose training images calibrate the quantisation",
+        )
+        p.add_argument(
+            "--calibration-split-name",
+            metavar="NAME",
+            help="split list of --calibration (default: --split-name where there is one, else paper)",
+        )
+        p.add_argument("--calibration-images", type=int, default=100, metavar="N", help="default: 100")
 
 
 def _threads_arg(*parsers: argparse.ArgumentParser) -> None:

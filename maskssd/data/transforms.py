@@ -93,7 +93,13 @@ def eval_transform(size: int | tuple[int, int]) -> v2.Compose:
 
 
 def preprocess_images(images: list[torch.Tensor], size: int | tuple[int, int]) -> torch.Tensor:
-    """Inference: uint8 (3, H, W) images -> a float batch (N, 3, h, w) in [0, 1], as :func:`eval_transform`."""
+    """Inference: uint8 (3, H, W) images -> a float batch (N, 3, h, w) in [0, 1], as :func:`eval_transform`.
+
+    The batch keeps the resized images' memory layout: channels_last for views of ``(H, W, 3)`` arrays (camera
+    frames), which is what the CPU model runs on, so no further copy is needed."""
     hw = (size, size) if isinstance(size, int) else tuple(size)
-    out = [v2.functional.resize(img, list(hw), antialias=True) for img in images]
-    return torch.stack(out).float().div_(255.0)
+    out = [v2.functional.resize(img, list(hw), antialias=True)[None] for img in images]
+    nhwc = out[0].is_contiguous(memory_format=torch.channels_last) and out[0].shape[1] > 1
+    batch = out[0] if len(out) == 1 else torch.cat(out)
+    layout = torch.channels_last if nhwc else torch.contiguous_format
+    return batch.to(torch.float32, memory_format=layout, copy=True).div_(255.0)

@@ -1,4 +1,5 @@
-"""Deployment: the predictor on raw images (PyTorch or ONNX Runtime), ONNX/TorchScript export, detection
+"""Deployment: the predictor on raw images (PyTorch or ONNX Runtime, float or int8), inference rewrites
+(BatchNorm folding), ONNX/TorchScript export and int8 quantisation, detection
 on files, videos and cameras, the HTTP service, and the MLflow pyfunc model.
 
 Names resolve lazily (:mod:`maskssd._lazy`): importing one loads only its module."""
@@ -9,7 +10,10 @@ from maskssd._lazy import lazy_exports
 
 _EXPORTS = {
     "Timing": "predictor",
+    "BACKENDS": "predictor",
+    "to_chw": "predictor",
     "Predictor": "predictor",
+    "PredictorModule": "predictor",
     "resolve_checkpoint": "predictor",
     "load_predictor": "predictor",
     "INPUT_NAME": "export",
@@ -26,6 +30,22 @@ _EXPORTS = {
     "verify_export": "export",
     "ExportReport": "export",
     "export_model": "export",
+    "batchnorm_count": "optimize",
+    "fold_batchnorm": "optimize",
+    "static_same_padding": "optimize",
+    "optimize_for_inference": "optimize",
+    "QUANT_VERSION": "quantize",
+    "Calibration": "quantize",
+    "ImageCalibrationReader": "quantize",
+    "Int8Report": "quantize",
+    "calibration_files": "quantize",
+    "calibration_key": "quantize",
+    "export_int8": "quantize",
+    "head_nodes": "quantize",
+    "shape_nodes": "quantize",
+    "int8_cache_path": "quantize",
+    "int8_session_for": "quantize",
+    "quantize_onnx": "quantize",
     "VIDEO_EXTENSIONS": "detect",
     "DetectSummary": "detect",
     "detect_source": "detect",

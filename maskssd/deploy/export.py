@@ -26,10 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from maskssd.deploy.optimize import optimize_for_inference
+
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("locs", "scores")
 #: Bumped when the exported graph changes, so cached ``<checkpoint>.onnx`` files are rebuilt.
-EXPORT_VERSION = "1"
+EXPORT_VERSION = "2"  # 2: exported after maskssd.deploy.optimize (BatchNorm folded, static "same" padding)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -305,15 +307,18 @@ def export_model(
     model, _ = load_detector(ckpt, "cpu")
     out = Path(out)
     t0 = time.perf_counter()
+    # BatchNorm folded into ONNX (the exporter folds it anyway; TorchScript stays exact to 1e-5), static
+    # "same" padding in both; verified below against the model as loaded
+    optimized = optimize_for_inference(model, fold_bn=fmt == "onnx")
     if fmt == "onnx":
         meta = {
             "maskssd.class_names": json.dumps(list(ckpt.get("class_names", []))),
             "maskssd.decode": json.dumps(ckpt.get("decode", {})),
             "maskssd.source": str(model_ref),
         }
-        export_onnx(model, out, metadata=meta)
+        export_onnx(optimized, out, metadata=meta)
     else:
-        export_torchscript(model, out)
+        export_torchscript(optimized, out)
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         locs, scores = model(_dummy_input(model))

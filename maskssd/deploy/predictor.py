@@ -15,8 +15,14 @@ import numpy as np
 import torch
 
 from maskssd.data.transforms import preprocess_images
+from maskssd.deploy.optimize import optimize_for_inference
 from maskssd.errors import MaskSSDError
 from maskssd.ssd.postprocess import DecodeSpec, Detections, postprocess
+from maskssd.ssd.priors import PriorSpec
+from maskssd.ssd.tta import hflip_forward, mirror_permutation, tta_priors
+
+#: ``backend`` values of :meth:`Predictor.from_checkpoint` (and the CLI's ``--backend``).
+BACKENDS = ("torch", "onnx", "onnx-int8")
 
 
 @dataclass
@@ -32,9 +38,22 @@ class Timing:
         return self.preprocess + self.model + self.postprocess
 
 
+def to_chw(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A uint8 ``(H, W, 3)`` array (RGB) as a ``(3, H, W)`` tensor view (no copy unless it is read-only); a
+    ``(3, H, W)`` tensor as it is."""
+    if isinstance(image, np.ndarray):
+        return torch.from_numpy(np.array(image, copy=not image.flags.writeable, order="C")).permute(2, 0, 1)
+    return image
+
+
 @dataclass
 class Predictor:
-    """A detector ready for raw images. ``backend`` is ``"torch"`` or an ONNX Runtime session."""
+    """A detector ready for raw images: a PyTorch ``model``, or an ONNX Runtime session (float or int8) with
+    ``model`` None.
+
+    ``tta_hflip`` also runs the model on the mirrored images and merges both predictions before NMS
+    (:mod:`maskssd.ssd.tta`; needs the model's ``prior_spec``, taken from ``model`` when not given).
+    """
 
     model: torch.nn.Module | None
     class_names: tuple[str, ...]
@@ -45,10 +64,27 @@ class Predictor:
     onnx_session: Any = None
     channels_last: bool = False  # run the PyTorch model in NHWC memory format (the model is converted here)
     last_timing: Timing = field(default_factory=Timing)
+    tta_hflip: bool = False
+    prior_spec: PriorSpec | None = None
+    onnx_backend: str = "onnx"  # what ``backend`` says when an ONNX Runtime session runs the model
 
     def __post_init__(self) -> None:
         if self.channels_last and self.model is not None:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if self.prior_spec is None:
+            self.prior_spec = getattr(self.model, "prior_spec", None)
+        self._mirror: torch.Tensor | None = None
+
+    @property
+    def mirror_index(self) -> torch.Tensor:
+        """The mirror permutation of the priors (:func:`maskssd.ssd.tta.mirror_permutation`)."""
+        if self._mirror is None:
+            if self.prior_spec is None:
+                raise MaskSSDError("tta_hflip needs the model's prior layout (Predictor(prior_spec=...))")
+            self._mirror = mirror_permutation(self.prior_spec).to(self.priors_cxcy.device)
+            if self._mirror.numel() != self.priors_cxcy.shape[0]:
+                raise MaskSSDError("prior_spec does not describe these priors: tta_hflip is impossible")
+        return self._mirror
 
     @classmethod
     def from_checkpoint(
@@ -58,13 +94,30 @@ class Predictor:
         decode: DecodeSpec | None = None,
         backend: str = "torch",
         channels_last: bool | None = None,
+        *,
+        tta_hflip: bool = False,
+        fold_bn: bool = True,
+        calibration: Any = None,
     ) -> Predictor:
-        """``channels_last``: run the PyTorch model in NHWC memory format; by default on CPU, where every
-        maskssd detector runs 1.15-1.3x faster so (``benchmarks/model_forward.py``)."""
+        """``backend``: ``"torch"``, ``"onnx"`` (ONNX Runtime, export cached next to the checkpoint) or
+        ``"onnx-int8"`` (statically quantised, calibrated on ``calibration``, a
+        :class:`maskssd.deploy.quantize.Calibration`; cached likewise).
+
+        ``channels_last``: run the PyTorch model in NHWC memory format; by default on CPU, where every
+        maskssd detector runs 1.15-1.3x faster so (``benchmarks/model_forward.py``). ``fold_bn``: fold every
+        BatchNorm into its convolution (:func:`maskssd.deploy.optimize.fold_batchnorm`; same outputs to ~1e-5,
+        about 1.3x faster eager on CPU); "same" padding is made static either way (exact). ``tta_hflip``: see
+        the class.
+        """
         from maskssd.training.checkpoint import load, load_detector
 
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        if backend == "onnx-int8" and calibration is None:
+            raise MaskSSDError("the onnx-int8 backend needs calibration images (--calibration DATA_ROOT)")
         ckpt = load(ckpt_path)
         model, _ = load_detector(ckpt, device)
+        model = optimize_for_inference(model, fold_bn=fold_bn, inplace=True)
         spec = decode or DecodeSpec(**ckpt.get("decode", {}))
         nhwc = torch.device(device).type == "cpu" if channels_last is None else channels_last
         pred = cls(
@@ -75,23 +128,28 @@ class Predictor:
             spec,
             torch.device(device),
             channels_last=nhwc and backend == "torch",
+            tta_hflip=tta_hflip,
+            prior_spec=model.prior_spec,
         )
         if backend == "onnx":
             from maskssd.deploy.export import onnx_session_for
 
             pred.onnx_session = onnx_session_for(ckpt_path, model)
-            pred.model = None
-        elif backend != "torch":
-            raise ValueError(f"backend must be 'torch' or 'onnx', not {backend!r}")
+        elif backend == "onnx-int8":
+            from maskssd.deploy.quantize import int8_session_for
+
+            pred.onnx_session = int8_session_for(ckpt_path, model, calibration)
+        if backend != "torch":
+            pred.model, pred.onnx_backend = None, backend
         return pred
 
     @property
     def backend(self) -> str:
-        return "onnx" if self.onnx_session is not None else "torch"
+        return self.onnx_backend if self.onnx_session is not None else "torch"
 
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.onnx_session is not None:
-            locs, scores = self.onnx_session.run(None, {"images": batch.cpu().numpy()})
+            locs, scores = self.onnx_session.run(None, {"images": batch.cpu().contiguous().numpy()})
             return torch.from_numpy(locs), torch.from_numpy(scores)
         batch = batch.to(self.device)
         if self.channels_last:
@@ -104,20 +162,18 @@ class Predictor:
     ) -> list[Detections]:
         """``images``: uint8 ``(H, W, 3)`` arrays (RGB) or ``(3, H, W)`` tensors; detections in their pixels."""
         t0 = time.perf_counter()
-        tensors = [
-            torch.from_numpy(np.array(im, copy=not im.flags.writeable, order="C")).permute(2, 0, 1)
-            if isinstance(im, np.ndarray)
-            else im
-            for im in images
-        ]
+        tensors = [to_chw(im) for im in images]
         sizes = torch.tensor([[t.shape[-1], t.shape[-2]] for t in tensors], dtype=torch.float32)
         batch = preprocess_images(tensors, self.input_size)
         t1 = time.perf_counter()
-        locs, scores = self.forward(batch)
+        priors = self.priors_cxcy
+        if self.tta_hflip:
+            _, (locs, scores) = hflip_forward(self.forward, batch, self.mirror_index)
+            priors = tta_priors(priors)
+        else:
+            locs, scores = self.forward(batch)
         t2 = time.perf_counter()
-        dets = postprocess(
-            locs, scores, self.priors_cxcy.to(locs.device), decode or self.decode, sizes.to(locs.device)
-        )
+        dets = postprocess(locs, scores, priors.to(locs.device), decode or self.decode, sizes.to(locs.device))
         dets = [Detections(d.boxes.cpu(), d.labels.cpu(), d.scores.cpu()) for d in dets]
         self.last_timing = Timing(t1 - t0, t2 - t1, time.perf_counter() - t2)
         return dets
@@ -128,7 +184,23 @@ class Predictor:
             "input_size": self.input_size,
             "backend": self.backend,
             "decode": asdict(self.decode),
+            "tta_hflip": self.tta_hflip,
         }
+
+
+class PredictorModule(torch.nn.Module):
+    """A predictor's model call (any backend) as a module with the detector interface that
+    :func:`maskssd.training.engine.evaluate` uses: ``forward``, ``priors_cxcy``, ``prior_spec``, ``input_size``."""
+
+    def __init__(self, predictor: Predictor):
+        super().__init__()
+        self.predictor = predictor
+        self.register_buffer("priors_cxcy", predictor.priors_cxcy, persistent=False)
+        self.prior_spec = predictor.prior_spec
+        self.input_size = predictor.input_size
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.predictor.forward(images)
 
 
 def resolve_checkpoint(
@@ -152,10 +224,22 @@ def load_predictor(
     tracking_uri: str | None = None,
     device: str = "cpu",
     backend: str = "torch",
+    *,
+    tta_hflip: bool = False,
+    fold_bn: bool = True,
+    calibration: Any = None,
     **decode_overrides: Any,
 ) -> Predictor:
-    """A :class:`Predictor` for any model reference; ``decode_overrides`` (None values ignored) adjust decoding."""
-    pred = Predictor.from_checkpoint(resolve_checkpoint(ref, tracking_uri), device=device, backend=backend)
+    """A :class:`Predictor` for any model reference (options as :meth:`Predictor.from_checkpoint`);
+    ``decode_overrides`` (None values ignored) adjust decoding."""
+    pred = Predictor.from_checkpoint(
+        resolve_checkpoint(ref, tracking_uri),
+        device=device,
+        backend=backend,
+        tta_hflip=tta_hflip,
+        fold_bn=fold_bn,
+        calibration=calibration,
+    )
     overrides = {k: v for k, v in decode_overrides.items() if v is not None}
     if overrides:
         pred.decode = replace(pred.decode, **overrides)

@@ -198,6 +198,7 @@ class EvalSection(_Section):
     bootstrap_ci: float = Field(0.95, gt=0, lt=1)  # interval level
     operating_threshold: float = Field(DISPLAY_THRESHOLD, gt=0, lt=1)  # recall / false boxes counted here
     worst_images: int = Field(8, ge=0)  # validation images with the most errors, drawn as artifacts
+    tta_hflip: bool = False  # also predict on the mirrored images, merged before NMS (maskssd.ssd.tta)
 
 
 class ExperimentConfig(_Section):

@@ -26,6 +26,7 @@ from maskssd.evaluation.detections_file import annotation_targets
 from maskssd.evaluation.metrics import DetectionEvaluator, EvalResult
 from maskssd.ssd.loss import MultiBoxLoss
 from maskssd.ssd.postprocess import DecodeSpec, postprocess
+from maskssd.ssd.tta import hflip_forward, mirror_permutation, tta_priors
 from maskssd.training import distributed
 from maskssd.training.checkpoint import atomic_save, rng_state
 from maskssd.training.config import ExperimentConfig, OptimSection, ScheduleSection
@@ -105,6 +106,7 @@ class TrainSpec:
     coco: bool = True
     progress: bool = True
     channels_last: bool = False
+    tta_hflip: bool = False
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, progress: bool = True) -> TrainSpec:
@@ -122,6 +124,7 @@ class TrainSpec:
             coco=cfg.eval.coco,
             progress=progress,
             channels_last=t.channels_last,
+            tta_hflip=cfg.eval.tta_hflip,
         )
 
 
@@ -152,8 +155,12 @@ def evaluate(
     prefix: str = "val",
     collect: list[tuple[str, Any]] | None = None,
     channels_last: bool = False,
+    tta_hflip: bool = False,
 ) -> tuple[dict[str, float], EvalResult | None]:
     """Loss (and its parts) on a split and, with ``compute_map``, every detection metric, in one pass.
+
+    ``tta_hflip``: detections from the images and their mirrors, merged before NMS (:mod:`maskssd.ssd.tta`);
+    the loss stays the plain images'.
 
     ``collect`` (a list) receives ``(image_id, Detections in original pixels)`` for every image. In a
     distributed run each rank evaluates its shard; losses are averaged and per-image results gathered, in
@@ -165,15 +172,17 @@ def evaluate(
     annotations = getattr(loader.dataset, "annotations", None)
     order = {a.image_id: i for i, a in enumerate(annotations)} if annotations is not None else {}
     priors = model.priors_cxcy
+    perm = mirror_permutation(model.prior_spec).to(priors.device) if tta_hflip else None
+    if perm is not None:
+        priors = tta_priors(priors)
     want_dets = compute_map or collect is not None
     with torch.no_grad():
         for batch in loader:
             batch = batch.to(device)
-            images = (
-                batch.images.contiguous(memory_format=torch.channels_last) if channels_last else batch.images
-            )
             with autocast(device, amp):
-                locs, scores = model(images)
+                (locs, scores), (det_locs, det_scores) = _eval_forward(
+                    model, batch.images, channels_last, perm
+                )
             if loss_fn is not None:
                 out = loss_fn(locs, scores, batch.boxes, batch.labels)
                 sums += torch.tensor(
@@ -181,7 +190,7 @@ def evaluate(
                 )
             if not want_dets:
                 continue
-            dets = postprocess(locs, scores, priors, decode or DecodeSpec(), batch.sizes)
+            dets = postprocess(det_locs, det_scores, priors, decode or DecodeSpec(), batch.sizes)
             for k, (image_id, d) in enumerate(zip(batch.image_ids, dets)):
                 w, h = batch.sizes[k].tolist()
                 if image_id in order:  # the annotation's pixel boxes: what a saved file re-scores against
@@ -215,6 +224,21 @@ def evaluate(
         result = evaluator.compute(coco=coco)
         metrics.update(result.as_metrics(prefix))
     return metrics, result
+
+
+def _eval_forward(
+    model: nn.Module, images: torch.Tensor, channels_last: bool, perm: torch.Tensor | None
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The predictions for the loss and those to decode: the same, or (with the mirror permutation ``perm``)
+    the latter merged with the mirrored images' predictions."""
+
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+
+    if perm is None:
+        out = forward(images)
+        return out, out
+    return hflip_forward(forward, images, perm)
 
 
 class Trainer:
@@ -387,6 +411,7 @@ class Trainer:
                         coco=spec.coco,
                         amp=spec.amp,
                         channels_last=spec.channels_last,
+                        tta_hflip=spec.tta_hflip,
                     )
                     metrics.update(val)
                     metrics["lr"] = lr

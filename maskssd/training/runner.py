@@ -390,6 +390,7 @@ def _finish(
         "coco": cfg.eval.coco,
         "amp": cfg.train.amp,
         "channels_last": cfg.train.channels_last,
+        "tta_hflip": cfg.eval.tta_hflip,
     }
     collected: dict[str, list[tuple[str, Any]]] = {"val": []}
     val_metrics, val_result = evaluate(parts.model, parts.trainer.val_loader, collect=collected["val"], **kw)
