@@ -20,8 +20,6 @@ from maskssd.ssd.decode_spec import DecodeSpec
 
 out = Console()
 err = Console(stderr=True)
-#: Detections drawn and reported by ``detect`` and ``serve`` (the decode threshold for AP is DecodeSpec.min_score).
-DISPLAY_THRESHOLD = 0.4
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -30,7 +28,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     from maskssd.tracking.experiment import run_experiment
     from maskssd.training.config import load_config
 
-    cfg = load_config(a.config, a.set or [])
+    cfg = load_config(
+        a.config, [*(a.set or []), *(["train.system_metrics=true"] if a.system_metrics else [])]
+    )
     if a.nproc and a.nproc > 1:
         from maskssd.training.distributed import launch
 
@@ -52,7 +52,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         return 130
     if r.evaluation is not None and int(os.environ.get("RANK", "0")) == 0:
         out.print(ap_table(r.evaluation))
-    out.print(f"[green]run {r.run_id} finished[/]; model: runs:/{r.run_id}/model")
+    model = f"model: {r.model_uri} (also runs:/{r.run_id}/model)" if r.model_uri else "no model logged"
+    out.print(f"[green]run {r.run_id} finished[/]; {model}", highlight=False)
     return 0
 
 
@@ -75,14 +76,16 @@ def ap_table(ev: Any) -> Table:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     import torch
 
+    from maskssd.cli import evaluate_more
     from maskssd.data import DataReport, FaceMaskDataset, load_split
     from maskssd.data.transforms import eval_transform
-    from maskssd.deploy.predictor import load_predictor
-    from maskssd.evaluation.detections_file import write_detections
+    from maskssd.deploy.predictor import load_predictor, resolve_checkpoint
     from maskssd.training.engine import evaluate
     from maskssd.training.runner import build_loader
 
-    pred = load_predictor(a.model, a.tracking_uri, a.device)
+    evaluate_more.check_args(a)
+    ckpt_path = resolve_checkpoint(a.model, a.tracking_uri)
+    pred = load_predictor(ckpt_path, device=a.device)
     decode = DecodeSpec(
         min_score=a.min_score, max_overlap=a.max_overlap, top_k=a.top_k, class_agnostic=a.class_agnostic
     )
@@ -99,6 +102,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         collect=collected,
     )
     assert result is not None
+    extra = evaluate_more.fit_thresholds(a, ckpt_path, pred, collected, anns) if a.fit_thresholds else {}
+    if a.json:
+        saved = _save_detections(a, pred, decode, collected, anns, result) if a.save_detections else None
+        evaluate_more.print_json(a, pred, result, len(ds), {"thresholds": extra, "detections_file": saved})
+        return 0
     t = Table(title=f"{a.model} on {a.data} {a.split_name}/{a.split} ({len(ds)} images)")
     for col in ("class", "AP (VOC07)", "AP (all-point)", "AP (COCO .5:.95)", "objects"):
         t.add_column(col, justify="right" if col != "class" else "left")
@@ -120,24 +128,33 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     out.print(t)
     out.print(f"COCO AP50: {100 * result.ap50_coco:.1f}")
     if a.save_detections:
-        settings = {
-            "min_score": decode.min_score,
-            "max_overlap": decode.max_overlap,
-            "top_k": decode.top_k,
-            "class_agnostic": decode.class_agnostic,
-            "model": str(a.model),
-            "split": a.split,
-        }
-        path = write_detections(
-            a.save_detections,
-            pred.class_names,
-            collected,
-            {x.image_id: (x.width, x.height) for x in anns},
-            result,
-            settings,
-        )
+        path = _save_detections(a, pred, decode, collected, anns, result)
         out.print(f"detections written to {path}")
     return 0
+
+
+def _save_detections(
+    a: argparse.Namespace, pred: Any, decode: DecodeSpec, collected: list, anns: list, result: Any
+) -> str:
+    from maskssd.evaluation.detections_file import write_detections
+
+    settings = {
+        "min_score": decode.min_score,
+        "max_overlap": decode.max_overlap,
+        "top_k": decode.top_k,
+        "class_agnostic": decode.class_agnostic,
+        "model": str(a.model),
+        "split": a.split,
+    }
+    path = write_detections(
+        a.save_detections,
+        pred.class_names,
+        collected,
+        {x.image_id: (x.width, x.height) for x in anns},
+        result,
+        settings,
+    )
+    return str(path)
 
 
 def cmd_detect(a: argparse.Namespace) -> int:
@@ -185,8 +202,13 @@ def cmd_runs(a: argparse.Namespace) -> int:
     if not runs:
         out.print("no runs")
         return 0
-    classes = sorted(
-        {k.removeprefix("best_val_ap_") for r in runs for k in r.data.metrics if k.startswith("best_val_ap_")}
+    classes = sorted(  # final per-class AP: val_ap_* (older runs: best_val_ap_*)
+        {
+            k.removeprefix("best_").removeprefix("val_ap_")
+            for r in runs
+            for k in r.data.metrics
+            if k.startswith(("val_ap_", "best_val_ap_"))
+        }
     )
     rows = []
     for r in runs:
@@ -201,9 +223,9 @@ def cmd_runs(a: argparse.Namespace) -> int:
                 "alpha": p.get("loss.alpha", ""),
                 "neg/pos": p.get("loss.neg_pos_ratio", ""),
                 "epochs": p.get("train.epochs", ""),
-                "val_map": m.get("best_val_map", m.get("val_map")),
+                "val_map": m.get("best_val_map", m.get("val_map", m.get("val/map"))),  # final, else latest
                 "test_map": m.get("test_map"),
-                **{f"AP {c}": m.get(f"best_val_ap_{c}") for c in classes},
+                **{f"AP {c}": m.get(f"best_val_ap_{c}", m.get(f"val_ap_{c}")) for c in classes},
             }
         )
     key = a.sort
@@ -287,9 +309,9 @@ def cmd_promote(a: argparse.Namespace) -> int:
         from maskssd.tracking.studies import best_trial_run
 
         run_id, extra = best_trial_run(a.study, a.storage, a.tracking_uri)
-        metric = a.metric or "best_val_map"
+        metric = a.metric or "val_map"
     elif a.run:
-        run_id, extra, metric = a.run, {}, a.metric or "best_val_map"
+        run_id, extra, metric = a.run, {}, a.metric or "val_map"
     else:
         if not (a.experiment and a.metric):
             raise MaskSSDError("say which run: --study NAME, --run RUN_ID, or --experiment NAME --metric M")

@@ -16,6 +16,7 @@ import torch
 
 from maskssd.data.transforms import preprocess_images
 from maskssd.errors import MaskSSDError
+from maskssd.ssd.decode_spec import DISPLAY_THRESHOLD
 from maskssd.ssd.postprocess import DecodeSpec, Detections, postprocess
 
 
@@ -45,6 +46,8 @@ class Predictor:
     onnx_session: Any = None
     channels_last: bool = False  # run the PyTorch model in NHWC memory format (the model is converted here)
     last_timing: Timing = field(default_factory=Timing)
+    #: per-class operating thresholds fitted on validation (``maskssd evaluate --fit-thresholds``; every run)
+    thresholds: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.channels_last and self.model is not None:
@@ -75,6 +78,7 @@ class Predictor:
             spec,
             torch.device(device),
             channels_last=nhwc and backend == "torch",
+            thresholds={str(k): float(v) for k, v in (ckpt.get("thresholds") or {}).items()},
         )
         if backend == "onnx":
             from maskssd.deploy.export import onnx_session_for
@@ -122,12 +126,34 @@ class Predictor:
         self.last_timing = Timing(t1 - t0, t2 - t1, time.perf_counter() - t2)
         return dets
 
+    def display_threshold(self, score_threshold: float | None = None) -> float | torch.Tensor:
+        """What is shown: ``score_threshold`` when given, else the model's per-class thresholds as a tensor
+        ``(C-1,)`` (``DISPLAY_THRESHOLD`` for a class without one), else ``DISPLAY_THRESHOLD``; for
+        :meth:`Detections.above`."""
+        if score_threshold is not None:
+            return float(score_threshold)
+        if not self.thresholds:
+            return DISPLAY_THRESHOLD
+        return torch.tensor([self.thresholds.get(c, DISPLAY_THRESHOLD) for c in self.class_names])
+
+    def threshold_doc(self, score_threshold: float | None = None) -> float | dict[str, float]:
+        """:meth:`display_threshold` for JSON: one number, or ``{class: threshold}``."""
+        t = self.display_threshold(score_threshold)
+        if isinstance(t, float):
+            return t
+        return {c: float(self.thresholds.get(c, DISPLAY_THRESHOLD)) for c in self.class_names}
+
+    def shown(self, dets: Detections, score_threshold: float | None = None) -> Detections:
+        """The detections a user sees (see :meth:`display_threshold`)."""
+        return dets.above(self.display_threshold(score_threshold))
+
     def describe(self) -> dict[str, Any]:
         return {
             "classes": list(self.class_names),
             "input_size": self.input_size,
             "backend": self.backend,
             "decode": asdict(self.decode),
+            "thresholds": dict(self.thresholds),
         }
 
 

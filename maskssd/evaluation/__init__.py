@@ -24,6 +24,10 @@ _EXPORTS = {
     "draw_detections": "drawing",
     "montage": "drawing",
     "write_detections": "detections_file",
+    "ThresholdFit": "thresholds",
+    "fit_f1_thresholds": "thresholds",
+    "fit_on_annotations": "thresholds",
+    "thresholds_of": "thresholds",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS, globals())

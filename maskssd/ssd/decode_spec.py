@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DecodeSpec"]
+__all__ = ["DISPLAY_THRESHOLD", "DecodeSpec"]
+
+#: The score above which ``detect``, ``serve`` and the pyfunc show a detection when neither the request nor the
+#: model (per-class thresholds fitted on validation) says otherwise; AP is computed from ``min_score`` up.
+DISPLAY_THRESHOLD = 0.4
 
 
 @dataclass(frozen=True)
