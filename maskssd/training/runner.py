@@ -42,7 +42,7 @@ from maskssd.training import distributed
 from maskssd.training.checkpoint import atomic_save, load
 from maskssd.training.config import ExperimentConfig
 from maskssd.training.engine import Trainer, TrainSpec, build_optimizer, build_scheduler, evaluate
-from maskssd.training.tracker import Tracker
+from maskssd.training.tracker import DatasetInfo, SplitMetrics, Tracker
 
 __all__ = [
     "EvalHook",
@@ -53,6 +53,7 @@ __all__ = [
     "build_loader",
     "build_loss",
     "checkpoint_root",
+    "dataset_infos",
     "deploy_checkpoint",
     "resolve_data_root",
     "sigterm_as_interrupt",
@@ -78,7 +79,8 @@ class RunResult:
 
 @dataclass
 class FinalEvaluation:
-    """The selected checkpoint's evaluation: what the CLI prints and what is logged as ``best_*`` / ``test_*``."""
+    """The selected checkpoint's evaluation: what the CLI prints and what is logged as ``val_*`` / ``test_*``
+    (with the model and its datasets; the per-epoch curves are ``val/*``)."""
 
     class_names: tuple[str, ...]
     val: EvalResult
@@ -185,9 +187,12 @@ def build_loss(
     )
 
 
-def deploy_checkpoint(ckpt: Mapping[str, Any], cfg: ExperimentConfig) -> dict[str, Any]:
-    """The part of a training checkpoint a deployed model needs: weights, how to rebuild, classes, decoding."""
-    return {
+def deploy_checkpoint(
+    ckpt: Mapping[str, Any], cfg: ExperimentConfig, thresholds: Mapping[str, float] | None = None
+) -> dict[str, Any]:
+    """The part of a training checkpoint a deployed model needs: weights, how to rebuild, classes, decoding,
+    and the per-class operating thresholds (fitted on validation) where known."""
+    out = {
         "format": 1,
         "model": ckpt["model"],
         "build_args": ckpt["build_args"],
@@ -195,6 +200,28 @@ def deploy_checkpoint(ckpt: Mapping[str, Any], cfg: ExperimentConfig) -> dict[st
         "decode": asdict(DecodeSpec.from_config(cfg.eval)),
         "epoch": ckpt["epoch"],
         "config": cfg.model_dump(mode="json"),
+    }
+    if thresholds:
+        out["thresholds"] = {str(k): float(v) for k, v in thresholds.items()}
+    return out
+
+
+def dataset_infos(
+    cfg: ExperimentConfig, root: Path, datasets: Mapping[str, FaceMaskDataset]
+) -> dict[str, DatasetInfo]:
+    """Each split a run uses, as lineage: named ``ROOT_NAME/SPLIT_NAME/SPLIT``, its digest the split hash, its
+    source the data root, its profile the images and boxes per class."""
+    root = root.resolve()
+    digest = split_digest(root, cfg.data.split_name)
+    return {
+        split: DatasetInfo(
+            name=f"{root.name}/{cfg.data.split_name}/{split}",
+            digest=digest,
+            source=str(root),
+            split=split,
+            profile={"images": len(ds), "boxes": dict(ds.class_box_counts())},
+        )
+        for split, ds in datasets.items()
     }
 
 
@@ -331,6 +358,7 @@ def _log_start(cfg: ExperimentConfig, parts: _Parts, tracker: Tracker, world: in
             "model": cfg.model.name,
         }
     )
+    tracker.log_datasets(list(dataset_infos(cfg, parts.root, parts.datasets).values()))
     tracker.log_text(cfg.to_toml(), "config.toml")
     tracker.log_dict(cfg.model_dump(mode="json"), "config.json")
     r = parts.report
@@ -372,14 +400,14 @@ def _finish(
     info: distributed.DistInfo,
     device: torch.device,
 ) -> RunResult:
-    """Evaluate the selected checkpoint on val and, once, on the final split; log plots and the model."""
+    """Evaluate the selected checkpoint on val and, once, on the final split; log plots, the operating
+    thresholds (fitted on val), the model and, linked to it and to their datasets, the final metrics."""
     ckpt = None
     if info.is_main:
         best_path = ckpt_dir / "best.pt"
         ckpt = load(best_path if best_path.is_file() else ckpt_dir / "last.pt")
     ckpt = distributed.broadcast_object(ckpt)
     parts.model.load_state_dict(ckpt["model"])
-    final: dict[str, float] = {"best_epoch": float(ckpt["epoch"])}
     kw = {
         "class_names": cfg.class_names,
         "device": device,
@@ -389,8 +417,9 @@ def _finish(
         "amp": cfg.train.amp,
         "channels_last": cfg.train.channels_last,
     }
-    val_metrics, val_result = evaluate(parts.model, parts.trainer.val_loader, **kw)
-    final.update({f"best_{k}": v for k, v in val_metrics.items()})
+    collected: list[tuple[str, Any]] = []
+    val_metrics, val_result = evaluate(parts.model, parts.trainer.val_loader, collect=collected, **kw)
+    test_metrics: dict[str, float] = {}
     test_result = None
     if cfg.data.final_split == "test":  # the only touch of the test split: the selected checkpoint, once
         loader = build_loader(
@@ -402,24 +431,53 @@ def _finish(
             world=info.world,
         )
         test_metrics, test_result = evaluate(parts.model, loader, prefix="test", **kw)
-        final.update(test_metrics)
     assert val_result is not None
     evaluation = FinalEvaluation(cfg.class_names, val_result, test_result, cfg.data.final_split)
+    final = {"best_epoch": float(ckpt["epoch"]), **val_metrics, **test_metrics}
     model_uri = None
     if info.is_main:
-        tracker.log_metrics(final, step=int(ckpt["epoch"]))
-        tracker.set_tags(
-            {
-                "best_checkpoint": "best.pt" if (ckpt_dir / "best.pt").is_file() else "last.pt",
-                "best_epoch": str(ckpt["epoch"]),
-            }
-        )
         _log_plots(tracker, parts, evaluation, cfg, ckpt_dir)
-        if log_model:
-            deploy = atomic_save(deploy_checkpoint(ckpt, cfg), ckpt_dir / "model.pt")
-            model_uri = tracker.log_model(deploy, {"config_hash": cfg.digest(), "run_id": tracker.run_id})
+        model_uri = _log_final(
+            cfg, parts, tracker, ckpt, ckpt_dir, (val_metrics, test_metrics), collected, log_model
+        )
     distributed.barrier()
     return RunResult(tracker.run_id, "FINISHED", final, int(ckpt["epoch"]), model_uri, evaluation=evaluation)
+
+
+def _log_final(
+    cfg: ExperimentConfig,
+    parts: _Parts,
+    tracker: Tracker,
+    ckpt: Mapping[str, Any],
+    ckpt_dir: Path,
+    metrics: tuple[dict[str, float], dict[str, float]],
+    collected: list[tuple[str, Any]],
+    log_model: bool,
+) -> str | None:
+    """The selected checkpoint's record: best epoch, thresholds, and the model with its val/test metrics."""
+    from maskssd.evaluation.thresholds import fit_on_annotations, thresholds_of
+
+    epoch = int(ckpt["epoch"])
+    tracker.log_metrics({"best_epoch": float(epoch)}, step=epoch)
+    tracker.set_tags(
+        {
+            "best_checkpoint": "best.pt" if (ckpt_dir / "best.pt").is_file() else "last.pt",
+            "best_epoch": str(epoch),
+        }
+    )
+    fits = fit_on_annotations(collected, parts.datasets["val"].annotations, cfg.class_names)
+    tracker.log_dict({c: asdict(f) for c, f in fits.items()}, "thresholds.json")
+    datasets = dataset_infos(cfg, parts.root, parts.datasets)
+    val_metrics, test_metrics = metrics
+    evaluations = [SplitMetrics(datasets.get("val"), val_metrics)]
+    if test_metrics:
+        evaluations.append(SplitMetrics(datasets.get("test"), test_metrics))
+    if not log_model:
+        tracker.log_metrics({**val_metrics, **test_metrics}, step=epoch)
+        return None
+    deploy = atomic_save(deploy_checkpoint(ckpt, cfg, thresholds_of(fits)), ckpt_dir / "model.pt")
+    tags = {"config_hash": cfg.digest(), "run_id": tracker.run_id}
+    return tracker.log_model(deploy, tags, evaluations=evaluations, step=epoch)
 
 
 def _log_plots(
