@@ -297,12 +297,27 @@ def log_model(
     )  # the fluent context closed it; the caller finishes it
     # validating the input example loaded the model, which made it MLflow's "active model": every metric
     # logged later in this process (system metrics, the next trial's) would be linked to it
-    if active_before is None:
-        mlflow.clear_active_model()
-    else:
-        mlflow.set_active_model(model_id=active_before)
+    with _quiet("mlflow.tracking.fluent"):  # MLflow says so at INFO: noise at the end of every run
+        if active_before is None:
+            mlflow.clear_active_model()
+        else:
+            mlflow.set_active_model(model_id=active_before)
     log_model_metrics(run.client, run.run_id, info.model_id, evaluations, step)
     return info.model_uri
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Only warnings and errors from ``logger`` while inside."""
+    import logging
+
+    lg = logging.getLogger(logger)
+    level = lg.level
+    lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
 
 
 def log_model_metrics(
