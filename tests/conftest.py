@@ -369,7 +369,9 @@ def postgres_db(postgres_server: str, request: pytest.FixtureRequest) -> str:
     import re
     import uuid
 
-    import psycopg
+    psycopg = pytest.importorskip(
+        "psycopg", reason='PostgreSQL is the [postgres] extra: pip install "maskssd[postgres]"'
+    )
 
     name = "t_" + re.sub(r"\W", "_", request.node.name.lower())[:40] + "_" + uuid.uuid4().hex[:6]
     with psycopg.connect(postgres_server, autocommit=True) as conn:
@@ -385,7 +387,9 @@ def mlflow_server(tmp_path: Path, postgres_db: str):
     import sys
     import time
 
-    import httpx
+    httpx = pytest.importorskip(
+        "httpx", reason='the HTTP client is the [serve] extra: pip install "maskssd[serve]"'
+    )
 
     port = _free_port()
     log = (tmp_path / "mlflow-server.log").open("w")

@@ -64,8 +64,8 @@ def test_ap_and_recall_by_size_on_a_hand_made_image():
     (row,) = r.images
     assert row["missed_objects"] == [0, 2] and row["false_detections"] == [2, 3]
     assert r.confusion.tolist() == [[0, 2, 0, 0], [2, 2, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
-    m = r.as_metrics("best_val")
-    assert m["best_val_recall_op"] == 0.5 and m["best_val_map_size_lt16"] == 0.0
+    m = r.as_metrics("val")
+    assert m["val_recall_op"] == 0.5 and m["val_map_size_lt16"] == 0.0
     assert "best_val_recall_op_without_mask" not in m  # nan left out
     doc = r.to_dict()
     assert doc["worst_images"][0]["id"] == "img" and doc["size_buckets"][0]["max"] == 16.0

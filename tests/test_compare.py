@@ -55,8 +55,8 @@ def test_run_logs_intervals_detections_and_error_analysis(two_runs):
     tmp, uri, cfg, (a, _), _results = two_runs
     c = tracking.client(uri)
     m = c.get_run(a).data.metrics
-    assert m["best_val_map"] > 0 and m["best_val_map_ci_high"] > m["best_val_map_ci_low"]
-    for split in ("best_val", "test"):
+    assert m["val_map"] > 0 and m["val_map_ci_high"] > m["val_map_ci_low"]
+    for split in ("val", "test"):
         assert m[f"{split}_map_ci_low"] <= m[f"{split}_map_ci_high"]
         for cls in cfg.class_names:
             if f"{split}_ap_{cls}_ci_low" in m:
@@ -72,7 +72,7 @@ def test_saved_detections_rescore_to_the_logged_numbers(two_runs, tmp_path):
     tmp, uri, cfg, (a, _), _results = two_runs
     c = tracking.client(uri)
     m = c.get_run(a).data.metrics
-    for split, prefix in (("val", "best_val"), ("test", "test")):
+    for split, prefix in (("val", "val"), ("test", "test")):
         doc = load_detections(
             tracking.runs.MlflowRun(c, a).download(f"detections/{split}.json", tmp_path / split)
         )
@@ -92,7 +92,7 @@ def test_compare_two_runs(two_runs, capsys):
     assert main(["compare", a, b, "--split", "val", "--n", "300", "--tracking-uri", uri]) == 0
     text = capsys.readouterr().out
     assert "P(A > B)" in text and "mAP" in text
-    assert f"{100 * (ma['best_val_map'] - mb['best_val_map']):+.1f} [" in text
+    assert f"{100 * (ma['val_map'] - mb['val_map']):+.1f} [" in text
     args = ["compare", a, b, "--split", "test", "--n", "300", "--seed", "2", "--json", "--tracking-uri", uri]
     assert main(args) == 0
     doc = json.loads(capsys.readouterr().out)
@@ -135,7 +135,7 @@ def test_runs_table_shows_intervals(two_runs, capsys, monkeypatch):
     m = tracking.client(uri).get_run(a).data.metrics
     assert main(["runs", "--experiment", "cmp", "--tracking-uri", uri]) == 0
     text = capsys.readouterr().out
-    cell = f"{100 * m['best_val_map']:.1f} [{100 * m['best_val_map_ci_low']:.1f}, {100 * m['best_val_map_ci_high']:.1f}]"
+    cell = f"{100 * m['val_map']:.1f} [{100 * m['val_map_ci_low']:.1f}, {100 * m['val_map_ci_high']:.1f}]"
     assert cell in text
 
 
@@ -158,9 +158,7 @@ def test_evaluate_prints_intervals_and_the_file_rescores_exactly(two_runs, tmp_p
     assert main([*args, "--bootstrap", "200", "--seed", "1", "--save-detections", str(out)]) == 0
     text = capsys.readouterr().out
     doc = load_detections(out)
-    assert doc["metrics"]["map"] == pytest.approx(
-        tracking.client(uri).get_run(a).data.metrics["best_val_map"]
-    )
+    assert doc["metrics"]["map"] == pytest.approx(tracking.client(uri).get_run(a).data.metrics["val_map"])
     assert doc["metrics"]["map"] > 0
     lo, hi = doc["bootstrap"]["map"][1:]
     assert lo < hi and f"{100 * doc['metrics']['map']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]" in text

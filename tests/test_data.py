@@ -505,7 +505,7 @@ def test_cli_stats_error_in_a_real_process_has_no_traceback(malformed_root: Path
 
 
 def test_cli_stats_on_the_real_paper_split(real_data: Path, capsys):
-    assert cli_main(["data", "stats", str(real_data), "--split", "paper"]) == 0
+    assert cli_main(["data", "stats", str(real_data), "--split-name", "paper"]) == 0
     text = capsys.readouterr().out
     for n in (3232, 717, 123, 4072, 853, 597, 128, 12):
         assert str(n) in text
@@ -535,7 +535,7 @@ def _read_split(root: Path, name: str) -> list[list[str]]:
 def test_cli_split_is_stratified_and_seeded(synth_root: Path, tmp_path: Path, capsys):
     root = tmp_path / "ds"
     shutil.copytree(synth_root, root)
-    assert cli_main(["data", "split", str(root), "--name", "s1", "--seed", "1"]) == 0
+    assert cli_main(["data", "split", str(root), "--split-name", "s1", "--seed", "1"]) == 0
     assert "s1" in capsys.readouterr().out
     parts = _read_split(root, "s1")
     all_ids = VOCLayout.detect(root).all_ids()
@@ -544,8 +544,8 @@ def test_cli_split_is_stratified_and_seeded(synth_root: Path, tmp_path: Path, ca
     for split in SPLITS:
         counts = class_counts(load_split(root, split, "s1"), DEFAULT_CLASSES)
         assert all(n > 0 for n in counts.values()), (split, counts)
-    assert cli_main(["data", "split", str(root), "--name", "s1again", "--seed", "1"]) == 0
-    assert cli_main(["data", "split", str(root), "--name", "s2", "--seed", "2"]) == 0
+    assert cli_main(["data", "split", str(root), "--split-name", "s1again", "--seed", "1"]) == 0
+    assert cli_main(["data", "split", str(root), "--split-name", "s2", "--seed", "2"]) == 0
     assert _read_split(root, "s1again") == parts
     assert _read_split(root, "s2") != parts
 
@@ -650,3 +650,26 @@ def test_loader_batches_do_not_depend_on_workers(synth_root: Path):
         assert isinstance(b0, Batch) and b0.image_ids == b2.image_ids
         assert torch.equal(b0.images, b2.images)
         assert all(torch.equal(x, y) for x, y in zip(b0.boxes, b2.boxes, strict=True))
+
+
+def test_split_lists_take_ids_with_spaces_and_the_classic_form(make_dataset, good_sample):
+    """``maxresdefault (1)`` (its annotation exists) is one id, whole; ``img1 1`` (no annotation of that name)
+    is the classic VOC ``id flag`` line: its first word."""
+    ids = ["maxresdefault", "maxresdefault (1)", "img1"]
+    root = make_dataset({i: good_sample(i) for i in ids})
+    lists = root / "splits" / "mixed"
+    lists.mkdir(parents=True)
+    (lists / "train.txt").write_text(
+        "maxresdefault (1)\n  maxresdefault  \n# a comment\n\nimg1 1\nimg1\t-1\n"
+    )
+    layout = VOCLayout.detect(root)
+    assert layout.read_split("mixed", "train") == ["maxresdefault (1)", "maxresdefault", "img1", "img1"]
+    anns = load_split(root, "train", "mixed")
+    assert [a.image_id for a in anns] == ["maxresdefault (1)", "maxresdefault", "img1", "img1"]
+    assert anns[0].image_path.name == "maxresdefault (1).png"
+
+
+def test_cli_stats_takes_split_name_and_split(synth_root: Path, capsys):
+    assert cli_main(["data", "stats", str(synth_root), "--split-name", "default", "--split", "val"]) == 0
+    printed = capsys.readouterr().out
+    assert "default/val" in printed and "default/train" not in printed

@@ -22,6 +22,14 @@ from maskssd.deploy.predictor import Predictor
 from maskssd.ssd.models import build_model
 
 CLASSES = ["with_mask", "without_mask", "mask_weared_incorrect"]
+ONNX_EXTRA = 'ONNX export and ONNX Runtime are the [onnx] extra: pip install "maskssd[onnx]"'
+
+
+def need_onnx() -> None:
+    for module in ("onnx", "onnxruntime"):
+        pytest.importorskip(module, reason=ONNX_EXTRA)
+
+
 MODELS = {
     "tiny": {"input_size": 128},
     "ssdlite_effnet_lite0": {"input_size": 192, "pretrained": False},
@@ -40,6 +48,7 @@ def _inputs(model: torch.nn.Module, batch: int) -> torch.Tensor:
 
 
 def test_onnx_matches_pytorch_with_dynamic_batch(model: torch.nn.Module, tmp_path: Path) -> None:
+    need_onnx()
     path = export_onnx(model, tmp_path / "m.onnx")
     sess = onnx_session(path)
     assert [i.name for i in sess.get_inputs()] == ["images"]
@@ -81,6 +90,7 @@ def test_cpu_predictor_runs_channels_last_with_the_same_detections(tiny_checkpoi
 
 
 def test_onnx_backend_gives_the_torch_backends_detections(tiny_checkpoint: Path) -> None:
+    need_onnx()
     cache = onnx_cache_path(tiny_checkpoint)
     cache.unlink(missing_ok=True)
     torch_pred = Predictor.from_checkpoint(tiny_checkpoint, backend="torch")
@@ -119,6 +129,8 @@ def test_export_cli(
 ) -> None:
     from maskssd.cli import main
 
+    if fmt == "onnx":
+        need_onnx()
     out = tmp_path / "exported" / f"model.{fmt}"
     assert main(["export", "--model", str(tiny_checkpoint), "--format", fmt, "--out", str(out)]) == 0
     assert out.is_file() and out.stat().st_size > 0
@@ -156,6 +168,7 @@ def test_neck_model_exports_to_onnx_and_verifies(tmp_path: Path) -> None:
     """A PAN neck with a stride-4 level (nearest resizes, depthwise stride-2 convs) exports at opset 17 and the
     export's outputs agree with PyTorch's (the verify path of ``maskssd export``), at a small odd size (maps 25,
     13, 7 at 100 px: resizes that are not exact doublings)."""
+    need_onnx()
     from maskssd.deploy.export import verify_export
 
     torch.manual_seed(0)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from tests.conftest import write_tiny_experiment as write_config
 
 pytestmark = pytest.mark.slow
 
-TIMING = {"epoch_seconds", "images_per_second"}
+TIMING = {"train/epoch_seconds", "train/images_per_second"}
 
 
 @pytest.fixture()
@@ -70,27 +71,27 @@ def test_run_records_everything(trained):
     assert (
         t["config_hash"] == cfg.digest() and t["data.split"] == "default" and len(t["data.split_hash"]) == 12
     )
-    for key in (
-        "train_loss",
-        "train_loss_conf",
-        "train_loss_loc",
-        "val_loss",
-        "val_loss_conf",
-        "val_loss_loc",
-        "lr",
-        "epoch_seconds",
-        "images_per_second",
-        "val_map",
-        "val_map_voc12",
-        "val_map_coco",
-        "val_ap50_coco",
-        "test_map",
-        "best_val_map",
+    for key in (  # per-epoch curves
+        "train/loss",
+        "train/loss_conf",
+        "train/loss_loc",
+        "val/loss",
+        "val/loss_conf",
+        "val/loss_loc",
+        "train/lr",
+        "train/epoch_seconds",
+        "train/images_per_second",
+        "val/map",
+        "val/map_voc12",
+        "val/map_coco",
+        "val/ap50_coco",
     ):
         assert key in m, key
+    for key in ("val_map", "val_map_coco", "test_map", "best_epoch"):  # the selected checkpoint's results
+        assert key in m, key
     for cls in cfg.class_names:
-        assert f"val_ap_{cls}" in m and f"test_ap_{cls}" in m
-    assert [s for s, _ in histories(c, result.run_id)["train_loss"]] == [1, 2]
+        assert f"val/ap_{cls}" in m and f"val_ap_{cls}" in m and f"test_ap_{cls}" in m
+    assert [s for s, _ in histories(c, result.run_id)["train/loss"]] == [1, 2]
     arts = {a.path for a in c.list_artifacts(result.run_id)}
     assert {"config.toml", "config.json", "checkpoints", "plots", "images"} <= arts
     ckpts = {a.path for a in c.list_artifacts(result.run_id, "checkpoints")}
@@ -158,7 +159,7 @@ def test_evaluate_save_detections(trained, capsys):
             assert 0 <= x1 <= x2 <= im["width"] and 0 <= y1 <= y2 <= im["height"]
             assert d["label"] in cfg.class_names and d["score"] > 0.01
     # the JSON's mAP is the run's val mAP of the same checkpoint
-    assert abs(doc["metrics"]["map"] - c.get_run(result.run_id).data.metrics["best_val_map"]) < 1e-6
+    assert abs(doc["metrics"]["map"] - c.get_run(result.run_id).data.metrics["val_map"]) < 1e-6
     assert "mean" in capsys.readouterr().out
 
 
@@ -316,3 +317,78 @@ def test_bad_config_is_one_clear_line(workdir, capsys):
     assert main(["train", str(p)]) == 2
     err = capsys.readouterr().err
     assert f"{p}:5 [optim.lr]" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ MLflow 3: the run as its UI shows it
+def test_run_page_opens_on_the_per_epoch_curves(trained):
+    """MLflow's run page groups metrics by the prefix before "/" and shows those sections before the
+    unprefixed "Model metrics": every curve is prefixed, every unprefixed metric is one final point."""
+    tmp, cfg, result, c = trained
+    run = c.get_run(result.run_id)
+    history = {k: c.get_metric_history(result.run_id, k) for k in run.data.metrics}
+    curves = {k for k, h in history.items() if len(h) > 1}
+    assert {"train/loss", "val/map", "val/loss", "train/lr"} <= curves
+    assert all("/" in k for k in curves), curves
+    final = {k for k in history if "/" not in k}
+    assert {"val_map", "test_map", "best_epoch"} <= final
+    assert all(len(history[k]) == 1 for k in final), {k: len(history[k]) for k in final}
+    best = int(run.data.metrics["best_epoch"])
+    curve_at_best = {m.step: m.value for m in history["val/map"]}[best]
+    assert history["val_map"][0].step == best
+    assert run.data.metrics["val_map"] == pytest.approx(curve_at_best, abs=1e-6)  # the same checkpoint
+    assert result.metrics["val_map"] == pytest.approx(run.data.metrics["val_map"])
+
+
+def test_run_records_its_datasets_and_context(trained):
+    from maskssd.data import load_split
+    from maskssd.tracking.lineage import git_info
+
+    tmp, cfg, result, c = trained
+    run = c.get_run(result.run_id)
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "val", "test"}
+    digest = run.data.tags["data.split_hash"]
+    for split, ds in inputs.items():
+        assert ds.digest == digest and ds.name == f"{Path(cfg.data.root).name}/default/{split}"
+        assert json.loads(ds.source)["uri"] == str(Path(cfg.data.root).resolve())
+        profile = json.loads(ds.profile)
+        anns = load_split(cfg.data.root, split, "default", cfg.class_names)
+        assert profile["images"] == len(anns)
+        assert sum(profile["boxes"].values()) == sum(len(a.labels) for a in anns)
+    found = c.search_runs([run.info.experiment_id], filter_string=f"dataset.digest = '{digest}'")
+    assert result.run_id in {r.info.run_id for r in found}
+    t = run.data.tags
+    assert t["mlflow.user"] and t["mlflow.source.type"] == "LOCAL" and t["mlflow.source.name"]
+    assert run.info.user_id == t["mlflow.user"]
+    code = git_info()
+    if code:  # a git checkout: the maskssd code's commit and branch, MLflow's tag names
+        assert t["mlflow.source.git.commit"] == code["mlflow.source.git.commit"]
+        assert t.get("mlflow.source.git.branch") == code.get("mlflow.source.git.branch")
+
+
+def test_logged_model_carries_the_final_metrics_and_thresholds(trained):
+    import mlflow
+
+    tmp, cfg, result, c = trained
+    assert result.model_uri.startswith("models:/m-")
+    model_id = result.model_uri.removeprefix("models:/")
+    model = c.get_logged_model(model_id)
+    assert model.source_run_id == result.run_id
+    linked = {(m.key, m.dataset_name) for m in model.metrics}
+    root = Path(cfg.data.root).name
+    expected = {(k, f"{root}/default/{k.split('_')[0]}") for k in result.metrics if k != "best_epoch"}
+    assert linked == expected  # val_* with the val dataset, test_* with test; nothing else (no system/*)
+    by_key = {m.key: m.value for m in model.metrics}
+    assert by_key["val_map"] == pytest.approx(result.metrics["val_map"])
+    ranked = c.search_logged_models(
+        experiment_ids=[model.experiment_id],
+        order_by=[{"field_name": "metrics.val_map", "ascending": False}],
+    )
+    assert model_id in [m.model_id for m in ranked]
+    deployed = load(tmp / "mlruns" / "checkpoints" / result.run_id / "model.pt")
+    path = mlflow.artifacts.download_artifacts(
+        run_id=result.run_id, artifact_path="thresholds.json", dst_path=str(tmp), tracking_uri=c.tracking_uri
+    )
+    fits = json.loads(Path(path).read_text())
+    assert deployed.get("thresholds", {}) == {k: v["threshold"] for k, v in fits.items()}
+    assert set(fits) <= set(cfg.class_names)

@@ -91,7 +91,7 @@ def test_ddp_two_processes_match_one(tmp_path, synth_root):
     assert set(runs) == {"one", "two"}  # rank 1 logged nothing of its own
     one, two = runs["one"].data, runs["two"].data
     assert two.params["distributed.world_size"] == "2" and two.params["data.batch_size"] == "4"
-    assert two.metrics["train_loss"] == pytest.approx(one.metrics["train_loss"], rel=DDP_LOSS_RTOL)
+    assert two.metrics["train/loss"] == pytest.approx(one.metrics["train/loss"], rel=DDP_LOSS_RTOL)
     # the DDP run's gathered evaluation equals a single-process evaluation of the same checkpoint
     out = tmp_path / "dets.json"
     ckpt = tmp_path / "mlruns" / "checkpoints" / runs["two"].info.run_id / "model.pt"
@@ -116,7 +116,7 @@ def test_ddp_two_processes_match_one(tmp_path, synth_root):
     import json
 
     single_map = json.loads(out.read_text())["metrics"]["map"]
-    assert single_map == pytest.approx(two.metrics["best_val_map"], abs=1e-9)
+    assert single_map == pytest.approx(two.metrics["val_map"], abs=1e-9)
     ckpts = list((tmp_path / "mlruns" / "checkpoints").glob("*/last.pt"))
     assert len(ckpts) == 2  # one per run: rank 1 wrote none
 
@@ -261,7 +261,7 @@ def test_ddp_run_resumes_after_sigterm(tmp_path, synth_root):
     c = tracking.client(uri)
     run = tracking.runs_table(c, "ddp-resume")[0]
     assert run.info.status in ("KILLED", "FAILED")  # stopped, whichever rank noticed first
-    epochs_before = len(c.get_metric_history(run.info.run_id, "train_loss"))
+    epochs_before = len(c.get_metric_history(run.info.run_id, "train/loss"))
     assert 1 <= epochs_before < 10
     resume = subprocess.run(
         cmd[:9] + ["--resume", run.info.run_id, "--no-progress", "--tracking-uri", uri],
@@ -274,5 +274,5 @@ def test_ddp_run_resumes_after_sigterm(tmp_path, synth_root):
     assert resume.returncode == 0, resume.stderr[-3000:]
     run = c.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"
-    steps = sorted({m.step for m in c.get_metric_history(run.info.run_id, "train_loss")})
+    steps = sorted({m.step for m in c.get_metric_history(run.info.run_id, "train/loss")})
     assert steps == list(range(1, 11))  # every epoch once, the resumed ones continuing the same run

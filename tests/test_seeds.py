@@ -33,13 +33,13 @@ def parents(c, experiment: str = "t") -> list:
 
 
 def test_aggregate_is_mean_and_sample_std():
-    runs = [{"best_val_map": 0.6, "test_map": 0.5, "val_loss": 1.0}, {"best_val_map": 0.7, "test_map": 0.8}]
+    runs = [{"val_map": 0.6, "test_map": 0.5, "val_loss": 1.0}, {"val_map": 0.7, "test_map": 0.8}]
     agg = aggregate(runs)
     assert agg["n_seeds"] == 2 and "val_loss_mean" not in agg  # per-epoch metrics are not final ones
-    assert agg["best_val_map_mean"] == pytest.approx(0.65)
+    assert agg["val_map_mean"] == pytest.approx(0.65)
     assert agg["test_map_std"] == pytest.approx(statistics.stdev([0.5, 0.8]))  # ddof = 1
     one = aggregate(runs[:1])
-    assert one["best_val_map_mean"] == 0.6 and math.isnan(one["best_val_map_std"])  # one seed: std undefined
+    assert one["val_map_mean"] == 0.6 and math.isnan(one["val_map_std"])  # one seed: std undefined
 
 
 def test_seeds_make_one_parent_with_mean_and_std_of_its_children(workdir, synth_root, capsys, monkeypatch):
@@ -58,11 +58,11 @@ def test_seeds_make_one_parent_with_mean_and_std_of_its_children(workdir, synth_
     assert parent.data.tags["maskssd.children"] == ",".join(k.info.run_id for k in kids)
     m = parent.data.metrics
     assert m["n_seeds"] == 2
-    for key in ("best_val_map", "test_map", "best_val_loss", "best_val_ap_with_mask", "test_ap_with_mask"):
+    for key in ("val_map", "test_map", "val_loss", "val_ap_with_mask", "test_ap_with_mask"):
         values = [k.data.metrics[key] for k in kids]
         assert m[f"{key}_mean"] == pytest.approx(statistics.fmean(values), abs=1e-12), key
         assert m[f"{key}_std"] == pytest.approx(statistics.stdev(values), abs=1e-12), key
-    assert kids[0].data.metrics["best_val_loss"] != kids[1].data.metrics["best_val_loss"]  # seeds differ
+    assert kids[0].data.metrics["val_loss"] != kids[1].data.metrics["val_loss"]  # seeds differ
     doc = json.loads(
         (tracking.MlflowRun(c, parent.info.run_id).download("seeds.json", workdir / "dl")).read_text()
     )
@@ -76,7 +76,7 @@ def test_seeds_make_one_parent_with_mean_and_std_of_its_children(workdir, synth_
     # maskssd runs: the parent as mean ± std (n), its children hidden; --children lists them under it
     assert main(["runs", "--experiment", "t", "--sort", "val_map"]) == 0
     table = capsys.readouterr().out
-    mean, std = 100 * m["best_val_map_mean"], 100 * m["best_val_map_std"]
+    mean, std = 100 * m["val_map_mean"], 100 * m["val_map_std"]
     assert f"{mean:.1f} ± {std:.1f} (2)" in table
     assert parent.info.run_id[:8] in table and kids[0].info.run_id[:8] not in table
     assert main(["runs", "--experiment", "t", "--children", "--sort", "val_map"]) == 0
@@ -124,6 +124,6 @@ def test_resuming_a_parent_finishes_only_the_interrupted_seed(workdir, synth_roo
     assert [m.step for m in c.get_metric_history(second.info.run_id, "train_loss")] == [1, 2]
     p = c.get_run(parent_id)
     assert p.info.status == "FINISHED" and p.data.metrics["n_seeds"] == 2
-    values = [k.data.metrics["best_val_loss"] for k in after]
-    assert p.data.metrics["best_val_loss_mean"] == pytest.approx(statistics.fmean(values), abs=1e-12)
-    assert r.mean_std("best_val_loss")[2] == 2
+    values = [k.data.metrics["val_loss"] for k in after]
+    assert p.data.metrics["val_loss_mean"] == pytest.approx(statistics.fmean(values), abs=1e-12)
+    assert r.mean_std("val_loss")[2] == 2

@@ -12,15 +12,20 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
-from maskssd.deploy.predictor import Predictor
-from maskssd.deploy.serving import create_app
+SERVE_EXTRA = 'serving is the [serve] extra: pip install "maskssd[serve]"'
+for _module in ("fastapi", "uvicorn", "python_multipart", "prometheus_client", "httpx"):
+    pytest.importorskip(_module, reason=SERVE_EXTRA)
+
+import httpx  # noqa: E402
+import uvicorn  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from maskssd.deploy.predictor import Predictor  # noqa: E402
+from maskssd.deploy.serving import create_app  # noqa: E402
 
 CLASSES = ["with_mask", "without_mask", "mask_weared_incorrect"]
 
@@ -260,7 +265,7 @@ def test_batching_off_runs_every_image_alone(predictor: Predictor) -> None:
 
 
 def _write_video(path: Path, n: int = 6) -> Path:
-    import cv2
+    cv2 = pytest.importorskip("cv2", reason='video input is the [video] extra: pip install "maskssd[video]"')
 
     w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (160, 120))
     assert w.isOpened()

@@ -180,8 +180,8 @@ def test_study_runs_nested_resumes_and_reports(project):
         assert trial.user_attrs["mlflow_run_id"] == r.info.run_id
         assert r.info.status == "FINISHED" and r.data.tags["optuna.state"] == "COMPLETE"
         assert float(r.data.params["optim.lr"]) == pytest.approx(trial.params["lr"])
-        assert [m.step for m in c.get_metric_history(r.info.run_id, "train_loss")] == [1, 2]
-        assert r.data.metrics["best_val_loss"] == pytest.approx(trial.value)
+        assert [m.step for m in c.get_metric_history(r.info.run_id, "train/loss")] == [1, 2]
+        assert r.data.metrics["val_loss"] == pytest.approx(trial.value)
     assert c.get_run(parent).info.status == "FINISHED"
     plots = {a.path for a in c.list_artifacts(parent, "study_plots")}
     assert "study_plots/optimization_history.png" in plots and "study_plots/slice.png" in plots
@@ -390,7 +390,7 @@ def test_promote_moves_champion_only_when_better(project, capsys):
     champion = c.get_model_version_by_alias("maskssd-face-mask", "champion")
     assert str(champion.version) == "4" and champion.tags["study"] == "s"
     assert champion.tags["source_run_id"] == best and champion.tags["trial"] == str(trials[2].number)
-    assert {"config_hash", "data_split", "git_commit", "best_val_map"} <= set(champion.tags)
+    assert {"config_hash", "data_split", "git_commit", "val_map", "model_id"} <= set(champion.tags)
 
     img = project / "face.png"
     Image.fromarray(np.full((80, 100, 3), 128, np.uint8)).save(img)

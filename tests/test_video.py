@@ -15,12 +15,12 @@ from maskssd.ssd.postprocess import Detections
 
 CLASSES = ["with_mask", "without_mask", "mask_weared_incorrect"]
 N_FRAMES = 8
+VIDEO_EXTRA = 'video input is the [video] extra: pip install "maskssd[video]"'
 
 
 @pytest.fixture(scope="module")
 def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import cv2
-
+    cv2 = pytest.importorskip("cv2", reason=VIDEO_EXTRA)
     path = tmp_path_factory.mktemp("video") / "clip.mp4"
     w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (160, 120))
     assert w.isOpened()
@@ -34,7 +34,7 @@ def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _count_frames(path: Path) -> tuple[int, tuple[int, int]]:
-    import cv2
+    cv2 = pytest.importorskip("cv2", reason=VIDEO_EXTRA)
 
     cap = cv2.VideoCapture(str(path))
     n, size = 0, (0, 0)

@@ -30,7 +30,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     from maskssd.tracking.experiment import run_experiment
     from maskssd.training.config import load_config
 
-    cfg = load_config(a.config, a.set or [])
+    cfg = load_config(
+        a.config, [*(a.set or []), *(["train.system_metrics=true"] if a.system_metrics else [])]
+    )
     if a.nproc and a.nproc > 1:
         from maskssd.training.distributed import launch
 
@@ -56,7 +58,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         return 130
     if r.evaluation is not None and int(os.environ.get("RANK", "0")) == 0:
         out.print(ap_table(r.evaluation))
-    out.print(f"[green]run {r.run_id} finished[/]; model: runs:/{r.run_id}/model")
+    model = f"model: {r.model_uri} (also runs:/{r.run_id}/model)" if r.model_uri else "no model logged"
+    out.print(f"[green]run {r.run_id} finished[/]; {model}", highlight=False)
     return 0
 
 
@@ -93,14 +96,19 @@ def ap_table(ev: Any) -> Table:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     import torch
 
+    from maskssd.cli import evaluate_more
     from maskssd.cli.research import analysis_tables, metrics_table
     from maskssd.data import DataReport, FaceMaskDataset, load_split
     from maskssd.data.transforms import eval_transform
-    from maskssd.deploy.predictor import PredictorModule, load_predictor
+    from maskssd.deploy.predictor import PredictorModule, load_predictor, resolve_checkpoint
     from maskssd.training.engine import evaluate
     from maskssd.training.runner import build_loader
 
-    pred = load_predictor(a.model, a.tracking_uri, a.device, a.backend, **_predictor_options(a, a.split_name))
+    evaluate_more.check_args(a)
+    ckpt_path = resolve_checkpoint(a.model, a.tracking_uri)
+    pred = load_predictor(
+        ckpt_path, device=a.device, backend=a.backend, **_predictor_options(a, a.split_name)
+    )
     decode = DecodeSpec(
         min_score=a.min_score, max_overlap=a.max_overlap, top_k=a.top_k, class_agnostic=a.class_agnostic
     )
@@ -119,6 +127,14 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     )
     assert result is not None
     boot, analysis = _uncertainty_and_errors(a, pred.class_names, collected, anns)
+    extra = evaluate_more.fit_thresholds(a, ckpt_path, pred, collected, anns) if a.fit_thresholds else {}
+    if a.json:
+        saved = (
+            _save_detections(a, decode, pred, collected, anns, result, boot) if a.save_detections else None
+        )
+        more = {"thresholds": extra, "detections_file": saved, "intervals": boot.to_dict() if boot else None}
+        evaluate_more.print_json(a, pred, result, len(ds), {**more, "errors": analysis.to_dict()})
+        return 0
     title = f"{a.model} on {a.data} {a.split_name}/{a.split} ({len(ds)} images)"
     if boot is not None:
         title += f"; {100 * boot.ci:g}% intervals from {boot.n} image resamples (seed {boot.seed})"
@@ -127,7 +143,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     for table in analysis_tables(analysis):
         out.print(table)
     if a.save_detections:
-        _save_detections(a, decode, pred, collected, anns, result, boot)
+        path = _save_detections(a, decode, pred, collected, anns, result, boot)
+        out.print(f"detections written to {path}")
     return 0
 
 
@@ -154,7 +171,7 @@ def _save_detections(
     anns: Any,
     result: Any,
     boot: Any,
-) -> None:
+) -> str:
     from pathlib import Path
 
     from maskssd.evaluation.detections_file import write_detections
@@ -179,7 +196,7 @@ def _save_detections(
         bootstrap=boot,
         data={"root": str(Path(a.data).resolve()), "split_name": a.split_name, "split": a.split},
     )
-    out.print(f"detections written to {path}")
+    return str(path)
 
 
 def cmd_detect(a: argparse.Namespace) -> int:
@@ -229,13 +246,16 @@ def cmd_runs(a: argparse.Namespace) -> int:
     if not runs:
         out.print("no runs")
         return 0
-    classes = sorted(
-        {
-            k.removeprefix("best_val_ap_").removesuffix("_mean")
-            for r in runs
-            for k in r.data.metrics
-            if k.startswith("best_val_ap_") and not k.endswith("_std")
-        }
+    classes = (
+        sorted(  # final per-class AP: val_ap_* (a seeds parent: val_ap_*_mean; older runs: best_val_ap_*)
+            {
+                k.removeprefix("best_").removeprefix("val_ap_").removesuffix("_mean")
+                for r in runs
+                for k in r.data.metrics
+                if k.startswith(("val_ap_", "best_val_ap_"))
+                and not k.endswith(("_std", "_ci_low", "_ci_high"))
+            }
+        )
     )
     order = run_order(runs, a.children)  # a seeds parent's children: hidden, or listed under it
     rows, intervals = [], {}
@@ -251,9 +271,9 @@ def cmd_runs(a: argparse.Namespace) -> int:
                 "alpha": p.get("loss.alpha", ""),
                 "neg/pos": p.get("loss.neg_pos_ratio", ""),
                 "epochs": p.get("train.epochs", ""),
-                "val_map": metric_cell(m, "best_val_map", "val_map"),
+                "val_map": metric_cell(m, "val_map", "best_val_map", "val/map"),  # final, else the latest
                 "test_map": metric_cell(m, "test_map"),
-                **{f"AP {c}": metric_cell(m, f"best_val_ap_{c}") for c in classes},
+                **{f"AP {c}": metric_cell(m, f"val_ap_{c}", f"best_val_ap_{c}") for c in classes},
             }
         )
         intervals[id(rows[-1])] = _run_intervals(m)
@@ -286,7 +306,7 @@ def _run_intervals(m: dict[str, float]) -> dict[str, str]:
     from maskssd.cli.research import fmt_interval
 
     cells = {}
-    for col, base in (("val_map", "best_val_map"), ("test_map", "test_map")):
+    for col, base in (("val_map", "val_map"), ("test_map", "test_map")):
         low, high = m.get(f"{base}_ci_low"), m.get(f"{base}_ci_high")
         if base in m and low is not None and high is not None:
             cells[col] = fmt_interval(m[base], low, high)
@@ -371,9 +391,9 @@ def cmd_promote(a: argparse.Namespace) -> int:
         from maskssd.tracking.studies import best_trial_run
 
         run_id, extra = best_trial_run(a.study, a.storage, a.tracking_uri)
-        metric = a.metric or "best_val_map"
+        metric = a.metric or "val_map"
     elif a.run:
-        run_id, extra, metric = a.run, {}, a.metric or "best_val_map"
+        run_id, extra, metric = a.run, {}, a.metric or "val_map"
     else:
         if not (a.experiment and a.metric):
             raise MaskSSDError("say which run: --study NAME, --run RUN_ID, or --experiment NAME --metric M")

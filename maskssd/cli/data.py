@@ -29,7 +29,7 @@ def cmd_data_split(a: argparse.Namespace) -> int:
     classes = a.classes or list(DEFAULT_CLASSES)
     anns = load_annotations(a.root, None, classes, a.on_error)
     parts = stratified_split(anns, a.ratios, a.seed, len(classes))
-    path = write_split(a.root, a.name, parts)
+    path = write_split(a.root, a.split_name, parts)
     out.print(
         f"wrote {path}: train {len(parts[0])}, val {len(parts[1])}, test {len(parts[2])} images (seed {a.seed})"
     )
@@ -53,12 +53,12 @@ def cmd_data_stats(a: argparse.Namespace) -> int:
     anns = load_annotations(a.root, None, classes, a.on_error, report, verify_images=a.verify)
     by_id = {x.image_id: x for x in anns}
     groups: list[tuple[str, list]] = [("all", anns)]
-    split_names = [a.split] if a.split else layout.split_names()
+    split_names = [a.split_name] if a.split_name else layout.split_names()
     for name in split_names:
-        for split in ("train", "val", "test"):
+        for split in [a.split] if a.split else ["train", "val", "test"]:
             ids = (
                 layout.read_split(name, split)
-                if (a.split or layout.split_file(name, split).is_file())
+                if (a.split_name or layout.split_file(name, split).is_file())
                 else []
             )
             missing = [i for i in ids if i not in by_id]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from maskssd.cli.commands import (
-    DISPLAY_THRESHOLD,
     cmd_detect,
     cmd_evaluate,
     cmd_export,
@@ -20,7 +19,7 @@ from maskssd.cli.commands import (
 )
 from maskssd.cli.data import cmd_data_anchors, cmd_data_split, cmd_data_stats, cmd_data_synth
 from maskssd.cli.research import cmd_compare
-from maskssd.ssd.decode_spec import DecodeSpec
+from maskssd.ssd.decode_spec import DISPLAY_THRESHOLD, DecodeSpec
 
 __all__ = ["build_parser"]
 
@@ -30,7 +29,7 @@ BACKENDS = ("torch", "onnx", "onnx-int8")
 EPILOG_MAIN = """\
 examples:
   maskssd data synth /tmp/synth --images 200          # a synthetic face-mask dataset (VOC layout)
-  maskssd data stats ../shared/data/face-mask-detection --split paper
+  maskssd data stats ../shared/data/face-mask-detection --split-name paper
   maskssd train experiments/quickstart.toml            # train, evaluate, log everything to MLflow
   mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db
   maskssd runs --experiment quickstart                 # compare runs in the terminal
@@ -97,10 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a seeded stratified train/val/test split",
         formatter_class=_formatter,
         description="Iterative stratification: every split gets its share of every class.",
-        epilog="example:\n  maskssd data split /tmp/synth --name seed1 --seed 1",
+        epilog="example:\n  maskssd data split /tmp/synth --split-name seed1 --seed 1",
     )
     s.add_argument("root")
-    s.add_argument("--name", required=True, help="written to ROOT/splits/NAME/{train,val,test}.txt")
+    s.add_argument(
+        "--split-name", required=True, help="written to ROOT/splits/SPLIT_NAME/{train,val,test}.txt"
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(
         "--ratios", type=float, nargs=3, default=(0.7, 0.15, 0.15), metavar=("TRAIN", "VAL", "TEST")
@@ -115,10 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         "stats",
         help="images and boxes per class and split, box sizes, problems fixed",
         formatter_class=_formatter,
-        epilog="example:\n  maskssd data stats ../shared/data/face-mask-detection --split paper",
+        epilog="example:\n  maskssd data stats ../shared/data/face-mask-detection --split-name paper --split val",
     )
     s.add_argument("root")
-    s.add_argument("--split", help="split name under ROOT/splits/ (default: every split found)")
+    s.add_argument("--split-name", help="split list under ROOT/splits/ (default: every split found)")
+    s.add_argument(
+        "--split", choices=("train", "val", "test"), help="only this part of each split (default: all three)"
+    )
     s.add_argument("--classes", nargs="+")
     s.add_argument(
         "--on-error",
@@ -208,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun underneath)"
     )
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
+    t.add_argument(
+        "--system-metrics",
+        action="store_true",
+        help="log CPU, memory, disk, network (GPU) use into the run as system/* (= --set train.system_metrics=true)",
+    )
     t.set_defaults(func=cmd_train)
 
     # evaluate
@@ -217,8 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_formatter,
         description="The paper's protocol (VOC07 11-point AP at IoU > 0.5, difficult ignored, detections "
         "at min_score 0.01, NMS 0.45, top_k 200), plus all-point and COCO mAP.",
-        epilog="example:\n  maskssd evaluate --model models:/maskssd-face-mask@champion \\\n"
-        "      --data ../shared/data/face-mask-detection --split val --save-detections dets.json",
+        epilog="examples:\n  maskssd evaluate --model models:/maskssd-face-mask@champion \\\n"
+        "      --data ../shared/data/face-mask-detection --split val --save-detections dets.json\n"
+        "  maskssd evaluate --model runs:/RUN_ID/model --data ../shared/data/face-mask-detection \\\n"
+        "      --fit-thresholds --out model-thresholds.pt     # per-class operating thresholds (max F1 on val)",
     )
     _model_arg(e)
     e.add_argument("--data", required=True, help="dataset root")
@@ -258,6 +269,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=DISPLAY_THRESHOLD,
         help=f"error analysis: recall and false boxes at this score (default {DISPLAY_THRESHOLD})",
     )
+    e.add_argument("--json", action="store_true", help="print the results as JSON (stdout) instead of tables")
+    e.add_argument(
+        "--fit-thresholds",
+        action="store_true",
+        help="per class, the score threshold maximising F1 (IoU > 0.5) on --split val; written with --out",
+    )
+    e.add_argument(
+        "--out",
+        metavar="NEW.pt",
+        help="with --fit-thresholds: write the model's checkpoint with the thresholds here (detect and serve "
+        "then use them)",
+    )
     e.set_defaults(func=cmd_evaluate)
 
     # detect
@@ -281,8 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument(
         "--score-threshold",
         type=float,
-        default=DISPLAY_THRESHOLD,
-        help=f"display threshold: draw and report detections above it (default {DISPLAY_THRESHOLD})",
+        default=None,
+        help="display threshold: draw and report detections above it (default: the model's per-class "
+        f"thresholds, fitted on validation, else {DISPLAY_THRESHOLD})",
     )
     de.add_argument("--max-overlap", type=float, default=None, help="NMS IoU (default: the model's)")
     de.add_argument("--class-agnostic", action="store_true", help="one class per face: NMS across classes")
@@ -296,7 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--max-frames", type=int, default=0, help="video/camera: stop after N frames (0 = all)")
     de.add_argument("--backend", choices=BACKENDS, default="torch")
     de.add_argument("--device", default="cpu")
-    de.add_argument("--show", action="store_true", help="show frames in a window (needs a display)")
+    de.add_argument(
+        "--show",
+        action="store_true",
+        help="also show the annotated frames in a window (q stops); needs a display and OpenCV with GUI "
+        "support (opencv-python, not the headless build): says why not otherwise",
+    )
     de.set_defaults(func=cmd_detect)
 
     # runs
@@ -386,13 +415,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="register a run's model; move @champion if it is better",
         formatter_class=_formatter,
         epilog="examples:\n  maskssd promote --study quickstart\n  maskssd promote --run RUN_ID --force\n"
-        "  maskssd promote --experiment quickstart --metric best_val_map",
+        "  maskssd promote --experiment quickstart --metric val_map",
     )
     g = pr.add_mutually_exclusive_group(required=True)
     g.add_argument("--study", help="the best trial of this Optuna study")
     g.add_argument("--run", help="this MLflow run")
     g.add_argument("--experiment", help="the best run of this experiment by --metric")
-    pr.add_argument("--metric", help="selection metric (default best_val_map)")
+    pr.add_argument(
+        "--metric",
+        help="selection metric: a final metric of the runs (default val_map; best_val_map also reads)",
+    )
     pr.add_argument("--minimize", action="store_true", help="lower is better for --metric")
     pr.add_argument("--name", default="maskssd-face-mask", help="registered model name")
     pr.add_argument(
@@ -423,8 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--score-threshold",
         type=float,
-        default=DISPLAY_THRESHOLD,
-        help=f"display threshold of answers (default {DISPLAY_THRESHOLD}; a request's ?score_threshold= wins)",
+        default=None,
+        help="display threshold of answers (default: the model's per-class thresholds, else "
+        f"{DISPLAY_THRESHOLD}; a request's ?score_threshold= wins)",
     )
     sv.add_argument("--device", default="cpu")
     sv.add_argument("--class-agnostic", action="store_true")

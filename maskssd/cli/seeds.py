@@ -54,14 +54,16 @@ def train_seeds(a: argparse.Namespace, cfg: Any) -> int:
 def seeds_table(r: Any) -> Table:
     """One row per seed (its selected checkpoint's val mAP, test mAP, val AP per class), then mean ± std."""
     classes = sorted(
-        k.removeprefix("best_val_ap_").removesuffix("_mean")
+        k.removeprefix("val_ap_").removesuffix("_mean")
         for k in r.aggregate
-        if k.startswith("best_val_ap_") and k.endswith("_mean")
+        if k.startswith("val_ap_")
+        and k.endswith("_mean")
+        and not k.endswith(("_ci_low_mean", "_ci_high_mean"))
     )
-    keys = ["best_val_map", "test_map", *[f"best_val_ap_{c}" for c in classes]]
+    keys = ["val_map", "test_map", *[f"val_ap_{c}" for c in classes]]
     keys = [k for k in keys if f"{k}_mean" in r.aggregate or any(k in s.metrics for s in r.runs.values())]
     t = Table(title=f"seeds of parent run {r.parent_run_id} (AP in %, the selected checkpoint)")
-    for col in ("seed", "run", "status", *[k.removeprefix("best_") for k in keys]):
+    for col in ("seed", "run", "status", *keys):
         t.add_column(col, justify="left" if col in ("run", "status") else "right")
     for seed in r.seeds:
         s = r.runs.get(seed)
@@ -88,11 +90,12 @@ class SeedStat(float):
         return obj
 
 
-def metric_cell(m: dict[str, float], key: str, fallback: str | None = None) -> float | None:
-    """A run's metric ``key`` (else ``fallback``), or for a seeds parent its ``mean ± std (n)``."""
+def metric_cell(m: dict[str, float], key: str, *fallbacks: str) -> float | None:
+    """A run's metric ``key`` (else the first of ``fallbacks`` it has), or for a seeds parent its
+    ``mean ± std (n)``."""
     if f"{key}_mean" in m:
         return SeedStat(m[f"{key}_mean"], m.get(f"{key}_std", math.nan), int(m.get("n_seeds", 0)))
-    return m.get(key, m.get(fallback) if fallback else None)
+    return next((m[k] for k in (key, *fallbacks) if k in m), None)
 
 
 def cell_text(v: Any) -> str:

@@ -122,6 +122,8 @@ class VOCLayout:
         return names
 
     def read_split(self, split_name: str, split: str) -> list[str]:
+        """The image ids of a split list, one per line: the whole line when it names an annotation (ids with
+        spaces, ``maxresdefault (1)``), else its first token (the classic VOC ``id flag`` form)."""
         path = self.split_file(split_name, split)
         if not path.is_file():
             known = ", ".join(self.split_names()) or "none"
@@ -130,7 +132,8 @@ class VOCLayout:
         for line in path.read_text().splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
-                ids.append(line.split()[0])
+                whole = (self.annotations / f"{line}.xml").is_file()
+                ids.append(line if whole else line.split()[0])
         return ids
 
     def image_path_for(self, image_id: str, filename: str | None) -> Path:

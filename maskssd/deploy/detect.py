@@ -43,20 +43,29 @@ def detect_source(
     source: str,
     out: str | Path,
     *,
-    score_threshold: float = 0.4,
+    score_threshold: float | None = None,
     smooth: int = 0,
     max_frames: int = 0,
     show: bool = False,
 ) -> DetectSummary:
     """Detect on ``source`` (an image, a folder, a video file, a camera index or a stream URL) into ``out``.
 
-    ``score_threshold`` is the display threshold: what is drawn and reported (decoding keeps the model's own).
+    ``score_threshold`` is the display threshold: what is drawn and reported (decoding keeps the model's own);
+    None uses the model's per-class thresholds (fitted on validation), else ``DISPLAY_THRESHOLD``. ``show``
+    also shows every annotated frame in a window (``q`` stops showing), or refuses, saying why, where OpenCV
+    cannot open one (the headless build, no display).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     p = Path(source)
+    if show:
+        from maskssd.deploy.video import window_problem
+
+        problem = window_problem()
+        if problem:
+            raise MaskSSDError(f"--show cannot open a window: {problem}")
     if p.is_dir() or (p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
-        return _detect_images(predictor, p, out, score_threshold)
+        return _detect_images(predictor, p, out, score_threshold, show)
     if p.is_file() and p.suffix.lower() not in VIDEO_EXTENSIONS:
         raise MaskSSDError(
             f"{source}: not an image ({', '.join(IMAGE_EXTENSIONS)}) or video ({', '.join(VIDEO_EXTENSIONS)})"
@@ -68,7 +77,7 @@ def detect_source(
     return _detect_video(predictor, source, out, score_threshold, smooth, max_frames, show)
 
 
-def _detect_images(pred: Any, src: Path, out: Path, threshold: float) -> DetectSummary:
+def _detect_images(pred: Any, src: Path, out: Path, threshold: float | None, show: bool) -> DetectSummary:
     from maskssd.evaluation.drawing import draw_detections
 
     files = (
@@ -85,8 +94,10 @@ def _detect_images(pred: Any, src: Path, out: Path, threshold: float) -> DetectS
             failed.append(str(e))
             log.warning("skipped %s", e)
             continue
-        d = pred.predict([np.asarray(img)])[0].above(threshold)
-        draw_detections(img, d, pred.class_names, threshold).save(out / f"{f.stem}.png")
+        d = pred.shown(pred.predict([np.asarray(img)])[0], threshold)
+        annotated = draw_detections(img, d, pred.class_names, 0.0)
+        annotated.save(out / f"{f.stem}.png")
+        show = show and _show(annotated, wait_ms=0)
         for lab in d.labels.tolist():
             counts[pred.class_names[lab - 1]] += 1
         results.append(
@@ -99,7 +110,7 @@ def _detect_images(pred: Any, src: Path, out: Path, threshold: float) -> DetectS
         )
     doc = {
         "classes": list(pred.class_names),
-        "score_threshold": threshold,
+        "score_threshold": pred.threshold_doc(threshold),
         "images": results,
         "failed": failed,
     }
@@ -108,12 +119,11 @@ def _detect_images(pred: Any, src: Path, out: Path, threshold: float) -> DetectS
 
 
 def _detect_video(
-    pred: Any, src: str, out: Path, threshold: float, smooth: int, max_frames: int, show: bool
+    pred: Any, src: str, out: Path, threshold: float | None, smooth: int, max_frames: int, show: bool
 ) -> DetectSummary:
-    import cv2
-
     from maskssd.deploy.video import ClassSmoother, FPSMeter, frames
     from maskssd.evaluation.drawing import draw_detections
+    from maskssd.extras import import_extra
 
     smoother = ClassSmoother(len(pred.class_names), smooth) if smooth > 0 else None
     e2e, model_fps = FPSMeter(), FPSMeter()
@@ -127,17 +137,18 @@ def _detect_video(
     )
     video_path, jsonl_path = out / f"{name}_annotated.mp4", out / f"{name}_detections.jsonl"
     n, model_total, t_start = 0, 0.0, time.perf_counter()
+    cv2 = import_extra("cv2", "video", "video input (files, cameras, streams)")
     with jsonl_path.open("w") as jl:
         t_prev = time.perf_counter()
         for i, frame, src_fps in frames(src, max_frames):
-            d = pred.predict([frame])[0].above(threshold)
+            d = pred.shown(pred.predict([frame])[0], threshold)
             if smoother is not None:
                 d = smoother(d)
             model_s = pred.last_timing.model
             model_total += model_s
             model_fps.add(model_s)
             caption = f"{e2e.fps:.1f} FPS end-to-end | model {model_fps.fps:.1f} FPS ({pred.backend})"
-            img = draw_detections(frame, d, pred.class_names, threshold, caption)
+            img = draw_detections(frame, d, pred.class_names, 0.0, caption)
             if writer is None:
                 fourcc = cv2.VideoWriter_fourcc(*"mp4v")
                 writer = cv2.VideoWriter(
@@ -145,10 +156,8 @@ def _detect_video(
                 )
             bgr = cv2.cvtColor(np.asarray(img), cv2.COLOR_RGB2BGR)
             writer.write(bgr)
-            if show:
-                cv2.imshow("maskssd", bgr)
-                if cv2.waitKey(1) & 0xFF == ord("q"):
-                    break
+            if show and not _show(img, wait_ms=1):
+                break
             now = time.perf_counter()
             e2e.add(now - t_prev)
             t_prev = now
@@ -180,3 +189,12 @@ def _detect_video(
         video_path=video_path,
         jsonl_path=jsonl_path,
     )
+
+
+def _show(image: Any, wait_ms: int) -> bool:
+    """Show an annotated RGB image in the ``maskssd`` window; False once the user pressed ``q``."""
+    from maskssd.extras import import_extra
+
+    cv2 = import_extra("cv2", "video", "--show")
+    cv2.imshow("maskssd", cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR))
+    return cv2.waitKey(wait_ms) & 0xFF != ord("q")

@@ -104,7 +104,10 @@ def export_onnx(
 
     ``metadata`` lands in the model's ``metadata_props`` (class names, input size ... for other runtimes).
     """
-    import onnx
+    from maskssd.extras import import_extra, require
+
+    require("onnx", "ONNX export")  # onnx to check the graph, onnxscript for the dynamo exporter
+    onnx = import_extra("onnx", "onnx", "ONNX export")
 
     path = Path(path)
     with _eval_mode(model), torch.no_grad():
@@ -162,7 +165,9 @@ def _torch_onnx_export(model: torch.nn.Module, x: torch.Tensor, path: Path, opse
 
 def onnx_session_options(threads: int | None = None) -> Any:
     """ORT session options: all graph optimisations, ``threads`` (default: physical cores) threads per call."""
-    import onnxruntime as ort
+    from maskssd.extras import import_extra
+
+    ort = import_extra("onnxruntime", "onnx", "the ONNX Runtime backend")
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -179,7 +184,9 @@ def onnx_session_options(threads: int | None = None) -> Any:
 
 def onnx_session(path: str | Path, threads: int | None = None) -> Any:
     """An ONNX Runtime CPU session for an exported detector."""
-    import onnxruntime as ort
+    from maskssd.extras import import_extra
+
+    ort = import_extra("onnxruntime", "onnx", "the ONNX Runtime backend")
 
     return ort.InferenceSession(str(path), onnx_session_options(threads), providers=["CPUExecutionProvider"])
 

@@ -17,6 +17,7 @@ import torch
 from maskssd.data.transforms import preprocess_images
 from maskssd.deploy.optimize import optimize_for_inference
 from maskssd.errors import MaskSSDError
+from maskssd.ssd.decode_spec import DISPLAY_THRESHOLD
 from maskssd.ssd.postprocess import DecodeSpec, Detections, postprocess
 from maskssd.ssd.priors import PriorSpec
 from maskssd.ssd.tta import hflip_forward, mirror_permutation, tta_priors
@@ -67,6 +68,8 @@ class Predictor:
     tta_hflip: bool = False
     prior_spec: PriorSpec | None = None
     onnx_backend: str = "onnx"  # what ``backend`` says when an ONNX Runtime session runs the model
+    #: per-class operating thresholds fitted on validation (``maskssd evaluate --fit-thresholds``; every run)
+    thresholds: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.channels_last and self.model is not None:
@@ -130,6 +133,7 @@ class Predictor:
             channels_last=nhwc and backend == "torch",
             tta_hflip=tta_hflip,
             prior_spec=model.prior_spec,
+            thresholds={str(k): float(v) for k, v in (ckpt.get("thresholds") or {}).items()},
         )
         if backend == "onnx":
             from maskssd.deploy.export import onnx_session_for
@@ -178,6 +182,27 @@ class Predictor:
         self.last_timing = Timing(t1 - t0, t2 - t1, time.perf_counter() - t2)
         return dets
 
+    def display_threshold(self, score_threshold: float | None = None) -> float | torch.Tensor:
+        """What is shown: ``score_threshold`` when given, else the model's per-class thresholds as a tensor
+        ``(C-1,)`` (``DISPLAY_THRESHOLD`` for a class without one), else ``DISPLAY_THRESHOLD``; for
+        :meth:`Detections.above`."""
+        if score_threshold is not None:
+            return float(score_threshold)
+        if not self.thresholds:
+            return DISPLAY_THRESHOLD
+        return torch.tensor([self.thresholds.get(c, DISPLAY_THRESHOLD) for c in self.class_names])
+
+    def threshold_doc(self, score_threshold: float | None = None) -> float | dict[str, float]:
+        """:meth:`display_threshold` for JSON: one number, or ``{class: threshold}``."""
+        t = self.display_threshold(score_threshold)
+        if isinstance(t, float):
+            return t
+        return {c: float(self.thresholds.get(c, DISPLAY_THRESHOLD)) for c in self.class_names}
+
+    def shown(self, dets: Detections, score_threshold: float | None = None) -> Detections:
+        """The detections a user sees (see :meth:`display_threshold`)."""
+        return dets.above(self.display_threshold(score_threshold))
+
     def describe(self) -> dict[str, Any]:
         return {
             "classes": list(self.class_names),
@@ -185,6 +210,7 @@ class Predictor:
             "backend": self.backend,
             "decode": asdict(self.decode),
             "tta_hflip": self.tta_hflip,
+            "thresholds": dict(self.thresholds),
         }
 
 

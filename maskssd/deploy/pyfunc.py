@@ -1,4 +1,11 @@
-"""The MLflow pyfunc model (logged as code): uint8 images ``(N, H, W, 3)`` in, one row per detection out."""
+"""The MLflow pyfunc model (logged as code): images in, one row per detection out.
+
+Images are uint8 arrays ``(N, H, W, 3)`` or encoded images (a column ``image`` of JPEG/PNG bytes or base64
+strings; :mod:`maskssd.deploy.model_input`), so ``mlflow models serve`` answers ordinary photos. The rows are
+the detections shown to a user: above the model's per-class thresholds (fitted on validation), or above the
+``score_threshold`` param when given (``0`` returns everything decoding kept). Bad input is refused as
+``INVALID_PARAMETER_VALUE`` (HTTP 400 from the scoring server), with the reason.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,9 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import pandas as pd
+
+COLUMNS = ["image_index", "x1", "y1", "x2", "y2", "label", "score"]
 
 
 class MaskSSDModel(mlflow.pyfunc.PythonModel):
@@ -16,30 +26,34 @@ class MaskSSDModel(mlflow.pyfunc.PythonModel):
 
         self.predictor = Predictor.from_checkpoint(context.artifacts["checkpoint"])
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001 (MLflow reads these hints)
-        import pandas as pd
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        """``model_input``: a DataFrame (what the scoring server passes) or any form of
+        :func:`~maskssd.deploy.model_input.images_from_input`; the hint is one MLflow infers no schema from
+        (the logged signature is explicit)."""
+        from maskssd.deploy.model_input import images_from_input
+        from maskssd.errors import MaskSSDError
 
-        images = model_input["images"] if isinstance(model_input, dict) else model_input
-        images = np.asarray(images, dtype=np.uint8)
-        if images.ndim == 3:
-            images = images[None]
-        dets = self.predictor.predict(list(images))
-        rows = []
-        for i, d in enumerate(dets):
-            for box, label, score in zip(d.boxes.tolist(), d.labels.tolist(), d.scores.tolist()):
-                rows.append(
-                    {
-                        "image_index": i,
-                        "x1": box[0],
-                        "y1": box[1],
-                        "x2": box[2],
-                        "y2": box[3],
-                        "label": self.predictor.class_names[label - 1],
-                        "score": score,
-                    }
-                )
-        columns = ["image_index", "x1", "y1", "x2", "y2", "label", "score"]
-        return pd.DataFrame(rows, columns=columns).astype({"image_index": "int64", "label": "str"})
+        threshold = (params or {}).get("score_threshold")
+        try:
+            images = images_from_input(model_input)
+            if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
+                raise MaskSSDError(f"score_threshold must be in [0, 1], not {threshold}")
+        except (MaskSSDError, TypeError, ValueError) as e:
+            raise mlflow.exceptions.MlflowException.invalid_parameter_value(str(e)) from None
+        pred = self.predictor
+        dets = pred.predict(images)
+        if threshold is not None or pred.thresholds:
+            dets = [pred.shown(d, threshold) for d in dets]
+        rows = [
+            (i, *box, pred.class_names[label - 1], score)
+            for i, d in enumerate(dets)
+            for box, label, score in zip(d.boxes.tolist(), d.labels.tolist(), d.scores.tolist())
+        ]
+        frame = pd.DataFrame(rows, columns=COLUMNS)
+        floats = dict.fromkeys(["x1", "y1", "x2", "y2", "score"], np.float64)
+        return frame.astype({"image_index": "int64", "label": "str", **floats})
 
 
 mlflow.models.set_model(MaskSSDModel())

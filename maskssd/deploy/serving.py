@@ -26,10 +26,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
-from prometheus_client import (
+
+from maskssd.data import MAX_IMAGE_PIXELS, decode_image_bytes
+from maskssd.errors import DataError
+from maskssd.extras import require
+from maskssd.ssd.postprocess import Detections
+
+require(
+    "serve",
+    "maskssd serve (the HTTP detection service)",
+    ("fastapi", "uvicorn", "python_multipart", "prometheus_client"),
+)
+
+from fastapi import FastAPI, Request  # noqa: E402 - after the [serve] check
+from fastapi.responses import JSONResponse, Response  # noqa: E402
+from prometheus_client import (  # noqa: E402
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
@@ -37,13 +49,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from maskssd.data import MAX_IMAGE_PIXELS, decode_image_bytes
-from maskssd.errors import DataError
-from maskssd.ssd.postprocess import Detections
+from starlette.exceptions import HTTPException  # noqa: E402
+from starlette.formparsers import MultiPartException  # noqa: E402
+from starlette.types import ASGIApp, Message, Receive, Scope, Send  # noqa: E402
 
 MONTAGE_INTERVAL_S = 0.5
 MAX_MONTAGE_CAMERAS = 16
@@ -161,7 +169,7 @@ class DetectionService:
         max_bytes: int = 20_000_000,
         max_pixels: int = MAX_IMAGE_PIXELS,
         montage_path: str | Path | None = None,
-        score_threshold: float = 0.4,
+        score_threshold: float | None = None,
         max_queue: int = 256,
     ):
         self.predictor = predictor
@@ -170,7 +178,7 @@ class DetectionService:
         self.batching = batching
         self.max_bytes, self.max_pixels = int(max_bytes), int(max_pixels)
         self.montage_path = Path(montage_path) if montage_path else None
-        self.score_threshold = float(score_threshold)
+        self.score_threshold = None if score_threshold is None else float(score_threshold)
         self.max_queue = max_queue
         self.metrics = Metrics(self.max_batch)
         self.started = time.time()
@@ -402,7 +410,7 @@ class DetectionService:
         assert self.montage_path is not None
         names = [name for name, _ in snapshot]
         frames = [
-            draw_detections(img, d, self.predictor.class_names, self.score_threshold)
+            draw_detections(img, d, self.predictor.class_names, 0.0)  # already the shown detections
             for _, (img, d) in snapshot
         ]
         grid = montage(frames, names)
@@ -429,8 +437,9 @@ def _camera_of(request: Request) -> str | None:
     return None if camera is None else _CAMERA_RE.sub("_", camera)[:64]
 
 
-def _threshold(raw: str | None, default: float) -> float:
-    """The request's ``?score_threshold=`` (display threshold in [0, 1]), else the server's."""
+def _threshold(raw: str | None, default: float | None) -> float | None:
+    """The request's ``?score_threshold=`` (display threshold in [0, 1]), else the server's (None: the
+    model's per-class thresholds)."""
     if raw is None:
         return default
     try:
@@ -489,13 +498,13 @@ def create_app(
     max_bytes: int = 20_000_000,
     max_pixels: int = MAX_IMAGE_PIXELS,
     montage_path: str | Path | None = None,
-    score_threshold: float = 0.4,
+    score_threshold: float | None = None,
     max_queue: int = 256,
 ) -> FastAPI:
     """The detection service as a FastAPI app (``app.state.service`` holds queue, metrics and montage).
 
     ``POST /detect`` (image as multipart field ``file`` or the raw body; ``?camera=`` or header ``x-camera``;
-    ``?score_threshold=``), ``GET /health``, ``GET /metrics`` (Prometheus, this app's own registry) and
+    ``?score_threshold=``; default ``score_threshold``, else the model's per-class thresholds), ``GET /health``, ``GET /metrics`` (Prometheus, this app's own registry) and
     ``GET /montage`` (latest frame of every camera, when ``montage_path`` is set). Refused requests get a
     4xx JSON ``{"detail": reason}``. ``max_queue`` bounds the images waiting for the model (503 beyond).
     """
@@ -545,7 +554,7 @@ def create_app(
         data = await svc.read_image_bytes(request)
         image = await asyncio.to_thread(svc.decode, data, f"upload from {camera or 'client'}")
         r = await svc.submit(image)
-        dets = r.detections.above(threshold)
+        dets = predictor.shown(r.detections, threshold)
         svc.metrics.frames.labels(svc.camera_label(camera)).inc()
         if svc.montage_path is not None:
             svc.remember_frame(camera or "unnamed", image, dets)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from maskssd.errors import MaskSSDError
+from maskssd.extras import import_extra
 from maskssd.ssd.postprocess import Detections
 from maskssd.ssd.priors import box_iou
 
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def open_source(source: str):
     """An OpenCV capture for a camera index (``"0"``), a video file or a stream URL."""
-    import cv2
+    cv2 = import_extra("cv2", "video", "video input (files, cameras, streams)")
 
     target: int | str = int(source) if source.isdigit() else source
     cap = cv2.VideoCapture(target)
@@ -32,7 +33,7 @@ def open_source(source: str):
 
 def frames(source: str, max_frames: int = 0) -> Iterator[tuple[int, np.ndarray, float]]:
     """``(index, RGB frame, source fps)`` until the source ends or ``max_frames`` frames were read."""
-    import cv2
+    cv2 = import_extra("cv2", "video", "video input (files, cameras, streams)")
 
     cap = open_source(source)
     fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
@@ -46,6 +47,30 @@ def frames(source: str, max_frames: int = 0) -> Iterator[tuple[int, np.ndarray, 
             i += 1
     finally:
         cap.release()
+
+
+def window_problem() -> str | None:
+    """Why OpenCV cannot open a window here (``detect --show``), or None when it can."""
+    import os
+    import sys
+
+    cv2 = import_extra("cv2", "video", "video input (files, cameras, streams)")
+    gui = ""
+    for line in cv2.getBuildInformation().splitlines():
+        if line.strip().startswith("GUI:"):
+            gui = line.split(":", 1)[1].strip()
+            break
+    if gui.upper() == "NONE":
+        return (
+            f"this OpenCV ({cv2.__version__}) is a headless build without windows (opencv-python-headless, "
+            "what maskssd[video] installs); pip install opencv-python for --show, or watch the annotated "
+            "video written to --out"
+        )
+    if sys.platform.startswith("linux") and not (
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    ):
+        return "no display to open a window on (neither DISPLAY nor WAYLAND_DISPLAY is set)"
+    return None
 
 
 class FPSMeter:
@@ -128,8 +153,9 @@ def stream(
     """Camera client: read frames, send them as JPEG to ``SERVER/detect`` named ``camera``, measure FPS."""
     import io
 
-    import httpx
     from PIL import Image
+
+    httpx = import_extra("httpx", "serve", "maskssd stream (the camera client)")
 
     url = server.rstrip("/") + "/detect"
     meter, sent, failed = FPSMeter(), 0, 0

@@ -48,6 +48,10 @@ _EXPORTS = {
     "render_worst": "analysis",
     "size_bucket": "analysis",
     "draw_review": "drawing",
+    "ThresholdFit": "thresholds",
+    "fit_f1_thresholds": "thresholds",
+    "fit_on_annotations": "thresholds",
+    "thresholds_of": "thresholds",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS, globals())

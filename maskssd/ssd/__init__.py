@@ -52,6 +52,7 @@ _EXPORTS = {
     "LossOutput": "loss",
     "MultiBoxLoss": "loss",
     "DecodeSpec": "decode_spec",
+    "DISPLAY_THRESHOLD": "decode_spec",
     "softmax_last": "postprocess",
     "Detections": "postprocess",
     "postprocess": "postprocess",

@@ -7,8 +7,9 @@ from typing import Any
 
 __all__ = ["DISPLAY_THRESHOLD", "DecodeSpec"]
 
-#: The operating threshold: detections drawn and reported by ``detect`` and ``serve``, and where the error
-#: analysis counts recall and false boxes (the decode threshold for AP is ``DecodeSpec.min_score``).
+#: The operating threshold: what ``detect``, ``serve`` and the pyfunc show when neither the request nor the
+#: model (per-class thresholds fitted on validation) says otherwise, and where the error analysis counts recall
+#: and false boxes; AP is computed from ``DecodeSpec.min_score`` up.
 DISPLAY_THRESHOLD = 0.4
 
 

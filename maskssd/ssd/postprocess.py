@@ -41,8 +41,11 @@ class Detections:
     def to_cpu(self) -> Detections:
         return Detections(self.boxes.cpu(), self.labels.cpu(), self.scores.cpu())
 
-    def above(self, threshold: float) -> Detections:
-        """The detections scoring at least ``threshold`` (a display or operating threshold, not the decode one)."""
+    def above(self, threshold: float | torch.Tensor) -> Detections:
+        """The detections scoring at least ``threshold`` (a display or operating threshold, not the decode one):
+        one number, or a tensor ``(C-1,)`` of per-class thresholds indexed by ``label - 1``."""
+        if isinstance(threshold, torch.Tensor) and threshold.dim() == 1:
+            threshold = threshold.to(self.scores.device, self.scores.dtype)[(self.labels - 1).clamp(min=0)]
         keep = self.scores >= threshold
         return Detections(self.boxes[keep], self.labels[keep], self.scores[keep])
 

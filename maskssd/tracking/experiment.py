@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from maskssd.errors import NonFiniteLossError, TrainingInterrupted
-from maskssd.tracking import runs
+from maskssd.tracking import lineage, runs
 from maskssd.training import distributed
 from maskssd.training.config import ExperimentConfig, validate
 from maskssd.training.engine import resolve_device
@@ -102,8 +102,9 @@ def _open_run(
 
 
 def _source_tags(cfg: ExperimentConfig) -> dict[str, str]:
-    """The code's lineage (the data's is tagged by the runner), the config's own tags and its description."""
-    tags = {**runs.git_info(Path(__file__).resolve().parent), **cfg.experiment.tags}
+    """The code's lineage: the git state of the maskssd code, under MLflow's tag names (the data's is logged by
+    the runner), the config's own tags and its description."""
+    tags = {**lineage.git_info(Path(__file__).resolve().parent), **cfg.experiment.tags}
     if cfg.experiment.description:
         tags["mlflow.note.content"] = cfg.experiment.description
     return tags
@@ -122,7 +123,10 @@ def _tracked(
     try:
         if info.is_main and not resuming:
             run.set_tags(_source_tags(cfg))
-        with sigterm_as_interrupt():
+        monitor = lineage.system_metrics(
+            run.run_id, run.client.tracking_uri, cfg.train.system_metrics and info.is_main, resume=resuming
+        )
+        with sigterm_as_interrupt(), monitor:
             result = train_experiment(
                 cfg,
                 run,

@@ -1,15 +1,20 @@
 """The MLflow Model Registry: downloading logged and registered models, and promotion.
 
-A model reference is a checkpoint file, ``runs:/RUN_ID/model`` or ``models:/NAME@ALIAS`` (or
-``models:/NAME/VERSION``); :func:`maskssd.deploy.predictor.resolve_checkpoint` resolves all three, calling
-:func:`download_model` for the last two. :func:`promote` registers a run's model with lineage tags and moves the
-``champion`` alias only when the new version beats the current champion.
+A model reference is a checkpoint file, ``runs:/RUN_ID/model``, ``models:/MODEL_ID`` (a logged model, as
+``maskssd train`` prints it) or ``models:/NAME@ALIAS`` (or ``models:/NAME/VERSION``);
+:func:`maskssd.deploy.predictor.resolve_checkpoint` resolves them all, calling :func:`download_model` for the
+URIs. :func:`promote` registers a run's logged model (by its ``models:/MODEL_ID``) with lineage tags and moves
+the ``champion`` alias only when the new version beats the current champion.
+
+A run's final metrics are ``val_*`` (the selected checkpoint on validation) and ``test_*``; runs logged before
+the per-epoch curves moved to ``val/*`` have them as ``best_val_*``. :func:`final_metric` reads either.
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,8 +55,19 @@ class Promotion:
     reason: str
 
 
+def final_metric(metrics: Mapping[str, float], name: str) -> float | None:
+    """A run's final (selected-checkpoint) metric ``name``, whichever naming the run was logged with:
+    ``val_map`` and ``best_val_map`` both mean the selected checkpoint's validation mAP (older runs logged it as
+    ``best_val_map`` beside a per-epoch ``val_map``)."""
+    bare = name.removeprefix("best_")
+    for key in (f"best_{bare}", bare) if bare.startswith("val_") else (name, bare):
+        if key in metrics:
+            return float(metrics[key])
+    return None
+
+
 def _metric(c: mlflow.runs.MlflowClient, run_id: str, metric: str) -> float:
-    value = c.get_run(run_id).data.metrics.get(metric)
+    value = final_metric(c.get_run(run_id).data.metrics, metric)
     return float("nan") if value is None else float(value)
 
 
@@ -62,13 +78,17 @@ def best_run(
     maximize: bool = True,
     require_model: bool = True,
 ) -> str:
-    """The finished run of an experiment with the best ``metric`` (that logged a model)."""
-    found = runs.runs_table(
-        c, experiment, max_results=1000, order_by=[f"metrics.{metric} {'DESC' if maximize else 'ASC'}"]
-    )
-    for r in found:
-        if r.info.status != "FINISHED" or metric not in r.data.metrics:
-            continue
+    """The finished run of an experiment with the best ``metric`` (that logged a model); ``metric`` is read
+    with :func:`final_metric`, so runs of either naming compete."""
+    found = [
+        (value, r)
+        for r in runs.runs_table(c, experiment, max_results=1000)
+        if r.info.status == "FINISHED"
+        and (value := final_metric(r.data.metrics, metric)) is not None
+        and not math.isnan(value)
+    ]
+    found.sort(key=lambda vr: vr[0], reverse=maximize)
+    for _, r in found:
         if require_model and not _has_model(c, r.info.run_id):
             continue
         return r.info.run_id
@@ -77,24 +97,32 @@ def best_run(
 
 def _has_model(c: mlflow.runs.MlflowClient, run_id: str) -> bool:
     """Whether the run logged a model (MLflow 3 keeps logged models beside, not inside, run artifacts)."""
+    return logged_model_id(c, run_id) is not None
+
+
+def logged_model_id(c: mlflow.runs.MlflowClient, run_id: str, name: str = "model") -> str | None:
+    """The id of the model ``name`` the run logged (the newest, if it logged several), or None."""
     exp = c.get_run(run_id).info.experiment_id
-    return bool(
-        c.search_logged_models(
-            experiment_ids=[exp], filter_string=f"source_run_id = '{run_id}'", max_results=1
-        )
+    found = c.search_logged_models(
+        experiment_ids=[exp],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{name}'",
+        order_by=[{"field_name": "creation_timestamp", "ascending": False}],
+        max_results=1,
     )
+    return found[0].model_id if found else None
 
 
 def promote(
     run_id: str,
     name: str = DEFAULT_MODEL_NAME,
-    metric: str = "best_val_map",
+    metric: str = "val_map",
     maximize: bool = True,
     force: bool = False,
     tracking_uri: str | None = None,
     extra_tags: dict[str, str] | None = None,
 ) -> Promotion:
-    """Register ``runs:/RUN_ID/model`` as a new version with lineage tags; move ``champion`` if it is better."""
+    """Register the run's logged model (``models:/MODEL_ID``) as a new version with lineage tags; move
+    ``champion`` if it is better."""
     c = runs.client(tracking_uri)
     try:
         run = c.get_run(run_id)
@@ -116,7 +144,11 @@ def promote(
         "git_commit": t.get("mlflow.source.git.commit", ""),
         "selection_metric": metric,
         "selection_value": f"{value:.6f}",
-        **{k: f"{v:.6f}" for k, v in m.items() if k.startswith(("best_val_", "test_")) and "loss" not in k},
+        **{
+            k: f"{final_metric(m, k):.6f}"
+            for k in m
+            if k.startswith(("val_", "best_val_", "test_")) and "loss" not in k
+        },
         **{k: v for k, v in t.items() if k in ("study", "trial")},
         **(extra_tags or {}),
     }
@@ -126,7 +158,10 @@ def promote(
         c.create_registered_model(
             name, description="maskssd face-mask detector (SSD); see version tags for lineage"
         )
-    mv = mlflow.register_model(f"runs:/{run_id}/model", name, tags=tags)
+    model_id = logged_model_id(c, run_id)
+    if model_id is None:
+        raise MaskSSDError(f"run {run_id} logged no model to register")
+    mv = mlflow.register_model(f"models:/{model_id}", name, tags={**tags, "model_id": model_id})
     try:
         champion = c.get_model_version_by_alias(name, CHAMPION)
         champ_version: str | None = champion.version

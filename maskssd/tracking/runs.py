@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import time
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +21,9 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from maskssd.errors import MaskSSDError  # noqa: E402
 from maskssd.runtime import LOCAL_DIR  # noqa: E402
+from maskssd.tracking import lineage  # noqa: E402
+from maskssd.tracking.lineage import git_info  # noqa: E402, F401 - runs.git_info: the studies' parent runs
+from maskssd.training.tracker import DatasetInfo, SplitMetrics  # noqa: E402
 
 T = TypeVar("T")
 MAX_PARAM_LENGTH = 6000
@@ -62,6 +63,10 @@ def sqlite_init_lock(uri: str) -> Iterator[None]:
 def open_store(uri: str, make: Callable[[], T]) -> T:
     """Open a store whose schema may not exist yet: SQLite under a file lock; a database server retried when
     another process was creating the same schema at the same moment ("already exists", "duplicate key")."""
+    if uri.startswith(("postgresql", "postgres:")):
+        from maskssd.extras import require
+
+        require("postgres", "a PostgreSQL store")
     with sqlite_init_lock(uri):
         for attempt in range(6):
             try:
@@ -105,24 +110,6 @@ def experiment_id(c: MlflowClient, name: str) -> str:
         return exp.experiment_id
 
 
-def git_info(path: str | Path = ".") -> dict[str, str]:
-    """Commit and dirtiness of the working tree (empty outside a git checkout)."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=path,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        return {"mlflow.source.git.commit": commit, "git_dirty": str(bool(dirty)).lower()}
-    except (OSError, subprocess.SubprocessError):
-        return {}
-
-
 class MlflowRun:
     """One MLflow run, seen by the runner and the engine as a :class:`maskssd.training.tracker.Tracker`."""
 
@@ -138,7 +125,7 @@ class MlflowRun:
         tags: Mapping[str, str] | None = None,
         parent_run_id: str | None = None,
     ) -> MlflowRun:
-        tags = dict(tags or {})
+        tags = lineage.run_context(tags)  # user, source, entry point's git: what mlflow.start_run would set
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run = c.create_run(experiment_id(c, experiment), run_name=run_name, tags=tags)
@@ -185,8 +172,18 @@ class MlflowRun:
     def log_figure(self, path: Path, artifact_path: str = "plots") -> None:
         self.log_artifact(path, artifact_path)
 
-    def log_model(self, checkpoint: Path, tags: Mapping[str, str]) -> str | None:
-        return log_model(self, checkpoint, tags)
+    def log_datasets(self, datasets: Sequence[DatasetInfo]) -> None:
+        lineage.log_datasets(self.client, self.run_id, datasets)
+
+    def log_model(
+        self,
+        checkpoint: Path,
+        tags: Mapping[str, str],
+        *,
+        evaluations: Sequence[SplitMetrics] = (),
+        step: int = 0,
+    ) -> str | None:
+        return log_model(self, checkpoint, tags, evaluations=evaluations, step=step)
 
     def finish(self, status: str = "FINISHED") -> None:
         if status not in RunStatus.all_status() and status not in ("FINISHED", "FAILED", "KILLED"):
@@ -236,50 +233,51 @@ class ReadOnlyRun(MlflowRun):
     def finish(self, status: str = "FINISHED") -> None:
         pass
 
-    def log_model(self, checkpoint: Path, tags: Mapping[str, str]) -> str | None:
+    def log_datasets(self, datasets: Sequence[DatasetInfo]) -> None:
+        pass
+
+    def log_model(
+        self,
+        checkpoint: Path,
+        tags: Mapping[str, str],
+        *,
+        evaluations: Sequence[SplitMetrics] = (),
+        step: int = 0,
+    ) -> str | None:
         return None
 
 
-def log_model(run: MlflowRun, deploy_checkpoint: Path, extra_tags: Mapping[str, str] | None = None) -> str:
-    """Log the detector as an MLflow pyfunc model at artifact path ``model`` (``runs:/RUN_ID/model`` loads it).
+def log_model(
+    run: MlflowRun,
+    deploy_checkpoint: Path,
+    extra_tags: Mapping[str, str] | None = None,
+    *,
+    evaluations: Sequence[SplitMetrics] = (),
+    step: int = 0,
+) -> str:
+    """Log the detector as an MLflow pyfunc model named ``model``; returns its URI, ``models:/<model_id>``
+    (``runs:/RUN_ID/model`` loads it too), and logs ``evaluations`` linked to the model and their datasets.
 
-    The model is self-contained: its weights (``artifacts/checkpoint.pt``), the maskssd code, a signature
-    (uint8 images ``(N, H, W, 3)`` in, one row per detection out) and an input example.
+    The model is self-contained: its weights (``artifacts/checkpoint.pt``, with the per-class thresholds),
+    the maskssd code, a signature (one row per detection out; a ``score_threshold`` param) and an input
+    example in the form ``mlflow models serve`` takes (a base64 PNG in column ``image``). Its input has no
+    schema on purpose: it takes encoded images and uint8 arrays alike (:mod:`maskssd.deploy.model_input`).
     """
-    import numpy as np
     import torch
     import torchvision
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
 
     import maskssd
 
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), "images")]),
-        outputs=Schema(
-            [
-                ColSpec("long", "image_index"),
-                ColSpec("double", "x1"),
-                ColSpec("double", "y1"),
-                ColSpec("double", "x2"),
-                ColSpec("double", "y2"),
-                ColSpec("string", "label"),
-                ColSpec("double", "score"),
-            ]
-        ),
-    )
-    example = np.zeros((1, 64, 64, 3), dtype=np.uint8)
     code = Path(maskssd.__file__).parent
-    with mlflow.start_run(run_id=run.run_id), warnings.catch_warnings():
-        # the signature is explicit; MLflow's advice to infer one from type hints does not apply
-        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+    active_before = mlflow.get_active_model_id()
+    with mlflow.start_run(run_id=run.run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(code / "deploy" / "pyfunc.py"),
             artifacts={"checkpoint": str(deploy_checkpoint)},
             code_paths=[str(code)],
-            signature=signature,
-            input_example=example,
+            signature=_model_signature(),
+            input_example=_input_example(),
             pip_requirements=[
                 f"torch=={torch.__version__.split('+')[0]}",
                 f"torchvision=={torchvision.__version__.split('+')[0]}",
@@ -297,7 +295,86 @@ def log_model(run: MlflowRun, deploy_checkpoint: Path, extra_tags: Mapping[str, 
     run.client.update_run(
         run.run_id, status="RUNNING"
     )  # the fluent context closed it; the caller finishes it
+    # validating the input example loaded the model, which made it MLflow's "active model": every metric
+    # logged later in this process (system metrics, the next trial's) would be linked to it
+    with _quiet("mlflow.tracking.fluent"):  # MLflow says so at INFO: noise at the end of every run
+        if active_before is None:
+            mlflow.clear_active_model()
+        else:
+            mlflow.set_active_model(model_id=active_before)
+    log_model_metrics(run.client, run.run_id, info.model_id, evaluations, step)
     return info.model_uri
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Only warnings and errors from ``logger`` while inside."""
+    import logging
+
+    lg = logging.getLogger(logger)
+    level = lg.level
+    lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        lg.setLevel(level)
+
+
+def log_model_metrics(
+    c: MlflowClient, run_id: str, model_id: str, evaluations: Sequence[SplitMetrics], step: int = 0
+) -> None:
+    """Metrics of a logged model on its datasets: the run's metrics too, and the model's (Models tab,
+    ``search_logged_models(order_by=[{"field_name": "metrics.val_map", ...}])``)."""
+    ts = int(time.time() * 1000)
+    items = [
+        Metric(
+            k,
+            float(v),
+            ts,
+            step,
+            model_id=model_id,
+            dataset_name=e.dataset.name if e.dataset else None,
+            dataset_digest=e.dataset.digest if e.dataset else None,
+        )
+        for e in evaluations
+        for k, v in e.metrics.items()
+    ]
+    for i in range(0, len(items), 500):
+        c.log_batch(run_id, metrics=items[i : i + 500])
+
+
+def _model_signature() -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=None,
+        outputs=Schema(
+            [
+                ColSpec("long", "image_index"),
+                ColSpec("double", "x1"),
+                ColSpec("double", "y1"),
+                ColSpec("double", "x2"),
+                ColSpec("double", "y2"),
+                ColSpec("string", "label"),
+                ColSpec("double", "score"),
+            ]
+        ),
+        params=ParamSchema([ParamSpec("score_threshold", "double", None)]),
+    )
+
+
+def _input_example() -> Any:
+    """One small PNG, base64, in column ``image``: what a client of ``mlflow models serve`` sends."""
+    import base64
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (128, 128, 128)).save(buf, format="PNG")
+    return pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode("ascii")]})
 
 
 def runs_table(

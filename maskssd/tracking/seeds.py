@@ -3,7 +3,7 @@ that holds the mean and the standard deviation of every final metric over its se
 
 ``maskssd train CONFIG --seeds 0,1,2`` calls :func:`run_seeds`. The parent run (tag ``maskssd.role=seeds``)
 holds the config (its params, ``config.toml`` and ``config.json``; no ``experiment.seed``), the seed list
-(param ``seeds``), and for every final metric ``K`` its finished children logged (``best_*`` and ``test_*``,
+(param ``seeds``), and for every final metric ``K`` its finished children logged (``val_*`` and ``test_*``,
 written once at a child's final step; confidence-interval metrics named that way included) ``K_mean`` and
 ``K_std`` (the sample standard deviation, ddof 1; NaN for a single seed), ``n_seeds`` (the finished children
 averaged), a tag ``maskssd.children`` listing its children's run ids in seed order and the artifact
@@ -59,8 +59,9 @@ log = logging.getLogger(__name__)
 ROLE_TAG = "maskssd.role"
 SEED_TAG = "maskssd.seed"
 CHILDREN_TAG = "maskssd.children"
-#: A run's final metrics (logged once, at its last step): the selected checkpoint's ``best_*`` and ``test_*``.
-FINAL_PREFIXES = ("best_", "test_")
+#: A run's final metrics (logged once, at its last step): the selected checkpoint's ``val_*`` and ``test_*``
+#: (the per-epoch curves are ``train/*`` and ``val/*``).
+FINAL_PREFIXES = ("val_", "test_")
 
 
 @dataclass
@@ -102,7 +103,7 @@ class _Plan:
 
 # ------------------------------------------------------------------------------------------ reading
 def is_final_metric(key: str) -> bool:
-    return key.startswith(FINAL_PREFIXES)
+    return key.startswith(FINAL_PREFIXES) and "/" not in key
 
 
 def aggregate(metrics: Sequence[Mapping[str, float]]) -> dict[str, float]:

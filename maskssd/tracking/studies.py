@@ -315,11 +315,11 @@ def make_objective(cfg: StudyConfig, base: Path, study_path: Path, parent_id: st
             trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:2000])
             _tag_state(tracking_uri, trial, "FAIL")
             raise
-        key = f"best_{cfg.study.objective}"
-        value = result.metrics.get(key, result.metrics.get(cfg.study.objective))
+        key = cfg.study.objective  # the selected checkpoint's final value (val_map: its validation mAP)
+        value = result.metrics.get(key)
         if value is None or not math.isfinite(value):
             raise MaskSSDError(f"trial produced no finite {key}")
-        for k in ("test_map", "best_val_map", "best_epoch"):
+        for k in ("test_map", "val_map", "best_epoch"):  # the selected checkpoint's final metrics
             if k in result.metrics:
                 trial.set_user_attr(k, result.metrics[k])
         _tag_state(tracking_uri, trial, "COMPLETE")

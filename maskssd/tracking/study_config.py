@@ -91,7 +91,7 @@ class PrunerSpec(_S):
 class StudySection(_S):
     name: str
     experiment: str  # base experiment TOML, relative to the study file
-    objective: str = "val_map"  # the selected checkpoint's value (logged as best_<objective>)
+    objective: str = "val_map"  # the selected checkpoint's value (a final metric; its curve is val/map)
     direction: Literal["maximize", "minimize"] = "maximize"
     n_trials: int = Field(20, ge=1)  # the study's total budget, shared by every worker
     timeout: float = Field(0, ge=0)  # seconds per worker; 0 = none

@@ -164,3 +164,14 @@ def load_detector(
     model = build_model(name, **args)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
+
+
+def with_thresholds(src: str | Path, thresholds: dict[str, float], dst: str | Path) -> Path:
+    """Write the checkpoint ``src`` to ``dst`` with per-class operating thresholds (``"thresholds"``: class
+    name -> score), which :class:`maskssd.deploy.predictor.Predictor` applies by default; atomically."""
+    ckpt = load(src)
+    unknown = sorted(set(thresholds) - set(ckpt.get("class_names", ())))
+    if unknown:
+        raise MaskSSDError(f"thresholds for classes the model does not have: {', '.join(unknown)}")
+    ckpt["thresholds"] = {str(k): float(v) for k, v in thresholds.items()}
+    return atomic_save(ckpt, dst)

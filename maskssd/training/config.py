@@ -181,6 +181,7 @@ class TrainSection(_Section):
     channels_last: bool = False  # NHWC memory format: faster depthwise convolutions on CPU (and tensor cores)
     sync_bn: bool = False  # distributed runs: BatchNorm statistics over all processes' batches
     log_images: int = Field(4, ge=0)  # annotated validation images logged at the end
+    system_metrics: bool = False  # sample CPU/memory/disk/network (GPU) into the run as system/* (MLflow)
 
 
 class EvalSection(_Section):
@@ -407,40 +408,16 @@ def toml_error_line(e: tomllib.TOMLDecodeError, text: str) -> int | None:
 
 
 def dump_toml(d: Mapping[str, Any]) -> str:
-    """A small TOML writer for resolved configs (tables of scalars, lists and inline tables)."""
+    """A resolved config as TOML (``tomli-w``): top-level scalars first, then one table per section."""
+    import tomli_w
 
-    def val(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        if isinstance(v, Mapping):
-            return (
-                "{ "
-                + ", ".join(
-                    f"{json.dumps(k) if not re.fullmatch(r'[A-Za-z0-9_-]+', k) else k} = {val(x)}"
-                    for k, x in v.items()
-                )
-                + " }"
-            )
-        raise TypeError(f"cannot write {type(v)} to TOML")
+    return tomli_w.dumps(_toml_ready(d))
 
-    lines: list[str] = []
-    for section, body in d.items():
-        if isinstance(body, Mapping):
-            sub = {
-                k: v for k, v in body.items() if isinstance(v, Mapping) and k not in ("tags", "class_weights")
-            }
-            lines.append(f"[{section}]")
-            lines += [f"{k} = {val(v)}" for k, v in body.items() if k not in sub]
-            for k, v in sub.items():
-                lines.append(f"\n[{section}.{k}]")
-                lines += [f"{kk} = {val(vv)}" for kk, vv in v.items()]
-            lines.append("")
-        else:
-            lines.insert(0, f"{section} = {val(body)}")
-    return "\n".join(lines)
+
+def _toml_ready(v: Any) -> Any:
+    """JSON-like values TOML can hold: None dropped from tables, tuples as lists."""
+    if isinstance(v, Mapping):
+        return {str(k): _toml_ready(x) for k, x in v.items() if x is not None}
+    if isinstance(v, (list, tuple)):
+        return [_toml_ready(x) for x in v]
+    return v

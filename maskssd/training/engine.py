@@ -136,6 +136,18 @@ class TrainState:
     last_saved_epoch: int = 0
 
 
+def curve_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Per-epoch metrics under their logged names: ``val_map`` -> ``val/map``, ``train_loss`` -> ``train/loss``,
+    the rest (``lr``, timings) under ``train/``. MLflow's run page groups metrics by the prefix before ``/``
+    and shows those sections before the unprefixed ones, so the per-epoch curves come before the selected
+    checkpoint's single-point results (``val_map``, ``test_map``, ``best_epoch``)."""
+    out = {}
+    for key, value in metrics.items():
+        split, sep, rest = key.partition("_")
+        out[f"{split}/{rest}" if sep and split in ("train", "val") else f"train/{key}"] = value
+    return out
+
+
 def _finite(value: torch.Tensor, what: str) -> None:
     if not torch.isfinite(value):
         raise NonFiniteLossError(what)
@@ -416,7 +428,7 @@ class Trainer:
                     metrics.update(val)
                     metrics["lr"] = lr
                     self.state.epoch = epoch
-                    self.logger.log_metrics(metrics, step=epoch)
+                    self.logger.log_metrics(curve_metrics(metrics), step=epoch)
                     if self._improved(epoch, metrics):
                         self._save("best")
                     if epoch % spec.save_every == 0 or epoch == spec.epochs:

@@ -34,7 +34,7 @@ class SplitReport:
     """One split's final evaluation, beyond :class:`EvalResult`: intervals, error analysis, the detections."""
 
     split: str
-    prefix: str  # metric prefix: best_val or test
+    prefix: str  # metric prefix: val or test (the final split)
     result: EvalResult
     detections: list[tuple[str, Detections]]
     annotations: list[Annotation]

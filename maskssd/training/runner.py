@@ -43,7 +43,7 @@ from maskssd.training.checkpoint import atomic_save, load
 from maskssd.training.config import ExperimentConfig
 from maskssd.training.engine import Trainer, TrainSpec, build_optimizer, build_scheduler, evaluate
 from maskssd.training.final_report import SplitReport, log_report, report_split
-from maskssd.training.tracker import Tracker
+from maskssd.training.tracker import DatasetInfo, SplitMetrics, Tracker
 
 __all__ = [
     "EvalHook",
@@ -54,6 +54,7 @@ __all__ = [
     "build_loader",
     "build_loss",
     "checkpoint_root",
+    "dataset_infos",
     "deploy_checkpoint",
     "resolve_data_root",
     "sigterm_as_interrupt",
@@ -79,7 +80,8 @@ class RunResult:
 
 @dataclass
 class FinalEvaluation:
-    """The selected checkpoint's evaluation: what the CLI prints and what is logged as ``best_*`` / ``test_*``."""
+    """The selected checkpoint's evaluation: what the CLI prints and what is logged as ``val_*`` / ``test_*``
+    (with the model and its datasets; the per-epoch curves are ``val/*``)."""
 
     class_names: tuple[str, ...]
     val: EvalResult
@@ -187,9 +189,12 @@ def build_loss(
     )
 
 
-def deploy_checkpoint(ckpt: Mapping[str, Any], cfg: ExperimentConfig) -> dict[str, Any]:
-    """The part of a training checkpoint a deployed model needs: weights, how to rebuild, classes, decoding."""
-    return {
+def deploy_checkpoint(
+    ckpt: Mapping[str, Any], cfg: ExperimentConfig, thresholds: Mapping[str, float] | None = None
+) -> dict[str, Any]:
+    """The part of a training checkpoint a deployed model needs: weights, how to rebuild, classes, decoding,
+    and the per-class operating thresholds (fitted on validation) where known."""
+    out = {
         "format": 1,
         "model": ckpt["model"],
         "build_args": ckpt["build_args"],
@@ -197,6 +202,28 @@ def deploy_checkpoint(ckpt: Mapping[str, Any], cfg: ExperimentConfig) -> dict[st
         "decode": asdict(DecodeSpec.from_config(cfg.eval)),
         "epoch": ckpt["epoch"],
         "config": cfg.model_dump(mode="json"),
+    }
+    if thresholds:
+        out["thresholds"] = {str(k): float(v) for k, v in thresholds.items()}
+    return out
+
+
+def dataset_infos(
+    cfg: ExperimentConfig, root: Path, datasets: Mapping[str, FaceMaskDataset]
+) -> dict[str, DatasetInfo]:
+    """Each split a run uses, as lineage: named ``ROOT_NAME/SPLIT_NAME/SPLIT``, its digest the split hash, its
+    source the data root, its profile the images and boxes per class."""
+    root = root.resolve()
+    digest = split_digest(root, cfg.data.split_name)
+    return {
+        split: DatasetInfo(
+            name=f"{root.name}/{cfg.data.split_name}/{split}",
+            digest=digest,
+            source=str(root),
+            split=split,
+            profile={"images": len(ds), "boxes": dict(ds.class_box_counts())},
+        )
+        for split, ds in datasets.items()
     }
 
 
@@ -333,6 +360,7 @@ def _log_start(cfg: ExperimentConfig, parts: _Parts, tracker: Tracker, world: in
             "model": cfg.model.name,
         }
     )
+    tracker.log_datasets(list(dataset_infos(cfg, parts.root, parts.datasets).values()))
     tracker.log_text(cfg.to_toml(), "config.toml")
     tracker.log_dict(cfg.model_dump(mode="json"), "config.json")
     r = parts.report
@@ -374,14 +402,14 @@ def _finish(
     info: distributed.DistInfo,
     device: torch.device,
 ) -> RunResult:
-    """Evaluate the selected checkpoint on val and, once, on the final split; log plots and the model."""
+    """Evaluate the selected checkpoint on val and, once, on the final split; log plots, the operating
+    thresholds (fitted on val), the model and, linked to it and to their datasets, the final metrics."""
     ckpt = None
     if info.is_main:
         best_path = ckpt_dir / "best.pt"
         ckpt = load(best_path if best_path.is_file() else ckpt_dir / "last.pt")
     ckpt = distributed.broadcast_object(ckpt)
     parts.model.load_state_dict(ckpt["model"])
-    final: dict[str, float] = {"best_epoch": float(ckpt["epoch"])}
     kw = {
         "class_names": cfg.class_names,
         "device": device,
@@ -394,7 +422,7 @@ def _finish(
     }
     collected: dict[str, list[tuple[str, Any]]] = {"val": []}
     val_metrics, val_result = evaluate(parts.model, parts.trainer.val_loader, collect=collected["val"], **kw)
-    final.update({f"best_{k}": v for k, v in val_metrics.items()})
+    test_metrics: dict[str, float] = {}
     test_result = None
     if cfg.data.final_split == "test":  # the only touch of the test split: the selected checkpoint, once
         loader = build_loader(
@@ -409,36 +437,65 @@ def _finish(
         test_metrics, test_result = evaluate(
             parts.model, loader, prefix="test", collect=collected["test"], **kw
         )
-        final.update(test_metrics)
     assert val_result is not None
     evaluation = FinalEvaluation(cfg.class_names, val_result, test_result, cfg.data.final_split)
     model_uri = None
     if info.is_main:
-        for split, result in (("val", val_result), ("test", test_result)):
+        for split, result, metrics in (("val", val_result, val_metrics), ("test", test_result, test_metrics)):
             if result is not None:
                 evaluation.reports[split] = report_split(
                     cfg,
                     split=split,
-                    prefix="best_val" if split == "val" else split,
+                    prefix=split,
                     result=result,
                     detections=collected[split],
                     annotations=parts.datasets[split].annotations,
                     root=parts.root,
                 )
-                final.update(evaluation.reports[split].metrics)
-        tracker.log_metrics(final, step=int(ckpt["epoch"]))
-        tracker.set_tags(
-            {
-                "best_checkpoint": "best.pt" if (ckpt_dir / "best.pt").is_file() else "last.pt",
-                "best_epoch": str(ckpt["epoch"]),
-            }
-        )
+                metrics.update(evaluation.reports[split].metrics)  # intervals, AP by size, recall
         _log_plots(tracker, parts, evaluation, cfg, ckpt_dir)
-        if log_model:
-            deploy = atomic_save(deploy_checkpoint(ckpt, cfg), ckpt_dir / "model.pt")
-            model_uri = tracker.log_model(deploy, {"config_hash": cfg.digest(), "run_id": tracker.run_id})
+        model_uri = _log_final(
+            cfg, parts, tracker, ckpt, ckpt_dir, (val_metrics, test_metrics), collected["val"], log_model
+        )
     distributed.barrier()
+    final = {"best_epoch": float(ckpt["epoch"]), **val_metrics, **test_metrics}
     return RunResult(tracker.run_id, "FINISHED", final, int(ckpt["epoch"]), model_uri, evaluation=evaluation)
+
+
+def _log_final(
+    cfg: ExperimentConfig,
+    parts: _Parts,
+    tracker: Tracker,
+    ckpt: Mapping[str, Any],
+    ckpt_dir: Path,
+    metrics: tuple[dict[str, float], dict[str, float]],
+    collected: list[tuple[str, Any]],
+    log_model: bool,
+) -> str | None:
+    """The selected checkpoint's record: best epoch, thresholds, and the model with its val/test metrics."""
+    from maskssd.evaluation.thresholds import fit_on_annotations, thresholds_of
+
+    epoch = int(ckpt["epoch"])
+    tracker.log_metrics({"best_epoch": float(epoch)}, step=epoch)
+    tracker.set_tags(
+        {
+            "best_checkpoint": "best.pt" if (ckpt_dir / "best.pt").is_file() else "last.pt",
+            "best_epoch": str(epoch),
+        }
+    )
+    fits = fit_on_annotations(collected, parts.datasets["val"].annotations, cfg.class_names)
+    tracker.log_dict({c: asdict(f) for c, f in fits.items()}, "thresholds.json")
+    datasets = dataset_infos(cfg, parts.root, parts.datasets)
+    val_metrics, test_metrics = metrics
+    evaluations = [SplitMetrics(datasets.get("val"), val_metrics)]
+    if test_metrics:
+        evaluations.append(SplitMetrics(datasets.get("test"), test_metrics))
+    if not log_model:
+        tracker.log_metrics({**val_metrics, **test_metrics}, step=epoch)
+        return None
+    deploy = atomic_save(deploy_checkpoint(ckpt, cfg, thresholds_of(fits)), ckpt_dir / "model.pt")
+    tags = {"config_hash": cfg.digest(), "run_id": tracker.run_id}
+    return tracker.log_model(deploy, tags, evaluations=evaluations, step=epoch)
 
 
 def _log_plots(

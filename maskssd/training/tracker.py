@@ -4,13 +4,33 @@ everything, for runs that record nothing)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from maskssd.errors import MaskSSDError
 
-__all__ = ["NullTracker", "RunLogger", "Tracker"]
+__all__ = ["DatasetInfo", "NullTracker", "RunLogger", "SplitMetrics", "Tracker"]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One split a run saw, as lineage: MLflow logs it as a run input and keys the model's metrics by it."""
+
+    name: str  # e.g. "face-mask-detection/paper/val"
+    digest: str  # the split lists' hash (maskssd.data.split_digest)
+    source: str  # the dataset root
+    split: str  # train, val or test (the input's context)
+    profile: Mapping[str, Any] = field(default_factory=dict)  # images and boxes per class
+
+
+@dataclass(frozen=True)
+class SplitMetrics:
+    """The selected checkpoint's metrics on one split: logged with the model and that split's dataset."""
+
+    dataset: DatasetInfo | None
+    metrics: Mapping[str, float]
 
 
 class RunLogger(Protocol):
@@ -40,7 +60,21 @@ class Tracker(RunLogger, Protocol):
 
     def download(self, artifact_path: str, dst: str | Path) -> Path: ...
 
-    def log_model(self, checkpoint: Path, tags: Mapping[str, str]) -> str | None: ...
+    def log_datasets(self, datasets: Sequence[DatasetInfo]) -> None:
+        """The splits the run trains and evaluates on (lineage: what the run saw)."""
+        ...
+
+    def log_model(
+        self,
+        checkpoint: Path,
+        tags: Mapping[str, str],
+        *,
+        evaluations: Sequence[SplitMetrics] = (),
+        step: int = 0,
+    ) -> str | None:
+        """Log the deployable model and its final metrics (``evaluations``, at ``step``) linked to it and to
+        their datasets; returns the model's URI."""
+        ...
 
 
 class NullTracker:
@@ -76,5 +110,15 @@ class NullTracker:
     def download(self, artifact_path: str, dst: str | Path) -> Path:
         raise MaskSSDError(f"untracked run: no artifact {artifact_path!r}")
 
-    def log_model(self, checkpoint: Path, tags: Mapping[str, str]) -> str | None:
+    def log_datasets(self, datasets: Sequence[DatasetInfo]) -> None:
+        pass
+
+    def log_model(
+        self,
+        checkpoint: Path,
+        tags: Mapping[str, str],
+        *,
+        evaluations: Sequence[SplitMetrics] = (),
+        step: int = 0,
+    ) -> str | None:
         return None

@@ -1,0 +1,91 @@
+"""``maskssd evaluate`` beyond the AP table: per-class operating thresholds (``--fit-thresholds [--out]``) and
+the results as JSON (``--json``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from maskssd.cli.commands import err, out
+from maskssd.errors import MaskSSDError
+
+
+def check_args(a: argparse.Namespace) -> None:
+    """Refuse threshold options that cannot mean anything, before any work."""
+    if a.out and not a.fit_thresholds:
+        raise MaskSSDError("--out writes the model with fitted thresholds: add --fit-thresholds")
+    if a.fit_thresholds and a.split != "val":
+        raise MaskSSDError(
+            f"--fit-thresholds fits on the validation split (--split val), not {a.split}: thresholds chosen "
+            "on the test split would leak it into the model"
+        )
+
+
+def fit_thresholds(
+    a: argparse.Namespace, ckpt_path: Path, pred: Any, collected: list, annotations: list
+) -> dict[str, Any]:
+    """Fit per-class F1-maximising thresholds on the evaluated (validation) detections; write ``--out``."""
+    from maskssd.evaluation.thresholds import fit_on_annotations, thresholds_of
+    from maskssd.training.checkpoint import with_thresholds
+
+    fits = fit_on_annotations(collected, annotations, pred.class_names)
+    written = with_thresholds(ckpt_path, thresholds_of(fits), a.out) if a.out else None
+    if not a.json:
+        t = Table(title="operating thresholds: per class, the score maximising F1 at IoU > 0.5 on val")
+        for col in ("class", "threshold", "F1", "precision", "recall", "objects"):
+            t.add_column(col, justify="right" if col != "class" else "left")
+        for c in pred.class_names:
+            f = fits.get(c)
+            if f is None:
+                t.add_row(c, "-", "-", "-", "-", "no true positive: the default applies")
+            else:
+                cells = (f.threshold, f.f1, f.precision, f.recall)
+                t.add_row(c, *[f"{v:.3f}" for v in cells], str(f.n_gt))
+        out.print(t)
+        if written:
+            out.print(f"wrote {written}: detect and serve use these thresholds by default", highlight=False)
+        else:
+            err.print("add --out NEW.pt to write the model with these thresholds", highlight=False)
+    return {"fits": {c: asdict(f) for c, f in fits.items()}, "out": str(written) if written else None}
+
+
+def print_json(a: argparse.Namespace, pred: Any, result: Any, images: int, extra: dict[str, Any]) -> None:
+    """The evaluation as one JSON document on stdout (NaN as null)."""
+    doc = {
+        "model": str(a.model),
+        "data": str(a.data),
+        "split_name": a.split_name,
+        "split": a.split,
+        "images": images,
+        "map": result.map,
+        "map_voc12": result.map_voc12,
+        "map_coco": result.map_coco,
+        "ap50_coco": result.ap50_coco,
+        "classes": {
+            c: {
+                "ap": result.ap[c],
+                "ap_voc12": result.ap_voc12[c],
+                "ap_coco": result.ap_coco.get(c),
+                "objects": result.n_gt[c],
+            }
+            for c in pred.class_names
+        },
+        **extra,
+    }
+    print(json.dumps(_finite(doc), indent=1))
+
+
+def _finite(v: Any) -> Any:
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
