@@ -121,7 +121,7 @@ def test_resuming_a_parent_finishes_only_the_interrupted_seed(workdir, synth_roo
     assert [k.info.run_id for k in after] == [first.info.run_id, second.info.run_id]  # no new run
     assert after[0].data.metrics == first.data.metrics and after[0].info.end_time == first.info.end_time
     assert after[1].info.status == "FINISHED"
-    assert [m.step for m in c.get_metric_history(second.info.run_id, "train_loss")] == [1, 2]
+    assert [m.step for m in c.get_metric_history(second.info.run_id, "train/loss")] == [1, 2]
     p = c.get_run(parent_id)
     assert p.info.status == "FINISHED" and p.data.metrics["n_seeds"] == 2
     values = [k.data.metrics["val_loss"] for k in after]
