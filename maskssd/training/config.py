@@ -50,6 +50,7 @@ class SynthSection(_Section):
     )  # the real imbalance
     face_size: list[float] = Field(default_factory=lambda: [0.06, 0.35], min_length=2, max_length=2)
     faces_per_image: list[int] = Field(default_factory=lambda: [1, 6], min_length=2, max_length=2)
+    image_size: list[int] = Field(default_factory=lambda: [256, 480], min_length=2, max_length=2)  # long side
 
 
 class DataSection(_Section):

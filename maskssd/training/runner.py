@@ -110,6 +110,7 @@ def resolve_data_root(cfg: ExperimentConfig) -> Path:
             class_probs=tuple(syn.class_probs),
             face_size=tuple(syn.face_size),
             faces_per_image=tuple(syn.faces_per_image),
+            image_size=tuple(syn.image_size),
             classes=tuple(cfg.class_names),
         )
     if not root.exists():
