@@ -1,8 +1,10 @@
 """Benchmark: one CPU training step (forward, MultiBox loss, backward, SGD) with glibc's default allocator vs
-with ``maskssd.runtime.tune_cpu_allocator`` (what every ``maskssd`` command does at start).
+with ``maskssd.runtime.tune_cpu_allocator`` (what every ``maskssd`` command does at start), and with the
+forward in bfloat16 autocast (``train.cpu_bf16``) vs float32.
 
 The allocator setting is per process, so each case runs in its own child process of this script, one after
-the other, on the same inputs. Run: ``.venv/bin/python -m benchmarks.train_step [--quick] [--model NAME]``.
+the other, on the same inputs. Run: ``.venv/bin/python -m benchmarks.train_step [--quick] [--model NAME]
+[--cases allocator,tuned,bf16]``.
 """
 
 from __future__ import annotations
@@ -16,28 +18,43 @@ import sys
 from benchmarks._timing import add_threads_arg, machine, median_time, print_table
 
 
-def child(model_name: str, batch: int, size: int, repeat: int, threads: int | None) -> None:
+def child(
+    model_name: str,
+    batch: int,
+    size: int,
+    repeat: int,
+    threads: int | None,
+    bf16: bool,
+    freeze_stages: int = 0,
+    channels_last: bool = False,
+) -> None:
     import torch
 
     from maskssd.runtime import tune_cpu_allocator
     from maskssd.ssd.loss import MultiBoxLoss
     from maskssd.ssd.models import build_model
+    from maskssd.training.engine import autocast
 
     tuned = tune_cpu_allocator()
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = build_model(model_name, num_classes=4, input_size=size).train()
+    model = build_model(model_name, num_classes=4, input_size=size, freeze_stages=freeze_stages).train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     loss_fn = MultiBoxLoss(model.priors_cxcy)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=g)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
     xy = torch.rand(batch, 3, 2, generator=g) * 0.6
     boxes = [torch.cat([c, c + 0.1 + 0.2 * torch.rand(3, 2, generator=g)], 1) for c in xy]
     labels = [torch.randint(1, 4, (3,), generator=g) for _ in range(batch)]
 
     def step() -> None:
-        locs, scores = model(images)
+        with autocast(torch.device("cpu"), False, cpu_bf16=bf16):
+            locs, scores = model(images)
         out = loss_fn(locs, scores, boxes, labels)
         opt.zero_grad(set_to_none=True)
         out.total.backward()
@@ -53,15 +70,35 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=384)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="batch 4 at 256 px, 3 steps")
+    parser.add_argument(
+        "--cases",
+        default="allocator,tuned,bf16",
+        help="comma-separated: allocator (glibc's defaults), tuned (maskssd's setting, float32), "
+        "bf16 (tuned, forward in bfloat16 autocast)",
+    )
+    parser.add_argument(
+        "--freeze-stages", type=int, default=0, help="frozen backbone stages (the CPU config: 3)"
+    )
+    parser.add_argument("--channels-last", action="store_true", help="NHWC model and input (the CPU config)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
     add_threads_arg(parser, allocator=False)  # this benchmark compares the two allocator settings itself
     args = parser.parse_args()
     if args.quick:
         args.batch, args.size, args.repeat = 4, 256, 3
     if args.child:
-        return child(args.model, args.batch, args.size, args.repeat, args.threads)
+        return child(
+            args.model,
+            args.batch,
+            args.size,
+            args.repeat,
+            args.threads,
+            args.bf16,
+            args.freeze_stages,
+            args.channels_last,
+        )
 
-    def run(tuning: str) -> dict:
+    def run(tuning: str, bf16: bool = False) -> dict:
         cmd = [
             sys.executable,
             __file__,
@@ -77,28 +114,57 @@ def main() -> None:
         ]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
+        if bf16:
+            cmd.append("--bf16")
+        cmd += ["--freeze-stages", str(args.freeze_stages)] + (
+            ["--channels-last"] if args.channels_last else []
+        )
         env = {**os.environ, "MASKSSD_MALLOC_TUNING": tuning}
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    base, tuned = run("0"), run("1")
-    name = "glibc default allocator"
-    rows = [
-        {
-            "name": name,
-            "seconds": base["seconds"],
-            "note": "freed blocks > 128 KiB-32 MiB go back to the kernel",
-        },
-        {
-            "name": "maskssd tune_cpu_allocator",
-            "baseline": name,
-            "seconds": tuned["seconds"],
-            "note": "freed memory stays in the process" if tuned["tuned"] else "NOT applied (not glibc?)",
-        },
-    ]
+    cases = set(args.cases.split(","))
+    if args.threads:  # the children run the steps; this makes the title say how many threads they use
+        import torch
+
+        torch.set_num_threads(args.threads)
+    name, tuned_name = "glibc default allocator", "maskssd tune_cpu_allocator"
+    rows = []
+    if "allocator" in cases:
+        rows.append(
+            {
+                "name": name,
+                "seconds": run("0")["seconds"],
+                "note": "freed blocks > 128 KiB-32 MiB go back to the kernel",
+            }
+        )
+    if "tuned" in cases:
+        tuned = run("1")
+        rows.append(
+            {
+                "name": tuned_name,
+                "baseline": name if "allocator" in cases else None,
+                "seconds": tuned["seconds"],
+                "note": "freed memory stays in the process" if tuned["tuned"] else "NOT applied (not glibc?)",
+            }
+        )
+    if "bf16" in cases:
+        from maskssd.training.engine import cpu_supports_bf16
+
+        rows.append(
+            {
+                "name": "tuned + bfloat16 autocast (train.cpu_bf16)",
+                "baseline": tuned_name if "tuned" in cases else None,
+                "seconds": run("1", bf16=True)["seconds"],
+                "note": "CPU has bf16 instructions"
+                if cpu_supports_bf16()
+                else "no bf16 instructions: emulated",
+            }
+        )
+    layout = f", {args.freeze_stages} frozen stages" + (", channels_last" if args.channels_last else "")
     print_table(
-        f"One training step: {args.model}, batch {args.batch} x {args.size} px, forward + loss + backward + "
-        f"SGD ({machine()}; median of {args.repeat})",
+        f"One training step: {args.model}, batch {args.batch} x {args.size} px{layout}, forward + loss + "
+        f"backward + SGD ({machine()}; median of {args.repeat})",
         rows,
     )
 

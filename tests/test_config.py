@@ -152,6 +152,34 @@ def test_neck_keys_reach_the_model_and_default_off_adds_nothing(tmp_path):
     }
 
 
+def test_training_levers_default_off_and_refuse_bad_values(tmp_path):
+    """Issue 16's training levers are off unless set; their impossible values name the key."""
+    cfg = load_config(REPO / "experiments" / "cpu_effnet_lite0.toml")
+    off = (
+        cfg.data.repeat_factor_threshold,
+        cfg.augment.copy_paste_p,
+        cfg.loss.class_balance_beta,
+        cfg.train.ema_decay,
+        cfg.train.progressive_sizes,
+        cfg.train.cpu_bf16,
+    )
+    assert off == (0.0, 0.0, 0.0, 0.0, [], False) and cfg.schedule.name == "cosine"
+    p = write(tmp_path, BASE)
+    for override, key in [
+        ("data.repeat_factor_threshold=-0.1", "data.repeat_factor_threshold"),
+        ("augment.copy_paste_classes=['nobody']", "augment.copy_paste_classes"),
+        ("augment.copy_paste_scale=[1.2, 0.8]", "augment.copy_paste_scale"),
+        ("loss.class_balance_beta=1.0", "loss.class_balance_beta"),
+        ("train.ema_decay=1.0", "train.ema_decay"),
+        ("schedule.name='sgdr'", "schedule.name"),
+        ("schedule.restart_mult=0.5", "schedule.restart_mult"),
+        ("train.progressive_sizes=[128]", "train.progressive_sizes"),
+    ]:
+        assert error_of(p, [override]).key == key, override
+    e = error_of(p, ["model.input_size=128", "train.progressive_sizes=[96, 112]"])
+    assert e.key == "train.progressive_sizes" and "128" in str(e)
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_experiments_validate(path):
     cfg = load_config(path)

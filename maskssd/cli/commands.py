@@ -26,6 +26,11 @@ err = Console(stderr=True)
 
 # --------------------------------------------------------------------------------------------- train
 def cmd_train(a: argparse.Namespace) -> int:
+    from maskssd.ssd.warmup import compile_in_background
+
+    # first of all: a fresh install compiles its CPU kernels in a child process while this one imports torch and
+    # MLflow, opens the run and prepares the data, instead of at the first training step
+    compile_in_background()
     from maskssd.errors import TrainingInterrupted
     from maskssd.tracking.experiment import run_experiment
     from maskssd.training.config import load_config

@@ -80,6 +80,10 @@ class FaceMaskDataset(torch.utils.data.Dataset):
         self.classes = tuple(classes)
         self.cache_images = cache_images
         self.max_pixels = max_pixels
+        #: ``(raw sample, seed) -> sample`` before the transform (copy-paste, :mod:`maskssd.data.copy_paste`)
+        self.sample_step: Callable[[Sample, int], Sample] | None = None
+        #: output size -> training transform, for keys ``(seed, index, size)`` (progressive resizing)
+        self.size_transforms: dict[int, Transform] | None = None
 
     @classmethod
     def from_root(
@@ -131,17 +135,27 @@ class FaceMaskDataset(torch.utils.data.Dataset):
             "size": (ann.width, ann.height),
         }
 
-    def __getitem__(self, key: int | tuple[int, int]) -> Sample:
-        """``dataset[i]``, or ``dataset[(seed, i)]`` to draw the augmentation from a fixed seed."""
-        seed, index = key if isinstance(key, tuple) else (None, key)
+    def __getitem__(self, key: int | tuple[int, int] | tuple[int, int, int]) -> Sample:
+        """``dataset[i]``, or ``dataset[(seed, i)]`` to draw the augmentation from a fixed seed, or
+        ``dataset[(seed, i, size)]`` to end at another output size (``size_transforms``, progressive resizing).
+
+        ``sample_step`` (copy-paste) runs on the raw sample first, with the sample's seed."""
+        seed, index, *size = key if isinstance(key, tuple) else (None, key)
         sample = self.raw_sample(index)
-        if self.transform is None:
+        if self.sample_step is not None:
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, ()))
+            sample = self.sample_step(sample, seed)
+        transform = self.transform
+        if size and self.size_transforms is not None:
+            transform = self.size_transforms[size[0]]
+        if transform is None:
             return sample
         if seed is None:
-            return self.transform(sample)
+            return transform(sample)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.transform(sample)
+            return transform(sample)
 
     def class_box_counts(self) -> dict[str, int]:
         counts = Counter(int(x) for a in self.annotations for x in a.labels)
@@ -187,6 +201,8 @@ class SeededSampler(torch.utils.data.Sampler):
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self.rank, self.num_replicas, self.drop_last, self.pad = rank, num_replicas, drop_last, pad
         self.epoch = 0
+        #: epoch -> output size; keys become ``(seed, index, size)`` (progressive resizing); None: ``(seed, index)``
+        self.size_of_epoch: Callable[[int], int] | None = None
         if not pad:  # uneven shards, every index exactly once (evaluation)
             self.num_samples = len(range(rank, n, num_replicas))
         else:
@@ -206,9 +222,16 @@ class SeededSampler(torch.utils.data.Sampler):
             order = list(range(self.n))
         if not self.pad:
             for index in order[self.rank :: self.num_replicas]:
-                yield sample_seed(self.seed, self.epoch, index), index
+                yield self.key(index)
             return
         total = self.num_samples * self.num_replicas
         order = (order + order[: max(total - len(order), 0)])[:total]
         for index in order[self.rank : total : self.num_replicas]:
-            yield sample_seed(self.seed, self.epoch, index), index
+            yield self.key(index)
+
+    def key(self, index: int, copy: int = 0) -> tuple[int, ...]:
+        """The dataset key of ``index`` this epoch; ``copy`` > 0 numbers its repeats (another augmentation)."""
+        seed = sample_seed(self.seed, self.epoch, index + copy * self.n)
+        if self.size_of_epoch is None:
+            return seed, index
+        return seed, index, self.size_of_epoch(self.epoch)

@@ -8,11 +8,13 @@ its ``priors_cxcy`` buffer.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from maskssd.errors import MaskSSDError
 from maskssd.ssd.postprocess import DecodeSpec, Detections, postprocess
 from maskssd.ssd.priors import PriorSpec
 
@@ -43,6 +45,25 @@ class SSDDetector(nn.Module):
             "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
         )
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def feature_map_sizes(self, input_size: int) -> tuple[int, ...]:
+        """The side of each feature map at ``input_size`` (models with fixed default boxes refuse any other)."""
+        if input_size == self.input_size:
+            return tuple(self.prior_spec.feature_maps)
+        raise MaskSSDError(
+            f"{type(self).__name__} takes {self.input_size} px inputs only (fixed default boxes)"
+        )
+
+    def priors_for(self, input_size: int) -> torch.Tensor:
+        """Default boxes ``(P, 4)`` for inputs of ``input_size``: the same scales and aspect ratios on the feature
+        maps that size gives (progressive resizing); cached per size."""
+        if input_size == self.input_size:
+            return self.priors_cxcy
+        cache = self.__dict__.setdefault("_priors_by_size", {})
+        if input_size not in cache:
+            spec = replace(self.prior_spec, feature_maps=self.feature_map_sizes(input_size))
+            cache[input_size] = spec.priors()
+        return cache[input_size].to(self.priors_cxcy.device)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std

@@ -28,6 +28,22 @@ def _dw_pred(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(conv_bn(cin, cin, 3, 1, groups=cin), nn.Conv2d(cin, cout, 1))
 
 
+def _probe_sizes(backbone: Backbone, extras: nn.ModuleList, input_size: int) -> list[int]:
+    """The side of each map (backbone, then extras) for a square input: a forward of zeros in eval mode (the
+    backbone's mode is restored, the extras are left in eval mode)."""
+    with torch.no_grad():
+        probe_mode = backbone.training
+        backbone.eval()
+        x = backbone(torch.zeros(1, 3, input_size, input_size, device=next(backbone.parameters()).device))
+        fmaps = [f.shape[-1] for f in x]
+        y = x[-1]
+        for e in extras.eval():
+            y = e(y)
+            fmaps.append(y.shape[-1])
+        backbone.train(probe_mode)
+    return fmaps
+
+
 class SSDLite(SSDDetector):
     """SSDLite: a backbone's maps plus depthwise-separable extra layers and heads (MobileNetV2 paper, sec. 6.3).
 
@@ -55,16 +71,7 @@ class SSDLite(SSDDetector):
             extras.append(_dw_extra(channels[-1], c))
             channels.append(c)
         extras_m = nn.ModuleList(extras)
-        with torch.no_grad():  # feature-map sizes of this input size, for the priors
-            probe_mode = backbone.training
-            backbone.eval()
-            x = backbone(torch.zeros(1, 3, input_size, input_size))
-            fmaps = [f.shape[-1] for f in x]
-            y = x[-1]
-            for e in extras_m.eval():
-                y = e(y)
-                fmaps.append(y.shape[-1])
-            backbone.train(probe_mode)
+        fmaps = _probe_sizes(backbone, extras_m, input_size)  # feature-map sizes of this input size
         ratios = tuple(tuple(aspect_ratios) for _ in fmaps)
         if scales is not None:
             if len(scales) != len(fmaps):
@@ -98,6 +105,16 @@ class SSDLite(SSDDetector):
         bias = math.log(background_prior * (num_classes - 1) / (1 - background_prior))
         for head, b in zip(self.cls_head, nb):
             head[-1].bias.data.view(b, num_classes)[:, 0] = bias
+
+    def feature_map_sizes(self, input_size: int) -> tuple[int, ...]:
+        """The side of each feature map at ``input_size``: the model is fully convolutional, any size works.
+        Every module's train/eval mode is as before afterwards."""
+        modes = [(m, m.training) for m in self.modules()]
+        try:
+            return tuple(_probe_sizes(self.backbone, self.extras, input_size))
+        finally:
+            for m, mode in modes:
+                m.training = mode
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.backbone(self.normalize(images))

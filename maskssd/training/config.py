@@ -50,6 +50,7 @@ class SynthSection(_Section):
     )  # the real imbalance
     face_size: list[float] = Field(default_factory=lambda: [0.06, 0.35], min_length=2, max_length=2)
     faces_per_image: list[int] = Field(default_factory=lambda: [1, 6], min_length=2, max_length=2)
+    image_size: list[int] = Field(default_factory=lambda: [256, 480], min_length=2, max_length=2)  # long side
 
 
 class DataSection(_Section):
@@ -63,6 +64,8 @@ class DataSection(_Section):
     num_workers: int = Field(0, ge=0)
     cache_images: bool = True
     final_split: Literal["val", "test", "none"] = "test"
+    # repeat-factor sampling (LVIS): images with classes in under this fraction of images repeat; 0 = off
+    repeat_factor_threshold: float = Field(0.0, ge=0, le=1)
 
     @field_validator("classes")
     @classmethod
@@ -78,6 +81,18 @@ class AugmentSection(_Section):
     zoom_out_max: float = Field(4.0, ge=1)
     iou_crop_p: float = Field(1.0, ge=0, le=1)
     hflip_p: float = Field(0.5, ge=0, le=1)
+    # copy-paste of faces of copy_paste_classes (default: the rarest in the training split), before the above
+    copy_paste_p: float = Field(0.0, ge=0, le=1)  # probability per training image; 0 = off
+    copy_paste_classes: list[str] = Field(default_factory=list)
+    copy_paste_max: int = Field(2, ge=1)  # faces pasted per image, at most
+    copy_paste_scale: list[float] = Field(default_factory=lambda: [0.8, 1.25], min_length=2, max_length=2)
+
+    @field_validator("copy_paste_scale")
+    @classmethod
+    def _scale_range(cls, v: list[float]) -> list[float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError("needs 0 < low <= high")
+        return v
 
 
 class ModelSection(_Section):
@@ -142,6 +157,8 @@ class LossSection(_Section):
     loc_loss: Literal["l1", "smooth_l1"] = "l1"
     focal_gamma: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # class-balanced weights (Cui et al. 2019): (1 - beta) / (1 - beta ** boxes), most frequent class = 1; 0 = off
+    class_balance_beta: float = Field(0.0, ge=0, lt=1)
 
     @field_validator("class_weights")
     @classmethod
@@ -163,12 +180,17 @@ class OptimSection(_Section):
 
 
 class ScheduleSection(_Section):
-    name: Literal["constant", "multistep", "cosine"] = "constant"
+    name: Literal["constant", "multistep", "cosine", "onecycle", "cosine_restarts"] = "constant"
     decay_lr_at: list[int] = Field(default_factory=list)  # epochs (multistep)
     decay_lr_to: float = Field(0.1, gt=0, le=1)  # factor applied at each of decay_lr_at
     min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine floor, as a fraction of lr
     warmup_epochs: float = Field(0.0, ge=0)  # linear warm-up from warmup_start_ratio * lr
     warmup_start_ratio: float = Field(0.001, gt=0, le=1)
+    pct_start: float = Field(
+        0.3, gt=0, lt=1
+    )  # onecycle: the share of training rising from warmup_start_ratio
+    restart_epochs: float = Field(10.0, gt=0)  # cosine_restarts: the first period, in epochs
+    restart_mult: float = Field(1.0, ge=1)  # cosine_restarts: each period this many times the previous one
 
 
 class TrainSection(_Section):
@@ -182,6 +204,23 @@ class TrainSection(_Section):
     sync_bn: bool = False  # distributed runs: BatchNorm statistics over all processes' batches
     log_images: int = Field(4, ge=0)  # annotated validation images logged at the end
     system_metrics: bool = False  # sample CPU/memory/disk/network (GPU) into the run as system/* (MLflow)
+    cpu_bf16: bool = (
+        False  # bfloat16 autocast of forward + loss on CPUs with bf16 instructions (AVX512-BF16, AMX)
+    )
+    # an exponential moving average of the weights, evaluated and checkpointed; 0 = off (e.g. 0.9998)
+    ema_decay: float = Field(0.0, ge=0, lt=1)
+    ema_warmup_steps: float = Field(2000.0, ge=0)  # decay * (1 - exp(-updates / this)); 0 = no warm-up
+    # progressive resizing: training input sizes stepped through over the first progressive_until of the
+    # epochs; the last is the model's input_size (validation and the epochs after)
+    progressive_sizes: list[int] = Field(default_factory=list)
+    progressive_until: float = Field(0.6, gt=0, le=1)
+
+    @field_validator("progressive_sizes")
+    @classmethod
+    def _sizes(cls, v: list[int]) -> list[int]:
+        if v and (len(v) < 2 or any(s < 32 for s in v)):
+            raise ValueError("needs two sizes or more (the last is the model's input_size), each >= 32")
+        return v
 
 
 class EvalSection(_Section):
@@ -222,17 +261,24 @@ class ExperimentConfig(_Section):
         """Cross-entropy weights by class index (background first), or None when all are 1.
 
         Explicit ``loss.class_weights`` win; other classes get ``(max count / count) ** class_weight_exponent``
-        from the training split's ``box_counts`` when the exponent is set.
+        from the training split's ``box_counts`` when the exponent is set, or the class-balanced weight
+        ``(1 - beta) / (1 - beta ** count)`` relative to the most frequent class's when ``class_balance_beta``
+        is.
         """
-        w, exp = self.loss.class_weights, self.loss.class_weight_exponent
-        if not w and (exp == 0 or not box_counts):
+        w, exp, beta = self.loss.class_weights, self.loss.class_weight_exponent, self.loss.class_balance_beta
+        if not w and ((exp == 0 and beta == 0) or not box_counts):
             return None
+
+        def balanced(n: int) -> float:  # the inverse effective number of samples (Cui et al. 2019)
+            return (1.0 - beta) / (1.0 - beta**n)
 
         def weight(c: str) -> float:
             if c in w:
                 return w[c]
             if exp and box_counts and box_counts.get(c):
                 return (max(box_counts.values()) / box_counts[c]) ** exp
+            if beta and box_counts and box_counts.get(c):
+                return balanced(box_counts[c]) / balanced(max(box_counts.values()))
             return 1.0
 
         return [w.get("background", 1.0)] + [weight(c) for c in self.data.classes]
@@ -346,6 +392,21 @@ def _cross_checks(cfg: ExperimentConfig) -> tuple[str, str] | None:
         return "schedule.decay_lr_at", f"epochs must lie in [1, train.epochs = {cfg.train.epochs}]"
     if cfg.schedule.warmup_epochs >= cfg.train.epochs:
         return "schedule.warmup_epochs", "warm-up must end before the last epoch"
+    return _lever_checks(cfg, known)
+
+
+def _lever_checks(cfg: ExperimentConfig, known: set[str]) -> tuple[str, str] | None:
+    """Cross-checks of the training levers (sampling, copy-paste, class balance, schedules, sizes)."""
+    unknown = sorted(set(cfg.augment.copy_paste_classes) - (known - {"background"}))
+    if unknown:
+        return "augment.copy_paste_classes", f"unknown classes {unknown}; known: {list(cfg.data.classes)}"
+    if cfg.loss.class_balance_beta and cfg.loss.class_weight_exponent:
+        return "loss.class_balance_beta", "set class_balance_beta or class_weight_exponent, not both"
+    if cfg.schedule.name == "onecycle" and cfg.schedule.warmup_epochs:
+        return "schedule.warmup_epochs", "onecycle warms up by itself (pct_start): leave warmup_epochs at 0"
+    sizes, size = cfg.train.progressive_sizes, cfg.model.input_size
+    if sizes and size is not None and sizes[-1] != size:
+        return "train.progressive_sizes", f"the last size must be model.input_size ({size}), got {sizes[-1]}"
     return None
 
 

@@ -8,11 +8,12 @@ repeats an uninterrupted one exactly on CPU.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from maskssd.data import Batch
+from maskssd.data.sampling import epoch_batches
 from maskssd.errors import NonFiniteLossError, TrainingInterrupted
 from maskssd.evaluation.detections_file import annotation_targets
 from maskssd.evaluation.metrics import DetectionEvaluator, EvalResult
@@ -30,6 +32,7 @@ from maskssd.ssd.tta import hflip_forward, mirror_permutation, tta_priors
 from maskssd.training import distributed
 from maskssd.training.checkpoint import atomic_save, rng_state
 from maskssd.training.config import ExperimentConfig, OptimSection, ScheduleSection
+from maskssd.training.ema import ModelEma
 from maskssd.training.tracker import NullTracker, RunLogger
 
 
@@ -53,6 +56,32 @@ def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def _cosine(floor: float, t: float) -> float:
+    """Half a cosine from 1 (t = 0) down to ``floor`` (t = 1)."""
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
+
+
+def _onecycle(cfg: ScheduleSection, epochs: int, progress: float) -> float:
+    """Cosine up from ``warmup_start_ratio`` to 1 over ``pct_start`` of training, then cosine down to
+    ``min_lr_ratio`` (torch's OneCycleLR with cosine annealing; the peak is ``optim.lr``)."""
+    peak = cfg.pct_start * epochs
+    if progress < peak:
+        return 1 - _cosine(0.0, progress / peak) * (1 - cfg.warmup_start_ratio)
+    return _cosine(cfg.min_lr_ratio, (progress - peak) / max(epochs - peak, 1e-9))
+
+
+def _cosine_restarts(cfg: ScheduleSection, progress: float) -> float:
+    """SGDR (Loshchilov and Hutter, 2017): cosine down to ``min_lr_ratio`` over ``restart_epochs``, then again
+    from the top over a period ``restart_mult`` times longer, and so on (after any warm-up)."""
+    t, period = max(progress - cfg.warmup_epochs, 0.0), cfg.restart_epochs
+    if cfg.restart_mult == 1:
+        t = math.fmod(t, period)
+    else:
+        while t >= period:
+            t, period = t - period, period * cfg.restart_mult
+    return _cosine(cfg.min_lr_ratio, t / period)
+
+
 def lr_factor(cfg: ScheduleSection, epochs: int, progress: float) -> float:
     """The learning-rate multiplier at ``progress`` epochs (a float: schedules step per iteration)."""
     if cfg.name == "multistep":
@@ -60,6 +89,10 @@ def lr_factor(cfg: ScheduleSection, epochs: int, progress: float) -> float:
     elif cfg.name == "cosine":
         t = min(max(progress - cfg.warmup_epochs, 0.0) / max(epochs - cfg.warmup_epochs, 1e-9), 1.0)
         f = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    elif cfg.name == "onecycle":
+        f = _onecycle(cfg, epochs, progress)
+    elif cfg.name == "cosine_restarts":
+        f = _cosine_restarts(cfg, progress)
     else:
         f = 1.0
     if cfg.warmup_epochs > 0 and progress < cfg.warmup_epochs:
@@ -68,12 +101,27 @@ def lr_factor(cfg: ScheduleSection, epochs: int, progress: float) -> float:
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: ScheduleSection, epochs: int, iters_per_epoch: int
+    optimizer: torch.optim.Optimizer, cfg: ScheduleSection, epochs: int, iters_per_epoch: int | Sequence[int]
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-iteration ``LambdaLR`` (its state is one counter, so it resumes exactly)."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(cfg, epochs, it / max(iters_per_epoch, 1))
-    )
+    """A per-iteration ``LambdaLR`` (its state is one counter, so it resumes exactly).
+
+    ``iters_per_epoch`` is one count, or one per epoch when epochs differ in length (repeat-factor
+    sampling): iteration ``it`` is then at epoch ``e + (it - start of e) / length of e``.
+    """
+    if isinstance(iters_per_epoch, int):
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda it: lr_factor(cfg, epochs, it / max(iters_per_epoch, 1))
+        )
+    lengths = [max(int(n), 1) for n in iters_per_epoch]
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+
+    def progress(it: int) -> float:
+        e = min(bisect.bisect_right(starts, it) - 1, len(lengths) - 1)
+        return e + (it - starts[e]) / lengths[e]
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, epochs, progress(it)))
 
 
 # -------------------------------------------------------------------------------------------- loops
@@ -83,10 +131,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX): without them CPU autocast to bfloat16
+    emulates and is slower than float32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def autocast(
+    device: torch.device, enabled: bool, cpu_bf16: bool = False
+) -> contextlib.AbstractContextManager:
+    """Mixed precision: ``enabled`` on GPU (bfloat16, else float16); ``cpu_bf16`` on a CPU with bf16 support."""
     if enabled and device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
+    if cpu_bf16 and device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -107,6 +167,9 @@ class TrainSpec:
     progress: bool = True
     channels_last: bool = False
     tta_hflip: bool = False
+    cpu_bf16: bool = False  # bfloat16 autocast of the training forward on CPU; evaluation stays float32
+    ema_decay: float = 0.0  # 0: no weight average
+    ema_warmup_steps: float = 2000.0
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, progress: bool = True) -> TrainSpec:
@@ -125,6 +188,9 @@ class TrainSpec:
             progress=progress,
             channels_last=t.channels_last,
             tta_hflip=cfg.eval.tta_hflip,
+            cpu_bf16=t.cpu_bf16,
+            ema_decay=t.ema_decay,
+            ema_warmup_steps=t.ema_warmup_steps,
         )
 
 
@@ -274,8 +340,11 @@ class Trainer:
         on_eval: list[Callable[[int, dict[str, float]], None]] | None = None,
         train_model: nn.Module | None = None,
         is_main: bool = True,
+        sized_loss: Callable[[int], MultiBoxLoss] | None = None,
     ):
         self.model, self.loss_fn, self.optimizer, self.scheduler = model, loss_fn, optimizer, scheduler
+        # progressive resizing: the loss for batches of another input size (its priors); None: one size only
+        self.sized_loss = sized_loss
         self.train_model = train_model or model  # a DistributedDataParallel wrapper when distributed
         self.train_loader, self.val_loader = train_loader, val_loader
         self.spec, self.class_names, self.device = spec, class_names, device
@@ -289,14 +358,29 @@ class Trainer:
             "cuda", enabled=spec.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
         )
         self._snapshot: dict[str, Any] | None = None
+        self.ema = ModelEma(model, spec.ema_decay, spec.ema_warmup_steps) if spec.ema_decay > 0 else None
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What is evaluated, selected and saved as ``model``: the weight average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
     # ------------------------------------------------------------------------------ checkpoints
     def checkpoint(self) -> dict[str, Any]:
-        """Everything training mutates, as tensors and plain values (it loads with ``weights_only=True``)."""
+        """Everything training mutates, as tensors and plain values (it loads with ``weights_only=True``).
+
+        ``model`` holds the evaluated weights: the EMA's when there is one, the trained (``raw_model``) and the
+        average's update count then kept beside it for an exact resume."""
         best = self.state.best_value
+        ema = (
+            {}
+            if self.ema is None
+            else {"raw_model": self.model.state_dict(), "ema_updates": self.ema.updates}
+        )
         return {
             "format": 1,
-            "model": self.model.state_dict(),
+            "model": self.eval_model.state_dict(),
+            **ema,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -310,7 +394,11 @@ class Trainer:
         }
 
     def restore(self, ckpt: Mapping[str, Any]) -> None:
-        self.model.load_state_dict(ckpt["model"])
+        if self.ema is not None and "raw_model" in ckpt:
+            self.model.load_state_dict(ckpt["raw_model"])
+            self.ema.load(ckpt["model"], ckpt["ema_updates"])
+        else:
+            self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if "scaler" in ckpt:
@@ -339,9 +427,9 @@ class Trainer:
                 if self.spec.channels_last
                 else batch.images
             )
-            with autocast(self.device, self.spec.amp):
+            with autocast(self.device, self.spec.amp, self.spec.cpu_bf16):
                 locs, scores = self.train_model(images)
-            out = self.loss_fn(locs, scores, batch.boxes, batch.labels)
+            out = self._loss_for(images.shape[-1])(locs, scores, batch.boxes, batch.labels)
             _finite(
                 out.total,
                 f"loss is {out.total.item()} at epoch {epoch}, step {step + 1} "
@@ -355,6 +443,8 @@ class Trainer:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self.ema is not None:
+                self.ema.update(self.model)
             self.scheduler.step()
             sums += torch.tensor([out.total.item(), out.conf.item(), out.loc.item()], dtype=torch.float64)
             n_batches += 1
@@ -374,6 +464,11 @@ class Trainer:
             "epoch_seconds": seconds,
             "images_per_second": float(totals[4]) / max(seconds, 1e-9),
         }
+
+    def _loss_for(self, size: int) -> MultiBoxLoss:
+        if self.sized_loss is None or size == self.model.input_size:
+            return self.loss_fn
+        return self.sized_loss(size)
 
     def _improved(self, epoch: int, metrics: Mapping[str, float]) -> bool:
         name = self.spec.best_metric
@@ -403,7 +498,9 @@ class Trainer:
         progress = Progress(*columns, disable=not (spec.progress and self.is_main), transient=False)
         try:
             with progress:
-                total = (spec.epochs - self.state.epoch) * len(self.train_loader)
+                total = sum(
+                    epoch_batches(self.train_loader, e) for e in range(self.state.epoch + 1, spec.epochs + 1)
+                )
                 task = progress.add_task(
                     "train", total=total, epoch=self.state.epoch + 1, epochs=spec.epochs, loss=0.0
                 )
@@ -413,7 +510,7 @@ class Trainer:
                     metrics = self.train_one_epoch(epoch, progress, task)
                     do_map = epoch % spec.eval_every == 0 or epoch == spec.epochs
                     val, _ = evaluate(
-                        self.model,
+                        self.eval_model,
                         self.val_loader,
                         class_names=self.class_names,
                         device=self.device,

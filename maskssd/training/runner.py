@@ -41,8 +41,16 @@ from maskssd.ssd.postprocess import DecodeSpec
 from maskssd.training import distributed
 from maskssd.training.checkpoint import atomic_save, load
 from maskssd.training.config import ExperimentConfig
-from maskssd.training.engine import Trainer, TrainSpec, build_optimizer, build_scheduler, evaluate
+from maskssd.training.engine import (
+    Trainer,
+    TrainSpec,
+    build_optimizer,
+    build_scheduler,
+    cpu_supports_bf16,
+    evaluate,
+)
 from maskssd.training.final_report import SplitReport, log_report, report_split
+from maskssd.training.levers import SizedLosses, configure_train_data, epoch_lengths
 from maskssd.training.tracker import DatasetInfo, SplitMetrics, Tracker
 
 __all__ = [
@@ -106,6 +114,7 @@ def resolve_data_root(cfg: ExperimentConfig) -> Path:
             class_probs=tuple(syn.class_probs),
             face_size=tuple(syn.face_size),
             faces_per_image=tuple(syn.faces_per_image),
+            image_size=tuple(syn.image_size),
             classes=tuple(cfg.class_names),
         )
     if not root.exists():
@@ -117,7 +126,7 @@ def build_datasets(
     cfg: ExperimentConfig, root: Path, input_size: int, report: DataReport | None = None
 ) -> dict[str, FaceMaskDataset]:
     report = report if report is not None else DataReport()
-    aug = AugmentSpec(**cfg.augment.model_dump())
+    aug = AugmentSpec(**{f: getattr(cfg.augment, f) for f in AugmentSpec.__dataclass_fields__})
     out = {}
     for split in ("train", "val", cfg.data.final_split):
         if split == "none" or split in out:
@@ -139,10 +148,12 @@ def build_loader(
     rank: int = 0,
     world: int = 1,
     pin: bool = False,
+    sampler: SeededSampler | None = None,
 ) -> torch.utils.data.DataLoader:
     """Training loaders (``shuffle``) pad shards to equal length like ``DistributedSampler``; evaluation loaders
-    shard without padding, so every image is evaluated exactly once across ranks."""
-    sampler = SeededSampler(len(ds), seed, shuffle, rank, world, pad=shuffle)
+    shard without padding, so every image is evaluated exactly once across ranks. ``sampler`` replaces the
+    default one (repeat-factor sampling, progressive sizes)."""
+    sampler = sampler or SeededSampler(len(ds), seed, shuffle, rank, world, pad=shuffle)
     return torch.utils.data.DataLoader(
         ds,
         batch_size=batch_size,
@@ -174,11 +185,16 @@ def build_detector(cfg: ExperimentConfig) -> SSDDetector:
 
 
 def build_loss(
-    cfg: ExperimentConfig, model: SSDDetector, box_counts: Mapping[str, int] | None = None
+    cfg: ExperimentConfig,
+    model: SSDDetector,
+    box_counts: Mapping[str, int] | None = None,
+    *,
+    priors: torch.Tensor | None = None,
 ) -> MultiBoxLoss:
+    """The config's MultiBox loss over the model's default boxes (or ``priors``: another input size's)."""
     ls = cfg.loss
     return MultiBoxLoss(
-        model.priors_cxcy,
+        model.priors_cxcy if priors is None else priors,
         threshold=ls.threshold,
         neg_pos_ratio=ls.neg_pos_ratio,
         alpha=ls.alpha,
@@ -261,6 +277,7 @@ class _Parts:
     trainer: Trainer
     report: DataReport
     root: Path
+    params: dict[str, Any] = field(default_factory=dict)  # what the enabled levers add to the run's params
 
 
 def _build(
@@ -279,7 +296,9 @@ def _build(
         model = model.to(memory_format=torch.channels_last)
     report = DataReport()
     datasets = build_datasets(cfg, root, model.input_size, report)
-    loss_fn = build_loss(cfg, model, datasets["train"].class_box_counts()).to(device)
+    counts = datasets["train"].class_box_counts()
+    loss_fn = build_loss(cfg, model, counts).to(device)
+    levers = configure_train_data(cfg, datasets["train"], model.input_size, info.rank, info.world)
     seed, pin = cfg.experiment.seed, device.type == "cuda"
     loader = {
         "rank": info.rank,
@@ -288,10 +307,13 @@ def _build(
         "workers": cfg.data.num_workers,
         "seed": seed,
     }
-    train_loader = build_loader(datasets["train"], cfg.data.batch_size, shuffle=True, **loader)
+    train_loader = build_loader(
+        datasets["train"], cfg.data.batch_size, shuffle=True, sampler=levers.sampler, **loader
+    )
     val_loader = build_loader(datasets["val"], cfg.data.eval_batch_size, shuffle=False, **loader)
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.epochs, len(train_loader))
+    iters = epoch_lengths(levers, train_loader, cfg.train.epochs)
+    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.epochs, iters)
     train_model: torch.nn.Module = model
     if info.enabled:
         if cfg.train.sync_bn:
@@ -301,6 +323,15 @@ def _build(
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    spec = TrainSpec.from_config(cfg, progress)
+    if spec.cpu_bf16 and device.type == "cpu" and not cpu_supports_bf16():
+        log.warning(
+            "train.cpu_bf16: this CPU has no bfloat16 instructions (AVX512-BF16, AMX); float32 instead"
+        )
+        spec.cpu_bf16 = False
+    sized = None
+    if levers.sizes is not None:
+        sized = SizedLosses(model, lambda priors: build_loss(cfg, model, counts, priors=priors).to(device))
     trainer = Trainer(
         model=model,
         loss_fn=loss_fn,
@@ -308,7 +339,7 @@ def _build(
         scheduler=scheduler,
         train_loader=train_loader,
         val_loader=val_loader,
-        spec=TrainSpec.from_config(cfg, progress),
+        spec=spec,
         class_names=cfg.class_names,
         device=device,
         checkpoint_dir=ckpt_dir,
@@ -317,8 +348,9 @@ def _build(
         on_eval=on_eval if info.is_main else [],
         train_model=train_model,
         is_main=info.is_main,
+        sized_loss=sized,
     )
-    return _Parts(model, datasets, loss_fn, trainer, report, root)
+    return _Parts(model, datasets, loss_fn, trainer, report, root, levers.params)
 
 
 def _restore(parts: _Parts, tracker: Tracker, ckpt_dir: Path, info: distributed.DistInfo) -> int | None:
@@ -348,6 +380,7 @@ def _log_start(cfg: ExperimentConfig, parts: _Parts, tracker: Tracker, world: in
             "loss.effective_class_weights": weights.tolist() if weights is not None else "none",
             "model.parameters": sum(p.numel() for p in parts.model.parameters()),
             "distributed.world_size": world,
+            **parts.params,
         }
     )
     tracker.log_params(params)

@@ -9,6 +9,7 @@ import torch
 from numba import njit
 
 from maskssd.ssd.kernels._common import _F32, _SLACK
+from maskssd.ssd.warmup import wait_for_background_compile
 
 
 class PriorMatcher:
@@ -55,6 +56,7 @@ class PriorMatcher:
         wins ties) or when it is some object's best prior (the first prior wins ties; the later object wins a
         prior two objects share): the reference paper's matching, bit for bit.
         """
+        wait_for_background_compile()
         b = boxes.detach().to("cpu", torch.float32).contiguous().numpy()
         c = counts.detach().to("cpu", torch.int64).contiguous().numpy()
         img, prior, obj = _match(

@@ -9,6 +9,7 @@ import torch
 from numba import njit
 
 from maskssd.ssd.kernels._common import _F32, _HUGE, _SLACK
+from maskssd.ssd.warmup import wait_for_background_compile
 
 _GAP_RES, _GAP_CELLS = 8.0, 96  # the gap tables' grid: steps of 1/8 up to gap 12
 _TABLES: dict[int, tuple[np.ndarray, np.ndarray | None, float]] = {}
@@ -57,6 +58,7 @@ def hard_negatives(
     by image. Ties between equal losses go to the lower prior; NaN and infinite losses rank first, as in
     ``torch.topk``.
     """
+    wait_for_background_compile()
     s = scores.detach().to("cpu", torch.float32).contiguous().numpy()
     b = beta.detach().to("cpu", torch.float64).contiguous().numpy()
     plain = b[0] == 1.0 and not b[1:].any()

@@ -9,6 +9,7 @@ import torch
 from numba import njit
 
 from maskssd.ssd.kernels._common import _F32
+from maskssd.ssd.warmup import wait_for_background_compile
 
 
 def detect(
@@ -27,6 +28,7 @@ def detect(
     ``locs (N,P,4)``, ``scores (N,P,C)`` logits, ``min_score (C-1,)``. Returns ``counts (N,)`` and, image
     after image and best first, normalised xyxy ``boxes``, ``labels`` (1..C-1) and ``scores``.
     """
+    wait_for_background_compile()
     thresh = min_score.detach().to("cpu", torch.float32).contiguous().numpy()
     floor = float(thresh.min())
     # p_c > t needs logit_c - logit_0 > log t: a cheap test that skips the softmax and decoding of the ~95 %
