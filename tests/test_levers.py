@@ -198,9 +198,9 @@ def test_pasted_faces_follow_their_scaled_boxes(tmp_path, voc_xml):
     """With scale jitter the face (a flat colour inside a differently coloured margin) fills its box."""
     ds = _paste_dataset(tmp_path, voc_xml)
     src_i = next(i for i, a in enumerate(ds.annotations) if a.image_id == "src")
-    img = torch.full((3, 60, 70), 200, dtype=torch.uint8)
-    img[:, 10:40, 20:44] = 30
-    ds._cache[src_i] = img
+    img = np.full((60, 70, 3), 200, dtype=np.uint8)
+    img[10:40, 20:44] = 30
+    Image.fromarray(img).save(ds.annotations[src_i].image_path)  # a new file: the image cache reads it anew
     step = CopyPaste(build_face_bank(ds, [3], margin=0.3), p=1.0, max_faces=1, scale=(0.6, 1.7))
     dst = next(i for i, a in enumerate(ds.annotations) if a.image_id != "src")
     sizes = set()
@@ -436,7 +436,9 @@ def test_run_with_every_lever_resumes_exactly_and_evaluates_the_ema(tmp_path, sy
     model = build_detector(cfg)
     data = build_datasets(cfg, synth_root, model.input_size)
     loss_fn = build_loss(cfg, model, data["train"].class_box_counts())
-    logged = {k: ha[k][-1][1] for k in ("val_loss", "val_map")}
+    logged = {
+        k: ha[k.replace("_", "/", 1)][-1][1] for k in ("val_loss", "val_map")
+    }  # the last epoch's curves
 
     def val_of(weights):
         model.load_state_dict(weights)

@@ -62,12 +62,16 @@ def test_nothing_starts_when_not_needed(monkeypatch, fresh_wait):
 def test_cache_is_warm_once_the_kernels_ran(monkeypatch):
     import torch
 
+    from maskssd.ssd.loss import MultiBoxLoss
     from maskssd.ssd.postprocess import DecodeSpec, postprocess
     from maskssd.ssd.priors import PriorSpec
 
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
     priors = PriorSpec.linear([2, 1], 0.3, 0.9).priors()
     postprocess(torch.zeros(1, len(priors), 4), torch.zeros(1, len(priors), 3), priors, DecodeSpec())
+    # matching and mining: every kernel module's code is then in numba's cache
+    boxes, labels = [torch.tensor([[0.1, 0.1, 0.6, 0.7]])], [torch.tensor([1])]
+    MultiBoxLoss(priors)(torch.zeros(1, len(priors), 4), torch.randn(1, len(priors), 3), boxes, labels)
     assert warmup.cache_is_warm()
     monkeypatch.setenv("NUMBA_CACHE_DIR", "/elsewhere")  # numba's cache is then elsewhere: unknown
     assert not warmup.cache_is_warm()

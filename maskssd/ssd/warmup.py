@@ -39,16 +39,32 @@ def _lock_path() -> Path:
     return Path(tempfile.gettempdir()) / f"maskssd-kernels-{tag}.lock"
 
 
+def _compiled_functions(module: str) -> list[str]:
+    """Numba's cache index names (``module.func-LINE``) of a kernel module's compiled functions, from its
+    source: numba names an index by the function and its first line (its first decorator's)."""
+    import ast
+
+    names = []
+    for node in ast.parse((_KERNELS / f"{module}.py").read_text()).body:
+        if isinstance(node, ast.FunctionDef) and any("njit" in ast.unparse(d) for d in node.decorator_list):
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            names.append(f"{module}.{node.name}-{first}")
+    return names
+
+
 def cache_is_warm() -> bool:
-    """Whether numba's cache beside the kernels holds code newer than each kernel module (a cheap look at the
-    index files; with ``NUMBA_CACHE_DIR`` set, the cache is elsewhere and this answers False)."""
+    """Whether numba's cache beside the kernels holds every compiled function of the current sources (a cheap
+    look at the index files, without importing numba; with ``NUMBA_CACHE_DIR`` set, the cache is elsewhere and
+    this answers False)."""
     if os.environ.get("NUMBA_CACHE_DIR"):
         return False
     cache = _KERNELS / "__pycache__"
-    for name in _MODULES:
-        index = list(cache.glob(f"{name}.*.nbi"))
-        if not index or min(p.stat().st_mtime for p in index) < (_KERNELS / f"{name}.py").stat().st_mtime:
-            return False
+    for module in _MODULES:
+        source_time = (_KERNELS / f"{module}.py").stat().st_mtime
+        for name in _compiled_functions(module):
+            index = list(cache.glob(f"{name}.py*.nbi"))
+            if not index or max(p.stat().st_mtime for p in index) < source_time:
+                return False
     return True
 
 
