@@ -26,8 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from maskssd.evaluation._common import check_lengths, flatten
-from maskssd.evaluation.voc import _match_class, ap_from_curve
+from maskssd.evaluation.voc import ap_from_curve, match_classes
 
 __all__ = [
     "BootstrapResult",
@@ -189,30 +188,15 @@ def mark_detections(
 ) -> Marked:
     """Sort and mark every class's detections once (the protocol of :func:`~maskssd.evaluation.voc.pr_curves`);
     inputs are per-image lists as for :func:`~maskssd.evaluation.voc.average_precision`."""
-    n_images = check_lengths(
-        det_boxes=det_boxes,
-        det_labels=det_labels,
-        det_scores=det_scores,
-        gt_boxes=gt_boxes,
-        gt_labels=gt_labels,
-        gt_difficult=gt_difficult,
+    matches = match_classes(
+        det_boxes, det_labels, det_scores, gt_boxes, gt_labels, gt_difficult, class_names, iou_threshold
     )
+    n_images = len(det_boxes)
     if image_ids is not None and len(image_ids) != n_images:
         raise ValueError(f"{len(image_ids)} image ids for {n_images} images")
-    d_boxes, d_image, (d_labels, d_scores) = flatten(det_boxes, det_labels, det_scores)
-    g_boxes, g_image, (g_labels, g_difficult) = flatten(gt_boxes, gt_labels, gt_difficult)
-    d_labels, g_labels, g_difficult = d_labels.long(), g_labels.long(), g_difficult.bool()
     tables = {}
-    for c, name in enumerate(class_names, start=1):
-        g = g_labels == c
-        gt_count = torch.bincount(g_image[g & ~g_difficult], minlength=n_images).double()
-        d = torch.nonzero(d_labels == c).squeeze(1)
-        order = d[torch.sort(d_scores[d], descending=True, stable=True).indices]
-        tp, counted = _match_class(
-            d_boxes[order], d_image[order], g_boxes[g], g_image[g], g_difficult[g], n_images, iou_threshold
-        )
-        kept = order[counted]
-        tables[name] = _class_table(d_scores[kept], d_image[kept], tp[counted], gt_count, n_images)
+    for m in matches:
+        tables[m.name] = _class_table(m.scores, m.image, m.tp, m.gt_per_image.double(), n_images)
     ids = tuple(str(i) for i in image_ids) if image_ids is not None else None
     return Marked(tuple(class_names), n_images, tables, ids)
 

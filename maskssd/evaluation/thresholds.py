@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from maskssd.evaluation._common import check_lengths, flatten
-from maskssd.evaluation.voc import _match_class
+from maskssd.evaluation.voc import match_classes
 
 __all__ = ["ThresholdFit", "fit_f1_thresholds", "fit_on_annotations", "thresholds_of"]
 
@@ -50,33 +49,14 @@ def fit_f1_thresholds(
     on equal F1 the higher threshold wins. A class without ground truth or without any true positive gets no
     entry: the caller's default applies to it.
     """
-    if gt_difficult is None:
-        gt_difficult = [
-            torch.zeros(torch.as_tensor(b).reshape(-1, 4).shape[0], dtype=torch.bool) for b in gt_boxes
-        ]
-    n_images = check_lengths(
-        det_boxes=det_boxes,
-        det_labels=det_labels,
-        det_scores=det_scores,
-        gt_boxes=gt_boxes,
-        gt_labels=gt_labels,
-        gt_difficult=gt_difficult,
-    )
-    d_boxes, d_image, (d_labels, d_scores) = flatten(det_boxes, det_labels, det_scores)
-    g_boxes, g_image, (g_labels, g_difficult) = flatten(gt_boxes, gt_labels, gt_difficult)
-    d_labels, g_labels, g_difficult = d_labels.long(), g_labels.long(), g_difficult.bool()
     fits: dict[str, ThresholdFit] = {}
-    for c, name in enumerate(class_names, start=1):
-        g = g_labels == c
-        n_gt = int((g & ~g_difficult).sum())
-        d = torch.nonzero(d_labels == c).squeeze(1)
-        order = d[torch.sort(d_scores[d], descending=True, stable=True).indices]
-        tp, counted = _match_class(
-            d_boxes[order], d_image[order], g_boxes[g], g_image[g], g_difficult[g], n_images, iou_threshold
-        )
-        fit = _best_cut(d_scores[order][counted].double(), tp[counted].double(), n_gt)
+    matches = match_classes(
+        det_boxes, det_labels, det_scores, gt_boxes, gt_labels, gt_difficult, class_names, iou_threshold
+    )
+    for m in matches:
+        fit = _best_cut(m.scores.double(), m.tp.double(), m.n_gt)
         if fit is not None:
-            fits[name] = fit
+            fits[m.name] = fit
     return fits
 
 

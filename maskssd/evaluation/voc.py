@@ -27,7 +27,15 @@ from torch import Tensor
 
 from maskssd.evaluation._common import aligned_iou, check_lengths, flatten, nanmean, slots
 
-__all__ = ["APMethod", "APResult", "ap_from_curve", "average_precision", "pr_curves"]
+__all__ = [
+    "APMethod",
+    "APResult",
+    "ClassMatches",
+    "ap_from_curve",
+    "average_precision",
+    "match_classes",
+    "pr_curves",
+]
 
 APMethod = Literal["voc07", "voc12"]
 
@@ -91,7 +99,24 @@ def _match_class(
     return tp, ~ignored
 
 
-def pr_curves(
+@dataclass
+class ClassMatches:
+    """One class's detections in score order (ties in input order), those matched to a difficult object
+    dropped: each one's score and image and whether it is a true positive; and the class's non-difficult
+    objects per image. What AP, the bootstrap and the operating thresholds are computed from."""
+
+    name: str
+    scores: Tensor  # (k,)
+    image: Tensor  # (k,) image index
+    tp: Tensor  # (k,) bool
+    gt_per_image: Tensor  # (n_images,) non-difficult objects
+
+    @property
+    def n_gt(self) -> int:
+        return int(self.gt_per_image.sum())
+
+
+def match_classes(
     det_boxes: Sequence[Tensor],
     det_labels: Sequence[Tensor],
     det_scores: Sequence[Tensor],
@@ -99,9 +124,9 @@ def pr_curves(
     gt_labels: Sequence[Tensor],
     gt_difficult: Sequence[Tensor] | None,
     class_names: Sequence[str],
-    iou_threshold: float,
-) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, int]]:
-    """Cumulative precision/recall curves (float64, score order, ignored detections dropped) per class."""
+    iou_threshold: float = 0.5,
+) -> list[ClassMatches]:
+    """Match every class's detections once (the tutorial's protocol, batched); per-image input lists."""
     if gt_difficult is None:
         gt_difficult = [
             torch.zeros(torch.as_tensor(b).reshape(-1, 4).shape[0], dtype=torch.bool) for b in gt_boxes
@@ -117,25 +142,45 @@ def pr_curves(
     d_boxes, d_image, (d_labels, d_scores) = flatten(det_boxes, det_labels, det_scores)
     g_boxes, g_image, (g_labels, g_difficult) = flatten(gt_boxes, gt_labels, gt_difficult)
     d_labels, g_labels, g_difficult = d_labels.long(), g_labels.long(), g_difficult.bool()
-
-    precision: dict[str, Tensor] = {}
-    recall: dict[str, Tensor] = {}
-    n_gt: dict[str, int] = {}
+    out = []
     for c, name in enumerate(class_names, start=1):
         g = g_labels == c
-        n_easy = int((g & ~g_difficult).sum())
         d = torch.nonzero(d_labels == c).squeeze(1)
         # Stable sort: ties keep input order (image order, then order within the image).
         order = d[torch.sort(d_scores[d], descending=True, stable=True).indices]
         tp, counted = _match_class(
             d_boxes[order], d_image[order], g_boxes[g], g_image[g], g_difficult[g], n_images, iou_threshold
         )
-        tp = tp[counted].double()
+        kept = order[counted]
+        per_image = torch.bincount(g_image[g & ~g_difficult], minlength=n_images)
+        out.append(ClassMatches(name, d_scores[kept], d_image[kept], tp[counted], per_image))
+    return out
+
+
+def pr_curves(
+    det_boxes: Sequence[Tensor],
+    det_labels: Sequence[Tensor],
+    det_scores: Sequence[Tensor],
+    gt_boxes: Sequence[Tensor],
+    gt_labels: Sequence[Tensor],
+    gt_difficult: Sequence[Tensor] | None,
+    class_names: Sequence[str],
+    iou_threshold: float,
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, int]]:
+    """Cumulative precision/recall curves (float64, score order, ignored detections dropped) per class."""
+    precision: dict[str, Tensor] = {}
+    recall: dict[str, Tensor] = {}
+    n_gt: dict[str, int] = {}
+    matches = match_classes(
+        det_boxes, det_labels, det_scores, gt_boxes, gt_labels, gt_difficult, class_names, iou_threshold
+    )
+    for m in matches:
+        tp = m.tp.double()
         cum_tp = torch.cumsum(tp, 0)
         cum_fp = torch.cumsum(1.0 - tp, 0)
-        precision[name] = cum_tp / (cum_tp + cum_fp + 1e-10)
-        recall[name] = cum_tp / n_easy if n_easy > 0 else torch.full_like(cum_tp, math.nan)
-        n_gt[name] = n_easy
+        precision[m.name] = cum_tp / (cum_tp + cum_fp + 1e-10)
+        recall[m.name] = cum_tp / m.n_gt if m.n_gt > 0 else torch.full_like(cum_tp, math.nan)
+        n_gt[m.name] = m.n_gt
     return precision, recall, n_gt
 
 

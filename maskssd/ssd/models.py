@@ -133,39 +133,6 @@ def _check_stride4(neck: NeckKind, stride4: bool) -> None:
         )
 
 
-def _ssdlite_effnet_lite(
-    variant: int,
-    num_classes: int = 4,
-    input_size: int = 320,
-    pretrained: bool = True,
-    freeze_stages: int = 0,
-    bn_mode: BNMode = "frozen_stages",
-    min_scale: float = 0.05,
-    max_scale: float = 0.95,
-    aspect_ratios: Sequence[float] = (2.0, 0.5, 3.0, 1 / 3),
-    extra_channels: Sequence[int] = (256, 256, 128),
-    scales: Sequence[float] | None = None,
-    neck: NeckKind = "none",
-    neck_channels: int = 64,
-    stride4: bool = False,
-) -> SSDLite:
-    _check_stride4(neck, stride4)
-    return _ssdlite(
-        EfficientNetLiteFeatures(variant, pretrained, stride4),
-        num_classes,
-        input_size,
-        freeze_stages,
-        bn_mode,
-        extra_channels,
-        min_scale,
-        max_scale,
-        aspect_ratios,
-        scales,
-        neck,
-        neck_channels,
-    )
-
-
 def _effnet_builder(variant: int, doc: str) -> Callable[..., SSDLite]:
     """The builder of ``ssdlite_effnet_lite{variant}``: explicit keywords (unknown config keys are refused)."""
 
@@ -184,21 +151,20 @@ def _effnet_builder(variant: int, doc: str) -> Callable[..., SSDLite]:
         neck_channels: int = 64,
         stride4: bool = False,
     ) -> SSDLite:
-        return _ssdlite_effnet_lite(
-            variant,
-            num_classes=num_classes,
-            input_size=input_size,
-            pretrained=pretrained,
-            freeze_stages=freeze_stages,
-            bn_mode=bn_mode,
-            min_scale=min_scale,
-            max_scale=max_scale,
-            aspect_ratios=aspect_ratios,
-            extra_channels=extra_channels,
-            scales=scales,
-            neck=neck,
-            neck_channels=neck_channels,
-            stride4=stride4,
+        _check_stride4(neck, stride4)
+        return _ssdlite(
+            EfficientNetLiteFeatures(variant, pretrained, stride4),
+            num_classes,
+            input_size,
+            freeze_stages,
+            bn_mode,
+            extra_channels,
+            min_scale,
+            max_scale,
+            aspect_ratios,
+            scales,
+            neck,
+            neck_channels,
         )
 
     builder.__name__ = builder.__qualname__ = f"ssdlite_effnet_lite{variant}"
