@@ -36,6 +36,7 @@ eval_every = 1
 heartbeat_interval = 1
 grace_period = 4
 overrides = {{ "train.log_images" = 0, "data.final_split" = "none" }}
+trial_only = ["data.final_split"]
 
 [sampler]
 name = "{sampler}"
@@ -196,6 +197,46 @@ def test_study_runs_nested_resumes_and_reports(project):
 
     assert main(["study-report", "s"]) == 0
     assert "param_importances" in "".join(a.path for a in c.list_artifacts(parent, "study_plots"))
+
+
+def test_study_config_writes_the_best_trial_at_full_budget(project):
+    from maskssd.training.config import load_config
+
+    study_toml = write_study(project / "s.toml")
+    cfg, _ = load_study_config(study_toml)
+    study = open_study(cfg, make_storage(storage_url(project), cfg), None, 2)
+    dist = {
+        "lr": optuna.distributions.FloatDistribution(1e-3, 1e-2, log=True),
+        "neg_pos_ratio": optuna.distributions.IntDistribution(1, 4),
+        "schedule": optuna.distributions.CategoricalDistribution(["constant", "multistep"]),
+    }
+    for value, lr, npr in [(0.2, 1e-3, 1), (0.7, 4e-3, 4), (0.5, 2e-3, 2)]:
+        params = {"lr": lr, "neg_pos_ratio": npr, "schedule": "multistep", "decay_at": 2}
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params,
+                distributions={**dist, "decay_at": optuna.distributions.IntDistribution(1, 2)},
+                value=value,
+            )
+        )
+    base = load_config(project / "exp.toml")
+    assert main(["study-config", str(study_toml), "-o", "best.toml"]) == 0
+    best = load_config(project / "best.toml")
+    assert best.optim.lr == 4e-3 and best.loss.neg_pos_ratio == 4 and best.schedule.decay_lr_at == [2]
+    assert best.train.log_images == 0  # a recipe override travels
+    assert best.data.final_split == base.data.final_split  # a trial-only one does not
+    assert best.train.epochs == base.train.epochs and best.experiment.name == base.experiment.name
+    assert "Trial 1 of the study" in (project / "best.toml").read_text()
+    assert main(["study-config", str(study_toml), "--trial", "0", "-o", "t0.toml"]) == 0
+    assert load_config(project / "t0.toml").optim.lr == 1e-3
+    assert main(["study-config", str(study_toml), "--trial", "7"]) == 2  # no such trial: a clear error
+
+
+def test_trial_only_must_name_overrides(project):
+    text = write_study(project / "s.toml").read_text().replace('["data.final_split"]', '["data.nope"]')
+    (project / "s.toml").write_text(text)
+    with pytest.raises(ConfigError, match="trial_only"):
+        load_study_config(project / "s.toml")
 
 
 def test_nan_trial_is_recorded_and_the_study_goes_on(project):

@@ -18,7 +18,7 @@ from maskssd.cli.commands import (
     cmd_train,
 )
 from maskssd.cli.data import cmd_data_anchors, cmd_data_split, cmd_data_stats, cmd_data_synth
-from maskssd.cli.research import cmd_compare
+from maskssd.cli.research import cmd_compare, cmd_study_config
 from maskssd.ssd.decode_spec import DISPLAY_THRESHOLD, DecodeSpec
 
 __all__ = ["build_parser"]
@@ -408,6 +408,23 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--storage")
     sr.add_argument("--tracking-uri")
     sr.set_defaults(func=cmd_study_report)
+
+    sc = sub.add_parser(
+        "study-config",
+        help="a study's best trial (or --trial N) as an experiment TOML at the base experiment's full budget",
+        description="Write the base experiment with a trial's sampled values and the study's recipe overrides "
+        "(not its [study] trial_only ones, nor the trials' cheaper epochs and input size): the configuration "
+        "to retrain over seeds, compare with `maskssd compare`, and ship in experiments/.",
+        formatter_class=_formatter,
+        epilog="examples:\n  maskssd study-config studies/cpu_effnet_lite0.toml -o experiments/cpu_study_best.toml\n"
+        "  maskssd train experiments/cpu_study_best.toml --seeds 0,1,2 --set data.final_split='\"none\"'",
+    )
+    sc.add_argument("config", help="the study TOML the study was run from")
+    sc.add_argument("--trial", type=int, help="a completed trial's number (default: the best)")
+    sc.add_argument("-o", "--output", help="TOML file to write (default: print it)")
+    sc.add_argument("--storage", help="Optuna storage URL (default: sqlite:///mlruns/optuna.db)")
+    sc.add_argument("--study-name", help="default: the config's study.name")
+    sc.set_defaults(func=cmd_study_config)
 
     # promote
     pr = sub.add_parser(

@@ -1,5 +1,5 @@
-"""Research commands and tables: ``maskssd compare`` (the paired bootstrap of two runs' saved detections), and
-the uncertainty and error-analysis tables ``maskssd evaluate`` prints."""
+"""Research commands and tables: ``maskssd compare`` (the paired bootstrap of two runs' saved detections),
+``maskssd study-config`` (a study trial as a full-budget experiment), and the uncertainty and error-analysis tables ``maskssd evaluate`` prints."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from rich.table import Table
 from maskssd.cli.commands import out
 from maskssd.errors import MaskSSDError
 
-__all__ = ["analysis_tables", "cmd_compare", "fmt_interval", "metrics_table"]
+__all__ = ["analysis_tables", "cmd_compare", "cmd_study_config", "fmt_interval", "metrics_table"]
 
 
 def fmt_interval(
@@ -172,4 +172,25 @@ def cmd_compare(a: argparse.Namespace) -> int:
         f"{100 * r.ci:g}% of {r.n} image resamples; P(A > B) is the share of resamples in which A scores higher.",
         highlight=False,
     )
+    return 0
+
+
+def cmd_study_config(a: argparse.Namespace) -> int:
+    """Write a study trial's recipe at full budget as an experiment TOML (stdout without ``-o``)."""
+    from maskssd.tracking.studies import trial_recipe
+    from maskssd.training.config import dump_toml
+
+    data, trial = trial_recipe(a.config, trial=a.trial, storage=a.storage, study_name=a.study_name)
+    values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    header = (
+        f"# Trial {trial.number} of the study in {a.config} (value {trial.value:.4f} at the study's fidelity),\n"
+        f"# at the base experiment's full budget. Written by `maskssd study-config {a.config}`.\n"
+        f"# Sampled: {values}\n\n"
+    )
+    text = header + dump_toml(data)
+    if a.output:
+        Path(a.output).write_text(text)
+        out.print(f"wrote {a.output} (trial {trial.number}, value {trial.value:.4f})", highlight=False)
+    else:
+        out.print(text, highlight=False, markup=False, soft_wrap=True)
     return 0

@@ -26,7 +26,14 @@ from maskssd.errors import ConfigError, MaskSSDError, NonFiniteLossError, Traini
 from maskssd.runtime import LOCAL_DIR
 from maskssd.tracking import runs
 from maskssd.tracking.experiment import run_experiment
-from maskssd.tracking.study_config import StudyConfig, first_value, load_study_config, sample, trial_config
+from maskssd.tracking.study_config import (
+    StudyConfig,
+    first_value,
+    load_study_config,
+    recipe_config,
+    sample,
+    trial_config,
+)
 from maskssd.tracking.study_fidelity import Hyperband, SuccessiveHalving
 from maskssd.tracking.study_report import StudyReport, summarize
 
@@ -509,6 +516,28 @@ def best_trial_run(
     if not run_id:
         raise MaskSSDError(f"best trial {best.number} of {name!r} has no MLflow run")
     return run_id, {"study": name, "trial": str(best.number), "study_value": f"{best.value:.6f}"}
+
+
+def trial_recipe(
+    config: str | Path, *, trial: int | None = None, storage: str | None = None, study_name: str | None = None
+) -> tuple[dict[str, Any], optuna.trial.FrozenTrial]:
+    """``maskssd study-config``: a trial's configuration (the best completed one by default) as an experiment
+    at the base experiment's full budget, ready to retrain over seeds and to ship in ``experiments/``."""
+    cfg, base = load_study_config(config)
+    study = load_study(study_name or cfg.study.name, storage)
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if trial is None:
+        if not done:
+            raise MaskSSDError(f"study {study.study_name!r} has no completed trial yet")
+        chosen = study.best_trial
+    else:
+        chosen = next((t for t in done if t.number == trial), None)
+        if chosen is None:
+            raise MaskSSDError(f"study {study.study_name!r} has no completed trial {trial}")
+    unknown = sorted(set(chosen.params) - set(cfg.space))
+    if unknown:
+        raise ConfigError(f"trial {chosen.number} has parameters {unknown} that the study's space lacks", config)
+    return recipe_config(cfg, base, chosen.params, config), chosen
 
 
 def load_study(name: str, storage_url: str | None = None) -> optuna.Study:

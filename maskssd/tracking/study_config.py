@@ -28,6 +28,7 @@ __all__ = [
     "StudySection",
     "first_value",
     "load_study_config",
+    "recipe_config",
     "sample",
     "trial_config",
 ]
@@ -104,6 +105,16 @@ class StudySection(_S):
     grace_period: int = Field(90, ge=2)
     max_retry: int = Field(1, ge=0)  # retries of a trial whose worker died
     overrides: dict[str, Any] = Field(default_factory=dict)  # fixed experiment values for every trial
+    # keys of `overrides` that only make trials cheap (no test split, no images): `maskssd study-config`
+    # leaves them out of the full-budget experiment it writes; the other overrides belong to the recipe
+    trial_only: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _trial_only_keys(self) -> StudySection:
+        unknown = [k for k in self.trial_only if k not in self.overrides]
+        if unknown:
+            raise ValueError(f"study.trial_only names {unknown}, which are not keys of study.overrides")
+        return self
 
 
 class StudyConfig(_S):
@@ -191,10 +202,7 @@ def trial_config(
     cfg: StudyConfig, base: Path, values: Mapping[str, Any], study_path: str | Path = ""
 ) -> ExperimentConfig:
     """The base experiment with the study's fixed overrides and one trial's sampled values applied."""
-    data, _ = read_toml(base, "base experiment")
-    apply_overrides(data, cfg.study.overrides, str(study_path))
-    sampled = {cfg.space[k].target: ([v] if cfg.space[k].as_list else v) for k, v in values.items()}
-    apply_overrides(data, sampled, str(study_path))
+    data = _with_values(cfg, base, values, cfg.study.overrides, study_path)
     if cfg.study.epochs:
         apply_overrides(data, {"train.epochs": cfg.study.epochs})
     if cfg.study.eval_every:
@@ -203,3 +211,24 @@ def trial_config(
         apply_overrides(data, {"model.input_size": cfg.study.input_size})
     apply_overrides(data, {"experiment.name": cfg.mlflow_experiment})
     return validate(data, f"{base} (trial values {dict(values)} from {study_path})")
+
+
+def recipe_config(
+    cfg: StudyConfig, base: Path, values: Mapping[str, Any], study_path: str | Path = ""
+) -> dict[str, Any]:
+    """A trial's recipe at the base experiment's full budget: its sampled values and the study's overrides
+    except the ``trial_only`` ones, without the trials' cheaper fidelity (epochs, input size). Validated."""
+    recipe = {k: v for k, v in cfg.study.overrides.items() if k not in cfg.study.trial_only}
+    data = _with_values(cfg, base, values, recipe, study_path)
+    validate(data, f"{base} (trial values {dict(values)} from {study_path})")
+    return data
+
+
+def _with_values(
+    cfg: StudyConfig, base: Path, values: Mapping[str, Any], overrides: Mapping[str, Any], study_path: str | Path
+) -> dict[str, Any]:
+    data, _ = read_toml(base, "base experiment")
+    apply_overrides(data, overrides, str(study_path))
+    sampled = {cfg.space[k].target: ([v] if cfg.space[k].as_list else v) for k, v in values.items()}
+    apply_overrides(data, sampled, str(study_path))
+    return data
