@@ -181,7 +181,9 @@ def cmd_study_config(a: argparse.Namespace) -> int:
     from maskssd.training.config import dump_toml
 
     data, trial = trial_recipe(a.config, trial=a.trial, storage=a.storage, study_name=a.study_name)
-    values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    values = ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items()
+    )
     header = (
         f"# Trial {trial.number} of the study in {a.config} (value {trial.value:.4f} at the study's fidelity),\n"
         f"# at the base experiment's full budget. Written by `maskssd study-config {a.config}`.\n"

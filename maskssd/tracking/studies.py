@@ -536,7 +536,9 @@ def trial_recipe(
             raise MaskSSDError(f"study {study.study_name!r} has no completed trial {trial}")
     unknown = sorted(set(chosen.params) - set(cfg.space))
     if unknown:
-        raise ConfigError(f"trial {chosen.number} has parameters {unknown} that the study's space lacks", config)
+        raise ConfigError(
+            f"trial {chosen.number} has parameters {unknown} that the study's space lacks", config
+        )
     return recipe_config(cfg, base, chosen.params, config), chosen
 
 

@@ -225,7 +225,11 @@ def recipe_config(
 
 
 def _with_values(
-    cfg: StudyConfig, base: Path, values: Mapping[str, Any], overrides: Mapping[str, Any], study_path: str | Path
+    cfg: StudyConfig,
+    base: Path,
+    values: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    study_path: str | Path,
 ) -> dict[str, Any]:
     data, _ = read_toml(base, "base experiment")
     apply_overrides(data, overrides, str(study_path))
