@@ -315,6 +315,32 @@ def test_rng_state_round_trip():
     assert first[:4] == again[:4] and torch.equal(first[4], again[4])
 
 
+def test_checkpoints_of_earlier_versions_with_numpy_rng_load_and_restore(tmp_path):
+    """Earlier maskssd checkpoints stored numpy's and Python's RNG states as they come (an ndarray, tuples): plain
+    numeric arrays load weights-only and restore; an object array is still refused."""
+    random.random(), np.random.random()
+    path = tmp_path / "old.pt"
+    torch.save(
+        {
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            }
+        },
+        path,
+    )
+    first = (random.random(), np.random.random(), np.random.normal())
+    set_rng_state(load_rng := safe_load(path)["rng"])
+    assert isinstance(load_rng["numpy"][1], np.ndarray)
+    assert (random.random(), np.random.random(), np.random.normal()) == first
+
+    objects = tmp_path / "objects.pt"
+    torch.save({"x": np.array([1, "a", None], dtype=object)}, objects)
+    with pytest.raises(UnsafeCheckpointError):
+        safe_load(objects)
+
+
 def test_maskssd_module_pickle_is_refused(tmp_path):
     """A whole pickled maskssd module is no tutorial checkpoint: its classes are not stand-ins, so it is refused."""
     path = tmp_path / "whole.pt"

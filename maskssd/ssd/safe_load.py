@@ -116,6 +116,33 @@ def _stand_in_globals() -> list[tuple[Any, str]]:
     return _stand_ins
 
 
+def _numpy_globals() -> list[tuple[Any, str]]:
+    """Plain numeric numpy arrays (as in checkpoints of maskssd before 0.x stored numpy's RNG state): the array
+    rebuild and numeric dtypes only; object, structured and string dtypes stay refused, so nothing but numbers
+    can come back through them."""
+    import numpy as np
+
+    reconstruct = (
+        np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+    )
+    pairs: list[tuple[Any, str]] = [
+        (reconstruct, "numpy._core.multiarray._reconstruct"),
+        (reconstruct, "numpy.core.multiarray._reconstruct"),  # pickled by numpy 1.x
+        (np.ndarray, "numpy.ndarray"),
+        (np.dtype, "numpy.dtype"),
+    ]
+    numeric = (np.bool_, np.number)
+    for name in dir(getattr(np, "dtypes", None)):
+        cls = getattr(np.dtypes, name)
+        if (
+            name.endswith("DType")
+            and isinstance(cls, type)
+            and issubclass(getattr(cls, "type", object), numeric)
+        ):
+            pairs.append((cls, f"numpy.dtypes.{name}"))
+    return pairs
+
+
 def _plain(obj: Any) -> Any:
     """Stand-in modules as their state dicts, stand-in optimisers as None, through dicts, lists and tuples."""
     if isinstance(obj, InertOptimizer):
@@ -220,7 +247,7 @@ def safe_load(path: str | Path) -> Any:
     :class:`_RestrictedUnpickler`, which resolves nothing but what rebuilding tensors needs and the stand-ins.
     """
     path = Path(path)
-    with _stand_ins_lock, torch.serialization.safe_globals(_stand_in_globals()):
+    with _stand_ins_lock, torch.serialization.safe_globals([*_stand_in_globals(), *_numpy_globals()]):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
