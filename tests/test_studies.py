@@ -355,6 +355,27 @@ def test_first_trials_run_the_full_budget_then_successive_halving_prunes():
     assert all("completed_rung_0" in t.system_attrs for t in study.trials)  # rung values of all recorded
 
 
+def test_percentile_pruner_waits_for_its_first_epoch_then_keeps_the_best_third():
+    from maskssd.tracking.studies import lowest_rung, make_pruner
+    from maskssd.tracking.study_config import PrunerSpec, StudyConfig, StudySection
+
+    spec = PrunerSpec(name="percentile", percentile=33.3, n_startup_trials=3, n_warmup_steps=9)
+    cfg = StudyConfig(study=StudySection(name="p", experiment="e.toml"), pruner=spec, space={})
+    assert lowest_rung(cfg) == 9
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(cfg, 15))
+    for v in (0.4, 0.5, 0.6):  # finished trials: values at epochs 3 and 9
+        t = study.ask()
+        t.report(v / 2, 3)
+        t.report(v, 9)
+        study.tell(t, v)
+    low, high = study.ask(), study.ask()
+    for t, v in ((low, 0.45), (high, 0.58)):
+        t.report(0.01, 3)  # far behind at epoch 3: not judged before epoch 9
+        assert not t.should_prune()
+        t.report(v, 9)
+    assert low.should_prune() and not high.should_prune()  # 0.58 is in the best third of 0.4/0.5/0.6
+
+
 def test_spearman_matches_scipy_with_ties():
     from scipy.stats import spearmanr
 

@@ -180,6 +180,10 @@ def make_pruner(cfg: StudyConfig, epochs: int) -> optuna.pruners.BasePruner:
         return optuna.pruners.MedianPruner(
             n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps
         )
+    if p.name == "percentile":
+        return optuna.pruners.PercentilePruner(
+            p.percentile, n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps
+        )
     if p.name == "successive_halving":
         return SuccessiveHalving(
             n_full=p.n_startup_trials, min_resource=p.min_resource, reduction_factor=p.reduction_factor

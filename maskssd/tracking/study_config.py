@@ -78,13 +78,18 @@ class SamplerSpec(_S):
 
 class PrunerSpec(_S):
     """``successive_halving`` (ASHA) and ``hyperband`` are multi-fidelity over epochs: rungs at ``min_resource *
-    reduction_factor**k`` epochs; their first ``n_startup_trials`` trials (by number) are never pruned."""
+    reduction_factor**k`` epochs; their first ``n_startup_trials`` trials (by number) are never pruned.
+    ``median`` and ``percentile`` compare a trial at every report from ``n_warmup_steps`` on with the finished
+    trials at the same epoch (the median; the best ``percentile`` %), once ``n_startup_trials`` have finished."""
 
-    name: Literal["median", "successive_halving", "hyperband", "none"] = "median"
+    name: Literal["median", "percentile", "successive_halving", "hyperband", "none"] = "median"
     n_startup_trials: int = Field(
         2, ge=0
     )  # median: finished trials before pruning; else: never-pruned trials
-    n_warmup_steps: int = Field(0, ge=0)  # median: epochs before pruning may start
+    n_warmup_steps: int = Field(0, ge=0)  # median, percentile: the first epoch at which pruning may happen
+    percentile: float = Field(
+        33.3, gt=0, lt=100
+    )  # percentile: keep the best this % of finished trials' values
     min_resource: int = Field(1, ge=1)  # successive_halving, hyperband: epochs of the first rung
     reduction_factor: int = Field(3, ge=2)  # successive_halving, hyperband
 
