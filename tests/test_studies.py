@@ -355,6 +355,51 @@ def test_first_trials_run_the_full_budget_then_successive_halving_prunes():
     assert all("completed_rung_0" in t.system_attrs for t in study.trials)  # rung values of all recorded
 
 
+def test_a_trial_that_ran_its_budget_completes_and_counts_in_the_fidelity_check(project):
+    space = '[space.lr]\ntarget = "optim.lr"\ntype = "categorical"\nchoices = [3e-3, 1e-7]\n'
+    study_toml = write_study(
+        project / "s.toml",
+        n_trials=2,
+        pruner="percentile",
+        space=space,
+        objective="val_loss",
+        direction="minimize",
+    )
+    # the pruner may judge from the last epoch (2) on: only the final report, which must not prune
+    study_toml.write_text(study_toml.read_text().replace("n_warmup_steps = 0", "n_warmup_steps = 2"))
+    cfg, _ = load_study_config(study_toml)
+    study = open_study(cfg, make_storage(storage_url(project), cfg), epochs=2)
+    study.enqueue_trial({"lr": 3e-3})
+    study.enqueue_trial({"lr": 1e-7})  # worse than the first at epoch 2
+    assert main(["study", str(study_toml), "--no-report"]) == 0
+    assert [t.state.name for t in load(project).trials] == ["COMPLETE", "COMPLETE"]
+
+
+def test_fidelity_check_counts_trials_pruned_at_their_last_epoch():
+    from maskssd.tracking.study_fidelity import fidelity_check
+
+    study = optuna.create_study(direction="maximize")
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    for i, (early, final) in enumerate([(0.1, 0.5), (0.2, 0.6), (0.3, 0.7)]):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"x": i / 10},
+                distributions=dist,
+                value=final,
+                intermediate_values={3: early, 6: final},
+            )
+        )
+    pruned = optuna.trial.create_trial(
+        params={"x": 0.9},
+        distributions=dist,
+        state=optuna.trial.TrialState.PRUNED,
+        intermediate_values={3: 0.4, 6: 0.8},
+    )
+    study.add_trial(pruned)
+    check = fidelity_check(study, rung_epoch=3, full_epochs=6)
+    assert check.n == 4 and check.spearman == pytest.approx(1.0)
+
+
 def test_percentile_pruner_waits_for_its_first_epoch_then_keeps_the_best_third():
     from maskssd.tracking.studies import lowest_rung, make_pruner
     from maskssd.tracking.study_config import PrunerSpec, StudyConfig, StudySection

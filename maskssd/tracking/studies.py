@@ -284,7 +284,7 @@ def make_objective(cfg: StudyConfig, base: Path, study_path: Path, parent_id: st
                 return
             trial.report(value, epoch)
             reported[str(epoch)] = value
-            if trial.should_prune():
+            if epoch < exp.train.epochs and trial.should_prune():  # a trial that ran its budget completes
                 raise PrunedTrial(epoch, value)
 
         tags = {

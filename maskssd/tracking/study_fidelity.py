@@ -113,7 +113,20 @@ def fidelity_check(
     stored = study.user_attrs.get("fidelity") or {}
     full = int(full_epochs or stored.get("full_epochs") or max(max(t.intermediate_values) for t in complete))
     rung = int(rung_epoch or stored.get("rung_epoch") or min(min(t.intermediate_values) for t in complete))
-    full_trials = [t for t in complete if max(t.intermediate_values) >= full]
+    # trials pruned at their last report (by a pruner asked at the final epoch) ran the full budget too; their
+    # final value is their best report, as the selected checkpoint's is
+    best = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
+    ran_out = [
+        optuna.trial.create_trial(
+            params=t.params,
+            distributions=t.distributions,
+            value=best(t.intermediate_values.values()),
+            intermediate_values=t.intermediate_values,
+        )
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
+        if t.intermediate_values and max(t.intermediate_values) >= full
+    ]
+    full_trials = [t for t in [*complete, *ran_out] if max(t.intermediate_values) >= full]
 
     def at(t: optuna.trial.FrozenTrial, epoch: int) -> float | None:
         step = next((s for s in sorted(t.intermediate_values) if s >= epoch), None)
