@@ -23,7 +23,7 @@ from maskssd.errors import MaskSSDError  # noqa: E402
 from maskssd.runtime import LOCAL_DIR  # noqa: E402
 from maskssd.tracking import lineage  # noqa: E402
 from maskssd.tracking.lineage import git_info  # noqa: E402, F401 - runs.git_info: the studies' parent runs
-from maskssd.training.tracker import DatasetInfo, SplitMetrics  # noqa: E402
+from maskssd.training.tracker import DatasetInfo, SplitMetrics, WritesNothing  # noqa: E402
 
 T = TypeVar("T")
 MAX_PARAM_LENGTH = 6000
@@ -209,42 +209,8 @@ class MlflowRun:
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
 
 
-class ReadOnlyRun(MlflowRun):
+class ReadOnlyRun(WritesNothing, MlflowRun):
     """A run seen by a non-zero distributed rank: it may read artifacts, it writes nothing."""
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        pass
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        pass
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        pass
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        pass
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        pass
-
-    def log_dict(self, d: Mapping[str, Any], artifact_file: str) -> None:
-        pass
-
-    def finish(self, status: str = "FINISHED") -> None:
-        pass
-
-    def log_datasets(self, datasets: Sequence[DatasetInfo]) -> None:
-        pass
-
-    def log_model(
-        self,
-        checkpoint: Path,
-        tags: Mapping[str, str],
-        *,
-        evaluations: Sequence[SplitMetrics] = (),
-        step: int = 0,
-    ) -> str | None:
-        return None
 
 
 def log_model(

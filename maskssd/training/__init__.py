@@ -65,6 +65,7 @@ _EXPORTS = {
     "RunLogger": "tracker",
     "Tracker": "tracker",
     "NullTracker": "tracker",
+    "WritesNothing": "tracker",
     "DatasetInfo": "tracker",
     "SplitMetrics": "tracker",
     "EvalHook": "runner",

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from maskssd.errors import MaskSSDError
 
-__all__ = ["DatasetInfo", "NullTracker", "RunLogger", "SplitMetrics", "Tracker"]
+__all__ = ["DatasetInfo", "NullTracker", "RunLogger", "SplitMetrics", "Tracker", "WritesNothing"]
 
 
 @dataclass(frozen=True)
@@ -77,11 +77,9 @@ class Tracker(RunLogger, Protocol):
         ...
 
 
-class NullTracker:
-    """Records nothing: the engine and runner work the same without a tracking store."""
-
-    def __init__(self, run_id: str = "untracked"):
-        self.run_id = run_id
+class WritesNothing:
+    """Every write of a :class:`Tracker` as a no-op: the base of :class:`NullTracker`, and of the tracking
+    layer's read-only run for non-zero distributed ranks."""
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         pass
@@ -107,9 +105,6 @@ class NullTracker:
     def log_figure(self, path: Path, artifact_path: str = "plots") -> None:
         pass
 
-    def download(self, artifact_path: str, dst: str | Path) -> Path:
-        raise MaskSSDError(f"untracked run: no artifact {artifact_path!r}")
-
     def log_datasets(self, datasets: Sequence[DatasetInfo]) -> None:
         pass
 
@@ -122,3 +117,16 @@ class NullTracker:
         step: int = 0,
     ) -> str | None:
         return None
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+
+class NullTracker(WritesNothing):
+    """Records nothing: the engine and runner work the same without a tracking store."""
+
+    def __init__(self, run_id: str = "untracked"):
+        self.run_id = run_id
+
+    def download(self, artifact_path: str, dst: str | Path) -> Path:
+        raise MaskSSDError(f"untracked run: no artifact {artifact_path!r}")
