@@ -56,6 +56,7 @@ import numpy as np
 from maskssd.data.synth_draw import MAX_FACE_IOU, Face, Plan, hair_box, iou, overlap, render
 from maskssd.data.voc import DEFAULT_CLASSES, SPLITS, load_annotations, stratified_split, write_split
 from maskssd.errors import DataError
+from maskssd.files import atomic_path, write_text_atomic
 
 #: Bumped whenever the drawing changes, so :func:`ensure_synth` regenerates old datasets.
 SYNTH_VERSION = 1
@@ -236,12 +237,6 @@ def _xml(filename: str, w: int, h: int, objects: list[tuple[str, tuple[int, int,
     return "\n".join(lines) + "\n"
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _read_marker(root: Path) -> dict[str, Any] | None:
     try:
         data = json.loads((root / MARKER).read_text(encoding="utf-8"))
@@ -304,7 +299,7 @@ def _prepare_output(root: Path, ids: list[str], split_name: str) -> tuple[Path, 
     root.mkdir(parents=True, exist_ok=True)
     (root / MARKER).unlink(missing_ok=True)
     # the README's first line marks the directory as ours from the start (an interrupted run is redone)
-    _write_text(
+    write_text_atomic(
         root / "README.md", f"{README_TITLE}\n\nSynthetic data: generation in progress or interrupted.\n"
     )
     images_dir, ann_dir = root / "images", root / "annotations"
@@ -381,11 +376,10 @@ def generate(
         image_id, plan = ids[i], plans[i]
         img, objects = render(plan, np.random.default_rng([params["seed"], 1, i]))
         filename = f"{image_id}.png"
-        tmp = images_dir / f".{filename}.tmp"
-        img.save(tmp, format="PNG", compress_level=1)
-        os.replace(tmp, images_dir / filename)
+        with atomic_path(images_dir / filename) as tmp:
+            img.save(tmp, format="PNG", compress_level=1)
         named = [(classes[k], b) for k, b in objects]
-        _write_text(ann_dir / f"{image_id}.xml", _xml(filename, plan.width, plan.height, named))
+        write_text_atomic(ann_dir / f"{image_id}.xml", _xml(filename, plan.width, plan.height, named))
         return [name for name, _ in named]
 
     # PIL releases the GIL while encoding, resampling and blurring: two threads use two cores
@@ -412,14 +406,14 @@ def generate(
         forced_faces=forced,
         split_sizes={s: len(x) for s, x in zip(SPLITS, per_split, strict=True)},
     )
-    _write_text(
+    write_text_atomic(
         root / "README.md",
         _readme(
             params, summary.boxes, forced, {c: image_counts.get(c, 0) for c in classes}, summary.split_sizes
         ),
     )
     marker = dict(params, boxes=summary.boxes, forced_faces=forced, split_sizes=summary.split_sizes)
-    _write_text(root / MARKER, json.dumps(marker, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(root / MARKER, json.dumps(marker, indent=2, sort_keys=True) + "\n")
     return summary
 
 

@@ -12,7 +12,6 @@ Box conventions
 
 from __future__ import annotations
 
-import os
 import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -27,6 +26,7 @@ from defusedxml import ElementTree as SafeET
 
 from maskssd.data.images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, load_image, read_image_size
 from maskssd.errors import DataError
+from maskssd.files import write_text_atomic
 
 DEFAULT_CLASSES: tuple[str, ...] = ("with_mask", "without_mask", "mask_weared_incorrect")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -399,9 +399,7 @@ def write_split(root: str | Path, name: str, ids_per_split: Sequence[Sequence[st
     out = Path(root) / "splits" / name
     out.mkdir(parents=True, exist_ok=True)
     for split, ids in zip(SPLITS, ids_per_split):
-        tmp = out / f".{split}.txt.tmp"
-        tmp.write_text("".join(f"{i}\n" for i in ids))
-        os.replace(tmp, out / f"{split}.txt")
+        write_text_atomic(out / f"{split}.txt", "".join(f"{i}\n" for i in ids))
     return out
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from maskssd.deploy.optimize import optimize_for_inference
+from maskssd.files import atomic_path
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("locs", "scores")
@@ -59,20 +59,6 @@ def physical_cores() -> int:
     except OSError:
         pass
     return max(1, min(allowed, len(cores) or allowed))
-
-
-@contextmanager
-def _atomic_path(path: Path, suffix: str) -> Iterator[Path]:
-    """A temporary path next to ``path``, renamed over it when the block succeeds (removed if it fails)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @contextmanager
@@ -113,7 +99,7 @@ def export_onnx(
     with _eval_mode(model), torch.no_grad():
         x = _dummy_input(model)
         locs, scores = model(x)
-        with _atomic_path(path, ".onnx") as tmp:
+        with atomic_path(path, ".onnx") as tmp:
             try:
                 _torch_onnx_export(model, x, tmp, opset, dynamo)
             except Exception as e:  # the exporter's own error types vary between releases
@@ -191,7 +177,8 @@ def onnx_session(path: str | Path, threads: int | None = None) -> Any:
     return ort.InferenceSession(str(path), onnx_session_options(threads), providers=["CPUExecutionProvider"])
 
 
-def _fingerprint(ckpt: Path) -> str:
+def checkpoint_fingerprint(ckpt: Path) -> str:
+    """Size, modification time and export version of a checkpoint: a cached export made from it matches."""
     st = ckpt.stat()
     return f"{st.st_size}:{st.st_mtime_ns}:{EXPORT_VERSION}"
 
@@ -209,13 +196,13 @@ def onnx_session_for(ckpt_path: str | Path, model: torch.nn.Module) -> Any:
     export goes to ``~/.cache/maskssd/onnx/``.
     """
     ckpt = Path(ckpt_path)
-    fp = _fingerprint(ckpt)
+    fp = checkpoint_fingerprint(ckpt)
     candidates = [onnx_cache_path(ckpt)]
     alt_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "maskssd" / "onnx"
     key = hashlib.sha256(str(ckpt.resolve()).encode()).hexdigest()[:16]
     candidates.append(alt_dir / f"{ckpt.name}.{key}.onnx")
     for cache in candidates:
-        session = _cached_session(cache, ckpt, fp)
+        session = cached_onnx_session(cache, ckpt, fp)
         if session is not None:
             return session
     last_error: OSError | None = None
@@ -229,7 +216,8 @@ def onnx_session_for(ckpt_path: str | Path, model: torch.nn.Module) -> Any:
     raise OSError(f"cannot write an ONNX export for {ckpt}: {last_error}")
 
 
-def _cached_session(cache: Path, ckpt: Path, fp: str) -> Any:
+def cached_onnx_session(cache: Path, ckpt: Path, fp: str) -> Any:
+    """A session for ``cache`` if it is a readable export of ``ckpt`` (``fp``) newer than it, else None."""
     if not cache.is_file() or cache.stat().st_mtime_ns < ckpt.stat().st_mtime_ns:
         return None
     try:
@@ -251,7 +239,7 @@ def export_torchscript(model: torch.nn.Module, path: str | Path) -> Path:
         )  # torch.jit.trace is deprecated in favour of torch.export
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(model, _dummy_input(model), check_trace=False)
-        with _atomic_path(path, ".pt") as tmp:
+        with atomic_path(path, ".pt") as tmp:
             torch.jit.save(traced, str(tmp))
     return path
 

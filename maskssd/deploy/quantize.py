@@ -35,14 +35,14 @@ from maskssd.data.voc import VOCLayout
 from maskssd.deploy.export import (
     INPUT_NAME,
     OUTPUT_NAMES,
-    _atomic_path,
-    _cached_session,
-    _fingerprint,
+    cached_onnx_session,
+    checkpoint_fingerprint,
     export_onnx,
     onnx_session,
 )
 from maskssd.deploy.predictor import to_chw
 from maskssd.errors import MaskSSDError
+from maskssd.files import atomic_path
 
 __all__ = [
     "QUANT_VERSION",
@@ -180,7 +180,7 @@ def quantize_onnx(
         quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
         proto = onnx.load(str(prepared))
         exclude = shape_nodes(proto) + (head_nodes(proto) if exclude_heads else [])
-        with _atomic_path(out, ".onnx") as tmp_out:
+        with atomic_path(out, ".onnx") as tmp_out:
             quantize_static(
                 str(prepared),
                 str(tmp_out),
@@ -217,12 +217,12 @@ def int8_session_for(ckpt_path: str | Path, model: torch.nn.Module, calibration:
     ckpt = Path(ckpt_path)
     files = calibration_files(calibration)
     key = calibration_key(files, int(model.input_size))
-    fp = f"{_fingerprint(ckpt)}|int8:{key}"
+    fp = f"{checkpoint_fingerprint(ckpt)}|int8:{key}"
     alt_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "maskssd" / "onnx"
     where = hashlib.sha256(str(ckpt.resolve()).encode()).hexdigest()[:16]
     candidates = [int8_cache_path(ckpt, key), alt_dir / f"{ckpt.name}.{where}.int8-{key}.onnx"]
     for cache in candidates:
-        session = _cached_session(cache, ckpt, fp)
+        session = cached_onnx_session(cache, ckpt, fp)
         if session is not None:
             return session
     last_error: OSError | None = None

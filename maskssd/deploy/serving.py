@@ -13,9 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import os
 import re
-import tempfile
 import time
 import warnings
 from collections import OrderedDict
@@ -31,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from maskssd.data import MAX_IMAGE_PIXELS, decode_image_bytes
 from maskssd.errors import DataError
 from maskssd.extras import require
+from maskssd.files import atomic_path
 from maskssd.ssd.postprocess import Detections
 
 require(
@@ -415,18 +414,11 @@ class DetectionService:
         ]
         grid = montage(frames, names)
         path = self.montage_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                if path.suffix.lower() == ".png":
-                    grid.save(f, format="PNG")
-                else:
-                    grid.save(f, format="JPEG", quality=85)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp:
+            if path.suffix.lower() == ".png":
+                grid.save(tmp, format="PNG")
+            else:
+                grid.save(tmp, format="JPEG", quality=85)
         self.montage_written += 1
 
 

@@ -99,6 +99,7 @@ def ssd300_vgg16(
 
 def _ssdlite(
     backbone: Backbone,
+    *,
     num_classes: int,
     input_size: int,
     freeze_stages: int,
@@ -114,12 +115,12 @@ def _ssdlite(
     backbone.configure(freeze_stages, bn_mode)
     return SSDLite(
         backbone,
-        extra_channels,
-        num_classes,
-        input_size,
-        min_scale,
-        max_scale,
-        aspect_ratios,
+        extra_channels=extra_channels,
+        num_classes=num_classes,
+        input_size=input_size,
+        min_scale=min_scale,
+        max_scale=max_scale,
+        aspect_ratios=aspect_ratios,
         scales=scales,
         neck=build_neck(neck, backbone.out_channels, neck_channels),
     )
@@ -154,17 +155,17 @@ def _effnet_builder(variant: int, doc: str) -> Callable[..., SSDLite]:
         _check_stride4(neck, stride4)
         return _ssdlite(
             EfficientNetLiteFeatures(variant, pretrained, stride4),
-            num_classes,
-            input_size,
-            freeze_stages,
-            bn_mode,
-            extra_channels,
-            min_scale,
-            max_scale,
-            aspect_ratios,
-            scales,
-            neck,
-            neck_channels,
+            num_classes=num_classes,
+            input_size=input_size,
+            freeze_stages=freeze_stages,
+            bn_mode=bn_mode,
+            extra_channels=extra_channels,
+            min_scale=min_scale,
+            max_scale=max_scale,
+            aspect_ratios=aspect_ratios,
+            scales=scales,
+            neck=neck,
+            neck_channels=neck_channels,
         )
 
     builder.__name__ = builder.__qualname__ = f"ssdlite_effnet_lite{variant}"
@@ -222,17 +223,17 @@ def ssdlite_mobilenet_v3(
         )
     return _ssdlite(
         MobileNetV3Features(pretrained),
-        num_classes,
-        input_size,
-        freeze_stages,
-        bn_mode,
-        extra_channels,
-        min_scale,
-        max_scale,
-        aspect_ratios,
-        scales,
-        neck,
-        neck_channels,
+        num_classes=num_classes,
+        input_size=input_size,
+        freeze_stages=freeze_stages,
+        bn_mode=bn_mode,
+        extra_channels=extra_channels,
+        min_scale=min_scale,
+        max_scale=max_scale,
+        aspect_ratios=aspect_ratios,
+        scales=scales,
+        neck=neck,
+        neck_channels=neck_channels,
     )
 
 
@@ -257,15 +258,15 @@ def tiny(
     _check_stride4(neck, stride4)
     return _ssdlite(
         TinyBackbone(width, stride4),
-        num_classes,
-        input_size,
-        freeze_stages,
-        bn_mode,
-        extra_channels,
-        min_scale,
-        max_scale,
-        aspect_ratios,
-        scales,
-        neck,
-        neck_channels,
+        num_classes=num_classes,
+        input_size=input_size,
+        freeze_stages=freeze_stages,
+        bn_mode=bn_mode,
+        extra_channels=extra_channels,
+        min_scale=min_scale,
+        max_scale=max_scale,
+        aspect_ratios=aspect_ratios,
+        scales=scales,
+        neck=neck,
+        neck_channels=neck_channels,
     )

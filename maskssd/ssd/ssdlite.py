@@ -55,6 +55,7 @@ class SSDLite(SSDDetector):
     def __init__(
         self,
         backbone: Backbone,
+        *,
         extra_channels: Sequence[int],
         num_classes: int,
         input_size: int,

@@ -12,7 +12,6 @@ import logging
 import os
 import random
 import signal
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from maskssd.errors import MaskSSDError
+from maskssd.files import atomic_path
 from maskssd.ssd.safe_load import safe_load
 
 __all__ = [
@@ -71,18 +71,10 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``. Ctrl-C or
     SIGTERM during the write take effect once it is complete (:func:`interrupts_deferred`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with interrupts_deferred():
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    with interrupts_deferred(), atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 
