@@ -21,7 +21,13 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from maskssd.data import FaceMaskDataset, load_annotations
-from maskssd.data.transforms import AugmentSpec, eval_transform, preprocess_images, train_transform
+from maskssd.data.transforms import (
+    AugmentSpec,
+    eval_transform,
+    preprocess_images,
+    sample_iou_crop,
+    train_transform,
+)
 
 W, H = 300, 200
 GREY = 128
@@ -288,3 +294,29 @@ def test_preprocess_images_keeps_camera_frames_channels_last():
     before = same.clone()
     preprocess_images([same], 64)
     assert torch.equal(same, before)
+
+
+def test_iou_crop_sampler_follows_torchvision_distribution():
+    """The batched sampler draws crops as torchvision's RandomIoUCrop does: same share of uncropped images,
+    same mean crop area, and every crop within its limits (aspect ratio, scale, a box centre inside)."""
+    from torchvision.transforms.v2 import RandomIoUCrop
+
+    w, h = 400, 300
+    boxes = torch.tensor([[20.0, 30.0, 44.0, 60.0], [200.0, 100.0, 215.0, 118.0], [300, 200, 390, 290]])
+    canvas = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w))
+    image = tv_tensors.Image(torch.zeros(3, h, w, dtype=torch.uint8))
+    reference, n = RandomIoUCrop(), 1500
+    torch.manual_seed(0)
+    ref = [reference.make_params([image, canvas]) for _ in range(n)]
+    ref_area = [p["width"] * p["height"] / (w * h) for p in ref if p]
+    torch.manual_seed(1)
+    ours = [sample_iou_crop(boxes, w, h) for _ in range(n)]
+    crops = [c for c in ours if c is not None]
+    assert abs(len(crops) - len(ref_area)) / n < 0.05
+    assert abs(np.mean([cw * ch / (w * h) for _, _, cw, ch, _ in crops]) - np.mean(ref_area)) < 0.03
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    for left, top, cw, ch, kept in crops:
+        assert 0.5 <= cw / ch <= 2.0 and 0.3 * w - 1 <= cw <= w and 0.3 * h - 1 <= ch <= h
+        assert 0 <= left <= w - cw and 0 <= top <= h - ch
+        inside = (left < cx) & (cx < left + cw) & (top < cy) & (cy < top + ch)
+        assert kept.any() and torch.equal(kept, inside)
