@@ -87,6 +87,16 @@ def test_seeds_make_one_parent_with_mean_and_std_of_its_children(workdir, synth_
     }
     assert at[parent.info.run_id] < min(at[k.info.run_id] for k in kids)
 
+    # maskssd compare: a parent stands for its finished seeds, pooled (seeds x images)
+    pid, k0, k1 = parent.info.run_id, kids[0].info.run_id, kids[1].info.run_id
+    assert main(["compare", pid, k0, "--split", "val", "--n", "50", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["a"] == [k0, k1] and doc["b"] == [k0] and (doc["runs_a"], doc["runs_b"]) == (2, 1)
+    assert main(["compare", pid, f"{k0},{k1}", "--split", "val", "--n", "50", "--json"]) == 0
+    same = json.loads(capsys.readouterr().out)
+    m_same = same["metrics"]["map"]
+    assert m_same["diff"] == m_same["low"] == m_same["high"] == 0.0 and m_same["ties"] == 1.0
+
     # a deleted child: resuming the parent starts that seed again and keeps the other one as it was
     c.delete_run(kids[1].info.run_id)
     assert main(["train", str(cfg), "--resume", parent.info.run_id, "--no-progress", *one_epoch]) == 0

@@ -352,9 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
         "each resample (no inference), and report A - B in mAP and per-class AP (VOC07) with its percentile\n"
         "interval and the share of resamples in which A beats B.\n\n"
         "RUN_A and RUN_B are MLflow run ids (their detections/<split>.json, saved at the end of training) or\n"
-        "detection files (maskssd evaluate --save-detections); several, comma-separated, are pooled (seeds).\n"
+        "detection files (maskssd evaluate --save-detections); several, comma-separated, are pooled (seeds);\n"
+        "the parent run of `train --seeds` stands for its finished seeds.\n"
         "Ground truth is read from the data the detections were made on (or --data). Nothing is logged.",
         epilog="examples:\n  maskssd compare 3f2a... 9c1b... --split val\n"
+        "  maskssd compare PARENT_A PARENT_B --split val   # two --seeds parents: pooled over seeds x images\n"
         "  maskssd compare a.json b.json --n 2000 --json\n"
         "  maskssd compare RUN_A1,RUN_A2,RUN_A3 RUN_B1,RUN_B2,RUN_B3   # seeds pooled",
     )

@@ -13,7 +13,7 @@ from typing import Any
 
 from rich.table import Table
 
-from maskssd.cli.commands import out
+from maskssd.cli.commands import err, out
 from maskssd.errors import MaskSSDError
 
 __all__ = ["analysis_tables", "cmd_compare", "cmd_study_config", "fmt_interval", "metrics_table"]
@@ -109,13 +109,32 @@ def _load_side(refs: str, split: str, tracking_uri: str | None, tmp: Path) -> li
     from maskssd.tracking.runs import download_detections
 
     docs = []
-    for ref in [r for r in refs.split(",") if r]:
+    for ref in _expand_parents([r for r in refs.split(",") if r], tracking_uri):
         doc = load_detections(download_detections(ref, split, tmp, tracking_uri))
         doc["ref"] = ref
         docs.append(doc)
     if not docs:
         raise MaskSSDError(f"no run or file in {refs!r}")
     return docs
+
+
+def _expand_parents(refs: list[str], tracking_uri: str | None) -> list[str]:
+    """A seeds parent stands for its finished children (pooled: seeds x images); files and other runs stay."""
+    from maskssd.tracking.seeds import finished_children, is_seeds_parent
+
+    expanded: list[str] = []
+    for ref in refs:
+        if Path(ref).is_file() or not is_seeds_parent(ref, tracking_uri=tracking_uri):
+            expanded.append(ref)
+            continue
+        kids = finished_children(ref, tracking_uri=tracking_uri)
+        if not kids:
+            raise MaskSSDError(
+                f"seeds parent {ref} has no finished child run yet: resume it with --resume {ref}"
+            )
+        err.print(f"parent {ref[:12]}: {len(kids)} finished seeds pooled", highlight=False)
+        expanded.extend(kids)
+    return expanded
 
 
 def _annotations(doc: Mapping[str, Any], a: argparse.Namespace, split: str) -> list[Any]:

@@ -49,6 +49,7 @@ __all__ = [
     "SeedsResult",
     "aggregate",
     "children_of",
+    "finished_children",
     "is_final_metric",
     "is_seeds_parent",
     "run_seeds",
@@ -129,6 +130,12 @@ def children_of(c: Any, parent_id: str) -> list[Any]:
     exp = c.get_run(parent_id).info.experiment_id
     found = c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1000)
     return sorted(found, key=lambda r: (_seed_of(r) is None, _seed_of(r) or 0, r.info.start_time or 0))
+
+
+def finished_children(parent_id: str, *, tracking_uri: str | None = None) -> list[str]:
+    """Run ids of a seeds parent's FINISHED children in seed order: the runs its mean and std average."""
+    c = runs.client(tracking_uri)
+    return [r.info.run_id for r in children_of(c, parent_id) if r.info.status == "FINISHED"]
 
 
 def is_seeds_parent(run_id: str, *, tracking_uri: str | None = None) -> bool:
