@@ -126,6 +126,27 @@ def _ssdlite(
     )
 
 
+#: The options every SSDLite builder takes and passes on to :func:`_ssdlite` unchanged.
+_SSDLITE_OPTIONS = (
+    "num_classes",
+    "input_size",
+    "freeze_stages",
+    "bn_mode",
+    "extra_channels",
+    "min_scale",
+    "max_scale",
+    "aspect_ratios",
+    "scales",
+    "neck",
+    "neck_channels",
+)
+
+
+def _ssdlite_options(scope: dict[str, Any]) -> dict[str, Any]:
+    """The shared SSDLite options out of a builder's arguments (its ``locals()``)."""
+    return {k: scope[k] for k in _SSDLITE_OPTIONS}
+
+
 def _check_stride4(neck: NeckKind, stride4: bool) -> None:
     if stride4 and neck == "none":
         raise MaskSSDError(
@@ -155,17 +176,7 @@ def _effnet_builder(variant: int, doc: str) -> Callable[..., SSDLite]:
         _check_stride4(neck, stride4)
         return _ssdlite(
             EfficientNetLiteFeatures(variant, pretrained, stride4),
-            num_classes=num_classes,
-            input_size=input_size,
-            freeze_stages=freeze_stages,
-            bn_mode=bn_mode,
-            extra_channels=extra_channels,
-            min_scale=min_scale,
-            max_scale=max_scale,
-            aspect_ratios=aspect_ratios,
-            scales=scales,
-            neck=neck,
-            neck_channels=neck_channels,
+            **_ssdlite_options(locals()),
         )
 
     builder.__name__ = builder.__qualname__ = f"ssdlite_effnet_lite{variant}"
@@ -223,17 +234,7 @@ def ssdlite_mobilenet_v3(
         )
     return _ssdlite(
         MobileNetV3Features(pretrained),
-        num_classes=num_classes,
-        input_size=input_size,
-        freeze_stages=freeze_stages,
-        bn_mode=bn_mode,
-        extra_channels=extra_channels,
-        min_scale=min_scale,
-        max_scale=max_scale,
-        aspect_ratios=aspect_ratios,
-        scales=scales,
-        neck=neck,
-        neck_channels=neck_channels,
+        **_ssdlite_options(locals()),
     )
 
 
@@ -258,15 +259,5 @@ def tiny(
     _check_stride4(neck, stride4)
     return _ssdlite(
         TinyBackbone(width, stride4),
-        num_classes=num_classes,
-        input_size=input_size,
-        freeze_stages=freeze_stages,
-        bn_mode=bn_mode,
-        extra_channels=extra_channels,
-        min_scale=min_scale,
-        max_scale=max_scale,
-        aspect_ratios=aspect_ratios,
-        scales=scales,
-        neck=neck,
-        neck_channels=neck_channels,
+        **_ssdlite_options(locals()),
     )
