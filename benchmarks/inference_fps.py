@@ -50,6 +50,15 @@ from maskssd.ssd.postprocess import DecodeSpec, postprocess
 
 CLASSES = ("with_mask", "without_mask", "mask_weared_incorrect")
 LITE = {"pretrained": False, "input_size": 384}
+#: The default boxes of experiments/cpu_effnet_lite0.toml, and its small-face variant (PAN neck, stride-4 map,
+#: 7 fitted scales): what the shipped CPU model and the next candidate decode.
+CPU_BOXES = {"scales": [0.04, 0.08, 0.16, 0.3, 0.5, 0.7], "aspect_ratios": [0.6, 0.4, 0.8]}
+PAN_S4 = {
+    "scales": [0.03022, 0.0647, 0.1245, 0.2476, 0.4025, 0.425, 0.8025],
+    "aspect_ratios": [0.6, 0.4, 0.8],
+    "neck": "pan",
+    "stride4": True,
+}
 MODELS: list[tuple[str, str, dict[str, Any]]] = [  # (label, registry name, build kwargs)
     ("tiny 128", "tiny", {"input_size": 128}),
     ("ssdlite_mobilenet_v3 320", "ssdlite_mobilenet_v3", {"input_size": 320, "pretrained": False}),
@@ -57,6 +66,8 @@ MODELS: list[tuple[str, str, dict[str, Any]]] = [  # (label, registry name, buil
     ("ssdlite_effnet_lite0 384", "ssdlite_effnet_lite0", LITE),
     ("ssdlite_effnet_lite0 384 fpn", "ssdlite_effnet_lite0", {**LITE, "neck": "fpn"}),
     ("ssdlite_effnet_lite0 384 pan", "ssdlite_effnet_lite0", {**LITE, "neck": "pan"}),
+    ("ssdlite_effnet_lite0 384 cpu", "ssdlite_effnet_lite0", {**LITE, **CPU_BOXES}),
+    ("ssdlite_effnet_lite0 384 cpu pan s4", "ssdlite_effnet_lite0", {**LITE, **PAN_S4}),
     ("ssdlite_effnet_lite1 384", "ssdlite_effnet_lite1", LITE),
     ("ssdlite_effnet_lite2 384", "ssdlite_effnet_lite2", LITE),
     ("ssd300_vgg16", "ssd300_vgg16", {"pretrained": False}),
