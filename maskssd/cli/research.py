@@ -150,6 +150,11 @@ def _annotations(doc: Mapping[str, Any], a: argparse.Namespace, split: str) -> l
     return load_split(root, split, split_name, doc["classes"], a.on_error, DataReport())
 
 
+def _short(ref: str) -> str:
+    """A run id's first 12 characters, a file's name (a path cut at 12 characters says nothing)."""
+    return Path(ref).name if Path(ref).is_file() else ref[:12]
+
+
 def cmd_compare(a: argparse.Namespace) -> int:
     from maskssd.evaluation.detections_file import compare_detections
 
@@ -169,7 +174,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
         }
         print(json.dumps({**doc, **r.to_dict()}, indent=1))
         return 0
-    name = lambda docs: ", ".join(d["ref"][:12] for d in docs)  # noqa: E731
+    name = lambda docs: ", ".join(_short(d["ref"]) for d in docs)  # noqa: E731
     t = Table(
         title=f"A = {name(docs_a)}  vs  B = {name(docs_b)}: {split} split, {n_images} images, paired bootstrap "
         f"({r.n} resamples, seed {r.seed}); AP in %, VOC07"
