@@ -153,10 +153,10 @@ class FaceMaskDataset(torch.utils.data.Dataset):
             return sample
         if seed is None:
             return transform(sample)
-        with torch.random.fork_rng(
-            devices=[]
-        ):  # the augmentation runs on the CPU: seed (and restore) its RNG only
-            torch.random.default_generator.manual_seed(seed)  # torch.manual_seed would also reseed every GPU
+        # the augmentation runs on the CPU: seed (and restore) its generator only; torch.manual_seed would
+        # also reseed every GPU's
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
             return transform(sample)
 
     def class_box_counts(self) -> dict[str, int]:
