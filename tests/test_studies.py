@@ -531,3 +531,23 @@ def test_promote_moves_champion_only_when_better(project, capsys):
         )
         == 2
     )  # a missing dataset: one clear error
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_trial_started_after_other_workers_took_the_budget_runs_nothing(project):
+    from maskssd.tracking.studies import OVER_BUDGET, _FailureCap, make_objective, open_for_work, outcome
+
+    o = open_for_work(write_study(project / "s.toml", n_trials=1))
+    o.study.ask()  # another worker's trial, running: the whole budget
+    # this worker passed its budget check at the same moment; its trial must train nothing
+    objective = make_objective(o.cfg, o.base, o.config, o.parent, o.tracking_uri, o.n_trials)
+    for _ in range(3):
+        o.study.optimize(objective, n_trials=1, catch=(Exception,))
+    late = o.study.trials[1:]
+    assert [t.state.name for t in late] == ["FAIL"] * 3
+    assert all(t.user_attrs[OVER_BUDGET] and t.params == {} for t in late)
+    assert "other workers" in late[0].user_attrs["fail_reason"]
+    assert child_runs(tracking.client(), o.parent) == []  # no MLflow run, no training
+    _FailureCap(1)(o.study, late[-1])  # 3 failures would stop the worker (Study.stop raises outside optimize)
+    states = outcome(o, report=False).states
+    assert states["NOT_RUN"] == 3 and "FAIL" not in states and states["RUNNING"] == 1

@@ -5,7 +5,8 @@ trial budget. ``maskssd study`` resumes a study when run again and lets several 
 (SQLite or a journal file on one machine, PostgreSQL across machines). Trials report ``val_map`` at every
 evaluation epoch so pruners work; a trial whose loss goes NaN, or that raises, is recorded FAIL with its
 reason and the study goes on; a trial left RUNNING by a dead worker is failed by the heartbeat check and
-retried. The budget is Optuna's ``MaxTrialsCallback`` over finished and running trials, shared by every worker;
+retried. The budget is Optuna's ``MaxTrialsCallback`` over finished and running trials, shared by every worker
+(a trial that starts once the other workers have taken the budget runs nothing);
 ``maskssd study --workers N`` starts N local workers (:mod:`maskssd.tracking.study_workers`).
 """
 
@@ -205,14 +206,33 @@ def lowest_rung(cfg: StudyConfig) -> int:
 
 
 class _FailureCap:
-    """Stop a worker once the study has as many failed trials as its budget (at least 3): something is broken."""
+    """Stop a worker once the study has as many failed trials as its budget (at least 3): something is broken.
+    Trials that never ran because other workers had taken the budget are not failures."""
 
     def __init__(self, n_trials: int):
         self.n = max(n_trials, 3)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))) >= self.n:
+        failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+        if sum(OVER_BUDGET not in t.user_attrs for t in failed) >= self.n:
             study.stop()
+
+
+#: User attribute of a trial that a worker started after the other workers had taken the whole budget.
+OVER_BUDGET = "over_budget"
+
+
+class BudgetTaken(MaskSSDError):
+    """Raised at the start of a trial whose place in the budget went to other workers' trials."""
+
+
+def budget_taken(study: optuna.Study, number: int, n_trials: int) -> bool:
+    """Whether the trials numbered below ``number`` that spend the budget (finished or running) fill it.
+
+    ``MaxTrialsCallback`` checks the budget after a trial ends, so workers that start at the same moment can
+    each begin the last trial; the storage numbers trials atomically, so the lowest numbers keep their places."""
+    ahead = [t for t in study.get_trials(deepcopy=False, states=BUDGET_STATES) if t.number < number]
+    return len(ahead) >= n_trials
 
 
 def remaining(study: optuna.Study, n_trials: int) -> int:
@@ -265,11 +285,28 @@ def _redact(url: str) -> str:
     return re.sub(r"//([^:/@]+):[^@]+@", r"//\1:***@", url)
 
 
-def make_objective(cfg: StudyConfig, base: Path, study_path: Path, parent_id: str, tracking_uri: str | None):
-    """One trial: sample, build the trial's experiment, run it as a nested MLflow run, return the objective."""
+def make_objective(
+    cfg: StudyConfig,
+    base: Path,
+    study_path: Path,
+    parent_id: str,
+    tracking_uri: str | None,
+    n_trials: int | None = None,
+):
+    """One trial: sample, build the trial's experiment, run it as a nested MLflow run, return the objective.
+    A trial started after other workers took the budget (``n_trials``, default the study's) runs nothing: it
+    is recorded FAIL with the ``over_budget`` attribute and stops this worker."""
+    budget = n_trials or cfg.study.n_trials
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        if budget_taken(trial.study, trial.number, budget):
+            trial.set_user_attr(OVER_BUDGET, True)
+            trial.set_user_attr(
+                "fail_reason", f"not run: other workers had started the budget's {budget} trials"
+            )
+            trial.study.stop()
+            raise BudgetTaken(f"trial {trial.number}: the study's budget of {budget} trials is taken")
         values = sample(trial, cfg)
         try:
             exp = trial_config(cfg, base, values, study_path)
@@ -442,7 +479,7 @@ def work_on(o: OpenedStudy, timeout: float | None = None) -> None:
         return
     timeout = timeout or o.cfg.study.timeout or None
     o.study.optimize(
-        make_objective(o.cfg, o.base, o.config, o.parent, o.tracking_uri),
+        make_objective(o.cfg, o.base, o.config, o.parent, o.tracking_uri, o.n_trials),
         n_trials=None if timeout else todo + 2 * o.n_trials,
         timeout=timeout,
         catch=(Exception,),
@@ -455,9 +492,13 @@ def work_on(o: OpenedStudy, timeout: float | None = None) -> None:
 
 
 def outcome(o: OpenedStudy, report: bool = True) -> StudyOutcome:
-    """Trial counts by state (the parent run FINISHED once the budget is), and the report."""
+    """Trial counts by state (the parent run FINISHED once the budget is), and the report. Trials that never
+    ran because the budget was taken count as ``NOT_RUN``, not ``FAIL``."""
     study, c = o.study, o.client
     states = {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in optuna.trial.TrialState}
+    failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+    states["NOT_RUN"] = sum(OVER_BUDGET in t.user_attrs for t in failed)
+    states["FAIL"] -= states["NOT_RUN"]
     finished = states.get("COMPLETE", 0) + states.get("PRUNED", 0)
     if finished >= o.n_trials and not states.get("RUNNING"):
         c.set_terminated(o.parent, "FINISHED")
