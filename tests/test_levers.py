@@ -299,6 +299,16 @@ def test_ema_averages_parameters_and_copies_buffers():
     assert ModelEma(model, 0.99, warmup_steps=0).current_decay() == 0.99
 
 
+def test_default_ema_warm_up_ends_early_in_a_short_cpu_run():
+    # a 50-epoch run of the CPU configs is ~1,900 optimiser steps: the average must be at its decay by a
+    # quarter of them, not still warming up at the end (YOLOv5's 2000 would leave the decay at 0.6 x decay)
+    from maskssd.training.config import TrainSection
+
+    ema = ModelEma(torch.nn.Linear(2, 2), 0.999, warmup_steps=TrainSection().ema_warmup_steps)
+    ema.updates = 1900 // 4
+    assert ema.current_decay() > 0.9 * 0.999
+
+
 # ----------------------------------------------------------------------------------------- schedules
 def test_onecycle_rises_to_the_peak_then_anneals():
     cfg = ScheduleSection(name="onecycle", pct_start=0.25, min_lr_ratio=0.01, warmup_start_ratio=0.04)

@@ -169,7 +169,7 @@ class TrainSpec:
     tta_hflip: bool = False
     cpu_bf16: bool = False  # bfloat16 autocast of the training forward on CPU; evaluation stays float32
     ema_decay: float = 0.0  # 0: no weight average
-    ema_warmup_steps: float = 2000.0
+    ema_warmup_steps: float = 200.0
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, progress: bool = True) -> TrainSpec:
