@@ -535,7 +535,8 @@ def test_promote_moves_champion_only_when_better(project, capsys):
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_a_trial_started_after_other_workers_took_the_budget_runs_nothing(project):
-    from maskssd.tracking.studies import OVER_BUDGET, _FailureCap, make_objective, open_for_work, outcome
+    from maskssd.tracking.studies import make_objective, open_for_work, outcome
+    from maskssd.tracking.study_budget import OVER_BUDGET, FailureCap
 
     o = open_for_work(write_study(project / "s.toml", n_trials=1))
     o.study.ask()  # another worker's trial, running: the whole budget
@@ -548,6 +549,6 @@ def test_a_trial_started_after_other_workers_took_the_budget_runs_nothing(projec
     assert all(t.user_attrs[OVER_BUDGET] and t.params == {} for t in late)
     assert "other workers" in late[0].user_attrs["fail_reason"]
     assert child_runs(tracking.client(), o.parent) == []  # no MLflow run, no training
-    _FailureCap(1)(o.study, late[-1])  # 3 failures would stop the worker (Study.stop raises outside optimize)
+    FailureCap(1)(o.study, late[-1])  # 3 failures would stop the worker (Study.stop raises outside optimize)
     states = outcome(o, report=False).states
     assert states["NOT_RUN"] == 3 and "FAIL" not in states and states["RUNNING"] == 1

@@ -27,6 +27,13 @@ from maskssd.errors import ConfigError, MaskSSDError, NonFiniteLossError, Traini
 from maskssd.runtime import LOCAL_DIR
 from maskssd.tracking import runs
 from maskssd.tracking.experiment import run_experiment
+from maskssd.tracking.study_budget import (
+    BUDGET_STATES,
+    OVER_BUDGET,
+    FailureCap,
+    check_budget,
+    remaining,
+)
 from maskssd.tracking.study_config import (
     StudyConfig,
     first_value,
@@ -40,14 +47,6 @@ from maskssd.tracking.study_report import StudyReport, summarize
 
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-#: Trials that spend the shared budget: finished ones and those running on any worker (a failed trial does
-#: not: it is retried or replaced, up to the failure cap).
-BUDGET_STATES = (
-    optuna.trial.TrialState.COMPLETE,
-    optuna.trial.TrialState.PRUNED,
-    optuna.trial.TrialState.RUNNING,
-)
 
 
 class PrunedTrial(optuna.TrialPruned):
@@ -205,41 +204,6 @@ def lowest_rung(cfg: StudyConfig) -> int:
     return p.min_resource if p.name in ("successive_halving", "hyperband") else max(p.n_warmup_steps, 1)
 
 
-class _FailureCap:
-    """Stop a worker once the study has as many failed trials as its budget (at least 3): something is broken.
-    Trials that never ran because other workers had taken the budget are not failures."""
-
-    def __init__(self, n_trials: int):
-        self.n = max(n_trials, 3)
-
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
-        if sum(OVER_BUDGET not in t.user_attrs for t in failed) >= self.n:
-            study.stop()
-
-
-#: User attribute of a trial that a worker started after the other workers had taken the whole budget.
-OVER_BUDGET = "over_budget"
-
-
-class BudgetTaken(MaskSSDError):
-    """Raised at the start of a trial whose place in the budget went to other workers' trials."""
-
-
-def budget_taken(study: optuna.Study, number: int, n_trials: int) -> bool:
-    """Whether the trials numbered below ``number`` that spend the budget (finished or running) fill it.
-
-    ``MaxTrialsCallback`` checks the budget after a trial ends, so workers that start at the same moment can
-    each begin the last trial; the storage numbers trials atomically, so the lowest numbers keep their places."""
-    ahead = [t for t in study.get_trials(deepcopy=False, states=BUDGET_STATES) if t.number < number]
-    return len(ahead) >= n_trials
-
-
-def remaining(study: optuna.Study, n_trials: int) -> int:
-    """Trials still to start: the budget less finished and running ones (enqueued retries still count as to-do)."""
-    return max(n_trials - len(study.get_trials(deepcopy=False, states=BUDGET_STATES)), 0)
-
-
 def parent_run(c: Any, cfg: StudyConfig, study: optuna.Study, storage_url: str) -> str:
     """The study's single parent MLflow run, shared by every worker (the earliest created wins a race)."""
     rid = study.user_attrs.get("mlflow_parent_run_id")
@@ -300,13 +264,7 @@ def make_objective(
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        if budget_taken(trial.study, trial.number, budget):
-            trial.set_user_attr(OVER_BUDGET, True)
-            trial.set_user_attr(
-                "fail_reason", f"not run: other workers had started the budget's {budget} trials"
-            )
-            trial.study.stop()
-            raise BudgetTaken(f"trial {trial.number}: the study's budget of {budget} trials is taken")
+        check_budget(trial, budget)
         values = sample(trial, cfg)
         try:
             exp = trial_config(cfg, base, values, study_path)
@@ -485,7 +443,7 @@ def work_on(o: OpenedStudy, timeout: float | None = None) -> None:
         catch=(Exception,),
         callbacks=[
             optuna.study.MaxTrialsCallback(o.n_trials, states=BUDGET_STATES),
-            _FailureCap(o.n_trials),
+            FailureCap(o.n_trials),
         ],
         gc_after_trial=True,
     )
