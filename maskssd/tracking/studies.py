@@ -29,9 +29,9 @@ from maskssd.tracking import runs
 from maskssd.tracking.experiment import run_experiment
 from maskssd.tracking.study_budget import (
     BUDGET_STATES,
-    OVER_BUDGET,
     FailureCap,
     check_budget,
+    failures,
     remaining,
 )
 from maskssd.tracking.study_config import (
@@ -454,9 +454,7 @@ def outcome(o: OpenedStudy, report: bool = True) -> StudyOutcome:
     ran because the budget was taken count as ``NOT_RUN``, not ``FAIL``."""
     study, c = o.study, o.client
     states = {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in optuna.trial.TrialState}
-    failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
-    states["NOT_RUN"] = sum(OVER_BUDGET in t.user_attrs for t in failed)
-    states["FAIL"] -= states["NOT_RUN"]
+    states["FAIL"], states["NOT_RUN"] = failures(study)
     finished = states.get("COMPLETE", 0) + states.get("PRUNED", 0)
     if finished >= o.n_trials and not states.get("RUNNING"):
         c.set_terminated(o.parent, "FINISHED")

@@ -15,6 +15,7 @@ __all__ = [
     "FailureCap",
     "budget_taken",
     "check_budget",
+    "failures",
     "remaining",
 ]
 
@@ -35,8 +36,7 @@ class FailureCap:
         self.n = max(n_trials, 3)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
-        if sum(OVER_BUDGET not in t.user_attrs for t in failed) >= self.n:
+        if failures(study)[0] >= self.n:
             study.stop()
 
 
@@ -48,13 +48,20 @@ class BudgetTaken(MaskSSDError):
     """Raised at the start of a trial whose place in the budget went to other workers' trials."""
 
 
+def failures(study: optuna.Study) -> tuple[int, int]:
+    """The study's FAIL trials split in two: (failed, never run because the budget was taken)."""
+    failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+    not_run = sum(OVER_BUDGET in t.user_attrs for t in failed)
+    return len(failed) - not_run, not_run
+
+
 def budget_taken(study: optuna.Study, number: int, n_trials: int) -> bool:
     """Whether the trials numbered below ``number`` that spend the budget (finished or running) fill it.
 
     ``MaxTrialsCallback`` checks the budget after a trial ends, so workers that start at the same moment can
     each begin the last trial; the storage numbers trials atomically, so the lowest numbers keep their places."""
-    ahead = [t for t in study.get_trials(deepcopy=False, states=BUDGET_STATES) if t.number < number]
-    return len(ahead) >= n_trials
+    trials = study.get_trials(deepcopy=False, states=BUDGET_STATES)
+    return sum(t.number < number for t in trials) >= n_trials
 
 
 def check_budget(trial: optuna.Trial, n_trials: int) -> None:

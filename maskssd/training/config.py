@@ -209,9 +209,8 @@ class TrainSection(_Section):
     )
     # an exponential moving average of the weights, evaluated and checkpointed; 0 = off (e.g. 0.9998)
     ema_decay: float = Field(0.0, ge=0, lt=1)
-    ema_warmup_steps: float = Field(
-        200.0, ge=0
-    )  # decay * (1 - exp(-updates / this)); 0 = no warm-up (YOLOv5: 2000, for ~10^5 steps)
+    # decay * (1 - exp(-updates / this)); 0 = no warm-up (YOLOv5 uses 2000, for ~10^5 steps)
+    ema_warmup_steps: float = Field(200.0, ge=0)
     # progressive resizing: training input sizes stepped through over the first progressive_until of the
     # epochs; the last is the model's input_size (validation and the epochs after)
     progressive_sizes: list[int] = Field(default_factory=list)
