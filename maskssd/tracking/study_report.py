@@ -12,6 +12,7 @@ from typing import Any
 import optuna
 
 from maskssd.tracking import runs
+from maskssd.tracking.study_budget import failures
 from maskssd.tracking.study_fidelity import FidelityCheck, fidelity_check
 
 __all__ = ["StudyReport", "summarize"]
@@ -67,6 +68,7 @@ def _log_summary(study: optuna.Study, run: runs.MlflowRun, rep: StudyReport, n_c
     best = study.best_trial
     count = lambda state: len(study.get_trials(deepcopy=False, states=(state,)))  # noqa: E731
     fid = rep.fidelity
+    n_failed, n_not_run = failures(study)
     fidelity = (
         {"fidelity_spearman": fid.spearman, "fidelity_n": fid.n, "fidelity_rung_epoch": fid.rung_epoch}
         if fid
@@ -78,7 +80,8 @@ def _log_summary(study: optuna.Study, run: runs.MlflowRun, rep: StudyReport, n_c
             "best_trial": best.number,
             "n_complete": n_complete,
             "n_pruned": count(optuna.trial.TrialState.PRUNED),
-            "n_failed": count(optuna.trial.TrialState.FAIL),
+            "n_failed": n_failed,
+            "n_not_run": n_not_run,
             **fidelity,
         },
         step=len(study.trials),
