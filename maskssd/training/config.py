@@ -20,6 +20,10 @@ from maskssd.data import DEFAULT_CLASSES
 from maskssd.errors import ConfigError
 from maskssd.ssd.decode_spec import DISPLAY_THRESHOLD, DecodeSpec
 
+#: Steps of the EMA's decay warm-up: short enough for a 50-epoch CPU run (~1,900 steps); YOLOv5's 2000 is
+#: for ~10^5 steps.
+EMA_WARMUP_STEPS = 200.0
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
@@ -209,8 +213,8 @@ class TrainSection(_Section):
     )
     # an exponential moving average of the weights, evaluated and checkpointed; 0 = off (e.g. 0.9998)
     ema_decay: float = Field(0.0, ge=0, lt=1)
-    # decay * (1 - exp(-updates / this)); 0 = no warm-up (YOLOv5 uses 2000, for ~10^5 steps)
-    ema_warmup_steps: float = Field(200.0, ge=0)
+    # decay * (1 - exp(-updates / this)); 0 = no warm-up
+    ema_warmup_steps: float = Field(EMA_WARMUP_STEPS, ge=0)
     # progressive resizing: training input sizes stepped through over the first progressive_until of the
     # epochs; the last is the model's input_size (validation and the epochs after)
     progressive_sizes: list[int] = Field(default_factory=list)

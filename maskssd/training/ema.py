@@ -22,7 +22,7 @@ __all__ = ["ModelEma"]
 class ModelEma:
     """The averaged copy of ``model`` (``module``, always in eval mode) and its update counter."""
 
-    def __init__(self, model: nn.Module, decay: float, warmup_steps: float = 200.0):
+    def __init__(self, model: nn.Module, decay: float, warmup_steps: float):
         if not 0 < decay < 1:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.module = copy.deepcopy(model).eval()

@@ -31,7 +31,7 @@ from maskssd.ssd.postprocess import DecodeSpec, postprocess
 from maskssd.ssd.tta import hflip_forward, mirror_permutation, tta_priors
 from maskssd.training import distributed
 from maskssd.training.checkpoint import atomic_save, rng_state
-from maskssd.training.config import ExperimentConfig, OptimSection, ScheduleSection
+from maskssd.training.config import EMA_WARMUP_STEPS, ExperimentConfig, OptimSection, ScheduleSection
 from maskssd.training.ema import ModelEma
 from maskssd.training.tracker import NullTracker, RunLogger
 
@@ -169,7 +169,7 @@ class TrainSpec:
     tta_hflip: bool = False
     cpu_bf16: bool = False  # bfloat16 autocast of the training forward on CPU; evaluation stays float32
     ema_decay: float = 0.0  # 0: no weight average
-    ema_warmup_steps: float = 200.0
+    ema_warmup_steps: float = EMA_WARMUP_STEPS
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, progress: bool = True) -> TrainSpec:
