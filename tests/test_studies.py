@@ -3,6 +3,7 @@ concurrent workers, a NaN trial, pruning, a killed worker, reports; and the regi
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -550,14 +551,29 @@ def test_promote_moves_champion_only_when_better(project, capsys):
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_a_trial_started_after_other_workers_took_the_budget_runs_nothing(project):
     from maskssd.tracking.studies import make_objective, open_for_work, outcome
-    from maskssd.tracking.study_budget import OVER_BUDGET, FailureCap
+    from maskssd.tracking.study_budget import OVER_BUDGET, FailureCap, yielded_trial_log
 
     o = open_for_work(write_study(project / "s.toml", n_trials=1))
     o.study.ask()  # another worker's trial, running: the whole budget
     # this worker passed its budget check at the same moment; its trial must train nothing
     objective = make_objective(o.cfg, o.base, o.config, o.parent, o.tracking_uri, o.n_trials)
-    for _ in range(3):
-        o.study.optimize(objective, n_trials=1, catch=(Exception,))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    optuna_log = logging.getLogger("optuna.study._optimize")
+    optuna_log.addHandler(handler)
+    try:
+        with yielded_trial_log():
+            for _ in range(3):
+                o.study.optimize(objective, n_trials=1, catch=(Exception,))
+    finally:
+        optuna_log.removeHandler(handler)
+    # the budget working is not an error: one INFO line per yielded trial, no traceback, no second warning
+    assert [(r.levelname, r.getMessage()) for r in records] == [
+        ("INFO", f"trial {n}: the study's budget of 1 trials is taken: not run, this worker stops")
+        for n in (1, 2, 3)
+    ]
+    assert not any(r.exc_info for r in records)
     late = o.study.trials[1:]
     assert [t.state.name for t in late] == ["FAIL"] * 3
     assert all(t.user_attrs[OVER_BUDGET] and t.params == {} for t in late)

@@ -33,6 +33,7 @@ from maskssd.tracking.study_budget import (
     check_budget,
     failures,
     remaining,
+    yielded_trial_log,
 )
 from maskssd.tracking.study_config import (
     StudyConfig,
@@ -436,17 +437,18 @@ def work_on(o: OpenedStudy, timeout: float | None = None) -> None:
     if todo <= 0:
         return
     timeout = timeout or o.cfg.study.timeout or None
-    o.study.optimize(
-        make_objective(o.cfg, o.base, o.config, o.parent, o.tracking_uri, o.n_trials),
-        n_trials=None if timeout else todo + 2 * o.n_trials,
-        timeout=timeout,
-        catch=(Exception,),
-        callbacks=[
-            optuna.study.MaxTrialsCallback(o.n_trials, states=BUDGET_STATES),
-            FailureCap(o.n_trials),
-        ],
-        gc_after_trial=True,
-    )
+    with yielded_trial_log():
+        o.study.optimize(
+            make_objective(o.cfg, o.base, o.config, o.parent, o.tracking_uri, o.n_trials),
+            n_trials=None if timeout else todo + 2 * o.n_trials,
+            timeout=timeout,
+            catch=(Exception,),
+            callbacks=[
+                optuna.study.MaxTrialsCallback(o.n_trials, states=BUDGET_STATES),
+                FailureCap(o.n_trials),
+            ],
+            gc_after_trial=True,
+        )
 
 
 def outcome(o: OpenedStudy, report: bool = True) -> StudyOutcome:

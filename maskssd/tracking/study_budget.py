@@ -4,6 +4,10 @@ worker runs with it (a trial that starts after the budget was taken yields; too 
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
+
 import optuna
 
 from maskssd.errors import MaskSSDError
@@ -17,6 +21,7 @@ __all__ = [
     "check_budget",
     "failures",
     "remaining",
+    "yielded_trial_log",
 ]
 
 #: Trials that spend the shared budget: finished ones and those running on any worker (a failed trial does
@@ -47,6 +52,10 @@ OVER_BUDGET = "over_budget"
 class BudgetTaken(MaskSSDError):
     """Raised at the start of a trial whose place in the budget went to other workers' trials."""
 
+    def __init__(self, number: int, n_trials: int):
+        super().__init__(f"trial {number}: the study's budget of {n_trials} trials is taken")
+        self.number = number
+
 
 def failures(study: optuna.Study) -> tuple[int, int]:
     """The study's FAIL trials split in two: (failed, never run because the budget was taken)."""
@@ -73,9 +82,39 @@ def check_budget(trial: optuna.Trial, n_trials: int) -> None:
             "fail_reason", f"not run: other workers had started the budget's {n_trials} trials"
         )
         trial.study.stop()
-        raise BudgetTaken(f"trial {trial.number}: the study's budget of {n_trials} trials is taken")
+        raise BudgetTaken(trial.number, n_trials)
 
 
 def remaining(study: optuna.Study, n_trials: int) -> int:
     """Trials still to start: the budget less finished and running ones (enqueued retries still count as to-do)."""
     return max(n_trials - len(study.get_trials(deepcopy=False, states=BUDGET_STATES)), 0)
+
+
+class _YieldedTrialLog(logging.Filter):
+    """Optuna logs a trial that yields to the budget as a failure, with a traceback and a second line; a yielded
+    trial is the budget working, not an error: one INFO line instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.yielded: set[int] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
+        if isinstance(err, BudgetTaken):
+            self.yielded.add(err.number)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = f"{err}: not run, this worker stops", ()
+            record.exc_info = record.exc_text = None
+            return True
+        return not any(record.getMessage() == f"Trial {n} failed with value None." for n in self.yielded)
+
+
+@contextlib.contextmanager
+def yielded_trial_log() -> Iterator[None]:
+    """While optimising: a trial that yields to the budget is logged as one INFO line, without a traceback."""
+    logger, f = logging.getLogger("optuna.study._optimize"), _YieldedTrialLog()
+    logger.addFilter(f)
+    try:
+        yield
+    finally:
+        logger.removeFilter(f)
