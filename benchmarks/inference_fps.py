@@ -35,6 +35,7 @@ from rich.console import Console
 from rich.table import Table
 from torchvision.transforms import v2
 
+from maskssd.data.transforms import to_chw
 from maskssd.deploy.export import (
     export_onnx,
     export_torchscript,
@@ -43,7 +44,7 @@ from maskssd.deploy.export import (
     physical_cores,
 )
 from maskssd.deploy.optimize import optimize_for_inference
-from maskssd.deploy.predictor import Predictor, to_chw
+from maskssd.deploy.predictor import Predictor
 from maskssd.deploy.quantize import Calibration, build_int8, calibration_files
 from maskssd.ssd.models import build_model
 from maskssd.ssd.postprocess import DecodeSpec, postprocess

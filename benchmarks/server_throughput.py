@@ -31,8 +31,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
+from maskssd.ssd.checkpoint import atomic_save
 from maskssd.ssd.models import build_model
-from maskssd.training.checkpoint import atomic_save
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -69,8 +69,8 @@ TINY_DECODE = {
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model (seed 0), confident about ``with_mask`` on its coarsest priors and ``mask_weared_incorrect``
     on the next level, so that detection has boxes to draw and class-agnostic NMS has overlaps to resolve."""
+    from maskssd.ssd.checkpoint import atomic_save
     from maskssd.ssd.models import build_model
-    from maskssd.training.checkpoint import atomic_save
 
     torch.manual_seed(0)
     m = build_model("tiny", num_classes=4, input_size=128)

@@ -143,7 +143,7 @@ def test_evaluate_prints_intervals_and_the_file_rescores_exactly(two_runs, tmp_p
     """``maskssd evaluate`` of run A's selected checkpoint: its numbers, intervals, error tables; the file it
     saves re-scores to the printed numbers."""
     from maskssd.cli import commands
-    from maskssd.training.checkpoint import atomic_save, load
+    from maskssd.ssd.checkpoint import atomic_save, load
     from maskssd.training.runner import deploy_checkpoint
 
     monkeypatch.setattr(commands.out, "width", 300)

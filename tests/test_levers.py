@@ -389,9 +389,9 @@ def test_cpu_bf16_autocast_runs_convolutions_in_bfloat16():
 @pytest.mark.slow
 def test_run_with_every_lever_resumes_exactly_and_evaluates_the_ema(tmp_path, synth_root, monkeypatch):
     from maskssd import tracking
+    from maskssd.ssd.checkpoint import load
     from maskssd.tracking.experiment import run_experiment
     from maskssd.training import engine
-    from maskssd.training.checkpoint import load
     from tests.test_runner import histories
 
     monkeypatch.chdir(tmp_path)

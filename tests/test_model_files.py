@@ -21,10 +21,11 @@ from torch import nn
 from maskssd.cli import main
 from maskssd.data import DEFAULT_CLASSES
 from maskssd.errors import MaskSSDError, UnsafeCheckpointError
+from maskssd.ssd.checkpoint import atomic_save, load, load_detector, safe_load
 from maskssd.ssd.models import build_model, ssd300_vgg16
 from maskssd.ssd.ssd300 import PAPER_CLASSES, SSD300VGG16, load_reference_checkpoint
 from maskssd.training import runner
-from maskssd.training.checkpoint import atomic_save, load, load_detector, rng_state, safe_load, set_rng_state
+from maskssd.training.checkpoint import rng_state, set_rng_state
 from maskssd.training.config import load_config
 from maskssd.training.engine import Trainer, TrainSpec, build_optimizer, build_scheduler
 

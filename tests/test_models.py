@@ -21,12 +21,12 @@ from maskssd.ssd.backbones import (
     efficientnet_lite_classifier,
     efficientnet_lite_file,
 )
+from maskssd.ssd.checkpoint import atomic_save, load, load_detector
 from maskssd.ssd.detector import SSDDetector
 from maskssd.ssd.models import build_model, list_models, ssd300_vgg16, ssdlite_mobilenet_v3, tiny
 from maskssd.ssd.necks import FPN
 from maskssd.ssd.postprocess import Detections
 from maskssd.ssd.ssd300 import SSD300VGG16, load_reference_checkpoint
-from maskssd.training.checkpoint import atomic_save, load, load_detector
 
 #: Keyword arguments that build each model without downloads (models added later get pretrained=False).
 OFFLINE_KWARGS: dict[str, dict] = {"ssd300_vgg16": {}, "tiny": {}}

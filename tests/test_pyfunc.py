@@ -21,9 +21,9 @@ from PIL import Image
 from maskssd import tracking
 from maskssd.deploy.model_input import images_from_input
 from maskssd.errors import MaskSSDError
+from maskssd.ssd.checkpoint import with_thresholds
 from maskssd.tracking import registry
 from maskssd.tracking.runs import MlflowRun
-from maskssd.training.checkpoint import with_thresholds
 
 
 def _encode(img: np.ndarray, fmt: str = "PNG") -> bytes:

@@ -17,9 +17,9 @@ import torch
 from maskssd import tracking
 from maskssd.cli import main
 from maskssd.errors import NonFiniteLossError, TrainingInterrupted
+from maskssd.ssd.checkpoint import atomic_save, load
 from maskssd.tracking.experiment import run_experiment
 from maskssd.training import runner
-from maskssd.training.checkpoint import atomic_save, load
 from maskssd.training.config import load_config
 from tests.conftest import write_tiny_experiment as write_config
 

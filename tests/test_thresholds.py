@@ -16,9 +16,9 @@ from maskssd.cli import main
 from maskssd.deploy.predictor import Predictor
 from maskssd.errors import MaskSSDError
 from maskssd.evaluation.thresholds import fit_f1_thresholds, thresholds_of
+from maskssd.ssd.checkpoint import load, with_thresholds
 from maskssd.ssd.decode_spec import DISPLAY_THRESHOLD
 from maskssd.ssd.postprocess import Detections
-from maskssd.training.checkpoint import load, with_thresholds
 
 CLASSES = ["with_mask", "without_mask", "mask_weared_incorrect"]
 

@@ -10,21 +10,22 @@ import time
 import pytest
 
 from maskssd.ssd import warmup
+from maskssd.ssd.kernels import _lock
 
-pytestmark = pytest.mark.skipif(warmup.fcntl is None, reason="needs fcntl (POSIX)")
+pytestmark = pytest.mark.skipif(_lock.fcntl is None, reason="needs fcntl (POSIX)")
 
 
 @pytest.fixture()
 def fresh_wait(monkeypatch):
     """Forget that this process already waited once."""
-    monkeypatch.setattr(warmup, "_waited", False)
+    monkeypatch.setattr(_lock, "_waited", False)
 
 
 def test_a_first_kernel_call_waits_for_the_process_holding_the_lock(tmp_path, fresh_wait):
     started, done = tmp_path / "started", tmp_path / "done"
     holder = (
         "import fcntl, os, sys, time\n"
-        f"fd = os.open({str(warmup._lock_path())!r}, os.O_RDWR | os.O_CREAT)\n"
+        f"fd = os.open({str(_lock.lock_path())!r}, os.O_RDWR | os.O_CREAT)\n"
         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
         f"open({str(started)!r}, 'w').close()\n"
         "time.sleep(1.0)\n"
@@ -35,10 +36,10 @@ def test_a_first_kernel_call_waits_for_the_process_holding_the_lock(tmp_path, fr
     while not started.exists() and time.time() < deadline:
         time.sleep(0.05)
     assert started.exists()
-    warmup.wait_for_background_compile()
+    _lock.wait_for_background_compile()
     assert done.exists()  # it returned only once the holder let go
     assert child.wait(timeout=60) == 0
-    assert warmup._waited  # later calls return at once
+    assert _lock._waited  # later calls return at once
 
 
 def test_the_background_compile_holds_the_lock_until_it_is_done(monkeypatch, fresh_wait):
@@ -47,7 +48,7 @@ def test_the_background_compile_holds_the_lock_until_it_is_done(monkeypatch, fre
     child = warmup.compile_in_background()
     assert child is not None
     assert warmup.compile_in_background() is None  # the lock is taken: nobody starts a second one
-    warmup.wait_for_background_compile()
+    _lock.wait_for_background_compile()
     assert child.wait(timeout=30) == 0  # released when the child finished, not before
 
 
@@ -55,7 +56,7 @@ def test_nothing_starts_when_not_needed(monkeypatch, fresh_wait):
     monkeypatch.setattr(warmup, "cache_is_warm", lambda: True)
     assert warmup.compile_in_background() is None
     monkeypatch.setattr(warmup, "cache_is_warm", lambda: False)
-    monkeypatch.setenv("MASKSSD_CPU_KERNELS", "0")
+    monkeypatch.setattr(warmup, "ENABLED", False)  # MASKSSD_CPU_KERNELS=0, parsed once by the kernels
     assert warmup.compile_in_background() is None
 
 

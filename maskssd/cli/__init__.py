@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from rich.markup import escape
 
-from maskssd.cli.commands import err
+from maskssd.cli.console import err
 from maskssd.cli.parser import build_parser
 from maskssd.errors import MaskSSDError
 from maskssd.runtime import tune_cpu_allocator

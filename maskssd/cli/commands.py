@@ -12,16 +12,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from maskssd.cli.console import err, fmt_interval, out
 from maskssd.errors import MaskSSDError
 from maskssd.ssd.decode_spec import DISPLAY_THRESHOLD as DISPLAY_THRESHOLD  # the parser's defaults
 from maskssd.ssd.decode_spec import DecodeSpec
-
-out = Console()
-err = Console(stderr=True)
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -76,8 +73,6 @@ def _is_seeds_parent(run_id: str, tracking_uri: str | None) -> bool:
 
 def ap_table(ev: Any) -> Table:
     """Per-class AP of a run's selected checkpoint on val (and the final split), with bootstrap intervals."""
-    from maskssd.cli.research import fmt_interval
-
     table = Table(title="Average precision (VOC07 11-point, IoU > 0.5) of the selected checkpoint")
     table.add_column("class")
     splits = [("val", ev.val)] + ([(ev.final_split, ev.final)] if ev.final is not None else [])
@@ -105,7 +100,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from maskssd.cli.research import analysis_tables, metrics_table
     from maskssd.data import DataReport, FaceMaskDataset, load_split
     from maskssd.data.transforms import eval_transform
-    from maskssd.deploy.predictor import PredictorModule, load_predictor, resolve_checkpoint
+    from maskssd.deploy.model_ref import resolve_checkpoint
+    from maskssd.deploy.predictor import PredictorModule, load_predictor
     from maskssd.training.engine import evaluate
     from maskssd.training.runner import build_loader
 
@@ -308,8 +304,6 @@ def cmd_runs(a: argparse.Namespace) -> int:
 
 def _run_intervals(m: dict[str, float]) -> dict[str, str]:
     """``66.5 [61.0, 71.9]`` cells for val_map and test_map where the run logged bootstrap intervals."""
-    from maskssd.cli.research import fmt_interval
-
     cells = {}
     for col, base in (("val_map", "val_map"), ("test_map", "test_map")):
         low, high = m.get(f"{base}_ci_low"), m.get(f"{base}_ci_high")

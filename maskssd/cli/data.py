@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from maskssd.cli.commands import out
+from maskssd.cli.console import out
 from maskssd.errors import MaskSSDError
 
 

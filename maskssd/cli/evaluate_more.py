@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.table import Table
 
-from maskssd.cli.commands import err, out
+from maskssd.cli.console import err, out
 from maskssd.errors import MaskSSDError
 
 
@@ -32,7 +32,7 @@ def fit_thresholds(
 ) -> dict[str, Any]:
     """Fit per-class F1-maximising thresholds on the evaluated (validation) detections; write ``--out``."""
     from maskssd.evaluation.thresholds import fit_on_annotations, thresholds_of
-    from maskssd.training.checkpoint import with_thresholds
+    from maskssd.ssd.checkpoint import with_thresholds
 
     fits = fit_on_annotations(collected, annotations, pred.class_names)
     written = with_thresholds(ckpt_path, thresholds_of(fits), a.out) if a.out else None

@@ -19,12 +19,11 @@ from maskssd.cli.commands import (
 )
 from maskssd.cli.data import cmd_data_anchors, cmd_data_split, cmd_data_stats, cmd_data_synth
 from maskssd.cli.research import cmd_compare, cmd_study_config
+from maskssd.deploy.model_ref import BACKENDS
 from maskssd.ssd.decode_spec import DISPLAY_THRESHOLD, DecodeSpec
 
 __all__ = ["build_parser"]
 
-#: ``--backend`` choices (maskssd.deploy.predictor.BACKENDS, named here so ``--help`` needs no torch).
-BACKENDS = ("torch", "onnx", "onnx-int8")
 
 EPILOG_MAIN = """\
 examples:

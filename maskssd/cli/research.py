@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,23 +12,10 @@ from typing import Any
 
 from rich.table import Table
 
-from maskssd.cli.commands import err, out
+from maskssd.cli.console import err, fmt_interval, out
 from maskssd.errors import MaskSSDError
 
-__all__ = ["analysis_tables", "cmd_compare", "cmd_study_config", "fmt_interval", "metrics_table"]
-
-
-def fmt_interval(
-    value: float, low: float | None = None, high: float | None = None, signed: bool = False
-) -> str:
-    """``66.5 [61.0, 71.9]`` (percent); the value alone without an interval; ``-`` for nan."""
-    if value is None or math.isnan(value):
-        return "-"
-    f = "{:+.1f}" if signed else "{:.1f}"
-    text = f.format(100 * value)
-    if low is None or high is None or math.isnan(low) or math.isnan(high):
-        return text
-    return f"{text} [{f.format(100 * low)}, {f.format(100 * high)}]"
+__all__ = ["analysis_tables", "cmd_compare", "cmd_study_config", "metrics_table"]
 
 
 def metrics_table(title: str, result: Any, class_names: Sequence[str], boot: Any = None) -> Table:

@@ -12,7 +12,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from maskssd.cli.commands import err, out
+from maskssd.cli.console import err, out
 
 __all__ = ["SeedStat", "cell_text", "metric_cell", "run_order", "sort_grouped", "train_seeds"]
 

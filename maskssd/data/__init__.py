@@ -50,6 +50,7 @@ _EXPORTS = {
     "train_transform": "transforms",
     "eval_transform": "transforms",
     "preprocess_images": "transforms",
+    "to_chw": "transforms",
     "SYNTH_VERSION": "synth",
     "GENERATOR": "synth",
     "MARKER": "synth",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -150,6 +151,14 @@ def eval_transform(size: int | tuple[int, int]) -> v2.Compose:
     """Resize to the model's input, nothing random."""
     hw = (size, size) if isinstance(size, int) else tuple(size)
     return v2.Compose([v2.Resize(hw, antialias=True), _Finish()])
+
+
+def to_chw(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A uint8 ``(H, W, 3)`` array (RGB) as a ``(3, H, W)`` tensor view (no copy unless it is read-only); a
+    ``(3, H, W)`` tensor as it is."""
+    if isinstance(image, np.ndarray):
+        return torch.from_numpy(np.array(image, copy=not image.flags.writeable, order="C")).permute(2, 0, 1)
+    return image
 
 
 def preprocess_images(images: list[torch.Tensor], size: int | tuple[int, int]) -> torch.Tensor:

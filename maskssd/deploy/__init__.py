@@ -10,11 +10,10 @@ from maskssd._lazy import lazy_exports
 
 _EXPORTS = {
     "Timing": "predictor",
-    "BACKENDS": "predictor",
-    "to_chw": "predictor",
+    "BACKENDS": "model_ref",
     "Predictor": "predictor",
     "PredictorModule": "predictor",
-    "resolve_checkpoint": "predictor",
+    "resolve_checkpoint": "model_ref",
     "load_predictor": "predictor",
     "INPUT_NAME": "export",
     "OUTPUT_NAMES": "export",

@@ -292,8 +292,8 @@ def export_model(
     model_ref: str | Path, fmt: str, out: str | Path, *, tracking_uri: str | None = None
 ) -> ExportReport:
     """Export a model reference (file, ``runs:/``, ``models:/``) to ONNX or TorchScript and verify it."""
-    from maskssd.deploy.predictor import resolve_checkpoint
-    from maskssd.training.checkpoint import load, load_detector
+    from maskssd.deploy.model_ref import resolve_checkpoint
+    from maskssd.ssd.checkpoint import load, load_detector
 
     if fmt not in ("onnx", "torchscript"):
         raise ValueError(f"format must be 'onnx' or 'torchscript', not {fmt!r}")

@@ -14,16 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from maskssd.data.transforms import preprocess_images
+from maskssd.data.transforms import preprocess_images, to_chw
+from maskssd.deploy.model_ref import BACKENDS, resolve_checkpoint
 from maskssd.deploy.optimize import optimize_for_inference
 from maskssd.errors import MaskSSDError
 from maskssd.ssd.decode_spec import DISPLAY_THRESHOLD
 from maskssd.ssd.postprocess import DecodeSpec, Detections, postprocess
 from maskssd.ssd.priors import PriorSpec
 from maskssd.ssd.tta import hflip_forward, mirror_permutation, tta_priors
-
-#: ``backend`` values of :meth:`Predictor.from_checkpoint` (and the CLI's ``--backend``).
-BACKENDS = ("torch", "onnx", "onnx-int8")
 
 
 @dataclass
@@ -37,14 +35,6 @@ class Timing:
     @property
     def total(self) -> float:
         return self.preprocess + self.model + self.postprocess
-
-
-def to_chw(image: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """A uint8 ``(H, W, 3)`` array (RGB) as a ``(3, H, W)`` tensor view (no copy unless it is read-only); a
-    ``(3, H, W)`` tensor as it is."""
-    if isinstance(image, np.ndarray):
-        return torch.from_numpy(np.array(image, copy=not image.flags.writeable, order="C")).permute(2, 0, 1)
-    return image
 
 
 @dataclass
@@ -112,7 +102,7 @@ class Predictor:
         about 1.3x faster eager on CPU); "same" padding is made static either way (exact). ``tta_hflip``: see
         the class.
         """
-        from maskssd.training.checkpoint import load, load_detector
+        from maskssd.ssd.checkpoint import load, load_detector
 
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
@@ -227,22 +217,6 @@ class PredictorModule(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.predictor.forward(images)
-
-
-def resolve_checkpoint(
-    ref: str | Path, tracking_uri: str | None = None, cache_dir: str | Path | None = None
-) -> Path:
-    """A local checkpoint file for a model reference: a file, or a ``runs:/`` / ``models:/`` URI (downloaded
-    through the tracking layer, imported only then)."""
-    ref_s = str(ref)
-    if ref_s.startswith(("runs:/", "models:/")):
-        from maskssd.tracking.registry import download_model
-
-        return download_model(ref_s, tracking_uri, cache_dir)
-    path = Path(ref_s).expanduser()
-    if not path.is_file():
-        raise MaskSSDError(f"model {ref_s!r} is neither a checkpoint file nor a runs:/ or models:/ URI")
-    return path
 
 
 def load_predictor(

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from maskssd.data.images import load_image
-from maskssd.data.transforms import preprocess_images
+from maskssd.data.transforms import preprocess_images, to_chw
 from maskssd.data.voc import VOCLayout
 from maskssd.deploy.export import (
     INPUT_NAME,
@@ -40,7 +40,6 @@ from maskssd.deploy.export import (
     export_onnx,
     onnx_session,
 )
-from maskssd.deploy.predictor import to_chw
 from maskssd.errors import MaskSSDError
 from maskssd.files import atomic_path
 
@@ -294,8 +293,8 @@ def export_int8(
 ) -> Int8Report:
     """Export a model reference (file, ``runs:/``, ``models:/``) as an int8 ONNX model calibrated on
     ``calibration``, and compare it with the float model."""
-    from maskssd.deploy.predictor import resolve_checkpoint
-    from maskssd.training.checkpoint import load, load_detector
+    from maskssd.deploy.model_ref import resolve_checkpoint
+    from maskssd.ssd.checkpoint import load, load_detector
 
     ckpt_path = resolve_checkpoint(model_ref, tracking_uri)
     ckpt = load(ckpt_path)

@@ -290,7 +290,6 @@ def import_reference_checkpoint(
         f"{where!r}); {order} ({', '.join(src)}) and mapped its classes by name to {', '.join(target)}"
     )
     return {
-        "format": 1,
         "model": state,
         "build_args": {"name": "ssd300_vgg16", "num_classes": n},
         "class_names": list(target),

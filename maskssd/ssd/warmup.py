@@ -4,7 +4,7 @@ On a fresh install the kernels (:mod:`maskssd.ssd.kernels`) compile on first use
 once (numba caches them next to the package). :func:`compile_in_background`, called by ``maskssd train``
 as it starts, compiles them in a child process while the parent imports its libraries, opens the tracking
 store and prepares the data; the parent's first kernel call then waits for the child
-(:func:`wait_for_background_compile`) and loads the compiled code from the cache instead of compiling it.
+(:func:`maskssd.ssd.kernels._lock.wait_for_background_compile`) and loads the compiled code from the cache instead of compiling it.
 
 The child inherits a lock (``flock``) that the parent took before starting it: any process's first kernel
 call blocks while it is held, so the kernels are never compiled twice at once. Where the cache is already
@@ -14,29 +14,16 @@ The kernels' results do not depend on any of this.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+from maskssd.ssd.kernels._common import ENABLED
+from maskssd.ssd.kernels._lock import KERNELS_DIR, fcntl, holds_lock, lock_path
 
-__all__ = ["cache_is_warm", "compile_all", "compile_in_background", "wait_for_background_compile"]
+__all__ = ["cache_is_warm", "compile_all", "compile_in_background"]
 
-_KERNELS = Path(__file__).resolve().parent / "kernels"
 _MODULES = ("matching", "mining", "nms")
-_waited = False
-
-
-def _lock_path() -> Path:
-    tag = hashlib.sha1(str(_KERNELS).encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"maskssd-kernels-{tag}.lock"
 
 
 def _compiled_functions(module: str) -> list[str]:
@@ -45,7 +32,7 @@ def _compiled_functions(module: str) -> list[str]:
     import ast
 
     names = []
-    for node in ast.parse((_KERNELS / f"{module}.py").read_text()).body:
+    for node in ast.parse((KERNELS_DIR / f"{module}.py").read_text()).body:
         if isinstance(node, ast.FunctionDef) and any("njit" in ast.unparse(d) for d in node.decorator_list):
             first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
             names.append(f"{module}.{node.name}-{first}")
@@ -58,9 +45,9 @@ def cache_is_warm() -> bool:
     this answers False)."""
     if os.environ.get("NUMBA_CACHE_DIR"):
         return False
-    cache = _KERNELS / "__pycache__"
+    cache = KERNELS_DIR / "__pycache__"
     for module in _MODULES:
-        source_time = (_KERNELS / f"{module}.py").stat().st_mtime
+        source_time = (KERNELS_DIR / f"{module}.py").stat().st_mtime
         for name in _compiled_functions(module):
             index = list(cache.glob(f"{name}.py*.nbi"))
             if not index or max(p.stat().st_mtime for p in index) < source_time:
@@ -70,12 +57,10 @@ def cache_is_warm() -> bool:
 
 def compile_in_background() -> subprocess.Popen | None:
     """Start compiling the kernels in a child process, unless they are off, cached, or cannot be locked."""
-    # the kernels' own switch (maskssd.ssd.kernels._common.ENABLED), read here without importing them
-    enabled = os.environ.get("MASKSSD_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
-    if not enabled or fcntl is None or cache_is_warm():
+    if not ENABLED or fcntl is None or cache_is_warm():
         return None
     try:
-        fd = os.open(_lock_path(), os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(lock_path(), os.O_RDWR | os.O_CREAT, 0o666)
     except OSError:
         return None
     try:
@@ -97,44 +82,16 @@ def compile_in_background() -> subprocess.Popen | None:
         os.close(fd)
 
 
-def wait_for_background_compile(timeout: float = 600.0) -> None:
-    """Wait while a background compile holds the lock (once per process; then a no-op). After ``timeout``
-    seconds (a child that hangs) the caller goes on and compiles for itself."""
-    global _waited
-    if _waited:
-        return
-    _waited = True
-    if fcntl is None:
-        return
-    try:
-        fd = os.open(_lock_path(), os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError:
-        return
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    return
-                time.sleep(0.05)
-    finally:
-        os.close(fd)
-
-
 def compile_all() -> None:
     """Compile (or load) the kernels as training and evaluation call them: the same argument types, hence the
     same compiled code. The background child runs it holding the lock, so it must not wait for it."""
-    global _waited
-    _waited = True
     import torch
 
     from maskssd.ssd.loss import MultiBoxLoss
     from maskssd.ssd.postprocess import DecodeSpec, postprocess
     from maskssd.ssd.priors import PriorSpec
 
+    holds_lock()
     torch.set_num_threads(1)
     priors = PriorSpec.linear([4, 2, 1], 0.2, 0.9).priors()
     g = torch.Generator().manual_seed(0)

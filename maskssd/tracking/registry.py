@@ -2,7 +2,7 @@
 
 A model reference is a checkpoint file, ``runs:/RUN_ID/model``, ``models:/MODEL_ID`` (a logged model, as
 ``maskssd train`` prints it) or ``models:/NAME@ALIAS`` (or ``models:/NAME/VERSION``);
-:func:`maskssd.deploy.predictor.resolve_checkpoint` resolves them all, calling :func:`download_model` for the
+:func:`maskssd.deploy.model_ref.resolve_checkpoint` resolves them all, calling :func:`download_model` for the
 URIs. :func:`promote` registers a run's logged model (by its ``models:/MODEL_ID``) with lineage tags and moves
 the ``champion`` alias only when the new version beats the current champion.
 

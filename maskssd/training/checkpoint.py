@@ -1,81 +1,16 @@
-"""Checkpoints: written atomically (a killed process never leaves a half-written file), read without running
-code (:func:`maskssd.ssd.safe_load.safe_load`), and loadable into a ready-to-use detector.
-
-A training checkpoint holds model, optimiser, scheduler, epoch, RNG states, the resolved config and what
-rebuilds the model (``build_args``); a deployment checkpoint needs only the model part. Everything in them is
-tensors and plain containers, so they load with ``torch.load(weights_only=True)``.
-"""
+"""Random-number state in training checkpoints: every generator a run draws from, stored as tensors and plain
+numbers so that checkpoints load with ``weights_only=True``; restored on resume for an exact continuation.
+(Writing and reading checkpoint files: :mod:`maskssd.ssd.checkpoint`.)"""
 
 from __future__ import annotations
 
-import logging
-import os
 import random
-import signal
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from maskssd.errors import MaskSSDError
-from maskssd.files import atomic_path
-from maskssd.ssd.safe_load import safe_load
-
-__all__ = [
-    "atomic_save",
-    "interrupts_deferred",
-    "load",
-    "load_detector",
-    "rng_state",
-    "safe_load",
-    "set_rng_state",
-]
-
-log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-
-
-@contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM during the block and deliver them right after it.
-
-    An interrupt inside ``torch.save`` leaves its zip writer half-way; its clean-up then raises a
-    RuntimeError that hides the KeyboardInterrupt, and the run would end as failed instead of interrupted.
-    Elsewhere than in the main thread (where Python runs signal handlers) this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held: list[int] = []
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    previous = {
-        s: h for s, h in previous.items() if h is not None
-    }  # None: installed outside Python, left alone
-    for s in previous:
-        signal.signal(s, lambda signum, frame: held.append(signum))
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        for s in dict.fromkeys(held):  # delivered now, to the handlers in force again
-            signal.raise_signal(s)
-
-
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``. Ctrl-C or
-    SIGTERM during the write take effect once it is complete (:func:`interrupts_deferred`)."""
-    path = Path(path)
-    with interrupts_deferred(), atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    return path
+__all__ = ["rng_state", "set_rng_state"]
 
 
 def rng_state() -> dict[str, Any]:
@@ -119,57 +54,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
         random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load(path: str | Path) -> dict[str, Any]:
-    """Read a maskssd checkpoint (refuses files that are not one, with the reason), or a checkpoint of the
-    reference paper's code (a tutorial-layout SSD300, see :func:`maskssd.ssd.ssd300.import_reference_checkpoint`)
-    as one. Reads with :func:`safe_load`: a file that needs arbitrary Python objects is refused unread."""
-    path = Path(path)
-    if not path.is_file():
-        raise MaskSSDError(f"checkpoint not found: {path}")
-    try:
-        ckpt = safe_load(path)
-    except MaskSSDError:
-        raise
-    except Exception as e:  # truncated, not a torch file, ...
-        raise MaskSSDError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if isinstance(ckpt, dict) and "model" in ckpt and "build_args" in ckpt:
-        return ckpt
-    from maskssd.ssd.ssd300 import import_reference_checkpoint
-
-    imported = import_reference_checkpoint(ckpt, path)
-    if imported is None:
-        raise MaskSSDError(
-            f"{path}: not a maskssd checkpoint (no model/build_args) nor an SSD300 of the reference "
-            "paper's code (tutorial layout)"
-        )
-    log.info("note: %s", imported["import_note"])
-    return imported
-
-
-def load_detector(
-    source: str | Path | dict[str, Any], device: str | torch.device = "cpu"
-) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A detector in eval mode from a checkpoint file (or its loaded dict), and the checkpoint."""
-    from maskssd.ssd.models import build_model
-
-    ckpt = source if isinstance(source, dict) else load(source)
-    args = dict(ckpt["build_args"])
-    args["pretrained"] = False  # the weights come from the checkpoint
-    args.pop("init_checkpoint", None)
-    name = args.pop("name")
-    model = build_model(name, **args)
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
-
-
-def with_thresholds(src: str | Path, thresholds: dict[str, float], dst: str | Path) -> Path:
-    """Write the checkpoint ``src`` to ``dst`` with per-class operating thresholds (``"thresholds"``: class
-    name -> score), which :class:`maskssd.deploy.predictor.Predictor` applies by default; atomically."""
-    ckpt = load(src)
-    unknown = sorted(set(thresholds) - set(ckpt.get("class_names", ())))
-    if unknown:
-        raise MaskSSDError(f"thresholds for classes the model does not have: {', '.join(unknown)}")
-    ckpt["thresholds"] = {str(k): float(v) for k, v in thresholds.items()}
-    return atomic_save(ckpt, dst)

@@ -26,11 +26,12 @@ from maskssd.data.sampling import epoch_batches
 from maskssd.errors import NonFiniteLossError, TrainingInterrupted
 from maskssd.evaluation.detections_file import annotation_targets
 from maskssd.evaluation.metrics import DetectionEvaluator, EvalResult
+from maskssd.ssd.checkpoint import FORMAT_VERSION, atomic_save
 from maskssd.ssd.loss import MultiBoxLoss
 from maskssd.ssd.postprocess import DecodeSpec, postprocess
 from maskssd.ssd.tta import hflip_forward, mirror_permutation, tta_priors
 from maskssd.training import distributed
-from maskssd.training.checkpoint import atomic_save, rng_state
+from maskssd.training.checkpoint import rng_state
 from maskssd.training.config import EMA_WARMUP_STEPS, ExperimentConfig, OptimSection, ScheduleSection
 from maskssd.training.ema import ModelEma
 from maskssd.training.tracker import NullTracker, RunLogger
@@ -378,7 +379,7 @@ class Trainer:
             else {"raw_model": self.model.state_dict(), "ema_updates": self.ema.updates}
         )
         return {
-            "format": 1,
+            "format": FORMAT_VERSION,
             "model": self.eval_model.state_dict(),
             **ema,
             "optimizer": self.optimizer.state_dict(),

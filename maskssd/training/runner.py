@@ -34,12 +34,12 @@ from maskssd.data.transforms import AugmentSpec, eval_transform, train_transform
 from maskssd.errors import MaskSSDError
 from maskssd.evaluation.metrics import EvalResult
 from maskssd.runtime import LOCAL_DIR
+from maskssd.ssd.checkpoint import FORMAT_VERSION, atomic_save, load
 from maskssd.ssd.detector import SSDDetector
 from maskssd.ssd.loss import MultiBoxLoss
 from maskssd.ssd.models import build_model
 from maskssd.ssd.postprocess import DecodeSpec
 from maskssd.training import distributed
-from maskssd.training.checkpoint import atomic_save, load
 from maskssd.training.config import ExperimentConfig
 from maskssd.training.engine import (
     Trainer,
@@ -211,7 +211,7 @@ def deploy_checkpoint(
     """The part of a training checkpoint a deployed model needs: weights, how to rebuild, classes, decoding,
     and the per-class operating thresholds (fitted on validation) where known."""
     out = {
-        "format": 1,
+        "format": FORMAT_VERSION,
         "model": ckpt["model"],
         "build_args": ckpt["build_args"],
         "class_names": list(cfg.class_names),

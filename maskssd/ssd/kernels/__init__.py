@@ -16,13 +16,15 @@ are cached next to this file (numba's cache; ``NUMBA_CACHE_DIR`` moves it). They
 as IEEE floats do (0/0 is NaN, as in torch). They run on one thread: numba's parallel loops (a second OpenMP
 runtime whose idle workers spin) starved PyTorch's threads, and Python worker threads took ~2 ms to wake on
 these VMs, more than the work they would share.
+
+Names resolve lazily (:mod:`maskssd._lazy`), so the switch and the compile lock (:mod:`._lock`) load without
+numba.
 """
 
 from __future__ import annotations
 
-from maskssd.ssd.kernels._common import ENABLED
-from maskssd.ssd.kernels.matching import PriorMatcher
-from maskssd.ssd.kernels.mining import hard_negatives
-from maskssd.ssd.kernels.nms import detect
+from maskssd._lazy import lazy_exports
 
-__all__ = ["ENABLED", "PriorMatcher", "detect", "hard_negatives"]
+_EXPORTS = {"ENABLED": "_common", "PriorMatcher": "matching", "detect": "nms", "hard_negatives": "mining"}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())

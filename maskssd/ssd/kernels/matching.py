@@ -9,7 +9,7 @@ import torch
 from numba import njit
 
 from maskssd.ssd.kernels._common import _F32, _SLACK
-from maskssd.ssd.warmup import wait_for_background_compile
+from maskssd.ssd.kernels._lock import wait_for_background_compile
 
 
 class PriorMatcher:

@@ -9,7 +9,7 @@ import torch
 from numba import njit
 
 from maskssd.ssd.kernels._common import _F32, _HUGE, _SLACK
-from maskssd.ssd.warmup import wait_for_background_compile
+from maskssd.ssd.kernels._lock import wait_for_background_compile
 
 _GAP_RES, _GAP_CELLS = 8.0, 96  # the gap tables' grid: steps of 1/8 up to gap 12
 _TABLES: dict[int, tuple[np.ndarray, np.ndarray | None, float]] = {}
