@@ -3,7 +3,7 @@ loop that re-runs the evaluator on each resampled list of images.
 
 The data of ``benchmarks.eval_map``: 128 images (the size of the paper's test split) x 200 detections, 3
 classes. 1000 resamples. The loop is the obvious implementation: draw the images, build the resampled lists,
-call ``average_precision`` (VOC07; the all-point AP would be a second call) or ``DetectionEvaluator`` per
+call ``average_precision`` (VOC07; the all-point AP would be a second call) or ``evaluate_set`` per
 resample; it runs on the first ``--loop`` resamples and its median per-resample time is scaled to 1000 (said
 in the table). Both give the same APs on those resamples (checked: max difference printed). Run:
 ``.venv/bin/python -m benchmarks.bootstrap [--quick] [--threads 1]``.
@@ -19,9 +19,10 @@ import torch
 
 from benchmarks._timing import add_threads_arg, machine, median_time, print_table, set_threads
 from benchmarks.eval_map import CLASSES, make_data
-from maskssd.evaluation.bootstrap import bootstrap, mark_detections, resample_weights, resampled_ap
-from maskssd.evaluation.metrics import DetectionEvaluator
-from maskssd.evaluation.voc import average_precision
+from maskssd.evaluation.bootstrap import bootstrap, mark, resample_weights, resampled_ap
+from maskssd.evaluation.metrics import evaluate_set
+from maskssd.evaluation.records import EvalSet
+from maskssd.evaluation.voc import average_precision, match
 
 
 def resampled_lists(data: tuple[list[torch.Tensor], ...], w: torch.Tensor) -> list[list[torch.Tensor]]:
@@ -41,9 +42,12 @@ def loop_time(fn, data: tuple[list[torch.Tensor], ...], weights: torch.Tensor) -
 
 
 def evaluator(lists: list[list[torch.Tensor]]) -> object:
-    ev = DetectionEvaluator(CLASSES)
-    ev.update(*lists)
-    return ev.compute(coco=False)
+    return evaluate_set(EvalSet.from_lists(*lists, CLASSES), coco=False)
+
+
+def mark_lists(data: tuple[list[torch.Tensor], ...]) -> object:
+    """The per-image lists as one set, matched once and marked for resampling."""
+    return mark(match(EvalSet.from_lists(*data, CLASSES)))
 
 
 def main() -> None:
@@ -61,10 +65,10 @@ def main() -> None:
 
     data = make_data(args.images, args.dets)
     weights = resample_weights(args.images, args.n, seed=0)
-    marked = mark_detections(*data, CLASSES)
+    marked = mark_lists(data)
     vec = median_time(lambda: resampled_ap(marked, weights), repeat=repeat)
-    mark = median_time(lambda: mark_detections(*data, CLASSES), repeat=repeat)
-    full = median_time(lambda: bootstrap(mark_detections(*data, CLASSES), n=args.n), repeat=repeat)
+    marking = median_time(lambda: mark_lists(data), repeat=repeat)
+    full = median_time(lambda: bootstrap(mark_lists(data), n=args.n), repeat=repeat)
     ap_loop, ap_results = loop_time(lambda s: average_precision(*s, CLASSES), data, weights[:n_loop])
     ev_loop, _ = loop_time(evaluator, data, weights[:n_loop])
 
@@ -85,7 +89,7 @@ def main() -> None:
                 "note": scaled,
             },
             {
-                "name": "loop: DetectionEvaluator.compute(coco=False) per resample",
+                "name": "loop: evaluate_set(coco=False) per resample",
                 "seconds": ev_loop * args.n,
                 "baseline": "loop: average_precision (VOC07) per resample",
                 "note": scaled + " (VOC07 + all-point + confusion)",
@@ -96,7 +100,7 @@ def main() -> None:
                 "baseline": "loop: average_precision (VOC07) per resample",
                 "note": "detections marked once (below)",
             },
-            {"name": "maskssd mark_detections (once per run)", "seconds": mark},
+            {"name": "maskssd match + mark (once per run)", "seconds": marking},
             {
                 "name": "maskssd bootstrap(): mark + resamples + intervals",
                 "seconds": full,

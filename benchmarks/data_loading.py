@@ -1,7 +1,7 @@
 """Benchmark: training-pipeline images/s (load + decode + SSD augmentation + collate) on the real data.
 
 The real Face Mask Detection paper train split goes through exactly what training uses
-(``FaceMaskDataset`` + ``train_transform`` + ``maskssd.runner.build_loader``: ``SeededSampler`` and
+(``FaceMaskDataset`` + ``train_transform`` + ``maskssd.training.build.build_loader``: ``SeededSampler`` and
 ``collate``) with 0, 1 and 2 workers, image cache off and on, next to a plain baseline in the same run:
 PIL open + ``convert("RGB")`` + resize + to tensor in one process, no augmentation.
 
@@ -105,7 +105,7 @@ def main() -> None:
         )
     if args.threads:
         torch.set_num_threads(args.threads)
-    from maskssd.training.runner import build_loader  # heavy import (MLflow): after the argument checks
+    from maskssd.training.build import build_loader  # heavy import (MLflow): after the argument checks
 
     anns = load_split(args.data, "train", args.split_name)
     bs = args.batch_size

@@ -33,7 +33,7 @@ def child(
     from maskssd.runtime import tune_cpu_allocator
     from maskssd.ssd.loss import MultiBoxLoss
     from maskssd.ssd.models import build_model
-    from maskssd.training.engine import autocast
+    from maskssd.training.predict import autocast
 
     tuned = tune_cpu_allocator()
     if threads:
@@ -149,7 +149,7 @@ def main() -> None:
             }
         )
     if "bf16" in cases:
-        from maskssd.training.engine import cpu_supports_bf16
+        from maskssd.training.predict import cpu_supports_bf16
 
         rows.append(
             {

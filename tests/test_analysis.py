@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 
 from maskssd.evaluation.analysis import SIZE_BUCKETS, analyse, render_worst, size_bucket
+from maskssd.evaluation.records import EvalSet
+from maskssd.evaluation.voc import match
 from maskssd.ssd.postprocess import Detections
 
 CLASSES = ("with_mask", "without_mask", "mask_weared_incorrect")
@@ -31,11 +33,16 @@ DETS = torch.tensor(
 SCORES = torch.tensor([0.9, 0.85, 0.8, 0.7, 0.3])
 
 
+def analyse_lists(*data, image_ids=None, threshold=0.4):
+    """The analysis of six per-image lists (matched once, as every evaluation is)."""
+    return analyse(match(EvalSet.from_lists(*data, CLASSES, image_ids=image_ids)), threshold=threshold)
+
+
 def hand_made():
     labels = torch.ones(5, dtype=torch.long)
-    return analyse(
+    return analyse_lists(
         [DETS], [labels], [SCORES], [GT], [torch.ones(4, dtype=torch.long)], [torch.zeros(4, dtype=torch.bool)],
-        CLASSES, image_ids=["img"], threshold=0.4,
+        image_ids=["img"], threshold=0.4,
     )  # fmt: skip
 
 
@@ -74,10 +81,10 @@ def test_ap_and_recall_by_size_on_a_hand_made_image():
 def test_a_lower_threshold_counts_the_low_detection(make_dataset, good_sample, tmp_path):
     labels = torch.ones(5, dtype=torch.long)
     gt = ([GT], [torch.ones(4, dtype=torch.long)], [torch.zeros(4, dtype=torch.bool)])
-    r = analyse([DETS], [labels], [SCORES], *gt, CLASSES, threshold=0.25)
+    r = analyse_lists([DETS], [labels], [SCORES], *gt, threshold=0.25)
     assert r.recall["with_mask"]["32_64"] == 1.0 and r.images[0]["missed"] == 1
     # difficult objects are neither missed nor found; their detections are not false boxes
-    r = analyse([DETS], [labels], [SCORES], [GT], gt[1], [torch.tensor([True, False, False, True])], CLASSES)
+    r = analyse_lists([DETS], [labels], [SCORES], [GT], gt[1], [torch.tensor([True, False, False, True])])
     assert (
         r.n_gt["with_mask"]["all"] == 2 and r.detections["with_mask"]["false"] == 1
     )  # only the 10 px clutter
@@ -107,10 +114,18 @@ def test_worst_images_are_drawn(make_dataset, good_sample, tmp_path):
             (d.boxes, d.labels, d.scores, gt, torch.from_numpy(ann.labels), torch.from_numpy(ann.difficult)),
         ):
             store.append(x)
-    r = analyse(*data, CLASSES, image_ids=[a.image_id for a in anns])
+    r = analyse_lists(*data, image_ids=[a.image_id for a in anns])
     assert [(w["id"], w["missed"], w["false"]) for w in r.worst(5)] == [("im2", 1, 1), ("im0", 1, 0)]
     paths = render_worst(r, anns, dets, tmp_path / "errors", k=5)
     assert [p.name for p in paths] == ["01_im2.png", "02_im0.png"]
     with Image.open(paths[0]) as img:
         assert img.size == (240, 240)
         assert (255, 0, 255) in {img.getpixel((x, y)) for x in range(240) for y in range(0, 240, 2)}  # missed
+
+
+def test_an_image_without_objects_has_only_false_boxes():
+    """Detections on an image with no face: false boxes of their own size (this crashed before the records)."""
+    empty = (torch.zeros((0, 4)), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool))
+    r = analyse_lists([DETS[:1]], [torch.ones(1, dtype=torch.long)], [SCORES[:1]], *([x] for x in empty))
+    assert r.detections["with_mask"] == {"above": 1, "tp": 0, "false": 1} and r.images[0]["false"] == 1
+    assert math.isnan(r.map_by_size["ge64"])

@@ -8,16 +8,16 @@ import math
 import pytest
 import torch
 
-from maskssd.evaluation.bootstrap import (
-    bootstrap,
-    mark_detections,
-    paired_bootstrap,
-    resample_weights,
-    resampled_ap,
-)
-from maskssd.evaluation.voc import average_precision
+from maskssd.evaluation.bootstrap import bootstrap, mark, paired_bootstrap, resample_weights, resampled_ap
+from maskssd.evaluation.records import EvalSet
+from maskssd.evaluation.voc import average_precision, match
 
 CLASSES = ("with_mask", "without_mask", "mask_weared_incorrect")
+
+
+def mark_detections(*data, class_names=CLASSES, image_ids=None):
+    """The six per-image lists as one set, matched once and marked for resampling."""
+    return mark(match(EvalSet.from_lists(*data, class_names, image_ids=image_ids)))
 
 
 def make_data(
@@ -78,7 +78,7 @@ def assert_same(vectorised: torch.Tensor, expected: dict, tol: float) -> None:
 @pytest.mark.parametrize("tie_step", [None, 0.05])
 def test_every_resample_equals_the_looped_evaluator(tie_step):
     data = make_data(tie_step=tie_step)
-    marked = mark_detections(*data, CLASSES)
+    marked = mark_detections(*data)
     if tie_step:  # the case the exact path exists for is really there
         assert any(t.mixed_images.numel() for t in marked.tables.values())
     n = len(data[0])
@@ -93,7 +93,7 @@ def test_every_resample_equals_the_looped_evaluator(tie_step):
 
 def test_interval_contains_the_point_estimate_and_is_seeded():
     data = make_data(n_images=40, seed=1)
-    marked = mark_detections(*data, CLASSES)
+    marked = mark_detections(*data)
     r = bootstrap(marked, n=300, seed=3)
     plain = average_precision(*data, CLASSES)
     assert r.map.estimate == pytest.approx(plain.map, abs=1e-12)
@@ -113,21 +113,20 @@ def test_interval_contains_the_point_estimate_and_is_seeded():
 def test_paired_bootstrap_finds_a_known_difference():
     """B = A with every other true positive removed: A is better on (nearly) every resample."""
     data = make_data(n_images=40, seed=2)
-    from maskssd.evaluation.analysis import _match_images
-
-    marked_a = mark_detections(*data, CLASSES)
+    marked_a = mark_detections(*data)
     assert sum(int(t.tp.sum()) for t in marked_a.tables.values()) > 20
-    m = _match_images(*data, 0.5)  # which detection of each image is a true positive
+    m = match(EvalSet.from_lists(*data, CLASSES))  # which detection of each image is a true positive
+    tp = m.det_tp.split([len(s) for s in data[2]])
     det_b = ([], [], [])
     count = 0
     for i in range(len(data[0])):
         keep = torch.ones(data[0][i].shape[0], dtype=torch.bool)
-        for k in torch.nonzero(m.tp[i]).squeeze(1).tolist():
+        for k in torch.nonzero(tp[i]).squeeze(1).tolist():
             count += 1
             keep[k] = count % 2 == 1
         for store, x in zip(det_b, data[:3]):
             store.append(x[i][keep])
-    marked_b = mark_detections(*det_b, *data[3:], CLASSES)
+    marked_b = mark_detections(*det_b, *data[3:])
     r = paired_bootstrap([marked_a], [marked_b], n=400, seed=0)
     d = r.diff["map"]
     assert d.estimate > 0.1 and d.low > 0 and r.a_wins["map"] > 0.99
@@ -138,13 +137,13 @@ def test_paired_bootstrap_finds_a_known_difference():
 
 def test_identical_runs_differ_by_exactly_zero_and_seeds_pool():
     data = make_data(n_images=30, seed=3)
-    a = mark_detections(*data, CLASSES, image_ids=[str(i) for i in range(30)])
+    a = mark_detections(*data, image_ids=[str(i) for i in range(30)])
     r = paired_bootstrap([a], [a], n=200, seed=1)
     for key in ("map", *CLASSES):
         assert r.diff[key].as_list() == [0.0, 0.0, 0.0]
         assert r.ties[key] == 1.0 and r.a_wins[key] == 0.0
     # pooling: the mean over a side's runs; two copies of one run are that run
-    other = mark_detections(*make_data(n_images=30, seed=4)[:3], *data[3:], CLASSES, image_ids=a.image_ids)
+    other = mark_detections(*make_data(n_images=30, seed=4)[:3], *data[3:], image_ids=a.image_ids)
     one = paired_bootstrap([a], [other], n=200, seed=1)
     pooled = paired_bootstrap([a, a], [other, other], n=200, seed=1)
     assert pooled.diff["map"].as_list() == pytest.approx(one.diff["map"].as_list(), abs=1e-12)
@@ -154,8 +153,8 @@ def test_identical_runs_differ_by_exactly_zero_and_seeds_pool():
 
 def test_paired_bootstrap_refuses_different_images():
     data = make_data(n_images=10, seed=5)
-    a = mark_detections(*data, CLASSES, image_ids=[str(i) for i in range(10)])
-    b = mark_detections(*data, CLASSES, image_ids=[str(i + 1) for i in range(10)])
+    a = mark_detections(*data, image_ids=[str(i) for i in range(10)])
+    b = mark_detections(*data, image_ids=[str(i + 1) for i in range(10)])
     with pytest.raises(ValueError, match="same images"):
         paired_bootstrap([a], [b], n=10)
     with pytest.raises(ValueError, match="resamples"):

@@ -44,7 +44,7 @@ def two_runs(tmp_path_factory, easy_synth_root):
         for epochs, n in ((10, 300), (2, 1000)):
             path = write_tiny_experiment(tmp / f"e{epochs}.toml", easy_synth_root, name="cmp", epochs=epochs)
             cfg = load_config(path, [*QUICK, f"eval.bootstrap={n}"])
-            results.append(run_experiment(cfg, tracking_uri=uri, progress=False, log_model=False))
+            results.append(run_experiment(cfg, tracking_uri=uri, log_model=False))
             ids.append(results[-1].run_id)
     finally:
         os.chdir(old)
@@ -144,7 +144,7 @@ def test_evaluate_prints_intervals_and_the_file_rescores_exactly(two_runs, tmp_p
     saves re-scores to the printed numbers."""
     from maskssd.cli import commands
     from maskssd.ssd.checkpoint import atomic_save, load
-    from maskssd.training.runner import deploy_checkpoint
+    from maskssd.training.build import deploy_checkpoint
 
     monkeypatch.setattr(commands.out, "width", 300)
 

@@ -280,7 +280,7 @@ def test_truncated_image_is_detected_by_load_image_and_getitem(make_dataset, goo
 
 
 def test_corrupt_image_in_a_worker_keeps_a_clean_error(make_dataset, good_sample):
-    from maskssd.training.runner import build_loader
+    from maskssd.training.build import build_loader
 
     img, xml = good_sample("trunc")
     data = _png_bytes(img)
@@ -635,7 +635,7 @@ def test_seeded_sampler_orders_and_shards():
 
 
 def test_loader_batches_do_not_depend_on_workers(synth_root: Path):
-    from maskssd.training.runner import build_loader
+    from maskssd.training.build import build_loader
 
     anns = load_split(synth_root, "train", "default")[:10]
     ds = FaceMaskDataset(anns, train_transform(64))

@@ -13,8 +13,8 @@ from maskssd.data.transforms import AugmentSpec, eval_transform, train_transform
 from maskssd.ssd.loss import MultiBoxLoss
 from maskssd.ssd.models import build_model
 from maskssd.ssd.postprocess import DecodeSpec
-from maskssd.training.engine import evaluate
-from maskssd.training.runner import build_loader
+from maskssd.training.build import build_loader
+from maskssd.training.predict import evaluate
 
 SIZE = 128
 EPOCHS = 12

@@ -20,11 +20,12 @@ from maskssd.data.transforms import train_transform
 from maskssd.data.voc import Annotation
 from maskssd.errors import ConfigError, MaskSSDError, TrainingInterrupted
 from maskssd.ssd.models import build_model
+from maskssd.training.build import build_loader
 from maskssd.training.config import ScheduleSection, load_config, validate
 from maskssd.training.ema import ModelEma
-from maskssd.training.engine import autocast, build_scheduler, cpu_supports_bf16, lr_factor
 from maskssd.training.levers import SizeSchedule, configure_train_data
-from maskssd.training.runner import build_loader
+from maskssd.training.optim import build_scheduler, lr_factor
+from maskssd.training.predict import autocast, cpu_supports_bf16
 from tests.conftest import write_tiny_experiment
 
 
@@ -391,7 +392,7 @@ def test_run_with_every_lever_resumes_exactly_and_evaluates_the_ema(tmp_path, sy
     from maskssd import tracking
     from maskssd.ssd.checkpoint import load
     from maskssd.tracking.experiment import run_experiment
-    from maskssd.training import engine
+    from maskssd.training import predict
     from tests.test_runner import histories
 
     monkeypatch.chdir(tmp_path)
@@ -411,17 +412,17 @@ def test_run_with_every_lever_resumes_exactly_and_evaluates_the_ema(tmp_path, sy
     }
     cfg = load_config(write_tiny_experiment(tmp_path / "exp.toml", synth_root, epochs=2), levers)
     cfg.loss.class_weights = {}
-    a = run_experiment(cfg, progress=False, log_model=False)
+    a = run_experiment(cfg, log_model=False)
 
     def stop_after_1(epoch, metrics):
         if epoch == 1:
             raise KeyboardInterrupt
 
     with pytest.raises(TrainingInterrupted):
-        run_experiment(cfg, progress=False, log_model=False, on_eval=[stop_after_1])
+        run_experiment(cfg, log_model=False, on_eval=[stop_after_1])
     c = tracking.client()
     b_id = [r.info.run_id for r in tracking.runs_table(c, "t") if r.info.run_id != a.run_id][0]
-    run_experiment(cfg, resume_run_id=b_id, progress=False, log_model=False)
+    run_experiment(cfg, resume_run_id=b_id, log_model=False)
     ha, hb = histories(c, a.run_id), histories(c, b_id)
     assert ha.keys() == hb.keys()
     for k in ha:
@@ -441,7 +442,7 @@ def test_run_with_every_lever_resumes_exactly_and_evaluates_the_ema(tmp_path, sy
         if v.is_floating_point() and not torch.equal(v, last["raw_model"][k])
     ]
     assert differ
-    from maskssd.training.runner import build_datasets, build_detector, build_loss
+    from maskssd.training.build import build_datasets, build_detector, build_loss
 
     model = build_detector(cfg)
     data = build_datasets(cfg, synth_root, model.input_size)
@@ -452,7 +453,7 @@ def test_run_with_every_lever_resumes_exactly_and_evaluates_the_ema(tmp_path, sy
 
     def val_of(weights):
         model.load_state_dict(weights)
-        m, _ = engine.evaluate(
+        m, _ = predict.evaluate(
             model, build_loader(data["val"], 16), class_names=cfg.class_names, device=torch.device("cpu"),
             loss_fn=loss_fn, coco=False,
         )  # fmt: skip

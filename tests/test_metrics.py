@@ -7,15 +7,17 @@ import math
 import pytest
 import torch
 
+from maskssd.evaluation.confusion import confusion_matrix
 from maskssd.evaluation.metrics import (
+    OPERATING_THRESHOLD,
     APResult,
     DetectionEvaluator,
     EvalResult,
     average_precision,
     coco_map,
-    confusion_matrix,
 )
 from maskssd.evaluation.plots import plot_confusion_matrix, plot_pr_curves
+from maskssd.evaluation.records import EvalSet
 from tests.reference.tutorial import calculate_map as reference_map
 
 CLASSES = ("with_mask", "without_mask", "mask_weared_incorrect")
@@ -42,6 +44,14 @@ def image(det_boxes=(), det_labels=(), det_scores=(), gt_boxes=(), gt_labels=(),
 def batch(*images):
     """Per-image tuples -> six per-image lists, the argument order of the metrics API."""
     return tuple(list(x) for x in zip(*images, strict=True))
+
+
+def evalset(images, names, sizes=None, start=0):
+    """Per-image tuples as an EvalSet (ids are the images' positions from ``start``)."""
+    ids = [str(start + i) for i in range(len(images))]
+    return (
+        EvalSet.from_lists(*batch(*images), names, image_ids=ids, sizes=sizes) if images else EvalSet(names)
+    )
 
 
 def ap_of(images, names=ONE, method="voc07", iou_threshold=0.5) -> APResult:
@@ -249,13 +259,13 @@ def test_input_dtypes_do_not_matter():
 def test_coco_map_perfect_and_shifted():
     gt = [[0, 0, 100, 100], [200, 200, 300, 260], [0, 300, 80, 400]]
     perfect = image(gt, [1, 2, 3], [0.9, 0.8, 0.7], gt, [1, 2, 3])
-    result = coco_map(*batch(perfect), CLASSES, image_sizes=[(400, 400)])
+    result = coco_map(evalset([perfect], CLASSES, [(400, 400)]))
     assert result["map"] == pytest.approx(1.0) and result["ap50"] == pytest.approx(1.0)
     assert set(result) == {"map", "ap50", *(f"ap_{c}" for c in CLASSES)}
 
     # Shift by 10% of the width: IoU 90/110 = 0.818 -> matched at IoU .5 .. .8 (7 of 10 thresholds).
     shifted = [[10, 0, 110, 100]]
-    result = coco_map(*batch(image(shifted, [1], [0.9], [gt[0]], [1])), CLASSES)
+    result = coco_map(evalset([image(shifted, [1], [0.9], [gt[0]], [1])], CLASSES))
     assert result["ap50"] == pytest.approx(1.0)
     assert result["map"] == pytest.approx(0.7, abs=1e-6)
     assert result["ap_with_mask"] == pytest.approx(0.7, abs=1e-6)
@@ -265,14 +275,14 @@ def test_coco_map_perfect_and_shifted():
 def test_coco_map_difficult_empty_and_missing():
     gt = [[0, 0, 100, 100], [200, 200, 300, 260]]
     # A difficult object is iscrowd: a miss does not count against recall.
-    result = coco_map(*batch(image([gt[0]], [1], [0.9], gt, [1, 1], [False, True])), CLASSES)
+    result = coco_map(evalset([image([gt[0]], [1], [0.9], gt, [1, 1], [False, True])], CLASSES))
     assert result["map"] == pytest.approx(1.0)
     # No detections at all: AP 0 where there are objects.
-    result = coco_map(*batch(image([], [], [], gt, [1, 2])), CLASSES)
+    result = coco_map(evalset([image([], [], [], gt, [1, 2])], CLASSES))
     assert result["map"] == 0.0 and result["ap50"] == 0.0 and math.isnan(result["ap_mask_weared_incorrect"])
     # No objects / no images: nan, no crash.
-    assert math.isnan(coco_map(*batch(image([gt[0]], [1], [0.9])), CLASSES)["map"])
-    assert math.isnan(coco_map([], [], [], [], [], [], CLASSES)["ap50"])
+    assert math.isnan(coco_map(evalset([image([gt[0]], [1], [0.9])], CLASSES))["map"])
+    assert math.isnan(coco_map(EvalSet(CLASSES))["ap50"])
 
 
 # --------------------------------------------------------------------------------------------- confusion
@@ -287,10 +297,10 @@ def test_confusion_matrix_hand_case():
         SQUARES[:3],
         [1, 2, 1],
     )
-    cm = confusion_matrix(*batch(img)[:5], names)
+    cm = confusion_matrix(evalset([img], names), score_threshold=0.5)
     assert cm.dtype == torch.int64
     assert cm.tolist() == [[0, 0, 1], [1, 1, 0], [0, 1, 0]]
-    assert confusion_matrix(*batch(img)[:5], names, score_threshold=0.2).tolist() == [
+    assert confusion_matrix(evalset([img], names), score_threshold=0.2).tolist() == [
         [0, 0, 1],
         [0, 2, 0],
         [0, 1, 0],
@@ -302,13 +312,13 @@ def test_confusion_matrix_greedy_takes_next_free_object():
     img = image(
         [[0, 0, 10, 10], [0.5, 0, 10.5, 10]], [1, 1], [0.9, 0.8], [[0, 0, 10, 10], [3, 0, 13, 10]], [1, 1]
     )
-    assert confusion_matrix(*batch(img)[:5], ONE).tolist() == [[0, 0], [0, 2]]
-    assert confusion_matrix([], [], [], [], [], ONE).tolist() == [[0, 0], [0, 0]]
+    assert confusion_matrix(evalset([img], ONE), score_threshold=0.5).tolist() == [[0, 0], [0, 2]]
+    assert confusion_matrix(EvalSet(ONE), score_threshold=0.5).tolist() == [[0, 0], [0, 0]]
 
 
 def test_confusion_matrix_counts_every_object_and_detection():
     images = random_case(11)
-    cm = confusion_matrix(*batch(*images)[:5], CLASSES, score_threshold=0.3)
+    cm = confusion_matrix(evalset(images, CLASSES), score_threshold=0.3)
     n_det = sum(int((s >= 0.3).sum()) for _, _, s, *_ in images)
     n_gt = sum(int(gl.numel()) for *_, gl, _ in images)
     assert int(cm[:, 1:].sum()) == n_det and int(cm[1:, :].sum()) == n_gt and cm[0, 0] == 0
@@ -319,16 +329,24 @@ def test_evaluator_two_updates_equal_one_shot():
     images = random_case(21)
     sizes = [(100, 100)] * len(images)
     one = DetectionEvaluator(CLASSES)
-    one.update(*batch(*images), image_sizes=sizes)
+    whole = evalset(images, CLASSES, sizes)
+    one.update(dict(zip(whole.image_ids, whole.detections)), dict(zip(whole.image_ids, whole.targets)))
     two = DetectionEvaluator(CLASSES)
-    two.update(*batch(*images[:8]), image_sizes=sizes[:8])
-    two.update(*batch(*images[8:]), image_sizes=sizes[8:])
+    for part in (evalset(images[:8], CLASSES, sizes[:8]), evalset(images[8:], CLASSES, sizes[8:], start=8)):
+        ids = part.image_ids
+        two.update(dict(zip(ids, part.detections)), dict(zip(ids, part.targets)), dict(zip(ids, part.sizes)))
     a, b = one.compute(), two.compute()
     assert isinstance(a, EvalResult) and len(two) == len(images)
     for key in ("map", "map_voc12", "map_coco", "ap50_coco"):
         assert getattr(a, key) == pytest.approx(getattr(b, key))
     assert a.ap == pytest.approx(b.ap, nan_ok=True) and a.ap_voc12 == pytest.approx(b.ap_voc12, nan_ok=True)
     assert torch.equal(a.confusion, b.confusion) and a.n_gt == b.n_gt
+    # one confusion matrix: the one at the operating threshold, kept with the matching it came from
+    assert a.operating_threshold == OPERATING_THRESHOLD and a.matched is not None
+    assert a.confusion is a.matched.confusion(OPERATING_THRESHOLD)
+    assert torch.equal(a.confusion, confusion_matrix(whole, score_threshold=OPERATING_THRESHOLD))
+    with pytest.raises(ValueError, match="no target"):
+        one.update({"x": whole.detections[0]}, {})
     direct = average_precision(*batch(*images), CLASSES)
     assert a.map == pytest.approx(direct.map) and 0 < a.map_coco < a.ap50_coco <= 1
 
@@ -353,9 +371,9 @@ def test_evaluator_two_updates_equal_one_shot():
 # --------------------------------------------------------------------------------------------- plots
 def test_plots_write_png(tmp_path):
     images = random_case(5)
-    evaluator = DetectionEvaluator(CLASSES)
-    evaluator.update(*batch(*images))
-    result = evaluator.compute(coco=False)
+    from maskssd.evaluation.metrics import evaluate_set
+
+    result = evaluate_set(evalset(images, CLASSES), coco=False)
     for path in (
         plot_pr_curves(result, tmp_path / "pr.png"),
         plot_pr_curves(ap_of(images, CLASSES, "voc12"), tmp_path / "sub" / "pr12.png"),

@@ -24,10 +24,12 @@ from maskssd.errors import MaskSSDError, UnsafeCheckpointError
 from maskssd.ssd.checkpoint import atomic_save, load, load_detector, safe_load
 from maskssd.ssd.models import build_model, ssd300_vgg16
 from maskssd.ssd.ssd300 import PAPER_CLASSES, SSD300VGG16, load_reference_checkpoint
-from maskssd.training import runner
+from maskssd.training import build
 from maskssd.training.checkpoint import rng_state, set_rng_state
 from maskssd.training.config import load_config
-from maskssd.training.engine import Trainer, TrainSpec, build_optimizer, build_scheduler
+from maskssd.training.engine import Trainer
+from maskssd.training.optim import build_optimizer, build_scheduler
+from maskssd.training.store import LocalCheckpoints
 
 # ------------------------------------------------------------------------------ the tutorial's model.py
 #: The PyTorch SSD300 tutorial's ``model.py`` (sgrvinod), reduced to what its checkpoints pickle: the same
@@ -221,7 +223,7 @@ def test_init_checkpoint_refuses_a_checkpoint_that_runs_code(kind, tmp_path):
         f'init_checkpoint = "{evil}"\n'
     )
     with pytest.raises(UnsafeCheckpointError, match="refused to load") as e:
-        runner.build_detector(load_config(cfg_path))  # what `maskssd train` builds its model with
+        build.build_detector(load_config(cfg_path))  # what `maskssd train` builds its model with
     assert e.value.path == str(evil) and e.value.forbidden
     with pytest.raises(UnsafeCheckpointError):
         load_reference_checkpoint(SSD300VGG16(4), evil)
@@ -263,16 +265,15 @@ def test_training_checkpoint_loads_weights_only_and_restores(tmp_path):
         model = build_model("tiny", num_classes=4, input_size=64, width=4)
         opt = build_optimizer(model, cfg.optim)
         return Trainer(
+            cfg=cfg,
             model=model,
             loss_fn=None,
             optimizer=opt,
             scheduler=build_scheduler(opt, cfg.schedule, 2, 3),
             train_loader=[],
             val_loader=[],
-            spec=TrainSpec(2),
-            class_names=cfg.class_names,
             device=torch.device("cpu"),
-            checkpoint_dir=tmp_path,
+            store=LocalCheckpoints(tmp_path),
             extra_state={"config": cfg.model_dump(mode="json"), "run_id": "abc"},
         )
 
@@ -299,7 +300,7 @@ def test_training_checkpoint_loads_weights_only_and_restores(tmp_path):
         a.optimizer.state_dict()["state"][0]["momentum_buffer"],
         b.optimizer.state_dict()["state"][0]["momentum_buffer"],
     )
-    deploy = atomic_save(runner.deploy_checkpoint(raw, cfg), tmp_path / "model.pt")
+    deploy = atomic_save(build.deploy_checkpoint(raw, cfg), tmp_path / "model.pt")
     assert torch.load(deploy, weights_only=True)["class_names"] == list(cfg.class_names)
     load_detector(deploy)
 

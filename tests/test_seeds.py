@@ -66,11 +66,11 @@ def test_seeds_make_one_parent_with_mean_and_std_of_its_children(workdir, synth_
     doc = json.loads(
         (tracking.MlflowRun(c, parent.info.run_id).download("seeds.json", workdir / "dl")).read_text()
     )
-    assert {s: v["run_id"] for s, v in doc["seeds"].items()} == {
+    assert {str(ch["seed"]): ch["run_id"] for ch in doc["children"]} == {
         "0": kids[0].info.run_id,
         "1": kids[1].info.run_id,
     }
-    assert {v["status"] for v in doc["seeds"].values()} == {"FINISHED"}
+    assert {ch["status"] for ch in doc["children"]} == {"FINISHED"} and doc["folds"] == 0
     capsys.readouterr()
 
     # maskssd runs: the parent as mean ± std (n), its children hidden; --children lists them under it
@@ -116,7 +116,7 @@ def test_resuming_a_parent_finishes_only_the_interrupted_seed(workdir, synth_roo
             raise KeyboardInterrupt  # what Ctrl-C / SIGTERM raise
 
     with pytest.raises(TrainingInterrupted) as stopped:
-        run_seeds(cfg, [0, 1], on_eval=[stop_in_second_seed], progress=False, log_model=False)
+        run_seeds(cfg, [0, 1], on_eval=[stop_in_second_seed], log_model=False)
     c = tracking.client()
     parent_id = stopped.value.run_id  # what the CLI's resume command names
     assert c.get_run(parent_id).info.status == "KILLED"
@@ -124,9 +124,9 @@ def test_resuming_a_parent_finishes_only_the_interrupted_seed(workdir, synth_roo
     assert (first.info.status, second.info.status) == ("FINISHED", "KILLED")
     assert c.get_run(parent_id).data.metrics["n_seeds"] == 1  # the aggregate so far
 
-    r = run_seeds(cfg, resume_parent_id=parent_id, progress=False, log_model=False)
+    r = run_seeds(cfg, resume_parent_id=parent_id, log_model=False)
     assert r.status == "FINISHED" and r.parent_run_id == parent_id
-    assert (r.runs[0].action, r.runs[1].action) == ("kept", "resumed")
+    assert (r.runs[(0, 0)].action, r.runs[(1, 0)].action) == ("kept", "resumed")
     after = children_of(c, parent_id)
     assert [k.info.run_id for k in after] == [first.info.run_id, second.info.run_id]  # no new run
     assert after[0].data.metrics == first.data.metrics and after[0].info.end_time == first.info.end_time

@@ -15,7 +15,9 @@ from PIL import Image
 from maskssd.cli import main
 from maskssd.deploy.predictor import Predictor
 from maskssd.errors import MaskSSDError
+from maskssd.evaluation.records import EvalSet
 from maskssd.evaluation.thresholds import fit_f1_thresholds, thresholds_of
+from maskssd.evaluation.voc import match
 from maskssd.ssd.checkpoint import load, with_thresholds
 from maskssd.ssd.decode_spec import DISPLAY_THRESHOLD
 from maskssd.ssd.postprocess import Detections
@@ -38,7 +40,8 @@ def test_f1_threshold_by_hand():
     gt_boxes = [torch.tensor([_box(0), _box(20), _box(40), _box(60), _box(400)])]
     gt_labels = [torch.tensor([1, 1, 1, 1, 2])]
     gt_difficult = [torch.tensor([False, False, False, True, False])]
-    fits = fit_f1_thresholds(det_boxes, det_labels, det_scores, gt_boxes, gt_labels, gt_difficult, CLASSES)
+    data = (det_boxes, det_labels, det_scores, gt_boxes, gt_labels, gt_difficult)
+    fits = fit_f1_thresholds(match(EvalSet.from_lists(*data, CLASSES)))
     assert set(fits) == {"with_mask"}
     f = fits["with_mask"]
     assert f.threshold == pytest.approx(0.7) and f.f1 == pytest.approx(2 / 3)
@@ -53,7 +56,7 @@ def test_f1_threshold_by_hand():
 
 def test_equal_scores_are_kept_or_dropped_together():
     """.9 on the object and .9 beside it: cutting between them (F1 1.0) is not a threshold; both kept (F1 2/3)."""
-    fits = fit_f1_thresholds(
+    evalset = EvalSet.from_lists(
         [torch.tensor([_box(0), _box(100), _box(200)])],
         [torch.tensor([1, 1, 1])],
         [torch.tensor([0.9, 0.9, 0.8])],
@@ -62,6 +65,7 @@ def test_equal_scores_are_kept_or_dropped_together():
         None,
         CLASSES,
     )
+    fits = fit_f1_thresholds(match(evalset))
     assert fits["with_mask"].threshold == pytest.approx(0.9) and fits["with_mask"].f1 == pytest.approx(2 / 3)
 
 

@@ -184,8 +184,8 @@ def test_engine_evaluate_honours_tta_hflip(synth_root: Path) -> None:
     from maskssd.data import FaceMaskDataset, load_split
     from maskssd.data.transforms import eval_transform
     from maskssd.ssd.models import build_model
-    from maskssd.training.engine import evaluate
-    from maskssd.training.runner import build_loader
+    from maskssd.training.build import build_loader
+    from maskssd.training.predict import evaluate
 
     model = _Spy(_image_dependent(build_model("tiny", num_classes=4, input_size=64)))
     anns = load_split(synth_root, "val", "default", CLASSES)[:4]
@@ -198,36 +198,43 @@ def test_engine_evaluate_honours_tta_hflip(synth_root: Path) -> None:
         return SimpleNamespace(total=zero, conf=zero, loc=zero)
 
     kw = {"class_names": CLASSES, "device": torch.device("cpu"), "loss_fn": loss_fn, "coco": False}
-    plain_dets, tta_dets = [], []
-    evaluate(model, loader, collect=plain_dets, **kw)
+    _, plain = evaluate(model, loader, **kw)
     assert all(x.shape[0] == 2 for x in model.seen)
     model.seen.clear()
     loss_inputs.clear()
-    metrics, result = evaluate(model, loader, collect=tta_dets, tta_hflip=True, channels_last=True, **kw)
-    assert result is not None and 0.0 <= metrics["val_map"] <= 1.0
+    metrics, result = evaluate(model, loader, tta_hflip=True, channels_last=True, **kw)
+    assert result is not None and plain is not None and 0.0 <= metrics["val_map"] <= 1.0
     assert len(model.seen) == 4  # two calls per batch: the images, then their mirrors
     for plain_x, mirrored_x in zip(model.seen[::2], model.seen[1::2]):
         assert plain_x.shape[0] == 2 and torch.equal(mirrored_x, plain_x.flip(-1))
     p = model.prior_spec.num_priors
     assert loss_inputs == [torch.Size([2, p, 4])] * 2  # the loss sees the plain images' predictions only
-    assert [i for i, _ in tta_dets] == [i for i, _ in plain_dets]
-    assert sum(len(d) for _, d in plain_dets) > 0
+    plain_set, tta_set = plain.matched.evalset, result.matched.evalset
+    assert tta_set.image_ids == plain_set.image_ids
+    assert sum(len(d) for d in plain_set.detections) > 0
     changed = [
         len(a) != len(b) or not torch.allclose(a.scores, b.scores)
-        for (_, a), (_, b) in zip(plain_dets, tta_dets)
+        for a, b in zip(plain_set.detections, tta_set.detections)
     ]
     assert all(changed)
 
 
-def test_config_key_reaches_the_engine() -> None:
+def test_config_key_reaches_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer's per-epoch evaluation reads ``eval.tta_hflip`` from the config it holds."""
+    from maskssd.training import engine
     from maskssd.training.config import load_config
-    from maskssd.training.engine import TrainSpec
 
     root = Path(__file__).resolve().parents[1]
-    cfg = load_config(root / "experiments" / "quickstart.toml")
-    assert cfg.eval.tta_hflip is False and TrainSpec.from_config(cfg).tta_hflip is False
-    cfg = load_config(root / "experiments" / "quickstart.toml", ["eval.tta_hflip=true"])
-    assert TrainSpec.from_config(cfg).tta_hflip is True
+    seen = []
+    monkeypatch.setattr(engine, "evaluate", lambda *a, **kw: (seen.append(kw["tta_hflip"]), ({}, None))[1])
+    for flag in ("false", "true"):
+        cfg = load_config(root / "experiments" / "quickstart.toml", [f"eval.tta_hflip={flag}"])
+        trainer = engine.Trainer.__new__(engine.Trainer)
+        trainer.cfg, trainer.train_cfg, trainer.decode = cfg, cfg.train, None
+        trainer.model, trainer.ema, trainer.val_loader, trainer.loss_fn = None, None, None, None
+        trainer.device = torch.device("cpu")
+        trainer._evaluate(1)
+    assert seen == [False, True]
 
 
 def test_hflip_forward_runs_the_images_and_their_mirrors() -> None:

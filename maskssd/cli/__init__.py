@@ -7,6 +7,7 @@ The CLI is the only layer that knows argparse and prints; the library returns re
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -41,13 +42,14 @@ class _Stderr(logging.StreamHandler):
 
 
 def _configure_logging() -> None:
-    """The library logs (``logging``); the CLI shows its ``maskssd.*`` messages on stderr, one line each."""
+    """The library logs (``logging``); the CLI shows its ``maskssd.*`` messages on stderr, one line each: INFO
+    from the main process, warnings and errors from every process of a distributed run (``RANK``)."""
     root = logging.getLogger("maskssd")
     if not any(isinstance(h, _Stderr) for h in root.handlers):
         handler = _Stderr()
         handler.setFormatter(_Messages())
         root.addHandler(handler)
-        root.setLevel(logging.INFO)
+    root.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

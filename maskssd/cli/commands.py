@@ -15,7 +15,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from maskssd.cli.console import err, fmt_interval, out
+from maskssd.cli.console import TrainBar, err, fmt_interval, out
 from maskssd.errors import MaskSSDError
 from maskssd.ssd.decode_spec import DISPLAY_THRESHOLD as DISPLAY_THRESHOLD  # the parser's defaults
 from maskssd.ssd.decode_spec import DecodeSpec
@@ -32,14 +32,15 @@ def cmd_train(a: argparse.Namespace) -> int:
     from maskssd.tracking.experiment import run_experiment
     from maskssd.training.config import load_config
 
-    cfg = load_config(
-        a.config, [*(a.set or []), *(["train.system_metrics=true"] if a.system_metrics else [])]
-    )
+    overrides = [*(a.set or []), *(["train.system_metrics=true"] if a.system_metrics else [])]
+    if a.final_split and not a.folds:
+        overrides.append(f'data.final_split="{a.final_split}"')
+    cfg = load_config(a.config, overrides)
     if a.nproc and a.nproc > 1:
         from maskssd.training.distributed import launch
 
         return launch(a.nproc, list(a.argv))
-    if a.seeds or (a.resume and _is_seeds_parent(a.resume, a.tracking_uri)):
+    if a.seeds or a.folds or (a.resume and _is_seeds_parent(a.resume, a.tracking_uri)):
         from maskssd.cli.seeds import train_seeds
 
         return train_seeds(a, cfg)
@@ -49,7 +50,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             tracking_uri=a.tracking_uri,
             run_name=a.run_name,
             resume_run_id=a.resume,
-            progress=not a.no_progress,
+            progress=None if a.no_progress else TrainBar(),
         )
     except TrainingInterrupted as e:
         err.print(
@@ -102,8 +103,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from maskssd.data.transforms import eval_transform
     from maskssd.deploy.model_ref import resolve_checkpoint
     from maskssd.deploy.predictor import PredictorModule, load_predictor
-    from maskssd.training.engine import evaluate
-    from maskssd.training.runner import build_loader
+    from maskssd.evaluation.report import ReportSpec, report_split
+    from maskssd.training.build import build_loader
+    from maskssd.training.predict import predict
 
     evaluate_more.check_args(a)
     ckpt_path = resolve_checkpoint(a.model, a.tracking_uri)
@@ -115,26 +117,24 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     )
     anns = load_split(a.data, a.split, a.split_name, pred.class_names, a.on_error, DataReport())
     ds = FaceMaskDataset(anns, eval_transform(pred.input_size), pred.class_names)
-    collected: list[tuple[str, Any]] = []
-    _, result = evaluate(
+    _, evalset = predict(
         PredictorModule(pred),
         build_loader(ds, a.batch_size, a.workers),
         class_names=pred.class_names,
         device=torch.device(a.device),
         decode=decode,
         prefix=a.split,
-        collect=collected,
         tta_hflip=a.tta_hflip,
     )
-    assert result is not None
-    boot, analysis = _uncertainty_and_errors(a, pred.class_names, collected, anns)
-    extra = evaluate_more.fit_thresholds(a, ckpt_path, pred, collected, anns) if a.fit_thresholds else {}
+    assert evalset is not None
+    spec = ReportSpec(a.bootstrap, a.seed, a.ci, a.operating_threshold)
+    report = report_split(evalset, spec, split=a.split, fit_thresholds=a.fit_thresholds)
+    result, boot, analysis = report.result, report.bootstrap, report.analysis
+    extra = evaluate_more.fit_thresholds(a, ckpt_path, pred, report.thresholds) if a.fit_thresholds else {}
     if a.json:
-        saved = (
-            _save_detections(a, decode, pred, collected, anns, result, boot) if a.save_detections else None
-        )
+        saved = _save_detections(a, decode, pred, report) if a.save_detections else None
         more = {"thresholds": extra, "detections_file": saved, "intervals": boot.to_dict() if boot else None}
-        evaluate_more.print_json(a, pred, result, len(ds), {**more, "errors": analysis.to_dict()})
+        evaluate_more.print_json(a, pred, report, more)
         return 0
     title = f"{a.model} on {a.data} {a.split_name}/{a.split} ({len(ds)} images)"
     if boot is not None:
@@ -144,35 +144,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     for table in analysis_tables(analysis):
         out.print(table)
     if a.save_detections:
-        path = _save_detections(a, decode, pred, collected, anns, result, boot)
+        path = _save_detections(a, decode, pred, report)
         out.print(f"detections written to {path}")
     return 0
 
 
-def _uncertainty_and_errors(
-    a: argparse.Namespace, class_names: Any, collected: Any, anns: Any
-) -> tuple[Any, Any]:
-    from maskssd.evaluation.analysis import analyse
-    from maskssd.evaluation.bootstrap import bootstrap, mark_detections
-    from maskssd.evaluation.detections_file import detections_and_targets
-
-    ids, data, _ = detections_and_targets(collected, anns)
-    boot = None
-    if a.bootstrap:
-        marked = mark_detections(*data, class_names, image_ids=ids)
-        boot = bootstrap(marked, n=a.bootstrap, seed=a.seed, ci=a.ci)
-    return boot, analyse(*data, class_names, image_ids=ids, threshold=a.operating_threshold)
-
-
-def _save_detections(
-    a: argparse.Namespace,
-    decode: DecodeSpec,
-    pred: Any,
-    collected: Any,
-    anns: Any,
-    result: Any,
-    boot: Any,
-) -> str:
+def _save_detections(a: argparse.Namespace, decode: DecodeSpec, pred: Any, report: Any) -> str:
     from pathlib import Path
 
     from maskssd.evaluation.detections_file import write_detections
@@ -189,12 +166,10 @@ def _save_detections(
     }
     path = write_detections(
         a.save_detections,
-        pred.class_names,
-        collected,
-        {x.image_id: (x.width, x.height) for x in anns},
-        result,
+        report.evalset,
+        report.result,
         settings,
-        bootstrap=boot,
+        bootstrap=report.bootstrap,
         data={"root": str(Path(a.data).resolve()), "split_name": a.split_name, "split": a.split},
     )
     return str(path)
@@ -364,17 +339,20 @@ def _print_study_report(rep: Any) -> None:
 
 
 def _fidelity_table(f: Any) -> Table:
-    """Spearman ρ between trials' early and final values, over the trials that ran the full budget."""
+    """Spearman ρ between trials' early and final values, over the trials that ran the full budget (a fold
+    study: fold 1's epochs, then each fold's running mean; its final value is out of fold)."""
+    budget = f"all {f.folds} folds" if f.folds else f"all {f.full_epochs} epochs"
+    rung = f.step_name(f.rung_epoch) + (" (the fold rung)" if f.folds else " (the lowest rung)")
     out.print(
-        f"cheap fidelity: Spearman ρ = {_rho(f.spearman)} between the value at epoch {f.rung_epoch} (the lowest "
-        f"rung) and the final value, over {f.n} trials that ran all {f.full_epochs} epochs",
+        f"cheap fidelity: Spearman ρ = {_rho(f.spearman)} between the value at {rung} and the final value, over "
+        f"{f.n} trials that ran {budget}",
         highlight=False,
     )
-    t = Table(title="cheap-fidelity check, by epoch")
-    for col in ("epoch", "Spearman ρ", "trials"):
+    t = Table(title="cheap-fidelity check, by " + ("step" if f.folds else "epoch"))
+    for col in ("step" if f.folds else "epoch", "Spearman ρ", "trials"):
         t.add_column(col, justify="right")
-    for epoch, (rho, n) in f.by_epoch.items():
-        t.add_row(str(epoch), _rho(rho), str(n))
+    for step, (rho, n) in f.by_epoch.items():
+        t.add_row(f.step_name(step) if f.folds else str(step), _rho(rho), str(n))
     return t
 
 

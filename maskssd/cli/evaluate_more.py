@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -27,14 +26,12 @@ def check_args(a: argparse.Namespace) -> None:
         )
 
 
-def fit_thresholds(
-    a: argparse.Namespace, ckpt_path: Path, pred: Any, collected: list, annotations: list
-) -> dict[str, Any]:
-    """Fit per-class F1-maximising thresholds on the evaluated (validation) detections; write ``--out``."""
-    from maskssd.evaluation.thresholds import fit_on_annotations, thresholds_of
+def fit_thresholds(a: argparse.Namespace, ckpt_path: Path, pred: Any, fits: dict[str, Any]) -> dict[str, Any]:
+    """Show the per-class F1-maximising thresholds fitted on the evaluated (validation) detections; write
+    ``--out``."""
+    from maskssd.evaluation.thresholds import thresholds_of
     from maskssd.ssd.checkpoint import with_thresholds
 
-    fits = fit_on_annotations(collected, annotations, pred.class_names)
     written = with_thresholds(ckpt_path, thresholds_of(fits), a.out) if a.out else None
     if not a.json:
         t = Table(title="operating thresholds: per class, the score maximising F1 at IoU > 0.5 on val")
@@ -55,37 +52,17 @@ def fit_thresholds(
     return {"fits": {c: asdict(f) for c, f in fits.items()}, "out": str(written) if written else None}
 
 
-def print_json(a: argparse.Namespace, pred: Any, result: Any, images: int, extra: dict[str, Any]) -> None:
-    """The evaluation as one JSON document on stdout (NaN as null)."""
+def print_json(a: argparse.Namespace, pred: Any, report: Any, extra: dict[str, Any]) -> None:
+    """The evaluation as one JSON document on stdout (NaN as null): the split's report (what a run writes as
+    ``report/<split>.json``) with the model and data it was made from."""
+    from maskssd.evaluation.report import finite
+
     doc = {
         "model": str(a.model),
+        "backend": pred.backend,
         "data": str(a.data),
         "split_name": a.split_name,
-        "split": a.split,
-        "images": images,
-        "map": result.map,
-        "map_voc12": result.map_voc12,
-        "map_coco": result.map_coco,
-        "ap50_coco": result.ap50_coco,
-        "classes": {
-            c: {
-                "ap": result.ap[c],
-                "ap_voc12": result.ap_voc12[c],
-                "ap_coco": result.ap_coco.get(c),
-                "objects": result.n_gt[c],
-            }
-            for c in pred.class_names
-        },
+        **report.to_dict(),
         **extra,
     }
-    print(json.dumps(_finite(doc), indent=1))
-
-
-def _finite(v: Any) -> Any:
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_finite(x) for x in v]
-    return v
+    print(json.dumps(finite(doc), indent=1))

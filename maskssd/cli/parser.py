@@ -184,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  maskssd train experiments/quickstart.toml --set optim.lr=1e-3 --set loss.alpha=2\n"
         "  maskssd train experiments/quickstart.toml --resume RUN_ID   # after Ctrl-C / SIGTERM\n"
         "  maskssd train experiments/quickstart.toml --seeds 0,1,2      # mean ± std over 3 seeds\n"
+        "  maskssd train experiments/quickstart.toml --folds 5          # 5-fold CV: out-of-fold AP\n"
         "  MLFLOW_TRACKING_URI=http://mlflow:5000 maskssd train experiments/paper_ssd300.toml",
     )
     t.add_argument("config", help="experiment TOML (see experiments/)")
@@ -194,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--resume",
         metavar="RUN_ID",
-        help="continue this MLflow run from its last checkpoint; a --seeds parent: finish its missing seeds",
+        help="continue this MLflow run from its last checkpoint; a --seeds or --folds parent: finish its "
+        "missing children",
     )
     t.add_argument(
         "--seeds",
@@ -202,6 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S,S,...",
         help="train once per seed (experiment.seed; e.g. 0,1,2 or 0-4) as child runs of one parent run "
         "that logs each final metric's mean and std over the seeds",
+    )
+    t.add_argument(
+        "--folds",
+        type=int,
+        metavar="K",
+        help="K-fold cross-validation of the train and val images together (K >= 2; 5 is a good default), "
+        "stratified on the classes each image holds: one child per fold (x seed), validated and selected on "
+        "its fold; the parent logs the pooled out-of-fold AP with its interval and the per-fold mean ± std",
+    )
+    t.add_argument(
+        "--final-split",
+        choices=("val", "test", "none"),
+        help="the split the selected checkpoint is scored on once at the end (= --set data.final_split=...); "
+        "--folds: none unless you ask for test (each fold's model then scores it: mean ± std)",
     )
     t.add_argument(
         "--tracking-uri",

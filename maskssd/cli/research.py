@@ -91,17 +91,41 @@ def analysis_tables(analysis: Any) -> list[Table]:
 
 # ------------------------------------------------------------------------------------------- compare
 def _load_side(refs: str, split: str, tracking_uri: str | None, tmp: Path) -> list[dict[str, Any]]:
+    """A side's detection files: each file, each run's ``detections/<split>.json``, a seeds parent's finished
+    children's, a cross-validation parent's out-of-fold files (every seed's; ``folds`` set on the file)."""
     from maskssd.evaluation.detections_file import load_detections
-    from maskssd.tracking.runs import download_detections
+    from maskssd.tracking.folds import download_oof, is_cv_parent
+    from maskssd.tracking.runs import client, download_detections
 
     docs = []
-    for ref in _expand_parents([r for r in refs.split(",") if r], tracking_uri):
-        doc = load_detections(download_detections(ref, split, tmp, tracking_uri))
-        doc["ref"] = ref
-        docs.append(doc)
+    c = client(tracking_uri) if any(not Path(r).is_file() for r in refs.split(",") if r) else None
+    for ref in [r for r in refs.split(",") if r]:
+        if c is not None and split in ("val", "oof") and is_cv_parent(c, ref):
+            paths, digest = download_oof(c, ref, tmp)
+            err.print(f"parent {ref[:12]}: out-of-fold detections of {len(paths)} seed(s)", highlight=False)
+            for path in paths:
+                docs.append({**load_detections(path), "ref": ref, "folds_hash": digest})
+            continue
+        for run in _expand_parents([ref], tracking_uri):
+            doc = load_detections(download_detections(run, split, tmp, tracking_uri))
+            docs.append({**doc, "ref": run, "folds_hash": None})
     if not docs:
         raise MaskSSDError(f"no run or file in {refs!r}")
     return docs
+
+
+def _check_folds(docs_a: list[dict[str, Any]], docs_b: list[dict[str, Any]]) -> None:
+    """Out-of-fold detections pair only with out-of-fold detections of the same folds."""
+    hashes = {(d["ref"][:12], d["folds_hash"]) for d in [*docs_a, *docs_b]}
+    kinds = {h is None for _, h in hashes}
+    if kinds == {True}:
+        return
+    if len(kinds) > 1 or len({h for _, h in hashes}) > 1:
+        listed = ", ".join(f"{r}: {h or 'no folds'}" for r, h in sorted(hashes))
+        raise MaskSSDError(
+            f"different folds ({listed}): a paired out-of-fold comparison needs two cross-validations of the "
+            "same images with the same data.folds and data.fold_seed"
+        )
 
 
 def _expand_parents(refs: list[str], tracking_uri: str | None) -> list[str]:
@@ -133,7 +157,10 @@ def _annotations(doc: Mapping[str, Any], a: argparse.Namespace, split: str) -> l
     if not Path(root).is_dir():
         raise MaskSSDError(f"the data of {doc['ref']} is not at {root}; pass --data ROOT")
     split_name = a.split_name or data.get("split_name", "paper")
-    return load_split(root, split, split_name, doc["classes"], a.on_error, DataReport())
+    report = DataReport()
+    splits = data.get("splits") or [split]  # out-of-fold and fold files: the train and val images together
+    on_error = a.on_error
+    return [x for s in splits for x in load_split(root, s, split_name, doc["classes"], on_error, report)]
 
 
 def _short(ref: str) -> str:
@@ -147,7 +174,10 @@ def cmd_compare(a: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         docs_a = _load_side(a.run_a, a.split, a.tracking_uri, Path(tmp))
         docs_b = _load_side(a.run_b, a.split, a.tracking_uri, Path(tmp))
+    _check_folds(docs_a, docs_b)
     split = (docs_a[0].get("data") or {}).get("split", a.split)  # a file says which split it holds
+    if docs_a[0]["folds_hash"]:
+        split = "oof"
     anns = _annotations(docs_a[0], a, split)
     r = compare_detections(docs_a, docs_b, anns, n=a.n, seed=a.seed, ci=a.ci)
     n_images = len(docs_a[0]["images"])

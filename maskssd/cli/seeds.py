@@ -12,7 +12,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from maskssd.cli.console import err, out
+from maskssd.cli.console import TrainBar, err, fmt_interval, out
 
 __all__ = ["SeedStat", "cell_text", "metric_cell", "run_order", "sort_grouped", "train_seeds"]
 
@@ -22,22 +22,24 @@ _ROLE, _PARENT = "maskssd.role", "mlflow.parentRunId"
 
 # ------------------------------------------------------------------------------------------- train
 def train_seeds(a: argparse.Namespace, cfg: Any) -> int:
-    """``maskssd train CONFIG --seeds 0,1,2`` and ``--resume PARENT_ID``."""
+    """``maskssd train CONFIG --seeds 0,1,2`` / ``--folds K`` and ``--resume PARENT_ID``."""
     from maskssd.errors import TrainingInterrupted
     from maskssd.tracking.seeds import run_seeds
 
     try:
         r = run_seeds(
             cfg,
-            a.seeds,
+            a.seeds or ([] if a.resume else [cfg.experiment.seed]),
             tracking_uri=a.tracking_uri,
             resume_parent_id=a.resume,
             run_name=a.run_name,
-            progress=not a.no_progress,
+            progress=None if a.no_progress else TrainBar(),
+            folds=a.folds or 0,
+            final_split=a.final_split,
         )
     except TrainingInterrupted as e:
         err.print(
-            f"[yellow]{escape(str(e))}; checkpoint saved.[/] Resume the missing seeds with:\n  maskssd train "
+            f"[yellow]{escape(str(e))}; checkpoint saved.[/] Resume the missing runs with:\n  maskssd train "
             f"{a.config} --resume {e.run_id}"
             + (f" --tracking-uri {a.tracking_uri}" if a.tracking_uri else ""),
             highlight=False,
@@ -47,12 +49,14 @@ def train_seeds(a: argparse.Namespace, cfg: Any) -> int:
         return 0 if r.status == "FINISHED" else 1
     out.print(seeds_table(r))
     colour = "green" if r.status == "FINISHED" else "red"
-    out.print(f"[{colour}]parent run {r.parent_run_id} {r.status.lower()}[/] ({len(r.seeds)} seeds)")
+    what = f"{r.folds} folds x {len(r.seeds)} seeds" if r.folds else f"{len(r.seeds)} seeds"
+    out.print(f"[{colour}]parent run {r.parent_run_id} {r.status.lower()}[/] ({what})")
     return 0 if r.status == "FINISHED" else 1
 
 
 def seeds_table(r: Any) -> Table:
-    """One row per seed (its selected checkpoint's val mAP, test mAP, val AP per class), then mean ± std."""
+    """One row per child (its selected checkpoint's val mAP, test mAP, val AP per class), then mean ± std and,
+    for cross-validation, the pooled out-of-fold AP with its interval."""
     classes = sorted(
         k.removeprefix("val_ap_").removesuffix("_mean")
         for k in r.aggregate
@@ -62,18 +66,26 @@ def seeds_table(r: Any) -> Table:
     )
     keys = ["val_map", "test_map", *[f"val_ap_{c}" for c in classes]]
     keys = [k for k in keys if f"{k}_mean" in r.aggregate or any(k in s.metrics for s in r.runs.values())]
-    t = Table(title=f"seeds of parent run {r.parent_run_id} (AP in %, the selected checkpoint)")
-    for col in ("seed", "run", "status", *keys):
+    what = f"{r.folds} folds x {len(r.seeds)} seeds" if r.folds else "seeds"
+    t = Table(title=f"{what} of parent run {r.parent_run_id} (AP in %, the selected checkpoint)")
+    for col in ("seed", "fold", "run", "status", *keys) if r.folds else ("seed", "run", "status", *keys):
         t.add_column(col, justify="left" if col in ("run", "status") else "right")
-    for seed in r.seeds:
-        s = r.runs.get(seed)
-        if s is None:
-            continue
+    for s in r.runs.values():
         status = s.status.lower() + (" (kept)" if s.action == "kept" else "")
-        t.add_row(str(seed), (s.run_id or "")[:8], status, *[cell_text(s.metrics.get(k)) for k in keys])
+        first = [str(s.seed), str(s.fold)] if r.folds else [str(s.seed)]
+        t.add_row(*first, (s.run_id or "")[:8], status, *[cell_text(s.metrics.get(k)) for k in keys])
+    blank = ["", "", ""] if r.folds else ["", ""]
     t.add_row(
-        "[bold]mean ± std", "", "", *[cell_text(metric_cell(r.aggregate, k)) for k in keys], end_section=True
+        "[bold]mean ± std", *blank, *[cell_text(metric_cell(r.aggregate, k)) for k in keys], end_section=True
     )
+    if "oof_map" in r.aggregate:
+        a = r.aggregate
+
+        def oof(key: str) -> str:
+            return fmt_interval(a[key], a.get(f"{key}_ci_low"), a.get(f"{key}_ci_high"))
+
+        cells = {"val_map": oof("oof_map"), **{f"val_ap_{c}": oof(f"oof_ap_{c}") for c in classes}}
+        t.add_row("[bold]out of fold", *blank, *[cells.get(k, "") for k in keys])
     return t
 
 

@@ -1,5 +1,7 @@
-"""Detection metrics: VOC07/VOC12/COCO AP, PR curves, the confusion matrix, drawing detections, the
-saved-detections file, bootstrap intervals (and the paired comparison of two runs) and the error analysis.
+"""Detection metrics on records (per image :class:`Detections` and :class:`Target`, gathered in an
+:class:`EvalSet`, matched once into :class:`Matched`): VOC07/VOC12/COCO AP, PR curves, the confusion matrix,
+drawing detections, the saved-detections file, bootstrap intervals (and the paired comparison of two runs), the
+error analysis and one split's final report.
 
 Names resolve lazily (:mod:`maskssd._lazy`): importing one loads only its module."""
 
@@ -12,6 +14,18 @@ _EXPORTS = {
     "APResult": "voc",
     "ap_from_curve": "voc",
     "average_precision": "voc",
+    "voc_ap": "voc",
+    "match": "voc",
+    "Matched": "voc",
+    "ClassMatches": "voc",
+    "Detections": "records",
+    "Target": "records",
+    "EvalSet": "records",
+    "ReportSpec": "report",
+    "SplitReport": "report",
+    "report_split": "report",
+    "evaluate_set": "metrics",
+    "OPERATING_THRESHOLD": "metrics",
     "pr_curves": "voc",
     "coco_map": "coco",
     "confusion_matrix": "confusion",
@@ -24,9 +38,8 @@ _EXPORTS = {
     "draw_detections": "drawing",
     "montage": "drawing",
     "write_detections": "detections_file",
-    "annotation_targets": "detections_file",
     "compare_detections": "detections_file",
-    "detections_and_targets": "detections_file",
+    "doc_evalset": "detections_file",
     "detections_doc": "detections_file",
     "load_detections": "detections_file",
     "mark_doc": "detections_file",
@@ -37,7 +50,7 @@ _EXPORTS = {
     "Marked": "bootstrap",
     "PairedResult": "bootstrap",
     "intervals_from_dict": "bootstrap",
-    "mark_detections": "bootstrap",
+    "mark": "bootstrap",
     "paired_bootstrap": "bootstrap",
     "resample_weights": "bootstrap",
     "resampled_ap": "bootstrap",
@@ -50,7 +63,6 @@ _EXPORTS = {
     "draw_review": "drawing",
     "ThresholdFit": "thresholds",
     "fit_f1_thresholds": "thresholds",
-    "fit_on_annotations": "thresholds",
     "thresholds_of": "thresholds",
 }
 __all__ = sorted(_EXPORTS)

@@ -8,9 +8,11 @@ Conventions
 * **AP by size** (COCO's "area range" idea on the paper's VOC07 protocol): in bucket *b*, objects of other
   buckets are ignored like difficult ones; a detection belongs to the bucket of the object it matches (its
   best-IoU object of its class above the IoU threshold, so duplicates count as false positives where their
-  object is), and a detection that matches no object belongs to the bucket of its own size.
-* **Operating threshold**: detections scoring at least ``threshold`` (the display threshold, 0.4) are what a
-  user sees. Recall there is the share of non-difficult objects found by a true positive above it (the same
+  object is), and a detection that matches no object belongs to the bucket of its own size. Every candidate
+  of an object shares its bucket, so the set's one matching (:class:`~maskssd.evaluation.voc.Matched`) gives
+  each bucket's true positives: nothing is matched again.
+* **Operating threshold**: detections scoring at least ``threshold``
+  (:data:`~maskssd.evaluation.metrics.OPERATING_THRESHOLD`, the display threshold) are what a user sees. Recall there is the share of non-difficult objects found by a true positive above it (the same
   matching as AP: the TP status of a detection does not depend on lower-scoring ones); false boxes are the
   detections above it that are neither true positives nor matched to a difficult object.
 """
@@ -28,10 +30,9 @@ from torch import Tensor
 
 from maskssd.data.images import load_image
 from maskssd.data.voc import Annotation
-from maskssd.evaluation._common import aligned_iou, check_lengths, nanmean
-from maskssd.evaluation.confusion import confusion_matrix
-from maskssd.evaluation.voc import average_precision
-from maskssd.ssd.decode_spec import DISPLAY_THRESHOLD
+from maskssd.evaluation._common import nanmean
+from maskssd.evaluation.metrics import OPERATING_THRESHOLD
+from maskssd.evaluation.voc import Matched, ap_from_curve, curve
 from maskssd.ssd.postprocess import Detections
 
 __all__ = ["SIZE_BUCKETS", "SIZE_EDGES", "ErrorAnalysis", "analyse", "render_worst", "size_bucket"]
@@ -102,186 +103,109 @@ class ErrorAnalysis:
         }
 
 
-@dataclass
-class _Matches:
-    """Per image: each detection's matched object (-1: none above the IoU threshold), TP flag, ignored flag."""
-
-    best_gt: list[Tensor]
-    tp: list[Tensor]
-    ignored: list[Tensor]
-
-
-def _match_images(
-    det_boxes: Sequence[Tensor],
-    det_labels: Sequence[Tensor],
-    det_scores: Sequence[Tensor],
-    gt_boxes: Sequence[Tensor],
-    gt_labels: Sequence[Tensor],
-    gt_difficult: Sequence[Tensor],
-    iou_threshold: float,
-) -> _Matches:
-    """The VOC matching of :mod:`.voc`, image by image, keeping which object each detection matched."""
-    out = _Matches([], [], [])
-    for db, dl, ds, gb, gl, gd in zip(det_boxes, det_labels, det_scores, gt_boxes, gt_labels, gt_difficult):
-        db, dl, ds = (
-            torch.as_tensor(db).reshape(-1, 4).double(),
-            torch.as_tensor(dl).long(),
-            torch.as_tensor(ds),
-        )
-        gb, gl, gd = (
-            torch.as_tensor(gb).reshape(-1, 4).double(),
-            torch.as_tensor(gl).long(),
-            torch.as_tensor(gd),
-        )
-        n = db.shape[0]
-        best, tp, ignored = (
-            torch.full((n,), -1),
-            torch.zeros(n, dtype=torch.bool),
-            torch.zeros(n, dtype=torch.bool),
-        )
-        for c in torch.unique(dl).tolist():
-            d = torch.nonzero(dl == c).squeeze(1)
-            d = d[torch.sort(ds[d], descending=True, stable=True).indices]
-            g = torch.nonzero(gl == c).squeeze(1)
-            if g.numel() == 0 or d.numel() == 0:
-                continue
-            value, arg = aligned_iou(db[d][:, None, :], gb[g][None, :, :]).max(dim=1)
-            hit = value > iou_threshold
-            obj = g[arg]
-            best[d[hit]] = obj[hit]
-            ign = hit & gd[obj].bool()
-            ignored[d] = ign
-            taken = torch.zeros(gb.shape[0], dtype=torch.bool)
-            for k in torch.nonzero(hit & ~ign).squeeze(1).tolist():  # score order: the first one takes it
-                if not taken[obj[k]]:
-                    taken[obj[k]] = True
-                    tp[d[k]] = True
-        out.best_gt.append(best)
-        out.tp.append(tp)
-        out.ignored.append(ignored)
-    return out
+def _owner_bucket(matched: Matched, gt_bucket: Tensor) -> Tensor:
+    """Each detection's bucket: its matched object's, else its own size's."""
+    own = size_bucket(matched.evalset.flat.det_boxes)
+    if gt_bucket.numel() == 0:
+        return own
+    return torch.where(matched.det_object >= 0, gt_bucket[matched.det_object.clamp(min=0)], own)
 
 
-def _ap_by_size(data: tuple[Sequence[Tensor], ...], m: _Matches, class_names: Sequence[str]) -> list[Any]:
+def _ap_by_size(matched: Matched, owner: Tensor, gt_bucket: Tensor) -> list[dict[str, float]]:
     """VOC07 AP per class in each size bucket (objects of other buckets ignored like difficult ones)."""
-    det_boxes, det_labels, det_scores, gt_boxes, gt_labels, gt_difficult = data
-    det_bucket = [size_bucket(b) for b in det_boxes]
-    gt_bucket = [size_bucket(b) for b in gt_boxes]
+    f = matched.evalset.flat
+    counted = ~f.gt_difficult
     out = []
     for b in range(len(SIZE_BUCKETS)):
-        keep = []
-        for i, best in enumerate(m.best_gt):
-            owner = torch.where(best >= 0, gt_bucket[i][best.clamp(min=0)], det_bucket[i])
-            keep.append(owner == b)
-        other = [torch.as_tensor(d).bool() | (g != b) for d, g in zip(gt_difficult, gt_bucket)]
-        out.append(
-            average_precision(
-                [torch.as_tensor(x)[k] for x, k in zip(det_boxes, keep)],
-                [torch.as_tensor(x)[k] for x, k in zip(det_labels, keep)],
-                [torch.as_tensor(x)[k] for x, k in zip(det_scores, keep)],
-                gt_boxes,
-                gt_labels,
-                other,
-                class_names,
-            )
-        )
+        ap = {}
+        for c, m in enumerate(matched.classes, start=1):
+            keep = owner[m.det] == b
+            n_gt = int((counted & (f.gt_labels == c) & (gt_bucket == b)).sum())
+            precision, recall = curve(m.tp[keep], n_gt)
+            ap[m.name] = ap_from_curve(precision, recall, n_gt, "voc07")
+        out.append(ap)
     return out
+
+
+def _slots(image: Tensor, n_images: int) -> Tensor:
+    """Each flat entry's position within its image (``image`` sorted ascending)."""
+    counts = torch.bincount(image, minlength=n_images)
+    return torch.arange(image.shape[0]) - (torch.cumsum(counts, 0) - counts)[image]
 
 
 def _recall_tables(
-    data: tuple[Sequence[Tensor], ...], m: _Matches, class_names: Sequence[str], threshold: float
+    matched: Matched, gt_bucket: Tensor, threshold: float
 ) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, float]], dict[str, dict[str, int]], list[dict]]:
     """Objects per class and bucket, recall at the threshold, detections above it, and errors per image."""
-    det_boxes, det_labels, det_scores, gt_boxes, gt_labels, gt_difficult = data
+    es, f = matched.evalset, matched.evalset.flat
+    class_names, n_images = es.class_names, len(es)
     keys = [k for k, _ in SIZE_BUCKETS]
     n_cls, n_b = len(class_names), len(keys)
+    counted = ~f.gt_difficult & (f.gt_labels >= 1) & (f.gt_labels <= n_cls)
+    valid = (f.det_labels >= 1) & (f.det_labels <= n_cls)
+    above = (f.det_scores >= threshold) & valid
+    hit_tp = above & matched.det_tp
+    got = torch.zeros(f.gt_labels.shape[0], dtype=torch.bool)
+    got[matched.det_object[hit_tp]] = True
+    false = above & ~matched.det_tp & ~matched.det_ignored
     total = torch.zeros((n_cls + 1, n_b), dtype=torch.long)  # row n_cls: every class
     found = torch.zeros((n_cls + 1, n_b), dtype=torch.long)
-    dets = torch.zeros((n_cls, 3), dtype=torch.long)  # above, tp, false
+    for row, mask in ((f.gt_labels - 1, counted), (torch.full_like(f.gt_labels, n_cls), counted)):
+        total.index_put_((row[mask], gt_bucket[mask]), torch.ones_like(row[mask]), accumulate=True)
+        ok = mask & got
+        found.index_put_((row[ok], gt_bucket[ok]), torch.ones_like(row[ok]), accumulate=True)
+    dets = torch.stack(
+        [torch.bincount(f.det_labels[m] - 1, minlength=n_cls)[:n_cls] for m in (above, hit_tp, false)], 1
+    )
+    missed = counted & ~got
+    gt_slot, det_slot = _slots(f.gt_image, n_images), _slots(f.det_image, n_images)
     images = []
-    for i in range(len(det_boxes)):
-        gl, gd = torch.as_tensor(gt_labels[i]).long(), torch.as_tensor(gt_difficult[i]).bool()
-        counted = (~gd) & (gl >= 1) & (gl <= n_cls)
-        above = torch.as_tensor(det_scores[i]) >= threshold
-        dl = torch.as_tensor(det_labels[i]).long()
-        hit_tp = above & m.tp[i]
-        got = torch.zeros(gl.shape[0], dtype=torch.bool)
-        got[m.best_gt[i][hit_tp]] = True
-        bucket = size_bucket(gt_boxes[i])
-        for row, mask in ((gl - 1, counted), (torch.full_like(gl, n_cls), counted)):
-            total.index_put_((row[mask], bucket[mask]), torch.ones_like(row[mask]), accumulate=True)
-            ok = mask & got
-            found.index_put_((row[ok], bucket[ok]), torch.ones_like(row[ok]), accumulate=True)
-        false = above & ~m.tp[i] & ~m.ignored[i] & (dl >= 1) & (dl <= n_cls)
-        for col, mask in enumerate((above & (dl >= 1) & (dl <= n_cls), hit_tp, false)):
-            dets[:, col] += torch.bincount(dl[mask] - 1, minlength=n_cls)[:n_cls]
-        missed = torch.nonzero(counted & ~got).squeeze(1)
+    for i in range(n_images):
+        miss = gt_slot[missed & (f.gt_image == i)]
+        fp = det_slot[false & (f.det_image == i)]
         images.append(
             {
                 "index": i,
-                "missed": int(missed.numel()),
-                "false": int(false.sum()),
-                "missed_objects": missed.tolist(),
-                "false_detections": torch.nonzero(false).squeeze(1).tolist(),
+                "missed": int(miss.numel()),
+                "false": int(fp.numel()),
+                "missed_objects": miss.tolist(),
+                "false_detections": fp.tolist(),
             }
         )
     names = [*class_names, "all"]
     n_gt = {c: {k: int(total[r, b]) for b, k in enumerate(keys)} for r, c in enumerate(names)}
     recall = {}
     for r, c in enumerate(names):
-        t, f = total[r], found[r]
-        recall[c] = {k: float(f[b] / t[b]) if t[b] else math.nan for b, k in enumerate(keys)}
-        recall[c]["all"] = float(f.sum() / t.sum()) if t.sum() else math.nan
+        t, fd = total[r], found[r]
+        recall[c] = {k: float(fd[b] / t[b]) if t[b] else math.nan for b, k in enumerate(keys)}
+        recall[c]["all"] = float(fd.sum() / t.sum()) if t.sum() else math.nan
         n_gt[c]["all"] = int(t.sum())
     detections = {c: dict(zip(("above", "tp", "false"), dets[r].tolist())) for r, c in enumerate(class_names)}
     return n_gt, recall, detections, images
 
 
-def analyse(
-    det_boxes: Sequence[Tensor],
-    det_labels: Sequence[Tensor],
-    det_scores: Sequence[Tensor],
-    gt_boxes: Sequence[Tensor],
-    gt_labels: Sequence[Tensor],
-    gt_difficult: Sequence[Tensor],
-    class_names: Sequence[str],
-    *,
-    image_ids: Sequence[str] | None = None,
-    threshold: float = DISPLAY_THRESHOLD,
-    iou_threshold: float = 0.5,
-) -> ErrorAnalysis:
+def analyse(matched: Matched, *, threshold: float = OPERATING_THRESHOLD) -> ErrorAnalysis:
     """AP by size, recall and false boxes at ``threshold``, the confusion matrix there and errors per image
-    (see the module docstring for the conventions); inputs are per-image lists in original pixels."""
-    n = check_lengths(
-        det_boxes=det_boxes,
-        det_labels=det_labels,
-        det_scores=det_scores,
-        gt_boxes=gt_boxes,
-        gt_labels=gt_labels,
-        gt_difficult=gt_difficult,
-    )
-    data = (det_boxes, det_labels, det_scores, gt_boxes, gt_labels, gt_difficult)
-    m = _match_images(*data, iou_threshold)
-    by_size = _ap_by_size(data, m, class_names)
+    (see the module docstring for the conventions), from the set's one matching (original pixels)."""
+    es = matched.evalset
+    gt_bucket = size_bucket(es.flat.gt_boxes)
+    by_size = _ap_by_size(matched, _owner_bucket(matched, gt_bucket), gt_bucket)
     keys = [k for k, _ in SIZE_BUCKETS]
-    ap = {c: {k: r.ap[c] for k, r in zip(keys, by_size)} for c in class_names}
-    map_by_size = {k: nanmean(list(r.ap.values())) for k, r in zip(keys, by_size)}
-    n_gt, recall, detections, images = _recall_tables(data, m, class_names, threshold)
-    ids = list(image_ids) if image_ids is not None else [str(i) for i in range(n)]
+    ap = {c: {k: r[c] for k, r in zip(keys, by_size)} for c in es.class_names}
+    map_by_size = {k: nanmean(list(r.values())) for k, r in zip(keys, by_size)}
+    n_gt, recall, detections, images = _recall_tables(matched, gt_bucket, threshold)
     for row in images:
-        row["id"] = ids[row["index"]]
-    confusion = confusion_matrix(
-        det_boxes,
-        det_labels,
-        det_scores,
-        gt_boxes,
-        gt_labels,
-        class_names,
-        score_threshold=threshold,
-        iou_threshold=iou_threshold,
-    )
+        row["id"] = es.image_ids[row["index"]]
     return ErrorAnalysis(
-        tuple(class_names), threshold, n_gt, ap, map_by_size, recall, detections, confusion, images
+        es.class_names,
+        threshold,
+        n_gt,
+        ap,
+        map_by_size,
+        recall,
+        detections,
+        matched.confusion(threshold),
+        images,
     )
 
 

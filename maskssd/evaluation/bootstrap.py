@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from maskssd.evaluation.voc import ap_from_curve, match_classes
+from maskssd.evaluation.voc import Matched, ap_from_curve
 
 __all__ = [
     "BootstrapResult",
@@ -36,7 +36,7 @@ __all__ = [
     "PairedResult",
     "bootstrap",
     "intervals_from_dict",
-    "mark_detections",
+    "mark",
     "paired_bootstrap",
     "resample_weights",
     "resampled_ap",
@@ -175,30 +175,15 @@ def _class_table(scores: Tensor, image: Tensor, tp: Tensor, gt_count: Tensor, n_
     return ClassTable(tp_image, fp_before, gt_count, image, tp, run, mixed)
 
 
-def mark_detections(
-    det_boxes: Sequence[Tensor],
-    det_labels: Sequence[Tensor],
-    det_scores: Sequence[Tensor],
-    gt_boxes: Sequence[Tensor],
-    gt_labels: Sequence[Tensor],
-    gt_difficult: Sequence[Tensor],
-    class_names: Sequence[str],
-    iou_threshold: float = 0.5,
-    image_ids: Sequence[str] | None = None,
-) -> Marked:
-    """Sort and mark every class's detections once (the protocol of :func:`~maskssd.evaluation.voc.pr_curves`);
-    inputs are per-image lists as for :func:`~maskssd.evaluation.voc.average_precision`."""
-    matches = match_classes(
-        det_boxes, det_labels, det_scores, gt_boxes, gt_labels, gt_difficult, class_names, iou_threshold
-    )
-    n_images = len(det_boxes)
-    if image_ids is not None and len(image_ids) != n_images:
-        raise ValueError(f"{len(image_ids)} image ids for {n_images} images")
-    tables = {}
-    for m in matches:
-        tables[m.name] = _class_table(m.scores, m.image, m.tp, m.gt_per_image.double(), n_images)
-    ids = tuple(str(i) for i in image_ids) if image_ids is not None else None
-    return Marked(tuple(class_names), n_images, tables, ids)
+def mark(matched: Matched) -> Marked:
+    """Every class's detections of a matched set as resampling tables (sorted and marked once, by the matching
+    AP is computed from)."""
+    n_images = len(matched.evalset)
+    tables = {
+        m.name: _class_table(m.scores, m.image, m.tp, m.gt_per_image.double(), n_images)
+        for m in matched.classes
+    }
+    return Marked(matched.class_names, n_images, tables, tuple(matched.evalset.image_ids))
 
 
 # ------------------------------------------------------------------------------------------ resampling
@@ -292,24 +277,49 @@ def _check(n: int, ci: float) -> None:
         raise ValueError(f"the interval level must be in (0, 1), got {ci}")
 
 
-def bootstrap(marked: Marked, n: int = 1000, seed: int = 0, ci: float = 0.95) -> BootstrapResult:
+def bootstrap(
+    marked: Marked | Sequence[Marked], n: int = 1000, seed: int = 0, ci: float = 0.95
+) -> BootstrapResult:
     """Percentile intervals of mAP and each class's AP from ``n`` image resamples (seeded).
 
     The estimates are the plain evaluation (every image once); the intervals hold ``ci`` of the resamples.
+    Several runs on the same images (seeds) pool: every AP, on the plain set and on each resample, is the mean
+    over the runs, as one side of :func:`paired_bootstrap` is.
     """
     _check(n, ci)
-    ones = torch.ones((1, marked.n_images), dtype=torch.float64)
-    point07, point12 = resampled_ap(marked, ones)
-    ap07, ap12 = resampled_ap(marked, resample_weights(marked.n_images, n, seed))
-    names = marked.class_names
+    runs = [marked] if isinstance(marked, Marked) else list(marked)
+    _same_images(runs)
+    first = runs[0]
+    ones = torch.ones((1, first.n_images), dtype=torch.float64)
+    weights = resample_weights(first.n_images, n, seed)
+    names = first.class_names
+    points, samples = [resampled_ap(m, ones) for m in runs], [resampled_ap(m, weights) for m in runs]
 
-    def intervals(point: Tensor, samples: Tensor) -> tuple[Interval, dict[str, Interval]]:
-        per_class = {c: _interval(float(point[0, i]), samples[:, i], ci) for i, c in enumerate(names)}
-        return _interval(float(_nanmean(point, 1)[0]), _nanmean(samples, 1), ci), per_class
+    def pooled(k: int) -> tuple[Interval, dict[str, Interval]]:
+        point = torch.stack([p[k] for p in points]).mean(0)
+        sample = torch.stack([s[k] for s in samples]).mean(0)
+        per_class = {c: _interval(float(point[0, i]), sample[:, i], ci) for i, c in enumerate(names)}
+        point_map = torch.stack([_nanmean(p[k], 1) for p in points]).mean(0)
+        sample_map = torch.stack([_nanmean(s[k], 1) for s in samples]).mean(0)
+        return _interval(float(point_map[0]), sample_map, ci), per_class
 
-    map07, cls07 = intervals(point07, ap07)
-    map12, cls12 = intervals(point12, ap12)
+    map07, cls07 = pooled(0)
+    map12, cls12 = pooled(1)
     return BootstrapResult(n, ci, seed, map07, cls07, map12, cls12)
+
+
+def _same_images(runs: Sequence[Marked]) -> None:
+    """Refuse runs that did not score the same images in the same order, with the same classes."""
+    if not runs:
+        raise ValueError("no runs to resample")
+    first = runs[0]
+    for m in runs[1:]:
+        if m.n_images != first.n_images or (m.image_ids or None) != (first.image_ids or None):
+            raise ValueError(
+                "every run of a paired bootstrap must have scored the same images in the same order"
+            )
+        if m.class_names != first.class_names:
+            raise ValueError(f"different classes: {m.class_names} vs {first.class_names}")
 
 
 def _side_ap(side: Sequence[Marked], weights: Tensor) -> Tensor:
@@ -331,17 +341,10 @@ def paired_bootstrap(
     same classes.
     """
     _check(n, ci)
-    runs = [*a, *b]
     if not a or not b:
         raise ValueError("paired_bootstrap needs at least one run on each side")
-    first = runs[0]
-    for m in runs[1:]:
-        if m.n_images != first.n_images or (m.image_ids or None) != (first.image_ids or None):
-            raise ValueError(
-                "every run of a paired bootstrap must have scored the same images in the same order"
-            )
-        if m.class_names != first.class_names:
-            raise ValueError(f"different classes: {m.class_names} vs {first.class_names}")
+    _same_images([*a, *b])
+    first = a[0]
     keys = ["map", *first.class_names]
     ones = torch.ones((1, first.n_images), dtype=torch.float64)
     point_a, point_b = _side_ap(a, ones)[0], _side_ap(b, ones)[0]

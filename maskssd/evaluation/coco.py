@@ -5,12 +5,11 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from maskssd.evaluation._common import check_lengths, flatten
+from maskssd.evaluation.records import EvalSet
 
 __all__ = ["coco_map"]
 
@@ -32,44 +31,27 @@ def _annotations(
     return out
 
 
-def coco_map(
-    det_boxes: Sequence[Tensor],
-    det_labels: Sequence[Tensor],
-    det_scores: Sequence[Tensor],
-    gt_boxes: Sequence[Tensor],
-    gt_labels: Sequence[Tensor],
-    gt_difficult: Sequence[Tensor],
-    class_names: Sequence[str],
-    image_sizes: Sequence[tuple[int, int]] | None = None,
-    *,
-    max_detections: int = 100,
-) -> dict[str, float]:
+def coco_map(evalset: EvalSet, *, max_detections: int = 100) -> dict[str, float]:
     """COCO box mAP with pycocotools: ``{"map": AP@[.5:.95], "ap50": AP@.5, "ap_<class>": AP@[.5:.95]}``.
 
-    Difficult objects become ``iscrowd=1`` (ignored, COCO's way). ``image_sizes`` are ``(width, height)``
-    and only fill the image records. ``max_detections`` is COCO's per-image, per-class cap (100 by
+    Difficult objects become ``iscrowd=1`` (ignored, COCO's way). The images' sizes (where every image has
+    one) only fill the image records. ``max_detections`` is COCO's per-image, per-class cap (100 by
     default). Values are nan where no class has ground truth.
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    n_images = check_lengths(
-        det_boxes=det_boxes,
-        det_labels=det_labels,
-        det_scores=det_scores,
-        gt_boxes=gt_boxes,
-        gt_labels=gt_labels,
-        gt_difficult=gt_difficult,
-    )
-    if image_sizes is not None and len(image_sizes) != n_images:
-        raise ValueError(f"image_sizes has {len(image_sizes)} entries for {n_images} images")
+    n_images = len(evalset)
+    class_names = evalset.class_names
+    image_sizes = None if any(s is None for s in evalset.sizes) else evalset.sizes
     nan_result = {"map": math.nan, "ap50": math.nan, **{f"ap_{name}": math.nan for name in class_names}}
     n_cls = len(class_names)
-    d_boxes, d_image, (d_labels, d_scores) = flatten(det_boxes, det_labels, det_scores)
-    g_boxes, g_image, (g_labels, g_difficult) = flatten(gt_boxes, gt_labels, gt_difficult)
+    f = evalset.flat
+    d_boxes, d_image, d_labels, d_scores = f.det_boxes, f.det_image, f.det_labels, f.det_scores
+    g_boxes, g_image, g_labels, g_difficult = f.gt_boxes, f.gt_image, f.gt_labels, f.gt_difficult
     d_keep = (d_labels >= 1) & (d_labels <= n_cls)
     g_keep = (g_labels >= 1) & (g_labels <= n_cls)
-    if n_images == 0 or not bool((g_keep & ~g_difficult.bool()).any()):
+    if n_images == 0 or not bool((g_keep & ~g_difficult).any()):
         return nan_result
 
     images = [

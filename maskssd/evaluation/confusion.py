@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from maskssd.evaluation._common import aligned_iou, check_lengths
+from maskssd.evaluation._common import aligned_iou
+from maskssd.evaluation.records import EvalSet
 
 __all__ = ["confusion_matrix"]
 
@@ -18,16 +19,7 @@ def _pad(tensors: Sequence[Tensor], shape: tuple[int, ...], fill: float) -> Tens
     )
 
 
-def confusion_matrix(
-    det_boxes: Sequence[Tensor],
-    det_labels: Sequence[Tensor],
-    det_scores: Sequence[Tensor],
-    gt_boxes: Sequence[Tensor],
-    gt_labels: Sequence[Tensor],
-    class_names: Sequence[str],
-    score_threshold: float = 0.5,
-    iou_threshold: float = 0.5,
-) -> Tensor:
+def confusion_matrix(evalset: EvalSet, *, score_threshold: float, iou_threshold: float = 0.5) -> Tensor:
     """``(C + 1, C + 1)`` int64 counts, row = true class, column = predicted class, index 0 = background.
 
     Per image, detections with score >= ``score_threshold`` take, highest score first, the still unmatched
@@ -35,30 +27,22 @@ def confusion_matrix(
     ``[object class, detection class]``, an unmatched detection at ``[0, class]``, a missed object at
     ``[class, 0]``. The greedy loop runs over detection ranks, batched over all images.
     """
-    n_images = check_lengths(
-        det_boxes=det_boxes,
-        det_labels=det_labels,
-        det_scores=det_scores,
-        gt_boxes=gt_boxes,
-        gt_labels=gt_labels,
-    )
-    n_cls = len(class_names)
+    n_images = len(evalset)
+    n_cls = len(evalset.class_names)
     size = n_cls + 1
     if n_images == 0:
         return torch.zeros((size, size), dtype=torch.long)
 
     d_boxes, d_labels, g_boxes, g_labels = [], [], [], []
-    for i in range(n_images):  # per image, not per detection
-        boxes = torch.as_tensor(det_boxes[i]).detach().cpu().reshape(-1, 4).double()
-        labels = torch.as_tensor(det_labels[i]).detach().cpu().reshape(-1).long()
-        scores = torch.as_tensor(det_scores[i]).detach().cpu().reshape(-1)
+    for det, target in zip(evalset.detections, evalset.targets, strict=True):  # per image, not per detection
+        boxes, labels, scores = det.boxes.double(), det.labels, det.scores
         keep = torch.nonzero((scores >= score_threshold) & (labels >= 1) & (labels <= n_cls)).squeeze(1)
         keep = keep[torch.sort(scores[keep], descending=True, stable=True).indices]
         d_boxes.append(boxes[keep])
         d_labels.append(labels[keep])
-        gl = torch.as_tensor(gt_labels[i]).detach().cpu().reshape(-1).long()
+        gl = target.labels
         gkeep = (gl >= 1) & (gl <= n_cls)
-        g_boxes.append(torch.as_tensor(gt_boxes[i]).detach().cpu().reshape(-1, 4).double()[gkeep])
+        g_boxes.append(target.boxes.double()[gkeep])
         g_labels.append(gl[gkeep])
 
     det_l = _pad(d_labels, (), 0)  # (N, D), 0 = padding

@@ -15,25 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from maskssd.data.voc import Annotation
 from maskssd.errors import MaskSSDError
-from maskssd.evaluation.bootstrap import (
-    BootstrapResult,
-    Marked,
-    PairedResult,
-    mark_detections,
-    paired_bootstrap,
-)
-from maskssd.evaluation.metrics import DetectionEvaluator, EvalResult
-from maskssd.ssd.postprocess import Detections
+from maskssd.evaluation.bootstrap import BootstrapResult, Marked, PairedResult, mark, paired_bootstrap
+from maskssd.evaluation.metrics import EvalResult, evaluate_set
+from maskssd.evaluation.records import Detections, EvalSet, Target
+from maskssd.evaluation.voc import match
 
 __all__ = [
-    "annotation_targets",
     "compare_detections",
-    "detections_and_targets",
     "detections_doc",
+    "doc_evalset",
     "load_detections",
     "mark_doc",
     "score_detections",
@@ -51,24 +44,23 @@ def _rows(d: Detections, class_names: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def detections_doc(
-    class_names: Sequence[str],
-    detections: Sequence[tuple[str, Detections]],
-    sizes: Mapping[str, tuple[int, int]],
+    evalset: EvalSet,
     result: EvalResult,
     settings: Mapping[str, Any],
     *,
     bootstrap: BootstrapResult | None = None,
     data: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The file's content: ``(image_id, Detections)`` pairs in evaluation order with each image's (width,
-    height), the metrics, the settings, the bootstrap intervals (if any) and the data (``root``,
-    ``split_name``, ``split``) the ground truth comes from."""
+    """The file's content: the set's images in evaluation order, each with its (width, height) and detections,
+    the metrics, the settings, the bootstrap intervals (if any) and the data (``root``, ``split_name``,
+    ``split``) the ground truth comes from."""
+    names = evalset.class_names
     doc: dict[str, Any] = {
         "format": FORMAT,
-        "classes": list(class_names),
+        "classes": list(names),
         "images": [
-            {"id": i, "width": sizes[i][0], "height": sizes[i][1], "detections": _rows(d, class_names)}
-            for i, d in detections
+            {"id": i, "width": size[0], "height": size[1], "detections": _rows(d, names)}
+            for i, size, d in zip(evalset.image_ids, evalset.sizes, evalset.detections, strict=True)
         ],
         "metrics": {
             "map": result.map,
@@ -90,17 +82,18 @@ def detections_doc(
 
 def write_detections(
     path: str | Path,
-    class_names: Sequence[str],
-    detections: Sequence[tuple[str, Detections]],
-    sizes: Mapping[str, tuple[int, int]],
+    evalset: EvalSet,
     result: EvalResult,
     settings: Mapping[str, Any],
     *,
     bootstrap: BootstrapResult | None = None,
     data: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write :func:`detections_doc` as JSON (NaN metrics as JSON ``NaN``, which Python reads back)."""
-    doc = detections_doc(class_names, detections, sizes, result, settings, bootstrap=bootstrap, data=data)
+    """Write :func:`detections_doc` as JSON (NaN metrics as JSON ``NaN``, which Python reads back); every image
+    of the set needs its size."""
+    if any(s is None for s in evalset.sizes):
+        raise ValueError("a detections file needs every image's size")
+    doc = detections_doc(evalset, result, settings, bootstrap=bootstrap, data=data)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1))
@@ -128,52 +121,10 @@ def load_detections(path: str | Path) -> dict[str, Any]:
     return doc
 
 
-def _doc_tensors(doc: Mapping[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+def doc_evalset(doc: Mapping[str, Any], annotations: Sequence[Annotation]) -> EvalSet:
+    """A saved file's detections with the annotations of its images, in its order; refuses images the dataset
+    does not have and images whose size differs."""
     index = {name: i + 1 for i, name in enumerate(doc["classes"])}
-    boxes, labels, scores = [], [], []
-    for im in doc["images"]:
-        dets = im["detections"]
-        boxes.append(torch.tensor([d["box"] for d in dets], dtype=torch.float64).reshape(-1, 4))
-        labels.append(torch.tensor([index[d["label"]] for d in dets], dtype=torch.long))
-        scores.append(torch.tensor([d["score"] for d in dets], dtype=torch.float64))
-    return boxes, labels, scores
-
-
-def annotation_targets(ann: Annotation) -> tuple[Tensor, Tensor, Tensor]:
-    """An image's ground truth as the evaluation scores it: pixel boxes (float32), labels, difficult flags."""
-    return (
-        torch.from_numpy(ann.boxes.copy()).float().reshape(-1, 4),
-        torch.from_numpy(ann.labels.copy()).long(),
-        torch.from_numpy(ann.difficult.copy()).bool(),
-    )
-
-
-def detections_and_targets(
-    detections: Sequence[tuple[str, Detections]], annotations: Sequence[Annotation]
-) -> tuple[list[str], tuple[list[Tensor], ...], list[Annotation]]:
-    """``(image ids, (det boxes, labels, scores, gt boxes, labels, difficult), annotations)`` in the order of
-    ``detections`` (``evaluate(..., collect=...)`` pairs): the per-image lists every metric function takes."""
-    by_id = {a.image_id: a for a in annotations}
-    missing = [i for i, _ in detections if i not in by_id]
-    if missing:
-        raise MaskSSDError(f"{len(missing)} images have detections but no annotation (first: {missing[0]!r})")
-    anns = [by_id[i] for i, _ in detections]
-    gt = [annotation_targets(a) for a in anns]
-    data = (
-        [d.boxes for _, d in detections],
-        [d.labels for _, d in detections],
-        [d.scores for _, d in detections],
-        [g[0] for g in gt],
-        [g[1] for g in gt],
-        [g[2] for g in gt],
-    )
-    return [i for i, _ in detections], data, anns
-
-
-def _ground_truth(
-    doc: Mapping[str, Any], annotations: Sequence[Annotation]
-) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    """The annotations of the file's images, in its order; refuses missing images and different sizes."""
     by_id = {a.image_id: a for a in annotations}
     where = doc.get("path", "the detections file")
     missing = [im["id"] for im in doc["images"] if im["id"] not in by_id]
@@ -182,7 +133,7 @@ def _ground_truth(
             f"{where}: {len(missing)} of its {len(doc['images'])} images are not in the dataset "
             f"(first: {missing[0]!r}); pass the data the detections were made on"
         )
-    out: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+    out = EvalSet(doc["classes"])
     for im in doc["images"]:
         ann = by_id[im["id"]]
         if (ann.width, ann.height) != (im["width"], im["height"]):
@@ -190,8 +141,13 @@ def _ground_truth(
                 f"{where}: image {im['id']!r} is {im['width']}x{im['height']} in the file but "
                 f"{ann.width}x{ann.height} in the dataset"
             )
-        for store, value in zip(out, annotation_targets(ann)):
-            store.append(value)
+        dets = im["detections"]
+        det = Detections(
+            torch.tensor([d["box"] for d in dets], dtype=torch.float64).reshape(-1, 4),
+            torch.tensor([index[d["label"]] for d in dets], dtype=torch.long),
+            torch.tensor([d["score"] for d in dets], dtype=torch.float64),
+        )
+        out.add(im["id"], det, Target.from_annotation(ann), (im["width"], im["height"]))
     return out
 
 
@@ -204,26 +160,14 @@ def score_detections(
 ) -> EvalResult:
     """Every metric of a saved file against the dataset's ground truth (annotations loaded with the file's
     ``classes``); equal to what was printed when the file was written."""
-    ev = DetectionEvaluator(doc["classes"], iou_threshold)
-    ev.update(
-        *_doc_tensors(doc),
-        *_ground_truth(doc, annotations),
-        [(im["width"], im["height"]) for im in doc["images"]],
-    )
-    return ev.compute(coco=coco)
+    return evaluate_set(doc_evalset(doc, annotations), iou_threshold=iou_threshold, coco=coco)
 
 
 def mark_doc(
     doc: Mapping[str, Any], annotations: Sequence[Annotation], *, iou_threshold: float = 0.5
 ) -> Marked:
     """A saved file's detections sorted and marked once, ready to be resampled (:mod:`.bootstrap`)."""
-    return mark_detections(
-        *_doc_tensors(doc),
-        *_ground_truth(doc, annotations),
-        doc["classes"],
-        iou_threshold,
-        image_ids=[im["id"] for im in doc["images"]],
-    )
+    return mark(match(doc_evalset(doc, annotations), iou_threshold))
 
 
 def _aligned(doc: Mapping[str, Any], ids: Sequence[str], reference: str) -> Mapping[str, Any]:

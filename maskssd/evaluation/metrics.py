@@ -1,37 +1,36 @@
 """Every detection metric of one evaluation in one object: VOC07 (the paper's protocol), VOC12, COCO, the
-confusion matrix and the PR curves (:class:`DetectionEvaluator` -> :class:`EvalResult`).
-
-Conventions
------------
-* Inputs are lists with **one entry per image**: boxes ``(n, 4)`` ``xyxy``, labels ``(n,)`` ints,
-  scores ``(n,)`` and difficult flags ``(n,)``. Detections and ground truth must use the same
-  coordinate system (pixels or normalised); IoU is continuous (no ``+1`` pixel).
-* Labels are 1-based indices into ``class_names``; 0 is background. Labels outside ``1..C`` are ignored.
-* Everything per class is keyed by class **name**.
+confusion matrix at the operating threshold and the PR curves (:func:`evaluate_set` -> :class:`EvalResult`),
+all from one matching of the set (:class:`~maskssd.evaluation.voc.Matched`, kept in the result for the
+intervals, thresholds and error analysis that follow). Inputs are records (:mod:`maskssd.evaluation.records`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
-from maskssd.evaluation._common import check_lengths, nanmean
+from maskssd.evaluation._common import nanmean
 from maskssd.evaluation.coco import coco_map
-from maskssd.evaluation.confusion import confusion_matrix
-from maskssd.evaluation.voc import APResult, ap_from_curve, average_precision, pr_curves
+from maskssd.evaluation.records import Detections, EvalSet, Target
+from maskssd.evaluation.voc import APResult, Matched, ap_from_curve, average_precision, match, pr_curves
+from maskssd.ssd.decode_spec import DISPLAY_THRESHOLD
 
 __all__ = [
+    "OPERATING_THRESHOLD",
     "APResult",
     "DetectionEvaluator",
     "EvalResult",
     "average_precision",
     "coco_map",
-    "confusion_matrix",
+    "evaluate_set",
 ]
+
+#: The score from which a detection counts as shown (recall, false boxes and the confusion matrix there): the
+#: display threshold of ``detect``, one number for every report of a run (``eval.operating_threshold``).
+OPERATING_THRESHOLD = DISPLAY_THRESHOLD
 
 
 @dataclass
@@ -46,9 +45,11 @@ class EvalResult:
     ap50_coco: float
     precision: dict[str, Tensor]
     recall: dict[str, Tensor]
-    confusion: Tensor
+    confusion: Tensor  # at ``operating_threshold``
     n_gt: dict[str, int]
     ap_coco: dict[str, float] = field(default_factory=dict)
+    operating_threshold: float = OPERATING_THRESHOLD
+    matched: Matched | None = field(default=None, repr=False)  # the matching it was computed from
 
     def as_metrics(self, prefix: str) -> dict[str, float]:
         """Flat ``{name: value}`` for experiment logging; COCO entries are left out when they are nan."""
@@ -61,81 +62,79 @@ class EvalResult:
         return out
 
 
-class DetectionEvaluator:
-    """Accumulates detections and ground truth over batches, then computes every metric once."""
+def evaluate_set(
+    evalset: EvalSet,
+    *,
+    iou_threshold: float = 0.5,
+    coco: bool = True,
+    operating_threshold: float = OPERATING_THRESHOLD,
+) -> EvalResult:
+    """VOC07 (paper), VOC12, optionally COCO (pycocotools, the slow part) and the confusion matrix at the
+    operating threshold, from one matching of ``evalset``."""
+    matched = match(evalset, iou_threshold)
+    names = evalset.class_names
+    precision, recall, n_gt = pr_curves(matched)
+    ap07 = {n: ap_from_curve(precision[n], recall[n], n_gt[n], "voc07") for n in names}
+    ap12 = {n: ap_from_curve(precision[n], recall[n], n_gt[n], "voc12") for n in names}
+    map_coco = ap50_coco = math.nan
+    ap_coco: dict[str, float] = {}
+    if coco:
+        result = coco_map(evalset)
+        map_coco, ap50_coco = result["map"], result["ap50"]
+        ap_coco = {n: result[f"ap_{n}"] for n in names}
+    return EvalResult(
+        map=nanmean(list(ap07.values())),
+        ap=ap07,
+        map_voc12=nanmean(list(ap12.values())),
+        ap_voc12=ap12,
+        map_coco=map_coco,
+        ap50_coco=ap50_coco,
+        precision=precision,
+        recall=recall,
+        confusion=matched.confusion(operating_threshold),
+        n_gt=n_gt,
+        ap_coco=ap_coco,
+        operating_threshold=operating_threshold,
+        matched=matched,
+    )
 
-    def __init__(self, class_names: Sequence[str], iou_threshold: float = 0.5):
+
+class DetectionEvaluator:
+    """Accumulates images over batches (``update``, keyed by image id as torchvision's ``CocoEvaluator``),
+    then computes every metric once (:func:`evaluate_set`)."""
+
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        iou_threshold: float = 0.5,
+        operating_threshold: float = OPERATING_THRESHOLD,
+    ):
         self.class_names = tuple(class_names)
         self.iou_threshold = iou_threshold
+        self.operating_threshold = operating_threshold
         self.reset()
 
     def reset(self) -> None:
         """Forget everything accumulated so far."""
-        self._det: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
-        self._gt: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
-        self._sizes: list[tuple[int, int] | None] = []
+        self.evalset = EvalSet(self.class_names)
 
     def __len__(self) -> int:
-        return len(self._sizes)
+        return len(self.evalset)
 
     def update(
         self,
-        det_boxes: Sequence[Tensor],
-        det_labels: Sequence[Tensor],
-        det_scores: Sequence[Tensor],
-        gt_boxes: Sequence[Tensor],
-        gt_labels: Sequence[Tensor],
-        gt_difficult: Sequence[Tensor],
-        image_sizes: Sequence[tuple[int, int]] | None = None,
+        predictions: Mapping[str, Detections],
+        targets: Mapping[str, Target],
+        sizes: Mapping[str, tuple[int, int]] | None = None,
     ) -> None:
-        """Add a batch (lists with one entry per image); tensors are detached and moved to the CPU."""
-        n = check_lengths(
-            det_boxes=det_boxes,
-            det_labels=det_labels,
-            det_scores=det_scores,
-            gt_boxes=gt_boxes,
-            gt_labels=gt_labels,
-            gt_difficult=gt_difficult,
-        )
-        if image_sizes is not None and len(image_sizes) != n:
-            raise ValueError(f"image_sizes has {len(image_sizes)} entries for {n} images")
-        for store, items in zip(
-            (*self._det, *self._gt),
-            (det_boxes, det_labels, det_scores, gt_boxes, gt_labels, gt_difficult),
-            strict=True,
-        ):
-            store.extend(torch.as_tensor(t).detach().cpu() for t in items)
-        if image_sizes is None:
-            self._sizes.extend([None] * n)
-        else:
-            self._sizes.extend((int(w), int(h)) for w, h in image_sizes)
+        """Add a batch: ``{image_id: Detections}`` with ``{image_id: Target}`` (and ``(width, height)``)."""
+        self.evalset.update(predictions, targets, sizes)
 
     def compute(self, coco: bool = True) -> EvalResult:
-        """VOC07 (paper), VOC12, optionally COCO (pycocotools, the slow part) and the confusion matrix."""
-        names = self.class_names
-        precision, recall, n_gt = pr_curves(*self._det, *self._gt, names, self.iou_threshold)
-        ap07 = {n: ap_from_curve(precision[n], recall[n], n_gt[n], "voc07") for n in names}
-        ap12 = {n: ap_from_curve(precision[n], recall[n], n_gt[n], "voc12") for n in names}
-        map_coco = ap50_coco = math.nan
-        ap_coco: dict[str, float] = {}
-        if coco:
-            sizes = None if any(s is None for s in self._sizes) else self._sizes
-            result = coco_map(*self._det, *self._gt, names, image_sizes=sizes)
-            map_coco, ap50_coco = result["map"], result["ap50"]
-            ap_coco = {n: result[f"ap_{n}"] for n in names}
-        confusion = confusion_matrix(
-            *self._det, self._gt[0], self._gt[1], names, iou_threshold=self.iou_threshold
-        )
-        return EvalResult(
-            map=nanmean(list(ap07.values())),
-            ap=ap07,
-            map_voc12=nanmean(list(ap12.values())),
-            ap_voc12=ap12,
-            map_coco=map_coco,
-            ap50_coco=ap50_coco,
-            precision=precision,
-            recall=recall,
-            confusion=confusion,
-            n_gt=n_gt,
-            ap_coco=ap_coco,
+        """Every metric of what was added (COCO optional: pycocotools is the slow part)."""
+        return evaluate_set(
+            self.evalset,
+            iou_threshold=self.iou_threshold,
+            coco=coco,
+            operating_threshold=self.operating_threshold,
         )

@@ -7,16 +7,15 @@ imbalance one threshold for all classes is wrong for most of them: the rare clas
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from maskssd.evaluation.voc import match_classes
+from maskssd.evaluation.voc import Matched
 
-__all__ = ["ThresholdFit", "fit_f1_thresholds", "fit_on_annotations", "thresholds_of"]
+__all__ = ["ThresholdFit", "fit_f1_thresholds", "thresholds_of"]
 
 
 @dataclass(frozen=True)
@@ -31,17 +30,8 @@ class ThresholdFit:
     n_detections: int  # counted (not ignored) detections at or above the threshold
 
 
-def fit_f1_thresholds(
-    det_boxes: Sequence[Tensor],
-    det_labels: Sequence[Tensor],
-    det_scores: Sequence[Tensor],
-    gt_boxes: Sequence[Tensor],
-    gt_labels: Sequence[Tensor],
-    gt_difficult: Sequence[Tensor] | None,
-    class_names: Sequence[str],
-    iou_threshold: float = 0.5,
-) -> dict[str, ThresholdFit]:
-    """Per class, the score threshold maximising F1 (lists with one entry per image, as for AP).
+def fit_f1_thresholds(matched: Matched) -> dict[str, ThresholdFit]:
+    """Per class, the score threshold maximising F1, from the set's matching (the one AP is computed from).
 
     Detections are matched as for VOC AP (a detection is a true positive iff it is the first, in score order,
     to pick a non-difficult object with IoU > ``iou_threshold``; ones whose best object is difficult are
@@ -50,10 +40,7 @@ def fit_f1_thresholds(
     entry: the caller's default applies to it.
     """
     fits: dict[str, ThresholdFit] = {}
-    matches = match_classes(
-        det_boxes, det_labels, det_scores, gt_boxes, gt_labels, gt_difficult, class_names, iou_threshold
-    )
-    for m in matches:
+    for m in matched.classes:
         fit = _best_cut(m.scores.double(), m.tp.double(), m.n_gt)
         if fit is not None:
             fits[m.name] = fit
@@ -81,24 +68,3 @@ def thresholds_of(fits: Mapping[str, ThresholdFit]) -> dict[str, float]:
     """``{class: threshold}``: what a checkpoint stores (``"thresholds"``); exact scores, so the detection at
     the cut stays in."""
     return {name: fit.threshold for name, fit in fits.items()}
-
-
-def fit_on_annotations(
-    detections: Sequence[tuple[str, Any]], annotations: Sequence[Any], class_names: Sequence[str]
-) -> dict[str, ThresholdFit]:
-    """:func:`fit_f1_thresholds` of ``(image_id, Detections)`` pairs (original pixels, as ``evaluate(...,
-    collect=...)`` gives them) against the annotations of those images."""
-    by_id = {image_id: d for image_id, d in detections}
-    missing = [a.image_id for a in annotations if a.image_id not in by_id]
-    if missing:
-        raise ValueError(f"no detections for {len(missing)} annotated images (first: {missing[0]})")
-    dets = [by_id[a.image_id] for a in annotations]
-    return fit_f1_thresholds(
-        [d.boxes for d in dets],
-        [d.labels for d in dets],
-        [d.scores for d in dets],
-        [torch.as_tensor(a.boxes).reshape(-1, 4) for a in annotations],
-        [torch.as_tensor(a.labels) for a in annotations],
-        [torch.as_tensor(a.difficult) for a in annotations],
-        class_names,
-    )

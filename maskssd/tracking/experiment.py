@@ -12,19 +12,15 @@ import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import torch
-
 from maskssd.errors import NonFiniteLossError, TrainingInterrupted
 from maskssd.tracking import lineage, runs
 from maskssd.training import distributed
+from maskssd.training.build import checkpoint_root
 from maskssd.training.config import ExperimentConfig, validate
-from maskssd.training.engine import resolve_device
-from maskssd.training.runner import (
-    EvalHook,
-    RunResult,
-    sigterm_as_interrupt,
-    train_experiment,
-)
+from maskssd.training.context import EvalHook, RunContext
+from maskssd.training.engine import TrainProgress
+from maskssd.training.predict import resolve_device
+from maskssd.training.runner import RunResult, sigterm_as_interrupt, train_experiment
 
 __all__ = ["run_experiment"]
 
@@ -40,14 +36,15 @@ def run_experiment(
     parent_run_id: str | None = None,
     tags: Mapping[str, str] | None = None,
     on_eval: list[EvalHook] | None = None,
-    progress: bool = True,
+    progress: TrainProgress | None = None,
     log_model: bool = True,
     on_start: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Train, evaluate and record one run; exceptions mark the run FAILED/KILLED and propagate.
 
     Under torchrun (``WORLD_SIZE`` > 1) every rank trains; rank 0 alone owns the MLflow run. A process group
-    already set up by the caller (several seeds in one torchrun job) is used and left as it is.
+    already set up by the caller (several seeds in one torchrun job) is used and left as it is. ``progress``
+    (the CLI's bar) hears how training goes.
     """
     info = distributed.DistInfo.from_env()
     owns_group = info.enabled and not distributed.active()
@@ -60,7 +57,19 @@ def run_experiment(
         run, cfg = _open_run(cfg, info, tracking_uri, run_name, resume_run_id, parent_run_id, tags)
         if on_start is not None and info.is_main:
             on_start(run.run_id)
-        return _tracked(cfg, run, info, device, resume_run_id is not None, on_eval or [], progress, log_model)
+        store = runs.MlflowCheckpoints(run, checkpoint_root() / run.run_id)
+        ctx = RunContext.build(
+            cfg,
+            run,
+            store,
+            dist=info,
+            device=device,
+            on_eval=on_eval,
+            progress=progress,
+            log_model=log_model,
+            resuming=resume_run_id is not None,
+        )
+        return _tracked(ctx, run)
     finally:
         if owns_group:
             distributed.teardown()
@@ -90,14 +99,13 @@ def _open_run(
         with tempfile.TemporaryDirectory() as tmp:
             text = run.download("config.json", tmp).read_text()
         cfg = validate(json.loads(text), f"run {resume_run_id} config.json")
-    if info.is_main:
-        log.info(
-            "MLflow run %s in experiment %s (%s)%s",
-            run.run_id,
-            cfg.experiment.name,
-            client.tracking_uri,
-            f", {info.world} processes" if info.enabled else "",
-        )
+    log.info(  # every rank logs; the CLI shows rank 0's INFO lines only
+        "MLflow run %s in experiment %s (%s)%s",
+        run.run_id,
+        cfg.experiment.name,
+        client.tracking_uri,
+        f", {info.world} processes" if info.enabled else "",
+    )
     return run, cfg
 
 
@@ -110,33 +118,19 @@ def _source_tags(cfg: ExperimentConfig) -> dict[str, str]:
     return tags
 
 
-def _tracked(
-    cfg: ExperimentConfig,
-    run: runs.MlflowRun,
-    info: distributed.DistInfo,
-    device: torch.device,
-    resuming: bool,
-    on_eval: list[EvalHook],
-    progress: bool,
-    log_model: bool,
-) -> RunResult:
+def _tracked(ctx: RunContext, run: runs.MlflowRun) -> RunResult:
+    cfg, info = ctx.cfg, ctx.dist
     try:
-        if info.is_main and not resuming:
-            run.set_tags(_source_tags(cfg))
+        if not ctx.resuming:
+            run.set_tags(_source_tags(cfg))  # a no-op on the read-only run of the other ranks
         monitor = lineage.system_metrics(
-            run.run_id, run.client.tracking_uri, cfg.train.system_metrics and info.is_main, resume=resuming
+            run.run_id,
+            run.client.tracking_uri,
+            cfg.train.system_metrics and info.is_main,
+            resume=ctx.resuming,
         )
         with sigterm_as_interrupt(), monitor:
-            result = train_experiment(
-                cfg,
-                run,
-                resuming=resuming,
-                on_eval=on_eval,
-                progress=progress and info.is_main,
-                log_model=log_model,
-                info=info,
-                device=device,
-            )
+            result = train_experiment(ctx)
         run.finish("FINISHED")
         return result
     except TrainingInterrupted as e:

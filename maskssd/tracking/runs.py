@@ -23,6 +23,7 @@ from maskssd.errors import MaskSSDError  # noqa: E402
 from maskssd.runtime import LOCAL_DIR  # noqa: E402
 from maskssd.tracking import lineage  # noqa: E402
 from maskssd.tracking.lineage import git_info  # noqa: E402, F401 - runs.git_info: the studies' parent runs
+from maskssd.training.store import LocalCheckpoints  # noqa: E402
 from maskssd.training.tracker import DatasetInfo, SplitMetrics, WritesNothing  # noqa: E402
 
 T = TypeVar("T")
@@ -160,9 +161,6 @@ class MlflowRun:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_checkpoint(self, path: Path, kind: str) -> None:
-        self.log_artifact(path, "checkpoints")
-
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
@@ -211,6 +209,27 @@ class MlflowRun:
 
 class ReadOnlyRun(WritesNothing, MlflowRun):
     """A run seen by a non-zero distributed rank: it may read artifacts, it writes nothing."""
+
+
+class MlflowCheckpoints(LocalCheckpoints):
+    """A run's checkpoints: written in a local folder, published as the run's ``checkpoints/<kind>.pt``
+    artifacts, found again on resume in the local folder first, else downloaded (another machine)."""
+
+    def __init__(self, run: MlflowRun, local_dir: str | Path):
+        super().__init__(local_dir)
+        self.run = run
+
+    def publish(self, kind: str) -> None:
+        self.run.log_artifact(self.path(kind), "checkpoints")
+
+    def fetch(self, kind: str) -> Path | None:
+        local = super().fetch(kind)
+        if local is not None:
+            return local
+        try:
+            return self.run.download(f"checkpoints/{kind}.pt", self.local_dir / "downloaded")
+        except MaskSSDError:
+            return None
 
 
 def log_model(

@@ -1,14 +1,18 @@
-"""Seeds as an axis: one experiment trained once per seed, every seed a child MLflow run of one parent run
-that holds the mean and the standard deviation of every final metric over its seeds.
+"""Seeds and folds as axes: one experiment trained once per seed (and, with ``folds``, once per fold of a
+K-fold cross-validation of its train and val images), every one a child MLflow run of one parent run that holds
+the mean and the standard deviation of every final metric over its children (and, for folds, the pooled
+out-of-fold evaluation: :mod:`maskssd.tracking.folds`).
 
-``maskssd train CONFIG --seeds 0,1,2`` calls :func:`run_seeds`. The parent run (tag ``maskssd.role=seeds``)
+``maskssd train CONFIG --seeds 0,1,2 [--folds 5]`` calls :func:`run_seeds`. The parent run (tag
+``maskssd.role=seeds``, or ``cv`` with folds)
 holds the config (its params, ``config.toml`` and ``config.json``; no ``experiment.seed``), the seed list
 (param ``seeds``), and for every final metric ``K`` its finished children logged (``val_*`` and ``test_*``,
 written once at a child's final step; confidence-interval metrics named that way included) ``K_mean`` and
 ``K_std`` (the sample standard deviation, ddof 1; NaN for a single seed), ``n_seeds`` (the finished children
 averaged), a tag ``maskssd.children`` listing its children's run ids in seed order and the artifact
-``seeds.json`` (seed -> run id, status). Children carry ``mlflow.parentRunId``, ``maskssd.role=seed`` and
-``maskssd.seed``.
+``seeds.json`` (each child's seed, fold, run id and status). Children carry ``mlflow.parentRunId``,
+``maskssd.role=seed`` (``fold``), ``maskssd.seed`` and ``maskssd.fold``; children run seed by seed, each
+seed's folds in order, so a seed's out-of-fold evaluation is complete as early as possible.
 
 Resuming a parent (``resume_parent_id``) finishes only what is missing: a FINISHED child is kept untouched; a
 KILLED, FAILED or RUNNING child that saved a checkpoint continues from it in the same run
@@ -26,7 +30,7 @@ import json
 import logging
 import math
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,11 +42,14 @@ from maskssd.tracking import runs
 from maskssd.tracking.experiment import run_experiment
 from maskssd.training import distributed
 from maskssd.training.config import ExperimentConfig, validate
-from maskssd.training.runner import EvalHook
+from maskssd.training.context import EvalHook
+from maskssd.training.engine import TrainProgress
 
 __all__ = [
     "CHILDREN_TAG",
     "FINAL_PREFIXES",
+    "FOLD_TAG",
+    "Member",
     "ROLE_TAG",
     "SEED_TAG",
     "SeedRun",
@@ -59,7 +66,10 @@ log = logging.getLogger(__name__)
 
 ROLE_TAG = "maskssd.role"
 SEED_TAG = "maskssd.seed"
+FOLD_TAG = "maskssd.fold"
 CHILDREN_TAG = "maskssd.children"
+#: ``(seed, fold)`` of a child; fold 0 without cross-validation.
+Member = tuple[int, int]
 #: A run's final metrics (logged once, at its last step): the selected checkpoint's ``val_*`` and ``test_*``
 #: (the per-epoch curves are ``train/*`` and ``val/*``).
 FINAL_PREFIXES = ("val_", "test_")
@@ -67,7 +77,8 @@ FINAL_PREFIXES = ("val_", "test_")
 
 @dataclass
 class SeedRun:
-    """One seed's child run. ``action``: ``new`` (started), ``resumed`` (continued) or ``kept`` (already done)."""
+    """One child run (a seed, or a seed's fold). ``action``: ``new`` (started), ``resumed`` (continued) or
+    ``kept`` (already done)."""
 
     seed: int
     run_id: str | None
@@ -75,6 +86,11 @@ class SeedRun:
     metrics: dict[str, float] = field(default_factory=dict)
     action: str = "new"
     reason: str = ""
+    fold: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"seed {self.seed}" + (f" fold {self.fold}" if self.fold else "")
 
 
 @dataclass
@@ -83,9 +99,10 @@ class SeedsResult:
 
     parent_run_id: str
     seeds: list[int]
-    runs: dict[int, SeedRun]
+    runs: dict[Member, SeedRun]
     aggregate: dict[str, float]
     status: str
+    folds: int = 0
 
     def mean_std(self, key: str) -> tuple[float, float, int]:
         """``(mean, std, n)`` of a final metric over the finished seeds (NaN when absent)."""
@@ -99,7 +116,13 @@ class _Plan:
     name: str
     cfg: ExperimentConfig
     seeds: list[int]
-    actions: dict[int, tuple[str, str | None]]  # seed -> (new | resumed | kept, child run id)
+    actions: dict[Member, tuple[str, str | None]]  # (seed, fold) -> (new | resumed | kept, child run id)
+    folds: int = 0
+
+    @property
+    def members(self) -> list[Member]:
+        """Every child in training order: seed by seed, each seed's folds in order."""
+        return [(s, f) for s in self.seeds for f in (range(1, self.folds + 1) if self.folds else [0])]
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -126,10 +149,12 @@ def aggregate(metrics: Sequence[Mapping[str, float]]) -> dict[str, float]:
 
 
 def children_of(c: Any, parent_id: str) -> list[Any]:
-    """The child runs of a parent (``mlflow.parentRunId``), by seed then start time (MLflow ``Run`` objects)."""
+    """The child runs of a parent (``mlflow.parentRunId``), by seed, fold, then start time (MLflow ``Run``s)."""
     exp = c.get_run(parent_id).info.experiment_id
     found = c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1000)
-    return sorted(found, key=lambda r: (_seed_of(r) is None, _seed_of(r) or 0, r.info.start_time or 0))
+    return sorted(
+        found, key=lambda r: (_seed_of(r) is None, _seed_of(r) or 0, _fold_of(r), r.info.start_time or 0)
+    )
 
 
 def finished_children(parent_id: str, *, tracking_uri: str | None = None) -> list[str]:
@@ -139,9 +164,9 @@ def finished_children(parent_id: str, *, tracking_uri: str | None = None) -> lis
 
 
 def is_seeds_parent(run_id: str, *, tracking_uri: str | None = None) -> bool:
-    """Whether ``run_id`` is the parent of a seeds run (False for any other run, or none)."""
+    """Whether ``run_id`` is the parent of a seeds or cross-validation run (False for any other run, or none)."""
     try:
-        return runs.client(tracking_uri).get_run(run_id).data.tags.get(ROLE_TAG) == "seeds"
+        return runs.client(tracking_uri).get_run(run_id).data.tags.get(ROLE_TAG) in ("seeds", "cv")
     except mlflow.exceptions.MlflowException:
         return False
 
@@ -152,6 +177,13 @@ def _seed_of(run: Any) -> int | None:
         return int(raw) if raw is not None else None
     except ValueError:
         return None
+
+
+def _fold_of(run: Any) -> int:
+    try:
+        return int(run.data.tags.get(FOLD_TAG, 0))
+    except ValueError:
+        return 0
 
 
 def _final_metrics(c: Any, run_id: str) -> dict[str, float]:
@@ -175,18 +207,34 @@ def _check_seeds(seeds: Sequence[int] | None) -> list[int]:
     return seeds
 
 
-def _new_parent(c: Any, cfg: ExperimentConfig, seeds: list[int], run_name: str | None) -> _Plan:
-    name = run_name or f"{cfg.experiment.name}-seeds"
+def _new_parent(
+    c: Any,
+    cfg: ExperimentConfig,
+    seeds: list[int],
+    run_name: str | None,
+    folds: int = 0,
+    parent_run_id: str | None = None,
+    extra_tags: Mapping[str, str] | None = None,
+) -> _Plan:
+    role = "cv" if folds else "seeds"
+    name = run_name or f"{cfg.experiment.name}-{role}"
     listed = ",".join(map(str, seeds))
-    tags = {ROLE_TAG: "seeds", "maskssd.seeds": listed, **runs.git_info(Path(__file__).resolve().parent)}
+    tags = {**(extra_tags or {}), ROLE_TAG: role, "maskssd.seeds": listed}
+    tags.update(runs.git_info(Path(__file__).resolve().parent))
     if cfg.experiment.description:
         tags["mlflow.note.content"] = cfg.experiment.description
-    run = runs.MlflowRun.start(c, cfg.experiment.name, name, tags)
-    params = {k: v for k, v in cfg.flat().items() if k != "experiment.seed"}
+    run = runs.MlflowRun.start(c, cfg.experiment.name, name, tags, parent_run_id)
+    params = {k: v for k, v in cfg.flat().items() if k not in ("experiment.seed", "data.fold")}
     run.log_params({**params, "seeds": listed})
     run.log_text(cfg.to_toml(), "config.toml")
     run.log_dict(cfg.model_dump(mode="json"), "config.json")
-    return _Plan(run.run_id, name, cfg, seeds, {s: ("new", None) for s in seeds})
+    plan = _Plan(run.run_id, name, cfg, seeds, {}, folds)
+    plan.actions = {m: ("new", None) for m in plan.members}
+    if folds:
+        from maskssd.tracking.folds import log_folds
+
+        log_folds(run, cfg)
+    return plan
 
 
 def _resume_parent(c: Any, parent_id: str, seeds: Sequence[int] | None) -> _Plan:
@@ -194,8 +242,9 @@ def _resume_parent(c: Any, parent_id: str, seeds: Sequence[int] | None) -> _Plan
         run = c.get_run(parent_id)
     except mlflow.exceptions.MlflowException:
         raise MaskSSDError(f"no MLflow run {parent_id} in {c.tracking_uri}") from None
-    if run.data.tags.get(ROLE_TAG) != "seeds" or "seeds" not in run.data.params:
-        raise MaskSSDError(f"run {parent_id} is not the parent of a seeds run (tag {ROLE_TAG}=seeds)")
+    role = run.data.tags.get(ROLE_TAG)
+    if role not in ("seeds", "cv") or "seeds" not in run.data.params:
+        raise MaskSSDError(f"run {parent_id} is not the parent of a seeds or folds run (tag {ROLE_TAG})")
     logged = _check_seeds([int(s) for s in run.data.params["seeds"].split(",")])
     if seeds and list(seeds) != logged:
         raise MaskSSDError(f"run {parent_id} was started with seeds {logged}, not {list(seeds)}")
@@ -203,39 +252,44 @@ def _resume_parent(c: Any, parent_id: str, seeds: Sequence[int] | None) -> _Plan
         text = runs.MlflowRun(c, parent_id).download("config.json", tmp).read_text()
     cfg = validate(json.loads(text), f"run {parent_id} config.json")
     c.update_run(parent_id, status="RUNNING")
-    by_seed: dict[int, list[Any]] = {}
+    by_member: dict[Member, list[Any]] = {}
     for child in children_of(c, parent_id):
         seed = _seed_of(child)
         if seed is not None:
-            by_seed.setdefault(seed, []).append(child)
-    actions: dict[int, tuple[str, str | None]] = {}
-    for seed in logged:
-        candidates = by_seed.get(seed, [])
+            by_member.setdefault((seed, _fold_of(child)), []).append(child)
+    plan = _Plan(
+        parent_id, run.info.run_name or f"{cfg.experiment.name}-{role}", cfg, logged, {}, cfg.data.folds
+    )
+    for member in plan.members:
+        candidates = by_member.get(member, [])
         finished = [r.info.run_id for r in candidates if r.info.status == "FINISHED"]
         resumable = [r.info.run_id for r in candidates if _resumable(c, r.info.run_id)]
         if finished:
-            actions[seed] = ("kept", finished[-1])
+            plan.actions[member] = ("kept", finished[-1])
         elif resumable:
-            actions[seed] = ("resumed", resumable[-1])
+            plan.actions[member] = ("resumed", resumable[-1])
         else:
-            actions[seed] = ("new", None)
-    return _Plan(parent_id, run.info.run_name or f"{cfg.experiment.name}-seeds", cfg, logged, actions)
+            plan.actions[member] = ("new", None)
+    return plan
 
 
-def _record(parent: runs.MlflowRun, results: Mapping[int, SeedRun], plan: _Plan) -> dict[str, float]:
+def _record(parent: runs.MlflowRun, results: Mapping[Member, SeedRun], plan: _Plan) -> dict[str, float]:
     """Children, their statuses and the aggregate over the finished ones, written to the parent (rank 0)."""
-    order = [results[s] for s in plan.seeds if s in results]
+    order = [results[m] for m in plan.members if m in results]
     parent.set_tags({CHILDREN_TAG: ",".join(r.run_id for r in order if r.run_id)})
     doc = {
         "parent_run_id": plan.parent_id,
-        "seeds": {
-            str(r.seed): {
+        "folds": plan.folds,
+        "children": [
+            {
+                "seed": r.seed,
+                "fold": r.fold,
                 "run_id": r.run_id,
                 "status": r.status,
                 **({"reason": r.reason} if r.reason else {}),
             }
             for r in order
-        },
+        ],
     }
     parent.log_dict(doc, "seeds.json")
     agg = aggregate([r.metrics for r in order if r.status == "FINISHED"])
@@ -244,81 +298,105 @@ def _record(parent: runs.MlflowRun, results: Mapping[int, SeedRun], plan: _Plan)
 
 
 # ---------------------------------------------------------------------------------------- the seeds
-def _with_seed(cfg: ExperimentConfig, seed: int) -> ExperimentConfig:
+def _member_config(cfg: ExperimentConfig, seed: int, fold: int) -> ExperimentConfig:
     data = cfg.model_dump(mode="json")
     data["experiment"]["seed"] = seed
-    return validate(data, f"seed {seed}")
+    if fold:
+        data["data"]["fold"] = fold
+    return validate(data, f"seed {seed}" + (f" fold {fold}" if fold else ""))
 
 
-def _train_seed(
-    c: Any, plan: _Plan, seed: int, tracking_uri: str | None, main: bool, run_kw: Mapping[str, Any]
+def _train_member(
+    c: Any, plan: _Plan, member: Member, tracking_uri: str | None, main: bool, run_kw: Mapping[str, Any]
 ) -> SeedRun:
-    action, child = plan.actions[seed]
+    seed, fold = member
+    action, child = plan.actions[member]
     started: list[str] = [child] if child else []
-    if main:
-        log.info("seed %d: %s", seed, f"resuming run {child}" if action == "resumed" else "new run")
+    label = SeedRun(seed, None, "", fold=fold).label
+    log.info("%s: %s", label, f"resuming run {child}" if action == "resumed" else "new run")
+    tags = {ROLE_TAG: "fold" if fold else "seed", SEED_TAG: str(seed)}
+    if fold:
+        tags[FOLD_TAG] = str(fold)
     try:
         r = run_experiment(
-            _with_seed(plan.cfg, seed),
+            _member_config(plan.cfg, seed, fold),
             tracking_uri=tracking_uri,
-            run_name=f"{plan.name}-seed{seed}",
+            run_name=f"{plan.name}-seed{seed}" + (f"-fold{fold}" if fold else ""),
             resume_run_id=child if action == "resumed" else None,
             parent_run_id=plan.parent_id,
-            tags={ROLE_TAG: "seed", SEED_TAG: str(seed)},
+            tags=tags,
             on_start=started.append,
             **run_kw,
         )
     except NonFiniteLossError as e:  # a diverging seed is a result: record it, go on with the others
-        return SeedRun(seed, started[-1] if started else None, "FAILED", action=action, reason=str(e))
-    return SeedRun(
-        seed, r.run_id, "FINISHED", _final_metrics(c, r.run_id) if main else dict(r.metrics), action
-    )
+        return SeedRun(
+            seed, started[-1] if started else None, "FAILED", action=action, reason=str(e), fold=fold
+        )
+    metrics = _final_metrics(c, r.run_id) if main else dict(r.metrics)
+    return SeedRun(seed, r.run_id, "FINISHED", metrics, action, fold=fold)
 
 
 def _run_all(
-    c: Any, plan: _Plan, tracking_uri: str | None, run_kw: Mapping[str, Any], info: distributed.DistInfo
+    c: Any,
+    plan: _Plan,
+    tracking_uri: str | None,
+    run_kw: Mapping[str, Any],
+    info: distributed.DistInfo,
+    on_child: Callable[[Member, SeedRun], None] | None = None,
 ) -> SeedsResult:
     parent = runs.MlflowRun(c, plan.parent_id) if info.is_main else runs.ReadOnlyRun(c, plan.parent_id)
-    results: dict[int, SeedRun] = {}
-    seed = plan.seeds[0]
+    results: dict[Member, SeedRun] = {}
+    member = plan.members[0]
     try:
-        for seed in plan.seeds:
-            action, child = plan.actions[seed]
+        for member in plan.members:
+            action, child = plan.actions[member]
             if action == "kept":
                 metrics = _final_metrics(c, child) if info.is_main else {}  # type: ignore[arg-type]
-                results[seed] = SeedRun(seed, child, "FINISHED", metrics, "kept")
-                log.info("seed %d: kept finished run %s", seed, child)
+                results[member] = SeedRun(member[0], child, "FINISHED", metrics, "kept", fold=member[1])
+                log.info("%s: kept finished run %s", results[member].label, child)
             else:
-                results[seed] = _train_seed(c, plan, seed, tracking_uri, info.is_main, run_kw)
+                results[member] = _train_member(c, plan, member, tracking_uri, info.is_main, run_kw)
             if info.is_main:
                 _record(parent, results, plan)
+            if on_child is not None and results[member].status == "FINISHED":
+                on_child(member, results[member])  # may raise to stop the rest (a pruned study trial)
     except (TrainingInterrupted, KeyboardInterrupt) as e:
-        child = getattr(e, "run_id", None) or plan.actions[seed][1]
-        results[seed] = SeedRun(seed, child, "KILLED", action=plan.actions[seed][0], reason=str(e))
+        child = getattr(e, "run_id", None) or plan.actions[member][1]
+        results[member] = SeedRun(
+            member[0], child, "KILLED", action=plan.actions[member][0], reason=str(e), fold=member[1]
+        )
+        label = results[member].label
         if info.is_main:
             _record(parent, results, plan)
-            parent.set_tags({"stopped": f"seed {seed}: {e or 'interrupted'}"})
+            parent.set_tags({"stopped": f"{label}: {e or 'interrupted'}"})
         parent.finish("KILLED")
-        stop = e if isinstance(e, TrainingInterrupted) else TrainingInterrupted(f"interrupted at seed {seed}")
+        stop = e if isinstance(e, TrainingInterrupted) else TrainingInterrupted(f"interrupted at {label}")
         stop.run_id = plan.parent_id
         raise stop from None
     except BaseException as e:
-        parent.set_tags({"failure_reason": f"seed {seed}: {type(e).__name__}: {e}"[:5000]})
-        parent.finish("FAILED")
+        status = getattr(e, "run_status", "FAILED")  # a pruned trial: KILLED, with its reason
+        reason = getattr(e, "run_reason", f"{type(e).__name__}: {e}")
+        label = SeedRun(member[0], None, "", fold=member[1]).label
+        parent.set_tags({"failure_reason" if status == "FAILED" else "stopped": f"{label}: {reason}"[:5000]})
+        parent.finish(status)
         raise
     return _close(parent, plan, results, info)
 
 
 def _close(
-    parent: runs.MlflowRun, plan: _Plan, results: dict[int, SeedRun], info: distributed.DistInfo
+    parent: runs.MlflowRun, plan: _Plan, results: dict[Member, SeedRun], info: distributed.DistInfo
 ) -> SeedsResult:
     agg = _record(parent, results, plan) if info.is_main else {}
     failed = [r for r in results.values() if r.status != "FINISHED"]
     status = "FAILED" if failed else "FINISHED"
     if failed:
-        parent.set_tags({"failure_reason": "; ".join(f"seed {r.seed}: {r.reason}" for r in failed)[:5000]})
+        parent.set_tags({"failure_reason": "; ".join(f"{r.label}: {r.reason}" for r in failed)[:5000]})
+    elif plan.folds and info.is_main:
+        from maskssd.tracking.folds import out_of_fold
+
+        agg.update(out_of_fold(parent, plan.cfg, results, plan.seeds))
     parent.finish(status)
-    result = SeedsResult(plan.parent_id, plan.seeds, results, agg, status)
+    result = SeedsResult(plan.parent_id, plan.seeds, results, agg, status, plan.folds)
     return distributed.broadcast_object(result if info.is_main else None)
 
 
@@ -330,15 +408,29 @@ def run_seeds(
     resume_parent_id: str | None = None,
     run_name: str | None = None,
     on_eval: list[EvalHook] | None = None,
-    progress: bool = True,
+    progress: TrainProgress | None = None,
     log_model: bool = True,
+    folds: int = 0,
+    final_split: str | None = None,
+    parent_run_id: str | None = None,
+    parent_tags: Mapping[str, str] | None = None,
+    on_child: Callable[[Member, SeedRun], None] | None = None,
+    on_start: Callable[[str], None] | None = None,
 ) -> SeedsResult:
-    """Train ``cfg`` once per seed as children of one parent run, or finish the parent ``resume_parent_id``
-    (its own config and seeds; ``seeds``, if given, must match). Returns each seed's run and the aggregate.
+    """Train ``cfg`` once per seed (and per fold of ``folds``, K >= 2: ``cfg.data.folds``/``fold_seed`` set the
+    folds) as children of one parent run, or finish the parent ``resume_parent_id`` (its own config, seeds and
+    folds; ``seeds``, if given, must match). Returns each child and the aggregate. Cross-validation never
+    touches the test split unless ``final_split="test"`` asks (each fold's model then scores it once).
 
-    A seed whose loss goes non-finite is recorded FAILED and the others still run (the parent ends FAILED);
+    A child whose loss goes non-finite is recorded FAILED and the others still run (the parent ends FAILED);
     an interruption marks the parent KILLED and raises ``TrainingInterrupted`` naming the parent.
     """
+    if folds:
+        if folds < 2:
+            raise MaskSSDError(f"--folds needs K >= 2, got {folds}")
+        data = cfg.model_dump(mode="json")
+        data["data"].update(folds=folds, fold=0, final_split=final_split or "none")
+        cfg = validate(data, "the cross-validation parent")
     info = distributed.DistInfo.from_env()
     owns_group = info.enabled and not distributed.active()
     if owns_group:
@@ -350,18 +442,21 @@ def run_seeds(
             if resume_parent_id:
                 plan = _resume_parent(c, resume_parent_id, seeds)
             else:
-                plan = _new_parent(c, cfg, _check_seeds(seeds), run_name)
-            todo = {s: a for s, (a, _) in plan.actions.items()}
+                plan = _new_parent(c, cfg, _check_seeds(seeds), run_name, folds, parent_run_id, parent_tags)
+            if on_start is not None:
+                on_start(plan.parent_id)
+            todo = {SeedRun(s, None, "", fold=f).label: a for (s, f), (a, _) in plan.actions.items()}
             log.info(
-                "seeds %s: parent run %s in experiment %s; %s",
+                "seeds %s%s: parent run %s in experiment %s; %s",
                 plan.seeds,
+                f" x {plan.folds} folds" if plan.folds else "",
                 plan.parent_id,
                 plan.cfg.experiment.name,
-                ", ".join(f"seed {s} {a}" for s, a in todo.items()),
+                ", ".join(f"{k} {a}" for k, a in todo.items()),
             )
         plan = distributed.broadcast_object(plan)
         run_kw = {"on_eval": on_eval, "progress": progress, "log_model": log_model}
-        return _run_all(c, plan, tracking_uri, run_kw, info)
+        return _run_all(c, plan, tracking_uri, run_kw, info, on_child if info.is_main else None)
     finally:
         if owns_group:
             distributed.teardown()

@@ -13,9 +13,7 @@ retried. The budget is Optuna's ``MaxTrialsCallback`` over finished and running 
 from __future__ import annotations
 
 import logging
-import math
 import os
-import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,14 +21,12 @@ from typing import Any
 
 import optuna
 
-from maskssd.errors import ConfigError, MaskSSDError, NonFiniteLossError, TrainingInterrupted
+from maskssd.errors import ConfigError, MaskSSDError
 from maskssd.runtime import LOCAL_DIR
 from maskssd.tracking import runs
-from maskssd.tracking.experiment import run_experiment
 from maskssd.tracking.study_budget import (
     BUDGET_STATES,
     FailureCap,
-    check_budget,
     failures,
     remaining,
     yielded_trial_log,
@@ -40,24 +36,14 @@ from maskssd.tracking.study_config import (
     first_value,
     load_study_config,
     recipe_config,
-    sample,
     trial_config,
 )
 from maskssd.tracking.study_fidelity import Hyperband, SuccessiveHalving
 from maskssd.tracking.study_report import StudyReport, summarize
+from maskssd.tracking.study_trial import fold_rung, make_objective
 
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-class PrunedTrial(optuna.TrialPruned):
-    """Pruned by Optuna: the MLflow run is marked KILLED with the reason."""
-
-    run_status = "KILLED"
-
-    def __init__(self, epoch: int, value: float):
-        self.run_reason = f"pruned by Optuna at epoch {epoch} ({value:.4f})"
-        super().__init__(self.run_reason)
 
 
 def default_storage_url() -> str:
@@ -250,97 +236,6 @@ def _redact(url: str) -> str:
     return re.sub(r"//([^:/@]+):[^@]+@", r"//\1:***@", url)
 
 
-def make_objective(
-    cfg: StudyConfig,
-    base: Path,
-    study_path: Path,
-    parent_id: str,
-    tracking_uri: str | None,
-    n_trials: int | None = None,
-):
-    """One trial: sample, build the trial's experiment, run it as a nested MLflow run, return the objective.
-    A trial started after other workers took the budget (``n_trials``, default the study's) runs nothing: it
-    is recorded FAIL with the ``over_budget`` attribute and stops this worker."""
-    budget = n_trials or cfg.study.n_trials
-
-    def objective(trial: optuna.Trial) -> float:
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        check_budget(trial, budget)
-        values = sample(trial, cfg)
-        try:
-            exp = trial_config(cfg, base, values, study_path)
-        except ConfigError as e:
-            trial.set_user_attr("fail_reason", str(e))
-            raise
-        reported: dict[str, float] = {}
-
-        def report(epoch: int, metrics: dict[str, float]) -> None:
-            value = metrics.get(cfg.study.objective)
-            if value is None or not math.isfinite(value):
-                return
-            trial.report(value, epoch)
-            reported[str(epoch)] = value
-            if epoch < exp.train.epochs and trial.should_prune():  # a trial that ran its budget completes
-                raise PrunedTrial(epoch, value)
-
-        tags = {
-            "optuna.study_name": cfg.study.name,
-            "optuna.trial_number": str(trial.number),
-            "study": cfg.study.name,
-            "trial": str(trial.number),
-            "maskssd.role": "trial",
-            **{f"optuna.param.{k}": str(v) for k, v in values.items()},
-        }
-
-        def started(run_id: str) -> None:
-            trial.set_user_attr("mlflow_run_id", run_id)
-
-        try:
-            result = run_experiment(
-                exp,
-                tracking_uri=tracking_uri,
-                run_name=f"trial-{trial.number:03d}",
-                parent_run_id=parent_id,
-                tags=tags,
-                on_eval=[report],
-                progress=False,
-                log_model=cfg.study.log_models,
-                on_start=started,
-            )
-        except optuna.TrialPruned:
-            _tag_state(tracking_uri, trial, "PRUNED")
-            raise
-        except TrainingInterrupted as e:  # Ctrl-C / SIGTERM stop the worker, not only this trial
-            trial.set_user_attr("fail_reason", f"interrupted: {e}")
-            _tag_state(tracking_uri, trial, "FAIL")
-            raise KeyboardInterrupt(str(e)) from None
-        except NonFiniteLossError as e:
-            trial.set_user_attr("fail_reason", f"non-finite loss: {e}")
-            _tag_state(tracking_uri, trial, "FAIL")
-            raise
-        except Exception as e:
-            trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:2000])
-            _tag_state(tracking_uri, trial, "FAIL")
-            raise
-        key = cfg.study.objective  # the selected checkpoint's final value (val_map: its validation mAP)
-        value = result.metrics.get(key)
-        if value is None or not math.isfinite(value):
-            raise MaskSSDError(f"trial produced no finite {key}")
-        for k in ("test_map", "val_map", "best_epoch"):  # the selected checkpoint's final metrics
-            if k in result.metrics:
-                trial.set_user_attr(k, result.metrics[k])
-        _tag_state(tracking_uri, trial, "COMPLETE")
-        return float(value)
-
-    return objective
-
-
-def _tag_state(tracking_uri: str | None, trial: optuna.Trial, state: str) -> None:
-    run_id = trial.user_attrs.get("mlflow_run_id")
-    if run_id:
-        runs.client(tracking_uri).set_tag(run_id, "optuna.state", state)
-
-
 # --------------------------------------------------------------------------------------------- CLI
 def open_study(
     cfg: StudyConfig,
@@ -359,7 +254,7 @@ def open_study(
     )
     with warnings.catch_warnings():  # "experimental" since Optuna 3.2
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names([cfg.study.objective])  # the objective's name in plots and the dashboard
+        study.set_metric_names([cfg.study.objective_name])  # the objective's name in plots and the dashboard
     return study
 
 
@@ -407,8 +302,14 @@ def open_for_work(
     study = open_study(cfg, make_storage(storage_url, cfg), None, epochs, worker)
     c = runs.client(tracking_uri)
     study.set_user_attr("study_file", str(Path(config)))
-    study.set_user_attr("objective", cfg.study.objective)
-    study.set_user_attr("fidelity", {"rung_epoch": lowest_rung(cfg), "full_epochs": epochs})
+    study.set_user_attr("objective", cfg.study.objective_name)
+    folds = cfg.study.folds
+    rung = (
+        fold_rung(epochs) if folds else lowest_rung(cfg)
+    )  # a fold study: the fold rung is the cheap fidelity
+    study.set_user_attr(
+        "fidelity", {"rung_epoch": rung, "full_epochs": epochs + folds, "folds": folds, "epochs": epochs}
+    )
     if tracking_uri:
         study.set_user_attr("tracking_uri", tracking_uri)
     parent = parent_run(c, cfg, study, storage_url)
@@ -494,7 +395,7 @@ def _log_study_params(
     run.log_params(
         {
             "study.n_trials": n_trials,
-            "study.objective": cfg.study.objective,
+            "study.objective": cfg.study.objective_name,
             "study.direction": cfg.study.direction,
             "sampler": cfg.sampler.name,
             "pruner": cfg.pruner.name,

@@ -3,6 +3,7 @@ a pruner and a budget; and how one trial's sampled values become an experiment c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,8 @@ __all__ = [
     "StudySection",
     "first_value",
     "load_study_config",
+    "objective_terms",
+    "objective_value",
     "recipe_config",
     "sample",
     "trial_config",
@@ -97,7 +100,13 @@ class PrunerSpec(_S):
 class StudySection(_S):
     name: str
     experiment: str  # base experiment TOML, relative to the study file
-    objective: str = "val_map"  # the selected checkpoint's value (a final metric; its curve is val/map)
+    # the selected checkpoint's value: a final metric ("val_map", "val_ap_mask_weared_incorrect"), or a mix of
+    # them with weights ({ map = 0.5, ap_mask_weared_incorrect = 0.5 }); with folds, read out of fold
+    objective: str | dict[str, float] = "val_map"
+    # cross-validation trials (>= 2): a trial trains fold 1, reports it (the fold rung: pruned there before it
+    # pays for the others), then the other folds; its value is the objective out of fold (maskssd.tracking.folds)
+    folds: int = Field(0, ge=0)
+    fold_seed: int = 0
     direction: Literal["maximize", "minimize"] = "maximize"
     n_trials: int = Field(20, ge=1)  # the study's total budget, shared by every worker
     timeout: float = Field(0, ge=0)  # seconds per worker; 0 = none
@@ -119,7 +128,53 @@ class StudySection(_S):
         unknown = [k for k in self.trial_only if k not in self.overrides]
         if unknown:
             raise ValueError(f"study.trial_only names {unknown}, which are not keys of study.overrides")
+        if self.folds == 1:
+            raise ValueError("study.folds needs 2 or more folds (0: no cross-validation)")
+        if isinstance(self.objective, dict) and not self.objective:
+            raise ValueError("an objective mix needs at least one metric")
+        if self.folds:
+            bad = [k for k in objective_terms(self.objective) if not _short(k).startswith(("map", "ap_"))]
+            if bad:
+                raise ValueError(
+                    f"out of fold, the objective is an AP (map, ap_<class>, map_voc12), not {bad}"
+                )
         return self
+
+    @property
+    def objective_name(self) -> str:
+        """The objective as one name (for Optuna's metric name and reports)."""
+        terms = objective_terms(self.objective)
+        if len(terms) == 1 and terms[next(iter(terms))] == 1.0:
+            return next(iter(terms))
+        return " + ".join(f"{w:g} {k}" for k, w in terms.items())
+
+
+def _short(key: str) -> str:
+    for prefix in ("val_", "oof_", "test_"):
+        if key.startswith(prefix):
+            return key.removeprefix(prefix)
+    return key
+
+
+def objective_terms(objective: str | Mapping[str, float]) -> dict[str, float]:
+    """``{metric: weight}`` of an objective (one metric: weight 1)."""
+    return {objective: 1.0} if isinstance(objective, str) else {k: float(w) for k, w in objective.items()}
+
+
+def objective_value(
+    objective: str | Mapping[str, float], metrics: Mapping[str, float], prefix: str
+) -> float | None:
+    """The objective from a run's metrics: each term's metric read under ``prefix`` (``val`` for a run and its
+    per-epoch reports, ``oof`` for a cross-validation's pooled value; ``map`` = ``val_map`` = ``oof_map``),
+    weighted and summed; None when a term is missing or not finite."""
+    total = 0.0
+    for key, weight in objective_terms(objective).items():
+        name = key if prefix == "val" and key.startswith(("val_", "train_")) else f"{prefix}_{_short(key)}"
+        value = metrics.get(name)
+        if value is None or not math.isfinite(value):
+            return None
+        total += weight * float(value)
+    return total
 
 
 class StudyConfig(_S):
@@ -214,6 +269,8 @@ def trial_config(
         apply_overrides(data, {"train.eval_every": cfg.study.eval_every})
     if cfg.study.input_size:
         apply_overrides(data, {"model.input_size": cfg.study.input_size})
+    if cfg.study.folds:
+        apply_overrides(data, {"data.fold_seed": cfg.study.fold_seed})
     apply_overrides(data, {"experiment.name": cfg.mlflow_experiment})
     return validate(data, f"{base} (trial values {dict(values)} from {study_path})")
 

@@ -86,6 +86,14 @@ class FidelityCheck:
     n: int
     spearman: float
     by_epoch: dict[int, tuple[float, int]] = field(default_factory=dict)
+    epochs: int = 0  # a fold study: steps 1..epochs are fold 1's epochs, step epochs + k is after fold k
+    folds: int = 0
+
+    def step_name(self, step: int) -> str:
+        """``epoch 3``, or in a fold study ``fold 2`` for the steps after the epochs."""
+        if self.folds and step > self.epochs:
+            return f"fold {step - self.epochs}"
+        return f"epoch {step}"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -94,6 +102,8 @@ class FidelityCheck:
             "n": self.n,
             "spearman": self.spearman,
             "by_epoch": {str(e): {"spearman": r, "n": n} for e, (r, n) in self.by_epoch.items()},
+            "folds": self.folds,
+            "steps": {str(e): self.step_name(e) for e in self.by_epoch},
         }
 
 
@@ -143,4 +153,7 @@ def fidelity_check(
 
     epochs = sorted({s for t in full_trials for s in t.intermediate_values if s < full})
     value, n = rho(rung, exact=False)
-    return FidelityCheck(rung, full, n, value, {e: rho(e, exact=True) for e in epochs})
+    by_step = {e: rho(e, exact=True) for e in epochs}
+    return FidelityCheck(
+        rung, full, n, value, by_step, int(stored.get("epochs", 0)), int(stored.get("folds", 0))
+    )

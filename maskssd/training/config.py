@@ -70,6 +70,12 @@ class DataSection(_Section):
     final_split: Literal["val", "test", "none"] = "test"
     # repeat-factor sampling (LVIS): images with classes in under this fraction of images repeat; 0 = off
     repeat_factor_threshold: float = Field(0.0, ge=0, le=1)
+    # cross-validation (maskssd train --folds K): the train and val images together in `folds` folds,
+    # stratified on the classes each image holds (maskssd.data.folds); a run with `fold` = k trains on the
+    # others and validates on fold k. folds 0 = the split list's own train and val; fold 0 = no fold (a parent)
+    folds: int = Field(0, ge=0)
+    fold: int = Field(0, ge=0)
+    fold_seed: int = 0  # the folds' seed, independent of experiment.seed: every seed sees the same folds
 
     @field_validator("classes")
     @classmethod
@@ -200,7 +206,11 @@ class ScheduleSection(_Section):
 class TrainSection(_Section):
     epochs: int = Field(10, ge=1)
     eval_every: int = Field(1, ge=1)
+    # the last checkpoint is written locally every epoch, and kept with the run (MLflow) every save_every epochs
     save_every: int = Field(1, ge=1)
+    # optimiser steps between reads of the loss from the device (progress bar, non-finite check); nanoGPT's
+    # log interval: the loop does not wait on the device in between
+    log_every: int = Field(20, ge=1)
     best_metric: Literal["val_map", "val_loss"] = "val_map"  # the paper: val_loss
     best_after_epoch: int = Field(0, ge=0)  # the paper: 40
     amp: bool = True  # mixed precision, used on GPU only
@@ -236,7 +246,8 @@ class EvalSection(_Section):
     top_k: int = Field(DecodeSpec.top_k, ge=1)
     class_agnostic: bool = DecodeSpec.class_agnostic
     pre_nms_top_k: int = Field(0, ge=0)  # 0 = keep every candidate (the paper's code)
-    coco: bool = True
+    coco: bool = True  # COCO AP (pycocotools, slow) in the final report
+    coco_curves: bool = False  # ... and at every evaluation epoch too (a val/map_coco curve)
     # the final evaluation's uncertainty and error analysis (maskssd.evaluation.bootstrap, .analysis)
     bootstrap: int = Field(1000, ge=0)  # image resamples for the AP intervals; 0 = no intervals
     bootstrap_seed: int | None = None  # None: experiment.seed
@@ -397,6 +408,9 @@ def _cross_checks(cfg: ExperimentConfig) -> tuple[str, str] | None:
         return "schedule.decay_lr_at", f"epochs must lie in [1, train.epochs = {cfg.train.epochs}]"
     if cfg.schedule.warmup_epochs >= cfg.train.epochs:
         return "schedule.warmup_epochs", "warm-up must end before the last epoch"
+    d = cfg.data
+    if d.folds == 1 or d.fold > d.folds:
+        return "data.fold", f"needs data.folds >= 2 and data.fold <= data.folds (got {d.fold} of {d.folds})"
     return _lever_checks(cfg, known)
 
 

@@ -1,5 +1,5 @@
-"""The experiment runner: config -> datasets -> model -> loss -> engine -> final evaluation, reported to a
-:class:`~maskssd.training.tracker.Tracker`.
+"""The experiment runner: config -> datasets -> model -> loss -> engine -> final report, in a
+:class:`~maskssd.training.context.RunContext` (what it builds: :mod:`maskssd.training.build`).
 
 :func:`train_experiment` is the whole of one run minus its tracking store: it logs params and the config at
 the start, per-epoch metrics and checkpoints through the engine, and at the end the selected checkpoint's
@@ -10,10 +10,9 @@ MLflow run (and its status); anything else that implements the protocol can too.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,58 +20,39 @@ from typing import Any
 
 import torch
 
-from maskssd.data import (
-    DataReport,
-    FaceMaskDataset,
-    SeededSampler,
-    collate,
-    load_image,
-    load_split,
-    split_digest,
-)
-from maskssd.data.transforms import AugmentSpec, eval_transform, train_transform
+from maskssd.data import DataReport, FaceMaskDataset, load_image, split_digest
+from maskssd.data.folds import fold_digest
 from maskssd.errors import MaskSSDError
 from maskssd.evaluation.metrics import EvalResult
-from maskssd.runtime import LOCAL_DIR
-from maskssd.ssd.checkpoint import FORMAT_VERSION, atomic_save, load
+from maskssd.evaluation.records import EvalSet
+from maskssd.evaluation.report import ReportSpec, SplitReport, report_split
+from maskssd.ssd.checkpoint import load
 from maskssd.ssd.detector import SSDDetector
 from maskssd.ssd.loss import MultiBoxLoss
-from maskssd.ssd.models import build_model
 from maskssd.ssd.postprocess import DecodeSpec
 from maskssd.training import distributed
-from maskssd.training.config import ExperimentConfig
-from maskssd.training.engine import (
-    Trainer,
-    TrainSpec,
-    build_optimizer,
-    build_scheduler,
-    cpu_supports_bf16,
-    evaluate,
+from maskssd.training.build import (
+    build_detector,
+    build_loader,
+    build_loss,
+    dataset_infos,
+    datasets_of,
+    deploy_checkpoint,
+    resolve_data_root,
+    split_annotations,
 )
-from maskssd.training.final_report import SplitReport, log_report, report_split
+from maskssd.training.config import ExperimentConfig
+from maskssd.training.context import RunContext
+from maskssd.training.engine import Trainer
+from maskssd.training.final_report import log_report
 from maskssd.training.levers import SizedLosses, configure_train_data, epoch_lengths
-from maskssd.training.tracker import DatasetInfo, SplitMetrics, Tracker
+from maskssd.training.optim import build_optimizer, build_scheduler
+from maskssd.training.predict import cpu_supports_bf16, predict
+from maskssd.training.tracker import DatasetInfo, SplitMetrics
 
-__all__ = [
-    "EvalHook",
-    "FinalEvaluation",
-    "RunResult",
-    "build_datasets",
-    "build_detector",
-    "build_loader",
-    "build_loss",
-    "checkpoint_root",
-    "dataset_infos",
-    "deploy_checkpoint",
-    "resolve_data_root",
-    "sigterm_as_interrupt",
-    "train_experiment",
-]
+__all__ = ["FinalEvaluation", "RunResult", "report_spec", "sigterm_as_interrupt", "train_experiment"]
 
 log = logging.getLogger(__name__)
-
-#: Called with ``(epoch, metrics)`` at every evaluation epoch (Optuna pruning); may raise to stop the run.
-EvalHook = Callable[[int, dict[str, float]], None]
 
 
 @dataclass
@@ -92,160 +72,17 @@ class FinalEvaluation:
     (with the model and its datasets; the per-epoch curves are ``val/*``)."""
 
     class_names: tuple[str, ...]
-    val: EvalResult
-    final: EvalResult | None
     final_split: str
-    reports: dict[str, SplitReport] = field(default_factory=dict)  # intervals, error analysis, by split
+    reports: dict[str, SplitReport] = field(default_factory=dict)  # every metric, intervals, errors, by split
 
+    @property
+    def val(self) -> EvalResult:
+        return self.reports["val"].result
 
-# ------------------------------------------------------------------------------------------ building
-def resolve_data_root(cfg: ExperimentConfig) -> Path:
-    """The dataset folder, generating the synthetic one on first use when the config asks for it."""
-    root = Path(cfg.data.root).expanduser()
-    if cfg.data.synthetic is not None:
-        from maskssd.data.synth import ensure_synth
-
-        syn = cfg.data.synthetic
-        ensure_synth(
-            root,
-            syn.images,
-            syn.seed,
-            cfg.data.split_name,
-            class_probs=tuple(syn.class_probs),
-            face_size=tuple(syn.face_size),
-            faces_per_image=tuple(syn.faces_per_image),
-            image_size=tuple(syn.image_size),
-            classes=tuple(cfg.class_names),
-        )
-    if not root.exists():
-        raise MaskSSDError(f"data.root {root} does not exist (relative paths are read from {Path.cwd()})")
-    return root
-
-
-def build_datasets(
-    cfg: ExperimentConfig, root: Path, input_size: int, report: DataReport | None = None
-) -> dict[str, FaceMaskDataset]:
-    report = report if report is not None else DataReport()
-    aug = AugmentSpec(**{f: getattr(cfg.augment, f) for f in AugmentSpec.__dataclass_fields__})
-    out = {}
-    for split in ("train", "val", cfg.data.final_split):
-        if split == "none" or split in out:
-            continue
-        anns = load_split(root, split, cfg.data.split_name, cfg.class_names, cfg.data.on_error, report)
-        if not anns:
-            raise MaskSSDError(f"split {cfg.data.split_name}/{split} of {root} is empty")
-        tf = train_transform(input_size, aug) if split == "train" else eval_transform(input_size)
-        out[split] = FaceMaskDataset(anns, tf, cfg.class_names, cfg.data.cache_images)
-    return out
-
-
-def build_loader(
-    ds: FaceMaskDataset,
-    batch_size: int,
-    workers: int = 0,
-    seed: int = 0,
-    shuffle: bool = False,
-    rank: int = 0,
-    world: int = 1,
-    pin: bool = False,
-    sampler: SeededSampler | None = None,
-) -> torch.utils.data.DataLoader:
-    """Training loaders (``shuffle``) pad shards to equal length like ``DistributedSampler``; evaluation loaders
-    shard without padding, so every image is evaluated exactly once across ranks. ``sampler`` replaces the
-    default one (repeat-factor sampling, progressive sizes)."""
-    sampler = sampler or SeededSampler(len(ds), seed, shuffle, rank, world, pad=shuffle)
-    return torch.utils.data.DataLoader(
-        ds,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=pin,
-        persistent_workers=workers > 0,
-        drop_last=False,
-    )
-
-
-def build_detector(cfg: ExperimentConfig) -> SSDDetector:
-    torch.manual_seed(cfg.experiment.seed)
-    kwargs = cfg.model.build_kwargs()
-    if kwargs.get("init_checkpoint"):  # its class heads, where they fit, are mapped onto our classes by name
-        kwargs["class_names"] = list(cfg.class_names)
-    model = build_model(cfg.model.name, num_classes=len(cfg.class_names) + 1, **kwargs)
-    model.build_args.pop("class_names", None)  # rebuilding needs no init checkpoint, hence no class mapping
-    init = getattr(model, "init_report", None)
-    if init:
-        log.info(
-            "model.init_checkpoint: %d tensors loaded, %d dropped%s",
-            len(init["loaded"]),
-            len(init["dropped"]),
-            f"; {init['class_order']}" if init.get("class_order") else "",
-        )
-    return model
-
-
-def build_loss(
-    cfg: ExperimentConfig,
-    model: SSDDetector,
-    box_counts: Mapping[str, int] | None = None,
-    *,
-    priors: torch.Tensor | None = None,
-) -> MultiBoxLoss:
-    """The config's MultiBox loss over the model's default boxes (or ``priors``: another input size's)."""
-    ls = cfg.loss
-    return MultiBoxLoss(
-        model.priors_cxcy if priors is None else priors,
-        threshold=ls.threshold,
-        neg_pos_ratio=ls.neg_pos_ratio,
-        alpha=ls.alpha,
-        class_weights=cfg.class_weight_list(box_counts),
-        loc_loss=ls.loc_loss,
-        focal_gamma=ls.focal_gamma,
-        label_smoothing=ls.label_smoothing,
-    )
-
-
-def deploy_checkpoint(
-    ckpt: Mapping[str, Any], cfg: ExperimentConfig, thresholds: Mapping[str, float] | None = None
-) -> dict[str, Any]:
-    """The part of a training checkpoint a deployed model needs: weights, how to rebuild, classes, decoding,
-    and the per-class operating thresholds (fitted on validation) where known."""
-    out = {
-        "format": FORMAT_VERSION,
-        "model": ckpt["model"],
-        "build_args": ckpt["build_args"],
-        "class_names": list(cfg.class_names),
-        "decode": asdict(DecodeSpec.from_config(cfg.eval)),
-        "epoch": ckpt["epoch"],
-        "config": cfg.model_dump(mode="json"),
-    }
-    if thresholds:
-        out["thresholds"] = {str(k): float(v) for k, v in thresholds.items()}
-    return out
-
-
-def dataset_infos(
-    cfg: ExperimentConfig, root: Path, datasets: Mapping[str, FaceMaskDataset]
-) -> dict[str, DatasetInfo]:
-    """Each split a run uses, as lineage: named ``ROOT_NAME/SPLIT_NAME/SPLIT``, its digest the split hash, its
-    source the data root, its profile the images and boxes per class."""
-    root = root.resolve()
-    digest = split_digest(root, cfg.data.split_name)
-    return {
-        split: DatasetInfo(
-            name=f"{root.name}/{cfg.data.split_name}/{split}",
-            digest=digest,
-            source=str(root),
-            split=split,
-            profile={"images": len(ds), "boxes": dict(ds.class_box_counts())},
-        )
-        for split, ds in datasets.items()
-    }
-
-
-def checkpoint_root() -> Path:
-    """Where runs keep their local checkpoints (``$MASKSSD_CHECKPOINT_DIR``, else ``mlruns/checkpoints``)."""
-    return Path(os.environ.get("MASKSSD_CHECKPOINT_DIR", LOCAL_DIR / "checkpoints"))
+    @property
+    def final(self) -> EvalResult | None:
+        report = self.reports.get(self.final_split)
+        return report.result if report is not None else None
 
 
 # --------------------------------------------------------------------------------------- signals
@@ -278,34 +115,31 @@ class _Parts:
     report: DataReport
     root: Path
     params: dict[str, Any] = field(default_factory=dict)  # what the enabled levers add to the run's params
+    folds: list[list[str]] | None = None  # a cross-validation child's folds
+
+    def infos(self, cfg: ExperimentConfig) -> dict[str, DatasetInfo]:
+        return dataset_infos(cfg, self.root, self.datasets, self.folds)
 
 
-def _build(
-    cfg: ExperimentConfig,
-    tracker: Tracker,
-    ckpt_dir: Path,
-    on_eval: list[EvalHook],
-    progress: bool,
-    info: distributed.DistInfo,
-    device: torch.device,
-) -> _Parts:
-    root = resolve_data_root(cfg) if info.is_main else Path(cfg.data.root).expanduser()
+def _build(ctx: RunContext) -> _Parts:
+    cfg, info, device = ctx.cfg, ctx.dist, ctx.device
+    root = resolve_data_root(cfg) if ctx.is_main else Path(cfg.data.root).expanduser()
     distributed.barrier()  # rank 0 may have generated the synthetic data
     model = build_detector(cfg).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     report = DataReport()
-    datasets = build_datasets(cfg, root, model.input_size, report)
+    data = split_annotations(cfg, root, report)
+    datasets = datasets_of(cfg, data.splits, model.input_size)
     counts = datasets["train"].class_box_counts()
     loss_fn = build_loss(cfg, model, counts).to(device)
     levers = configure_train_data(cfg, datasets["train"], model.input_size, info.rank, info.world)
-    seed, pin = cfg.experiment.seed, device.type == "cuda"
     loader = {
         "rank": info.rank,
         "world": info.world,
-        "pin": pin,
+        "pin": device.type == "cuda",
         "workers": cfg.data.num_workers,
-        "seed": seed,
+        "seed": cfg.experiment.seed,
     }
     train_loader = build_loader(
         datasets["train"], cfg.data.batch_size, shuffle=True, sampler=levers.sampler, **loader
@@ -314,62 +148,66 @@ def _build(
     optimizer = build_optimizer(model, cfg.optim)
     iters = epoch_lengths(levers, train_loader, cfg.train.epochs)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.epochs, iters)
-    train_model: torch.nn.Module = model
-    if info.enabled:
-        if cfg.train.sync_bn:
-            if device.type == "cpu":
-                raise MaskSSDError("train.sync_bn needs GPUs: torch's SyncBatchNorm does not run on CPU")
-            train_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    spec = TrainSpec.from_config(cfg, progress)
-    if spec.cpu_bf16 and device.type == "cpu" and not cpu_supports_bf16():
+    cpu_bf16 = cfg.train.cpu_bf16
+    if cpu_bf16 and device.type == "cpu" and not cpu_supports_bf16():
         log.warning(
             "train.cpu_bf16: this CPU has no bfloat16 instructions (AVX512-BF16, AMX); float32 instead"
         )
-        spec.cpu_bf16 = False
+        cpu_bf16 = False
     sized = None
     if levers.sizes is not None:
         sized = SizedLosses(model, lambda priors: build_loss(cfg, model, counts, priors=priors).to(device))
     trainer = Trainer(
+        cfg=cfg,
         model=model,
         loss_fn=loss_fn,
         optimizer=optimizer,
         scheduler=scheduler,
         train_loader=train_loader,
         val_loader=val_loader,
-        spec=spec,
-        class_names=cfg.class_names,
         device=device,
-        checkpoint_dir=ckpt_dir,
-        extra_state={"config": cfg.model_dump(mode="json"), "run_id": tracker.run_id},
-        logger=tracker if info.is_main else None,
-        on_eval=on_eval if info.is_main else [],
-        train_model=train_model,
-        is_main=info.is_main,
+        store=ctx.store,
+        extra_state={"config": cfg.model_dump(mode="json"), "run_id": ctx.run_id},
+        logger=ctx.tracker,
+        on_eval=ctx.on_eval,
+        train_model=_distributed_model(cfg, model, info, device),
         sized_loss=sized,
+        progress=ctx.progress,
+        cpu_bf16=cpu_bf16,
     )
-    return _Parts(model, datasets, loss_fn, trainer, report, root, levers.params)
+    return _Parts(model, datasets, loss_fn, trainer, report, root, levers.params, data.folds)
 
 
-def _restore(parts: _Parts, tracker: Tracker, ckpt_dir: Path, info: distributed.DistInfo) -> int | None:
+def _distributed_model(
+    cfg: ExperimentConfig, model: torch.nn.Module, info: distributed.DistInfo, device: torch.device
+) -> torch.nn.Module:
+    """What the training step runs: the model, or its DistributedDataParallel wrapper (SyncBatchNorm on GPUs)."""
+    if not info.enabled:
+        return model
+    train_model: torch.nn.Module = model
+    if cfg.train.sync_bn:
+        if device.type == "cpu":
+            raise MaskSSDError("train.sync_bn needs GPUs: torch's SyncBatchNorm does not run on CPU")
+        train_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return torch.nn.parallel.DistributedDataParallel(
+        train_model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+def _restore(parts: _Parts, ctx: RunContext) -> int | None:
     """Continue from the run's last checkpoint (and keep its best); the epoch resumed after, if any."""
-    try:
-        path = tracker.download("checkpoints/last.pt", ckpt_dir / f"download-rank{info.rank}")
-    except MaskSSDError:
+    last = ctx.store.fetch("last")
+    if last is None:
         return None
-    parts.trainer.restore(load(path))
-    if info.is_main:
-        try:
-            best = tracker.download("checkpoints/best.pt", ckpt_dir / "download-rank0")
-            atomic_save(load(best), ckpt_dir / "best.pt")
-        except MaskSSDError:
-            pass
+    parts.trainer.restore(load(last))
+    best = ctx.store.fetch("best")
+    if best is not None and best != ctx.store.local_dir / "best.pt":  # downloaded: keep a local copy
+        ctx.store.save(load(best), "best", publish=False)
     return parts.trainer.state.epoch
 
 
-def _log_start(cfg: ExperimentConfig, parts: _Parts, tracker: Tracker, world: int) -> None:
+def _log_start(ctx: RunContext, parts: _Parts) -> None:
+    cfg, tracker = ctx.cfg, ctx.tracker
     params = cfg.flat()
     weights = parts.loss_fn.class_weights
     params.update(
@@ -379,7 +217,7 @@ def _log_start(cfg: ExperimentConfig, parts: _Parts, tracker: Tracker, world: in
             "model.num_priors": int(parts.model.priors_cxcy.shape[0]),
             "loss.effective_class_weights": weights.tolist() if weights is not None else "none",
             "model.parameters": sum(p.numel() for p in parts.model.parameters()),
-            "distributed.world_size": world,
+            "distributed.world_size": ctx.dist.world,
             **parts.params,
         }
     )
@@ -393,72 +231,46 @@ def _log_start(cfg: ExperimentConfig, parts: _Parts, tracker: Tracker, world: in
             "model": cfg.model.name,
         }
     )
-    tracker.log_datasets(list(dataset_infos(cfg, parts.root, parts.datasets).values()))
+    tracker.log_datasets(list(parts.infos(cfg).values()))
+    if parts.folds is not None:
+        d = cfg.data
+        digest = fold_digest(parts.folds, d.fold_seed)
+        tracker.set_tags({"maskssd.fold": str(d.fold), "data.folds_hash": digest})
+        doc = {"k": d.folds, "fold": d.fold, "fold_seed": d.fold_seed, "digest": digest, "folds": parts.folds}
+        tracker.log_dict(doc, "folds.json")
     tracker.log_text(cfg.to_toml(), "config.toml")
     tracker.log_dict(cfg.model_dump(mode="json"), "config.json")
     r = parts.report
     tracker.log_dict({"summary": r.summary(), "fixes": r.fixes, "skipped": r.skipped}, "data_report.json")
 
 
-def train_experiment(
-    cfg: ExperimentConfig,
-    tracker: Tracker,
-    *,
-    resuming: bool = False,
-    on_eval: list[EvalHook] | None = None,
-    progress: bool = True,
-    log_model: bool = True,
-    info: distributed.DistInfo | None = None,
-    device: torch.device | None = None,
-) -> RunResult:
-    """Train, select, evaluate and log one run. Under torchrun every rank calls it; rank 0 alone logs."""
-    info = info or distributed.DistInfo()
-    device = device or torch.device("cpu")
-    ckpt_dir = checkpoint_root() / tracker.run_id
-    parts = _build(cfg, tracker, ckpt_dir, list(on_eval or []), progress, info, device)
-    if resuming:
-        epoch = _restore(parts, tracker, ckpt_dir, info)
-        if epoch is not None and info.is_main:
+def train_experiment(ctx: RunContext) -> RunResult:
+    """Train, select, evaluate and log one run. Under torchrun every rank calls it with its own context; the
+    tracker of every rank but 0 records nothing."""
+    parts = _build(ctx)
+    if ctx.resuming:
+        epoch = _restore(parts, ctx)
+        if epoch is not None:
             log.info("resuming after epoch %d", epoch)
-    elif info.is_main:
-        _log_start(cfg, parts, tracker, info.world)
+    else:
+        _log_start(ctx, parts)
     parts.trainer.fit()
-    return _finish(cfg, parts, tracker, ckpt_dir, log_model, info, device)
+    return _finish(ctx, parts)
 
 
-def _finish(
-    cfg: ExperimentConfig,
-    parts: _Parts,
-    tracker: Tracker,
-    ckpt_dir: Path,
-    log_model: bool,
-    info: distributed.DistInfo,
-    device: torch.device,
-) -> RunResult:
-    """Evaluate the selected checkpoint on val and, once, on the final split; log plots, the operating
-    thresholds (fitted on val), the model and, linked to it and to their datasets, the final metrics."""
-    ckpt = None
-    if info.is_main:
-        best_path = ckpt_dir / "best.pt"
-        ckpt = load(best_path if best_path.is_file() else ckpt_dir / "last.pt")
-    ckpt = distributed.broadcast_object(ckpt)
-    parts.model.load_state_dict(ckpt["model"])
-    kw = {
-        "class_names": cfg.class_names,
-        "device": device,
-        "loss_fn": parts.loss_fn,
-        "decode": DecodeSpec.from_config(cfg.eval),
-        "coco": cfg.eval.coco,
-        "amp": cfg.train.amp,
-        "channels_last": cfg.train.channels_last,
-        "tta_hflip": cfg.eval.tta_hflip,
-    }
-    collected: dict[str, list[tuple[str, Any]]] = {"val": []}
-    val_metrics, val_result = evaluate(parts.model, parts.trainer.val_loader, collect=collected["val"], **kw)
-    test_metrics: dict[str, float] = {}
-    test_result = None
+def report_spec(cfg: ExperimentConfig) -> ReportSpec:
+    """How a run reports its final evaluation (``[eval]``): intervals, operating threshold, COCO."""
+    ev = cfg.eval
+    seed = ev.bootstrap_seed if ev.bootstrap_seed is not None else cfg.experiment.seed
+    return ReportSpec(ev.bootstrap, seed, ev.bootstrap_ci, ev.operating_threshold, ev.coco)
+
+
+def _final_sets(ctx: RunContext, parts: _Parts) -> tuple[dict[str, dict[str, float]], dict[str, EvalSet]]:
+    """The selected checkpoint's loss and detections on val and, once, on the final split."""
+    cfg, info = ctx.cfg, ctx.dist
+    loaders = {"val": parts.trainer.val_loader}
     if cfg.data.final_split == "test":  # the only touch of the test split: the selected checkpoint, once
-        loader = build_loader(
+        loaders["test"] = build_loader(
             parts.datasets["test"],
             cfg.data.eval_batch_size,
             cfg.data.num_workers,
@@ -466,88 +278,97 @@ def _finish(
             rank=info.rank,
             world=info.world,
         )
-        collected["test"] = []
-        test_metrics, test_result = evaluate(
-            parts.model, loader, prefix="test", collect=collected["test"], **kw
+    losses, sets = {}, {}
+    for split, loader in loaders.items():
+        losses[split], evalset = predict(
+            parts.model,
+            loader,
+            class_names=cfg.class_names,
+            device=ctx.device,
+            loss_fn=parts.loss_fn,
+            decode=DecodeSpec.from_config(cfg.eval),
+            amp=cfg.train.amp,
+            prefix=split,
+            channels_last=cfg.train.channels_last,
+            tta_hflip=cfg.eval.tta_hflip,
         )
-    assert val_result is not None
-    evaluation = FinalEvaluation(cfg.class_names, val_result, test_result, cfg.data.final_split)
+        assert evalset is not None
+        sets[split] = evalset
+    return losses, sets
+
+
+def _finish(ctx: RunContext, parts: _Parts) -> RunResult:
+    """Evaluate the selected checkpoint on val and, once, on the final split; report both (intervals, error
+    analysis, operating thresholds fitted on val), log plots, the model and, linked to it and to their
+    datasets, the final metrics."""
+    cfg = ctx.cfg
+    distributed.barrier()  # rank 0 has published the last checkpoint
+    selected = ctx.store.fetch("best") or ctx.store.fetch("last")
+    assert selected is not None, "a finished run has a checkpoint"
+    ckpt = load(selected)
+    parts.model.load_state_dict(ckpt["model"])
+    losses, sets = _final_sets(ctx, parts)
+    evaluation = FinalEvaluation(cfg.class_names, cfg.data.final_split)
+    final: dict[str, float] = {"best_epoch": float(ckpt["epoch"])}
     model_uri = None
-    if info.is_main:
-        for split, result, metrics in (("val", val_result, val_metrics), ("test", test_result, test_metrics)):
-            if result is not None:
-                evaluation.reports[split] = report_split(
-                    cfg,
-                    split=split,
-                    prefix=split,
-                    result=result,
-                    detections=collected[split],
-                    annotations=parts.datasets[split].annotations,
-                    root=parts.root,
-                )
-                metrics.update(evaluation.reports[split].metrics)  # intervals, AP by size, recall
-        _log_plots(tracker, parts, evaluation, cfg, ckpt_dir)
-        model_uri = _log_final(
-            cfg, parts, tracker, ckpt, ckpt_dir, (val_metrics, test_metrics), collected["val"], log_model
-        )
+    if ctx.is_main:  # the bootstrap and error analysis run once, not on every rank
+        spec = report_spec(cfg)
+        for split, evalset in sets.items():
+            evaluation.reports[split] = report_split(
+                evalset, spec, split=split, fit_thresholds=split == "val"
+            )
+        metrics = {s: {**losses[s], **r.metrics(s)} for s, r in evaluation.reports.items()}
+        _log_plots(ctx, parts, evaluation)
+        model_uri = _log_final(ctx, parts, ckpt, metrics, evaluation.reports["val"])
+        final.update({k: v for m in metrics.values() for k, v in m.items()})
     distributed.barrier()
-    final = {"best_epoch": float(ckpt["epoch"]), **val_metrics, **test_metrics}
-    return RunResult(tracker.run_id, "FINISHED", final, int(ckpt["epoch"]), model_uri, evaluation=evaluation)
+    return RunResult(ctx.run_id, "FINISHED", final, int(ckpt["epoch"]), model_uri, evaluation=evaluation)
 
 
 def _log_final(
-    cfg: ExperimentConfig,
+    ctx: RunContext,
     parts: _Parts,
-    tracker: Tracker,
     ckpt: Mapping[str, Any],
-    ckpt_dir: Path,
-    metrics: tuple[dict[str, float], dict[str, float]],
-    collected: list[tuple[str, Any]],
-    log_model: bool,
+    metrics: Mapping[str, dict[str, float]],
+    val: SplitReport,
 ) -> str | None:
     """The selected checkpoint's record: best epoch, thresholds, and the model with its val/test metrics."""
-    from maskssd.evaluation.thresholds import fit_on_annotations, thresholds_of
-
+    cfg, tracker = ctx.cfg, ctx.tracker
     epoch = int(ckpt["epoch"])
     tracker.log_metrics({"best_epoch": float(epoch)}, step=epoch)
-    tracker.set_tags(
-        {
-            "best_checkpoint": "best.pt" if (ckpt_dir / "best.pt").is_file() else "last.pt",
-            "best_epoch": str(epoch),
-        }
-    )
-    fits = fit_on_annotations(collected, parts.datasets["val"].annotations, cfg.class_names)
+    has_best = (ctx.store.local_dir / "best.pt").is_file()
+    tracker.set_tags({"best_checkpoint": "best.pt" if has_best else "last.pt", "best_epoch": str(epoch)})
+    fits = val.thresholds or {}
     tracker.log_dict({c: asdict(f) for c, f in fits.items()}, "thresholds.json")
-    datasets = dataset_infos(cfg, parts.root, parts.datasets)
-    val_metrics, test_metrics = metrics
-    evaluations = [SplitMetrics(datasets.get("val"), val_metrics)]
-    if test_metrics:
-        evaluations.append(SplitMetrics(datasets.get("test"), test_metrics))
-    if not log_model:
-        tracker.log_metrics({**val_metrics, **test_metrics}, step=epoch)
+    datasets = parts.infos(cfg)
+    evaluations = [SplitMetrics(datasets.get(s), m) for s, m in metrics.items()]
+    if not ctx.log_model:
+        tracker.log_metrics({k: v for m in metrics.values() for k, v in m.items()}, step=epoch)
         return None
-    deploy = atomic_save(deploy_checkpoint(ckpt, cfg, thresholds_of(fits)), ckpt_dir / "model.pt")
-    tags = {"config_hash": cfg.digest(), "run_id": tracker.run_id}
+    thresholds = {c: f.threshold for c, f in fits.items()}
+    deploy = ctx.store.save(deploy_checkpoint(ckpt, cfg, thresholds), "model", publish=False)
+    tags = {"config_hash": cfg.digest(), "run_id": ctx.run_id}
     return tracker.log_model(deploy, tags, evaluations=evaluations, step=epoch)
 
 
-def _log_plots(
-    tracker: Tracker, parts: _Parts, ev: FinalEvaluation, cfg: ExperimentConfig, ckpt_dir: Path
-) -> None:
+def _log_plots(ctx: RunContext, parts: _Parts, ev: FinalEvaluation) -> None:
     from maskssd.evaluation.drawing import draw_detections
     from maskssd.evaluation.plots import plot_confusion_matrix, plot_pr_curves
 
-    out = ckpt_dir / "plots"
+    cfg, tracker = ctx.cfg, ctx.tracker
+    out = ctx.store.local_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
     tracker.log_figure(plot_pr_curves(ev.val, out / "pr_curves_val.png"))
     tracker.log_figure(plot_confusion_matrix(ev.val.confusion, cfg.class_names, out / "confusion_val.png"))
     if ev.final is not None:
         tracker.log_figure(plot_pr_curves(ev.final, out / f"pr_curves_{ev.final_split}.png"))
-    settings = {**asdict(DecodeSpec.from_config(cfg.eval)), "run_id": tracker.run_id}
-    for report in ev.reports.values():
-        log_report(tracker, report, cfg, ckpt_dir, settings)
-    val_ds, model = parts.datasets["val"], parts.model.eval()
     decode = DecodeSpec.from_config(cfg.eval)
+    settings = {**asdict(decode), "run_id": ctx.run_id}
+    for report in ev.reports.values():
+        log_report(
+            tracker, report, cfg, ctx.store.local_dir, settings, parts.datasets[report.split], parts.root
+        )
+    val_ds, model = parts.datasets["val"], parts.model.eval()
     device = next(model.parameters()).device
     for i, ann in enumerate(val_ds.annotations[: min(cfg.train.log_images, len(val_ds))]):
         sample = val_ds[i]

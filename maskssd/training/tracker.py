@@ -1,6 +1,7 @@
 """What the training layer needs from a tracker, as a protocol: the runner and the engine report through it
 and never see MLflow (:class:`maskssd.tracking.runs.MlflowRun` implements it; :class:`NullTracker` drops
-everything, for runs that record nothing)."""
+everything, for runs that record nothing). Checkpoints are not the tracker's: they go through a
+:class:`~maskssd.training.store.CheckpointStore`."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
-
-from maskssd.errors import MaskSSDError
 
 __all__ = ["DatasetInfo", "NullTracker", "RunLogger", "SplitMetrics", "Tracker", "WritesNothing"]
 
@@ -38,8 +37,6 @@ class RunLogger(Protocol):
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
 
-    def log_checkpoint(self, path: Path, kind: str) -> None: ...
-
 
 class Tracker(RunLogger, Protocol):
     """One tracked run, as the runner sees it: params, tags, metrics, artifacts, and the logged model."""
@@ -57,8 +54,6 @@ class Tracker(RunLogger, Protocol):
     def log_dict(self, d: Mapping[str, Any], artifact_file: str) -> None: ...
 
     def log_figure(self, path: Path, artifact_path: str = "plots") -> None: ...
-
-    def download(self, artifact_path: str, dst: str | Path) -> Path: ...
 
     def log_datasets(self, datasets: Sequence[DatasetInfo]) -> None:
         """The splits the run trains and evaluates on (lineage: what the run saw)."""
@@ -82,9 +77,6 @@ class WritesNothing:
     layer's read-only run for non-zero distributed ranks."""
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        pass
-
-    def log_checkpoint(self, path: Path, kind: str) -> None:
         pass
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -127,6 +119,3 @@ class NullTracker(WritesNothing):
 
     def __init__(self, run_id: str = "untracked"):
         self.run_id = run_id
-
-    def download(self, artifact_path: str, dst: str | Path) -> Path:
-        raise MaskSSDError(f"untracked run: no artifact {artifact_path!r}")

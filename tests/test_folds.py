@@ -1,0 +1,145 @@
+"""Cross-validation: stratified folds (every fold gets its share of each class's images, reproducibly), and
+``maskssd train --folds K`` against a real MLflow store: one parent, a child per fold, every train+val image
+scored exactly once out of fold, the test split untouched, and ``maskssd compare`` on two CV parents."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from maskssd import tracking
+from maskssd.cli import commands, main
+from maskssd.data import load_split
+from maskssd.data.folds import fold_digest, fold_split, stratified_folds
+from maskssd.tracking.seeds import children_of
+from tests.conftest import write_tiny_experiment
+
+
+def _classes(n: int, seed: int) -> dict[str, set[int]]:
+    """Images with 80/17/3-like classes: most hold class 1, some 2, a few the rare class 3."""
+    rng = random.Random(seed)
+    out = {}
+    for i in range(n):
+        held = {1} if rng.random() < 0.9 else set()
+        if rng.random() < 0.25:
+            held.add(2)
+        if rng.random() < 0.08:
+            held.add(3)
+        out[f"img{i:04d}"] = held
+    return out
+
+
+def test_folds_are_stratified_on_every_class_and_reproducible():
+    classes = _classes(600, seed=1)
+    folds = stratified_folds(classes, 5, seed=0)
+    assert sorted(i for f in folds for i in f) == sorted(classes)  # a partition
+    assert max(map(len, folds)) - min(map(len, folds)) <= 2
+    for c in (1, 2, 3):
+        per_fold = [sum(c in classes[i] for i in f) for f in folds]
+        total = sum(per_fold)
+        assert max(per_fold) - min(per_fold) <= 1, (c, per_fold)  # each fold holds ~1/K of the class
+        assert min(per_fold) >= total // 5
+    assert stratified_folds(dict(reversed(list(classes.items()))), 5, seed=0) == folds  # order-free
+    assert stratified_folds(classes, 5, seed=1) != folds
+    assert fold_digest(folds, 0) != fold_digest(stratified_folds(classes, 5, seed=1), 1)
+    with pytest.raises(ValueError):
+        stratified_folds(classes, 1)
+
+
+def test_plain_random_folds_would_not_spread_the_rare_class():
+    """What stratification buys: with ~48 rare images, unstratified folds are often off by 5 or more."""
+    classes = _classes(600, seed=1)
+    ids = sorted(classes)
+    worst = []
+    for s in range(20):
+        random.Random(s).shuffle(ids)
+        per_fold = [sum(3 in classes[i] for i in ids[k::5]) for k in range(5)]
+        worst.append(max(per_fold) - min(per_fold))
+    assert max(worst) >= 4
+
+
+def test_fold_split_of_annotations(synth_root):
+    anns = load_split(synth_root, "train", "default") + load_split(synth_root, "val", "default")
+    train, val, folds = fold_split(anns, 3, 2, seed=0)
+    assert {a.image_id for a in val} == set(folds[1]) and len(train) + len(val) == len(anns)
+    assert not {a.image_id for a in train} & {a.image_id for a in val}
+    with pytest.raises(ValueError, match="twice"):
+        fold_split(anns + anns[:1], 3, 1)
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MASKSSD_CHECKPOINT_DIR", raising=False)
+    return tmp_path
+
+
+def _cv_parent(c, name: str = "t") -> list:
+    exp = c.get_experiment_by_name(name)
+    return c.search_runs(
+        [exp.experiment_id], "tags.`maskssd.role` = 'cv'", order_by=["attributes.start_time"]
+    )
+
+
+@pytest.mark.slow
+def test_train_folds_scores_every_image_once_out_of_fold(workdir, synth_root, capsys, monkeypatch):
+    monkeypatch.setattr(commands.out, "width", 250)
+    cfg = write_tiny_experiment(workdir / "exp.toml", synth_root, epochs=1)
+    fast = ["--no-progress", "--set", "schedule.warmup_epochs=0", "--set", "eval.bootstrap=50"]
+    assert main(["train", str(cfg), "--folds", "3", *fast]) == 0
+    out = capsys.readouterr().out
+    assert "out of fold" in out and "3 folds x 1 seeds" in out
+    c = tracking.client()
+    [parent] = _cv_parent(c)
+    kids = children_of(c, parent.info.run_id)
+    assert [k.data.tags["maskssd.fold"] for k in kids] == ["1", "2", "3"] and parent.info.status == "FINISHED"
+    m = parent.data.metrics
+    assert 0 <= m["oof_map_ci_low"] <= m["oof_map"] <= m["oof_map_ci_high"] <= 1
+    assert {"val_map_mean", "val_map_std", "oof_ap_mask_weared_incorrect"} <= set(m)
+    # the test split is never touched: no child scored it
+    assert not any(k.startswith("test_") for kid in kids for k in kid.data.metrics)
+    arts = [{a.path for a in c.list_artifacts(k.info.run_id, "detections")} for k in kids]
+    assert all(a == {"detections/val.json"} for a in arts)
+    # every train+val image exactly once, each from the fold that held it out
+    run = tracking.MlflowRun(c, parent.info.run_id)
+    folds = json.loads(run.download("folds.json", workdir / "dl").read_text())
+    oof = json.loads(run.download("detections/oof_seed3.json", workdir / "dl").read_text())
+    union = [a.image_id for s in ("train", "val") for a in load_split(synth_root, s, "default")]
+    ids = [im["id"] for im in oof["images"]]
+    assert sorted(ids) == sorted(set(union)) and len(ids) == len(set(ids))
+    for kid, fold in zip(kids, folds["folds"], strict=True):
+        doc = json.loads(
+            tracking.MlflowRun(c, kid.info.run_id)
+            .download("detections/val.json", workdir / kid.info.run_id)
+            .read_text()
+        )
+        assert sorted(im["id"] for im in doc["images"]) == fold
+        assert doc["data"]["fold"] == int(kid.data.tags["maskssd.fold"])
+    assert oof["metrics"]["map"] == pytest.approx(m["oof_map"], abs=1e-12)
+    assert parent.data.tags["data.folds_hash"] == folds["digest"] == fold_digest(folds["folds"], 0)
+    # stratified: the rarest class of the data is in every fold
+    rare = {
+        a.image_id for s in ("train", "val") for a in load_split(synth_root, s, "default") if 3 in a.labels
+    }
+    assert all(rare & set(f) for f in folds["folds"])
+    # reproducible from the seed: a second parent has the same folds
+    assert main(["train", str(cfg), "--folds", "3", *fast, "--set", "loss.alpha=2"]) == 0
+    capsys.readouterr()
+    first, second = _cv_parent(c)
+    assert first.data.tags["data.folds_hash"] == second.data.tags["data.folds_hash"]
+
+    # compare two CV parents: their out-of-fold detections, paired image by image
+    a, b = second.info.run_id, first.info.run_id
+    assert main(["compare", a, b, "--n", "50", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc["metrics"]) == {"map", "with_mask", "without_mask", "mask_weared_incorrect"}
+    assert doc["split"] == "oof" and doc["images"] == len(set(union))
+    # other folds (another fold seed): refused, saying why
+    assert main(["train", str(cfg), "--folds", "3", *fast, "--set", "data.fold_seed=7"]) == 0
+    capsys.readouterr()
+    other = _cv_parent(c)[-1].info.run_id
+    assert main(["compare", other, b, "--n", "50"]) == 2
+    assert "different folds" in capsys.readouterr().err
