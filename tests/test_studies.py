@@ -19,8 +19,8 @@ from PIL import Image
 from maskssd import tracking
 from maskssd.cli import main
 from maskssd.errors import ConfigError
-from maskssd.tracking.study_config import sample
 from maskssd.tracking.studies import load_study_config, make_storage, open_study
+from maskssd.tracking.study_config import sample
 from tests.conftest import write_tiny_experiment
 
 pytestmark = pytest.mark.slow
@@ -552,8 +552,8 @@ def test_promote_moves_champion_only_when_better(project, capsys):
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_a_trial_started_after_other_workers_took_the_budget_runs_nothing(project):
     from maskssd.tracking.studies import open_for_work, outcome
-    from maskssd.tracking.study_trial import make_objective
     from maskssd.tracking.study_budget import OVER_BUDGET, FailureCap, yielded_trial_log
+    from maskssd.tracking.study_trial import make_objective
 
     o = open_for_work(write_study(project / "s.toml", n_trials=1))
     o.study.ask()  # another worker's trial, running: the whole budget
@@ -588,52 +588,63 @@ def test_a_trial_started_after_other_workers_took_the_budget_runs_nothing(projec
 
 # ------------------------------------------------------------------------------------------- folds
 def test_fold_study_prunes_on_fold_one_and_checks_the_fold_rung(project, capsys):
-    """study.folds = 3: each trial a cross-validation parent (nested under the study's parent) whose value is
-    out of fold; a bad trial is pruned at the fold rung, before it trains folds 2 and 3."""
+    """study.folds = 2: each trial a cross-validation parent (nested under the study's parent); a bad trial is
+    pruned at the fold rung, before it trains fold 2. The objective here is the loss (for an AP the trial's
+    value is out of fold, see tests/test_folds.py; a loss is the mean over the folds), which tells a tiny
+    model's trials apart within one epoch."""
     import json
 
-    space = '[space.lr]\ntarget = "optim.lr"\ntype = "categorical"\nchoices = [3e-3, 5e-3, 1e-7]\n'
+    space = '[space.lr]\ntarget = "optim.lr"\ntype = "categorical"\nchoices = [3e-3, 6e-3, 1e-7]\n'
     study_toml = write_study(
-        project / "s.toml", n_trials=3, epochs=4, pruner="median", space=space, objective="map"
-    )
-    text = study_toml.read_text().replace("eval_every = 1", "eval_every = 1\nlog_models = false\nfolds = 3")
-    # small batches, no warm-up: the tiny model finds faces within 4 epochs, so the fold rung tells trials apart
+        project / "s.toml", n_trials=3, epochs=1, pruner="median", space=space, objective="val_loss",
+        direction="minimize",
+    )  # fmt: skip
+    text = study_toml.read_text().replace("eval_every = 1", "eval_every = 1\nlog_models = false\nfolds = 2")
     text = text.replace(
-        '"data.final_split" = "none"',
-        '"data.final_split" = "none", "data.batch_size" = 2, "schedule.warmup_epochs" = 0',
+        '"data.final_split" = "none"', '"data.final_split" = "none", "schedule.warmup_epochs" = 0'
     )
     study_toml.write_text(
-        text.replace("n_startup_trials = 1\nn_warmup_steps = 0", "n_startup_trials = 2\nn_warmup_steps = 5")
+        text.replace("n_startup_trials = 1\nn_warmup_steps = 0", "n_startup_trials = 2\nn_warmup_steps = 2")
     )
     cfg, _ = load_study_config(study_toml)
-    study = open_study(cfg, make_storage(storage_url(project), cfg), epochs=4)
-    for lr in (3e-3, 5e-3, 1e-7):  # two good trials run every fold, then a bad one
+    study = open_study(cfg, make_storage(storage_url(project), cfg), epochs=1)
+    for lr in (3e-3, 6e-3, 1e-7):  # two good trials run every fold, then a bad one
         study.enqueue_trial({"lr": lr})
     assert main(["study", str(study_toml)]) == 0
     out = capsys.readouterr().out
     assert "fold 1 (the fold rung)" in out and "cheap-fidelity check, by step" in out
     study = load(project)
-    assert study.user_attrs["fidelity"] == {"rung_epoch": 5, "full_epochs": 7, "folds": 3, "epochs": 4}
+    assert study.user_attrs["fidelity"] == {"rung_epoch": 2, "full_epochs": 3, "folds": 2, "epochs": 1}
     good, bad = study.trials[:2], study.trials[2]
-    assert all(
-        t.state.name == "COMPLETE" and sorted(t.intermediate_values) == list(range(1, 8)) for t in good
-    )
-    assert bad.state.name == "PRUNED" and max(bad.intermediate_values) == 5  # pruned at the fold rung
-    assert all(t.intermediate_values[5] > 0 for t in good) and bad.intermediate_values[5] == 0
+    assert all(t.state.name == "COMPLETE" and sorted(t.intermediate_values) == [1, 2, 3] for t in good)
+    assert bad.state.name == "PRUNED" and max(bad.intermediate_values) == 2  # pruned at the fold rung
     c = tracking.client()
-    for t in good:  # a trial's value is its out-of-fold mAP; its folds are children of its run
+    for t in good:  # a trial's value: its folds' mean loss; its folds are children of its run
         run = c.get_run(t.user_attrs["mlflow_run_id"])
-        assert run.data.tags["maskssd.role"] == "cv" and t.value == pytest.approx(run.data.metrics["oof_map"])
+        assert run.data.tags["maskssd.role"] == "cv" and t.value == pytest.approx(
+            run.data.metrics["val_loss_mean"]
+        )
         assert run.data.tags["mlflow.parentRunId"] == study.user_attrs["mlflow_parent_run_id"]
+        assert "oof_map" in run.data.metrics
     query = f"tags.`mlflow.parentRunId` = '{bad.user_attrs['mlflow_run_id']}'"
     kids = c.search_runs([run.info.experiment_id], query)
-    assert [k.data.tags["maskssd.fold"] for k in kids] == ["1"]  # folds 2 and 3 never ran
+    assert [k.data.tags["maskssd.fold"] for k in kids] == ["1"]  # fold 2 never ran
     assert c.get_run(bad.user_attrs["mlflow_run_id"]).info.status == "KILLED"
     parent = study.user_attrs["mlflow_parent_run_id"]
     summary = tracking.MlflowRun(c, parent).download("study/summary.json", project / "dl")
     fidelity = json.loads(summary.read_text())["fidelity"]
     assert (
-        fidelity["rung_epoch"] == 5
-        and fidelity["steps"]["5"] == "fold 1"
-        and fidelity["by_epoch"]["5"]["n"] == 2
+        fidelity["rung_epoch"] == 2
+        and fidelity["steps"]["2"] == "fold 1"
+        and fidelity["by_epoch"]["2"]["n"] == 2
     )
+
+
+def test_objectives_read_out_of_fold_and_mix():
+    from maskssd.tracking.study_config import objective_value
+
+    metrics = {"val_map": 0.5, "oof_map": 0.6, "oof_ap_a": 0.2, "val_loss_mean": 2.0, "val_ap_a": 0.1}
+    assert objective_value("val_map", metrics, "val") == 0.5 and objective_value("map", metrics, "oof") == 0.6
+    assert objective_value({"map": 0.5, "ap_a": 0.5}, metrics, "oof") == pytest.approx(0.4)
+    assert objective_value("val_loss", metrics, "oof") == 2.0  # not an AP: the folds' mean
+    assert objective_value("ap_b", metrics, "oof") is None

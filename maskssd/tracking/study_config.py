@@ -101,7 +101,8 @@ class StudySection(_S):
     name: str
     experiment: str  # base experiment TOML, relative to the study file
     # the selected checkpoint's value: a final metric ("val_map", "val_ap_mask_weared_incorrect"), or a mix of
-    # them with weights ({ map = 0.5, ap_mask_weared_incorrect = 0.5 }); with folds, read out of fold
+    # them with weights ({ map = 0.5, ap_mask_weared_incorrect = 0.5 }); with folds an AP is read out of fold
+    # (pooled over every image), anything else (val_loss) as the mean over the folds
     objective: str | dict[str, float] = "val_map"
     # cross-validation trials (>= 2): a trial trains fold 1, reports it (the fold rung: pruned there before it
     # pays for the others), then the other folds; its value is the objective out of fold (maskssd.tracking.folds)
@@ -132,12 +133,6 @@ class StudySection(_S):
             raise ValueError("study.folds needs 2 or more folds (0: no cross-validation)")
         if isinstance(self.objective, dict) and not self.objective:
             raise ValueError("an objective mix needs at least one metric")
-        if self.folds:
-            bad = [k for k in objective_terms(self.objective) if not _short(k).startswith(("map", "ap_"))]
-            if bad:
-                raise ValueError(
-                    f"out of fold, the objective is an AP (map, ap_<class>, map_voc12), not {bad}"
-                )
         return self
 
     @property
@@ -161,15 +156,24 @@ def objective_terms(objective: str | Mapping[str, float]) -> dict[str, float]:
     return {objective: 1.0} if isinstance(objective, str) else {k: float(w) for k, w in objective.items()}
 
 
+def _is_ap(short: str) -> bool:
+    return short.startswith(("map", "ap_", "ap50"))
+
+
 def objective_value(
     objective: str | Mapping[str, float], metrics: Mapping[str, float], prefix: str
 ) -> float | None:
     """The objective from a run's metrics: each term's metric read under ``prefix`` (``val`` for a run and its
-    per-epoch reports, ``oof`` for a cross-validation's pooled value; ``map`` = ``val_map`` = ``oof_map``),
-    weighted and summed; None when a term is missing or not finite."""
+    per-epoch reports, ``oof`` for a cross-validation parent: an AP pooled out of fold, ``map`` = ``val_map`` =
+    ``oof_map``; another metric as the mean over the folds, ``val_loss`` -> ``val_loss_mean``), weighted and
+    summed; None when a term is missing or not finite."""
     total = 0.0
     for key, weight in objective_terms(objective).items():
-        name = key if prefix == "val" and key.startswith(("val_", "train_")) else f"{prefix}_{_short(key)}"
+        short = _short(key)
+        if prefix == "val":
+            name = key if key.startswith(("val_", "train_")) else f"val_{short}"
+        else:
+            name = f"{prefix}_{short}" if _is_ap(short) else f"val_{short}_mean"
         value = metrics.get(name)
         if value is None or not math.isfinite(value):
             return None
