@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from maskssd.data import FaceMaskDataset, load_split, sample_seed
-from maskssd.data.copy_paste import CopyPaste, build_face_bank
+from maskssd.data.copy_paste import CopyPaste, build_face_bank, feathered
 from maskssd.data.sampling import RepeatFactorSampler, epoch_batches, no_single_last_batch, repeat_factors
-from maskssd.data.transforms import train_transform
+from maskssd.data.transforms import AugmentSpec, sample_iou_crop, train_transform
 from maskssd.data.voc import Annotation
 from maskssd.errors import ConfigError, MaskSSDError, TrainingInterrupted
 from maskssd.ssd.models import build_model
@@ -252,6 +252,72 @@ def test_copy_paste_is_seeded_and_off_changes_nothing(synth_root, tmp_path):
     step = CopyPaste(pasted.sample_step.bank, p=0.0)
     raw = plain.raw_sample(0)
     assert step(raw, 5) is raw
+
+
+def test_feathered_paste_keeps_the_face_and_fades_its_margin():
+    patch = torch.full((3, 20, 30), 200, dtype=torch.uint8)
+    under = torch.full((3, 20, 30), 0, dtype=torch.uint8)
+    box = np.array([5.0, 4.0, 25.0, 16.0])  # the face, in the patch's pixels
+    out = feathered(patch, under, box)
+    assert torch.equal(out[:, 4:16, 5:25], patch[:, 4:16, 5:25])  # the face is the patch's, untouched
+    row = out[0, 10].tolist()  # across the face's middle: rises from the image to the face, then falls
+    assert row[0] < 40 and row[-1] < 40 and row[0] < row[2] < row[4] <= 200
+    assert int(out[0, 0, 0]) < int(out[0, 2, 2]) < int(out[0, 4, 5])  # the corner fades in both directions
+    assert torch.equal(feathered(patch, patch, box), patch)  # blending a patch onto itself changes nothing
+
+
+def test_feather_blend_pastes_faces_without_a_seam(tmp_path, voc_xml):
+    ds = _paste_dataset(tmp_path, voc_xml)
+    bank = build_face_bank(ds, [3], margin=0.3)
+    dst = next(i for i, a in enumerate(ds.annotations) if a.image_id != "src")
+    hard = CopyPaste(bank, p=1.0, max_faces=1, scale=(1.0, 1.0))
+    soft = CopyPaste(bank, p=1.0, max_faces=1, scale=(1.0, 1.0), blend="feather")
+    a, b = hard(ds.raw_sample(dst), 3), soft(ds.raw_sample(dst), 3)
+    assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["labels"], b["labels"])  # same draws
+    x1, y1, x2, y2 = (int(v) for v in a["boxes"][-1].tolist())
+    assert torch.equal(a["image"][:, y1:y2, x1:x2], b["image"][:, y1:y2, x1:x2])  # the face itself
+    assert not torch.equal(a["image"], b["image"])  # its margin is blended
+    with pytest.raises(ValueError, match="blend"):
+        CopyPaste(bank, p=1.0, blend="poisson")
+
+
+def test_crop_around_a_rare_face_keeps_it_whole():
+    torch.manual_seed(0)
+    boxes = torch.tensor([[10.0, 10.0, 30.0, 30.0], [150.0, 120.0, 170.0, 145.0]])
+    for _ in range(200):
+        crop = sample_iou_crop(boxes, 200, 160, keep=boxes[1])
+        if crop is None:
+            continue
+        left, top, w, h, kept = crop
+        assert left <= 150 and top <= 120 and left + w >= 170 and top + h >= 145 and bool(kept[1])
+    spec = AugmentSpec(
+        photometric_p=0, zoom_out_p=0, iou_crop_p=1.0, hflip_p=0, crop_keep_p=1.0, crop_keep_labels=(3,)
+    )
+    from torchvision import tv_tensors
+
+    image = tv_tensors.Image(torch.zeros((3, 160, 200), dtype=torch.uint8))
+    labels = torch.tensor([1, 3])
+    for seed in range(30):
+        torch.manual_seed(seed)
+        sample = {
+            "image": image,
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(160, 200)),
+            "labels": labels,
+            "difficult": torch.zeros(2, dtype=torch.bool),
+        }
+        out = train_transform(64, spec)(sample)
+        assert 3 in out["labels"].tolist()  # the rare face is never cropped away
+
+
+def test_crop_keep_classes_default_to_the_rarest_and_are_checked(tmp_path, synth_root):
+    from maskssd.training.levers import augment_spec
+
+    cfg = _cfg(tmp_path, synth_root, **{"augment.crop_keep_p": 0.5})
+    spec = augment_spec(cfg, {"with_mask": 50, "without_mask": 10, "mask_weared_incorrect": 2})
+    assert spec.crop_keep_labels == (3,) and spec.crop_keep_p == 0.5
+    assert augment_spec(_cfg(tmp_path, synth_root), {"with_mask": 5}).crop_keep_labels == ()
+    with pytest.raises(ConfigError, match="crop_keep_classes"):
+        _cfg(tmp_path, synth_root, **{"augment.crop_keep_classes": ["nose"]})
 
 
 # --------------------------------------------------------------------------------- class-balanced loss

@@ -4,7 +4,8 @@ A bank of face crops (each face of the chosen classes with a small margin) is bu
 annotations. A training sample is then given, with probability ``p``, up to ``max_faces`` faces from the bank:
 each scaled by a random factor, flipped at random, and pasted at a random place where its box overlaps no
 existing box much (IoU < ``max_iou``) and its patch covers at most ``max_cover`` of any existing box. The
-pasted boxes and labels are added to the sample. It runs on the raw sample, before the SSD augmentation, and
+pasted boxes and labels are added to the sample. ``blend="feather"`` fades each crop's margin into the
+image instead of pasting a rectangle with hard edges. It runs on the raw sample, before the SSD augmentation, and
 draws from the sample's seed only (:meth:`maskssd.data.dataset.FaceMaskDataset.__getitem__`), so a sample is
 the same in every worker, rank and resumed run; it leaves the torch RNG (the transform's) untouched.
 """
@@ -20,7 +21,7 @@ import torch
 
 from maskssd.data.dataset import FaceMaskDataset, Sample
 
-__all__ = ["CopyPaste", "FaceCrop", "build_face_bank"]
+__all__ = ["CopyPaste", "FaceCrop", "build_face_bank", "feathered"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,23 @@ def build_face_bank(
     return bank
 
 
+def feathered(patch: torch.Tensor, under: torch.Tensor, box: np.ndarray) -> torch.Tensor:
+    """``patch`` blended into ``under`` (both (3, h, w) uint8): opaque over the face ``box`` (patch pixels),
+    its margin fading linearly to the image at the patch's edges, so no hard seam is left to learn."""
+    h, w = patch.shape[-2:]
+    x1, y1, x2, y2 = box
+    xs, ys = torch.arange(w, dtype=torch.float32) + 0.5, torch.arange(h, dtype=torch.float32) + 0.5
+
+    def ramp(v: torch.Tensor, lo: float, hi: float, size: int) -> torch.Tensor:
+        left = (v / max(lo, 1.0)).clamp(max=1.0)  # 0 at the patch edge, 1 at the face
+        right = ((size - v) / max(size - hi, 1.0)).clamp(max=1.0)
+        return torch.minimum(left, right).clamp(min=0.0)
+
+    alpha = ramp(ys, y1, y2, h)[:, None] * ramp(xs, x1, x2, w)[None, :]
+    mixed = alpha * patch.float() + (1.0 - alpha) * under.float()
+    return mixed.round_().clamp_(0, 255).to(torch.uint8)
+
+
 def _fits(box: np.ndarray, patch: np.ndarray, boxes: np.ndarray, max_iou: float, max_cover: float) -> bool:
     """``box`` overlaps every one of ``boxes`` by IoU < max_iou, and ``patch`` covers <= max_cover of each."""
     if boxes.shape[0] == 0:
@@ -96,6 +114,7 @@ class CopyPaste:
         max_iou: float = 0.1,
         max_cover: float = 0.3,
         tries: int = 10,
+        blend: str = "hard",
     ):
         if not bank:
             raise ValueError("copy-paste needs at least one face in its bank")
@@ -103,6 +122,9 @@ class CopyPaste:
             raise ValueError(f"scale must be 0 < low <= high, got {scale}")
         self.bank, self.p, self.max_faces, self.scale = list(bank), p, max_faces, scale
         self.flip_p, self.max_iou, self.max_cover, self.tries = flip_p, max_iou, max_cover, tries
+        if blend not in ("hard", "feather"):
+            raise ValueError(f"blend must be 'hard' or 'feather', got {blend!r}")
+        self.blend = blend
 
     def _patch(self, crop: FaceCrop, rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray]:
         """The crop scaled and maybe flipped, and its face box in the patch's pixels."""
@@ -143,7 +165,8 @@ class CopyPaste:
                 placed = box + [ox, oy, ox, oy]
                 if _fits(placed, np.array([ox, oy, ox + pw, oy + ph]), boxes, self.max_iou, self.max_cover):
                     out = image.clone() if out is None else out
-                    out[:, oy : oy + ph, ox : ox + pw] = pixels
+                    region = out[:, oy : oy + ph, ox : ox + pw]
+                    region.copy_(pixels if self.blend == "hard" else feathered(pixels, region, box))
                     boxes = np.concatenate([boxes, placed[None]])
                     added.append((placed, crop))
                     break

@@ -30,6 +30,10 @@ class AugmentSpec:
     zoom_out_max: float = 4.0
     iou_crop_p: float = 1.0
     hflip_p: float = 0.5
+    # with probability crop_keep_p, an image holding a face of crop_keep_labels (1-based) is cropped around
+    # one of those faces, kept whole: the rare class seen larger and more often
+    crop_keep_p: float = 0.0
+    crop_keep_labels: tuple[int, ...] = ()
 
 
 #: SSD's crop sampler (torchvision's ``RandomIoUCrop`` defaults): minimum IoU options (1.0: keep the image),
@@ -41,7 +45,7 @@ CROP_TRIALS = 40
 
 
 def sample_iou_crop(
-    boxes: torch.Tensor, width: int, height: int
+    boxes: torch.Tensor, width: int, height: int, keep: torch.Tensor | None = None
 ) -> tuple[int, int, int, int, torch.Tensor] | None:
     """An SSD crop ``(left, top, w, h, kept)`` for xyxy pixel ``boxes``, or None (keep the whole image).
 
@@ -49,7 +53,8 @@ def sample_iou_crop(
     random crops whose aspect ratio is in range, that holds a box centre, and whose IoU with one such box
     reaches the option), with each option's 40 trials drawn and checked as one batch instead of one by one:
     on small faces the high-IoU options rarely succeed, and the Python loop was most of a training sample's
-    augmentation time. ``kept`` marks the boxes whose centre lies in the crop."""
+    augmentation time. ``kept`` marks the boxes whose centre lies in the crop. ``keep`` (an xyxy box) must lie
+    whole in the crop (a rare face the crop is made around)."""
     from torchvision.ops import box_iou
 
     boxes = boxes.float()
@@ -76,6 +81,8 @@ def sample_iou_crop(
             & (new_h > 0)
             & (iou.amax(1) >= min_iou)
         )
+        if keep is not None:
+            ok &= (left <= keep[0]) & (top <= keep[1]) & (right >= keep[2]) & (bottom >= keep[3])
         hits = ok.nonzero()
         if len(hits):
             t = int(hits[0, 0])
@@ -86,16 +93,26 @@ class _IoUCropIfBoxes(torch.nn.Module):
     """SSD's IoU-constrained random crop (:func:`sample_iou_crop`) with probability ``p``; boxes whose centre
     falls outside the crop are dropped with their labels, images without boxes are left as they are."""
 
-    def __init__(self, p: float):
+    def __init__(self, p: float, keep_p: float = 0.0, keep_labels: tuple[int, ...] = ()):
         super().__init__()
-        self.p = p
+        self.p, self.keep_p, self.keep_labels = p, keep_p, tuple(keep_labels)
         self.sanitize = v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=_labels_and_difficult)
+
+    def _anchor(self, sample: Sample) -> torch.Tensor | None:
+        """With probability ``keep_p``, one of the sample's faces of ``keep_labels`` (drawn at random)."""
+        if self.keep_p <= 0 or not self.keep_labels:
+            return None
+        held = torch.isin(sample["labels"], torch.tensor(self.keep_labels)).nonzero().squeeze(1)
+        if held.numel() == 0 or float(torch.rand(())) >= self.keep_p:
+            return None
+        k = int(held[int(torch.randint(0, held.numel(), (1,)))])
+        return sample["boxes"].as_subclass(torch.Tensor)[k].float()
 
     def forward(self, sample: Sample) -> Sample:
         if sample["boxes"].shape[0] == 0 or self.p <= 0 or float(torch.rand(())) >= self.p:
             return sample
         h, w = sample["image"].shape[-2:]
-        crop = sample_iou_crop(sample["boxes"].as_subclass(torch.Tensor), w, h)
+        crop = sample_iou_crop(sample["boxes"].as_subclass(torch.Tensor), w, h, self._anchor(sample))
         if crop is None:
             return sample
         left, top, cw, ch, kept = crop
@@ -140,7 +157,7 @@ def train_transform(size: int | tuple[int, int], spec: AugmentSpec = AugmentSpec
             )
         )
     if spec.iou_crop_p > 0:
-        steps.append(_IoUCropIfBoxes(spec.iou_crop_p))
+        steps.append(_IoUCropIfBoxes(spec.iou_crop_p, spec.crop_keep_p, spec.crop_keep_labels))
     if spec.hflip_p > 0:
         steps.append(v2.RandomHorizontalFlip(p=spec.hflip_p))
     steps += [v2.Resize(hw, antialias=True), _Finish()]

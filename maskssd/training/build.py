@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from maskssd.data import DataReport, FaceMaskDataset, SeededSampler, collate, load_split, split_digest
 from maskssd.data.folds import fold_digest, fold_split
 from maskssd.data.sampling import no_single_last_batch
-from maskssd.data.transforms import AugmentSpec, eval_transform, train_transform
+from maskssd.data.transforms import eval_transform, train_transform
 from maskssd.data.voc import Annotation
 from maskssd.errors import MaskSSDError
 from maskssd.runtime import LOCAL_DIR
@@ -26,6 +27,7 @@ from maskssd.ssd.loss import MultiBoxLoss
 from maskssd.ssd.models import build_model
 from maskssd.ssd.postprocess import DecodeSpec
 from maskssd.training.config import ExperimentConfig
+from maskssd.training.levers import augment_spec
 from maskssd.training.tracker import DatasetInfo
 
 __all__ = [
@@ -108,7 +110,8 @@ def build_datasets(
 def datasets_of(
     cfg: ExperimentConfig, splits: Mapping[str, list[Annotation]], input_size: int
 ) -> dict[str, FaceMaskDataset]:
-    aug = AugmentSpec(**{f: getattr(cfg.augment, f) for f in AugmentSpec.__dataclass_fields__})
+    counts = Counter(cfg.class_names[int(c) - 1] for a in splits.get("train", []) for c in a.labels)
+    aug = augment_spec(cfg, counts)
     out = {}
     for split, anns in splits.items():
         tf = train_transform(input_size, aug) if split == "train" else eval_transform(input_size)

@@ -96,6 +96,13 @@ class AugmentSection(_Section):
     copy_paste_classes: list[str] = Field(default_factory=list)
     copy_paste_max: int = Field(2, ge=1)  # faces pasted per image, at most
     copy_paste_scale: list[float] = Field(default_factory=lambda: [0.8, 1.25], min_length=2, max_length=2)
+    # "hard" pastes the crop as it is; "feather" blends its margin into the image (alpha ramps from the face
+    # box to the crop's edge), so the detector cannot learn the paste's hard edges instead of the face
+    copy_paste_blend: Literal["hard", "feather"] = "hard"
+    # crops around a rare face: with probability crop_keep_p, the IoU crop of an image holding a face of
+    # crop_keep_classes (default: the rarest class in the training split) must keep one such face whole
+    crop_keep_p: float = Field(0.0, ge=0, le=1)
+    crop_keep_classes: list[str] = Field(default_factory=list)
 
     @field_validator("copy_paste_scale")
     @classmethod
@@ -416,9 +423,10 @@ def _cross_checks(cfg: ExperimentConfig) -> tuple[str, str] | None:
 
 def _lever_checks(cfg: ExperimentConfig, known: set[str]) -> tuple[str, str] | None:
     """Cross-checks of the training levers (sampling, copy-paste, class balance, schedules, sizes)."""
-    unknown = sorted(set(cfg.augment.copy_paste_classes) - (known - {"background"}))
-    if unknown:
-        return "augment.copy_paste_classes", f"unknown classes {unknown}; known: {list(cfg.data.classes)}"
+    for key in ("copy_paste_classes", "crop_keep_classes"):
+        unknown = sorted(set(getattr(cfg.augment, key)) - (known - {"background"}))
+        if unknown:
+            return f"augment.{key}", f"unknown classes {unknown}; known: {list(cfg.data.classes)}"
     if cfg.loss.class_balance_beta and cfg.loss.class_weight_exponent:
         return "loss.class_balance_beta", "set class_balance_beta or class_weight_exponent, not both"
     if cfg.schedule.name == "onecycle" and cfg.schedule.warmup_epochs:

@@ -8,7 +8,7 @@ Off, none of them changes anything: the runner builds the same dataset, sampler 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,15 @@ from maskssd.ssd.detector import SSDDetector
 from maskssd.ssd.loss import MultiBoxLoss
 from maskssd.training.config import ExperimentConfig
 
-__all__ = ["SizeSchedule", "SizedLosses", "TrainLevers", "configure_train_data", "epoch_lengths"]
+__all__ = [
+    "SizeSchedule",
+    "SizedLosses",
+    "TrainLevers",
+    "augment_spec",
+    "configure_train_data",
+    "epoch_lengths",
+    "rarest_class",
+]
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +91,25 @@ class TrainLevers:
         return isinstance(self.sampler, RepeatFactorSampler)
 
 
+def rarest_class(counts: Mapping[str, int]) -> str:
+    """The class with the fewest boxes (among those with any): what the rare-class levers default to."""
+    return min((c for c in counts if counts[c]), key=lambda c: counts[c])
+
+
+def augment_spec(cfg: ExperimentConfig, counts: Mapping[str, int]) -> AugmentSpec:
+    """The training augmentation of ``[augment]``; ``counts`` (boxes per class of the training split) pick the
+    rarest class for a crop kept around rare faces when ``augment.crop_keep_classes`` is empty."""
+    aug = cfg.augment
+    spec = {f: getattr(aug, f) for f in AugmentSpec.__dataclass_fields__ if f in type(aug).model_fields}
+    if aug.crop_keep_p > 0:
+        names = list(aug.crop_keep_classes) or [rarest_class(counts)]
+        spec["crop_keep_labels"] = tuple(cfg.class_names.index(n) + 1 for n in names)
+    return AugmentSpec(**spec)
+
+
 def _copy_paste(cfg: ExperimentConfig, ds: FaceMaskDataset) -> CopyPaste:
     aug, counts = cfg.augment, ds.class_box_counts()
-    names = list(aug.copy_paste_classes) or [min((c for c in counts if counts[c]), key=lambda c: counts[c])]
+    names = list(aug.copy_paste_classes) or [rarest_class(counts)]
     labels = [cfg.class_names.index(n) + 1 for n in names]
     bank = build_face_bank(ds, labels)
     if not bank:
@@ -98,7 +122,7 @@ def _copy_paste(cfg: ExperimentConfig, ds: FaceMaskDataset) -> CopyPaste:
         aug.copy_paste_p,
         aug.copy_paste_max,
     )
-    return CopyPaste(bank, aug.copy_paste_p, aug.copy_paste_max, scale=(lo, hi))
+    return CopyPaste(bank, aug.copy_paste_p, aug.copy_paste_max, scale=(lo, hi), blend=aug.copy_paste_blend)
 
 
 def configure_train_data(
@@ -129,7 +153,7 @@ def configure_train_data(
         if sizes[-1] != input_size:
             raise MaskSSDError(f"train.progressive_sizes must end at the model's input size {input_size}")
         levers.sizes = SizeSchedule(tuple(sizes), cfg.train.progressive_until, cfg.train.epochs)
-        aug = AugmentSpec(**{f: getattr(cfg.augment, f) for f in AugmentSpec.__dataclass_fields__})
+        aug = augment_spec(cfg, ds.class_box_counts())
         ds.size_transforms = {s: train_transform(s, aug) for s in sizes}
         if levers.sampler is None:
             levers.sampler = SeededSampler(len(ds), seed, True, rank, world, pad=True)
