@@ -143,3 +143,25 @@ def test_export_cli_int8(
         str(tmp_path / "o"),
     ]
     assert main(detect + ["--backend", "onnx-int8"]) == 2  # the backend needs --calibration
+
+
+@pytest.mark.parametrize("vnni", [True, False])
+def test_int8_recipe_follows_the_cpu_and_both_recipes_follow_the_float_model(
+    synth_root: Path, tmp_path: Path, vnni: bool
+) -> None:
+    """Without VNNI an x86 CPU's u8s8 kernels saturate: the weights are reduced to 7 bits there. Both recipes
+    are built and checked here, whatever this CPU has (the detection is injected)."""
+    from maskssd.deploy.quantize import has_vnni, int8_recipe
+
+    assert has_vnni({"avx2", "avx512_vnni"}) and not has_vnni({"avx2", "avx512f"})
+    assert int8_recipe(vnni=vnni, machine="x86_64") == {"reduce_range": not vnni}
+    assert int8_recipe(vnni=False, machine="aarch64") == {"reduce_range": False}  # no vpmaddubsw there
+    model = _image_dependent_tiny()
+    files = calibration_files(Calibration(synth_root, "default", 8))
+    recipe = int8_recipe(vnni=vnni, machine="x86_64")
+    assert calibration_key(files, 96, recipe) != calibration_key(files, 96, {"reduce_range": vnni})
+    path = build_int8(model, tmp_path / "m.int8.onnx", files, recipe=recipe)
+    meta = onnx_session(path).get_modelmeta().custom_metadata_map
+    assert ("7-bit" in meta["maskssd.quantization"]) == (not vnni)
+    corr_locs, corr_scores, *_ = compare_int8(model, onnx_session(path), files)
+    assert corr_locs > 0.95 and corr_scores > 0.95

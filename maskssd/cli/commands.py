@@ -482,7 +482,12 @@ def _export_int8(a: argparse.Namespace) -> int:
     r = export_int8(a.model, a.out, cal, tracking_uri=a.tracking_uri)
     out.print(
         f"wrote {r.path} (ONNX int8, {r.megabytes:.2f} MB) from {r.source} in {r.seconds:.1f} s, calibrated on "
-        f"{r.calibration_images} images of {a.calibration} {a.split_name}/train",
+        f"{r.calibration_images} images of {a.calibration} {a.split_name}/train; "
+        + (
+            "7-bit weights (this CPU has no VNNI: its int8 kernels would saturate)"
+            if r.reduce_range
+            else "8-bit weights"
+        ),
         highlight=False,
     )
     colour = "green" if r.ok else "red"

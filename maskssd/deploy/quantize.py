@@ -2,8 +2,11 @@
 
 The float export (BatchNorm folded) goes through ONNX Runtime's pre-processing (shape inference, graph
 optimisation) and ``quantize_static``: QDQ format, weights int8 per output channel, activations uint8 with
-ranges from the calibration images (min/max), no range reduction (the u8s8 kernels of CPUs with VNNI do not
-saturate). Calibration images are a split's training images, evenly spaced over its list, preprocessed exactly
+ranges from the calibration images (min/max). On an x86 CPU without VNNI (AVX2 or AVX-512 alone: most laptops,
+AMD before Zen 4) ONNX Runtime's u8s8 kernels multiply with ``vpmaddubsw``, whose 16-bit pair sums saturate
+(255 x 127 x 2 > 32767): there the weights are quantised to 7 bits (``reduce_range``, ONNX Runtime's advice for
+such CPUs), which keeps every pair sum in range. CPUs with VNNI (``avx512_vnni``, ``avx_vnni``) accumulate in 32
+bits and keep the full 8 bits (:func:`int8_recipe`; the CPU check is injectable). Calibration images are a split's training images, evenly spaced over its list, preprocessed exactly
 as :class:`maskssd.deploy.predictor.Predictor` preprocesses a frame. The heads' last convolutions and everything
 after them (transposes, reshapes, the concatenations into ``locs`` and ``scores``) stay float by default: the
 box offsets and logits keep their resolution, at the cost of a few small 1x1 convolutions.
@@ -45,6 +48,9 @@ from maskssd.files import atomic_path
 
 __all__ = [
     "QUANT_VERSION",
+    "cpu_flags",
+    "has_vnni",
+    "int8_recipe",
     "Calibration",
     "ImageCalibrationReader",
     "Int8Report",
@@ -61,7 +67,49 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Bumped when the quantisation recipe changes, so cached int8 models are rebuilt.
-QUANT_VERSION = "1"
+QUANT_VERSION = "2"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's features as the CPUID instruction reports them to this process (numpy's runtime detection, in
+    ``/proc/cpuinfo``'s lower-case names; an emulated CPU answers for itself), else Linux ``/proc/cpuinfo``'s
+    flags; empty where neither is readable."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # numpy < 2
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as features
+        except ImportError:
+            features = None
+    if features:
+        names = {"AVX512VNNI": "avx512_vnni", "AVX2": "avx2", "AVX512F": "avx512f"}
+        return {names.get(k, k.lower()) for k, on in features.items() if on}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def has_vnni(flags: set[str] | None = None) -> bool:
+    """Whether this CPU has AVX-512 VNNI: int8 dot products that accumulate in 32 bits. (AVX-VNNI alone, which
+    numpy's detection does not report, counts as none: 7-bit weights are correct there too, a little coarser.)"""
+    flags = cpu_flags() if flags is None else flags
+    return "avx512_vnni" in flags
+
+
+def int8_recipe(vnni: bool | None = None, machine: str | None = None) -> dict[str, bool]:
+    """How to quantise for this CPU: ``{"reduce_range": True}`` on an x86 CPU without VNNI (7-bit weights, so
+    the u8s8 kernels cannot saturate), full 8-bit weights elsewhere. ``vnni`` and ``machine`` default to this
+    machine's (tests pass them to take either path anywhere)."""
+    import platform
+
+    machine = (machine or platform.machine()).lower()
+    x86 = machine in ("x86_64", "amd64", "i686", "x86")
+    return {"reduce_range": x86 and not (has_vnni() if vnni is None else vnni)}
 
 
 @dataclass(frozen=True)
@@ -87,9 +135,10 @@ def calibration_files(cal: Calibration) -> list[Path]:
     return [layout.image_path_for(i, None) for i in chosen]
 
 
-def calibration_key(files: Sequence[Path], input_size: int) -> str:
+def calibration_key(files: Sequence[Path], input_size: int, recipe: dict[str, bool] | None = None) -> str:
     """A short hash of the calibration set (file names, sizes, modification times) and the recipe."""
-    h = hashlib.sha256(f"{QUANT_VERSION}:{input_size}".encode())
+    recipe = int8_recipe() if recipe is None else recipe
+    h = hashlib.sha256(f"{QUANT_VERSION}:{input_size}:{sorted(recipe.items())}".encode())
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
@@ -166,9 +215,12 @@ def quantize_onnx(
     *,
     exclude_heads: bool = True,
     metadata: dict[str, str] | None = None,
+    recipe: dict[str, bool] | None = None,
 ) -> Path:
     """Statically quantise an ONNX detector (QDQ, per-channel int8 weights, uint8 activations calibrated by
-    ``reader``), the heads float with ``exclude_heads``; written atomically with ``metadata``."""
+    ``reader``), the heads float with ``exclude_heads``; written atomically with ``metadata``. ``recipe``
+    (default: :func:`int8_recipe` of this CPU) says whether weights are reduced to 7 bits."""
+    recipe = int8_recipe() if recipe is None else recipe
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -186,7 +238,7 @@ def quantize_onnx(
                 reader,
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
-                reduce_range=False,
+                reduce_range=recipe["reduce_range"],
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=exclude,
@@ -194,8 +246,13 @@ def quantize_onnx(
             )
             proto = onnx.load(str(tmp_out))
             meta = {p.key: p.value for p in proto.metadata_props}
+            bits = (
+                "7-bit weights (reduce_range: a CPU without VNNI)"
+                if recipe["reduce_range"]
+                else "8-bit weights"
+            )
             meta.update(
-                {"maskssd.quantization": f"int8 qdq per-channel v{QUANT_VERSION}", **(metadata or {})}
+                {"maskssd.quantization": f"int8 qdq per-channel v{QUANT_VERSION}, {bits}", **(metadata or {})}
             )
             del proto.metadata_props[:]
             for k, v in meta.items():
@@ -242,15 +299,17 @@ def build_int8(
     *,
     exclude_heads: bool = True,
     metadata: dict[str, str] | None = None,
+    recipe: dict[str, bool] | None = None,
 ) -> Path:
-    """Export ``model`` (BatchNorm folded, padding static) to ONNX and quantise it, calibrated on ``files``."""
+    """Export ``model`` (BatchNorm folded, padding static) to ONNX and quantise it, calibrated on ``files``
+    (``recipe``: :func:`int8_recipe`, default this CPU's)."""
     from maskssd.deploy.optimize import optimize_for_inference
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="maskssd-int8-") as tmp:
         float_path = export_onnx(optimize_for_inference(model), Path(tmp) / "float.onnx", metadata=metadata)
         reader = ImageCalibrationReader(files, int(model.input_size))
-        quantize_onnx(float_path, out, reader, exclude_heads=exclude_heads, metadata=metadata)
+        quantize_onnx(float_path, out, reader, exclude_heads=exclude_heads, metadata=metadata, recipe=recipe)
     log.info("int8 model %s calibrated on %d images in %.1f s", out, len(files), time.perf_counter() - t0)
     return Path(out)
 
@@ -270,6 +329,7 @@ class Int8Report:
     max_diff_locs: float
     max_diff_scores: float
     min_corr: float = 0.95
+    reduce_range: bool = False  # 7-bit weights (a CPU without VNNI)
 
     @property
     def ok(self) -> bool:
@@ -289,10 +349,17 @@ def compare_int8(model: torch.nn.Module, session: Any, files: Sequence[Path]) ->
 
 
 def export_int8(
-    model_ref: str | Path, out: str | Path, calibration: Calibration, *, tracking_uri: str | None = None
+    model_ref: str | Path,
+    out: str | Path,
+    calibration: Calibration,
+    *,
+    tracking_uri: str | None = None,
+    recipe: dict[str, bool] | None = None,
 ) -> Int8Report:
     """Export a model reference (file, ``runs:/``, ``models:/``) as an int8 ONNX model calibrated on
-    ``calibration``, and compare it with the float model."""
+    ``calibration`` (``recipe``: :func:`int8_recipe`, default this CPU's), and compare it with the float model
+    (run by this CPU's kernels)."""
+    recipe = int8_recipe() if recipe is None else recipe
     from maskssd.deploy.model_ref import resolve_checkpoint
     from maskssd.ssd.checkpoint import load, load_detector
 
@@ -307,7 +374,9 @@ def export_int8(
         "maskssd.calibration": f"{calibration.root}:{calibration.split_name}/{calibration.split}:{len(files)}",
     }
     t0 = time.perf_counter()
-    out = build_int8(model, out, files, metadata=meta)
+    out = build_int8(model, out, files, metadata=meta, recipe=recipe)
     seconds = time.perf_counter() - t0
     stats = compare_int8(model, onnx_session(out), files)
-    return Int8Report(out, ckpt_path, out.stat().st_size / 1e6, seconds, len(files), *stats)
+    report = Int8Report(out, ckpt_path, out.stat().st_size / 1e6, seconds, len(files), *stats)
+    report.reduce_range = recipe["reduce_range"]
+    return report
