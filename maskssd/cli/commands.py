@@ -391,6 +391,17 @@ def cmd_promote(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
+    from maskssd.deploy.auth import is_loopback, load_tokens
+
+    tokens = load_tokens(a.token_file) or None  # the file, else $MASKSSD_SERVE_TOKENS
+    if tokens is None and not is_loopback(a.host) and not a.insecure_no_auth:
+        raise MaskSSDError(
+            f"refusing to serve {a.host} without authentication: anyone who reaches this machine could use the "
+            "model. Give the clients' tokens (--token-file FILE or $MASKSSD_SERVE_TOKENS), or say "
+            "--insecure-no-auth if that is what you want"
+        )
+    if bool(a.ssl_certfile) != bool(a.ssl_keyfile):
+        raise MaskSSDError("TLS needs both --ssl-certfile and --ssl-keyfile")
     from maskssd.deploy.predictor import load_predictor
     from maskssd.deploy.serving import create_app, run_server
 
@@ -409,23 +420,49 @@ def cmd_serve(a: argparse.Namespace) -> int:
         batching=not a.no_batching,
         montage_path=a.montage,
         score_threshold=a.score_threshold,
+        max_queue=a.max_queue,
+        tokens=tokens,
+        rate_limit=a.rate_limit,
+        burst=a.burst,
     )
     d = pred.describe()
     batching = "off" if a.no_batching else f"max {a.max_batch} images / {a.max_wait_ms:g} ms"
+    scheme = "https" if a.ssl_certfile else "http"
     err.print(
         f"serving {a.model} ({d['backend']}, input {d['input_size']}, classes {', '.join(d['classes'])}) on "
-        f"http://{a.host}:{a.port}  batching: {batching}" + (f"; montage: {a.montage}" if a.montage else ""),
+        f"{scheme}://{a.host}:{a.port}  batching: {batching}"
+        + (f"; montage: {a.montage}" if a.montage else ""),
         highlight=False,
     )
-    run_server(app, a.host, a.port)
+    if tokens is None:
+        warn = "[bold yellow]warning:[/] no authentication"
+        err.print(
+            f"{warn} (--insecure-no-auth)" if a.insecure_no_auth else f"{warn}: loopback only",
+            highlight=False,
+        )
+    else:
+        err.print(f"authentication: {len(tokens)} bearer token(s); GET /livez open", highlight=False)
+    run_server(app, a.host, a.port, ssl_certfile=a.ssl_certfile, ssl_keyfile=a.ssl_keyfile)
     return 0
 
 
 def cmd_stream(a: argparse.Namespace) -> int:
     from maskssd.deploy.video import stream
 
+    token = None
+    if a.token_file or os.environ.get("MASKSSD_TOKEN"):
+        from maskssd.deploy.auth import load_tokens
+
+        token = load_tokens(a.token_file, env="MASKSSD_TOKEN")[0]
     r = stream(
-        a.server, a.source, camera=a.name, max_frames=a.max_frames, fps=a.fps, jpeg_quality=a.jpeg_quality
+        a.server,
+        a.source,
+        camera=a.name,
+        max_frames=a.max_frames,
+        fps=a.fps,
+        jpeg_quality=a.jpeg_quality,
+        token=token,
+        ca_file=a.ca_file,
     )
     out.print(f"{r.camera}: sent {r.sent} frames ({r.failed} refused), {r.fps:.1f} FPS end to end")
     return 0

@@ -473,11 +473,19 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="HTTP detection service with dynamic batching",
         formatter_class=_formatter,
-        epilog="example:\n  maskssd serve --model models:/maskssd-face-mask@champion --port 8000\n"
-        "  curl -F file=@photo.jpg http://127.0.0.1:8000/detect",
+        description="Serve a model over HTTP: POST /detect (an image), GET /health, /metrics, /montage behind "
+        "bearer tokens, GET /livez (liveness) open. On this machine only (127.0.0.1) it may run without tokens; "
+        "on any other address it needs --token-file (or $MASKSSD_SERVE_TOKENS), and TLS with "
+        "--ssl-certfile/--ssl-keyfile for cameras on a network.",
+        epilog="examples:\n  maskssd serve --model models:/maskssd-face-mask@champion --port 8000\n"
+        "  curl -F file=@photo.jpg http://127.0.0.1:8000/detect\n"
+        "  python -c 'import secrets; print(secrets.token_urlsafe(32))' >> tokens.txt   # one per camera\n"
+        "  maskssd serve --model model.pt --host 0.0.0.0 --token-file tokens.txt \\\n"
+        "      --ssl-certfile cert.pem --ssl-keyfile key.pem\n"
+        '  curl -H "Authorization: Bearer $TOKEN" --cacert cert.pem -F file=@photo.jpg https://HOST:8000/detect',
     )
     _model_arg(sv)
-    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (not loopback: tokens required)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--max-batch", type=int, default=8)
     sv.add_argument("--max-wait-ms", type=float, default=10.0)
@@ -495,6 +503,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--device", default="cpu")
     sv.add_argument("--class-agnostic", action="store_true")
+    sv.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="accepted bearer tokens, one per line (one per client: delete a line to revoke it); default "
+        "$MASKSSD_SERVE_TOKENS. Never pass a token as an argument",
+    )
+    sv.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="serve a non-loopback address without tokens: anyone on the network may use the model",
+    )
+    sv.add_argument("--ssl-certfile", metavar="PEM", help="TLS certificate (with --ssl-keyfile): https://")
+    sv.add_argument("--ssl-keyfile", metavar="PEM", help="the certificate's private key")
+    sv.add_argument(
+        "--rate-limit", type=float, default=30.0, help="requests per second per client (0 = no limit)"
+    )
+    sv.add_argument("--burst", type=int, default=30, help="requests a client may make at once")
+    sv.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="images waiting for the model at most; beyond, 503 with Retry-After (not unbounded waiting)",
+    )
     sv.set_defaults(func=cmd_serve)
 
     sm = sub.add_parser(
@@ -511,6 +542,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--fps", type=float, default=0, help="cap the frame rate (0 = as fast as the server answers)"
     )
     sm.add_argument("--jpeg-quality", type=int, default=85)
+    sm.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="this camera's bearer token (the file's first one; default $MASKSSD_TOKEN)",
+    )
+    sm.add_argument(
+        "--ca-file", metavar="PEM", help="trust this certificate (a self-signed server's) for https://"
+    )
     sm.set_defaults(func=cmd_stream)
 
     ex = sub.add_parser(

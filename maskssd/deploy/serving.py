@@ -27,6 +27,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from maskssd.data import MAX_IMAGE_PIXELS, decode_image_bytes
+from maskssd.deploy.auth import LIVENESS_PATH, AuthMiddleware, RateLimiter, TokenSet, retry_after
+from maskssd.deploy.service_metrics import Metrics, MetricsMiddleware
 from maskssd.errors import DataError
 from maskssd.extras import require
 from maskssd.files import atomic_path
@@ -40,31 +42,24 @@ require(
 
 from fastapi import FastAPI, Request  # noqa: E402 - after the [serve] check
 from fastapi.responses import JSONResponse, Response  # noqa: E402
-from prometheus_client import (  # noqa: E402
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest  # noqa: E402
 from starlette.exceptions import HTTPException  # noqa: E402
 from starlette.formparsers import MultiPartException  # noqa: E402
-from starlette.types import ASGIApp, Message, Receive, Scope, Send  # noqa: E402
+from starlette.types import Message  # noqa: E402
 
 MONTAGE_INTERVAL_S = 0.5
 MAX_MONTAGE_CAMERAS = 16
 MAX_CAMERA_LABELS = 256  # distinct camera names tracked in metrics; later ones count as "other"
 _CAMERA_RE = re.compile(r"[^A-Za-z0-9_.:@-]")
-_ENDPOINTS = ("/detect", "/health", "/metrics", "/montage")
 
 
 class RequestError(Exception):
-    """A request the server refuses: ``status`` and a reason for the ``detail`` field."""
+    """A request the server refuses: ``status``, a reason for the ``detail`` field and extra response headers
+    (``Retry-After`` on 503)."""
 
-    def __init__(self, status: int, reason: str):
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None):
         super().__init__(reason)
-        self.status, self.reason = status, reason
+        self.status, self.reason, self.headers = status, reason, dict(headers or {})
 
 
 @dataclass
@@ -80,79 +75,6 @@ class _Result:
     batch_size: int
     model_ms: float
     queue_ms: float
-
-
-class Metrics:
-    """The service's Prometheus metrics, in their own registry (several apps may live in one process)."""
-
-    def __init__(self, max_batch: int):
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter(
-            "maskssd_requests",
-            "HTTP requests by endpoint and status code",
-            ["endpoint", "status"],
-            registry=r,
-        )
-        self.latency = Histogram(
-            "maskssd_request_latency_seconds",
-            "HTTP request latency",
-            ["endpoint"],
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1, 2.5, 5, 10),
-            registry=r,
-        )
-        self.batch_size = Histogram(
-            "maskssd_batch_size",
-            "images per model call",
-            buckets=tuple(float(b) for b in range(1, max(max_batch, 1) + 1)),
-            registry=r,
-        )
-        self.inference = Histogram(
-            "maskssd_model_inference_seconds",
-            "network forward time per model call",
-            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-            registry=r,
-        )
-        self.batch_seconds = Histogram(
-            "maskssd_batch_seconds",
-            "preprocess + forward + NMS time per model call",
-            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-            registry=r,
-        )
-        self.in_flight = Gauge(
-            "maskssd_images_in_flight", "decoded images queued or in the model", registry=r
-        )
-        self.frames = Counter("maskssd_camera_frames", "frames answered per camera", ["camera"], registry=r)
-        self.rejected = Counter(
-            "maskssd_rejected_images", "refused requests by status code", ["status"], registry=r
-        )
-
-
-class _MetricsMiddleware:
-    """Counts every request by endpoint and status code and times it (pure ASGI: no body buffering)."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        endpoint = scope.get("path", "")
-        endpoint = endpoint if endpoint in _ENDPOINTS else "other"
-        status = [500]
-        t0 = time.perf_counter()
-
-        async def send_wrapper(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            self.metrics.requests.labels(endpoint, str(status[0])).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
 
 
 class DetectionService:
@@ -192,6 +114,7 @@ class DetectionService:
         self.camera_labels: set[str] = set()
         self.montage_dirty: asyncio.Event | None = None
         self.montage_written = 0
+        self.last_batch_s = 0.1  # the last model call's time: a busy server's Retry-After estimate
 
     # ------------------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -232,7 +155,12 @@ class DetectionService:
         if self.tasks[0].done():
             raise RequestError(503, "the batcher has stopped; restart the server")
         if self.queue.qsize() >= self.max_queue:
-            raise RequestError(503, f"server busy: {self.queue.qsize()} images queued; retry later")
+            wait = self.queue.qsize() * self.last_batch_s / self.max_batch
+            raise RequestError(
+                503,
+                f"server busy: {self.queue.qsize()} images queued; retry later",
+                {"retry-after": retry_after(wait)},
+            )
         job = _Job(image, asyncio.get_running_loop().create_future())
         self.metrics.in_flight.inc()
         try:
@@ -274,6 +202,7 @@ class DetectionService:
                         j.future.set_exception(err)
                 continue
             m = self.metrics
+            self.last_batch_s = timing.total
             m.batch_size.observe(len(batch))
             m.inference.observe(timing.model)
             m.batch_seconds.observe(timing.total)
@@ -447,9 +376,14 @@ def _add_status_routes(app: FastAPI, svc: DetectionService) -> None:
     """``GET /health``, ``GET /metrics`` and ``GET /montage``."""
     predictor = svc.predictor
 
+    @app.get(LIVENESS_PATH)
+    async def livez() -> dict[str, str]:
+        """Liveness only (no token needed, nothing about the model): for load balancers and orchestrators."""
+        return {"status": "ok"}
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        """Liveness plus what is served."""
+        """Liveness plus what is served (behind the token, like every other route)."""
         return {
             "status": "ok",
             "model": predictor.describe(),
@@ -492,8 +426,14 @@ def create_app(
     montage_path: str | Path | None = None,
     score_threshold: float | None = None,
     max_queue: int = 256,
+    tokens: list[str] | None = None,
+    rate_limit: float = 0.0,
+    burst: int = 10,
 ) -> FastAPI:
     """The detection service as a FastAPI app (``app.state.service`` holds queue, metrics and montage).
+
+    ``tokens``: the accepted bearer tokens (:mod:`maskssd.deploy.auth`; None: no authentication); ``rate_limit``
+    requests per second per client (0: none), ``burst`` at once.
 
     ``POST /detect`` (image as multipart field ``file`` or the raw body; ``?camera=`` or header ``x-camera``;
     ``?score_threshold=``; default ``score_threshold``, else the model's per-class thresholds), ``GET /health``, ``GET /metrics`` (Prometheus, this app's own registry) and
@@ -527,13 +467,17 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = svc
-    app.add_middleware(_MetricsMiddleware, metrics=svc.metrics)
+    limiter = RateLimiter(rate_limit, burst) if rate_limit > 0 else None
+    app.add_middleware(
+        AuthMiddleware, tokens=TokenSet(list(tokens)) if tokens is not None else None, limiter=limiter
+    )
+    app.add_middleware(MetricsMiddleware, metrics=svc.metrics)  # outermost: counts refused requests too
 
     @app.exception_handler(RequestError)
     async def _refused(_: Request, e: RequestError) -> JSONResponse:
         if e.status < 500:
             svc.metrics.rejected.labels(str(e.status)).inc()
-        return JSONResponse({"detail": e.reason}, status_code=e.status)
+        return JSONResponse({"detail": e.reason}, status_code=e.status, headers=e.headers)
 
     @app.post("/detect")
     async def detect(request: Request) -> dict[str, Any]:
@@ -564,8 +508,24 @@ def create_app(
     return app
 
 
-def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve ``app`` with uvicorn (one worker: the model and its batching queue live in this process)."""
+def run_server(
+    app: FastAPI,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
+) -> None:
+    """Serve ``app`` with uvicorn (one worker: the model and its batching queue live in this process), over TLS
+    when given a certificate and its key."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="info", workers=1)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        workers=1,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+    )

@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -149,8 +150,12 @@ def stream(
     max_frames: int = 0,
     fps: float = 0.0,
     jpeg_quality: int = 85,
+    token: str | None = None,
+    ca_file: str | None = None,
 ) -> StreamSummary:
-    """Camera client: read frames, send them as JPEG to ``SERVER/detect`` named ``camera``, measure FPS."""
+    """Camera client: read frames, send them as JPEG to ``SERVER/detect`` named ``camera``, measure FPS. The
+    ``token`` goes as ``Authorization: Bearer``; an ``https://`` server's certificate is verified (against
+    ``ca_file`` for a self-signed one). A busy server's 503 or 429 is waited out (its ``Retry-After``)."""
     import io
 
     from PIL import Image
@@ -160,17 +165,31 @@ def stream(
     url = server.rstrip("/") + "/detect"
     meter, sent, failed = FPSMeter(), 0, 0
     min_interval = 1.0 / fps if fps and fps > 0 else 0.0
-    with httpx.Client(timeout=30.0) as client:
+    headers = {"content-type": "image/jpeg", "x-camera": camera}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    verify: Any = True
+    if ca_file:
+        import ssl
+
+        verify = ssl.create_default_context(cafile=ca_file)
+    with httpx.Client(timeout=30.0, verify=verify) as client:
         t_prev = time.perf_counter()
         for i, frame, _ in frames(source, max_frames):
             buf = io.BytesIO()
             Image.fromarray(frame).save(buf, format="JPEG", quality=jpeg_quality)
             try:
-                r = client.post(
-                    url, content=buf.getvalue(), headers={"content-type": "image/jpeg", "x-camera": camera}
-                )
+                r = client.post(url, content=buf.getvalue(), headers=headers)
             except httpx.HTTPError as e:
                 raise MaskSSDError(f"server {server} unreachable: {e}") from None
+            if r.status_code == 401:
+                raise MaskSSDError(
+                    f"server {server} refused the token: {r.json().get('detail', r.text[:200])}"
+                )
+            if r.status_code in (429, 503):  # busy: wait as told, then go on with the next frame
+                failed += 1
+                time.sleep(min(float(r.headers.get("retry-after", "1")), 10.0))
+                continue
             if r.status_code != 200:
                 failed += 1
                 log.warning("frame %d: %d %s", i, r.status_code, r.text[:200])
