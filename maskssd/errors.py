@@ -72,6 +72,35 @@ class TrainingInterrupted(MaskSSDError):
     run_id: str | None = None
 
 
+class RunStopped(MaskSSDError):
+    """A run stopped by something outside it (a full disk, a tracking server away for too long) with everything
+    it finished kept: ``run_id`` is the run to resume once the cause is gone (``maskssd train --resume``)."""
+
+    run_id: str | None = None
+    run_status = "FAILED"
+
+    @property
+    def run_reason(self) -> str:
+        return str(self)
+
+
+class CheckpointWriteError(RunStopped):
+    """A checkpoint could not be written (disk full, file-size limit, permissions); the previous one is intact.
+    ``kept_epoch``: the epoch of that checkpoint (0: none)."""
+
+    kept_epoch: int = 0
+
+    @classmethod
+    def at(cls, kept_epoch: int, message: str) -> CheckpointWriteError:
+        e = cls(message)
+        e.kept_epoch = kept_epoch
+        return e
+
+
+class TrackingUnavailable(RunStopped):
+    """The tracking server was away for longer than the run could hold what it logged (kept on disk instead)."""
+
+
 class UnsafeCheckpointError(MaskSSDError):
     """A model file whose unpickling needs arbitrary Python objects (which could run code): refused unread.
 

@@ -379,58 +379,73 @@ def postgres_db(postgres_server: str, request: pytest.FixtureRequest) -> str:
     return postgres_server.rsplit("/", 1)[0] + f"/{name}"
 
 
-@pytest.fixture()
-def mlflow_server(tmp_path: Path, postgres_db: str):
-    """A real ``mlflow server`` on loopback: PostgreSQL backend store, artifacts served from tmp_path."""
-    import os
-    import subprocess
-    import sys
-    import time
+class MlflowServer:
+    """A real ``mlflow server`` on a fixed loopback port: its backend store, artifacts served from ``root``;
+    stopped and started again on the same port and store (an outage)."""
 
-    httpx = pytest.importorskip(
-        "httpx", reason='the HTTP client is the [serve] extra: pip install "maskssd[serve]"'
-    )
+    def __init__(self, root: Path, backend: str):
+        self.root, self.backend, self.port = root, backend, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+        self.starts = 0
 
-    port = _free_port()
-    log = (tmp_path / "mlflow-server.log").open("w")
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    proc = subprocess.Popen(
-        [
-            str(mlflow_bin),
+    def start(self) -> MlflowServer:
+        import os
+        import subprocess
+        import sys
+        import time
+
+        httpx = pytest.importorskip(
+            "httpx", reason='the HTTP client is the [serve] extra: pip install "maskssd[serve]"'
+        )
+        self.starts += 1
+        log_path = self.root / f"mlflow-server-{self.starts}.log"
+        cmd = [
+            str(Path(sys.executable).parent / "mlflow"),
             "server",
             "--backend-store-uri",
-            postgres_db,
+            self.backend,
             "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
+            str(self.root / "server-artifacts"),
             "--serve-artifacts",
             "--host",
             "127.0.0.1",
             "--port",
-            str(port),
+            str(self.port),
             "--workers",
             "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow server exited: {(tmp_path / 'mlflow-server.log').read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
+        ]
+        with log_path.open("w") as log:
+            env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"mlflow server exited: {log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        self.proc.kill()
         pytest.fail("mlflow server did not come up in 120 s")
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.proc = None
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path: Path, postgres_db: str):
+    """A real ``mlflow server`` on loopback: PostgreSQL backend store, artifacts served from tmp_path."""
+    server = MlflowServer(tmp_path, postgres_db).start()
+    yield server.url
+    server.stop()

@@ -398,3 +398,41 @@ def test_logged_model_carries_the_final_metrics_and_thresholds(trained):
     fits = json.loads(Path(path).read_text())
     assert deployed.get("thresholds", {}) == {k: v["threshold"] for k, v in fits.items()}
     assert set(fits) <= set(cfg.class_names)
+
+
+def test_a_full_disk_stops_the_run_keeps_the_last_checkpoint_and_resume_continues(
+    workdir, synth_root, capsys
+):
+    """RLIMIT_FSIZE stands for a full disk: after epoch 1 no file may grow past 1 KiB, so epoch 2's checkpoint
+    cannot be written. The run stops saying so, epoch 1's checkpoint is intact and loads, and once the limit is
+    lifted ``--resume`` trains epochs 2 and 3 (no epoch lost)."""
+    import resource
+
+    from maskssd.errors import CheckpointWriteError
+
+    cfg_path = write_config(workdir / "exp.toml", synth_root, epochs=3)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def fill_disk(epoch, metrics):
+        if epoch == 1:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))
+
+    try:
+        with pytest.raises(
+            CheckpointWriteError, match=r"epoch 2 .*File too large.*epoch 1 is intact"
+        ) as stopped:
+            run_experiment(load_config(cfg_path), log_model=False, on_eval=[fill_disk])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    run_id = stopped.value.run_id
+    c = tracking.client()
+    # the local store is on the same full disk: it could not even record the failure (the run stays RUNNING,
+    # like a killed process's); what matters is below
+    assert c.get_run(run_id).info.status in ("RUNNING", "FAILED")
+    ckpt_dir = workdir / "mlruns" / "checkpoints" / run_id
+    assert load(ckpt_dir / "last.pt")["epoch"] == 1  # intact and loadable
+    assert not list(ckpt_dir.glob("*.tmp*")) and not list(ckpt_dir.glob(".*"))  # no half-written file left
+    assert main(["train", str(cfg_path), "--resume", run_id, "--no-progress"]) == 0
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED" and load(ckpt_dir / "last.pt")["epoch"] == 3
+    assert [s for s, _ in histories(c, run_id)["train/loss"]] == [1, 2, 3]

@@ -28,7 +28,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     # first of all: a fresh install compiles its CPU kernels in a child process while this one imports torch and
     # MLflow, opens the run and prepares the data, instead of at the first training step
     compile_in_background()
-    from maskssd.errors import TrainingInterrupted
+    from maskssd.errors import RunStopped, TrainingInterrupted
     from maskssd.tracking.experiment import run_experiment
     from maskssd.training.config import load_config
 
@@ -52,13 +52,16 @@ def cmd_train(a: argparse.Namespace) -> int:
             resume_run_id=a.resume,
             progress=None if a.no_progress else TrainBar(),
         )
-    except TrainingInterrupted as e:
+    except (TrainingInterrupted, RunStopped) as e:
+        stopped = isinstance(e, RunStopped)
         err.print(
-            f"[yellow]{escape(str(e))}; checkpoint saved.[/] Resume with:\n  maskssd train {a.config} --resume "
-            f"{e.run_id}" + (f" --tracking-uri {a.tracking_uri}" if a.tracking_uri else ""),
+            ("[bold red]error:[/] " if stopped else "[yellow]")
+            + f"{escape(str(e))}{'' if stopped else '; checkpoint saved.[/]'} Resume with:\n  maskssd train "
+            f"{a.config} --resume {e.run_id}"
+            + (f" --tracking-uri {a.tracking_uri}" if a.tracking_uri else ""),
             highlight=False,
         )
-        return 130
+        return 2 if stopped else 130
     if r.evaluation is not None and int(os.environ.get("RANK", "0")) == 0:
         out.print(ap_table(r.evaluation))
     model = f"model: {r.model_uri} (also runs:/{r.run_id}/model)" if r.model_uri else "no model logged"

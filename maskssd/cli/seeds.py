@@ -23,7 +23,7 @@ _ROLE, _PARENT = "maskssd.role", "mlflow.parentRunId"
 # ------------------------------------------------------------------------------------------- train
 def train_seeds(a: argparse.Namespace, cfg: Any) -> int:
     """``maskssd train CONFIG --seeds 0,1,2`` / ``--folds K`` and ``--resume PARENT_ID``."""
-    from maskssd.errors import TrainingInterrupted
+    from maskssd.errors import RunStopped, TrainingInterrupted
     from maskssd.tracking.seeds import run_seeds
 
     try:
@@ -37,14 +37,16 @@ def train_seeds(a: argparse.Namespace, cfg: Any) -> int:
             folds=a.folds or 0,
             final_split=a.final_split,
         )
-    except TrainingInterrupted as e:
+    except (TrainingInterrupted, RunStopped) as e:
+        stopped = isinstance(e, RunStopped)
         err.print(
-            f"[yellow]{escape(str(e))}; checkpoint saved.[/] Resume the missing runs with:\n  maskssd train "
-            f"{a.config} --resume {e.run_id}"
+            ("[bold red]error:[/] " if stopped else "[yellow]")
+            + f"{escape(str(e))}{'' if stopped else '; checkpoint saved.[/]'} Resume the missing runs with:\n"
+            f"  maskssd train {a.config} --resume {e.run_id}"
             + (f" --tracking-uri {a.tracking_uri}" if a.tracking_uri else ""),
             highlight=False,
         )
-        return 130
+        return 2 if stopped else 130
     if int(os.environ.get("RANK", "0")) != 0:
         return 0 if r.status == "FINISHED" else 1
     out.print(seeds_table(r))

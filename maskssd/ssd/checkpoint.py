@@ -9,6 +9,7 @@ both training (which writes them) and deploy (which serves them).
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import signal
@@ -69,10 +70,14 @@ def interrupts_deferred() -> Iterator[None]:
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``. Ctrl-C or
-    SIGTERM during the write take effect once it is complete (:func:`interrupts_deferred`)."""
+    SIGTERM during the write take effect once it is complete (:func:`interrupts_deferred`). The checkpoint is
+    serialised in memory first, so a failed write (a full disk) raises the system's ``OSError`` (``ENOSPC``,
+    ``EFBIG``), not the zip writer's; ``path`` is then left as it was."""
     path = Path(path)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     with interrupts_deferred(), atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+        f.write(buf.getbuffer())
         f.flush()
         os.fsync(f.fileno())
     return path

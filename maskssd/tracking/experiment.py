@@ -6,14 +6,16 @@ This is what ``maskssd train`` and every study trial call.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from maskssd.errors import NonFiniteLossError, TrainingInterrupted
+from maskssd.errors import NonFiniteLossError, RunStopped, TrainingInterrupted
 from maskssd.tracking import lineage, runs
+from maskssd.tracking.buffered import BufferedRun
 from maskssd.training import distributed
 from maskssd.training.build import checkpoint_root
 from maskssd.training.config import ExperimentConfig, validate
@@ -57,10 +59,12 @@ def run_experiment(
         run, cfg = _open_run(cfg, info, tracking_uri, run_name, resume_run_id, parent_run_id, tags)
         if on_start is not None and info.is_main:
             on_start(run.run_id)
-        store = runs.MlflowCheckpoints(run, checkpoint_root() / run.run_id)
+        local = checkpoint_root() / run.run_id
+        tracker = BufferedRun(run, local / "pending-tracking.jsonl")  # training does not wait on the store
+        store = runs.MlflowCheckpoints(tracker, local)
         ctx = RunContext.build(
             cfg,
-            run,
+            tracker,
             store,
             dist=info,
             device=device,
@@ -69,7 +73,7 @@ def run_experiment(
             log_model=log_model,
             resuming=resume_run_id is not None,
         )
-        return _tracked(ctx, run)
+        return _tracked(ctx, run, tracker)
     finally:
         if owns_group:
             distributed.teardown()
@@ -118,11 +122,11 @@ def _source_tags(cfg: ExperimentConfig) -> dict[str, str]:
     return tags
 
 
-def _tracked(ctx: RunContext, run: runs.MlflowRun) -> RunResult:
+def _tracked(ctx: RunContext, run: runs.MlflowRun, tracker: BufferedRun) -> RunResult:
     cfg, info = ctx.cfg, ctx.dist
     try:
         if not ctx.resuming:
-            run.set_tags(_source_tags(cfg))  # a no-op on the read-only run of the other ranks
+            tracker.set_tags(_source_tags(cfg))  # a no-op on the read-only run of the other ranks
         monitor = lineage.system_metrics(
             run.run_id,
             run.client.tracking_uri,
@@ -131,6 +135,7 @@ def _tracked(ctx: RunContext, run: runs.MlflowRun) -> RunResult:
         )
         with sigterm_as_interrupt(), monitor:
             result = train_experiment(ctx)
+        tracker.close()  # everything held while the store was away, sent
         run.finish("FINISHED")
         return result
     except TrainingInterrupted as e:
@@ -141,6 +146,13 @@ def _tracked(ctx: RunContext, run: runs.MlflowRun) -> RunResult:
     except NonFiniteLossError as e:
         run.set_tags({"failure_reason": f"non-finite loss: {e}"})
         run.finish("FAILED")
+        raise
+    except RunStopped as e:  # a full disk, a tracking server away too long: what was done is kept
+        e.run_id = run.run_id
+        tracker.hold_on_disk(until_step=getattr(e, "kept_epoch", None))
+        with contextlib.suppress(Exception):  # the store may be what is away
+            run.set_tags({"failure_reason": str(e)[:5000]})
+            run.finish("FAILED")
         raise
     except BaseException as e:
         status = getattr(e, "run_status", "FAILED")

@@ -14,6 +14,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow retries an HTTP request 7 times with a backoff factor of 2 (~4 min) before it gives up. A training run
+# does not wait on its server (maskssd.tracking.buffered holds what it logs while the server is away), so one
+# short retry is enough; both stay yours to set.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
@@ -152,8 +157,8 @@ class MlflowRun:
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, tags=items[i : i + 100])
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        ts = int(time.time() * 1000)
+    def log_metrics(self, metrics: Mapping[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        ts = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
         items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i : i + 500])
@@ -215,7 +220,7 @@ class MlflowCheckpoints(LocalCheckpoints):
     """A run's checkpoints: written in a local folder, published as the run's ``checkpoints/<kind>.pt``
     artifacts, found again on resume in the local folder first, else downloaded (another machine)."""
 
-    def __init__(self, run: MlflowRun, local_dir: str | Path):
+    def __init__(self, run: Any, local_dir: str | Path):  # an MlflowRun, or the BufferedRun over it
         super().__init__(local_dir)
         self.run = run
 

@@ -26,6 +26,7 @@ serves every seed, each seed's child trains distributed, and rank 0 alone writes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ from typing import Any
 
 import mlflow
 
-from maskssd.errors import MaskSSDError, NonFiniteLossError, TrainingInterrupted
+from maskssd.errors import MaskSSDError, NonFiniteLossError, RunStopped, TrainingInterrupted
 from maskssd.tracking import runs
 from maskssd.tracking.experiment import run_experiment
 from maskssd.training import distributed
@@ -373,6 +374,16 @@ def _run_all(
         stop = e if isinstance(e, TrainingInterrupted) else TrainingInterrupted(f"interrupted at {label}")
         stop.run_id = plan.parent_id
         raise stop from None
+    except RunStopped as e:  # a full disk, a tracking server away: resume the parent once it is back
+        results[member] = SeedRun(
+            member[0], e.run_id, "FAILED", action="stopped", reason=str(e), fold=member[1]
+        )
+        with contextlib.suppress(Exception):
+            _record(parent, results, plan)
+            parent.set_tags({"failure_reason": f"{results[member].label}: {e}"[:5000]})
+            parent.finish("FAILED")
+        e.run_id = plan.parent_id
+        raise
     except BaseException as e:
         status = getattr(e, "run_status", "FAILED")  # a pruned trial: KILLED, with its reason
         reason = getattr(e, "run_reason", f"{type(e).__name__}: {e}")

@@ -20,7 +20,7 @@ from torch import nn
 
 from maskssd.data import Batch
 from maskssd.data.sampling import epoch_batches
-from maskssd.errors import NonFiniteLossError, TrainingInterrupted
+from maskssd.errors import CheckpointWriteError, NonFiniteLossError, TrainingInterrupted
 from maskssd.ssd.checkpoint import FORMAT_VERSION
 from maskssd.ssd.loss import MultiBoxLoss
 from maskssd.ssd.postprocess import DecodeSpec
@@ -233,6 +233,20 @@ class Trainer:
         window.clear()
         return sums
 
+    def _save(self, kind: str, publish: bool) -> None:
+        """Write (and publish) a checkpoint; a failed write (a full disk) stops the run, the previous intact."""
+        try:
+            self.store.save(self.checkpoint(), kind, publish=publish)
+        except OSError as e:
+            kept = self.state.last_written_epoch
+            raise CheckpointWriteError.at(
+                kept,
+                f"could not write the {kind} checkpoint of epoch {self.state.epoch} in {self.store.local_dir}: "
+                f"{e.strerror or e} (a full disk?); "
+                + (f"the one of epoch {kept} is intact" if kept else "no epoch was saved")
+                + ". Free space and resume",
+            ) from None
+
     def _loss_for(self, size: int) -> MultiBoxLoss:
         if self.sized_loss is None or size == self.model.input_size:
             return self.loss_fn
@@ -286,14 +300,14 @@ class Trainer:
                 metrics.update(val)
                 metrics["lr"] = lr
                 self.state.epoch = epoch
-                self.logger.log_metrics(curve_metrics(metrics), step=epoch)
-                if self._improved(epoch, metrics):
-                    self.store.save(self.checkpoint(), "best")
+                if self._improved(epoch, metrics):  # the state first, then the report: a run stopped while
+                    self._save("best", publish=True)  # reporting resumes after this epoch
                 publish = epoch % t.save_every == 0 or epoch == t.epochs
-                self.store.save(self.checkpoint(), "last", publish=publish)
+                self._save("last", publish=publish)
                 self.state.last_written_epoch = epoch
                 if publish:
                     self.state.last_saved_epoch = epoch
+                self.logger.log_metrics(curve_metrics(metrics), step=epoch)
                 if do_map:
                     for hook in self.on_eval:
                         hook(epoch, metrics)
