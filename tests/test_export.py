@@ -203,3 +203,26 @@ def test_onnx_backend_with_tta_gives_the_torch_backends_tta_detections(tiny_chec
     a, b = torch_pred.predict(images)[0], onnx_pred.predict(images)[0]
     assert len(a) == len(b) > 0 and torch.equal(a.labels, b.labels)
     assert (a.boxes - b.boxes).abs().max() < 1e-3 and (a.scores - b.scores).abs().max() < 1e-4
+
+
+def test_auto_backend_is_onnx_runtime_on_a_cpu_when_installed(monkeypatch, tiny_checkpoint, caplog):
+    import importlib.util
+    import logging
+
+    from maskssd.deploy.model_ref import resolve_backend
+    from maskssd.deploy.predictor import Predictor
+
+    assert resolve_backend("auto", "cpu")[0] == "onnx"
+    assert resolve_backend("auto", "cuda:0")[0] == "torch" and resolve_backend("torch", "cpu")[0] == "torch"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "onnxruntime" else real(n, *a))
+    backend, why = resolve_backend("auto", "cpu")
+    assert backend == "torch" and 'pip install "maskssd[onnx]"' in why
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    with caplog.at_level(logging.INFO, logger="maskssd.deploy.predictor"):
+        auto = Predictor.from_checkpoint(tiny_checkpoint, backend="auto")
+    assert auto.backend == "onnx" and "backend onnx (auto: ONNX Runtime" in caplog.text  # said at start
+    torch_pred = Predictor.from_checkpoint(tiny_checkpoint, backend="torch")
+    frame = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    a, b = auto.predict([frame])[0], torch_pred.predict([frame])[0]
+    assert len(a) == len(b) and torch.allclose(a.scores, b.scores, atol=1e-4)

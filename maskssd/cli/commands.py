@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     # first of all: a fresh install compiles its CPU kernels in a child process while this one imports torch and
     # MLflow, opens the run and prepares the data, instead of at the first training step
     compile_in_background()
+    started = time.time()
     from maskssd.errors import RunStopped, TrainingInterrupted
     from maskssd.tracking.experiment import run_experiment
     from maskssd.training.config import load_config
@@ -64,6 +66,10 @@ def cmd_train(a: argparse.Namespace) -> int:
         return 2 if stopped else 130
     if r.evaluation is not None and int(os.environ.get("RANK", "0")) == 0:
         out.print(ap_table(r.evaluation))
+        if a.record:
+            from maskssd.cli.seeds import write_run_record
+
+            write_run_record(a, r.run_id, started)
     model = f"model: {r.model_uri} (also runs:/{r.run_id}/model)" if r.model_uri else "no model logged"
     out.print(f"[green]run {r.run_id} finished[/]; {model}", highlight=False)
     return 0
@@ -111,6 +117,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from maskssd.training.predict import predict
 
     evaluate_more.check_args(a)
+    started = time.time()
     ckpt_path = resolve_checkpoint(a.model, a.tracking_uri)
     pred = load_predictor(
         ckpt_path, device=a.device, backend=a.backend, **_predictor_options(a, a.split_name)
@@ -134,11 +141,15 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     report = report_split(evalset, spec, split=a.split, fit_thresholds=a.fit_thresholds)
     result, boot, analysis = report.result, report.bootstrap, report.analysis
     extra = evaluate_more.fit_thresholds(a, ckpt_path, pred, report.thresholds) if a.fit_thresholds else {}
-    if a.json:
-        saved = _save_detections(a, decode, pred, report) if a.save_detections else None
+    saved = _save_detections(a, decode, pred, report) if a.save_detections else None
+    if a.json or a.record:
         more = {"thresholds": extra, "detections_file": saved, "intervals": boot.to_dict() if boot else None}
-        evaluate_more.print_json(a, pred, report, more)
-        return 0
+        doc = evaluate_more.evaluation_doc(a, pred, report, more)
+        if a.record:
+            evaluate_more.write_record(a, doc, started)
+        if a.json:
+            evaluate_more.print_json(doc)
+            return 0
     title = f"{a.model} on {a.data} {a.split_name}/{a.split} ({len(ds)} images)"
     if boot is not None:
         title += f"; {100 * boot.ci:g}% intervals from {boot.n} image resamples (seed {boot.seed})"
@@ -146,9 +157,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     out.print(f"COCO AP50: {100 * result.ap50_coco:.1f}")
     for table in analysis_tables(analysis):
         out.print(table)
-    if a.save_detections:
-        path = _save_detections(a, decode, pred, report)
-        out.print(f"detections written to {path}")
+    if saved:
+        out.print(f"detections written to {saved}")
     return 0
 
 
@@ -311,7 +321,15 @@ def cmd_study(a: argparse.Namespace) -> int:
 def cmd_study_report(a: argparse.Namespace) -> int:
     from maskssd.tracking.studies import report_study
 
-    _print_study_report(report_study(a.name, storage=a.storage, tracking_uri=a.tracking_uri))
+    rep = report_study(a.name, storage=a.storage, tracking_uri=a.tracking_uri)
+    _print_study_report(rep)
+    if a.record:
+        from maskssd.provenance import make_record, write_record
+
+        title = f"study {rep.name}"
+        out.print(
+            f"record written to {write_record(a.record, make_record('study', rep.summary, title=title))}"
+        )
     return 0
 
 

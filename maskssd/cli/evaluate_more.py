@@ -52,8 +52,8 @@ def fit_thresholds(a: argparse.Namespace, ckpt_path: Path, pred: Any, fits: dict
     return {"fits": {c: asdict(f) for c, f in fits.items()}, "out": str(written) if written else None}
 
 
-def print_json(a: argparse.Namespace, pred: Any, report: Any, extra: dict[str, Any]) -> None:
-    """The evaluation as one JSON document on stdout (NaN as null): the split's report (what a run writes as
+def evaluation_doc(a: argparse.Namespace, pred: Any, report: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation as one JSON document (NaN as null): the split's report (what a run writes as
     ``report/<split>.json``) with the model and data it was made from."""
     from maskssd.evaluation.report import finite
 
@@ -65,4 +65,18 @@ def print_json(a: argparse.Namespace, pred: Any, report: Any, extra: dict[str, A
         **report.to_dict(),
         **extra,
     }
-    print(json.dumps(finite(doc), indent=1))
+    return finite(doc)
+
+
+def print_json(doc: dict[str, Any]) -> None:
+    print(json.dumps(doc, indent=1))
+
+
+def write_record(a: argparse.Namespace, doc: dict[str, Any], started: float) -> None:
+    """``--record FILE``: the evaluation with the machine, the commit and the wall time."""
+    from maskssd.provenance import make_record
+    from maskssd.provenance import write_record as write
+
+    title = f"{a.model} on {a.split_name}/{a.split}"
+    path = write(a.record, make_record("evaluate", doc, title=title, started=started))
+    err.print(f"record written to {path}", highlight=False)

@@ -18,6 +18,7 @@ from maskssd.cli.commands import (
     cmd_train,
 )
 from maskssd.cli.data import cmd_data_anchors, cmd_data_split, cmd_data_stats, cmd_data_synth
+from maskssd.cli.docs import cmd_docs
 from maskssd.cli.research import cmd_compare, cmd_study_config
 from maskssd.deploy.model_ref import BACKENDS
 from maskssd.ssd.decode_spec import DISPLAY_THRESHOLD, DecodeSpec
@@ -228,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
     t.add_argument(
+        "--record",
+        metavar="FILE.json",
+        help="also write the run's final metrics (a --seeds or --folds parent's summary) as a record (with the machine, the commit and the wall time): what "
+        "`maskssd docs` renders the docs' tables from",
+    )
+    t.add_argument(
         "--system-metrics",
         action="store_true",
         help="log CPU, memory, disk, network (GPU) use into the run as system/* (= --set train.system_metrics=true)",
@@ -264,7 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-overlap", type=float, default=DecodeSpec.max_overlap, help="NMS IoU")
     e.add_argument("--top-k", type=int, default=DecodeSpec.top_k, help="detections kept per image")
     e.add_argument("--class-agnostic", action="store_true", help="NMS across classes (one class per face)")
-    e.add_argument("--backend", choices=BACKENDS, default="torch")
+    e.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="auto (default): ONNX Runtime on a CPU when the [onnx] extra is installed (the faster), else "
+        "PyTorch; said at start",
+    )
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--workers", type=int, default=0)
     e.add_argument("--device", default="cpu")
@@ -285,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"error analysis: recall and false boxes at this score (default {DISPLAY_THRESHOLD})",
     )
     e.add_argument("--json", action="store_true", help="print the results as JSON (stdout) instead of tables")
+    e.add_argument(
+        "--record",
+        metavar="FILE.json",
+        help="also write the results as a record (with the machine, the commit and the wall time): what "
+        "`maskssd docs` renders the docs' tables from",
+    )
     e.add_argument(
         "--fit-thresholds",
         action="store_true",
@@ -333,7 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="video: vote each face's class over the last FRAMES frames (0 = off)",
     )
     de.add_argument("--max-frames", type=int, default=0, help="video/camera: stop after N frames (0 = all)")
-    de.add_argument("--backend", choices=BACKENDS, default="torch")
+    de.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="auto (default): ONNX Runtime on a CPU when the [onnx] extra is installed (the faster), else "
+        "PyTorch; said at start",
+    )
     de.add_argument("--device", default="cpu")
     de.add_argument(
         "--show",
@@ -382,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--seed", type=int, default=0)
     cp.add_argument("--ci", type=float, default=0.95, help="interval level (default 0.95)")
     cp.add_argument("--json", action="store_true", help="print JSON (for scripts) instead of a table")
+    cp.add_argument(
+        "--record",
+        metavar="FILE.json",
+        help="also write the comparison as a record (with the machine, the commit and the wall time): what "
+        "`maskssd docs` renders the docs' tables from",
+    )
     cp.add_argument("--data", help="dataset root (default: where the detections were made)")
     cp.add_argument("--split-name", help="split list under ROOT/splits/ (default: the detections')")
     cp.add_argument("--on-error", choices=("raise", "skip"), default="raise")
@@ -424,6 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("name")
     sr.add_argument("--storage")
     sr.add_argument("--tracking-uri")
+    sr.add_argument(
+        "--record",
+        metavar="FILE.json",
+        help="also write the study's summary (trials by state, wall time, best trial, the fidelity check) as a "
+        "record for `maskssd docs`",
+    )
     sr.set_defaults(func=cmd_study_report)
 
     sc = sub.add_parser(
@@ -468,6 +505,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--tracking-uri")
     pr.set_defaults(func=cmd_promote)
 
+    # docs
+    dc = sub.add_parser(
+        "docs",
+        help="render the docs' result and benchmark tables from the committed records",
+        formatter_class=_formatter,
+        description="Every table of results in README.md and docs/ is rendered from records/*.json, each written "
+        "by the command that measured it (--record): this rewrites them; --check only says which pages differ.",
+        epilog="examples:\n  maskssd docs            # after adding a record\n  maskssd docs --check    # what the tests run",
+    )
+    dc.add_argument("--check", action="store_true", help="exit 1 if a page differs from its records")
+    dc.add_argument("--root", default=".", help="the project folder (README.md, docs/, records/)")
+    dc.set_defaults(func=cmd_docs)
+
     # serve / stream / export
     sv = sub.add_parser(
         "serve",
@@ -490,7 +540,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch", type=int, default=8)
     sv.add_argument("--max-wait-ms", type=float, default=10.0)
     sv.add_argument("--no-batching", action="store_true")
-    sv.add_argument("--backend", choices=BACKENDS, default="torch")
+    sv.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="auto (default): ONNX Runtime on a CPU when the [onnx] extra is installed (the faster), else "
+        "PyTorch; said at start",
+    )
     sv.add_argument(
         "--montage", metavar="FILE.jpg", help="keep a montage of the latest frame of every camera here"
     )

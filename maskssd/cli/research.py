@@ -181,14 +181,21 @@ def cmd_compare(a: argparse.Namespace) -> int:
     anns = _annotations(docs_a[0], a, split)
     r = compare_detections(docs_a, docs_b, anns, n=a.n, seed=a.seed, ci=a.ci)
     n_images = len(docs_a[0]["images"])
+    doc = {
+        "a": [d["ref"] for d in docs_a],
+        "b": [d["ref"] for d in docs_b],
+        "split": split,
+        "images": n_images,
+        **({"folds_hash": docs_a[0]["folds_hash"]} if docs_a[0]["folds_hash"] else {}),
+        **r.to_dict(),
+    }
+    if a.record:
+        from maskssd.provenance import make_record, write_record
+
+        record = make_record("compare", doc, title=f"{a.run_a} vs {a.run_b} ({split})")
+        err.print(f"record written to {write_record(a.record, record)}", highlight=False)
     if a.json:
-        doc = {
-            "a": [d["ref"] for d in docs_a],
-            "b": [d["ref"] for d in docs_b],
-            "split": split,
-            "images": n_images,
-        }
-        print(json.dumps({**doc, **r.to_dict()}, indent=1))
+        print(json.dumps(doc, indent=1))
         return 0
     name = lambda docs: ", ".join(_short(d["ref"]) for d in docs)  # noqa: E731
     t = Table(

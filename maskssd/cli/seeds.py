@@ -23,6 +23,9 @@ _ROLE, _PARENT = "maskssd.role", "mlflow.parentRunId"
 # ------------------------------------------------------------------------------------------- train
 def train_seeds(a: argparse.Namespace, cfg: Any) -> int:
     """``maskssd train CONFIG --seeds 0,1,2`` / ``--folds K`` and ``--resume PARENT_ID``."""
+    import time
+
+    started = time.time()
     from maskssd.errors import RunStopped, TrainingInterrupted
     from maskssd.tracking.seeds import run_seeds
 
@@ -49,11 +52,51 @@ def train_seeds(a: argparse.Namespace, cfg: Any) -> int:
         return 2 if stopped else 130
     if int(os.environ.get("RANK", "0")) != 0:
         return 0 if r.status == "FINISHED" else 1
+    if a.record:
+        write_run_record(a, r.parent_run_id, started, children=r)
     out.print(seeds_table(r))
     colour = "green" if r.status == "FINISHED" else "red"
     what = f"{r.folds} folds x {len(r.seeds)} seeds" if r.folds else f"{len(r.seeds)} seeds"
     out.print(f"[{colour}]parent run {r.parent_run_id} {r.status.lower()}[/] ({what})")
     return 0 if r.status == "FINISHED" else 1
+
+
+def write_run_record(a: argparse.Namespace, run_id: str, started: float, children: Any = None) -> None:
+    """``maskssd train --record FILE``: a run's final metrics, or a --seeds/--folds parent's summary (its
+    children's final metrics and durations, the mean ± std, the out-of-fold evaluation), with provenance."""
+    from maskssd.provenance import make_record, write_record
+    from maskssd.tracking import runs
+    from maskssd.tracking.seeds import is_final_metric
+
+    c = runs.client(a.tracking_uri)
+    run = c.get_run(run_id)
+
+    def summary(r: Any) -> dict[str, Any]:
+        end, start = r.info.end_time, r.info.start_time
+        return {
+            "run_id": r.info.run_id,
+            "status": r.info.status,
+            "seed": r.data.tags.get("maskssd.seed", r.data.params.get("experiment.seed")),
+            "fold": r.data.tags.get("maskssd.fold"),
+            "seconds": (end - start) / 1000 if end and start else None,
+            "config_hash": r.data.tags.get("config_hash"),
+            "commit": r.data.tags.get("mlflow.source.git.commit"),
+            "metrics": {k: v for k, v in r.data.metrics.items() if is_final_metric(k) or k == "best_epoch"},
+        }
+
+    doc: dict[str, Any] = {"config": str(a.config), "run": summary(run)}
+    kind = "train"
+    if children is not None:
+        kind = "folds" if children.folds else "seeds"
+        doc.update(
+            seeds=children.seeds,
+            folds=children.folds,
+            children=[summary(c.get_run(s.run_id)) for s in children.runs.values() if s.run_id],
+            aggregate=dict(children.aggregate),
+            folds_hash=run.data.tags.get("data.folds_hash"),
+        )
+    record = make_record(kind, doc, title=f"{a.config} ({kind})", started=started)
+    out.print(f"record written to {write_record(a.record, record)}", highlight=False)
 
 
 def seeds_table(r: Any) -> Table:

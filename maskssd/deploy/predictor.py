@@ -5,6 +5,7 @@ One :class:`Predictor` serves ``detect``, ``serve``, the MLflow pyfunc model and
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -15,13 +16,15 @@ import numpy as np
 import torch
 
 from maskssd.data.transforms import preprocess_images, to_chw
-from maskssd.deploy.model_ref import BACKENDS, resolve_checkpoint
+from maskssd.deploy.model_ref import BACKENDS, resolve_backend, resolve_checkpoint
 from maskssd.deploy.optimize import optimize_for_inference
 from maskssd.errors import MaskSSDError
 from maskssd.ssd.decode_spec import DISPLAY_THRESHOLD
 from maskssd.ssd.postprocess import DecodeSpec, Detections, postprocess
 from maskssd.ssd.priors import PriorSpec
 from maskssd.ssd.tta import hflip_forward, mirror_permutation, tta_priors
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -92,9 +95,10 @@ class Predictor:
         fold_bn: bool = True,
         calibration: Any = None,
     ) -> Predictor:
-        """``backend``: ``"torch"``, ``"onnx"`` (ONNX Runtime, export cached next to the checkpoint) or
+        """``backend``: ``"torch"``, ``"onnx"`` (ONNX Runtime, export cached next to the checkpoint),
         ``"onnx-int8"`` (statically quantised, calibrated on ``calibration``, a
-        :class:`maskssd.deploy.quantize.Calibration`; cached likewise).
+        :class:`maskssd.deploy.quantize.Calibration`; cached likewise) or ``"auto"`` (the fastest correct one:
+        :func:`maskssd.deploy.model_ref.resolve_backend`).
 
         ``channels_last``: run the PyTorch model in NHWC memory format; by default on CPU, where every
         maskssd detector runs 1.15-1.3x faster so (``benchmarks/model_forward.py``). ``fold_bn``: fold every
@@ -106,6 +110,8 @@ class Predictor:
 
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        backend, why = resolve_backend(backend, str(device))
+        log.info("backend %s (%s)", backend, why)
         if backend == "onnx-int8" and calibration is None:
             raise MaskSSDError("the onnx-int8 backend needs calibration images (--calibration DATA_ROOT)")
         ckpt = load(ckpt_path)

@@ -74,12 +74,13 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     serialised in memory first, so a failed write (a full disk) raises the system's ``OSError`` (``ENOSPC``,
     ``EFBIG``), not the zip writer's; ``path`` is then left as it was."""
     path = Path(path)
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    with interrupts_deferred(), atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(buf.getbuffer())
-        f.flush()
-        os.fsync(f.fileno())
+    with interrupts_deferred():
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
     return path
 
 

@@ -30,6 +30,7 @@ class StudyReport:
     best: list[tuple[int, float, float | None, int | None, dict[str, Any], str]] = field(default_factory=list)
     importances: dict[str, float] = field(default_factory=dict)
     fidelity: FidelityCheck | None = None
+    summary: dict[str, Any] = field(default_factory=dict)  # trials by state, wall time, every trial (records)
 
 
 def summarize(study: optuna.Study, c: Any, parent_run_id: str | None, top: int = 10) -> StudyReport:
@@ -57,11 +58,54 @@ def summarize(study: optuna.Study, c: Any, parent_run_id: str | None, top: int =
         except (RuntimeError, ValueError) as e:
             log.warning("no parameter importances: %s", e)
     rep.fidelity = fidelity_check(study)
+    rep.summary = study_summary(study, rep)
     if parent_run_id:
         _log_plots(study, c, parent_run_id, rep.importances)
         if complete:
             _log_summary(study, runs.MlflowRun(c, parent_run_id), rep, len(complete))
     return rep
+
+
+def study_summary(study: optuna.Study, rep: StudyReport) -> dict[str, Any]:
+    """What a study did, as plain values: trials by state, the wall time from its first trial's start to its
+    last trial's end, every trial (number, state, value, params, steps reported, seconds), the best one and
+    the cheap-fidelity check."""
+    trials = [t for t in study.get_trials(deepcopy=False) if t.datetime_start is not None]
+    states: dict[str, int] = {}
+    for t in trials:
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    n_failed, n_not_run = failures(study)
+    ends = [t.datetime_complete for t in trials if t.datetime_complete is not None]
+    wall = (max(ends) - min(t.datetime_start for t in trials)).total_seconds() if ends else None
+    return {
+        "study": study.study_name,
+        "direction": rep.direction,
+        "objective": study.user_attrs.get("objective"),
+        "states": states,
+        "n_failed": n_failed,
+        "n_not_run": n_not_run,
+        "wall_seconds": wall,
+        "trials": [
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "value": t.value,
+                "params": dict(t.params),
+                "steps": sorted(t.intermediate_values),
+                "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
+                if t.datetime_complete
+                else None,
+                "run_id": t.user_attrs.get("mlflow_run_id"),
+                "worker": t.user_attrs.get("worker"),
+            }
+            for t in trials
+        ],
+        "best": {"number": rep.best[0][0], "value": rep.best[0][1], "params": rep.best[0][4]}
+        if rep.best
+        else None,
+        "importances": dict(rep.importances),
+        "fidelity": rep.fidelity.as_dict() if rep.fidelity else None,
+    }
 
 
 def _log_summary(study: optuna.Study, run: runs.MlflowRun, rep: StudyReport, n_complete: int) -> None:

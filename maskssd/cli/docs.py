@@ -1,0 +1,354 @@
+"""``maskssd docs``: the docs' tables rendered from the committed records (``records/*.json``, each written by
+the command that measured it with ``--record``), so that no result is typed by hand.
+
+A page marks a generated block with ``<!-- maskssd:NAME -->`` and ``<!-- /maskssd:NAME -->``; ``maskssd docs``
+replaces what lies between with the table ``NAME`` renders from the records (``--check``: only say which
+pages differ, exit 1 if any; the test suite runs it). A table whose records are missing says so, with the
+command that makes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from maskssd.cli.console import err, out
+
+__all__ = ["BLOCK", "TABLES", "cmd_docs", "render_page", "render_pages"]
+
+BLOCK = re.compile(r"(<!-- maskssd:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /maskssd:(?P=name) -->)", re.S)
+Records = Mapping[str, dict[str, Any]]
+CLASSES = ("with_mask", "without_mask", "mask_weared_incorrect")
+SHORT = {
+    "with_mask": "with mask",
+    "without_mask": "without mask",
+    "mask_weared_incorrect": "worn incorrectly",
+}
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def pct(v: Any, signed: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{100 * v:+.1f}" if signed else f"{100 * v:.1f}"
+
+
+def ci(v: Any, low: Any, high: Any, signed: bool = False) -> str:
+    if low is None or high is None:
+        return pct(v, signed)
+    return f"{pct(v, signed)} [{pct(low, signed)}, {pct(high, signed)}]"
+
+
+def mean_std(agg: Mapping[str, Any], key: str) -> str:
+    m, s = agg.get(f"{key}_mean"), agg.get(f"{key}_std")
+    if m is None:
+        return "–"
+    return pct(m) if s is None else f"{pct(m)} ± {pct(s)}"
+
+
+def where(rec: Mapping[str, Any]) -> str:
+    m = rec.get("machine", {})
+    threads = f", {m['threads']} threads" if m.get("threads") else ""
+    isa = f", {m['isa']}{' (emulated)' if m.get('emulated') else ''}" if m.get("isa") else ""
+    return f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores{isa}{threads})"
+
+
+def source(rec: Mapping[str, Any], name: str) -> str:
+    commit = (rec.get("code") or {}).get("commit") or "?"
+    return f"`records/{name}.json` (commit `{commit}`, {rec.get('created', '?')[:10]})"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str = "") -> str:
+    align = align or "l" + "r" * (len(header) - 1)
+    sep = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def missing(*names: str, how: str) -> str:
+    listed = ", ".join(f"`records/{n}.json`" for n in names)
+    return f"*Not measured yet: no {listed}. Make it with `{how}`.*"
+
+
+def _minutes(rec: Mapping[str, Any]) -> str:
+    secs = [c.get("seconds") for c in rec.get("children", [])] or [rec.get("run", {}).get("seconds")]
+    secs = sorted(s for s in secs if s)
+    return f"{secs[len(secs) // 2] / 60:.0f}" if secs else "–"
+
+
+def _split(rec: Mapping[str, Any], split: str) -> str:
+    """``mean ± std`` over a parent's children (each seed's 95% interval width alongside), or one run's CI."""
+    if rec.get("aggregate"):
+        agg, kids = rec["aggregate"], rec.get("children", [])
+        if f"{split}_map_mean" not in agg:
+            return "–"
+        widths = [
+            (
+                k["metrics"].get(f"{split}_map_ci_high", math.nan)
+                - k["metrics"].get(f"{split}_map_ci_low", math.nan)
+            )
+            / 2
+            for k in kids
+            if f"{split}_map_ci_low" in k.get("metrics", {})
+        ]
+        half = f" (CI ±{100 * sum(widths) / len(widths):.0f} per seed)" if widths else ""
+        return f"{mean_std(agg, f'{split}_map')}{half}"
+    m = rec.get("run", {}).get("metrics", {})
+    return ci(m.get(f"{split}_map"), m.get(f"{split}_map_ci_low"), m.get(f"{split}_map_ci_high"))
+
+
+# -------------------------------------------------------------------------------------------- tables
+def t_shipped(r: Records) -> str:
+    """The shipped configurations: minutes per run, val/test mAP with intervals, FPS, on the CPU named."""
+    rows, notes = [], []
+    fps = r.get("bench_inference_fps", {})
+    fps_by_model = {row["model"]: row for row in fps.get("rows", []) if row.get("model")}
+    for name, config, what in (
+        ("quickstart", "experiments/quickstart.toml", "tiny model, synthetic scenes"),
+        ("fast_seeds", "experiments/cpu_effnet_lite0.toml", "SSDLite-EfficientNet-Lite0, 384 px"),
+        ("accurate_seeds", "experiments/cpu_effnet_lite0_pan_s4_rfs.toml", "+ PAN, stride-4 map, RFS"),
+    ):
+        rec = r.get(name)
+        if rec is None:
+            rows.append([f"`{config}`", what, "–", "–", "–", "–", "–"])
+            notes.append(
+                missing(name, how=f"maskssd train {config} --seeds 0,1,2 --record records/{name}.json")
+            )
+            continue
+        seeds = len(rec.get("seeds") or [rec.get("run", {}).get("seed")])
+        f = fps_by_model.get(Path(config).stem, {})
+        fps_cell = f"{f['fps']:.0f}" if f.get("fps") else "–"
+        rows.append(
+            [
+                f"`{config}`",
+                what,
+                str(seeds),
+                _minutes(rec),
+                _split(rec, "val"),
+                _split(rec, "test"),
+                fps_cell,
+            ]
+        )
+        notes.append(f"{Path(config).stem}: {where(rec)}, {source(rec, name)}")
+    head = ["config", "model", "seeds", "min/run", "val mAP", "test mAP", "FPS"]
+    return table(head, rows, "llrrrrr") + "\n\n" + "\n".join(f"- {n}" for n in notes)
+
+
+def t_per_class(r: Records) -> str:
+    """Each seed of the accurate configuration per class, val and test, with 95% intervals; the paper beside."""
+    rec, paper = r.get("accurate_seeds"), r.get("paper")
+    rows = []
+    if paper:
+        for split in ("val", "test"):
+            p = paper["results"][split]
+            rows.append([f"paper ({p['note']})", split, pct(p["map"]), *[pct(p["ap"][c]) for c in CLASSES]])
+    if rec is None:
+        body = table(["model", "split", "mAP", *[SHORT[c] for c in CLASSES]], rows)
+        how = "maskssd train experiments/cpu_effnet_lite0_pan_s4_rfs.toml --seeds 0,1,2 --record records/accurate_seeds.json"
+        return body + "\n\n" + missing("accurate_seeds", how=how)
+    for split in ("val", "test"):
+        for kid in rec["children"]:
+            m = kid["metrics"]
+            if f"{split}_map" not in m:
+                continue
+            cells = [
+                ci(
+                    m.get(f"{split}_ap_{c}"),
+                    m.get(f"{split}_ap_{c}_ci_low"),
+                    m.get(f"{split}_ap_{c}_ci_high"),
+                )
+                for c in CLASSES
+            ]
+            rows.append(
+                [
+                    f"seed {kid['seed']}",
+                    split,
+                    ci(m[f"{split}_map"], m.get(f"{split}_map_ci_low"), m.get(f"{split}_map_ci_high")),
+                    *cells,
+                ]
+            )
+        agg = rec["aggregate"]
+        if f"{split}_map_mean" in agg:
+            rows.append(
+                [
+                    f"**mean ± std** ({len(rec['children'])} seeds)",
+                    split,
+                    mean_std(agg, f"{split}_map"),
+                    *[mean_std(agg, f"{split}_ap_{c}") for c in CLASSES],
+                ]
+            )
+    body = table(["model", "split", "mAP [95% CI]", *[SHORT[c] for c in CLASSES]], rows, "llrrrr")
+    return body + f"\n\n{where(rec)}; {source(rec, 'accurate_seeds')}."
+
+
+def t_oof(r: Records) -> str:
+    """Cross-validation parents: pooled out-of-fold AP per class with its interval, and the per-fold mean."""
+    rows, notes = [], []
+    for name, label in (
+        ("accurate_folds", "shipped accurate recipe"),
+        ("winner_folds", "the study's winner"),
+    ):
+        rec = r.get(name)
+        if rec is None:
+            notes.append(missing(name, how=f"maskssd train CONFIG --folds 3 --record records/{name}.json"))
+            continue
+        agg = rec["aggregate"]
+        cells = [
+            ci(agg.get(f"oof_ap_{c}"), agg.get(f"oof_ap_{c}_ci_low"), agg.get(f"oof_ap_{c}_ci_high"))
+            for c in CLASSES
+        ]
+        rows.append(
+            [
+                label,
+                f"{rec['folds']} x {len(rec['seeds'])}",
+                ci(agg.get("oof_map"), agg.get("oof_map_ci_low"), agg.get("oof_map_ci_high")),
+                *cells,
+                mean_std(agg, "val_map"),
+            ]
+        )
+        notes.append(f"{label}: {where(rec)}, {source(rec, name)}")
+    head = ["recipe", "folds x seeds", "out-of-fold mAP", *[SHORT[c] for c in CLASSES], "per-fold mAP"]
+    return table(head, rows, "llrrrrr") + "\n\n" + "\n".join(f"- {n}" for n in notes)
+
+
+def t_compare(name: str) -> Callable[[Records], str]:
+    def render(r: Records) -> str:
+        rec = r.get(name)
+        if rec is None:
+            return missing(name, how=f"maskssd compare A B --record records/{name}.json")
+        rows = []
+        for key, m in rec["metrics"].items():
+            label = "**mAP**" if key == "map" else SHORT.get(key, key)
+            rows.append(
+                [
+                    label,
+                    pct(m["a"]),
+                    pct(m["b"]),
+                    ci(m["diff"], m["low"], m["high"], signed=True),
+                    f"{m['a_wins']:.2f}",
+                ]
+            )
+        head = ["", "A", "B", f"A − B [{100 * rec['ci']:g}% CI]", "P(A > B)"]
+        text = table(head, rows)
+        return text + (
+            f"\n\nA = `{', '.join(x[:8] for x in rec['a'])}`, B = `{', '.join(x[:8] for x in rec['b'])}`: {rec['split']}"
+            f" split, {rec['images']} images, {rec['n']} paired resamples; {where(rec)}; {source(rec, name)}."
+        )
+
+    return render
+
+
+def t_study(r: Records) -> str:
+    rec = r.get("study_rare_folds")
+    if rec is None:
+        return missing(
+            "study_rare_folds",
+            how="maskssd study-report cpu_rare_folds --record records/study_rare_folds.json",
+        )
+    states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(rec["states"].items()))
+    wall = rec.get("wall_seconds")
+    head = ["trial", "state", "value", "steps", "minutes", "params"]
+    rows = []
+    for t in rec["trials"]:
+        params = ", ".join(
+            f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in t["params"].items()
+        )
+        minutes = f"{t['seconds'] / 60:.0f}" if t.get("seconds") else "–"
+        value = f"{t['value']:.4f}" if t.get("value") is not None else "–"
+        rows.append(
+            [str(t["number"]), t["state"].lower(), value, str(max(t["steps"], default="–")), minutes, params]
+        )
+    fid = rec.get("fidelity") or {}
+    rho = fid.get("spearman")
+    check = (
+        f"Spearman ρ between a trial's fold-rung value and its out-of-fold value: {rho:+.2f} over {fid.get('n')} trials."
+        if isinstance(rho, float) and not math.isnan(rho)
+        else "The rank check needs 3 trials that ran every fold."
+    )
+    return (
+        f"{len(rec['trials'])} trials ({states}) in {wall / 3600:.2f} h of wall time ({where(rec)}). {check}\n\n"
+        + table(head, rows, "rlrrrl")
+        + f"\n\n{source(rec, 'study_rare_folds')}."
+    )
+
+
+def t_bench(name: str) -> Callable[[Records], str]:
+    def render(r: Records) -> str:
+        rec = r.get(name)
+        if rec is None:
+            return missing(
+                name, how=f"python -m benchmarks.{name.removeprefix('bench_')} --record records/{name}.json"
+            )
+        parts = []
+        for tab in rec["tables"]:
+            cols = tab["columns"]
+            parts.append(
+                f"**{tab['title']}**\n\n"
+                + table(cols, [[str(row.get(c, "")) for c in cols] for row in tab["rows"]])
+            )
+        return "\n\n".join(parts) + f"\n\n{where(rec)}; {source(rec, name)}."
+
+    return render
+
+
+TABLES: dict[str, Callable[[Records], str]] = {
+    "shipped": t_shipped,
+    "per-class": t_per_class,
+    "oof": t_oof,
+    "winner-vs-accurate": t_compare("winner_vs_accurate_oof"),
+    "study": t_study,
+    "bench-inference": t_bench("bench_inference_fps"),
+    "bench-train-step": t_bench("bench_train_step"),
+    "bench-train-loop": t_bench("bench_train_loop"),
+    "bench-server": t_bench("bench_server_soak"),
+}
+
+
+# ------------------------------------------------------------------------------------------- pages
+def load_records(folder: Path) -> dict[str, dict[str, Any]]:
+    from maskssd.provenance import read_record
+
+    return {p.stem: read_record(p) for p in sorted(folder.glob("*.json"))}
+
+
+def render_page(text: str, records: Records) -> str:
+    """``text`` with every generated block rendered again."""
+
+    def sub(m: re.Match[str]) -> str:
+        render = TABLES.get(m["name"])
+        if render is None:
+            raise KeyError(f"unknown table {m['name']!r} (known: {', '.join(TABLES)})")
+        return m.group(1) + render(records).rstrip() + "\n" + m.group(4)
+
+    return BLOCK.sub(sub, text)
+
+
+def render_pages(pages: Sequence[Path], records: Records) -> dict[Path, str]:
+    """Every page's text with its blocks rendered (the pages that have none are left out)."""
+    out_: dict[Path, str] = {}
+    for page in pages:
+        text = page.read_text()
+        if BLOCK.search(text):
+            out_[page] = render_page(text, records)
+    return out_
+
+
+def cmd_docs(a: argparse.Namespace) -> int:
+    root = Path(a.root)
+    pages = [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+    rendered = render_pages(pages, load_records(root / "records"))
+    stale = [p for p, text in rendered.items() if p.read_text() != text]
+    if a.check:
+        for p in stale:
+            err.print(f"{p}: its tables differ from the records (run maskssd docs)", highlight=False)
+        return 1 if stale else 0
+    for p in stale:
+        p.write_text(rendered[p])
+        out.print(f"rendered {p}", highlight=False)
+    out.print(f"{len(rendered)} pages with tables, {len(stale)} changed", highlight=False)
+    return 0
