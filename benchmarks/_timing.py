@@ -1,4 +1,7 @@
-"""Shared helpers of the benchmark scripts: median wall time and a rich table with ratios vs a baseline row."""
+"""Shared helpers of the benchmark scripts: median wall time, a rich table with ratios vs a baseline row, the
+machine named beside every table (CPU model, what it has, what PyTorch ran on), the AVX2 emulation of a second
+kind of CPU (``--isa avx2``: PyTorch and oneDNN held to AVX2 in a child process) and ``--record FILE``: the
+tables printed, as a record ``maskssd docs`` renders (:mod:`maskssd.provenance`)."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,7 +58,63 @@ def set_threads(threads: int | None, default_allocator: bool = True) -> None:
 
 
 def machine() -> str:
-    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU"
+    """One line naming where the numbers come from: CPU model, what PyTorch runs on, threads."""
+    from maskssd.provenance import machine as describe
+
+    m = describe()
+    isa = m.get("isa", "?") + (" (emulated: ATEN_CPU_CAPABILITY)" if m.get("emulated") else "")
+    return f"{m['cpu']} ({m['cpu_has']}), PyTorch {isa}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+#: Held to AVX2 (a CPU without AVX-512): PyTorch's ATen kernels and oneDNN's convolutions. ONNX Runtime picks
+#: its kernels from CPUID and cannot be held so (run it under an emulated CPU, e.g. QEMU, to see it on AVX2).
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+#: Every table printed in this process, for ``--record``.
+PRINTED: list[dict[str, Any]] = []
+
+
+def add_record_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--record", metavar="FILE.json", help="also write the tables as a record (maskssd docs renders it)"
+    )
+
+
+def save_record(path: str | None, benchmark: str, extra: dict[str, Any] | None = None) -> None:
+    """``--record FILE``: every table printed, with the machine, the commit and the command."""
+    if not path:
+        return
+    from maskssd.provenance import make_record, write_record
+
+    doc = {"benchmark": benchmark, "tables": PRINTED, **(extra or {})}
+    print(f"record written to {write_record(path, make_record('benchmark', doc, title=benchmark))}")
+
+
+def record_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Keep a table (as printed) for :func:`save_record`."""
+    PRINTED.append(
+        {
+            "title": title,
+            "columns": list(columns),
+            "rows": [dict(zip(columns, map(str, r), strict=True)) for r in rows],
+        }
+    )
+
+
+def in_child(module: str, argv: Sequence[str], env: Mapping[str, str], out_flag: str = "--child-json") -> Any:
+    """Run ``python -m module argv`` with ``env`` added (AVX2 emulation must be set before torch loads) and
+    return the JSON it wrote to ``out_flag FILE``."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "child.json"
+        cmd = [sys.executable, "-m", module, *argv, out_flag, str(out)]
+        subprocess.run(cmd, env={**os.environ, **env}, check=True)
+        return json.loads(out.read_text())
 
 
 def print_table(
@@ -91,3 +151,5 @@ def print_table(
             str(r.get("note", "")),
         )
     (console or Console(width=max(Console().width, 200))).print(table)
+    cols = ["case", "median ms", *extra_columns, "speed-up", "vs baseline", "notes"]
+    record_table(title, cols, [[str(c) for c in row] for row in zip(*[col.cells for col in table.columns])])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from rich.console import Console
 from rich.table import Table
 from torchvision.transforms import v2
 
+from benchmarks._timing import AVX2_ENV, add_record_arg, in_child, machine, record_table, save_record
 from maskssd.data.transforms import to_chw
 from maskssd.deploy.export import (
     export_onnx,
@@ -235,6 +237,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--stat", choices=tuple(STATS), default="median", help="of the timed runs (busy machine: min or p25)"
     )
+    p.add_argument(
+        "--isa",
+        nargs="+",
+        choices=("native", "avx2"),
+        default=["native"],
+        help="also run PyTorch held to AVX2 (a CPU without AVX-512, emulated with ATEN_CPU_CAPABILITY and "
+        "ONEDNN_MAX_CPU_ISA in a child process); ONNX Runtime picks its kernels from the CPU itself",
+    )
+    add_record_arg(p)
+    p.add_argument("--child-json", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -273,17 +285,12 @@ def run_model(
     return params, {b: timings.get(b) for b in backends}, notes, folded
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
-    a.repeats = a.repeats or (5 if a.quick else 30)
-    a.warmup = a.warmup or (3 if a.quick else 5)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    console = Console(width=None if sys.stdout.isatty() else 190)
+def run_models(a: argparse.Namespace) -> tuple[list[Any], list[tuple[str, float]] | None]:
+    """Every selected model through every selected backend; the profile of the first (``--profile``)."""
     calibration = None
     if a.calibration.is_dir():
         calibration = calibration_files(Calibration(a.calibration, a.split_name, a.calibration_images))
-    results = []
+    results, profile = [], None
     models = [m for m in MODELS if not a.models or any(w in m[0] for w in a.models)]
     with tempfile.TemporaryDirectory(prefix="maskssd-bench-") as tmp:
         for label, name, kwargs in models:
@@ -293,18 +300,58 @@ def main(argv: list[str] | None = None) -> int:
             results.append((label, params, timings, notes))
             if a.profile and label == models[0][0]:
                 profile = profile_frame(folded, camera_frame(), a.repeats)
+    return results, profile
+
+
+def _child_argv(argv: list[str]) -> list[str]:
+    """This command's arguments for an AVX2 child: PyTorch backends only, no record, no second ISA."""
+    out, skip = [], False
+    for arg in argv:
+        if skip and not arg.startswith("--"):
+            continue
+        skip = arg in ("--isa", "--record", "--backends")
+        if not skip:
+            out.append(arg)
+    return [*out, "--backends", *(b for b in BACKENDS if not b.startswith(("onnx", "torchscript")))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parse_args(argv)
+    a.repeats = a.repeats or (5 if a.quick else 30)
+    a.warmup = a.warmup or (3 if a.quick else 5)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    results, profile = run_models(a)
+    if a.child_json:
+        Path(a.child_json).write_text(json.dumps([[lab, p, t, n] for lab, p, t, n in results]))
+        return 0
+    by_isa = {"native": results}
+    if "avx2" in a.isa:
+        by_isa["avx2 (emulated)"] = in_child("benchmarks.inference_fps", _child_argv(argv), AVX2_ENV)
+    console = Console(width=None if sys.stdout.isatty() else 190)
     threads = f"{torch.get_num_threads()} torch / {a.threads or physical_cores()} ORT threads"
     console.print(
         detail_table(results, f"batch-1 CPU inference, 640x480 frame ({threads}, {a.stat} of {a.repeats})")
     )
-    console.print(fps_table(results, f"end-to-end FPS per model and backend ({threads}, {a.stat})"))
-    if a.profile:
-        t = Table(title=f"one 640x480 frame through the eager folded predictor of {models[0][0]} (median ms)")
+    console.print(fps_table(by_isa, f"end-to-end FPS per model, backend and ISA ({machine()}; {a.stat})"))
+    if profile is not None:
+        t = Table(
+            title=f"one 640x480 frame through the eager folded predictor of {results[0][0]} (median ms)"
+        )
         t.add_column("stage")
         t.add_column("ms", justify="right")
         for stage, ms in profile:
             t.add_row(stage, f"{ms:.3f}")
         console.print(t)
+    rows = [
+        {"model": label, "backend": b, "isa": isa, "fps": 1000 / tm[0], "e2e_ms": tm[0], "model_ms": tm[1]}
+        for isa, res in by_isa.items()
+        for label, _, timings, _ in res
+        for b, tm in timings.items()
+        if tm
+    ]
+    save_record(a.record, "inference_fps", {"rows": rows, "repeats": a.repeats, "stat": a.stat})
     return 0
 
 
@@ -337,15 +384,22 @@ def detail_table(results: list[Any], title: str) -> Table:
     return t
 
 
-def fps_table(results: list[Any], title: str) -> Table:
-    """Models as rows, backends as columns: end-to-end FPS."""
-    backends = list(dict.fromkeys(b for _, _, timings, _ in results for b in timings))
+def fps_table(by_isa: dict[str, list[Any]], title: str) -> Table:
+    """Models (per ISA) as rows, backends as columns: end-to-end FPS. ONNX Runtime ignores the AVX2 emulation:
+    its cells are left out of the emulated rows."""
+    backends = list(dict.fromkeys(b for res in by_isa.values() for _, _, timings, _ in res for b in timings))
     t = Table(title=title)
     t.add_column("model")
+    t.add_column("PyTorch ISA")
     for b in backends:
         t.add_column(b, justify="right")
-    for label, _, timings, _ in results:
-        t.add_row(label, *[f"{1000 / timings[b][0]:.1f}" if timings.get(b) else "-" for b in backends])
+    rows = []
+    for isa, res in by_isa.items():
+        for label, _, timings, _ in res:
+            cells = [f"{1000 / timings[b][0]:.1f}" if timings.get(b) else "-" for b in backends]
+            t.add_row(label, isa, *cells)
+            rows.append([label, isa, *cells])
+    record_table(title, ["model", "PyTorch ISA", *backends], rows)
     return t
 
 

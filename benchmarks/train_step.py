@@ -1,6 +1,8 @@
 """Benchmark: one CPU training step (forward, MultiBox loss, backward, SGD) with glibc's default allocator vs
-with ``maskssd.runtime.tune_cpu_allocator`` (what every ``maskssd`` command does at start), and with the
-forward in bfloat16 autocast (``train.cpu_bf16``) vs float32.
+with ``maskssd.runtime.tune_cpu_allocator`` (what every ``maskssd`` command does at start), with the
+forward in bfloat16 autocast (``train.cpu_bf16``) vs float32, and on AVX2 (``avx2``: PyTorch and oneDNN held to
+AVX2 in the child process, as on a CPU without AVX-512), with where the step's time goes (``--profile``: the
+heaviest operators of one step, by PyTorch's profiler).
 
 The allocator setting is per process, so each case runs in its own child process of this script, one after
 the other, on the same inputs. Run: ``.venv/bin/python -m benchmarks.train_step [--quick] [--model NAME]
@@ -14,8 +16,17 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-from benchmarks._timing import add_threads_arg, machine, median_time, print_table
+from benchmarks._timing import (
+    AVX2_ENV,
+    add_record_arg,
+    add_threads_arg,
+    machine,
+    median_time,
+    print_table,
+    save_record,
+)
 
 
 def child(
@@ -27,6 +38,7 @@ def child(
     bf16: bool,
     freeze_stages: int = 0,
     channels_last: bool = False,
+    do_profile: bool = False,
 ) -> None:
     import torch
 
@@ -60,7 +72,19 @@ def child(
         out.total.backward()
         opt.step()
 
-    print(json.dumps({"tuned": tuned, "seconds": median_time(step, repeat, warmup=2)}))
+    seconds = median_time(step, repeat, warmup=2)
+    profile = None
+    if do_profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events) or 1
+        profile = [(e.key, e.self_cpu_time_total / 1e6, e.self_cpu_time_total / total) for e in events[:10]]
+    isa = torch.backends.cpu.get_cpu_capability()
+    print(json.dumps({"tuned": tuned, "seconds": seconds, "isa": isa, "profile": profile}))
 
 
 def main() -> None:
@@ -74,12 +98,16 @@ def main() -> None:
         "--cases",
         default="allocator,tuned,bf16",
         help="comma-separated: allocator (glibc's defaults), tuned (maskssd's setting, float32), "
-        "bf16 (tuned, forward in bfloat16 autocast)",
+        "bf16 (tuned, forward in bfloat16 autocast), avx2 (tuned, PyTorch held to AVX2)",
     )
     parser.add_argument(
         "--freeze-stages", type=int, default=0, help="frozen backbone stages (the CPU config: 3)"
     )
     parser.add_argument("--channels-last", action="store_true", help="NHWC model and input (the CPU config)")
+    parser.add_argument(
+        "--profile", action="store_true", help="also list the heaviest operators of one step (each case)"
+    )
+    add_record_arg(parser)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
     add_threads_arg(parser, allocator=False)  # this benchmark compares the two allocator settings itself
@@ -96,12 +124,14 @@ def main() -> None:
             args.bf16,
             args.freeze_stages,
             args.channels_last,
+            args.profile,
         )
 
-    def run(tuning: str, bf16: bool = False) -> dict:
+    def run(tuning: str, bf16: bool = False, isa: str = "native") -> dict:
         cmd = [
             sys.executable,
-            __file__,
+            "-m",
+            "benchmarks.train_step",
             "--child",
             "--model",
             args.model,
@@ -119,8 +149,11 @@ def main() -> None:
         cmd += ["--freeze-stages", str(args.freeze_stages)] + (
             ["--channels-last"] if args.channels_last else []
         )
-        env = {**os.environ, "MASKSSD_MALLOC_TUNING": tuning}
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        if args.profile:
+            cmd.append("--profile")
+        env = {**os.environ, "MASKSSD_MALLOC_TUNING": tuning, **(AVX2_ENV if isa == "avx2" else {})}
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=root)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     cases = set(args.cases.split(","))
@@ -129,7 +162,8 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     name, tuned_name = "glibc default allocator", "maskssd tune_cpu_allocator"
-    rows = []
+    rows: list[dict] = []
+    profiles: dict[str, list | None] = {}
     if "allocator" in cases:
         rows.append(
             {
@@ -140,6 +174,7 @@ def main() -> None:
         )
     if "tuned" in cases:
         tuned = run("1")
+        profiles["native"] = tuned.get("profile")
         rows.append(
             {
                 "name": tuned_name,
@@ -161,12 +196,31 @@ def main() -> None:
                 else "no bf16 instructions: emulated",
             }
         )
+    if "avx2" in cases:
+        avx2 = run("1", isa="avx2")
+        rows.append(
+            {
+                "name": "tuned, AVX2 (emulated: ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA)",
+                "baseline": tuned_name if "tuned" in cases else None,
+                "seconds": avx2["seconds"],
+                "note": "a CPU without AVX-512"
+                + ("" if avx2.get("isa", "").startswith("AVX2") else " (NOT held!)"),
+            }
+        )
+        profiles["avx2"] = avx2.get("profile")
     layout = f", {args.freeze_stages} frozen stages" + (", channels_last" if args.channels_last else "")
     print_table(
         f"One training step: {args.model}, batch {args.batch} x {args.size} px{layout}, forward + loss + "
         f"backward + SGD ({machine()}; median of {args.repeat})",
         rows,
     )
+    for case, prof in profiles.items():
+        if prof:
+            title = f"where one step's time goes ({case}): self CPU time by operator"
+            print_table(
+                title, [{"name": n, "seconds": s, "note": f"{100 * f:.0f}% of the step"} for n, s, f in prof]
+            )
+    save_record(args.record, "train_step", {"model": args.model, "batch": args.batch, "size": args.size})
 
 
 if __name__ == "__main__":
