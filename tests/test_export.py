@@ -215,7 +215,9 @@ def test_auto_backend_is_onnx_runtime_on_a_cpu_when_installed(monkeypatch, tiny_
     assert resolve_backend("auto", "cpu")[0] == "onnx"
     assert resolve_backend("auto", "cuda:0")[0] == "torch" and resolve_backend("torch", "cpu")[0] == "torch"
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "onnxruntime" else real(n, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "onnxruntime" else real(n, *a)
+    )
     backend, why = resolve_backend("auto", "cpu")
     assert backend == "torch" and 'pip install "maskssd[onnx]"' in why
     monkeypatch.setattr(importlib.util, "find_spec", real)

@@ -23,6 +23,21 @@ def cmd_data_synth(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_import(a: argparse.Namespace) -> int:
+    from maskssd.data.convert import import_dataset
+
+    s = import_dataset(a.format, a.src, a.dst, seed=a.seed)
+    boxes = ", ".join(f"{c} {n}" for c, n in s.boxes.items())
+    out.print(
+        f"wrote {s.images} images to {s.root} ({len(s.classes)} classes; boxes: {boxes})", highlight=False
+    )
+    for name, parts in s.splits.items():
+        sizes = ", ".join(f"{k} {v}" for k, v in parts.items())
+        out.print(f"  split list {name!r}: {sizes}", highlight=False)
+    out.print("an experiment on it starts with:\n" + s.config_lines(), highlight=False)
+    return 0
+
+
 def cmd_data_split(a: argparse.Namespace) -> int:
     from maskssd.data import DEFAULT_CLASSES, load_annotations, stratified_split, write_split
 

@@ -352,3 +352,90 @@ def cmd_docs(a: argparse.Namespace) -> int:
         out.print(f"rendered {p}", highlight=False)
     out.print(f"{len(rendered)} pages with tables, {len(stale)} changed", highlight=False)
     return 0
+
+
+#: A number that reads as a result: a decimal (``70.2``, ``0.95``), a percentage or a ratio (``2.4x``).
+_NUMBER = re.compile(r"(?<![\w.\-/])(\d+\.\d+|\d+(?:\.\d+)?\s?%|\d+(?:\.\d+)?x)(?![\w.])")
+
+
+def typed_numbers(text: str) -> list[tuple[int, str]]:
+    """``(line, number)`` of every result-like number outside generated blocks, code blocks, inline code,
+    links and HTML comments: what the docs may not hold, since only records may put numbers there."""
+    text = BLOCK.sub(lambda m: "\n" * m.group(0).count("\n"), text)
+    found, fenced = [], False
+    for i, line in enumerate(text.splitlines(), start=1):
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+            continue
+        if fenced:
+            continue
+        prose = re.sub(r"`[^`]*`|\]\([^)]*\)|<!--.*?-->|<[^>]+>", " ", line)
+        found += [(i, m.group(1)) for m in _NUMBER.finditer(prose)]
+    return found
+
+
+# ------------------------------------------------------------------------------ the config reference
+def _field_comments(source: str) -> dict[tuple[str, str], str]:
+    """``(class, field) -> comment``: the comment on a field's line, else the comment lines just above it, in
+    the config module's source (where the keys are explained once)."""
+    import ast
+
+    lines = source.splitlines()
+    out: dict[tuple[str, str], str] = {}
+    for node in ast.parse(source).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for item in node.body:
+            if not (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)):
+                continue
+            text = [
+                ln.split("#", 1)[1].strip() for ln in lines[item.lineno - 1 : item.end_lineno] if "#" in ln
+            ]
+            above, k = [], item.lineno - 2
+            while k >= 0 and lines[k].strip().startswith("#"):
+                above.insert(0, lines[k].strip().lstrip("#").strip())
+                k -= 1
+            out[(node.name, item.target.id)] = " ".join(above + text)
+    return out
+
+
+def _default(field: Any) -> str:
+    from pydantic_core import PydanticUndefined
+
+    if field.default_factory is not None:
+        value = field.default_factory()
+    elif field.default is PydanticUndefined:
+        return "(required)"
+    else:
+        value = field.default
+    return "`" + (repr(value) if not isinstance(value, str) else f'"{value}"') + "`"
+
+
+def config_reference(_: Records) -> str:
+    """Every key of an experiment config, by section: type, default and what it does, from the schema
+    (:mod:`maskssd.training.config`) and the comments beside its fields."""
+    import inspect
+
+    from maskssd.training import config as schema
+
+    comments = _field_comments(inspect.getsource(schema))
+    parts = []
+    for section, info in schema.ExperimentConfig.model_fields.items():
+        model = info.annotation
+        if not (isinstance(model, type) and issubclass(model, schema._Section)):
+            continue
+        rows = []
+        for key, field in model.model_fields.items():
+            kind = str(field.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            doc = comments.get((model.__name__, key), "").replace("|", "\\|")
+            rows.append([f"`{section}.{key}`", f"`{kind}`".replace("|", "\\|"), _default(field), doc])
+        head = (model.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        parts.append(
+            f"### `[{section}]`\n\n"
+            + (head + "\n\n" if head else "")
+            + table(["key", "type", "default", ""], rows, "llll")
+        )
+    return "\n\n".join(parts)
+
+
+TABLES["config-reference"] = config_reference

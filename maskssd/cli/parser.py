@@ -14,7 +14,7 @@ from maskssd.cli.commands import (
     cmd_study_report,
     cmd_train,
 )
-from maskssd.cli.data import cmd_data_anchors, cmd_data_split, cmd_data_stats, cmd_data_synth
+from maskssd.cli.data import cmd_data_anchors, cmd_data_import, cmd_data_split, cmd_data_stats, cmd_data_synth
 from maskssd.cli.docs import cmd_docs
 from maskssd.cli.parser_common import formatter as _formatter
 from maskssd.cli.parser_common import model_arg as _model_arg
@@ -74,6 +74,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="same seed, same dataset (default 0)")
     s.add_argument("--split-name", default="default", help="written to OUT/splits/NAME/ (default: default)")
     s.set_defaults(func=cmd_data_synth)
+
+    s = dsub.add_parser(
+        "import",
+        help="write a COCO or YOLO dataset in the layout maskssd reads (VOC, with splits)",
+        formatter_class=_formatter,
+        description="Read a COCO dataset (a folder with the images and one *.json per split) or a YOLO one (an "
+        "Ultralytics folder with data.yaml, or images/ + labels/ + classes.txt) and write it at DST: images/, "
+        "annotations/*.xml, splits/source (the source's splits) and splits/default (a stratified 70/15/15 "
+        "split). Classes come from the data; the [data] lines of an experiment are printed.",
+        epilog="examples:\n  maskssd data import --format coco ~/datasets/pets-coco data/pets\n"
+        "  maskssd data import --format yolo ~/datasets/helmets data/helmets\n"
+        "  maskssd train my_experiment.toml   # with the printed [data] lines",
+    )
+    s.add_argument("src", help="the dataset as you have it")
+    s.add_argument("dst", help="a new (or empty) folder")
+    s.add_argument("--format", required=True, choices=("coco", "yolo"))
+    s.add_argument("--seed", type=int, default=0, help="of the stratified split 'default' (default 0)")
+    s.set_defaults(func=cmd_data_import)
 
     s = dsub.add_parser(
         "split",

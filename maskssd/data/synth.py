@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from maskssd.data.synth_draw import MAX_FACE_IOU, Face, Plan, hair_box, iou, overlap, render
-from maskssd.data.voc import DEFAULT_CLASSES, SPLITS, load_annotations, stratified_split, write_split
+from maskssd.data.voc import DEFAULT_CLASSES, SPLITS, load_annotations, stratified_split, voc_xml, write_split
 from maskssd.errors import DataError
 from maskssd.files import atomic_path, write_text_atomic
 
@@ -205,38 +205,6 @@ def _force_every_class(rng: np.random.Generator, plans: list[Plan], probs: np.nd
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _xml(filename: str, w: int, h: int, objects: list[tuple[str, tuple[int, int, int, int]]]) -> str:
-    lines = [
-        "<annotation>",
-        "    <folder>images</folder>",
-        f"    <filename>{filename}</filename>",
-        "    <size>",
-        f"        <width>{w}</width>",
-        f"        <height>{h}</height>",
-        "        <depth>3</depth>",
-        "    </size>",
-        "    <segmented>0</segmented>",
-    ]
-    for name, (x1, y1, x2, y2) in objects:
-        lines += [
-            "    <object>",
-            f"        <name>{name}</name>",
-            "        <pose>Unspecified</pose>",
-            "        <truncated>0</truncated>",
-            "        <occluded>0</occluded>",
-            "        <difficult>0</difficult>",
-            "        <bndbox>",
-            f"            <xmin>{x1}</xmin>",
-            f"            <ymin>{y1}</ymin>",
-            f"            <xmax>{x2}</xmax>",
-            f"            <ymax>{y2}</ymax>",
-            "        </bndbox>",
-            "    </object>",
-        ]
-    lines.append("</annotation>")
-    return "\n".join(lines) + "\n"
-
-
 def _read_marker(root: Path) -> dict[str, Any] | None:
     try:
         data = json.loads((root / MARKER).read_text(encoding="utf-8"))
@@ -379,7 +347,7 @@ def generate(
         with atomic_path(images_dir / filename) as tmp:
             img.save(tmp, format="PNG", compress_level=1)
         named = [(classes[k], b) for k, b in objects]
-        write_text_atomic(ann_dir / f"{image_id}.xml", _xml(filename, plan.width, plan.height, named))
+        write_text_atomic(ann_dir / f"{image_id}.xml", voc_xml(filename, plan.width, plan.height, named))
         return [name for name, _ in named]
 
     # PIL releases the GIL while encoding, resampling and blurring: two threads use two cores

@@ -394,6 +394,48 @@ def split_digest(root: str | Path, split_name: str) -> str:
     return h.hexdigest()[:12]
 
 
+def voc_xml(
+    filename: str,
+    width: int,
+    height: int,
+    objects: Sequence[tuple[str, tuple[int, int, int, int], bool] | tuple],
+) -> str:
+    """A Pascal VOC annotation: the image's file name and size, and per object its class name, pixel box
+    ``(xmin, ymin, xmax, ymax)`` and, optionally, its difficult flag."""
+    from xml.sax.saxutils import escape
+
+    lines = [
+        "<annotation>",
+        "    <folder>images</folder>",
+        f"    <filename>{escape(filename)}</filename>",
+        "    <size>",
+        f"        <width>{width}</width>",
+        f"        <height>{height}</height>",
+        "        <depth>3</depth>",
+        "    </size>",
+        "    <segmented>0</segmented>",
+    ]
+    for obj in objects:
+        name, (x1, y1, x2, y2), difficult = obj[0], obj[1], bool(obj[2]) if len(obj) > 2 else False
+        lines += [
+            "    <object>",
+            f"        <name>{escape(name)}</name>",
+            "        <pose>Unspecified</pose>",
+            "        <truncated>0</truncated>",
+            "        <occluded>0</occluded>",
+            f"        <difficult>{int(difficult)}</difficult>",
+            "        <bndbox>",
+            f"            <xmin>{x1}</xmin>",
+            f"            <ymin>{y1}</ymin>",
+            f"            <xmax>{x2}</xmax>",
+            f"            <ymax>{y2}</ymax>",
+            "        </bndbox>",
+            "    </object>",
+        ]
+    lines.append("</annotation>")
+    return "\n".join(lines) + "\n"
+
+
 def write_split(root: str | Path, name: str, ids_per_split: Sequence[Sequence[str]]) -> Path:
     """Write ``ROOT/splits/NAME/{train,val,test}.txt`` (atomically per file)."""
     out = Path(root) / "splits" / name

@@ -31,10 +31,10 @@ class _Section(BaseModel):
 
 class ExperimentSection(_Section):
     name: str = "maskssd"  # MLflow experiment name
-    seed: int = 0
+    seed: int = 0  # every random draw of a run derives from it (weights, sampling, augmentation)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    description: str = ""
-    tags: dict[str, str] = Field(default_factory=dict)
+    description: str = ""  # shown as the run's note in the MLflow UI
+    tags: dict[str, str] = Field(default_factory=dict)  # extra MLflow tags of every run
 
     @field_validator("device")
     @classmethod
@@ -58,23 +58,31 @@ class SynthSection(_Section):
 
 
 class DataSection(_Section):
-    root: str
-    split_name: str = "paper"
-    classes: list[str] = Field(default_factory=lambda: list(DEFAULT_CLASSES), min_length=1)
+    root: str  # the dataset folder (VOC or Kaggle layout), relative to the working directory
+    split_name: str = "paper"  # the split list under splits/ (paper, default, main)
+    classes: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_CLASSES), min_length=1
+    )  # class names, in label order (background is 0, not listed)
     synthetic: SynthSection | None = None  # generate a synthetic dataset at ``root`` on first use
-    on_error: Literal["raise", "skip"] = "raise"
-    batch_size: int = Field(16, ge=1)
-    eval_batch_size: int = Field(32, ge=1)
-    num_workers: int = Field(0, ge=0)
-    cache_images: bool = True
-    final_split: Literal["val", "test", "none"] = "test"
+    on_error: Literal["raise", "skip"] = (
+        "raise"  # a malformed annotation or image: raise (stop, naming it) or skip (count it)
+    )
+    batch_size: int = Field(16, ge=1)  # training images per step
+    eval_batch_size: int = Field(32, ge=1)  # images per evaluation batch
+    num_workers: int = Field(0, ge=0)  # DataLoader worker processes (0: in the training process)
+    cache_images: bool = True  # decode each image once per process and keep it (memory for speed)
+    final_split: Literal["val", "test", "none"] = (
+        "test"  # the split the selected checkpoint is scored on once at the end (none: no test)
+    )
     # repeat-factor sampling (LVIS): images with classes in under this fraction of images repeat; 0 = off
     repeat_factor_threshold: float = Field(0.0, ge=0, le=1)
     # cross-validation (maskssd train --folds K): the train and val images together in `folds` folds,
     # stratified on the classes each image holds (maskssd.data.folds); a run with `fold` = k trains on the
     # others and validates on fold k. folds 0 = the split list's own train and val; fold 0 = no fold (a parent)
     folds: int = Field(0, ge=0)
-    fold: int = Field(0, ge=0)
+    fold: int = Field(
+        0, ge=0
+    )  # the fold a cross-validation child validates on (set by maskssd train --folds)
     fold_seed: int = 0  # the folds' seed, independent of experiment.seed: every seed sees the same folds
 
     @field_validator("classes")
@@ -86,23 +94,31 @@ class DataSection(_Section):
 
 
 class AugmentSection(_Section):
-    photometric_p: float = Field(0.5, ge=0, le=1)
-    zoom_out_p: float = Field(0.5, ge=0, le=1)
-    zoom_out_max: float = Field(4.0, ge=1)
-    iou_crop_p: float = Field(1.0, ge=0, le=1)
-    hflip_p: float = Field(0.5, ge=0, le=1)
+    photometric_p: float = Field(0.5, ge=0, le=1)  # probability of SSD's photometric distortion
+    zoom_out_p: float = Field(
+        0.5, ge=0, le=1
+    )  # probability of zooming out (the image on a larger mean-coloured canvas)
+    zoom_out_max: float = Field(4.0, ge=1)  # the canvas's largest side ratio
+    iou_crop_p: float = Field(1.0, ge=0, le=1)  # probability of SSD's IoU-constrained random crop
+    hflip_p: float = Field(0.5, ge=0, le=1)  # probability of a horizontal flip
     # copy-paste of faces of copy_paste_classes (default: the rarest in the training split), before the above
     copy_paste_p: float = Field(0.0, ge=0, le=1)  # probability per training image; 0 = off
-    copy_paste_classes: list[str] = Field(default_factory=list)
+    copy_paste_classes: list[str] = Field(
+        default_factory=list
+    )  # classes whose faces are pasted (default: the rarest)
     copy_paste_max: int = Field(2, ge=1)  # faces pasted per image, at most
-    copy_paste_scale: list[float] = Field(default_factory=lambda: [0.8, 1.25], min_length=2, max_length=2)
+    copy_paste_scale: list[float] = Field(
+        default_factory=lambda: [0.8, 1.25], min_length=2, max_length=2
+    )  # the pasted face's random scale range
     # "hard" pastes the crop as it is; "feather" blends its margin into the image (alpha ramps from the face
     # box to the crop's edge), so the detector cannot learn the paste's hard edges instead of the face
     copy_paste_blend: Literal["hard", "feather"] = "hard"
     # crops around a rare face: with probability crop_keep_p, the IoU crop of an image holding a face of
     # crop_keep_classes (default: the rarest class in the training split) must keep one such face whole
     crop_keep_p: float = Field(0.0, ge=0, le=1)
-    crop_keep_classes: list[str] = Field(default_factory=list)
+    crop_keep_classes: list[str] = Field(
+        default_factory=list
+    )  # classes a kept crop is made around (default: the rarest)
 
     @field_validator("copy_paste_scale")
     @classmethod
@@ -113,17 +129,23 @@ class AugmentSection(_Section):
 
 
 class ModelSection(_Section):
-    name: str = "tiny"
-    input_size: int | None = Field(None, ge=32, le=2048)
-    pretrained: bool = False
+    name: str = "tiny"  # a registered model (maskssd models)
+    input_size: int | None = Field(
+        None, ge=32, le=2048
+    )  # the square input side in pixels (default: the model's)
+    pretrained: bool = False  # start from ImageNet (or the paper's VOC) weights, read offline
     init_checkpoint: str = ""  # a tutorial-layout SSD300 checkpoint (the paper's Pascal VOC start)
-    freeze_stages: int = Field(0, ge=0)
-    bn_mode: Literal["train", "frozen", "frozen_stages"] | None = None
-    min_scale: float | None = Field(None, gt=0, le=1)
-    max_scale: float | None = Field(None, gt=0, le=1.5)
+    freeze_stages: int = Field(0, ge=0)  # backbone stages kept frozen
+    bn_mode: Literal["train", "frozen", "frozen_stages"] | None = (
+        None  # BatchNorm in training mode, frozen, or frozen in the frozen stages
+    )
+    min_scale: float | None = Field(
+        None, gt=0, le=1
+    )  # the smallest default-box scale (the first feature map's)
+    max_scale: float | None = Field(None, gt=0, le=1.5)  # the largest default-box scale
     scales: list[float] | None = None  # one per feature map; overrides min_scale/max_scale
-    aspect_ratios: list[float] | None = None
-    extra_channels: list[int] | None = None
+    aspect_ratios: list[float] | None = None  # default-box aspect ratios besides 1
+    extra_channels: list[int] | None = None  # channels of the extra layers after the backbone
     width: int | None = Field(None, ge=4)  # tiny model only
     # a feature pyramid over the backbone maps before the heads (SSDLite models): none | fpn | pan (fpn + bottom-up)
     neck: Literal["none", "fpn", "pan"] = "none"
@@ -163,17 +185,19 @@ class ModelSection(_Section):
 
 
 class LossSection(_Section):
-    threshold: float = Field(0.5, gt=0, le=1)
-    neg_pos_ratio: float = Field(3.0, ge=0)
-    alpha: float = Field(1.0, ge=0)
+    threshold: float = Field(0.5, gt=0, le=1)  # IoU above which a prior matches an object
+    neg_pos_ratio: float = Field(
+        3.0, ge=0
+    )  # hard negatives per positive in the confidence loss (the paper: 2)
+    alpha: float = Field(1.0, ge=0)  # weight of the localisation loss (the paper: 2)
     class_weights: dict[str, float] = Field(
         default_factory=dict
     )  # by class name; "background" too; unset = 1
     # classes not in class_weights get (most frequent class's boxes / this class's boxes) ** exponent; 0 = off
     class_weight_exponent: float = Field(0.0, ge=0, le=2)
-    loc_loss: Literal["l1", "smooth_l1"] = "l1"
-    focal_gamma: float = Field(0.0, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    loc_loss: Literal["l1", "smooth_l1"] = "l1"  # the paper's code uses L1; SSD's paper smooth L1
+    focal_gamma: float = Field(0.0, ge=0)  # focal loss's gamma on the confidence loss (0: cross-entropy)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # cross-entropy label smoothing
     # class-balanced weights (Cui et al. 2019): (1 - beta) / (1 - beta ** boxes), most frequent class = 1; 0 = off
     class_balance_beta: float = Field(0.0, ge=0, lt=1)
 
@@ -187,22 +211,26 @@ class LossSection(_Section):
 
 
 class OptimSection(_Section):
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(1e-3, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: float = Field(5e-4, ge=0)
+    name: Literal["sgd", "adam", "adamw"] = "sgd"  # the optimiser
+    lr: float = Field(1e-3, gt=0)  # the peak learning rate
+    momentum: float = Field(0.9, ge=0, lt=1)  # SGD momentum
+    nesterov: bool = False  # Nesterov momentum (SGD)
+    weight_decay: float = Field(5e-4, ge=0)  # L2 weight decay (decoupled for AdamW)
     bias_lr_mult: float = Field(1.0, gt=0)  # the paper's code: 2
     grad_clip: float = Field(0.0, ge=0)  # max gradient norm; 0 = off
 
 
 class ScheduleSection(_Section):
-    name: Literal["constant", "multistep", "cosine", "onecycle", "cosine_restarts"] = "constant"
+    name: Literal["constant", "multistep", "cosine", "onecycle", "cosine_restarts"] = (
+        "constant"  # the learning-rate schedule
+    )
     decay_lr_at: list[int] = Field(default_factory=list)  # epochs (multistep)
     decay_lr_to: float = Field(0.1, gt=0, le=1)  # factor applied at each of decay_lr_at
     min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine floor, as a fraction of lr
     warmup_epochs: float = Field(0.0, ge=0)  # linear warm-up from warmup_start_ratio * lr
-    warmup_start_ratio: float = Field(0.001, gt=0, le=1)
+    warmup_start_ratio: float = Field(
+        0.001, gt=0, le=1
+    )  # the warm-up's first learning rate, as a share of optim.lr
     pct_start: float = Field(
         0.3, gt=0, lt=1
     )  # onecycle: the share of training rising from warmup_start_ratio
@@ -211,8 +239,8 @@ class ScheduleSection(_Section):
 
 
 class TrainSection(_Section):
-    epochs: int = Field(10, ge=1)
-    eval_every: int = Field(1, ge=1)
+    epochs: int = Field(10, ge=1)  # passes over the training images
+    eval_every: int = Field(1, ge=1)  # epochs between mAP evaluations (the loss on val is every epoch)
     # the last checkpoint is written locally every epoch, and kept with the run (MLflow) every save_every epochs
     save_every: int = Field(1, ge=1)
     # optimiser steps between reads of the loss from the device (progress bar, non-finite check); nanoGPT's
@@ -235,7 +263,7 @@ class TrainSection(_Section):
     # progressive resizing: training input sizes stepped through over the first progressive_until of the
     # epochs; the last is the model's input_size (validation and the epochs after)
     progressive_sizes: list[int] = Field(default_factory=list)
-    progressive_until: float = Field(0.6, gt=0, le=1)
+    progressive_until: float = Field(0.6, gt=0, le=1)  # the share of epochs the progressive sizes take
 
     @field_validator("progressive_sizes")
     @classmethod
@@ -248,10 +276,14 @@ class TrainSection(_Section):
 class EvalSection(_Section):
     """Detection settings for evaluation; defaults are :class:`DecodeSpec`'s (the paper's protocol)."""
 
-    min_score: float = Field(DecodeSpec.min_score, ge=0, lt=1)
-    max_overlap: float = Field(DecodeSpec.max_overlap, gt=0, le=1)
-    top_k: int = Field(DecodeSpec.top_k, ge=1)
-    class_agnostic: bool = DecodeSpec.class_agnostic
+    min_score: float = Field(
+        DecodeSpec.min_score, ge=0, lt=1
+    )  # detections under this score are dropped before NMS (the paper: 0.01)
+    max_overlap: float = Field(DecodeSpec.max_overlap, gt=0, le=1)  # NMS IoU (the paper: 0.45)
+    top_k: int = Field(DecodeSpec.top_k, ge=1)  # detections kept per image (the paper: 200)
+    class_agnostic: bool = (
+        DecodeSpec.class_agnostic
+    )  # NMS across classes: one class per face (the paper's suggested fix)
     pre_nms_top_k: int = Field(0, ge=0)  # 0 = keep every candidate (the paper's code)
     coco: bool = True  # COCO AP (pycocotools, slow) in the final report
     coco_curves: bool = False  # ... and at every evaluation epoch too (a val/map_coco curve)
