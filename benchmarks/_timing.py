@@ -90,6 +90,14 @@ def save_record(path: str | None, benchmark: str, extra: dict[str, Any] | None =
     print(f"record written to {write_record(path, make_record('benchmark', doc, title=benchmark))}")
 
 
+def record_rich(table: Any) -> Any:
+    """Keep a rich ``Table`` as printed (its title, columns and cells) for :func:`save_record`; returns it."""
+    cols = [str(c.header) for c in table.columns]
+    rows = list(zip(*[[str(cell) for cell in c.cells] for c in table.columns]))
+    record_table(str(table.title or ""), cols, rows)
+    return table
+
+
 def record_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """Keep a table (as printed) for :func:`save_record`."""
     PRINTED.append(

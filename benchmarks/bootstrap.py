@@ -17,7 +17,15 @@ import time
 
 import torch
 
-from benchmarks._timing import add_threads_arg, machine, median_time, print_table, set_threads
+from benchmarks._timing import (
+    add_record_arg,
+    add_threads_arg,
+    machine,
+    median_time,
+    print_table,
+    save_record,
+    set_threads,
+)
 from benchmarks.eval_map import CLASSES, make_data
 from maskssd.evaluation.bootstrap import bootstrap, mark, resample_weights, resampled_ap
 from maskssd.evaluation.metrics import evaluate_set
@@ -59,6 +67,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="a few repeats only")
     add_threads_arg(parser, allocator=False)
+    add_record_arg(parser)
     args = parser.parse_args()
     set_threads(args.threads)
     repeat, n_loop = (2, 5) if args.quick else (args.repeat, args.loop)
@@ -109,6 +118,8 @@ def main() -> None:
         ],
     )
     print(f"same APs on the {n_loop} looped resamples: max |difference| {diff:.1e}")
+
+    save_record(args.record, "bootstrap")
 
 
 if __name__ == "__main__":

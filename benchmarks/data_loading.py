@@ -30,6 +30,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks._timing import add_record_arg, record_rich, save_record
 from maskssd.data import Annotation, FaceMaskDataset, load_split
 from maskssd.data.transforms import AugmentSpec, eval_transform, train_transform
 
@@ -93,6 +94,7 @@ def main() -> None:
         help="torch intra-op threads of the main process (default: torch's own)",
     )
     p.add_argument("--quick", action="store_true", help="3 batches, 1 repeat: a smoke run")
+    add_record_arg(p)
     args = p.parse_args()
     if args.quick:
         args.batches, args.repeats = 3, 1
@@ -171,8 +173,9 @@ def main() -> None:
     for name, workers, cache, rates in rows:
         med = statistics.median(rates)
         t.add_row(name, workers, cache, f"{med:.1f}", f"{1000 * bs / med:.0f}", f"{med / base_rate:.2f}x")
-    console.print(t)
-    console.print(crop_sampler_table(anns, args.repeats))
+    console.print(record_rich(t))
+    console.print(record_rich(crop_sampler_table(anns, args.repeats)))
+    save_record(args.record, "data_loading")
 
 
 def crop_sampler_table(anns: list[Annotation], repeats: int) -> Table:

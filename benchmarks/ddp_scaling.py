@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks._timing import machine
+from benchmarks._timing import add_record_arg, machine, record_rich, save_record
 
 CONFIG = """\
 [experiment]
@@ -109,6 +109,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
     p.add_argument("--quick", action="store_true", help="2 epochs on 120 images")
+    add_record_arg(p)
     args = p.parse_args()
     if args.quick:
         args.epochs, args.images = 2, 120
@@ -124,7 +125,9 @@ def main() -> None:
         t.add_column(col, justify="right")
     for n, (ips, sec) in results.items():
         t.add_row(str(n), str(args.global_batch // n), f"{ips:.1f}", f"{sec:.1f}", f"{ips / base:.2f}x")
-    Console().print(t)
+    Console().print(record_rich(t))
+
+    save_record(args.record, "ddp_scaling")
 
 
 if __name__ == "__main__":

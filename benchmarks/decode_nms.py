@@ -16,7 +16,15 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from benchmarks._timing import add_threads_arg, machine, median_time, print_table, set_threads
+from benchmarks._timing import (
+    add_record_arg,
+    add_threads_arg,
+    machine,
+    median_time,
+    print_table,
+    save_record,
+    set_threads,
+)
 from maskssd.ssd.postprocess import DecodeSpec, postprocess, postprocess_tensors
 from maskssd.ssd.priors import PriorSpec, box_iou, cxcywh_to_xyxy
 from tests.reference.tutorial import detect_objects, gcxgcy_to_cxcy
@@ -145,6 +153,7 @@ def main() -> None:
     parser.add_argument("--baseline-repeat", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="a few repeats only")
     add_threads_arg(parser)
+    add_record_arg(parser)
     args = parser.parse_args()
     set_threads(args.threads, args.default_allocator)
     rep, base_rep = (5, 3) if args.quick else (args.repeat, args.baseline_repeat)
@@ -157,6 +166,8 @@ def main() -> None:
         f"max_overlap {MAX_OVERLAP}, top_k {TOP_K} ({machine()}; {rep} runs, baseline {base_rep})",
         rows,
     )
+
+    save_record(args.record, "decode_nms")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks._timing import add_record_arg, record_rich, save_record
 from maskssd.evaluation.metrics import average_precision, coco_map, evaluate_set
 from maskssd.evaluation.records import EvalSet
 from tests.reference.tutorial import calculate_map
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--dets", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--baseline-repeats", type=int, default=3, help="the loop takes seconds per run")
+    add_record_arg(parser)
     args = parser.parse_args()
 
     data = make_data(args.images, args.dets)
@@ -132,8 +134,10 @@ def main() -> None:
     ]
     for name, ms, result in rows:
         table.add_row(name, f"{ms:.1f}", f"{ms / base_ms:.4f}", f"{base_ms / ms:.1f}x", result)
-    Console(width=max(Console().width, 140)).print(table)
+    Console(width=max(Console().width, 140)).print(record_rich(table))
     print(f"same mAP: batched {vec_map:.9f} vs loop {base_map:.9f} (|diff| {abs(vec_map - base_map):.2e})")
+
+    save_record(args.record, "eval_map")
 
 
 if __name__ == "__main__":

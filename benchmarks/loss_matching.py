@@ -10,7 +10,15 @@ import argparse
 
 import torch
 
-from benchmarks._timing import add_threads_arg, machine, median_time, print_table, set_threads
+from benchmarks._timing import (
+    add_record_arg,
+    add_threads_arg,
+    machine,
+    median_time,
+    print_table,
+    save_record,
+    set_threads,
+)
 from maskssd.ssd.loss import MultiBoxLoss
 from maskssd.ssd.priors import PriorSpec
 from tests.reference.tutorial import MultiBoxLoss as TutorialMultiBoxLoss
@@ -45,6 +53,7 @@ def main() -> None:
     parser.add_argument("--baseline-repeat", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="a few repeats only")
     add_threads_arg(parser)
+    add_record_arg(parser)
     args = parser.parse_args()
     set_threads(args.threads, args.default_allocator)
     rep, base_rep = (3, 3) if args.quick else (args.repeat, args.baseline_repeat)
@@ -117,6 +126,8 @@ def main() -> None:
         rows,
     )
     print(f"same loss: maskssd {out.item():.7f} vs tutorial {expected.item():.7f}")
+
+    save_record(args.record, "loss_matching")
 
 
 if __name__ == "__main__":

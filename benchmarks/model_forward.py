@@ -28,7 +28,15 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks._timing import add_threads_arg, machine, median_time, print_table, set_threads
+from benchmarks._timing import (
+    add_record_arg,
+    add_threads_arg,
+    machine,
+    median_time,
+    print_table,
+    save_record,
+    set_threads,
+)
 from maskssd.ssd.models import build_model
 
 TV_SSD = "torchvision ssd300_vgg16 (full)"
@@ -131,6 +139,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=384, help="input size of --models (default 384)")
     parser.add_argument("--channels-last", action="store_true", help="--models in NHWC")
     add_threads_arg(parser)
+    add_record_arg(parser)
     args = parser.parse_args()
     set_threads(args.threads, args.default_allocator)
     if args.models:
@@ -230,6 +239,8 @@ def main() -> None:
         rows,
         extra_columns=["batch-8 images/s"],
     )
+
+    save_record(args.record, "model_forward")
 
 
 if __name__ == "__main__":

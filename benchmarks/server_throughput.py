@@ -31,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks._timing import add_record_arg, record_rich, save_record
 from maskssd.ssd.checkpoint import atomic_save
 from maskssd.ssd.models import build_model
 
@@ -115,12 +116,14 @@ class ServerProcess:
             self.cmd.append("--no-batching")
         self.log = log
         self.threads = args.threads
+        self.env: dict[str, str] = {}  # more of the server's environment (tokens)
 
     def start(self) -> ServerProcess:
         self.log_file = self.log.open("w")
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)  # torch's intra-op threads in the server
+        env.update(self.env)
         self.proc = subprocess.Popen(self.cmd, stdout=self.log_file, stderr=subprocess.STDOUT, env=env)
         return self
 
@@ -132,7 +135,7 @@ class ServerProcess:
                     f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}"
                 )
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/livez", timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 time.sleep(0.2)
@@ -222,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="torch threads in the server (OMP_NUM_THREADS; 0 = torch's default, the physical cores)",
     )
+    add_record_arg(p)
     a = p.parse_args(argv)
     n_req = a.requests or (6 if a.quick else 30)
     console = Console(width=None if sys.stdout.isatty() else 150)
@@ -292,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['batch']:.2f}",
             f"{r['rps'] / ref:.2f}x" if ref else "-",
         )
-    console.print(t)
+    console.print(record_rich(t))
+    save_record(a.record, "server_throughput")
     return 0
 
 

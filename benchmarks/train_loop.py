@@ -22,7 +22,7 @@ from tempfile import TemporaryDirectory
 
 import torch
 
-from benchmarks._timing import add_threads_arg, machine, print_table, set_threads
+from benchmarks._timing import add_record_arg, add_threads_arg, machine, print_table, save_record, set_threads
 
 
 def _trainer(model_name: str, size: int, batch: int, steps: int, tmp: Path, log_every: int):
@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="the tiny model, 20 steps, 3 repeats")
     add_threads_arg(parser, allocator=False)
+    add_record_arg(parser)
     args = parser.parse_args()
     set_threads(args.threads, default_allocator=False)
     if args.quick:
@@ -140,6 +141,8 @@ def main() -> None:
             },
         ],
     )
+
+    save_record(args.record, "train_loop")
 
 
 if __name__ == "__main__":
