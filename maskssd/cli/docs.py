@@ -302,10 +302,6 @@ TABLES: dict[str, Callable[[Records], str]] = {
     "oof": t_oof,
     "winner-vs-accurate": t_compare("winner_vs_accurate_oof"),
     "study": t_study,
-    "bench-inference": t_bench("bench_inference_fps"),
-    "bench-train-step": t_bench("bench_train_step"),
-    "bench-train-loop": t_bench("bench_train_loop"),
-    "bench-server": t_bench("bench_server_soak"),
 }
 
 
@@ -320,7 +316,10 @@ def render_page(text: str, records: Records) -> str:
     """``text`` with every generated block rendered again."""
 
     def sub(m: re.Match[str]) -> str:
-        render = TABLES.get(m["name"])
+        name = m["name"]
+        render = TABLES.get(name) or (
+            t_bench("bench_" + name[6:].replace("-", "_")) if name.startswith("bench-") else None
+        )
         if render is None:
             raise KeyError(f"unknown table {m['name']!r} (known: {', '.join(TABLES)})")
         return m.group(1) + render(records).rstrip() + "\n" + m.group(4)
