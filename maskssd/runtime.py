@@ -1,7 +1,9 @@
 """Process-level settings: the local working folder, and the CPU allocator setting that makes PyTorch faster.
 
-``LOCAL_DIR`` (``mlruns/`` under the working directory) holds the default MLflow store, the Optuna storage,
-checkpoints and generated data; every layer that writes locally takes it from here.
+:func:`local_dir` (``mlruns/`` in the project's root folder) holds the default MLflow store, the Optuna storage,
+checkpoints and generated data; every layer that writes locally takes it from here. The project's root is found
+from the working directory up (:func:`project_root`), so ``maskssd runs`` from ``experiments/`` reads the same
+store as from the root, as git finds its repository.
 
 glibc returns every freed block above its mmap threshold to the kernel and maps it again on the next
 allocation, so each multi-megabyte activation of a CPU training step costs page faults; with the allocator
@@ -18,8 +20,30 @@ import os
 import sys
 from pathlib import Path
 
-#: The local working folder (git-ignored): MLflow store and artifacts, Optuna storage, checkpoints, data.
-LOCAL_DIR = Path("mlruns")
+#: The local working folder's name (git-ignored): MLflow store and artifacts, Optuna storage, checkpoints, data.
+LOCAL_DIR_NAME = "mlruns"
+#: What marks a project's root folder, looked for from the working directory up.
+PROJECT_MARKERS = (LOCAL_DIR_NAME, "pyproject.toml", ".git")
+#: Set to a folder to make it the project's root wherever maskssd runs.
+PROJECT_ENV = "MASKSSD_PROJECT_DIR"
+
+
+def project_root(start: str | Path | None = None) -> Path:
+    """``$MASKSSD_PROJECT_DIR``, else the nearest folder from ``start`` (the working directory) up that holds
+    ``mlruns/``, ``pyproject.toml`` or ``.git``, else ``start`` itself."""
+    if os.environ.get(PROJECT_ENV):
+        return Path(os.environ[PROJECT_ENV]).resolve()
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if any((folder / m).exists() for m in PROJECT_MARKERS):
+            return folder
+    return here
+
+
+def local_dir() -> Path:
+    """The project's local working folder, ``<project root>/mlruns`` (absolute)."""
+    return project_root() / LOCAL_DIR_NAME
+
 
 #: Set to ``0`` to keep glibc's default allocator behaviour.
 ENV_VAR = "MASKSSD_MALLOC_TUNING"

@@ -209,3 +209,35 @@ def test_a_model_keyword_the_model_does_not_take_names_its_line(tmp_path):
         ConfigError, match=r"exp.toml:6 \[model.width\]: model 'ssdlite_effnet_lite0' takes no 'width'"
     ):
         load_config(path)
+
+
+def test_relative_paths_are_relative_to_the_config_file_from_any_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "proj" / "experiments").mkdir(parents=True)
+    (tmp_path / "proj" / "data").mkdir()
+    cfg_file = tmp_path / "proj" / "experiments" / "exp.toml"
+    cfg_file.write_text(BASE.replace('root = "somewhere"', 'root = "../data"'))
+    for cwd in (tmp_path / "proj", tmp_path / "proj" / "experiments", tmp_path):
+        monkeypatch.chdir(cwd)
+        cfg = load_config(cfg_file.relative_to(tmp_path) if cwd == tmp_path else cfg_file)
+        assert Path(cfg.data.root).resolve() == (tmp_path / "proj" / "data").resolve(), cwd
+    monkeypatch.chdir(tmp_path / "proj")
+    assert load_config(cfg_file).data.root == "data"  # from the root: the short path, as a user types it
+    # a --set path is the user's, relative to where they typed it
+    assert load_config(cfg_file, ["data.root=elsewhere"]).data.root == "elsewhere"
+    absolute = str(tmp_path / "abs")
+    assert load_config(cfg_file, [f'data.root="{absolute}"']).data.root == absolute
+
+
+def test_a_config_without_an_experiment_name_logs_into_its_file_name(tmp_path):
+    path = tmp_path / "my_recipe.toml"
+    path.write_text(BASE.replace('name = "t"\n', "", 1))
+    assert load_config(path).experiment.name == "my_recipe"
+    assert load_config(write(tmp_path, BASE)).experiment.name == "t"  # a name given is kept
+
+
+def test_each_shipped_config_has_its_own_experiment_and_finds_its_data(monkeypatch):
+    paths = sorted((REPO / "experiments").glob("*.toml"))
+    assert [load_config(p).experiment.name for p in paths] == [p.stem for p in paths]
+    monkeypatch.chdir(REPO)  # from the project's root: the data beside it, the synthetic data in mlruns/
+    roots = {load_config(p).data.root for p in paths}
+    assert roots == {"../shared/data/face-mask-detection", "mlruns/data/synth-quickstart-v3"}

@@ -75,6 +75,27 @@ def test_search_logged_models_ranks_by_val_map_and_promote_registers_the_model(s
         assert registry.download_model(ref, store).is_file(), ref
     assert registry.best_run(c, "models", "val_map") == high_run
     assert registry.best_run(c, "models", "best_val_map") == high_run  # the older name still reads
+    chosen = registry.select_best(c, "models", "val_map")  # and what it compared, said by promote
+    assert (chosen.run_id, chosen.compared, chosen.skipped_no_model) == (high_run, 2, 0)
+    assert "best of 2 finished runs with a model in experiment 'models' by val_map" in chosen.describe()
+
+
+def test_promote_from_an_experiment_says_what_it_compared_and_warns_across_configs(
+    store, tiny_checkpoint, capsys
+):
+    from maskssd.cli import main
+
+    a, _ = _run_with_model(store, tiny_checkpoint, 0.5, "a")
+    b, _ = _run_with_model(store, tiny_checkpoint, 0.6, "b")
+    c = tracking.client(store)
+    c.set_tag(a, "config_hash", "aaaaaaaaaaaa")
+    c.set_tag(b, "config_hash", "bbbbbbbbbbbb")
+    assert main(["promote", "--experiment", "models", "--metric", "val_map"]) == 0
+    cap = capsys.readouterr()
+    assert f"run {b}: best of 2 finished runs" in " ".join(cap.out.split())
+    said = " ".join(cap.out.split())
+    assert "2 configs (" in said and "aaaaaaaaaaaa x1" in said and "bbbbbbbbbbbb x1" in said
+    assert "different configs" in cap.err
 
 
 def test_final_metric_reads_both_namings():

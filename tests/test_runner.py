@@ -167,6 +167,12 @@ def test_evaluate_save_detections(trained, capsys):
     # the JSON's mAP is the run's val mAP of the same checkpoint
     assert abs(doc["metrics"]["map"] - c.get_run(result.run_id).data.metrics["val_map"]) < 1e-6
     assert "mean" in capsys.readouterr().out
+    # without --data and --split-name: the data and split list the model was trained on, said on stderr
+    again = tmp / "dets-default.json"
+    assert main(["evaluate", "--model", str(ckpt), "--save-detections", str(again)]) == 0
+    assert json.loads(again.read_text())["metrics"]["map"] == doc["metrics"]["map"]
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"data: {cfg.data.root} default/val (what the model was trained on)" in said
 
 
 def test_runs_table(trained, capsys, monkeypatch):

@@ -648,3 +648,16 @@ def test_objectives_read_out_of_fold_and_mix():
     assert objective_value({"map": 0.5, "ap_a": 0.5}, metrics, "oof") == pytest.approx(0.4)
     assert objective_value("val_loss", metrics, "oof") == 2.0  # not an AP: the folds' mean
     assert objective_value("ap_b", metrics, "oof") is None
+
+
+def test_promote_study_without_models_says_how_to_make_one(project, capsys):
+    study_toml = write_study(project / "s.toml", n_trials=1, epochs=2)
+    study_toml.write_text(
+        study_toml.read_text().replace("eval_every = 1\n", "eval_every = 1\nlog_models = false\n")
+    )
+    assert main(["study", str(study_toml), "--no-report"]) == 0
+    capsys.readouterr()
+    assert main(["promote", "--study", "s"]) == 2
+    said = " ".join(capsys.readouterr().err.split())
+    assert "has no model to register" in said and "study.log_models = false" in said
+    assert f"maskssd study-config {study_toml}" in said and "maskssd promote --run RUN_ID" in said

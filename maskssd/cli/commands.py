@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from maskssd.cli.console import TrainBar, err, fmt_interval, out
+from maskssd.cli.console import Column, TrainBar, err, fit_table, fmt_interval, out
 from maskssd.errors import MaskSSDError
 from maskssd.ssd.decode_spec import DISPLAY_THRESHOLD as DISPLAY_THRESHOLD  # the parser's defaults
 from maskssd.ssd.decode_spec import DecodeSpec
@@ -119,6 +120,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     evaluate_more.check_args(a)
     started = time.time()
     ckpt_path = resolve_checkpoint(a.model, a.tracking_uri)
+    evaluate_more.data_of_model(a, ckpt_path)
     pred = load_predictor(
         ckpt_path, device=a.device, backend=a.backend, **_predictor_options(a, a.split_name)
     )
@@ -230,7 +232,7 @@ def cmd_runs(a: argparse.Namespace) -> int:
     from maskssd.cli.seeds import cell_text, metric_cell, run_order, sort_grouped
     from maskssd.tracking import runs as tracking
 
-    c = tracking.client(a.tracking_uri)
+    c = tracking.client(a.tracking_uri, create=False)
     runs = tracking.runs_table(c, a.experiment, max_results=a.limit)
     if not runs:
         out.print("no runs")
@@ -242,18 +244,24 @@ def cmd_runs(a: argparse.Namespace) -> int:
                 for r in runs
                 for k in r.data.metrics
                 if k.startswith(("val_ap_", "best_val_ap_"))
-                and not k.endswith(("_std", "_ci_low", "_ci_high"))
+                and not k.removesuffix("_mean").endswith(("_std", "_ci_low", "_ci_high"))
             }
         )
     )
     order = run_order(runs, a.children)  # a seeds parent's children: hidden, or listed under it
     rows, intervals = [], {}
+    parent_name = ""
     for r, child in order:
         m, p = r.data.metrics, r.data.params
+        name = r.info.run_name or ""
+        if not child:
+            parent_name = name
+        elif parent_name and name.startswith(parent_name):  # "└ -seed1" under "exp-seeds", not the name again
+            name = "…" + name[len(parent_name) :]
         rows.append(
             {
                 "run": r.info.run_id[:8],
-                "name": ("└ " if child else "") + (r.info.run_name or ""),
+                "name": ("└ " if child else "") + name,
                 "status": r.info.status,
                 "model": p.get("model.name", ""),
                 "lr": p.get("optim.lr", ""),
@@ -275,18 +283,25 @@ def cmd_runs(a: argparse.Namespace) -> int:
             [child for _, child in order],
             lambda r: (r[key] is None, -(r[key] or 0) if isinstance(r[key], float) else str(r[key])),
         )
-    t = Table(title=f"runs ({a.experiment or 'all experiments'})")
-    for col in rows[0]:
-        t.add_column(
-            col,
-            justify="right" if col not in ("run", "name", "status", "model") else "left",
-            no_wrap=col == "run",
-            min_width=8 if col == "run" else None,
-        )
-    for r in rows:
-        iv = intervals[id(r)]
-        t.add_row(*[iv.get(k) or cell_text(v) for k, v in r.items()])
-    out.print(t)
+    columns = [
+        Column("run", "run", 0, "left"),
+        Column("name", "name", 2, "left", shrink=True, min_width=12),
+        Column("status", "status", 3, "left"),
+        Column("val_map", "val mAP %", 1),
+        Column("test_map", "test mAP %", 4),
+        *[Column(f"AP {c}", f"val AP % {c.replace('_', ' ')}", 5 + i) for i, c in enumerate(classes)],
+        Column("model", "model", 20, "left"),
+        *[Column(k, k, 21 + i) for i, k in enumerate(("epochs", "lr", "alpha", "neg/pos"))],
+    ]
+    cells = [
+        {k: intervals[id(r)].get(k) or (v.lower() if k == "status" else cell_text(v)) for k, v in r.items()}
+        for r in rows
+    ]
+    title = f"runs ({a.experiment or 'all experiments'}; metrics in %)"
+    t, left_out = fit_table(title, columns, cells, None if a.wide else out.width, a.wide)
+    (Console(file=out.file, width=max(out.width, 400)) if a.wide else out).print(t)
+    if left_out:
+        err.print(f"[dim]not shown to fit {out.width} columns: {', '.join(left_out)}; --wide shows all[/]")
     return 0
 
 
@@ -395,8 +410,15 @@ def cmd_promote(a: argparse.Namespace) -> int:
     else:
         if not (a.experiment and a.metric):
             raise MaskSSDError("say which run: --study NAME, --run RUN_ID, or --experiment NAME --metric M")
-        c = tracking.client(a.tracking_uri)
-        run_id, extra, metric = registry.best_run(c, a.experiment, a.metric, not a.minimize), {}, a.metric
+        c = tracking.client(a.tracking_uri, create=False)
+        chosen = registry.select_best(c, a.experiment, a.metric, not a.minimize)
+        out.print(f"run {chosen.run_id}: {chosen.describe()}")
+        if len(chosen.configs) > 1:
+            err.print(
+                "[yellow]these runs come from different configs: the best of them on validation is a choice "
+                "across recipes and seeds; compare the configs first (maskssd compare PARENT_A PARENT_B)[/]"
+            )
+        run_id, extra, metric = chosen.run_id, {}, a.metric
     p = registry.promote(run_id, a.name, metric, not a.minimize, a.force, a.tracking_uri, extra)
     verdict = "[green]moved @champion to it[/]" if p.moved_alias else "[yellow]kept @champion[/]"
     out.print(

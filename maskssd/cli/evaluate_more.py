@@ -80,3 +80,25 @@ def write_record(a: argparse.Namespace, doc: dict[str, Any], started: float) -> 
     title = f"{a.model} on {a.split_name}/{a.split}"
     path = write(a.record, make_record("evaluate", doc, title=title, started=started))
     err.print(f"record written to {path}", highlight=False)
+
+
+def data_of_model(a: argparse.Namespace, ckpt_path: str | Path) -> None:
+    """``--data`` and ``--split-name`` when not given: the dataset and split list the model was trained on (its
+    checkpoint's config), said on stderr; a model without them (an imported SSD300) needs ``--data``."""
+    from maskssd.ssd.checkpoint import load
+
+    if a.data is not None and a.split_name is not None:
+        return
+    trained = (load(ckpt_path).get("config") or {}).get("data") or {}
+    if a.split_name is None:
+        a.split_name = trained.get("split_name", "paper")
+    if a.data is None:
+        root = trained.get("root")
+        if not root:
+            raise MaskSSDError(f"{a.model} does not say which data it was trained on: pass --data ROOT")
+        if not Path(root).is_dir():
+            raise MaskSSDError(
+                f"{a.model} was trained on {root}, which is not here (from {Path.cwd()}): pass --data ROOT"
+            )
+        a.data = root
+        err.print(f"data: {root} {a.split_name}/{a.split} (what the model was trained on)", highlight=False)

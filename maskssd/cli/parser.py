@@ -250,15 +250,22 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_formatter,
         description="The paper's protocol (VOC07 11-point AP at IoU > 0.5, difficult ignored, detections "
         "at min_score 0.01, NMS 0.45, top_k 200), plus all-point and COCO mAP.",
-        epilog="examples:\n  maskssd evaluate --model models:/maskssd-face-mask@champion \\\n"
-        "      --data ../shared/data/face-mask-detection --split val --save-detections dets.json\n"
+        epilog="examples:\n  maskssd evaluate --model models:/maskssd-face-mask@champion --split val\n"
+        "      # the data and split list the model was trained on (from its checkpoint)\n"
         "  maskssd evaluate --model runs:/RUN_ID/model --data ../shared/data/face-mask-detection \\\n"
-        "      --fit-thresholds --out model-thresholds.pt     # per-class operating thresholds (max F1 on val)",
+        "      --split-name paper --split test --save-detections dets.json\n"
+        "  maskssd evaluate --model runs:/RUN_ID/model --fit-thresholds --out model-thresholds.pt\n"
+        "      # per-class operating thresholds (max F1 on val)",
     )
     _model_arg(e)
-    e.add_argument("--data", required=True, help="dataset root")
+    e.add_argument(
+        "--data", help="dataset root (default: the one the model was trained on, from its checkpoint)"
+    )
     e.add_argument("--split", choices=("train", "val", "test"), default="val")
-    e.add_argument("--split-name", default="paper", help="split list under ROOT/splits/ (default: paper)")
+    e.add_argument(
+        "--split-name",
+        help="split list under ROOT/splits/ (default: the model's, from its checkpoint; else paper)",
+    )
     e.add_argument(
         "--save-detections",
         metavar="FILE.json",
@@ -375,13 +382,20 @@ def build_parser() -> argparse.ArgumentParser:
         "runs",
         help="compare runs in a table",
         formatter_class=_formatter,
-        epilog="example:\n  maskssd runs --experiment quickstart --sort val_map",
+        epilog="examples:\n  maskssd runs --experiment quickstart --sort val_map\n"
+        "  maskssd runs --experiment quickstart --wide | less -S\n\n"
+        "Metrics print in percent; MLflow holds the same numbers as fractions (91.2 here is 0.912 there).",
     )
     r.add_argument("--experiment")
     r.add_argument("--sort", help="column to sort by (e.g. val_map, test_map, status)")
     r.add_argument("--limit", type=int, default=50)
     r.add_argument(
         "--children", action="store_true", help="also list the seed runs of a --seeds parent, under it"
+    )
+    r.add_argument(
+        "--wide",
+        action="store_true",
+        help="every column, however wide (default: those that fit the terminal)",
     )
     r.add_argument("--tracking-uri")
     r.set_defaults(func=cmd_runs)

@@ -98,7 +98,11 @@ def _load_side(refs: str, split: str, tracking_uri: str | None, tmp: Path) -> li
     from maskssd.tracking.runs import client, download_detections
 
     docs = []
-    c = client(tracking_uri) if any(not Path(r).is_file() for r in refs.split(",") if r) else None
+    c = (
+        client(tracking_uri, create=False)
+        if any(not Path(r).is_file() for r in refs.split(",") if r)
+        else None
+    )
     for ref in [r for r in refs.split(",") if r]:
         if c is not None and split in ("val", "oof") and is_cv_parent(c, ref):
             paths, digest = download_oof(c, ref, tmp)
@@ -225,16 +229,20 @@ def cmd_compare(a: argparse.Namespace) -> int:
 def cmd_study_config(a: argparse.Namespace) -> int:
     """Write a study trial's recipe at full budget as an experiment TOML (stdout without ``-o``)."""
     from maskssd.tracking.studies import trial_recipe
-    from maskssd.training.config import dump_toml
+    from maskssd.training.config import dump_toml, rebase_paths
 
     data, trial = trial_recipe(a.config, trial=a.trial, storage=a.storage, study_name=a.study_name)
+    # its paths relative to where it is written (stdout: beside the base experiment), its own experiment
+    dest = Path(a.output).parent if a.output else base_experiment_dir(a.config)
+    rebase_paths(data, Path.cwd(), dest)
+    data.setdefault("experiment", {})["name"] = Path(a.output).stem if a.output else f"{trial_study(a)}-best"
     values = ", ".join(
         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items()
     )
     header = (
         f"# Trial {trial.number} of the study in {a.config} (value {trial.value:.4f} at the study's fidelity),\n"
         f"# at the base experiment's full budget. Written by `maskssd study-config {a.config}`.\n"
-        f"# Sampled: {values}\n\n"
+        f"# Sampled: {values}\n# Relative paths are relative to {dest}/, where this file belongs.\n\n"
     )
     text = header + dump_toml(data)
     if a.output:
@@ -243,3 +251,16 @@ def cmd_study_config(a: argparse.Namespace) -> int:
     else:
         out.print(text, highlight=False, markup=False, soft_wrap=True)
     return 0
+
+
+def base_experiment_dir(study_file: str | Path) -> Path:
+    """The folder of a study's base experiment (where a recipe printed to stdout belongs)."""
+    from maskssd.tracking.study_config import load_study_config
+
+    return load_study_config(study_file)[1].parent
+
+
+def trial_study(a: argparse.Namespace) -> str:
+    from maskssd.tracking.study_config import load_study_config
+
+    return a.study_name or load_study_config(a.config)[0].study.name

@@ -68,7 +68,7 @@ def write_run_record(a: argparse.Namespace, run_id: str, started: float, childre
     from maskssd.tracking import runs
     from maskssd.tracking.seeds import is_final_metric
 
-    c = runs.client(a.tracking_uri)
+    c = runs.client(a.tracking_uri, create=False)
     run = c.get_run(run_id)
 
     def summary(r: Any) -> dict[str, Any]:

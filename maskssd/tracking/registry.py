@@ -29,7 +29,7 @@ CHAMPION = "champion"
 
 def download_model(ref: str, tracking_uri: str | None = None, cache_dir: str | Path | None = None) -> Path:
     """The maskssd checkpoint inside a logged or registered model (``runs:/...``, ``models:/...``), downloaded."""
-    runs.client(tracking_uri)
+    runs.client(tracking_uri, create=False)
     dst = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="maskssd-model-"))
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dst)))
@@ -71,15 +71,41 @@ def _metric(c: mlflow.runs.MlflowClient, run_id: str, metric: str) -> float:
     return float("nan") if value is None else float(value)
 
 
-def best_run(
+@dataclass
+class Selection:
+    """What :func:`select_best` compared: the winner among the finished runs with a model and the metric."""
+
+    run_id: str
+    experiment: str
+    metric: str
+    compared: int  # runs with a model and the metric
+    configs: dict[str, int]  # config_hash -> runs: several configs mean a choice across recipes
+    skipped_no_model: int
+
+    def describe(self) -> str:
+        hashes = [f"{h or 'untagged'} x{n}" for h, n in self.configs.items()]
+        mixed = (
+            f"{len(hashes)} configs ({', '.join(hashes)})" if len(hashes) > 1 else f"one config ({hashes[0]})"
+        )
+        text = (
+            f"best of {self.compared} finished runs with a model in experiment {self.experiment!r} "
+            f"by {self.metric}, {mixed}"
+        )
+        if self.skipped_no_model:
+            text += f"; {self.skipped_no_model} runs without a model not considered"
+        return text
+
+
+def select_best(
     c: mlflow.runs.MlflowClient,
     experiment: str,
     metric: str,
     maximize: bool = True,
     require_model: bool = True,
-) -> str:
-    """The finished run of an experiment with the best ``metric`` (that logged a model); ``metric`` is read
-    with :func:`final_metric`, so runs of either naming compete."""
+) -> Selection:
+    """The finished run of an experiment with the best ``metric`` (that logged a model), and what it was
+    compared with; ``metric`` is read with :func:`final_metric`, so runs of either naming compete. Picking the
+    best of several seeds of one config on validation flatters it: compare configs with ``maskssd compare``."""
     found = [
         (value, r)
         for r in runs.runs_table(c, experiment, max_results=1000)
@@ -88,11 +114,27 @@ def best_run(
         and not math.isnan(value)
     ]
     found.sort(key=lambda vr: vr[0], reverse=maximize)
-    for _, r in found:
-        if require_model and not _has_model(c, r.info.run_id):
-            continue
-        return r.info.run_id
-    raise MaskSSDError(f"no finished run with a model and metric {metric!r} in experiment {experiment!r}")
+    with_model = [r for _, r in found if not require_model or _has_model(c, r.info.run_id)]
+    if not with_model:
+        raise MaskSSDError(f"no finished run with a model and metric {metric!r} in experiment {experiment!r}")
+    configs: dict[str, int] = {}
+    for r in with_model:
+        h = r.data.tags.get("config_hash", "")
+        configs[h] = configs.get(h, 0) + 1
+    return Selection(
+        with_model[0].info.run_id, experiment, metric, len(with_model), configs, len(found) - len(with_model)
+    )
+
+
+def best_run(
+    c: mlflow.runs.MlflowClient,
+    experiment: str,
+    metric: str,
+    maximize: bool = True,
+    require_model: bool = True,
+) -> str:
+    """The run id :func:`select_best` chooses."""
+    return select_best(c, experiment, metric, maximize, require_model).run_id
 
 
 def _has_model(c: mlflow.runs.MlflowClient, run_id: str) -> bool:
@@ -123,7 +165,7 @@ def promote(
 ) -> Promotion:
     """Register the run's logged model (``models:/MODEL_ID``) as a new version with lineage tags; move
     ``champion`` if it is better."""
-    c = runs.client(tracking_uri)
+    c = runs.client(tracking_uri, create=False)
     try:
         run = c.get_run(run_id)
     except mlflow.exceptions.MlflowException:

@@ -1,7 +1,9 @@
 """MLflow tracking: where runs go, and one run's params, metrics, checkpoints, plots and model.
 
-The default store is ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlruns/artifacts``;
-``MLFLOW_TRACKING_URI`` (or ``--tracking-uri``) selects any other store or a tracking server.
+The default store is ``sqlite:///mlruns/mlflow.db`` in the project's root folder (found from the working directory
+up: :func:`maskssd.runtime.project_root`) with artifacts under ``mlruns/artifacts``; ``MLFLOW_TRACKING_URI``
+(or ``--tracking-uri``) selects any other store or a tracking server. Commands that only read
+(``client(create=False)``) never create a store: they say which one they looked for.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from maskssd.errors import MaskSSDError  # noqa: E402
-from maskssd.runtime import LOCAL_DIR  # noqa: E402
+from maskssd.runtime import PROJECT_ENV, local_dir  # noqa: E402
 from maskssd.tracking import lineage  # noqa: E402
 from maskssd.tracking.lineage import git_info  # noqa: E402, F401 - runs.git_info: the studies' parent runs
 from maskssd.training.store import LocalCheckpoints  # noqa: E402
@@ -36,14 +38,28 @@ MAX_PARAM_LENGTH = 6000
 
 
 def default_tracking_uri() -> str:
-    return f"sqlite:///{(Path.cwd() / LOCAL_DIR / 'mlflow.db').as_posix()}"
+    return f"sqlite:///{(local_dir() / 'mlflow.db').as_posix()}"
 
 
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the local SQLite store under ``mlruns/``."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+def resolve_tracking_uri(uri: str | None = None, create: bool = True) -> str:
+    """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the project's SQLite store under ``mlruns/``.
+    ``create=False`` (a command that only reads): a SQLite store that does not exist is an error naming it."""
+    given = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = given or default_tracking_uri()
     if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not create and not db.is_file():
+            how = (
+                "as given"
+                if given
+                else f"the project's store, looked for from {Path.cwd()} up: mlruns/, pyproject.toml or .git mark "
+                f"a project's folder, ${PROJECT_ENV} names one"
+            )
+            raise MaskSSDError(
+                f"no MLflow store at {db} ({how}); run maskssd from the project's folder, or pass --tracking-uri "
+                "(or set MLFLOW_TRACKING_URI) to the store or server the runs are in"
+            )
+        db.parent.mkdir(parents=True, exist_ok=True)
     return uri
 
 
@@ -84,9 +100,10 @@ def open_store(uri: str, make: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
-def client(uri: str | None = None) -> MlflowClient:
-    """An MLflow client on the resolved store (also made the process-wide tracking and registry URI)."""
-    uri = resolve_tracking_uri(uri)
+def client(uri: str | None = None, create: bool = True) -> MlflowClient:
+    """An MLflow client on the resolved store (also made the process-wide tracking and registry URI);
+    ``create=False`` for commands that only read: they never create an empty store."""
+    uri = resolve_tracking_uri(uri, create)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return open_store(uri, lambda: MlflowClient(uri, registry_uri=uri))
@@ -99,21 +116,44 @@ def _local_artifact_root(uri: str) -> str | None:
     return None
 
 
+#: Tags of every experiment maskssd creates or uses. MLflow 3's UI opens an experiment without a kind in its
+#: GenAI view (traces, judges); this kind opens it on its training runs and models. Its description states the
+#: one convention of numbers: MLflow holds fractions, maskssd prints percent.
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": (
+        "maskssd runs: SSD face-mask detectors. Metrics are fractions in [0, 1] (val_map 0.912); maskssd's "
+        "terminal tables and docs print the same numbers as percent (91.2). val_* are the selected checkpoint "
+        "on validation, test_* the final test evaluation, val/* and train/* the per-epoch curves."
+    ),
+}
+
+
 def experiment_id(c: MlflowClient, name: str) -> str:
+    """The id of experiment ``name`` (created, or restored when deleted), with :data:`EXPERIMENT_TAGS` set."""
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            c.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    root = _local_artifact_root(c.tracking_uri)
-    location = f"{root}/{name.replace('/', '_')}" if root else None
-    try:
-        return c.create_experiment(name, artifact_location=location)
-    except mlflow.exceptions.MlflowException:  # created by a concurrent worker in the meantime
-        exp = c.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        root = _local_artifact_root(c.tracking_uri)
+        location = f"{root}/{name.replace('/', '_')}" if root else None
+        try:
+            exp_id = c.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
+        except mlflow.exceptions.MlflowException:  # created by a concurrent worker in the meantime
+            exp = c.get_experiment_by_name(name)
+            if exp is None:
+                raise
+        else:
+            return exp_id
+    if exp.lifecycle_stage == "deleted":
+        c.restore_experiment(exp.experiment_id)
+    if exp.tags.get("mlflow.experimentKind") is None:  # made by an older maskssd, or by hand: keep its note
+        c.set_experiment_tag(
+            exp.experiment_id, "mlflow.experimentKind", EXPERIMENT_TAGS["mlflow.experimentKind"]
+        )
+        if not exp.tags.get("mlflow.note.content"):
+            c.set_experiment_tag(
+                exp.experiment_id, "mlflow.note.content", EXPERIMENT_TAGS["mlflow.note.content"]
+            )
+    return exp.experiment_id
 
 
 class MlflowRun:
@@ -389,7 +429,7 @@ def download_detections(ref: str, split: str, dst: str | Path, tracking_uri: str
     (the selected checkpoint's detections, saved by every run that finished its final evaluation)."""
     if Path(ref).is_file():
         return Path(ref)
-    c = client(tracking_uri)
+    c = client(tracking_uri, create=False)
     try:
         c.get_run(ref)
     except mlflow.exceptions.MlflowException:

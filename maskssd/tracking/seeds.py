@@ -160,14 +160,17 @@ def children_of(c: Any, parent_id: str) -> list[Any]:
 
 def finished_children(parent_id: str, *, tracking_uri: str | None = None) -> list[str]:
     """Run ids of a seeds parent's FINISHED children in seed order: the runs its mean and std average."""
-    c = runs.client(tracking_uri)
+    c = runs.client(tracking_uri, create=False)
     return [r.info.run_id for r in children_of(c, parent_id) if r.info.status == "FINISHED"]
 
 
 def is_seeds_parent(run_id: str, *, tracking_uri: str | None = None) -> bool:
     """Whether ``run_id`` is the parent of a seeds or cross-validation run (False for any other run, or none)."""
     try:
-        return runs.client(tracking_uri).get_run(run_id).data.tags.get(ROLE_TAG) in ("seeds", "cv")
+        return runs.client(tracking_uri, create=False).get_run(run_id).data.tags.get(ROLE_TAG) in (
+            "seeds",
+            "cv",
+        )
     except mlflow.exceptions.MlflowException:
         return False
 

@@ -22,8 +22,9 @@ from typing import Any
 import optuna
 
 from maskssd.errors import ConfigError, MaskSSDError
-from maskssd.runtime import LOCAL_DIR
+from maskssd.runtime import local_dir
 from maskssd.tracking import runs
+from maskssd.tracking.registry import logged_model_id
 from maskssd.tracking.study_budget import (
     BUDGET_STATES,
     FailureCap,
@@ -47,11 +48,8 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def default_storage_url() -> str:
-    """``sqlite:///<cwd>/mlruns/optuna.db`` (or ``$MASKSSD_OPTUNA_STORAGE``)."""
-    return (
-        os.environ.get("MASKSSD_OPTUNA_STORAGE")
-        or f"sqlite:///{(Path.cwd() / LOCAL_DIR / 'optuna.db').as_posix()}"
-    )
+    """``$MASKSSD_OPTUNA_STORAGE``, else ``sqlite:///<project root>/mlruns/optuna.db``."""
+    return os.environ.get("MASKSSD_OPTUNA_STORAGE") or f"sqlite:///{(local_dir() / 'optuna.db').as_posix()}"
 
 
 def make_storage(url: str | None, cfg: StudyConfig) -> optuna.storages.BaseStorage:
@@ -419,6 +417,21 @@ def best_trial_run(
     run_id = best.user_attrs.get("mlflow_run_id")
     if not run_id:
         raise MaskSSDError(f"best trial {best.number} of {name!r} has no MLflow run")
+    c = runs.client(tracking_uri, create=False)
+    if logged_model_id(c, run_id) is None:
+        why = (
+            "its trials are cross-validated (a model per fold, none trained on the whole training split)"
+            if (study.user_attrs.get("fidelity") or {}).get("folds")
+            else "the study does not log models (study.log_models = false)"
+        )
+        src = study.user_attrs.get("study_file", "STUDY.toml")
+        raise MaskSSDError(
+            f"best trial {best.number} of study {name!r} (run {run_id}) has no model to register: {why}. "
+            f"Train its configuration at full budget, then promote that run:\n"
+            f"  maskssd study-config {src} -o experiments/{name}_best.toml\n"
+            f"  maskssd train experiments/{name}_best.toml\n"
+            f"  maskssd promote --run RUN_ID"
+        )
     return run_id, {"study": name, "trial": str(best.number), "study_value": f"{best.value:.6f}"}
 
 
@@ -447,7 +460,13 @@ def trial_recipe(
 
 
 def load_study(name: str, storage_url: str | None = None) -> optuna.Study:
+    """An existing study; a SQLite storage that does not exist is an error (never created by a read)."""
     storage = storage_url or default_storage_url()
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
+        raise MaskSSDError(
+            f"no Optuna storage at {storage.removeprefix('sqlite:///')}: run maskssd from the project's folder, "
+            "or pass --storage (or set MASKSSD_OPTUNA_STORAGE)"
+        )
     try:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
@@ -457,4 +476,6 @@ def load_study(name: str, storage_url: str | None = None) -> optuna.Study:
 def report_study(name: str, *, storage: str | None = None, tracking_uri: str | None = None) -> StudyReport:
     """``maskssd study-report``: summarise a study (and log its plots to its parent run)."""
     study = load_study(name, storage)
-    return summarize(study, runs.client(tracking_uri), study.user_attrs.get("mlflow_parent_run_id"))
+    return summarize(
+        study, runs.client(tracking_uri, create=False), study.user_attrs.get("mlflow_parent_run_id")
+    )

@@ -17,6 +17,7 @@ from maskssd.training.config import (
     _line_of,
     apply_overrides,
     config_error,
+    read_config,
     read_toml,
     validate,
 )
@@ -297,7 +298,7 @@ def _with_values(
     overrides: Mapping[str, Any],
     study_path: str | Path,
 ) -> dict[str, Any]:
-    data, _ = read_toml(base, "base experiment")
+    data, _ = read_config(base, "base experiment")
     apply_overrides(data, overrides, str(study_path))
     sampled = {cfg.space[k].target: ([v] if cfg.space[k].as_list else v) for k, v in values.items()}
     apply_overrides(data, sampled, str(study_path))

@@ -25,6 +25,8 @@ _EXPORTS = {
     "config_error": "config",
     "validate": "config",
     "read_toml": "config",
+    "read_config": "config",
+    "rebase_paths": "config",
     "load_config": "config",
     "toml_error_line": "config",
     "dump_toml": "config",

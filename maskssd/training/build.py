@@ -20,7 +20,7 @@ from maskssd.data.sampling import no_single_last_batch
 from maskssd.data.transforms import eval_transform, train_transform
 from maskssd.data.voc import Annotation
 from maskssd.errors import MaskSSDError
-from maskssd.runtime import LOCAL_DIR
+from maskssd.runtime import local_dir
 from maskssd.ssd.checkpoint import FORMAT_VERSION
 from maskssd.ssd.detector import SSDDetector
 from maskssd.ssd.loss import MultiBoxLoss
@@ -230,5 +230,6 @@ def dataset_infos(
 
 
 def checkpoint_root() -> Path:
-    """Where runs keep their local checkpoints (``$MASKSSD_CHECKPOINT_DIR``, else ``mlruns/checkpoints``)."""
-    return Path(os.environ.get("MASKSSD_CHECKPOINT_DIR", LOCAL_DIR / "checkpoints"))
+    """Where runs keep their local checkpoints (``$MASKSSD_CHECKPOINT_DIR``, else the project's
+    ``mlruns/checkpoints``)."""
+    return Path(os.environ.get("MASKSSD_CHECKPOINT_DIR") or local_dir() / "checkpoints")

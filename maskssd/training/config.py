@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -30,7 +31,7 @@ class _Section(BaseModel):
 
 
 class ExperimentSection(_Section):
-    name: str = "maskssd"  # MLflow experiment name
+    name: str = "maskssd"  # MLflow experiment name; a config file that names none logs into its file's name
     seed: int = 0  # every random draw of a run derives from it (weights, sampling, augmentation)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     description: str = ""  # shown as the run's note in the MLflow UI
@@ -58,7 +59,7 @@ class SynthSection(_Section):
 
 
 class DataSection(_Section):
-    root: str  # the dataset folder (VOC or Kaggle layout), relative to the working directory
+    root: str  # the dataset folder (VOC or Kaggle layout); relative to the config file
     split_name: str = "paper"  # the split list under splits/ (paper, default, main)
     classes: list[str] = Field(
         default_factory=lambda: list(DEFAULT_CLASSES), min_length=1
@@ -134,7 +135,9 @@ class ModelSection(_Section):
         None, ge=32, le=2048
     )  # the square input side in pixels (default: the model's)
     pretrained: bool = False  # start from ImageNet (or the paper's VOC) weights, read offline
-    init_checkpoint: str = ""  # a tutorial-layout SSD300 checkpoint (the paper's Pascal VOC start)
+    init_checkpoint: str = (
+        ""  # a tutorial-layout SSD300 checkpoint (the paper's VOC start); relative to the config file
+    )
     freeze_stages: int = Field(0, ge=0)  # backbone stages kept frozen
     bn_mode: Literal["train", "frozen", "frozen_stages"] | None = (
         None  # BatchNorm in training mode, frozen, or frozen in the frozen stages
@@ -510,9 +513,38 @@ def read_toml(path: str | Path, what: str = "config file") -> tuple[dict[str, An
         raise ConfigError(f"not valid TOML: {e}", path, None, toml_error_line(e, text)) from None
 
 
+#: Config keys that name a file or folder: a relative one is relative to the config file that says it.
+PATH_KEYS = ("data.root", "model.init_checkpoint")
+
+
+def read_config(path: str | Path, what: str = "config file") -> tuple[dict[str, Any], str]:
+    """An experiment TOML's data with its relative paths re-expressed from the working directory, and its
+    experiment named after the file (``experiments/x.toml`` logs into ``x``) when it names none."""
+    data, text = read_toml(path, what)
+    rebase_paths(data, Path(path).parent, Path.cwd())
+    experiment = data.setdefault("experiment", {})
+    if isinstance(experiment, dict):
+        experiment.setdefault("name", Path(path).stem)
+    return data, text
+
+
+def rebase_paths(data: dict[str, Any], src_dir: str | Path, dst_dir: str | Path) -> dict[str, Any]:
+    """The relative :data:`PATH_KEYS` of ``data``, written from ``src_dir``, re-expressed from ``dst_dir`` (so a
+    config can be read from any working directory, and a config written elsewhere still points at its data)."""
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        node = data.get(section)
+        value = node.get(name) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and not os.path.isabs(os.path.expanduser(value)):
+            target = os.path.normpath(os.path.join(os.path.abspath(src_dir), value))
+            node[name] = os.path.relpath(target, os.path.abspath(dst_dir))  # type: ignore[index]
+    return data
+
+
 def load_config(path: str | Path, overrides: Iterable[str] | Mapping[str, Any] = ()) -> ExperimentConfig:
-    """Read, override and validate an experiment TOML."""
-    data, text = read_toml(path)
+    """Read, override and validate an experiment TOML (``--set`` paths stay relative to the working
+    directory: only the file's own paths are relative to the file)."""
+    data, text = read_config(path)
     apply_overrides(data, overrides)
     return validate(data, path, text)
 
