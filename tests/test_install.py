@@ -70,6 +70,7 @@ def test_readme_commands_are_what_ci_runs():
     lines = (REPO / ".ci" / "run").read_text().splitlines()
     ci = lines[lines.index("# --- the README's test command, verbatim ---") + 1]
     assert ci in readme and '.[all,dev]"' in ci and ci.endswith("python -m pytest")
+    assert "mkdocs build --strict" in ci  # a broken link or a missing docs page fails CI
     assert "`pip install -e .`" in readme  # the lean install is documented
 
 

@@ -357,9 +357,16 @@ def cmd_docs(a: argparse.Namespace) -> int:
 _NUMBER = re.compile(r"(?<![\w.\-/])(\d+\.\d+|\d+(?:\.\d+)?\s?%|\d+(?:\.\d+)?x)(?![\w.])")
 
 
+#: A software version (``Python 3.11``, ``MLflow 3.17``): not a result.
+_VERSION = re.compile(
+    r"\b(?:Python|MLflow|PyTorch|torch|torchvision|Optuna|ONNX Runtime|version)\s+\d+(?:\.\d+)+"
+)
+
+
 def typed_numbers(text: str) -> list[tuple[int, str]]:
     """``(line, number)`` of every result-like number outside generated blocks, code blocks, inline code,
-    links and HTML comments: what the docs may not hold, since only records may put numbers there."""
+    links, HTML comments and software versions: what the docs may not hold, since only records may put
+    numbers there."""
     text = BLOCK.sub(lambda m: "\n" * m.group(0).count("\n"), text)
     found, fenced = [], False
     for i, line in enumerate(text.splitlines(), start=1):
@@ -368,7 +375,7 @@ def typed_numbers(text: str) -> list[tuple[int, str]]:
             continue
         if fenced:
             continue
-        prose = re.sub(r"`[^`]*`|\]\([^)]*\)|<!--.*?-->|<[^>]+>", " ", line)
+        prose = _VERSION.sub(" ", re.sub(r"`[^`]*`|\]\([^)]*\)|<!--.*?-->|<[^>]+>", " ", line))
         found += [(i, m.group(1)) for m in _NUMBER.finditer(prose)]
     return found
 

@@ -1,0 +1,75 @@
+"""The documentation publishes no number by hand: every table of results or benchmarks is rendered from a
+committed record by ``maskssd docs``, the committed pages equal a fresh rendering, and no result-like number
+appears outside the rendered blocks. Plus the site's structure: every page in the nav exists, every page
+is in the nav, the README stays short."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from maskssd.cli import main
+from maskssd.cli.docs import load_records, render_page, typed_numbers
+from maskssd.provenance import make_record, read_record, write_record
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def test_committed_pages_equal_their_rendering_from_the_records(capsys):
+    assert main(["docs", "--check", "--root", str(REPO)]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_no_page_holds_a_typed_result(page):
+    assert typed_numbers(page.read_text()) == [], f"{page.name}: numbers not rendered from a record"
+
+
+def test_the_checker_sees_typed_numbers_and_spares_code_and_rendered_blocks():
+    text = (
+        "The model reaches 70.2 mAP, 2.4x faster, at 95% recall.\n"
+        "`--ci 0.95` and [a link](v1.2/x.md) and 128 images on Python 3.11 are fine.\n"
+        "```\nmaskssd train x --set optim.lr=0.002\n```\n"
+        "<!-- maskssd:shipped -->\n| 69.4 [57.9, 80.4] |\n<!-- /maskssd:shipped -->\n"
+    )
+    assert [n for _, n in typed_numbers(text)] == ["70.2", "2.4x", "95%"]
+
+
+def test_every_record_names_its_machine_code_and_command():
+    for path in sorted((REPO / "records").glob("*.json")):
+        rec = read_record(path)
+        assert rec["kind"] and rec["machine"] and "commit" in rec["code"], path.name
+        if rec["kind"] != "reference":  # the paper's numbers are transcribed, not measured
+            assert rec["command"] and rec["machine"].get("cpu"), path.name
+
+
+def test_a_new_record_changes_the_rendered_table_and_a_missing_one_says_how_to_make_it(tmp_path):
+    page = "intro\n<!-- maskssd:shipped -->\n<!-- /maskssd:shipped -->\nend\n"
+    empty = render_page(page, {})
+    assert "Not measured yet: no `records/accurate_seeds.json`" in empty and empty.endswith("end\n")
+    child = {"seed": 0, "seconds": 1500.0, "metrics": {"val_map": 0.7, "val_map_ci_low": 0.6}}
+    rec = make_record(
+        "seeds",
+        {"seeds": [0], "children": [child], "aggregate": {"val_map_mean": 0.7, "val_map_std": None}},
+    )
+    write_record(tmp_path / "accurate_seeds.json", rec)
+    rendered = render_page(page, load_records(tmp_path))
+    row = next(line for line in rendered.splitlines() if "pan_s4_rfs" in line)
+    assert "70.0" in row and "| 25 |" in row  # mean val mAP in percent, minutes per run
+
+
+def test_the_nav_lists_every_page_and_every_page_exists():
+    nav = yaml.safe_load((REPO / "mkdocs.yml").read_text())["nav"]
+    listed = {next(iter(item.values())) for item in nav}
+    on_disk = {p.name for p in (REPO / "docs").glob("*.md")}
+    assert listed == on_disk
+    for page in on_disk:  # and every image a page shows is committed
+        for img in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (REPO / "docs" / page).read_text()):
+            assert (REPO / "docs" / img).is_file(), (page, img)
+
+
+def test_readme_is_short():
+    assert len((REPO / "README.md").read_text().splitlines()) <= 200
