@@ -297,70 +297,86 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class PostgresCluster:
+    """A throw-away PostgreSQL cluster on loopback that a test may stop and start again (a restart mid-study)."""
+
+    def __init__(self) -> None:
+        import os
+        import shutil
+        import tempfile
+
+        bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+        initdb = str(bins[-1] / "initdb") if bins else shutil.which("initdb")
+        if not initdb:
+            pytest.skip(
+                "PostgreSQL is not installed and MASKSSD_TEST_POSTGRES_URL is not set (.ci/run starts one)"
+            )
+        self.pg_ctl = str(Path(initdb).parent / "pg_ctl")
+        self.data = Path(tempfile.mkdtemp(prefix="maskssd-test-pg-"))  # outside pytest's root-only temp tree
+        self.runas: list[str] = []
+        if os.geteuid() == 0:
+            try:
+                import pwd
+
+                pwd.getpwnam("postgres")
+            except KeyError:
+                pytest.skip("running as root without a 'postgres' user to run a PostgreSQL server")
+            shutil.chown(self.data, "postgres")
+            self.runas = ["runuser", "-u", "postgres", "--"]
+        self.port = _free_port()
+        self._run(initdb, "-D", str(self.data), "-A", "trust", "-U", "postgres")
+        self.start()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *argv: str) -> None:
+        import subprocess
+
+        try:
+            subprocess.run([*self.runas, *argv], check=True, capture_output=True, timeout=120)
+        except (subprocess.SubprocessError, OSError) as e:
+            pytest.skip(f"could not run PostgreSQL ({argv[0]}): {e}")
+
+    def start(self) -> None:
+        opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.data} -c fsync=off"
+        self._run(self.pg_ctl, "-D", str(self.data), "-w", "-l", str(self.data / "log"), "-o", opts, "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run(self.pg_ctl, "-D", str(self.data), "-w", "-m", mode, "stop")
+
+    def remove(self) -> None:
+        import shutil
+        import subprocess
+
+        subprocess.run(
+            [*self.runas, self.pg_ctl, "-D", str(self.data), "-m", "immediate", "stop"],
+            capture_output=True,
+            timeout=60,
+        )
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def postgres_server(tmp_path_factory: pytest.TempPathFactory):
     """A PostgreSQL server on loopback: ``$MASKSSD_TEST_POSTGRES_URL`` (``.ci/run`` starts one), else a throw-away
     cluster started here when the server binaries are installed; skips, saying why, otherwise."""
     import os
-    import shutil
-    import subprocess
 
     url = os.environ.get("MASKSSD_TEST_POSTGRES_URL")
     if url:
         yield url
         return
-    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
-    initdb = str(bins[-1] / "initdb") if bins else shutil.which("initdb")
-    if not initdb:
-        pytest.skip(
-            "PostgreSQL is not installed and MASKSSD_TEST_POSTGRES_URL is not set (.ci/run starts one)"
-        )
-    import tempfile
+    cluster = PostgresCluster()
+    yield cluster.url
+    cluster.remove()
 
-    pg_ctl = str(Path(initdb).parent / "pg_ctl")
-    data = Path(tempfile.mkdtemp(prefix="maskssd-test-pg-"))  # outside pytest's root-only temp tree
-    runas: list[str] = []
-    if os.geteuid() == 0:
-        try:
-            import pwd
 
-            pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root without a 'postgres' user to run a PostgreSQL server")
-        shutil.chown(data, "postgres")
-        runas = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
-    try:
-        subprocess.run(
-            [*runas, initdb, "-D", str(data), "-A", "trust", "-U", "postgres"],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        subprocess.run(
-            [
-                *runas,
-                pg_ctl,
-                "-D",
-                str(data),
-                "-w",
-                "-l",
-                str(data / "log"),
-                "-o",
-                f"-c listen_addresses=127.0.0.1 -p {port} -k {data} -c fsync=off",
-                "start",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-    except (subprocess.SubprocessError, OSError) as e:
-        pytest.skip(f"could not start a PostgreSQL server: {e}")
-    yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    subprocess.run(
-        [*runas, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True, timeout=60
-    )
-    shutil.rmtree(data, ignore_errors=True)
+@pytest.fixture()
+def postgres_cluster():
+    """A PostgreSQL cluster of this test's own, which it may restart."""
+    pytest.importorskip("psycopg", reason='PostgreSQL is the [postgres] extra: pip install "maskssd[postgres]"')
+    cluster = PostgresCluster()
+    yield cluster
+    cluster.remove()
 
 
 @pytest.fixture()

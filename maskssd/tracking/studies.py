@@ -41,6 +41,7 @@ from maskssd.tracking.study_config import (
 )
 from maskssd.tracking.study_fidelity import Hyperband, SuccessiveHalving
 from maskssd.tracking.study_report import StudyReport, summarize
+from maskssd.tracking.study_storage import ResilientRDBStorage
 from maskssd.tracking.study_trial import fold_rung, make_objective
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ def default_storage_url() -> str:
 def make_storage(url: str | None, cfg: StudyConfig) -> optuna.storages.BaseStorage:
     """SQLite (default, under mlruns/), a journal file (``*.log`` / ``journal:PATH``), or any RDB URL (PostgreSQL).
 
-    RDB storages get a heartbeat, so a trial left RUNNING by a dead worker is failed (and retried) by the others.
+    RDB storages get a heartbeat, so a trial left RUNNING by a dead worker is failed (and retried) by the others,
+    and wait out their database restarting (:mod:`maskssd.tracking.study_storage`).
     SQLite runs in write-ahead-log mode, so local workers read while another writes.
     """
     url = url or default_storage_url()
@@ -83,7 +85,7 @@ def make_storage(url: str | None, cfg: StudyConfig) -> optuna.storages.BaseStora
 def _rdb_storage(url: str, engine_kwargs: dict[str, Any], s: Any) -> optuna.storages.RDBStorage:
     with warnings.catch_warnings():  # heartbeats: "experimental" in Optuna's API, stable since v2.9
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
+        return ResilientRDBStorage(
             url,
             engine_kwargs=engine_kwargs,
             heartbeat_interval=s.heartbeat_interval,
