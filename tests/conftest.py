@@ -373,7 +373,9 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture()
 def postgres_cluster():
     """A PostgreSQL cluster of this test's own, which it may restart."""
-    pytest.importorskip("psycopg", reason='PostgreSQL is the [postgres] extra: pip install "maskssd[postgres]"')
+    pytest.importorskip(
+        "psycopg", reason='PostgreSQL is the [postgres] extra: pip install "maskssd[postgres]"'
+    )
     cluster = PostgresCluster()
     yield cluster
     cluster.remove()
