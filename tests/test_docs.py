@@ -56,9 +56,29 @@ def test_a_new_record_changes_the_rendered_table_and_a_missing_one_says_how_to_m
         {"seeds": [0], "children": [child], "aggregate": {"val_map_mean": 0.7, "val_map_std": None}},
     )
     write_record(tmp_path / "accurate_seeds.json", rec)
+    fps_table = {
+        "title": "end-to-end FPS",
+        "columns": ["model", "PyTorch ISA", "eager folded", "onnx folded"],
+        "rows": [
+            {
+                "model": "ssdlite_effnet_lite0 384 cpu pan s4",
+                "PyTorch ISA": "native",
+                "eager folded": "30.1",
+                "onnx folded": "47.3",
+            },
+            {
+                "model": "ssdlite_effnet_lite0 384 cpu pan s4",
+                "PyTorch ISA": "avx2",
+                "eager folded": "20.0",
+                "onnx folded": "-",
+            },
+        ],
+    }
+    write_record(tmp_path / "bench_inference_fps.json", make_record("benchmark", {"tables": [fps_table]}))
     rendered = render_page(page, load_records(tmp_path))
     row = next(line for line in rendered.splitlines() if "pan_s4_rfs" in line)
     assert "70.0" in row and "| 25 |" in row  # mean val mAP in percent, minutes per run
+    assert row.endswith("| 47.3 |")  # the default CPU backend's FPS, PyTorch on its native ISA
 
 
 def test_the_nav_lists_every_page_and_every_page_exists():
