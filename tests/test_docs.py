@@ -93,3 +93,15 @@ def test_the_nav_lists_every_page_and_every_page_exists():
 
 def test_readme_is_short():
     assert len((REPO / "README.md").read_text().splitlines()) <= 200
+
+
+def test_the_goal_table_says_met_or_short_per_class_against_the_paper(tmp_path):
+    paper = read_record(REPO / "records" / "paper.json")
+    write_record(tmp_path / "paper.json", paper)
+    agg = {"val_map_mean": 0.712, "val_ap_mask_weared_incorrect_mean": 0.60}
+    write_record(
+        tmp_path / "accurate_seeds.json", make_record("seeds", {"children": [{}] * 3, "aggregate": agg})
+    )
+    out = render_page("<!-- maskssd:goal -->\n<!-- /maskssd:goal -->\n", load_records(tmp_path))
+    val = next(line for line in out.splitlines() if line.startswith("| val"))
+    assert "71.2 vs 70.2: +1.0 met" in val and "60.0 vs 71.4: -11.4 short" in val and "(3 seeds)" in val
