@@ -94,6 +94,10 @@ def test_train_folds_scores_every_image_once_out_of_fold(workdir, synth_root, ca
     assert "out of fold" in out and "3 folds x 1 seeds" in out
     c = tracking.client()
     [parent] = _cv_parent(c)
+    exp = parent.info.experiment_id  # where to see it, in the UI's model-training view
+    assert f"#/experiments/{exp}/runs/{parent.info.run_id}?workflowType=machine_learning" in out.replace(
+        "\n", ""
+    )
     kids = children_of(c, parent.info.run_id)
     assert [k.data.tags["maskssd.fold"] for k in kids] == ["1", "2", "3"] and parent.info.status == "FINISHED"
     m = parent.data.metrics

@@ -73,6 +73,10 @@ def cmd_train(a: argparse.Namespace) -> int:
             write_run_record(a, r.run_id, started)
     model = f"model: {r.model_uri} (also runs:/{r.run_id}/model)" if r.model_uri else "no model logged"
     out.print(f"[green]run {r.run_id} finished[/]; {model}", highlight=False)
+    if int(os.environ.get("RANK", "0")) == 0:
+        from maskssd.tracking.runs import ui_link
+
+        out.print(f"see it: {ui_link(r.run_id, a.tracking_uri)}", highlight=False, soft_wrap=True)
     return 0
 
 

@@ -27,6 +27,7 @@ def train_seeds(a: argparse.Namespace, cfg: Any) -> int:
 
     started = time.time()
     from maskssd.errors import RunStopped, TrainingInterrupted
+    from maskssd.tracking import runs
     from maskssd.tracking.seeds import run_seeds
 
     try:
@@ -58,6 +59,7 @@ def train_seeds(a: argparse.Namespace, cfg: Any) -> int:
     colour = "green" if r.status == "FINISHED" else "red"
     what = f"{r.folds} folds x {len(r.seeds)} seeds" if r.folds else f"{len(r.seeds)} seeds"
     out.print(f"[{colour}]parent run {r.parent_run_id} {r.status.lower()}[/] ({what})")
+    out.print(f"see it: {runs.ui_link(r.parent_run_id, a.tracking_uri)}", highlight=False, soft_wrap=True)
     return 0 if r.status == "FINISHED" else 1
 
 

@@ -407,6 +407,17 @@ def _input_example() -> Any:
     return pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode("ascii")]})
 
 
+def ui_link(run_id: str, tracking_uri: str | None = None) -> str:
+    """Where to see a run in the MLflow UI, in its model-training view: the server's page, or for a local store
+    the ``mlflow ui`` command and the page it serves."""
+    c = client(tracking_uri, create=False)
+    exp = c.get_run(run_id).info.experiment_id
+    page = f"#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning"
+    if c.tracking_uri.startswith(("http://", "https://")):
+        return f"{c.tracking_uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {c.tracking_uri}, then http://127.0.0.1:5000/{page}"
+
+
 def runs_table(
     c: MlflowClient,
     experiment: str | None = None,
