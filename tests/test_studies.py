@@ -237,8 +237,14 @@ def test_study_config_writes_the_best_trial_at_full_budget(project):
     assert best.optim.lr == 4e-3 and best.loss.neg_pos_ratio == 4 and best.schedule.decay_lr_at == [2]
     assert best.train.log_images == 0  # a recipe override travels
     assert best.data.final_split == base.data.final_split  # a trial-only one does not
-    assert best.train.epochs == base.train.epochs and best.experiment.name == base.experiment.name
+    assert best.train.epochs == base.train.epochs and best.experiment.name == "best"  # its own experiment
     assert "Trial 1 of the study" in (project / "best.toml").read_text()
+    # written into a subfolder, its data paths are rewritten to still point at the data
+    (project / "experiments").mkdir()
+    assert main(["study-config", str(study_toml), "-o", "experiments/winner.toml"]) == 0
+    moved = load_config(project / "experiments" / "winner.toml")
+    assert Path(moved.data.root).resolve() == Path(base.data.root).resolve()
+    assert moved.experiment.name == "winner"
     assert main(["study-config", str(study_toml), "--trial", "0", "-o", "t0.toml"]) == 0
     assert load_config(project / "t0.toml").optim.lr == 1e-3
     assert main(["study-config", str(study_toml), "--trial", "7"]) == 2  # no such trial: a clear error
