@@ -120,7 +120,7 @@ def test_only_clients_with_a_token_get_in(predictor):
         r = httpx.post(s.url + "/detect", content=jpeg(0), headers=bearer("camera-door-wrong-token-xxxxxx"))
         assert r.status_code == 401 and "not accepted" in r.json()["detail"]
         assert TOKENS[0] not in r.text
-        r = httpx.post(s.url + "/detect", content=jpeg(0), headers=bearer(TOKENS[0]))
+        r = httpx.post(s.url + "/detect", content=jpeg(0), headers=bearer(TOKENS[0]), timeout=30)
         assert r.status_code == 200 and "detections" in r.json()
         assert httpx.get(s.url + "/metrics", headers=bearer(TOKENS[1])).status_code == 200
         metrics = httpx.get(s.url + "/metrics", headers=bearer(TOKENS[1])).text

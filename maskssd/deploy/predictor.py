@@ -178,6 +178,14 @@ class Predictor:
         self.last_timing = Timing(t1 - t0, t2 - t1, time.perf_counter() - t2)
         return dets
 
+    def warmup(self) -> float:
+        """One prediction on a blank frame, before the first real one: it compiles the CPU kernels (numba, on
+        first use after an install) and sizes the backend's buffers, so a server's first camera frame is not
+        the slow one. Returns its seconds."""
+        t0 = time.perf_counter()
+        self.predict([np.zeros((self.input_size, self.input_size, 3), dtype=np.uint8)])
+        return time.perf_counter() - t0
+
     def display_threshold(self, score_threshold: float | None = None) -> float | torch.Tensor:
         """What is shown: ``score_threshold`` when given, else the model's per-class thresholds as a tensor
         ``(C-1,)`` (``DISPLAY_THRESHOLD`` for a class without one), else ``DISPLAY_THRESHOLD``; for

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import logging
 import re
 import time
 import warnings
@@ -46,6 +47,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest  # noqa: E402
 from starlette.exceptions import HTTPException  # noqa: E402
 from starlette.formparsers import MultiPartException  # noqa: E402
 from starlette.types import Message  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 MONTAGE_INTERVAL_S = 0.5
 MAX_MONTAGE_CAMERAS = 16
@@ -125,6 +128,10 @@ class DetectionService:
         self.queue = asyncio.Queue()
         self.model_executor = ThreadPoolExecutor(1, thread_name_prefix="maskssd-model")
         self.aux_executor = ThreadPoolExecutor(1, thread_name_prefix="maskssd-montage")
+        warmup = getattr(self.predictor, "warmup", None)
+        if warmup is not None:  # before the server takes requests (uvicorn waits for the lifespan's start)
+            seconds = await self.loop.run_in_executor(self.model_executor, warmup)
+            log.info("model warmed up in %.1f s", seconds)
         self.tasks = [asyncio.create_task(self._batcher(), name="maskssd-batcher")]
         if self.montage_path is not None:
             self.montage_dirty = asyncio.Event()

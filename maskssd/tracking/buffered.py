@@ -188,10 +188,11 @@ class BufferedRun:
             return
         away = self.clock() - self.away_since
         if away > self.max_outage or len(self.pending) > self.max_pending:
+            held = len(self.pending)
             self.hold_on_disk()
             raise TrackingUnavailable(
                 f"the tracking store {self.client.tracking_uri} has been unreachable for {away / 60:.1f} min "
-                f"({len(self.pending)} records held, now in {self.journal}); the run stopped after its last "
+                f"({held} records held, now in {self.journal}); the run stopped after its last "
                 "checkpoint"
             )
 
@@ -214,10 +215,11 @@ class BufferedRun:
         deadline = self.clock() + self.drain
         while self.pending and not self._flush():
             if self.clock() > deadline:
+                held = len(self.pending)
                 self.hold_on_disk()
                 raise TrackingUnavailable(
                     f"the tracking store {self.client.tracking_uri} did not come back within {self.drain:.0f} s "
-                    f"of the end of training ({len(self.pending)} records, now in {self.journal})"
+                    f"of the end of training ({held} records, now in {self.journal})"
                 )
             time.sleep(min(5.0, self.retry_every))
 

@@ -176,11 +176,13 @@ def out_of_fold(
         ),
         "report/oof.json",
     )
+    interval = (  # no resamples (eval.bootstrap = 0, as in a study's trials): no interval to show
+        f" [{100 * pooled.map.low:.1f}, {100 * pooled.map.high:.1f}]" if ev.bootstrap > 0 else ""
+    )
     log.info(
-        "out-of-fold mAP %.1f [%.1f, %.1f] on %d images (%d folds x %d seeds)",
+        "out-of-fold mAP %.1f%s on %d images (%d folds x %d seeds)",
         100 * pooled.map.estimate,
-        100 * pooled.map.low,
-        100 * pooled.map.high,
+        interval,
         len(union),
         d.folds,
         len(seeds),
