@@ -57,7 +57,8 @@ def _cpu_features() -> set[str]:
 
 def machine(threads: int | None = None) -> dict[str, Any]:
     """The machine a measurement ran on: CPU model, cores, what the CPU has (AVX2, AVX-512, VNNI, AMX) and
-    what PyTorch used (``isa``: its kernel level, ``emulated`` when held below what the CPU has)."""
+    what PyTorch used (``isa``: its kernel level, ``emulated`` when held below what the CPU has), and the load
+    average when it started."""
     feats = _cpu_features()
     has = [
         name
@@ -70,6 +71,8 @@ def machine(threads: int | None = None) -> dict[str, Any]:
         "cpu_has": "+".join(has) or "none of AVX2/AVX-512",
         "python": platform.python_version(),
     }
+    if hasattr(os, "getloadavg"):  # what else ran: ~0 on an idle machine, ~cores when another job shares it
+        out["load_1min"] = round(os.getloadavg()[0], 2)
     if "torch" in sys.modules:
         import torch
 

@@ -91,7 +91,7 @@ def test_train_folds_scores_every_image_once_out_of_fold(workdir, synth_root, ca
     fast = ["--no-progress", "--set", "schedule.warmup_epochs=0", "--set", "eval.bootstrap=50"]
     assert main(["train", str(cfg), "--folds", "3", *fast]) == 0
     out = capsys.readouterr().out
-    assert "out of fold" in out and "3 folds x 1 seeds" in out
+    assert "pooled" in out and "3 folds x 1 seeds" in out
     c = tracking.client()
     [parent] = _cv_parent(c)
     exp = parent.info.experiment_id  # where to see it, in the UI's model-training view

@@ -3,6 +3,7 @@ parent's mean ± std, resuming a parent (only the missing seeds run), and the ``
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import statistics
@@ -137,3 +138,36 @@ def test_resuming_a_parent_finishes_only_the_interrupted_seed(workdir, synth_roo
     values = [k.data.metrics["val_loss"] for k in after]
     assert p.data.metrics["val_loss_mean"] == pytest.approx(statistics.fmean(values), abs=1e-12)
     assert r.mean_std("val_loss")[2] == 2
+
+
+def test_the_seeds_table_fits_80_columns_and_says_what_it_left_out():
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from maskssd.cli.seeds import seeds_table
+
+    classes = ["mask_weared_incorrect", "with_mask", "without_mask"]
+    metrics = {"val_map": 0.875, "test_map": 0.881, **{f"val_ap_{c}": 0.5 for c in classes}}
+    runs = {
+        (s, k): SimpleNamespace(
+            seed=s, fold=k, run_id=f"{s}{k}" * 16, status="FINISHED", action="new", metrics=metrics
+        )
+        for s in (0, 1)
+        for k in (1, 2, 3)
+    }
+    agg = {f"{k}_mean": v for k, v in metrics.items()} | {f"{k}_std": 0.048 for k in metrics} | {"n_seeds": 6}
+    agg |= {"oof_map": 0.7, "oof_map_ci_low": 0.65, "oof_map_ci_high": 0.75}
+    agg |= {f"oof_ap_{c}": 0.5 for c in classes} | {f"oof_ap_{c}_ci_low": 0.4 for c in classes}
+    agg |= {f"oof_ap_{c}_ci_high": 0.6 for c in classes}
+    r = SimpleNamespace(runs=runs, aggregate=agg, seeds=[0, 1], folds=3, parent_run_id="p" * 32)
+    for width, dropped in ((80, True), (250, False)):
+        table, left_out = seeds_table(r, width)
+        console = Console(width=width, record=True, file=io.StringIO())
+        console.print(table)
+        lines = console.export_text().splitlines()
+        assert max(len(line) for line in lines) <= width
+        assert all("…" not in line for line in lines if "87.5" in line)  # numbers whole, never cut
+        assert any("87.5 ± 4.8" in line and "(6)" not in line for line in lines)  # every child: no count
+        assert any("70.0 [65.0, 75.0]" in line for line in lines)  # the pooled out-of-fold row
+        assert bool(left_out) == dropped and ("val mAP" not in left_out)

@@ -54,7 +54,9 @@ def where(rec: Mapping[str, Any]) -> str:
     m = rec.get("machine", {})
     threads = f", {m['threads']} threads" if m.get("threads") else ""
     isa = f", {m['isa']}{' (emulated)' if m.get('emulated') else ''}" if m.get("isa") else ""
-    return f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores{isa}{threads})"
+    load = m.get("load_1min") or 0.0
+    busy = f", load {load:.1f} at start: not idle" if load >= 0.5 else ""
+    return f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores{isa}{threads}{busy})"
 
 
 def source(rec: Mapping[str, Any], name: str) -> str:
@@ -114,15 +116,15 @@ def t_shipped(r: Records) -> str:
         ("accurate_seeds", "experiments/cpu_effnet_lite0_pan_s4_rfs.toml", "+ PAN, stride-4 map, RFS"),
     ):
         rec = r.get(name)
+        f = fps_by_model.get(FPS_MODEL.get(Path(config).stem, ""), {})
+        fps_cell = f.get(DEFAULT_BACKEND) or "–"  # its own record: shown without the accuracy one
         if rec is None:
-            rows.append([f"`{config}`", what, "–", "–", "–", "–", "–"])
+            rows.append([f"`{config}`", what, "–", "–", "–", "–", fps_cell])
             notes.append(
                 missing(name, how=f"maskssd train {config} --seeds 0,1,2 --record records/{name}.json")
             )
             continue
         seeds = len(rec.get("seeds") or [rec.get("run", {}).get("seed")])
-        f = fps_by_model.get(FPS_MODEL.get(Path(config).stem, ""), {})
-        fps_cell = f.get(DEFAULT_BACKEND) or "–"
         rows.append(
             [
                 f"`{config}`",

@@ -12,7 +12,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from maskssd.cli.console import TrainBar, err, fmt_interval, out
+from maskssd.cli.console import Column, TrainBar, err, fit_table, fmt_interval, out
 
 __all__ = ["SeedStat", "cell_text", "metric_cell", "run_order", "sort_grouped", "train_seeds"]
 
@@ -55,7 +55,10 @@ def train_seeds(a: argparse.Namespace, cfg: Any) -> int:
         return 0 if r.status == "FINISHED" else 1
     if a.record:
         write_run_record(a, r.parent_run_id, started, children=r)
-    out.print(seeds_table(r))
+    table, left_out = seeds_table(r, out.width)
+    out.print(table)
+    if left_out:
+        out.print(f"[dim]not shown to fit {out.width} columns: {', '.join(left_out)} (in the MLflow UI)[/]")
     colour = "green" if r.status == "FINISHED" else "red"
     what = f"{r.folds} folds x {len(r.seeds)} seeds" if r.folds else f"{len(r.seeds)} seeds"
     out.print(f"[{colour}]parent run {r.parent_run_id} {r.status.lower()}[/] ({what})")
@@ -101,9 +104,10 @@ def write_run_record(a: argparse.Namespace, run_id: str, started: float, childre
     out.print(f"record written to {write_record(a.record, record)}", highlight=False)
 
 
-def seeds_table(r: Any) -> Table:
+def seeds_table(r: Any, width: int | None = None) -> tuple[Table, list[str]]:
     """One row per child (its selected checkpoint's val mAP, test mAP, val AP per class), then mean ± std and,
-    for cross-validation, the pooled out-of-fold AP with its interval."""
+    for cross-validation, the pooled out-of-fold AP with its interval; fitted to ``width`` columns (the
+    per-class columns go first). Returns the table and the headers left out."""
     classes = sorted(
         k.removeprefix("val_ap_").removesuffix("_mean")
         for k in r.aggregate
@@ -113,27 +117,46 @@ def seeds_table(r: Any) -> Table:
     )
     keys = ["val_map", "test_map", *[f"val_ap_{c}" for c in classes]]
     keys = [k for k in keys if f"{k}_mean" in r.aggregate or any(k in s.metrics for s in r.runs.values())]
-    what = f"{r.folds} folds x {len(r.seeds)} seeds" if r.folds else "seeds"
-    t = Table(title=f"{what} of parent run {r.parent_run_id} (AP in %, the selected checkpoint)")
-    for col in ("seed", "fold", "run", "status", *keys) if r.folds else ("seed", "run", "status", *keys):
-        t.add_column(col, justify="left" if col in ("run", "status") else "right")
+    header = {"val_map": "val mAP", "test_map": "test mAP", **{f"val_ap_{c}": f"val {c}" for c in classes}}
+    columns = [Column("seed", "seed", 0)]
+    if r.folds:
+        columns.append(Column("fold", "fold", 0))
+    columns += [
+        Column("run", "run", 4, justify="left"),
+        Column("status", "status", 3, justify="left"),
+        *[Column(k, header[k], 0 if k == "val_map" else 1 if k == "test_map" else 2) for k in keys],
+    ]
+    n_all = len(r.runs)
+    rows: list[dict[str, str]] = []
     for s in r.runs.values():
         status = s.status.lower() + (" (kept)" if s.action == "kept" else "")
-        first = [str(s.seed), str(s.fold)] if r.folds else [str(s.seed)]
-        t.add_row(*first, (s.run_id or "")[:8], status, *[cell_text(s.metrics.get(k)) for k in keys])
-    blank = ["", "", ""] if r.folds else ["", ""]
-    t.add_row(
-        "[bold]mean ± std", *blank, *[cell_text(metric_cell(r.aggregate, k)) for k in keys], end_section=True
-    )
+        rows.append(
+            {
+                "seed": str(s.seed),
+                "fold": str(s.fold),
+                "run": (s.run_id or "")[:8],
+                "status": status,
+                **{k: cell_text(s.metrics.get(k)) for k in keys},
+            }
+        )
+
+    def mean(k: str) -> str:  # the count only when a child is missing from it
+        v = metric_cell(r.aggregate, k)
+        text = cell_text(v)
+        return text.rsplit(" (", 1)[0] if isinstance(v, SeedStat) and v.n == n_all else text
+
+    rows.append({"seed": "mean", "run": "± std", **{k: mean(k) for k in keys}})
     if "oof_map" in r.aggregate:
         a = r.aggregate
 
-        def oof(key: str) -> str:
-            return fmt_interval(a[key], a.get(f"{key}_ci_low"), a.get(f"{key}_ci_high"))
+        def oof(key: str) -> str:  # a class with no AP (none of its boxes in the data) is not logged
+            return fmt_interval(a[key], a.get(f"{key}_ci_low"), a.get(f"{key}_ci_high")) if key in a else ""
 
         cells = {"val_map": oof("oof_map"), **{f"val_ap_{c}": oof(f"oof_ap_{c}") for c in classes}}
-        t.add_row("[bold]out of fold", *blank, *[cells.get(k, "") for k in keys])
-    return t
+        rows.append({"seed": "oof", "run": "pooled", **{k: cells.get(k, "") for k in keys}})
+    what = f"{r.folds} folds x {len(r.seeds)} seeds" if r.folds else "seeds"
+    title = f"{what} of parent run {r.parent_run_id[:8]} (AP in %, the selected checkpoint)"
+    return fit_table(title, columns, rows, width)
 
 
 # -------------------------------------------------------------------------------------------- runs
