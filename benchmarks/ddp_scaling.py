@@ -93,8 +93,8 @@ def run(tmp: Path, nproc: int, args: argparse.Namespace) -> tuple[float, float]:
 
     c = tracking.client(uri)
     r = [x for x in tracking.runs_table(c, "ddp-bench") if x.info.run_name == f"p{nproc}"][0]
-    hist = sorted(c.get_metric_history(r.info.run_id, "images_per_second"), key=lambda m: m.step)
-    secs = sorted(c.get_metric_history(r.info.run_id, "epoch_seconds"), key=lambda m: m.step)
+    hist = sorted(c.get_metric_history(r.info.run_id, "train/images_per_second"), key=lambda m: m.step)
+    secs = sorted(c.get_metric_history(r.info.run_id, "train/epoch_seconds"), key=lambda m: m.step)
     steady = hist[1:] or hist
     return statistics.median(m.value for m in steady), statistics.median(m.value for m in (secs[1:] or secs))
 
