@@ -102,3 +102,22 @@ def test_experiments_open_as_model_training_and_state_the_number_convention(proj
     tags = c.get_experiment(old).tags
     assert tags["mlflow.experimentKind"] == EXPERIMENT_TAGS["mlflow.experimentKind"]
     assert tags["mlflow.note.content"] == "mine"
+
+
+def test_every_command_teaches_by_example():
+    """``maskssd COMMAND --help`` (and every ``data`` subcommand) ends with an example to copy."""
+    import argparse
+
+    from maskssd.cli.parser import build_parser
+
+    def commands(p: argparse.ArgumentParser, path: str):
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield path, p
+        for name, child in subs[0].choices.items() if subs else []:
+            yield from commands(child, f"{path} {name}")
+
+    for path, p in commands(build_parser(), "maskssd"):
+        if path.count(" ") == 2 and "example" not in p.format_help():  # a data subcommand: its group's
+            p = build_parser()._subparsers._group_actions[0].choices[path.split()[1]]
+        assert "example" in p.format_help(), f"{path} --help has no example"

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="datasets: synthesise, split, inspect",
         formatter_class=_formatter,
         description="Work with Pascal VOC face-mask datasets (Kaggle images/+annotations/ or classic VOC).",
+        epilog="examples:\n"
+        "  maskssd data stats ../shared/data/face-mask-detection --split-name paper\n"
+        "  maskssd data import --format yolo ~/datasets/helmets data/helmets",
     )
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     s = dsub.add_parser(
@@ -466,11 +469,19 @@ def build_parser() -> argparse.ArgumentParser:
     sr = sub.add_parser(
         "study-report",
         help="best trials, parameter importances, the cheap-fidelity check and plots of a study",
+        description="The study's report, from its storage (while it runs, too): trials by state and wall time,\n"
+        "the best trials with their parameters, parameter importances, and the fidelity check: how well a\n"
+        "trial's value at each pruning rung ranks like its final value (a low rank correlation means the\n"
+        "pruner discards trials at random). Its plots are logged to the study's parent run.",
+        epilog="examples:\n"
+        "  maskssd study-report cpu_rare_folds\n"
+        "  maskssd study-report cpu_rare_folds --record records/study_rare_folds.json   # for `maskssd docs`\n"
+        "  maskssd study-report paper_multibox --storage postgresql://optuna@db/optuna",
         formatter_class=_formatter,
     )
-    sr.add_argument("name")
-    sr.add_argument("--storage")
-    sr.add_argument("--tracking-uri")
+    sr.add_argument("name", help="the study's name (its config's [study] name)")
+    sr.add_argument("--storage", help="Optuna storage URL (default: sqlite:///mlruns/optuna.db)")
+    sr.add_argument("--tracking-uri", help="MLflow tracking URI (default: the project's store)")
     sr.add_argument(
         "--record",
         metavar="FILE.json",
@@ -536,7 +547,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv, ex = add_deploy_commands(sub)
 
-    mo = sub.add_parser("models", help="list the model names a config may use")
+    mo = sub.add_parser(
+        "models",
+        help="list the model names a config may use",
+        description="The registered networks: the values a config's [model] name may take.",
+        epilog="examples:\n  maskssd models\n  maskssd train experiments/quickstart.toml --set model.name='\"ssdlite_effnet_lite0\"'",
+        formatter_class=_formatter,
+    )
     mo.set_defaults(func=cmd_models)
     _threads_arg(t, e, de, st, sv, ex)
     _inference_args(e, de, sv)
