@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from maskssd.cli import main
-from maskssd.cli.docs import load_records, render_page, typed_numbers, where
+from maskssd.cli.docs import CLASSES, load_records, render_page, typed_numbers, where
 from maskssd.provenance import make_record, read_record, write_record
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,3 +115,18 @@ def test_a_record_taken_beside_another_job_says_so():
     idle = {"machine": {"cpu": "X", "cores": 2, "threads": 2, "load_1min": 0.1}}
     busy = {"machine": {"cpu": "X", "cores": 2, "threads": 2, "load_1min": 1.4}}
     assert "not idle" not in where(idle) and "load 1.4 at start: not idle" in where(busy)
+
+
+def test_the_study_block_shows_what_the_best_trials_models_called_each_box(tmp_path):
+    confusion = [[0, 72, 3, 5], [1046, 1601, 0, 0], [484, 76, 35, 1], [60, 41, 1, 3]]
+    errors = {"labels": ["background", *CLASSES], "rows_true_columns_predicted": confusion}
+    errors |= {"images": 725, "folds": 3, "seed": 0, "threshold": 0.4, "run_id": "r"}
+    trial = {"number": 2, "state": "COMPLETE", "value": 0.31, "params": {"lr": 0.002}, "steps": [4, 8, 9]}
+    summary = {"states": {"COMPLETE": 1}, "wall_seconds": 3600.0, "trials": [trial | {"seconds": 60.0}]}
+    summary |= {"best": {"number": 2}, "best_oof_errors": errors, "fidelity": None}
+    write_record(tmp_path / "study_rare_folds.json", make_record("study", summary))
+    out = render_page("<!-- maskssd:study -->\n<!-- /maskssd:study -->\n", load_records(tmp_path))
+    rare = next(line for line in out.splitlines() if line.startswith("| worn incorrectly"))
+    assert rare == "| worn incorrectly | 105 | 60 (57%) | 41 (39%) | 1 (1%) | 3 (3%) |"
+    assert "What trial 2's models called every box of the 725 train+val images" in out
+    assert "| false alarm (no face) | – | – | 72 | 3 | 5 |" in out

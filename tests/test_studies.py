@@ -491,7 +491,14 @@ def test_multi_fidelity_study_with_two_workers_and_its_fidelity_check(project, c
     # a late trial that yielded to the budget (a race of the two workers) is not run, not failed
     assert parent.data.metrics["n_failed"] == 0 and parent.data.metrics["n_not_run"] == len(study.trials) - 3
     summary = tracking.MlflowRun(c, parent.info.run_id).download("study/summary.json", project / "dl")
-    fidelity = json.loads(summary.read_text())["fidelity"]
+    doc = json.loads(summary.read_text())
+    fidelity = doc["fidelity"]
+    errors = doc["best_oof_errors"]  # what the best trial's models called each box, out of fold
+    assert errors["run_id"] == study.best_trial.user_attrs["mlflow_run_id"] and errors["folds"] == 2
+    confusion = errors["rows_true_columns_predicted"]
+    assert errors["labels"][0] == "background" and len(confusion) == len(errors["labels"])
+    n_gt = sum(sum(row) for row in confusion[1:])  # every box of every train+val image, once
+    assert n_gt > 0 and all(len(row) == len(errors["labels"]) for row in confusion)
     assert fidelity["full_epochs"] == 2 and fidelity["by_epoch"]["1"]["n"] == 3
 
 
@@ -638,7 +645,14 @@ def test_fold_study_prunes_on_fold_one_and_checks_the_fold_rung(project, capsys)
     assert c.get_run(bad.user_attrs["mlflow_run_id"]).info.status == "KILLED"
     parent = study.user_attrs["mlflow_parent_run_id"]
     summary = tracking.MlflowRun(c, parent).download("study/summary.json", project / "dl")
-    fidelity = json.loads(summary.read_text())["fidelity"]
+    doc = json.loads(summary.read_text())
+    fidelity = doc["fidelity"]
+    errors = doc["best_oof_errors"]  # what the best trial's models called each box, out of fold
+    assert errors["run_id"] == study.best_trial.user_attrs["mlflow_run_id"] and errors["folds"] == 2
+    confusion = errors["rows_true_columns_predicted"]
+    assert errors["labels"][0] == "background" and len(confusion) == len(errors["labels"])
+    n_gt = sum(sum(row) for row in confusion[1:])  # every box of every train+val image, once
+    assert n_gt > 0 and all(len(row) == len(errors["labels"]) for row in confusion)
     assert (
         fidelity["rung_epoch"] == 2
         and fidelity["steps"]["2"] == "fold 1"

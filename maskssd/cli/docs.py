@@ -295,7 +295,33 @@ def t_study(r: Records) -> str:
     return (
         f"{len(rec['trials'])} trials ({states}) in {wall / 3600:.2f} h of wall time ({where(rec)}). {check}\n\n"
         + table(head, rows, "rlrrrl")
+        + _oof_confusion(rec.get("best_oof_errors"), rec.get("best"))
         + f"\n\n{source(rec, 'study_rare_folds')}."
+    )
+
+
+def _oof_confusion(errors: Mapping[str, Any] | None, best: Mapping[str, Any] | None) -> str:
+    """The best trial's out-of-fold confusion: what each true class's boxes were called (a row per class, its
+    share of that class's boxes; "missed": no detection above the threshold), and the false alarms."""
+    if not errors:
+        return ""
+    labels, m = errors["labels"], errors["rows_true_columns_predicted"]
+    names = [SHORT.get(c, c) for c in labels[1:]]
+    rows = []
+    for i, name in enumerate(names, start=1):
+        n = sum(m[i])
+        cells = [f"{m[i][j]} ({100 * m[i][j] / n:.0f}%)" if n else "0" for j in range(len(labels))]
+        rows.append([name, str(n), cells[0], *cells[1:]])
+    rows.append(["false alarm (no face)", "–", "–", *[str(v) for v in m[0][1:]]])
+    number = f"trial {best['number']}" if best else "the best trial"
+    return (
+        f"\n\nWhat {number}'s models called every box of the {errors.get('images')} train+val images, out of "
+        f"fold ({errors.get('folds')} folds, seed {errors.get('seed')}; detections scored at least "
+        f"{errors.get('threshold')}), at the study's fidelity. Rows: the true class; columns: what it was "
+        "called.\n\n"
+        + table(
+            ["true class", "boxes", "missed", *[f"called {n}" for n in names]], rows, "lr" + "r" * len(labels)
+        )
     )
 
 

@@ -59,6 +59,8 @@ def summarize(study: optuna.Study, c: Any, parent_run_id: str | None, top: int =
             log.warning("no parameter importances: %s", e)
     rep.fidelity = fidelity_check(study)
     rep.summary = study_summary(study, rep)
+    if rep.best and c is not None:
+        rep.summary["best_oof_errors"] = best_oof_errors(c, rep.best[0][5])
     if parent_run_id:
         _log_plots(study, c, parent_run_id, rep.importances)
         if complete:
@@ -108,6 +110,38 @@ def study_summary(study: optuna.Study, rep: StudyReport) -> dict[str, Any]:
     }
 
 
+def best_oof_errors(c: Any, run_id: str) -> dict[str, Any] | None:
+    """For a fold study: what the best trial's models called every train+val image's boxes out of fold (its
+    confusion matrix at the operating threshold, first seed), from its cross-validation parent's
+    ``report/oof.json``; None for a trial that is not a cross-validation parent."""
+    import json
+    import tempfile
+
+    from maskssd.errors import MaskSSDError
+
+    if not run_id:
+        return None
+    with tempfile.TemporaryDirectory(prefix="maskssd-study-") as tmp:
+        try:
+            doc = json.loads(runs.MlflowRun(c, run_id).download("report/oof.json", tmp).read_text())
+        except (MaskSSDError, ValueError):
+            return None
+    seed, report = next(iter(sorted(doc.get("per_seed", {}).items())), (None, None))
+    errors = (report or {}).get("errors") or {}
+    confusion = errors.get("confusion_at_threshold")
+    if not confusion:
+        return None
+    return {
+        "run_id": run_id,
+        "seed": int(seed),
+        "images": doc.get("images"),
+        "folds": doc.get("folds"),
+        "threshold": errors.get("threshold"),
+        "labels": confusion["labels"],
+        "rows_true_columns_predicted": confusion["rows_true_columns_predicted"],
+    }
+
+
 def _log_summary(study: optuna.Study, run: runs.MlflowRun, rep: StudyReport, n_complete: int) -> None:
     best = study.best_trial
     count = lambda state: len(study.get_trials(deepcopy=False, states=(state,)))  # noqa: E731
@@ -137,6 +171,7 @@ def _log_summary(study: optuna.Study, run: runs.MlflowRun, rep: StudyReport, n_c
             "best_params": best.params,
             "best_value": best.value,
             "fidelity": fid.as_dict() if fid else None,
+            "best_oof_errors": rep.summary.get("best_oof_errors"),
         },
         "study/summary.json",
     )
