@@ -442,3 +442,32 @@ def test_a_full_disk_stops_the_run_keeps_the_last_checkpoint_and_resume_continue
     run = c.get_run(run_id)
     assert run.info.status == "FINISHED" and load(ckpt_dir / "last.pt")["epoch"] == 3
     assert [s for s, _ in histories(c, run_id)["train/loss"]] == [1, 2, 3]
+
+
+def test_an_interrupt_while_the_checkpoint_is_written_keeps_the_epochs_report(
+    workdir, synth_root, monkeypatch
+):
+    """Ctrl-C/SIGTERM during the last.pt write takes effect after the epoch's report: the resume starts after
+    that epoch, so a report left unsent would be lost for good."""
+    from maskssd.ssd.checkpoint import interrupts_deferred
+    from maskssd.training import store
+
+    cfg = load_config(write_config(workdir / "exp.toml", synth_root, epochs=2))
+    real_save = store.atomic_save
+
+    def signalled_save(obj, path):
+        if Path(path).name == "last.pt" and obj["epoch"] == 1:
+            with interrupts_deferred():  # the signal arrives while the file is being written
+                signal.raise_signal(signal.SIGINT)
+                return real_save(obj, path)
+        return real_save(obj, path)
+
+    monkeypatch.setattr(store, "atomic_save", signalled_save)
+    with pytest.raises(TrainingInterrupted):
+        run_experiment(cfg, log_model=False)
+    c = tracking.client()
+    [run] = tracking.runs_table(c, "t")
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "train/loss")] == [1]
+    monkeypatch.setattr(store, "atomic_save", real_save)
+    run_experiment(cfg, resume_run_id=run.info.run_id, log_model=False)
+    assert sorted(m.step for m in c.get_metric_history(run.info.run_id, "train/loss")) == [1, 2]

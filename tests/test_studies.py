@@ -328,11 +328,20 @@ def test_two_workers_share_one_study(project):
 
 def test_a_killed_workers_trial_is_failed_and_retried(project):
     study_toml = write_study(project / "s.toml", n_trials=1, epochs=30)
-    w = _worker(project, study_toml)
-    deadline = time.time() + 120
+    log = project / "worker.log"  # a file, not a pipe nobody reads while waiting (a full pipe would block it)
+    with log.open("w") as f:
+        w = subprocess.Popen(
+            [sys.executable, "-m", "maskssd", "study", str(study_toml), "--no-report", "--threads", "1"],
+            cwd=project,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.time() + 180
     running = None
     while time.time() < deadline and running is None:
         time.sleep(0.5)
+        assert w.poll() is None, f"the worker exited ({w.returncode}):\n{log.read_text()[-3000:]}"
         try:
             trials = load(project).trials
         except Exception:  # noqa: BLE001 - the storage or the study does not exist yet
@@ -340,7 +349,9 @@ def test_a_killed_workers_trial_is_failed_and_retried(project):
         running = next(
             (t for t in trials if t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs), None
         )
-    assert running is not None, "the worker never started a trial"
+    if running is None:
+        w.kill()
+    assert running is not None, f"the worker never started a trial:\n{log.read_text()[-3000:]}"
     w.send_signal(signal.SIGKILL)
     w.wait(timeout=30)
     time.sleep(5)  # past the grace period: the heartbeat is stale

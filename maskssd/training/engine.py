@@ -21,7 +21,7 @@ from torch import nn
 from maskssd.data import Batch
 from maskssd.data.sampling import epoch_batches
 from maskssd.errors import CheckpointWriteError, NonFiniteLossError, TrainingInterrupted
-from maskssd.ssd.checkpoint import FORMAT_VERSION
+from maskssd.ssd.checkpoint import FORMAT_VERSION, interrupts_deferred
 from maskssd.ssd.loss import MultiBoxLoss
 from maskssd.ssd.postprocess import DecodeSpec
 from maskssd.training import distributed
@@ -303,11 +303,14 @@ class Trainer:
                 if self._improved(epoch, metrics):  # the state first, then the report: a run stopped while
                     self._save("best", publish=True)  # reporting resumes after this epoch
                 publish = epoch % t.save_every == 0 or epoch == t.epochs
-                self._save("last", publish=publish)
-                self.state.last_written_epoch = epoch
-                if publish:
-                    self.state.last_saved_epoch = epoch
-                self.logger.log_metrics(curve_metrics(metrics), step=epoch)
+                # the checkpoint and the epoch's report together: a resume starts after this epoch, so an
+                # interrupt between the two would lose the epoch's metrics for good
+                with interrupts_deferred():
+                    self._save("last", publish=publish)
+                    self.state.last_written_epoch = epoch
+                    if publish:
+                        self.state.last_saved_epoch = epoch
+                    self.logger.log_metrics(curve_metrics(metrics), step=epoch)
                 if do_map:
                     for hook in self.on_eval:
                         hook(epoch, metrics)
