@@ -293,17 +293,34 @@ def test_a_bad_trial_is_pruned_in_both_systems(project):
     assert "pruned by Optuna" in run.data.tags["stopped"]
 
 
-def _worker(project: Path, study_toml: Path, *extra: str) -> subprocess.Popen:
+def _worker(project: Path, study_toml: Path, *extra: str, log: Path | None = None) -> subprocess.Popen:
+    """A ``maskssd study`` worker process; its output piped, or written to ``log`` (for a worker nobody reads
+    while it runs: a full pipe would block it)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = log.open("w") if log else subprocess.PIPE
     # one core per worker: two workers x two threads on two cores would oversubscribe them
-    return subprocess.Popen(
-        [sys.executable, "-m", "maskssd", "study", str(study_toml), "--no-report", "--threads", "1", *extra],
-        cwd=project,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    try:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "maskssd",
+                "study",
+                str(study_toml),
+                "--no-report",
+                "--threads",
+                "1",
+                *extra,
+            ],
+            cwd=project,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT if log else subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        if log:
+            out.close()  # the child holds its own copy
 
 
 def test_two_workers_share_one_study(project):
@@ -328,15 +345,8 @@ def test_two_workers_share_one_study(project):
 
 def test_a_killed_workers_trial_is_failed_and_retried(project):
     study_toml = write_study(project / "s.toml", n_trials=1, epochs=30)
-    log = project / "worker.log"  # a file, not a pipe nobody reads while waiting (a full pipe would block it)
-    with log.open("w") as f:
-        w = subprocess.Popen(
-            [sys.executable, "-m", "maskssd", "study", str(study_toml), "--no-report", "--threads", "1"],
-            cwd=project,
-            env={**os.environ, "PYTHONWARNINGS": "ignore"},
-            stdout=f,
-            stderr=subprocess.STDOUT,
-        )
+    log = project / "worker.log"
+    w = _worker(project, study_toml, log=log)
     deadline = time.time() + 180
     running = None
     while time.time() < deadline and running is None:

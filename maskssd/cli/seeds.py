@@ -126,7 +126,6 @@ def seeds_table(r: Any, width: int | None = None) -> tuple[Table, list[str]]:
         Column("status", "status", 3, justify="left"),
         *[Column(k, header[k], 0 if k == "val_map" else 1 if k == "test_map" else 2) for k in keys],
     ]
-    n_all = len(r.runs)
     rows: list[dict[str, str]] = []
     for s in r.runs.values():
         status = s.status.lower() + (" (kept)" if s.action == "kept" else "")
@@ -140,12 +139,8 @@ def seeds_table(r: Any, width: int | None = None) -> tuple[Table, list[str]]:
             }
         )
 
-    def mean(k: str) -> str:  # the count only when a child is missing from it
-        v = metric_cell(r.aggregate, k)
-        text = cell_text(v)
-        return text.rsplit(" (", 1)[0] if isinstance(v, SeedStat) and v.n == n_all else text
-
-    rows.append({"seed": "mean", "run": "± std", **{k: mean(k) for k in keys}})
+    mean = {k: cell_text(metric_cell(r.aggregate, k), all_of=len(r.runs)) for k in keys}  # count: if short
+    rows.append({"seed": "mean", "run": "± std", **mean})
     if "oof_map" in r.aggregate:
         a = r.aggregate
 
@@ -180,13 +175,14 @@ def metric_cell(m: dict[str, float], key: str, *fallbacks: str) -> float | None:
     return next((m[k] for k in (key, *fallbacks) if k in m), None)
 
 
-def cell_text(v: Any) -> str:
-    """Metrics in %: ``66.5``, a parent's ``66.5 ± 1.2 (3)`` (``66.5 (1)`` for one seed)."""
+def cell_text(v: Any, all_of: int | None = None) -> str:
+    """Metrics in %: ``66.5``, a parent's ``66.5 ± 1.2 (3)`` (``66.5 (1)`` for one seed); the count left out
+    when it is ``all_of`` (every child counted)."""
     if v is None:
         return ""
     if isinstance(v, SeedStat):
         spread = f" ± {100 * v.std:.1f}" if math.isfinite(v.std) else ""
-        return f"{100 * v:.1f}{spread} ({v.n})"
+        return f"{100 * v:.1f}{spread}" + ("" if v.n == all_of else f" ({v.n})")
     return f"{100 * v:.1f}" if isinstance(v, float) else str(v)
 
 
