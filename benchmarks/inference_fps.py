@@ -87,7 +87,8 @@ BACKENDS = (
     "onnx int8 TTA",
 )
 DEFAULT_CALIBRATION = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "face-mask-detection"
-#: the deployment decode (server/detect default score threshold, the paper's NMS settings)
+#: the deployment decode (the default display threshold, the paper's NMS settings): what
+#: ``Predictor.detect`` decodes for ``detect`` and ``serve`` (benchmarks.realtime_decode times it on real frames)
 DECODE = DecodeSpec(min_score=0.4, max_overlap=0.45, top_k=200)
 
 

@@ -206,9 +206,9 @@ class SlowPredictor:
     def __init__(self, predictor: Predictor):
         self._p = predictor
 
-    def predict(self, images: Any, decode: Any = None) -> Any:
+    def predict(self, images: Any, decode: Any = None, floor: Any = None) -> Any:
         time.sleep(0.03)
-        return self._p.predict(images, decode)
+        return self._p.predict(images, decode, floor)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._p, name)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 SERVE_EXTRA = 'serving is the [serve] extra: pip install "maskssd[serve]"'
@@ -42,13 +43,13 @@ class SpyPredictor:
         self.warmups += 1
         return self._p.warmup()
 
-    def predict(self, images: Any, decode: Any = None) -> Any:
+    def predict(self, images: Any, decode: Any = None, floor: Any = None) -> Any:
         with self._lock:
             self.active += 1
             self.calls += 1
             self.max_active = max(self.max_active, self.active)
         try:
-            return self._p.predict(images, decode)
+            return self._p.predict(images, decode, floor)
         finally:
             with self._lock:
                 self.active -= 1
@@ -356,11 +357,11 @@ def test_serve_cli_wires_arguments(
 class FlakyPredictor(SpyPredictor):
     """Fails its first call: the batch fails with 500, the next requests are served."""
 
-    def predict(self, images: Any, decode: Any = None) -> Any:
+    def predict(self, images: Any, decode: Any = None, floor: Any = None) -> Any:
         if self.calls == 0:
             self.calls += 1
             raise RuntimeError("simulated model failure")
-        return super().predict(images, decode)
+        return super().predict(images, decode, floor)
 
 
 def test_edge_cases_in_process(predictor: Predictor) -> None:
@@ -387,3 +388,15 @@ def test_edge_cases_in_process(predictor: Predictor) -> None:
     for _ in range(2):
         r = plain.post("/detect", content=jpeg(0), headers={"x-camera": "lobby/1"})
         assert r.status_code == 200 and r.json()["camera"] == "lobby_1"
+
+
+def test_a_batch_decodes_from_the_lowest_threshold_any_of_its_requests_shows() -> None:
+    from maskssd.deploy.serving import _batch_floor, _Job
+
+    def job(floor: Any) -> _Job:
+        return _Job(np.zeros((2, 2, 3), np.uint8), None, floor)  # type: ignore[arg-type]
+
+    per_class = torch.tensor([0.5, 0.2, 0.9])
+    assert _batch_floor([job(0.4), job(per_class)]).tolist() == pytest.approx([0.4, 0.2, 0.4])
+    assert _batch_floor([job(0.4), job(0.6)]).tolist() == pytest.approx([0.4])
+    assert _batch_floor([job(0.4), job(None)]) is None  # one request shows everything

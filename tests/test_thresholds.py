@@ -160,3 +160,48 @@ def test_evaluate_fits_thresholds_on_val_and_writes_the_model(tiny_checkpoint, s
     assert "validation split" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "x.pt")]) == 2
     assert "--fit-thresholds" in capsys.readouterr().err
+
+
+class _SpreadModel(torch.nn.Module):
+    """Fixed random logits and offsets for every prior (shifted by each image's mean): thousands of
+    candidates above the AP protocol's 0.01, more than the top-k keeps."""
+
+    def __init__(self, priors: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.locs = torch.randn(1, priors, 4, generator=g) * 0.5
+        self.logits = torch.randn(1, priors, 4, generator=g) * 2.0
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shift = x.mean((1, 2, 3)).view(-1, 1, 1)
+        return self.locs + shift, self.logits * (1.0 + shift)
+
+
+@pytest.mark.parametrize("cpu_kernels", [True, False])
+def test_detect_decodes_from_the_threshold_and_keeps_what_a_full_decode_shows(
+    tiny_checkpoint: Path, cpu_kernels: bool, monkeypatch: pytest.MonkeyPatch
+):
+    from maskssd.ssd import kernels
+
+    monkeypatch.setattr(kernels, "ENABLED", cpu_kernels)
+    pred = Predictor.from_checkpoint(tiny_checkpoint, backend="torch")
+    pred.model = _SpreadModel(pred.priors_cxcy.shape[0])
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (96, 128, 3), dtype=np.uint8) for _ in range(3)]
+    full = pred.predict(frames)
+    scores = torch.cat([d.scores for d in full])
+    ranked = scores.sort().values
+    edge = float(ranked[len(ranked) // 2])  # a threshold equal to a score: it is shown
+    labels = torch.cat([d.labels for d in full])
+    per_class = {c: float(scores[labels == i + 1].median()) for i, c in enumerate(CLASSES)}
+    cases = [(float(ranked[len(ranked) // 4]) + 1e-4, {}), (edge, {}), (None, per_class)]
+    for threshold, per_class in cases:
+        pred.thresholds = per_class
+        want = [pred.shown(d, threshold) for d in full]
+        assert 0 < sum(len(d) for d in want) < len(scores)  # the threshold splits the detections
+        got = pred.detect(frames, threshold)
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g.scores, w.scores) and torch.equal(g.labels, w.labels)
+            assert torch.equal(g.boxes, w.boxes)
+    pred.thresholds = {}
+    assert min(float(d.scores.min()) for d in pred.detect(frames, edge) if len(d)) == edge

@@ -94,7 +94,7 @@ def _detect_images(pred: Any, src: Path, out: Path, threshold: float | None, sho
             failed.append(str(e))
             log.warning("skipped %s", e)
             continue
-        d = pred.shown(pred.predict([np.asarray(img)])[0], threshold)
+        d = pred.detect([np.asarray(img)], threshold)[0]
         annotated = draw_detections(img, d, pred.class_names, 0.0)
         annotated.save(out / f"{f.stem}.png")
         show = show and _show(annotated, wait_ms=0)
@@ -141,7 +141,7 @@ def _detect_video(
     with jsonl_path.open("w") as jl:
         t_prev = time.perf_counter()
         for i, frame, src_fps in frames(src, max_frames):
-            d = pred.shown(pred.predict([frame])[0], threshold)
+            d = pred.detect([frame], threshold)[0]
             if smoother is not None:
                 d = smoother(d)
             model_s = pred.last_timing.model

@@ -43,9 +43,10 @@ class MaskSSDModel(mlflow.pyfunc.PythonModel):
         except (MaskSSDError, TypeError, ValueError) as e:
             raise mlflow.exceptions.MlflowException.invalid_parameter_value(str(e)) from None
         pred = self.predictor
-        dets = pred.predict(images)
         if threshold is not None or pred.thresholds:
-            dets = [pred.shown(d, threshold) for d in dets]
+            dets = pred.detect(images, threshold)
+        else:  # every detection from the decode threshold up (e.g. for AP)
+            dets = pred.predict(images)
         rows = [
             (i, *box, pred.class_names[label - 1], score)
             for i, d in enumerate(dets)

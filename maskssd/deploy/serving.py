@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from maskssd.data import MAX_IMAGE_PIXELS, decode_image_bytes
@@ -69,6 +70,7 @@ class RequestError(Exception):
 class _Job:
     image: np.ndarray  # (H, W, 3) uint8 RGB
     future: asyncio.Future
+    floor: float | torch.Tensor | None = None  # the lowest score this request shows (None: all of them)
     t_enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -154,8 +156,9 @@ class DetectionService:
                 ex.shutdown(wait=True, cancel_futures=True)
 
     # --------------------------------------------------------------------------------------- batching
-    async def submit(self, image: np.ndarray) -> _Result:
-        """Queue one decoded image and wait for its detections."""
+    async def submit(self, image: np.ndarray, floor: float | torch.Tensor | None = None) -> _Result:
+        """Queue one decoded image and wait for its detections (those scoring at least ``floor``, one score or
+        one per class, when given: a batch decodes from its requests' lowest)."""
         if self.queue is None or self.loop is not asyncio.get_running_loop():
             await self.start()  # an app driven without its lifespan (e.g. TestClient outside ``with``)
         assert self.queue is not None
@@ -168,7 +171,7 @@ class DetectionService:
                 f"server busy: {self.queue.qsize()} images queued; retry later",
                 {"retry-after": retry_after(wait)},
             )
-        job = _Job(image, asyncio.get_running_loop().create_future())
+        job = _Job(image, asyncio.get_running_loop().create_future(), floor)
         self.metrics.in_flight.inc()
         try:
             await self.queue.put(job)
@@ -200,7 +203,7 @@ class DetectionService:
             t_start = time.perf_counter()
             try:
                 dets, timing = await loop.run_in_executor(
-                    self.model_executor, self._predict, [j.image for j in batch]
+                    self.model_executor, self._predict, [j.image for j in batch], _batch_floor(batch)
                 )
             except Exception as e:  # a model failure fails this batch only; the server keeps serving
                 err = RequestError(500, f"inference failed: {type(e).__name__}: {e}")
@@ -219,8 +222,8 @@ class DetectionService:
                         _Result(d, len(batch), 1000 * timing.model, 1000 * (t_start - j.t_enqueued))
                     )
 
-    def _predict(self, images: list[np.ndarray]) -> tuple[list[Detections], Any]:
-        dets = self.predictor.predict(images)
+    def _predict(self, images: list[np.ndarray], floor: torch.Tensor | None) -> tuple[list[Detections], Any]:
+        dets = self.predictor.predict(images, floor=floor)
         return dets, self.predictor.last_timing  # read in the same thread: belongs to this call
 
     # --------------------------------------------------------------------------------------- requests
@@ -365,6 +368,15 @@ def _camera_of(request: Request) -> str | None:
     return None if camera is None else _CAMERA_RE.sub("_", camera)[:64]
 
 
+def _batch_floor(batch: list[_Job]) -> torch.Tensor | None:
+    """The lowest score any request of the batch shows, per class (None when one shows everything)."""
+    if any(j.floor is None for j in batch):
+        return None
+    floors = [torch.as_tensor(j.floor, dtype=torch.float32) for j in batch]
+    width = max(f.numel() for f in floors)
+    return torch.stack([f.expand(width) for f in floors]).amin(0)
+
+
 def _threshold(raw: str | None, default: float | None) -> float | None:
     """The request's ``?score_threshold=`` (display threshold in [0, 1]), else the server's (None: the
     model's per-class thresholds)."""
@@ -496,7 +508,7 @@ def create_app(
         threshold = _threshold(request.query_params.get("score_threshold"), svc.score_threshold)
         data = await svc.read_image_bytes(request)
         image = await asyncio.to_thread(svc.decode, data, f"upload from {camera or 'client'}")
-        r = await svc.submit(image)
+        r = await svc.submit(image, predictor.display_threshold(threshold))
         dets = predictor.shown(r.detections, threshold)
         svc.metrics.frames.labels(svc.camera_label(camera)).inc()
         if svc.montage_path is not None:

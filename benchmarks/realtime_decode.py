@@ -1,0 +1,138 @@
+"""Benchmark: the real-time path of a trained model on real frames, decoding from the display threshold
+(``Predictor.detect``, what ``detect``, ``serve`` and the pyfunc run) against the full decode at the AP
+protocol's ``min_score`` 0.01 and then the display threshold (``Predictor.shown`` of ``predict``: what they ran
+before). Both show the same detections (checked on every frame); what differs is the NMS of the thousands of
+low-score candidates that AP needs and a viewer never sees.
+
+Random weights (``benchmarks.inference_fps``) leave no candidates to decode; a trained model on a crowded real
+frame leaves thousands, so this one needs a checkpoint: ``maskssd train
+experiments/cpu_effnet_lite0_pan_s4_rfs.toml`` writes one (``--checkpoint`` takes its ``best.pt``).
+Frames: the paper split's validation images, resized to 640x480 as a camera sends them.
+Run: ``.venv/bin/python -m benchmarks.realtime_decode --checkpoint PATH [--backend onnx]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks._timing import (
+    add_record_arg,
+    add_threads_arg,
+    machine,
+    print_table,
+    save_record,
+    set_threads,
+)
+from maskssd.deploy.predictor import Predictor
+from maskssd.errors import MaskSSDError
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "face-mask-detection"
+
+
+def camera_frames(data: Path, split_name: str, split: str, n: int) -> list[np.ndarray]:
+    """The first ``n`` images of ``data``'s ``split`` (of split list ``split_name``), as 640x480 RGB frames."""
+    listing = data / "splits" / split_name / f"{split}.txt"
+    if not listing.is_file():
+        raise SystemExit(f"no split list at {listing}: pass --data (a dataset in the Kaggle layout)")
+    ids = listing.read_text().split()[:n]
+    return [
+        np.asarray(Image.open(data / "images" / f"{i}.png").convert("RGB").resize((640, 480))) for i in ids
+    ]
+
+
+def per_frame_ms(fn, frames: list[np.ndarray], rounds: int) -> float:
+    """Median milliseconds of ``fn([frame])`` over every frame, ``rounds`` times (after one untimed round)."""
+    for f in frames:
+        fn([f])
+    times = []
+    for _ in range(rounds):
+        for f in frames:
+            t0 = time.perf_counter()
+            fn([f])
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", type=Path, required=True, help="a trained model's checkpoint (best.pt)")
+    p.add_argument("--backend", default="onnx", help="predictor backend (default onnx: the CPU default)")
+    p.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="dataset (default: ../shared's face-mask data)"
+    )
+    p.add_argument("--split-name", default="paper", help="split list of --data (default paper)")
+    p.add_argument("--split", default="val", help="split whose images are the frames (default val)")
+    p.add_argument("--frames", type=int, default=32, help="frames (default 32)")
+    p.add_argument("--rounds", type=int, default=5, help="timed passes over the frames (default 5)")
+    p.add_argument("--threshold", type=float, default=None, help="display threshold (default: the model's)")
+    p.add_argument("--label", help="the model's name in the title (default: the checkpoint's path)")
+    add_threads_arg(p)
+    add_record_arg(p)
+    a = p.parse_args(argv)
+    set_threads(a.threads, a.default_allocator)
+    try:
+        pred = Predictor.from_checkpoint(a.checkpoint, backend=a.backend)
+    except (MaskSSDError, OSError) as e:
+        raise SystemExit(f"cannot load {a.checkpoint}: {e}") from None
+    frames = camera_frames(a.data, a.split_name, a.split, a.frames)
+    t = pred.display_threshold(a.threshold)
+
+    def full(images: list[np.ndarray]) -> list:
+        return [pred.shown(d, a.threshold) for d in pred.predict(images)]
+
+    def fast(images: list[np.ndarray]) -> list:
+        return pred.detect(images, a.threshold)
+
+    candidates, shown = [], []
+    for f in frames:  # the same detections, frame by frame; how many the full decode keeps for AP
+        want, got, every = full([f])[0], fast([f])[0], pred.predict([f])[0]
+        if not (torch.equal(want.scores, got.scores) and torch.equal(want.boxes, got.boxes)):
+            raise SystemExit("detect() and shown(predict()) disagree: a bug")
+        candidates.append(len(every))
+        shown.append(len(got))
+    decode_full, decode_fast = [], []
+    for _ in range(a.rounds):
+        for f in frames:
+            pred.predict([f])
+            decode_full.append(pred.last_timing.postprocess)
+            pred.detect([f], a.threshold)
+            decode_fast.append(pred.last_timing.postprocess)
+    before = "shown(predict()): full decode at 0.01, then the threshold (before)"
+    after = "detect(): decoded from the display threshold"
+    rows = [
+        {
+            "name": before,
+            "seconds": per_frame_ms(full, frames, a.rounds),
+            "note": f"{statistics.mean(candidates):.0f} detections kept for AP per frame",
+        },
+        {
+            "name": after,
+            "baseline": before,
+            "seconds": per_frame_ms(fast, frames, a.rounds),
+            "note": f"{statistics.mean(shown):.1f} shown per frame (the same)",
+        },
+        {"name": "decode + NMS alone, full", "seconds": statistics.median(decode_full)},
+        {
+            "name": "decode + NMS alone, from the threshold",
+            "baseline": "decode + NMS alone, full",
+            "seconds": statistics.median(decode_fast),
+        },
+    ]
+    where = "the model's per-class thresholds" if not isinstance(t, float) else f"threshold {t}"
+    print_table(
+        f"Real-time path, end to end per 640x480 frame: {a.label or a.checkpoint} ({pred.backend}, {where};"
+        f" {len(frames)} {a.split} frames x {a.rounds}; {machine()})",
+        rows,
+    )
+    save_record(a.record, "realtime_decode", {"checkpoint": str(a.checkpoint), "backend": pred.backend})
+
+
+if __name__ == "__main__":
+    main()

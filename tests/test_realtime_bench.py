@@ -1,0 +1,25 @@
+"""``benchmarks.realtime_decode`` runs on a checkpoint and a dataset, checks that ``detect()`` shows what the full
+decode shows on every frame, and records its four timings (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.realtime_decode import main
+
+
+def test_realtime_decode_benchmark_records_both_paths(
+    tiny_checkpoint: Path, synth_root: Path, tmp_path: Path
+):
+    record = tmp_path / "rt.json"
+    argv = ["--checkpoint", str(tiny_checkpoint), "--backend", "torch", "--data", str(synth_root)]
+    main([*argv, "--split-name", "default", "--frames", "3", "--rounds", "1", "--record", str(record)])
+    rows = json.loads(record.read_text())["tables"][0]["rows"]
+    assert [r["case"].split(":")[0] for r in rows] == [
+        "shown(predict())",
+        "detect()",
+        "decode + NMS alone, full",
+        "decode + NMS alone, from the threshold",
+    ]
+    assert rows[1]["vs baseline"] == rows[0]["case"] and rows[1]["notes"].endswith("(the same)")
