@@ -8,7 +8,7 @@ Random weights (``benchmarks.inference_fps``) leave no candidates to decode; a t
 frame leaves thousands, so this one needs a checkpoint: ``maskssd train
 experiments/cpu_effnet_lite0_pan_s4_rfs.toml`` writes one (``--checkpoint`` takes its ``best.pt``).
 Frames: the paper split's validation images, resized to 640x480 as a camera sends them.
-Run: ``.venv/bin/python -m benchmarks.realtime_decode --checkpoint PATH [--backend onnx]``.
+Run: ``.venv/bin/python -m benchmarks.realtime_decode --checkpoint PATH [--backends onnx onnx-int8]``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from benchmarks._timing import (
     set_threads,
 )
 from maskssd.deploy.predictor import Predictor
+from maskssd.deploy.quantize import Calibration
 from maskssd.errors import MaskSSDError
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "face-mask-detection"
@@ -60,10 +61,66 @@ def per_frame_ms(fn, frames: list[np.ndarray], rounds: int) -> float:
     return statistics.median(times)
 
 
+def measure(pred: Predictor, frames: list[np.ndarray], threshold: float | None, rounds: int) -> list[dict]:
+    """The four rows of one predictor: both paths end to end (their detections checked equal on every frame),
+    and their decode + NMS alone."""
+    b = pred.backend
+
+    def full(images: list[np.ndarray]) -> list:
+        return [pred.shown(d, threshold) for d in pred.predict(images)]
+
+    def fast(images: list[np.ndarray]) -> list:
+        return pred.detect(images, threshold)
+
+    candidates, shown = [], []
+    for f in frames:  # the same detections, frame by frame; how many the full decode keeps for AP
+        want, got, every = full([f])[0], fast([f])[0], pred.predict([f])[0]
+        if not (torch.equal(want.scores, got.scores) and torch.equal(want.boxes, got.boxes)):
+            raise SystemExit(f"{b}: detect() and shown(predict()) disagree: a bug")
+        candidates.append(len(every))
+        shown.append(len(got))
+    decode_full, decode_fast = [], []
+    for _ in range(rounds):
+        for f in frames:
+            pred.predict([f])
+            decode_full.append(pred.last_timing.postprocess)
+            pred.detect([f], threshold)
+            decode_fast.append(pred.last_timing.postprocess)
+    before = f"{b}: shown(predict()), full decode at 0.01 (before)"
+    rows = [
+        {
+            "name": before,
+            "seconds": per_frame_ms(full, frames, rounds),
+            "note": f"{statistics.mean(candidates):.0f} detections kept for AP per frame",
+        },
+        {
+            "name": f"{b}: detect(), decoded from the display threshold",
+            "baseline": before,
+            "seconds": per_frame_ms(fast, frames, rounds),
+            "note": f"{statistics.mean(shown):.1f} shown per frame (the same)",
+        },
+        {"name": f"{b}: decode + NMS alone, full", "seconds": statistics.median(decode_full)},
+        {
+            "name": f"{b}: decode + NMS alone, from the threshold",
+            "baseline": f"{b}: decode + NMS alone, full",
+            "seconds": statistics.median(decode_fast),
+        },
+    ]
+    for r in rows[:2]:
+        r["FPS"] = f"{1 / r['seconds']:.1f}"
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, required=True, help="a trained model's checkpoint (best.pt)")
-    p.add_argument("--backend", default="onnx", help="predictor backend (default onnx: the CPU default)")
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        default=["onnx"],
+        choices=("torch", "onnx", "onnx-int8"),
+        help="predictor backends (default onnx: the CPU default); onnx-int8 calibrates on --data's train split",
+    )
     p.add_argument(
         "--data", type=Path, default=DEFAULT_DATA, help="dataset (default: ../shared's face-mask data)"
     )
@@ -77,61 +134,24 @@ def main(argv: list[str] | None = None) -> None:
     add_record_arg(p)
     a = p.parse_args(argv)
     set_threads(a.threads, a.default_allocator)
-    try:
-        pred = Predictor.from_checkpoint(a.checkpoint, backend=a.backend)
-    except (MaskSSDError, OSError) as e:
-        raise SystemExit(f"cannot load {a.checkpoint}: {e}") from None
     frames = camera_frames(a.data, a.split_name, a.split, a.frames)
-    t = pred.display_threshold(a.threshold)
-
-    def full(images: list[np.ndarray]) -> list:
-        return [pred.shown(d, a.threshold) for d in pred.predict(images)]
-
-    def fast(images: list[np.ndarray]) -> list:
-        return pred.detect(images, a.threshold)
-
-    candidates, shown = [], []
-    for f in frames:  # the same detections, frame by frame; how many the full decode keeps for AP
-        want, got, every = full([f])[0], fast([f])[0], pred.predict([f])[0]
-        if not (torch.equal(want.scores, got.scores) and torch.equal(want.boxes, got.boxes)):
-            raise SystemExit("detect() and shown(predict()) disagree: a bug")
-        candidates.append(len(every))
-        shown.append(len(got))
-    decode_full, decode_fast = [], []
-    for _ in range(a.rounds):
-        for f in frames:
-            pred.predict([f])
-            decode_full.append(pred.last_timing.postprocess)
-            pred.detect([f], a.threshold)
-            decode_fast.append(pred.last_timing.postprocess)
-    before = "shown(predict()): full decode at 0.01, then the threshold (before)"
-    after = "detect(): decoded from the display threshold"
-    rows = [
-        {
-            "name": before,
-            "seconds": per_frame_ms(full, frames, a.rounds),
-            "note": f"{statistics.mean(candidates):.0f} detections kept for AP per frame",
-        },
-        {
-            "name": after,
-            "baseline": before,
-            "seconds": per_frame_ms(fast, frames, a.rounds),
-            "note": f"{statistics.mean(shown):.1f} shown per frame (the same)",
-        },
-        {"name": "decode + NMS alone, full", "seconds": statistics.median(decode_full)},
-        {
-            "name": "decode + NMS alone, from the threshold",
-            "baseline": "decode + NMS alone, full",
-            "seconds": statistics.median(decode_fast),
-        },
-    ]
-    where = "the model's per-class thresholds" if not isinstance(t, float) else f"threshold {t}"
+    rows, where = [], ""
+    for backend in a.backends:
+        calibration = Calibration(a.data, a.split_name, 100) if backend == "onnx-int8" else None
+        try:
+            pred = Predictor.from_checkpoint(a.checkpoint, backend=backend, calibration=calibration)
+        except (MaskSSDError, OSError) as e:
+            raise SystemExit(f"cannot load {a.checkpoint} ({backend}): {e}") from None
+        t = pred.display_threshold(a.threshold)
+        where = "the model's per-class thresholds" if not isinstance(t, float) else f"threshold {t}"
+        rows += measure(pred, frames, a.threshold, a.rounds)
     print_table(
-        f"Real-time path, end to end per 640x480 frame: {a.label or a.checkpoint} ({pred.backend}, {where};"
+        f"Real-time path per 640x480 frame, end to end: {a.label or a.checkpoint} ({where};"
         f" {len(frames)} {a.split} frames x {a.rounds}; {machine()})",
         rows,
+        extra_columns=["FPS"],
     )
-    save_record(a.record, "realtime_decode", {"checkpoint": str(a.checkpoint), "backend": pred.backend})
+    save_record(a.record, "realtime_decode", {"checkpoint": str(a.checkpoint), "backends": a.backends})
 
 
 if __name__ == "__main__":

@@ -13,13 +13,14 @@ def test_realtime_decode_benchmark_records_both_paths(
     tiny_checkpoint: Path, synth_root: Path, tmp_path: Path
 ):
     record = tmp_path / "rt.json"
-    argv = ["--checkpoint", str(tiny_checkpoint), "--backend", "torch", "--data", str(synth_root)]
+    argv = ["--checkpoint", str(tiny_checkpoint), "--backends", "torch", "--data", str(synth_root)]
     main([*argv, "--split-name", "default", "--frames", "3", "--rounds", "1", "--record", str(record)])
     rows = json.loads(record.read_text())["tables"][0]["rows"]
-    assert [r["case"].split(":")[0] for r in rows] == [
-        "shown(predict())",
-        "detect()",
-        "decode + NMS alone, full",
-        "decode + NMS alone, from the threshold",
+    assert [r["case"].split(",")[0] for r in rows] == [
+        "torch: shown(predict())",
+        "torch: detect()",
+        "torch: decode + NMS alone",
+        "torch: decode + NMS alone",
     ]
+    assert float(rows[1]["FPS"]) > 0
     assert rows[1]["vs baseline"] == rows[0]["case"] and rows[1]["notes"].endswith("(the same)")
