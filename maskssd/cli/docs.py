@@ -238,6 +238,11 @@ def t_oof(r: Records) -> str:
     return table(head, rows, "llrrrrr") + "\n\n" + "\n".join(f"- {n}" for n in notes)
 
 
+def _short(ref: str) -> str:
+    """A compared run's id (first 8 characters), or a detections file's name."""
+    return Path(ref).name if ref.endswith(".json") else ref[:8]
+
+
 def t_compare(name: str) -> Callable[[Records], str]:
     def render(r: Records) -> str:
         rec = r.get(name)
@@ -258,7 +263,7 @@ def t_compare(name: str) -> Callable[[Records], str]:
         head = ["", "A", "B", f"A − B [{100 * rec['ci']:g}% CI]", "P(A > B)"]
         text = table(head, rows)
         return text + (
-            f"\n\nA = `{', '.join(x[:8] for x in rec['a'])}`, B = `{', '.join(x[:8] for x in rec['b'])}`: {rec['split']}"
+            f"\n\nA = `{', '.join(map(_short, rec['a']))}`, B = `{', '.join(map(_short, rec['b']))}`: {rec['split']}"
             f" split, {rec['images']} images, {rec['n']} paired resamples; {where(rec)}; {source(rec, name)}."
         )
 
@@ -376,6 +381,7 @@ TABLES: dict[str, Callable[[Records], str]] = {
     "per-class": t_per_class,
     "oof": t_oof,
     "winner-vs-accurate": t_compare("winner_vs_accurate_oof"),
+    "int8-vs-float": t_compare("int8_vs_float_val"),
     "study": t_study,
 }
 
