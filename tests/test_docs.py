@@ -130,3 +130,12 @@ def test_the_study_block_shows_what_the_best_trials_models_called_each_box(tmp_p
     assert rare == "| worn incorrectly | 105 | 60 (57%) | 41 (39%) | 1 (1%) | 3 (3%) |"
     assert "What trial 2's models called every box of the 725 train+val images" in out
     assert "| false alarm (no face) | – | – | 72 | 3 | 5 |" in out
+
+
+def test_minutes_per_run_leave_out_a_resumes_gap():
+    from maskssd.cli.docs import _minutes
+
+    resumed = {"seconds": 9 * 3600.0, "epochs": 36, "epoch_seconds_median": 60.0}  # stopped overnight
+    plain = {"seconds": 40 * 60.0}  # an older record: wall time only
+    assert _minutes({"children": [resumed, resumed, plain]}) == "36"
+    assert _minutes({"run": plain}) == "40"

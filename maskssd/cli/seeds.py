@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -78,12 +79,16 @@ def write_run_record(a: argparse.Namespace, run_id: str, started: float, childre
 
     def summary(r: Any) -> dict[str, Any]:
         end, start = r.info.end_time, r.info.start_time
+        epochs = [m.value for m in c.get_metric_history(r.info.run_id, "train/epoch_seconds")]
         return {
             "run_id": r.info.run_id,
             "status": r.info.status,
             "seed": r.data.tags.get("maskssd.seed", r.data.params.get("experiment.seed")),
             "fold": r.data.tags.get("maskssd.fold"),
-            "seconds": (end - start) / 1000 if end and start else None,
+            "seconds": (end - start) / 1000 if end and start else None,  # wall, a resume's gap included
+            # the training's own pace: robust to a resume's gap and to a paused epoch
+            "epochs": len(epochs),
+            "epoch_seconds_median": statistics.median(epochs) if epochs else None,
             "config_hash": r.data.tags.get("config_hash"),
             "commit": r.data.tags.get("mlflow.source.git.commit"),
             "metrics": {k: v for k, v in r.data.metrics.items() if is_final_metric(k) or k == "best_epoch"},
