@@ -149,7 +149,9 @@ def t_shipped(r: Records) -> str:
         notes.append(
             f"FPS: end to end, batch 1, a 640x480 frame, ONNX Runtime (the default CPU backend); {where(fps)}, {source(fps, 'bench_inference_fps')}"
         )
-    notes.append("min/run: a run's epochs x its median epoch time (a resume's gap left out), median over seeds")
+    notes.append(
+        "min/run: a run's epochs x its median epoch time (a resume's gap left out), median over seeds"
+    )
     head = ["config", "model", "seeds", "min/run", "val mAP", "test mAP", "FPS"]
     return table(head, rows, "llrrrrr") + "\n\n" + "\n".join(f"- {n}" for n in notes)
 
