@@ -47,7 +47,11 @@ def test_seeds_make_one_parent_with_mean_and_std_of_its_children(workdir, synth_
     monkeypatch.setattr(commands.out, "width", 250)  # the whole runs table, no cell cut short
     cfg = write_tiny_experiment(workdir / "exp.toml", synth_root, epochs=1)
     one_epoch = ["--set", "schedule.warmup_epochs=0"]
-    assert main(["train", str(cfg), "--seeds", "0,1", "--no-progress", *one_epoch]) == 0
+    record = workdir / "seeds_record.json"
+    argv = ["train", str(cfg), "--seeds", "0,1", "--no-progress", "--record", str(record), *one_epoch]
+    assert main(argv) == 0
+    rec = json.loads(record.read_text())  # each run's pace, what the docs' min/run is made of
+    assert [(ch["epochs"], ch["epoch_seconds_median"] > 0) for ch in rec["children"]] == [(1, True)] * 2
     c = tracking.client()
     [parent] = parents(c)
     assert parent.info.status == "FINISHED" and parent.data.params["seeds"] == "0,1"
