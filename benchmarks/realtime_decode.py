@@ -30,6 +30,7 @@ from benchmarks._timing import (
     save_record,
     set_threads,
 )
+from maskssd.data.voc import VOCLayout
 from maskssd.deploy.predictor import Predictor
 from maskssd.deploy.quantize import Calibration
 from maskssd.errors import MaskSSDError
@@ -39,13 +40,12 @@ DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / 
 
 def camera_frames(data: Path, split_name: str, split: str, n: int) -> list[np.ndarray]:
     """The first ``n`` images of ``data``'s ``split`` (of split list ``split_name``), as 640x480 RGB frames."""
-    listing = data / "splits" / split_name / f"{split}.txt"
-    if not listing.is_file():
-        raise SystemExit(f"no split list at {listing}: pass --data (a dataset in the Kaggle layout)")
-    ids = listing.read_text().split()[:n]
-    return [
-        np.asarray(Image.open(data / "images" / f"{i}.png").convert("RGB").resize((640, 480))) for i in ids
-    ]
+    try:
+        layout = VOCLayout.detect(data)
+        paths = [layout.image_path_for(i, None) for i in layout.read_split(split_name, split)[:n]]
+    except MaskSSDError as e:
+        raise SystemExit(f"{e}: pass --data (a dataset in the Kaggle or VOC layout)") from e
+    return [np.asarray(Image.open(p).convert("RGB").resize((640, 480))) for p in paths]
 
 
 def per_frame_ms(fn, frames: list[np.ndarray], rounds: int) -> float:
@@ -74,7 +74,8 @@ def measure(pred: Predictor, frames: list[np.ndarray], threshold: float | None, 
 
     candidates, shown = [], []
     for f in frames:  # the same detections, frame by frame; how many the full decode keeps for AP
-        want, got, every = full([f])[0], fast([f])[0], pred.predict([f])[0]
+        every = pred.predict([f])[0]
+        want, got = pred.shown(every, threshold), fast([f])[0]
         if not (torch.equal(want.scores, got.scores) and torch.equal(want.boxes, got.boxes)):
             raise SystemExit(f"{b}: detect() and shown(predict()) disagree: a bug")
         candidates.append(len(every))

@@ -192,8 +192,10 @@ class Predictor:
         self, images: Sequence[np.ndarray | torch.Tensor], score_threshold: float | None = None
     ) -> list[Detections]:
         """What a user sees of each image (:meth:`shown` of :meth:`predict`, same detections), decoded from the
-        display threshold up: the real-time path of ``detect``, ``serve`` and the pyfunc (the accurate model's
-        decode + NMS of a crowded frame: 8 ms at the AP protocol's 0.01, 0.5 ms from 0.4; docs/benchmarks.md)."""
+        display threshold up: the real-time path of ``detect``, ``serve`` and the pyfunc. Decoding from the AP
+        protocol's ``min_score`` instead costs a trained model thousands of NMS candidates per crowded frame
+        (measured by ``benchmarks/realtime_decode.py``, ``records/bench_realtime_decode.json``). The final
+        ``above`` keeps exactly what the floor kept; it states what is shown."""
         t = self.display_threshold(score_threshold)
         return [d.above(t) for d in self.predict(images, floor=t)]
 
