@@ -62,13 +62,9 @@ def machine() -> str:
     from maskssd.provenance import machine as describe
 
     m = describe()
-    isa = m.get("isa", "?") + (" (emulated: ATEN_CPU_CAPABILITY)" if m.get("emulated") else "")
+    isa = m.get("isa", "?") + (f" (emulated: {m.get('emulated_by', '?')})" if m.get("emulated") else "")
     return f"{m['cpu']} ({m['cpu_has']}), PyTorch {isa}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
-
-#: Held to AVX2 (a CPU without AVX-512): PyTorch's ATen kernels and oneDNN's convolutions. ONNX Runtime picks
-#: its kernels from CPUID and cannot be held so (run it under an emulated CPU, e.g. QEMU, to see it on AVX2).
-AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 #: Every table printed in this process, for ``--record``.
 PRINTED: list[dict[str, Any]] = []

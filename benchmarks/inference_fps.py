@@ -36,7 +36,8 @@ from rich.console import Console
 from rich.table import Table
 from torchvision.transforms import v2
 
-from benchmarks._timing import AVX2_ENV, add_record_arg, in_child, machine, record_table, save_record
+from benchmarks._isa import avx2
+from benchmarks._timing import add_record_arg, in_child, machine, record_table, save_record
 from maskssd.data.transforms import to_chw
 from maskssd.deploy.export import (
     export_onnx,
@@ -243,8 +244,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         choices=("native", "avx2"),
         default=["native"],
-        help="also run PyTorch held to AVX2 (a CPU without AVX-512, emulated with ATEN_CPU_CAPABILITY and "
-        "ONEDNN_MAX_CPU_ISA in a child process); ONNX Runtime picks its kernels from the CPU itself",
+        help="avx2: also run as on a CPU without AVX-512 or VNNI, in a child process (benchmarks._isa: every "
+        "library's AVX2 kernels where CPUID can be emulated, else PyTorch's alone and no ONNX Runtime)",
     )
     add_record_arg(p)
     p.add_argument("--child-json", help=argparse.SUPPRESS)
@@ -304,15 +305,18 @@ def run_models(a: argparse.Namespace) -> tuple[list[Any], list[tuple[str, float]
     return results, profile
 
 
-def _child_argv(argv: list[str]) -> list[str]:
-    """This command's arguments for an AVX2 child: PyTorch backends only, no record, no second ISA."""
+def _child_argv(argv: list[str], all_libraries: bool) -> list[str]:
+    """This command's arguments for an AVX2 child: no record, no second ISA; PyTorch's backends only unless the
+    emulation holds every library (``all_libraries``)."""
     out, skip = [], False
     for arg in argv:
         if skip and not arg.startswith("--"):
             continue
-        skip = arg in ("--isa", "--record", "--backends")
+        skip = arg in ("--isa", "--record") or (arg == "--backends" and not all_libraries)
         if not skip:
             out.append(arg)
+    if all_libraries:
+        return out
     return [*out, "--backends", *(b for b in BACKENDS if not b.startswith(("onnx", "torchscript")))]
 
 
@@ -329,7 +333,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     by_isa = {"native": results}
     if "avx2" in a.isa:
-        by_isa["avx2 (emulated)"] = in_child("benchmarks.inference_fps", _child_argv(argv), AVX2_ENV)
+        held = avx2()
+        if held.why:
+            print(f"AVX2 for PyTorch alone: {held.why}")
+        child = _child_argv(argv, held.all_libraries)
+        by_isa[held.label] = in_child("benchmarks.inference_fps", child, held.env)
     console = Console(width=None if sys.stdout.isatty() else 190)
     threads = f"{torch.get_num_threads()} torch / {a.threads or physical_cores()} ORT threads"
     console.print(
@@ -386,12 +394,12 @@ def detail_table(results: list[Any], title: str) -> Table:
 
 
 def fps_table(by_isa: dict[str, list[Any]], title: str) -> Table:
-    """Models (per ISA) as rows, backends as columns: end-to-end FPS. ONNX Runtime ignores the AVX2 emulation:
-    its cells are left out of the emulated rows."""
+    """Models (per ISA) as rows, backends as columns: end-to-end FPS. Where the AVX2 emulation holds PyTorch
+    alone (ATen), ONNX Runtime's cells are left out of its rows."""
     backends = list(dict.fromkeys(b for res in by_isa.values() for _, _, timings, _ in res for b in timings))
     t = Table(title=title)
     t.add_column("model")
-    t.add_column("PyTorch ISA")
+    t.add_column("ISA")
     for b in backends:
         t.add_column(b, justify="right")
     rows = []
@@ -400,7 +408,7 @@ def fps_table(by_isa: dict[str, list[Any]], title: str) -> Table:
             cells = [f"{1000 / timings[b][0]:.1f}" if timings.get(b) else "-" for b in backends]
             t.add_row(label, isa, *cells)
             rows.append([label, isa, *cells])
-    record_table(title, ["model", "PyTorch ISA", *backends], rows)
+    record_table(title, ["model", "ISA", *backends], rows)
     return t
 
 

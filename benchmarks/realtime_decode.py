@@ -8,13 +8,16 @@ Random weights (``benchmarks.inference_fps``) leave no candidates to decode; a t
 frame leaves thousands, so this one needs a checkpoint: ``maskssd train
 experiments/cpu_effnet_lite0_pan_s4_rfs.toml`` writes one (``--checkpoint`` takes its ``best.pt``).
 Frames: the paper split's validation images, resized to 640x480 as a camera sends them.
+``--isa native avx2`` also runs it as on a CPU without AVX-512 or VNNI (``benchmarks._isa``).
 Run: ``.venv/bin/python -m benchmarks.realtime_decode --checkpoint PATH [--backends onnx onnx-int8]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -22,9 +25,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks._isa import avx2
 from benchmarks._timing import (
+    PRINTED,
     add_record_arg,
     add_threads_arg,
+    in_child,
     machine,
     print_table,
     save_record,
@@ -131,10 +137,43 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=5, help="timed passes over the frames (default 5)")
     p.add_argument("--threshold", type=float, default=None, help="display threshold (default: the model's)")
     p.add_argument("--label", help="the model's name in the title (default: the checkpoint's path)")
+    p.add_argument(
+        "--isa",
+        nargs="+",
+        choices=("native", "avx2"),
+        default=["native"],
+        help="avx2: also run as on a CPU without AVX-512 or VNNI, in a child process (benchmarks._isa; "
+        "ONNX Runtime only where CPUID can be emulated)",
+    )
     add_threads_arg(p)
     add_record_arg(p)
+    p.add_argument("--child-json", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     set_threads(a.threads, a.default_allocator)
+    PRINTED.clear()  # this call's tables only, when called again in one process
+    tables = []
+    if "native" in a.isa or a.child_json:
+        tables.append(run(a))
+    if a.child_json:
+        Path(a.child_json).write_text(json.dumps(tables[0]))
+        return
+    if "avx2" in a.isa:
+        held = avx2()
+        backends = [b for b in a.backends if held.all_libraries or b == "torch"]
+        if backends:
+            child = [*_without(sys.argv[1:] if argv is None else argv, "--isa", "--record", "--backends")]
+            tables.append(in_child("benchmarks.realtime_decode", [*child, "--backends", *backends], held.env))
+        else:
+            print(f"AVX2 left out: ONNX Runtime cannot be held to AVX2 here ({held.why})")
+    for title, rows in tables:
+        print_table(title, rows, extra_columns=["FPS"])
+    save_record(
+        a.record, "realtime_decode", {"checkpoint": str(a.checkpoint), "backends": a.backends, "isa": a.isa}
+    )
+
+
+def run(a: argparse.Namespace) -> tuple[str, list[dict]]:
+    """The title and rows of every backend in this process."""
     frames = camera_frames(a.data, a.split_name, a.split, a.frames)
     rows, where = [], ""
     for backend in a.backends:
@@ -146,13 +185,22 @@ def main(argv: list[str] | None = None) -> None:
         t = pred.display_threshold(a.threshold)
         where = "the model's per-class thresholds" if not isinstance(t, float) else f"threshold {t}"
         rows += measure(pred, frames, a.threshold, a.rounds)
-    print_table(
+    title = (
         f"Real-time path per 640x480 frame, end to end: {a.label or a.checkpoint} ({where};"
-        f" {len(frames)} {a.split} frames x {a.rounds}; {machine()})",
-        rows,
-        extra_columns=["FPS"],
+        f" {len(frames)} {a.split} frames x {a.rounds}; {machine()})"
     )
-    save_record(a.record, "realtime_decode", {"checkpoint": str(a.checkpoint), "backends": a.backends})
+    return title, rows
+
+
+def _without(argv: list[str], *options: str) -> list[str]:
+    """``argv`` less ``options`` and their values."""
+    out, skip = [], False
+    for arg in argv:
+        if arg.startswith("--"):
+            skip = arg in options
+        if not skip:
+            out.append(arg)
+    return out
 
 
 if __name__ == "__main__":

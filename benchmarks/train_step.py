@@ -1,7 +1,7 @@
 """Benchmark: one CPU training step (forward, MultiBox loss, backward, SGD) with glibc's default allocator vs
 with ``maskssd.runtime.tune_cpu_allocator`` (what every ``maskssd`` command does at start), with the
-forward in bfloat16 autocast (``train.cpu_bf16``) vs float32, and on AVX2 (``avx2``: PyTorch and oneDNN held to
-AVX2 in the child process, as on a CPU without AVX-512), with where the step's time goes (``--profile``: the
+forward in bfloat16 autocast (``train.cpu_bf16``) vs float32, and on AVX2 (``avx2``: the child process held to
+AVX2 as on a CPU without AVX-512, by ``benchmarks._isa``), with where the step's time goes (``--profile``: the
 heaviest operators of one step, by PyTorch's profiler).
 
 The allocator setting is per process, so each case runs in its own child process of this script, one after
@@ -18,8 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks._isa import avx2 as avx2_emulation
 from benchmarks._timing import (
-    AVX2_ENV,
     add_record_arg,
     add_threads_arg,
     machine,
@@ -127,6 +127,8 @@ def main() -> None:
             args.profile,
         )
 
+    held = avx2_emulation() if "avx2" in args.cases.split(",") else None
+
     def run(tuning: str, bf16: bool = False, isa: str = "native") -> dict:
         cmd = [
             sys.executable,
@@ -151,7 +153,7 @@ def main() -> None:
         )
         if args.profile:
             cmd.append("--profile")
-        env = {**os.environ, "MASKSSD_MALLOC_TUNING": tuning, **(AVX2_ENV if isa == "avx2" else {})}
+        env = {**os.environ, "MASKSSD_MALLOC_TUNING": tuning, **(held.env if held and isa == "avx2" else {})}
         root = Path(__file__).resolve().parents[1]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=root)
         return json.loads(out.stdout.strip().splitlines()[-1])
@@ -200,7 +202,7 @@ def main() -> None:
         avx2 = run("1", isa="avx2")
         rows.append(
             {
-                "name": "tuned, AVX2 (emulated: ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA)",
+                "name": f"tuned, AVX2 (emulated: {held.how if held else '?'})",
                 "baseline": tuned_name if "tuned" in cases else None,
                 "seconds": avx2["seconds"],
                 "note": "a CPU without AVX-512"

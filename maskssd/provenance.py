@@ -4,7 +4,9 @@ render their tables from it (``maskssd docs``) instead of having numbers typed i
 
 A record is ``{"kind", "title", "created", "machine", "code", "wall_seconds", "command", ...payload}``. Speeds
 vary 2.4x between machines of one kind, so a record always names its CPU; its ``isa`` says what PyTorch ran
-on (``AVX512`` or ``AVX2`` -- the latter also when held to AVX2 by ``ATEN_CPU_CAPABILITY=avx2``, "emulated").
+on (``AVX512`` or ``AVX2`` -- the latter also when held to AVX2, "emulated": by ``ATEN_CPU_CAPABILITY=avx2``
+(PyTorch alone) or by ``benchmarks/avx2_cpuid.c`` (CPUID itself answers as an AVX2 CPU; it sets
+``MASKSSD_CPUID``), ``emulated_by`` says which).
 """
 
 from __future__ import annotations
@@ -80,9 +82,13 @@ def machine(threads: int | None = None) -> dict[str, Any]:
         out["threads"] = threads or torch.get_num_threads()
         cap = torch.backends.cpu.get_cpu_capability()
         out["isa"] = cap
-        out["emulated"] = bool(os.environ.get("ATEN_CPU_CAPABILITY")) and (
-            cap.startswith("AVX2") and "AVX512F" in feats
+        by_cpuid = os.environ.get("MASKSSD_CPUID") == "avx2"  # features above are then the emulated CPU's
+        by_aten = (
+            bool(os.environ.get("ATEN_CPU_CAPABILITY")) and cap.startswith("AVX2") and "AVX512F" in feats
         )
+        out["emulated"] = by_cpuid or by_aten
+        if out["emulated"]:
+            out["emulated_by"] = "CPUID" if by_cpuid else "ATEN_CPU_CAPABILITY"
     return out
 
 

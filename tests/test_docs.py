@@ -58,17 +58,17 @@ def test_a_new_record_changes_the_rendered_table_and_a_missing_one_says_how_to_m
     write_record(tmp_path / "accurate_seeds.json", rec)
     fps_table = {
         "title": "end-to-end FPS",
-        "columns": ["model", "PyTorch ISA", "eager folded", "onnx folded"],
+        "columns": ["model", "ISA", "eager folded", "onnx folded"],
         "rows": [
             {
                 "model": "ssdlite_effnet_lite0 384 cpu pan s4",
-                "PyTorch ISA": "native",
+                "ISA": "native",
                 "eager folded": "30.1",
                 "onnx folded": "47.3",
             },
             {
                 "model": "ssdlite_effnet_lite0 384 cpu pan s4",
-                "PyTorch ISA": "avx2",
+                "ISA": "avx2",
                 "eager folded": "20.0",
                 "onnx folded": "-",
             },

@@ -24,3 +24,17 @@ def test_realtime_decode_benchmark_records_both_paths(
     ]
     assert float(rows[1]["FPS"]) > 0
     assert rows[1]["vs baseline"] == rows[0]["case"] and rows[1]["notes"].endswith("(the same)")
+
+
+def test_realtime_decode_runs_again_as_on_an_avx2_cpu(
+    tiny_checkpoint: Path, synth_root: Path, tmp_path: Path
+):
+    """``--isa native avx2``: a second table from a child process held to AVX2 (CPUID where it can be
+    emulated, else PyTorch's own switch), both in the record."""
+    record = tmp_path / "rt.json"
+    argv = ["--checkpoint", str(tiny_checkpoint), "--backends", "torch", "--data", str(synth_root)]
+    argv += ["--split-name", "default", "--frames", "2", "--rounds", "1", "--isa", "native", "avx2"]
+    main([*argv, "--record", str(record)])
+    native, held = json.loads(record.read_text())["tables"]
+    assert "emulated" not in native["title"] and "AVX2" in held["title"]
+    assert [r["case"] for r in held["rows"]] == [r["case"] for r in native["rows"]]

@@ -53,7 +53,8 @@ def mean_std(agg: Mapping[str, Any], key: str) -> str:
 def where(rec: Mapping[str, Any]) -> str:
     m = rec.get("machine", {})
     threads = f", {m['threads']} threads" if m.get("threads") else ""
-    isa = f", {m['isa']}{' (emulated)' if m.get('emulated') else ''}" if m.get("isa") else ""
+    how = f"emulated: {m['emulated_by']}" if m.get("emulated_by") else "emulated"
+    isa = f", {m['isa']}{f' ({how})' if m.get('emulated') else ''}" if m.get("isa") else ""
     load = m.get("load_1min") or 0.0
     busy = f", load {load:.1f} at start: not idle" if load >= 0.5 else ""
     return f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores{isa}{threads}{busy})"
@@ -165,10 +166,12 @@ DEFAULT_BACKEND = "onnx folded"
 
 
 def _fps_rows(rec: Mapping[str, Any] | None) -> dict[str, dict[str, str]]:
-    """model label -> its row of the FPS-per-backend table, PyTorch on its native ISA."""
+    """model label -> its row of the FPS-per-backend table on the CPU's native ISA (the column is "ISA";
+    "PyTorch ISA" in records from before the CPUID emulation)."""
     for tab in (rec or {}).get("tables", []):
-        if "PyTorch ISA" in tab.get("columns", []):
-            return {row["model"]: row for row in tab["rows"] if row.get("PyTorch ISA") == "native"}
+        col = next((c for c in ("ISA", "PyTorch ISA") if c in tab.get("columns", [])), None)
+        if col:
+            return {row["model"]: row for row in tab["rows"] if row.get(col) == "native"}
     return {}
 
 

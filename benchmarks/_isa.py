@@ -1,0 +1,89 @@
+"""A CPU without AVX-512 on yours: the environment a benchmark's child process runs in to see an AVX2 machine.
+
+Two ways, the better one where it works:
+
+- **CPUID** (``avx2_cpuid.c``, Linux x86-64 with the ``cpuid_fault`` flag and a C compiler): every library in
+  the process (PyTorch, oneDNN, ONNX Runtime, numpy, numba) is told the CPU has no AVX-512 and no VNNI, and
+  runs its AVX2 kernels natively. The only way to see ONNX Runtime's AVX2 kernels at full speed.
+- **ATen** (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``): PyTorch and oneDNN only; ONNX Runtime still
+  uses what the CPU has, so its numbers are left out there.
+
+Either way the hardware stays this CPU's (a real Zen 3 laptop or server has other clocks, caches and memory):
+it shows what the instruction set costs, not a named machine's speed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("avx2_cpuid.c")
+
+#: PyTorch's ATen kernels and oneDNN's convolutions held to AVX2 by their own switches.
+ATEN_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+@dataclass(frozen=True)
+class Avx2:
+    """How a child process is held to AVX2: ``how`` is ``"CPUID"`` (every library) or ``"ATen"`` (PyTorch
+    only); ``env`` is added to the child's; ``why`` says why CPUID could not be used."""
+
+    how: str
+    env: dict[str, str] = field(default_factory=dict)
+    why: str = ""
+
+    @property
+    def all_libraries(self) -> bool:
+        return self.how == "CPUID"
+
+    @property
+    def label(self) -> str:
+        return f"avx2 ({self.how})"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "maskssd"
+
+
+def cpuid_shim() -> tuple[Path | None, str]:
+    """The built shim (compiled once per source version into the user's cache), or ``None`` and why not."""
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None, f"CPUID emulation needs Linux on x86-64 (this is {sys.platform} {platform.machine()})"
+    try:
+        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        return None, "cannot read /proc/cpuinfo"
+    if "cpuid_fault" not in flags.split():
+        return None, "this CPU or VM cannot make CPUID fault (no cpuid_fault flag)"
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return None, "no C compiler (cc) to build benchmarks/avx2_cpuid.c"
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    out = cache_dir() / f"avx2_cpuid-{digest}.so"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        built = subprocess.run(
+            [cc, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(SOURCE), "-ldl"],
+            capture_output=True,
+            text=True,
+        )
+        if built.returncode != 0:
+            return None, f"building {SOURCE.name} failed: {built.stderr.strip()[-300:]}"
+        tmp.replace(out)
+    return out, ""
+
+
+def avx2() -> Avx2:
+    """The best AVX2 emulation this machine allows (CPUID where it can, else ATen)."""
+    shim, why = cpuid_shim()
+    if shim is None:
+        return Avx2("ATen", dict(ATEN_ENV), why)
+    preload = " ".join(p for p in (str(shim), os.environ.get("LD_PRELOAD", "")) if p)
+    return Avx2("CPUID", {"LD_PRELOAD": preload})

@@ -1,0 +1,78 @@
+"""``benchmarks._isa``: a child process held to AVX2 sees a CPU without AVX-512 or VNNI in every library (PyTorch,
+numpy, ONNX Runtime's int8 recipe), still crashes on a real fault, and the int8 export's agreement check holds
+on the AVX2 kernels. Skips, saying why, where CPUID cannot be emulated (not Linux x86-64, no ``cpuid_fault``,
+no C compiler)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks._isa import avx2, cpuid_shim
+
+REPO = Path(__file__).resolve().parents[1]
+
+SEEN = """
+import json, os, torch, onnxruntime
+from maskssd.deploy.quantize import cpu_flags, int8_recipe
+from maskssd.provenance import machine
+m = machine()
+print(json.dumps({"torch": torch.backends.cpu.get_cpu_capability(), "flags": sorted(cpu_flags()),
+                  "recipe": int8_recipe(), "emulated_by": m.get("emulated_by"), "cpu_has": m["cpu_has"]}))
+"""
+
+
+def _held() -> dict[str, str]:
+    shim, why = cpuid_shim()
+    if shim is None:
+        pytest.skip(f"CPUID emulation unavailable: {why}")
+    return {**os.environ, **avx2().env}
+
+
+def _python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_every_library_in_the_child_sees_avx2_without_avx512_or_vnni():
+    env = _held()
+    out = _python(SEEN, env)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.splitlines()[-1])
+    assert seen["torch"] == "AVX2"
+    assert "avx2" in seen["flags"] and "avx512f" not in seen["flags"] and "avx512_vnni" not in seen["flags"]
+    assert seen["recipe"] == {"reduce_range": True}  # the int8 recipe of a CPU without VNNI
+    assert seen["emulated_by"] == "CPUID" and seen["cpu_has"] == "AVX2"
+    native = json.loads(_python(SEEN, dict(os.environ)).stdout.splitlines()[-1])
+    assert native["emulated_by"] is None  # this process and its other children are left as they are
+
+
+def test_a_real_fault_still_crashes_and_pythons_faulthandler_still_reports_it():
+    env = _held()
+    out = _python("import faulthandler, ctypes; faulthandler.enable(); ctypes.string_at(0)", env)
+    assert out.returncode == -signal.SIGSEGV
+    assert "Fatal Python error: Segmentation fault" in out.stderr
+
+
+def test_int8_export_agrees_with_the_float_model_on_the_avx2_kernels():
+    """ONNX Runtime's u8s8 kernels without VNNI saturate with 8-bit weights; the export picks 7-bit weights
+    there and its own agreement check must pass (as on an AMD Zen 3)."""
+    env = _held()
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_quantize.py"]
+    out = subprocess.run(
+        [*cmd, "-k", "export_cli_int8 or recipe"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout
