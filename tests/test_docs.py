@@ -139,3 +139,21 @@ def test_minutes_per_run_leave_out_a_resumes_gap():
     plain = {"seconds": 40 * 60.0}  # an older record: wall time only
     assert _minutes({"children": [resumed, resumed, plain]}) == "36"
     assert _minutes({"run": plain}) == "40"
+
+
+def test_training_time_held_to_avx2_scales_the_runs_minutes_by_the_steps_ratio(tmp_path):
+    kids = [{"epochs": 36, "epoch_seconds_median": s} for s in (70.0, 80.0, 200.0)]  # median 48 min
+    write_record(tmp_path / "accurate_seeds.json", make_record("seeds", {"children": kids}))
+    page = "<!-- maskssd:avx2-training -->\n<!-- /maskssd:avx2-training -->\n"
+    assert "Not measured yet" in render_page(page, load_records(tmp_path))
+    rows = [
+        {"case": "maskssd tune_cpu_allocator", "median ms": "1000.0"},
+        {"case": "tuned, AVX2 (emulated: CPUID)", "median ms": "1250.0"},
+    ]
+    step = make_record(
+        "benchmark", {"tables": [{"title": "t", "columns": ["case", "median ms"], "rows": rows}]}
+    )
+    write_record(tmp_path / "bench_train_step.json", step)
+    out = render_page(page, load_records(tmp_path))
+    assert "| this CPU | 48 | epochs x median epoch, median of 3 seeds |" in out
+    assert "| AVX2 (emulated: CPUID) | ~60 | x 1.25: one training step, AVX2 / native |" in out

@@ -389,8 +389,40 @@ def t_goal(r: Records) -> str:
     )
 
 
+def t_avx2_training(r: Records) -> str:
+    """The accurate recipe's minutes per run on this CPU (:func:`_minutes`) and an estimate for the same CPU held
+    to AVX2: those minutes times the AVX2/native ratio of one training step (``benchmarks/train_step.py``)."""
+    seeds, step = r.get("accurate_seeds"), r.get("bench_train_step")
+    if seeds is None or step is None:
+        how = "python -m benchmarks.train_step --cases tuned,avx2 --record records/bench_train_step.json"
+        return missing("accurate_seeds", "bench_train_step", how=how)
+    rows = {row["case"]: row for tab in step["tables"][:1] for row in tab["rows"]}
+    native = rows.get("maskssd tune_cpu_allocator")
+    held = next((row for case, row in rows.items() if case.startswith("tuned, AVX2")), None)
+    minutes = _minutes(seeds)
+    if native is None or held is None or minutes == "–":
+        return missing(
+            "bench_train_step", how="python -m benchmarks.train_step --cases tuned,avx2 --record ..."
+        )
+    ratio = float(held["median ms"]) / float(native["median ms"])
+    how = held["case"].removeprefix("tuned, ")
+    body = table(
+        ["accurate recipe", "min/run", "from"],
+        [
+            ["this CPU", minutes, f"epochs x median epoch, median of {len(seeds.get('children', []))} seeds"],
+            [how, f"~{float(minutes) * ratio:.0f}", f"x {ratio:.2f}: one training step, AVX2 / native"],
+        ],
+        align="lrl",
+    )
+    return (
+        body
+        + f"\n\n- {where(seeds)}, {source(seeds, 'accurate_seeds')}\n- {where(step)}, {source(step, 'bench_train_step')}"
+    )
+
+
 TABLES: dict[str, Callable[[Records], str]] = {
     "goal": t_goal,
+    "avx2-training": t_avx2_training,
     "shipped": t_shipped,
     "per-class": t_per_class,
     "oof": t_oof,
