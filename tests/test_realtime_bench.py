@@ -36,5 +36,5 @@ def test_realtime_decode_runs_again_as_on_an_avx2_cpu(
     argv += ["--split-name", "default", "--frames", "2", "--rounds", "1", "--isa", "native", "avx2"]
     main([*argv, "--record", str(record)])
     native, held = json.loads(record.read_text())["tables"]
-    assert "emulated" not in native["title"] and "AVX2" in held["title"]
+    assert "AVX2" in held["title"]  # the CPU as the child saw it (the suite itself may run held to AVX2)
     assert [r["case"] for r in held["rows"]] == [r["case"] for r in native["rows"]]
