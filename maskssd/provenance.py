@@ -57,6 +57,25 @@ def _cpu_features() -> set[str]:
     return {k for k, on in features.items() if on}
 
 
+def busy_cores(seconds: float = 0.2) -> float | None:
+    """How many cores other processes kept busy over the next ``seconds`` (Linux ``/proc/stat``; this process
+    sleeps meanwhile), else ``None``."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields[:8]), fields[3] + fields[4]  # user..steal; idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return round((1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1), 2)
+
+
 def machine(threads: int | None = None) -> dict[str, Any]:
     """The machine a measurement ran on: CPU model, cores, what the CPU has (AVX2, AVX-512, VNNI, AMX) and
     what PyTorch used (``isa``: its kernel level, ``emulated`` when held below what the CPU has), and the load
@@ -75,6 +94,9 @@ def machine(threads: int | None = None) -> dict[str, Any]:
     }
     if hasattr(os, "getloadavg"):  # what else ran: ~0 on an idle machine, ~cores when another job shares it
         out["load_1min"] = round(os.getloadavg()[0], 2)
+    busy = busy_cores()
+    if busy is not None:  # the same, now: the 1-minute load lags a job stopped seconds before
+        out["busy_cores"] = busy
     if "torch" in sys.modules:
         import torch
 

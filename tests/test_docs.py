@@ -115,6 +115,28 @@ def test_a_record_taken_beside_another_job_says_so():
     idle = {"machine": {"cpu": "X", "cores": 2, "threads": 2, "load_1min": 0.1}}
     busy = {"machine": {"cpu": "X", "cores": 2, "threads": 2, "load_1min": 1.4}}
     assert "not idle" not in where(idle) and "load 1.4 at start: not idle" in where(busy)
+    stopped = {
+        "machine": {"cpu": "X", "cores": 2, "load_1min": 1.4, "busy_cores": 0.02}
+    }  # job stopped just now
+    shared = {"machine": {"cpu": "X", "cores": 2, "load_1min": 0.1, "busy_cores": 1.0}}
+    assert "not idle" not in where(stopped) and "1.0 cores busy at start: not idle" in where(shared)
+
+
+def test_busy_cores_sees_another_process_spinning():
+    import subprocess
+    import sys
+
+    from maskssd.provenance import busy_cores
+
+    quiet = busy_cores()
+    if quiet is None:
+        pytest.skip("no /proc/stat here")
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        assert busy_cores(0.5) >= 0.7  # one core, whatever else the machine runs
+    finally:
+        spin.kill()
+        spin.wait()
 
 
 def test_the_study_block_shows_what_the_best_trials_models_called_each_box(tmp_path):

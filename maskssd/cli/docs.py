@@ -55,8 +55,11 @@ def where(rec: Mapping[str, Any]) -> str:
     threads = f", {m['threads']} threads" if m.get("threads") else ""
     how = f"emulated: {m['emulated_by']}" if m.get("emulated_by") else "emulated"
     isa = f", {m['isa']}{f' ({how})' if m.get('emulated') else ''}" if m.get("isa") else ""
-    load = m.get("load_1min") or 0.0
-    busy = f", load {load:.1f} at start: not idle" if load >= 0.5 else ""
+    if m.get("busy_cores") is not None:  # measured at the start; the 1-minute load lags behind it
+        busy = f", {m['busy_cores']:.1f} cores busy at start: not idle" if m["busy_cores"] >= 0.5 else ""
+    else:
+        load = m.get("load_1min") or 0.0
+        busy = f", load {load:.1f} at start: not idle" if load >= 0.5 else ""
     return f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores{isa}{threads}{busy})"
 
 
