@@ -86,4 +86,11 @@ def avx2() -> Avx2:
     if shim is None:
         return Avx2("ATen", dict(ATEN_ENV), why)
     preload = " ".join(p for p in (str(shim), os.environ.get("LD_PRELOAD", "")) if p)
-    return Avx2("CPUID", {"LD_PRELOAD": preload})
+    env = {"LD_PRELOAD": preload}
+    probe = [sys.executable, "-c", "import os; print(os.environ.get('MASKSSD_CPUID', ''))"]
+    seen = subprocess.run(probe, env={**os.environ, **env}, capture_output=True, text=True)
+    if seen.stdout.strip() != "avx2":  # the shim sets it only where Linux made CPUID fault
+        return Avx2(
+            "ATen", dict(ATEN_ENV), f"the CPUID shim did not take effect: {seen.stderr.strip()[-200:]}"
+        )
+    return Avx2("CPUID", env)

@@ -77,3 +77,15 @@ def test_int8_export_agrees_with_the_float_model_on_the_avx2_kernels():
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "failed" not in out.stdout
+
+
+def test_where_the_shim_cannot_work_the_child_is_held_by_pytorchs_own_switch(monkeypatch):
+    from benchmarks import _isa
+
+    monkeypatch.setattr(_isa, "cpuid_shim", lambda: (None, "no cpuid_fault flag"))
+    held = _isa.avx2()
+    assert (held.how, held.why, held.all_libraries) == ("ATen", "no cpuid_fault flag", False)
+    assert held.env == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    monkeypatch.setattr(_isa, "cpuid_shim", lambda: (Path("/nonexistent/avx2_cpuid.so"), ""))
+    held = _isa.avx2()  # built but not taking effect (here: not loadable): never labelled CPUID
+    assert held.how == "ATen" and "did not take effect" in held.why
