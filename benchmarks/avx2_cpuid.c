@@ -77,8 +77,10 @@ int sigaction(int sig, const struct sigaction *act, struct sigaction *old) {
 static void on_fault(int sig, siginfo_t *info, void *ctx) {
     greg_t *r = ((ucontext_t *)ctx)->uc_mcontext.gregs;
     const unsigned char *ip = (const unsigned char *)r[REG_RIP];
-    if (info->si_code == SI_USER || info->si_code == SI_TKILL || !(ip[0] == 0x0f && ip[1] == 0xa2)) {
-        real_fault(sig, info, ctx); /* not CPUID: a real fault (or a raise) */
+    /* A faulting CPUID is a general-protection fault (SI_KERNEL): its bytes were fetched, so reading them is
+     * safe. Anything else (a bad address, a jump into nowhere, a raise) is a real fault. */
+    if (info->si_code != SI_KERNEL || !(ip[0] == 0x0f && ip[1] == 0xa2)) {
+        real_fault(sig, info, ctx);
         return;
     }
     unsigned leaf = (unsigned)r[REG_RAX], sub = (unsigned)r[REG_RCX], a, b, c, d;
