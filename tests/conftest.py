@@ -5,6 +5,7 @@ clear reason where it is absent. Nothing from it is ever copied into the project
 
 * ``shared_dir``, ``real_data``, ``rgba_sample``: paths under ``../shared`` (session; skip when absent).
 * ``tiny_checkpoint``: a deploy checkpoint of the tiny model that detects something (session; read-only).
+* ``python_sigint``: Python's SIGINT handler for one test (a background job starts with SIGINT ignored).
 * ``synth_root``: a 40-image synthetic dataset, split ``default`` (session; read-only, copy it to write).
 * ``make_dataset(samples, splits=None, name="ds")``: a Kaggle-layout dataset under ``tmp_path`` from
   in-test images (PIL image, raw bytes or None) and XML strings; ``voc_xml(...)`` writes those strings and
@@ -13,7 +14,8 @@ clear reason where it is absent. Nothing from it is ever copied into the project
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import signal
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,17 @@ def _need(path: Path, what: str) -> Path:
 
 
 # ----------------------------------------------------------------------------------------- ../shared
+@pytest.fixture()
+def python_sigint() -> Iterator[None]:
+    """Python's own SIGINT handler for the test. A job started in the background by a shell without job
+    control (`pytest &`, CI scripts) inherits SIGINT ignored, and a raised SIGINT would then do nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """``../shared`` beside the repository root; skips when absent."""

@@ -272,13 +272,12 @@ def test_atomic_checkpoint_survives_a_failed_write(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+@pytest.mark.usefixtures("python_sigint")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_during_a_checkpoint_write_waits_for_the_write(tmp_path, monkeypatch, sig):
     """Ctrl-C or SIGTERM arriving inside torch.save: the checkpoint is completed and renamed, then the
     interrupt takes effect (torch's half-written zip would otherwise raise a RuntimeError hiding it)."""
     real_save = torch.save
-    # a background job (`nohup pytest &`) starts with SIGINT ignored: give the test Python's own handler
-    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # restored below
 
     def save_interrupted_midway(obj, f, *a, **k):
         f.write(b"")
@@ -286,12 +285,9 @@ def test_interrupt_during_a_checkpoint_write_waits_for_the_write(tmp_path, monke
         return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(torch, "save", save_interrupted_midway)
-    try:
-        with runner.sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
-            atomic_save({"model": {"w": torch.full((3,), 2.0)}, "build_args": {}}, tmp_path / "last.pt")
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the deferral put it back
-    finally:
-        signal.signal(signal.SIGINT, previous_int)
+    with runner.sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
+        atomic_save({"model": {"w": torch.full((3,), 2.0)}, "build_args": {}}, tmp_path / "last.pt")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the deferral put it back
     monkeypatch.undo()
     assert torch.equal(load(tmp_path / "last.pt")["model"]["w"], torch.full((3,), 2.0))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
@@ -444,6 +440,7 @@ def test_a_full_disk_stops_the_run_keeps_the_last_checkpoint_and_resume_continue
     assert [s for s, _ in histories(c, run_id)["train/loss"]] == [1, 2, 3]
 
 
+@pytest.mark.usefixtures("python_sigint")
 def test_an_interrupt_while_the_checkpoint_is_written_keeps_the_epochs_report(
     workdir, synth_root, monkeypatch
 ):
