@@ -102,11 +102,18 @@ def test_seeds_make_one_parent_with_mean_and_std_of_its_children(workdir, synth_
     m_same = same["metrics"]["map"]
     assert m_same["diff"] == m_same["low"] == m_same["high"] == 0.0 and m_same["ties"] == 1.0
 
-    # a deleted child: resuming the parent starts that seed again and keeps the other one as it was
+    # a deleted child, and in its place one whose process died before its first checkpoint (RUNNING, nothing
+    # saved): resuming the parent starts that seed again, closes the dead one, keeps the other as it was
     c.delete_run(kids[1].info.run_id)
+    keep = ("mlflow.parentRunId", "maskssd.role", "maskssd.seed", "maskssd.fold")
+    dead = c.create_run(
+        kids[1].info.experiment_id, tags={k: v for k, v in kids[1].data.tags.items() if k in keep}
+    ).info.run_id
     assert main(["train", str(cfg), "--resume", parent.info.run_id, "--no-progress", *one_epoch]) == 0
     now = children_of(c, parent.info.run_id)
-    assert now[0].info.run_id == kids[0].info.run_id and now[1].info.run_id != kids[1].info.run_id
+    assert now[0].info.run_id == kids[0].info.run_id and now[1].info.run_id == dead
+    assert now[2].info.run_id not in (kids[1].info.run_id, dead) and now[2].info.status == "FINISHED"
+    assert now[1].info.status == "KILLED" and "no checkpoint to resume" in now[1].data.tags["stopped"]
     assert now[0].info.end_time == kids[0].info.end_time
     assert c.get_run(parent.info.run_id).data.metrics["n_seeds"] == 2
 

@@ -16,8 +16,9 @@ seed's folds in order, so a seed's out-of-fold evaluation is complete as early a
 
 Resuming a parent (``resume_parent_id``) finishes only what is missing: a FINISHED child is kept untouched; a
 KILLED, FAILED or RUNNING child that saved a checkpoint continues from it in the same run
-(``run_experiment(resume_run_id=...)``); a seed with neither starts a new child. Then the parent is
-aggregated again. An interrupted seed (Ctrl-C, SIGTERM) marks the parent KILLED and raises
+(``run_experiment(resume_run_id=...)``); a seed with neither starts a new child (one left RUNNING without a
+checkpoint, whose process died, is then marked KILLED with the reason). Then the parent is aggregated again.
+An interrupted seed (Ctrl-C, SIGTERM) marks the parent KILLED and raises
 :class:`~maskssd.errors.TrainingInterrupted` whose ``run_id`` is the parent's: resume that.
 
 Under torchrun every rank calls :func:`run_seeds` (``--nproc`` re-runs the whole command): one process group
@@ -274,7 +275,19 @@ def _resume_parent(c: Any, parent_id: str, seeds: Sequence[int] | None) -> _Plan
             plan.actions[member] = ("resumed", resumable[-1])
         else:
             plan.actions[member] = ("new", None)
+            _close_stale(c, [r for r in candidates if r.info.status == "RUNNING"], parent_id)
     return plan
+
+
+def _close_stale(c: Any, stale: Sequence[Any], parent_id: str) -> None:
+    """A child still RUNNING with nothing to resume from died before its first checkpoint (a killed process, a
+    lost machine): a new child replaces it, so it is marked KILLED with the reason instead of running forever
+    in the MLflow UI."""
+    for run in stale:
+        reason = f"no checkpoint to resume from; the resume of parent {parent_id} started a new run"
+        c.set_tag(run.info.run_id, "stopped", reason)
+        c.set_terminated(run.info.run_id, "KILLED")
+        log.info("run %s: %s (marked KILLED)", run.info.run_id, reason)
 
 
 def _record(parent: runs.MlflowRun, results: Mapping[Member, SeedRun], plan: _Plan) -> dict[str, float]:
