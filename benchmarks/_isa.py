@@ -14,6 +14,7 @@ it shows what the instruction set costs, not a named machine's speed.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import platform
@@ -94,3 +95,28 @@ def avx2() -> Avx2:
             "ATen", dict(ATEN_ENV), f"the CPUID shim did not take effect: {seen.stderr.strip()[-200:]}"
         )
     return Avx2("CPUID", env)
+
+
+def add_isa_arg(p: argparse.ArgumentParser) -> None:
+    """``--isa native avx2`` (and the hidden ``--child-json`` its AVX2 child writes to), one meaning in every
+    benchmark that has it."""
+    p.add_argument(
+        "--isa",
+        nargs="+",
+        choices=("native", "avx2"),
+        default=["native"],
+        help="avx2: also run as on a CPU without AVX-512 or VNNI, in a child process (benchmarks._isa: every "
+        "library's AVX2 kernels where CPUID can be emulated, else PyTorch's alone and no ONNX Runtime)",
+    )
+    p.add_argument("--child-json", help=argparse.SUPPRESS)
+
+
+def without(argv: list[str], *options: str) -> list[str]:
+    """``argv`` less ``options`` and their values: a command's own arguments for its AVX2 child."""
+    out, skip = [], False
+    for arg in argv:
+        if arg.startswith("--"):
+            skip = arg in options
+        if not skip:
+            out.append(arg)
+    return out

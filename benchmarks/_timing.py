@@ -58,10 +58,11 @@ def set_threads(threads: int | None, default_allocator: bool = True) -> None:
 
 
 def machine() -> str:
-    """One line naming where the numbers come from: CPU model, what PyTorch runs on, threads."""
+    """One line naming where the numbers come from: CPU model, what PyTorch runs on, threads (the load is the
+    record's, taken once when it is written)."""
     from maskssd.provenance import machine as describe
 
-    m = describe()
+    m = describe(load=False)
     isa = m.get("isa", "?") + (f" (emulated: {m.get('emulated_by', '?')})" if m.get("emulated") else "")
     return f"{m['cpu']} ({m['cpu_has']}), PyTorch {isa}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 

@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 from torchvision.transforms import v2
 
-from benchmarks._isa import avx2
+from benchmarks._isa import add_isa_arg, avx2, without
 from benchmarks._timing import add_record_arg, in_child, machine, record_table, save_record
 from maskssd.data.transforms import to_chw
 from maskssd.deploy.export import (
@@ -239,16 +239,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--stat", choices=tuple(STATS), default="median", help="of the timed runs (busy machine: min or p25)"
     )
-    p.add_argument(
-        "--isa",
-        nargs="+",
-        choices=("native", "avx2"),
-        default=["native"],
-        help="avx2: also run as on a CPU without AVX-512 or VNNI, in a child process (benchmarks._isa: every "
-        "library's AVX2 kernels where CPUID can be emulated, else PyTorch's alone and no ONNX Runtime)",
-    )
+    add_isa_arg(p)
     add_record_arg(p)
-    p.add_argument("--child-json", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -308,16 +300,10 @@ def run_models(a: argparse.Namespace) -> tuple[list[Any], list[tuple[str, float]
 def _child_argv(argv: list[str], all_libraries: bool) -> list[str]:
     """This command's arguments for an AVX2 child: no record, no second ISA; PyTorch's backends only unless the
     emulation holds every library (``all_libraries``)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip and not arg.startswith("--"):
-            continue
-        skip = arg in ("--isa", "--record") or (arg == "--backends" and not all_libraries)
-        if not skip:
-            out.append(arg)
     if all_libraries:
-        return out
-    return [*out, "--backends", *(b for b in BACKENDS if not b.startswith(("onnx", "torchscript")))]
+        return without(argv, "--isa", "--record")
+    torch_only = (b for b in BACKENDS if not b.startswith(("onnx", "torchscript")))
+    return [*without(argv, "--isa", "--record", "--backends"), "--backends", *torch_only]
 
 
 def main(argv: list[str] | None = None) -> int:

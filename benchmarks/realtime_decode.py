@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks._isa import avx2
+from benchmarks._isa import add_isa_arg, avx2, without
 from benchmarks._timing import (
     PRINTED,
     add_record_arg,
@@ -137,17 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=5, help="timed passes over the frames (default 5)")
     p.add_argument("--threshold", type=float, default=None, help="display threshold (default: the model's)")
     p.add_argument("--label", help="the model's name in the title (default: the checkpoint's path)")
-    p.add_argument(
-        "--isa",
-        nargs="+",
-        choices=("native", "avx2"),
-        default=["native"],
-        help="avx2: also run as on a CPU without AVX-512 or VNNI, in a child process (benchmarks._isa; "
-        "ONNX Runtime only where CPUID can be emulated)",
-    )
+    add_isa_arg(p)
     add_threads_arg(p)
     add_record_arg(p)
-    p.add_argument("--child-json", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     set_threads(a.threads, a.default_allocator)
     PRINTED.clear()  # this call's tables only, when called again in one process
@@ -161,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         held = avx2()
         backends = [b for b in a.backends if held.all_libraries or b == "torch"]
         if backends:
-            child = [*_without(sys.argv[1:] if argv is None else argv, "--isa", "--record", "--backends")]
+            child = without(sys.argv[1:] if argv is None else argv, "--isa", "--record", "--backends")
             tables.append(in_child("benchmarks.realtime_decode", [*child, "--backends", *backends], held.env))
         else:
             print(f"AVX2 left out: ONNX Runtime cannot be held to AVX2 here ({held.why})")
@@ -190,17 +182,6 @@ def run(a: argparse.Namespace) -> tuple[str, list[dict]]:
         f" {len(frames)} {a.split} frames x {a.rounds}; {machine()})"
     )
     return title, rows
-
-
-def _without(argv: list[str], *options: str) -> list[str]:
-    """``argv`` less ``options`` and their values."""
-    out, skip = [], False
-    for arg in argv:
-        if arg.startswith("--"):
-            skip = arg in options
-        if not skip:
-            out.append(arg)
-    return out
 
 
 if __name__ == "__main__":

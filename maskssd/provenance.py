@@ -76,10 +76,10 @@ def busy_cores(seconds: float = 0.2) -> float | None:
     return round((1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1), 2)
 
 
-def machine(threads: int | None = None) -> dict[str, Any]:
+def machine(threads: int | None = None, *, load: bool = True) -> dict[str, Any]:
     """The machine a measurement ran on: CPU model, cores, what the CPU has (AVX2, AVX-512, VNNI, AMX) and
-    what PyTorch used (``isa``: its kernel level, ``emulated`` when held below what the CPU has), and the load
-    average when it started."""
+    what PyTorch used (``isa``: its kernel level, ``emulated`` when held below what the CPU has), and, with
+    ``load``, what else ran when it started (the load average, and :func:`busy_cores`, which takes 0.2 s)."""
     feats = _cpu_features()
     has = [
         name
@@ -92,9 +92,9 @@ def machine(threads: int | None = None) -> dict[str, Any]:
         "cpu_has": "+".join(has) or "none of AVX2/AVX-512",
         "python": platform.python_version(),
     }
-    if hasattr(os, "getloadavg"):  # what else ran: ~0 on an idle machine, ~cores when another job shares it
+    if load and hasattr(os, "getloadavg"):  # what else ran: ~0 idle, ~cores when another job shares it
         out["load_1min"] = round(os.getloadavg()[0], 2)
-    busy = busy_cores()
+    busy = busy_cores() if load else None
     if busy is not None:  # the same, now: the 1-minute load lags a job stopped seconds before
         out["busy_cores"] = busy
     if "torch" in sys.modules:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks._isa import avx2, cpuid_shim
+from benchmarks._isa import avx2, cpuid_shim, without
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,3 +89,26 @@ def test_where_the_shim_cannot_work_the_child_is_held_by_pytorchs_own_switch(mon
     monkeypatch.setattr(_isa, "cpuid_shim", lambda: (Path("/nonexistent/avx2_cpuid.so"), ""))
     held = _isa.avx2()  # built but not taking effect (here: not loadable): never labelled CPUID
     assert held.how == "ATen" and "did not take effect" in held.why
+
+
+def test_the_avx2_child_gets_the_commands_arguments_less_isa_and_record():
+    """The child runs the same measurement with no second ISA and no record; held by PyTorch's switch alone it
+    gets PyTorch's backends only (ONNX Runtime would run its native kernels there)."""
+    from benchmarks.inference_fps import _child_argv
+
+    argv = [
+        "--models",
+        "384 cpu",
+        "--isa",
+        "native",
+        "avx2",
+        "--backends",
+        "onnx folded",
+        "--record",
+        "r.json",
+    ]
+    assert without(argv, "--isa", "--record") == ["--models", "384 cpu", "--backends", "onnx folded"]
+    assert _child_argv(argv, all_libraries=True) == ["--models", "384 cpu", "--backends", "onnx folded"]
+    torch_only = _child_argv(argv, all_libraries=False)
+    assert torch_only[:3] == ["--models", "384 cpu", "--backends"] and "onnx folded" not in torch_only
+    assert "eager folded" in torch_only

@@ -396,17 +396,15 @@ def t_avx2_training(r: Records) -> str:
     """The accurate recipe's minutes per run on this CPU (:func:`_minutes`) and an estimate for the same CPU held
     to AVX2: those minutes times the AVX2/native ratio of one training step (``benchmarks/train_step.py``)."""
     seeds, step = r.get("accurate_seeds"), r.get("bench_train_step")
+    how = "python -m benchmarks.train_step --cases tuned,avx2 --record records/bench_train_step.json"
     if seeds is None or step is None:
-        how = "python -m benchmarks.train_step --cases tuned,avx2 --record records/bench_train_step.json"
         return missing("accurate_seeds", "bench_train_step", how=how)
     rows = {row["case"]: row for tab in step["tables"][:1] for row in tab["rows"]}
     native = rows.get("maskssd tune_cpu_allocator")
     held = next((row for case, row in rows.items() if case.startswith("tuned, AVX2")), None)
     minutes = _minutes(seeds)
     if native is None or held is None or minutes == "–":
-        return missing(
-            "bench_train_step", how="python -m benchmarks.train_step --cases tuned,avx2 --record ..."
-        )
+        return missing("bench_train_step", how=how)
     ratio = float(held["median ms"]) / float(native["median ms"])
     how = held["case"].removeprefix("tuned, ")
     body = table(
