@@ -179,3 +179,38 @@ def test_training_time_held_to_avx2_scales_the_runs_minutes_by_the_steps_ratio(t
     out = render_page(page, load_records(tmp_path))
     assert "| this CPU | 48 | epochs x median epoch, median of 3 seeds |" in out
     assert "| AVX2 (emulated: CPUID) | ~60 | x 1.25: one training step, AVX2 / native |" in out
+
+
+def test_the_winner_against_the_shipped_recipe_renders_the_rules_verdict_condition_by_condition(tmp_path):
+    """The rule written before the result judges the record: each condition with its deciding number, and the
+    verdict only when all three are met; a record that compares the two the other way round says so."""
+
+    def compare(rare_wins: float, map_low: float, a: list[str], b: list[str]) -> dict:
+        m = {"a": 0.66, "b": 0.65, "diff": 0.01, "low": map_low, "high": 0.03, "a_wins": 0.8, "ties": 0.0}
+        rare = {**m, "a_wins": rare_wins}
+        body = {"a": a, "b": b, "split": "oof", "images": 725, "n": 1000, "ci": 0.95}
+        return make_record("compare", {**body, "metrics": {"map": m, "mask_weared_incorrect": rare}})
+
+    page = "<!-- maskssd:winner-vs-accurate -->\n<!-- /maskssd:winner-vs-accurate -->\n"
+    kids = [{"run_id": f"w{k}", "epochs": 36, "epoch_seconds_median": 40.0} for k in (1, 2, 3)]  # 24 min
+    write_record(tmp_path / "winner_folds.json", make_record("seeds", {"children": kids}))
+    winner, shipped = ["w1", "w2", "w3"], ["s1", "s2", "s3"]
+
+    write_record(tmp_path / "winner_vs_accurate_oof.json", compare(0.95, -0.005, winner, shipped))
+    out = render_page(page, load_records(tmp_path))
+    assert "rare class: P(A > B) 0.95, at least 0.9 asked: met" in out
+    assert "reaches -0.5 points, no lower than -1.0 asked: met" in out
+    assert "time: A's fold runs take 24 min" in out and "will show it: not shown" in out
+    assert "the shipped recipe stays" in out  # the time on the paper split is not shown yet
+    paper = [{"run_id": f"p{k}", "epochs": 36, "epoch_seconds_median": 45.0} for k in (0, 1, 2)]  # 27 min
+    write_record(tmp_path / "winner_seeds.json", make_record("seeds", {"children": paper}))
+    out = render_page(page, load_records(tmp_path))
+    assert "on the paper split takes 27 min" in out and "the winner ships" in out
+    (tmp_path / "winner_seeds.json").unlink()
+
+    write_record(tmp_path / "winner_vs_accurate_oof.json", compare(0.62, -0.031, winner, shipped))
+    out = render_page(page, load_records(tmp_path))
+    assert "P(A > B) 0.62, at least 0.9 asked: **not met**" in out and "reaches -3.1 points" in out
+
+    write_record(tmp_path / "winner_vs_accurate_oof.json", compare(0.95, 0.0, shipped, winner))
+    assert "compares the winner as B" in render_page(page, load_records(tmp_path))
