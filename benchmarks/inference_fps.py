@@ -72,6 +72,10 @@ MODELS: list[tuple[str, str, dict[str, Any]]] = [  # (label, registry name, buil
     ("ssdlite_effnet_lite0 384 pan", "ssdlite_effnet_lite0", {**LITE, "neck": "pan"}),
     ("ssdlite_effnet_lite0 384 cpu", "ssdlite_effnet_lite0", {**LITE, **CPU_BOXES}),
     ("ssdlite_effnet_lite0 384 cpu pan s4", "ssdlite_effnet_lite0", {**LITE, **PAN_S4}),
+    # the accurate model at smaller inputs (issue 27): the backbone is most of its work and scales with the
+    # pixels; the stride-4 map stays, so small faces keep their map
+    ("ssdlite_effnet_lite0 352 cpu pan s4", "ssdlite_effnet_lite0", {**LITE, **PAN_S4, "input_size": 352}),
+    ("ssdlite_effnet_lite0 320 cpu pan s4", "ssdlite_effnet_lite0", {**LITE, **PAN_S4, "input_size": 320}),
     ("ssdlite_effnet_lite1 384", "ssdlite_effnet_lite1", LITE),
     ("ssdlite_effnet_lite2 384", "ssdlite_effnet_lite2", LITE),
     ("ssd300_vgg16", "ssd300_vgg16", {"pretrained": False}),
