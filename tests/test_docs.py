@@ -214,3 +214,11 @@ def test_the_winner_against_the_shipped_recipe_renders_the_rules_verdict_conditi
 
     write_record(tmp_path / "winner_vs_accurate_oof.json", compare(0.95, 0.0, shipped, winner))
     assert "compares the winner as B" in render_page(page, load_records(tmp_path))
+
+    # two --folds parents: the compare names the parents
+    parent = {"run_id": "wp", "epochs": 0, "seconds": 9000.0}
+    write_record(tmp_path / "winner_folds.json", make_record("seeds", {"run": parent, "children": kids}))
+    write_record(tmp_path / "winner_vs_accurate_oof.json", compare(0.95, -0.005, ["wp"], ["sp"]))
+    assert "time: A's fold runs take 24 min" in render_page(page, load_records(tmp_path))
+    write_record(tmp_path / "winner_vs_accurate_oof.json", compare(0.95, -0.005, ["sp"], ["wp"]))
+    assert "compares the winner as B" in render_page(page, load_records(tmp_path))

@@ -300,7 +300,10 @@ def t_winner_vs_accurate(r: Records) -> str:
     rec, folds = r.get(name), r.get("winner_folds")
     if rec is None:
         return body
-    kids = {c["run_id"] for c in (folds or {}).get("children", [])}
+    # A's runs: a compare of two --folds parents names the parents, of pooled seeds the children
+    kids = {c["run_id"] for c in (folds or {}).get("children", [])} | {
+        (folds or {}).get("run", {}).get("run_id")
+    }
     if kids & set(rec["b"]) and not kids & set(rec["a"]):
         return f"{body}\n\n*This record compares the winner as B: run `maskssd compare WINNER SHIPPED` for the verdict.*"
     rare, whole = rec["metrics"].get("mask_weared_incorrect"), rec["metrics"].get("map")
