@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from maskssd.cli.console import err, out
+from maskssd.cli.docs_rule import verdict
 
 __all__ = ["BLOCK", "TABLES", "cmd_docs", "render_page", "render_pages"]
 
@@ -287,79 +288,15 @@ def t_compare(name: str) -> Callable[[Records], str]:
     return render
 
 
-#: The decision rule of the Results page (written before the results it judges): ship the study's winner (A)
-#: over the shipped recipe (B) only if all three hold.
-SHIP_RULE = {"rare_a_wins": 0.9, "map_low": -0.01, "minutes": 30.0}
-
-
 def t_winner_vs_accurate(r: Records) -> str:
     """The paired out-of-fold comparison of the study's winner (A) and the shipped recipe (B), then the verdict
-    of the rule written before it, each condition with the number that decides it."""
+    of the rule written before it (:mod:`maskssd.cli.docs_rule`)."""
     name = "winner_vs_accurate_oof"
+    rec = r.get(name)
     body = t_compare(name)(r)
-    rec, folds = r.get(name), r.get("winner_folds")
     if rec is None:
         return body
-    # A's runs: a compare of two --folds parents names the parents, of pooled seeds the children
-    kids = {c["run_id"] for c in (folds or {}).get("children", [])} | {
-        (folds or {}).get("run", {}).get("run_id")
-    }
-    if kids & set(rec["b"]) and not kids & set(rec["a"]):
-        return f"{body}\n\n*This record compares the winner as B: run `maskssd compare WINNER SHIPPED` for the verdict.*"
-    rare, whole = rec["metrics"].get("mask_weared_incorrect"), rec["metrics"].get("map")
-    checks = []
-    if rare is not None:
-        checks.append(
-            (
-                rare["a_wins"] >= SHIP_RULE["rare_a_wins"],
-                f"rare class: P(A > B) {rare['a_wins']:.2f}, at least {SHIP_RULE['rare_a_wins']:g} asked",
-            )
-        )
-    if whole is not None:
-        checks.append(
-            (
-                whole["low"] >= SHIP_RULE["map_low"],
-                f"mAP: the difference's interval reaches {100 * whole['low']:+.1f} points, no lower than"
-                f" {100 * SHIP_RULE['map_low']:+.1f} asked",
-            )
-        )
-    paper = r.get("winner_seeds")  # the winner's runs on the paper split, when they exist: the rule's time
-    if paper is not None:
-        minutes = _minutes(paper)
-        fast = minutes != "–" and float(minutes) <= SHIP_RULE["minutes"]
-        checks.append(
-            (
-                fast,
-                f"time: a run of A on the paper split takes {minutes} min ({where(paper)}), at most"
-                f" {SHIP_RULE['minutes']:g} asked",
-            )
-        )
-    elif not kids & set(rec["a"]):
-        checks.append((None, "time: no `records/winner_folds.json` of A's runs to read it from"))
-    else:
-        minutes = _minutes(folds)
-        fast = minutes != "–" and float(minutes) <= SHIP_RULE["minutes"]
-        checks.append(
-            (
-                False if not fast else None,
-                f"time: A's fold runs take {minutes} min ({where(folds)}), at most"
-                f" {SHIP_RULE['minutes']:g} asked"
-                + (
-                    ""
-                    if not fast
-                    else "; a paper-split run trains on more images: `records/winner_seeds.json` will show it"
-                ),
-            )
-        )
-    mark = {True: "met", False: "**not met**", None: "not shown"}
-    ships = all(ok is True for ok, _ in checks)
-    verdict = (
-        "**Verdict: the winner ships** (every condition met)."
-        if ships
-        else "**Verdict: the shipped recipe stays**; the winner's numbers are a finding."
-    )
-    lines = "\n".join(f"- {text}: {mark[ok]}" for ok, text in checks)
-    return f"{body}\n\nThe rule above, condition by condition (A: the winner, B: the shipped recipe):\n\n{lines}\n\n{verdict}"
+    return body + verdict(rec, r.get("winner_folds"), r.get("winner_seeds"), _minutes, where)
 
 
 def t_study(r: Records) -> str:
