@@ -20,13 +20,12 @@ def verdict(
 ) -> str:
     """The rule's conditions for a compare record ``rec`` (A: the winner), each with the number that decides
     it, and the verdict. ``folds``/``paper``: the winner's fold and paper-split records (or None)."""
-    body = ""
     # A's runs: a compare of two --folds parents names the parents, of pooled seeds the children
     kids = {c["run_id"] for c in (folds or {}).get("children", [])} | {
         (folds or {}).get("run", {}).get("run_id")
     }
     if kids & set(rec["b"]) and not kids & set(rec["a"]):
-        return f"{body}\n\n*This record compares the winner as B: run `maskssd compare WINNER SHIPPED` for the verdict.*"
+        return "\n\n*This record compares the winner as B: run `maskssd compare WINNER SHIPPED` for the verdict.*"
     rare, whole = rec["metrics"].get("mask_weared_incorrect"), rec["metrics"].get("map")
     checks = []
     if rare is not None:
@@ -79,4 +78,4 @@ def verdict(
         else "**Verdict: the shipped recipe stays**; the winner's numbers are a finding."
     )
     lines = "\n".join(f"- {text}: {mark[ok]}" for ok, text in checks)
-    return f"{body}\n\nThe rule above, condition by condition (A: the winner, B: the shipped recipe):\n\n{lines}\n\n{verdict}"
+    return f"\n\nThe rule above, condition by condition (A: the winner, B: the shipped recipe):\n\n{lines}\n\n{verdict}"
