@@ -154,6 +154,25 @@ def test_the_study_block_shows_what_the_best_trials_models_called_each_box(tmp_p
     assert "| false alarm (no face) | – | – | 72 | 3 | 5 |" in out
 
 
+def test_the_oof_errors_block_shows_the_shipped_recipes_errors_by_size_and_class(tmp_path):
+    page = "<!-- maskssd:oof-errors -->\n<!-- /maskssd:oof-errors -->\n"
+    assert "Not measured yet" in render_page(page, {})  # no record, or one from before oof_errors: say how
+    buckets = [{"key": "lt16", "label": "< 16 px"}, {"key": "ge16", "label": ">= 16 px"}]
+    n = {c: {"lt16": 10, "ge16": 20, "all": 30} for c in CLASSES} | {
+        "mask_weared_incorrect": {"ge16": 5, "all": 5}
+    }
+    ap = {c: {"lt16": 0.25, "ge16": 0.75} for c in CLASSES} | {"mask_weared_incorrect": {"ge16": 0.5}}
+    errors = {"labels": ["background", *CLASSES], "images": 40, "folds": 3, "seed": 0, "threshold": 0.4}
+    errors |= {"rows_true_columns_predicted": [[0, 1, 2, 3], [5, 25, 0, 0], [6, 4, 20, 0], [1, 2, 0, 2]]}
+    errors |= {"size_measure": "shorter side", "size_buckets": buckets, "n_gt_by_size": n, "ap_by_size": ap}
+    write_record(tmp_path / "accurate_folds.json", make_record("folds", {"oof_errors": errors}))
+    out = render_page(page, load_records(tmp_path))
+    assert "| with mask | 25.0 (10) | 75.0 (20) | 30 |" in out
+    assert "| worn incorrectly | – | 50.0 (5) | 5 |" in out  # no small rare face: no AP to show
+    assert "| worn incorrectly | 5 | 1 (20%) | 2 (40%) | 0 (0%) | 2 (40%) |" in out
+    assert "What the shipped recipe's models called every box of the 40 train+val images" in out
+
+
 def test_minutes_per_run_leave_out_a_resumes_gap():
     from maskssd.cli.docs import _minutes
 

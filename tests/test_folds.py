@@ -89,7 +89,7 @@ def test_train_folds_scores_every_image_once_out_of_fold(workdir, synth_root, ca
     monkeypatch.setattr(commands.out, "width", 250)
     cfg = write_tiny_experiment(workdir / "exp.toml", synth_root, epochs=1)
     fast = ["--no-progress", "--set", "schedule.warmup_epochs=0", "--set", "eval.bootstrap=50"]
-    assert main(["train", str(cfg), "--folds", "3", *fast]) == 0
+    assert main(["train", str(cfg), "--folds", "3", *fast, "--record", str(workdir / "cv.json")]) == 0
     out = capsys.readouterr().out
     assert "pooled" in out and "3 folds x 1 seeds" in out
     c = tracking.client()
@@ -123,6 +123,16 @@ def test_train_folds_scores_every_image_once_out_of_fold(workdir, synth_root, ca
         assert sorted(im["id"] for im in doc["images"]) == fold
         assert doc["data"]["fold"] == int(kid.data.tags["maskssd.fold"])
     assert oof["metrics"]["map"] == pytest.approx(m["oof_map"], abs=1e-12)
+    # the record says where the errors are: every true box of every class once in its confusion row
+    errors = json.loads((workdir / "cv.json").read_text())["oof_errors"]
+    assert (errors["images"], errors["folds"], errors["seed"]) == (len(ids), 3, 3)
+    for i, name in enumerate(errors["labels"][1:], start=1):
+        n = errors["n_gt_by_size"][name]
+        assert (
+            sum(errors["rows_true_columns_predicted"][i])
+            == n["all"]
+            == sum(n[b["key"]] for b in errors["size_buckets"])
+        )
     assert parent.data.tags["data.folds_hash"] == folds["digest"] == fold_digest(folds["folds"], 0)
     # stratified: the rarest class of the data is in every fold
     rare = {

@@ -17,69 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from maskssd.cli.console import err, out
+from maskssd.cli.docs_base import CLASSES, SHORT, Records, ci, mean_std, missing, pct, source, table, where
+from maskssd.cli.docs_errors import oof_confusion, t_oof_errors
 from maskssd.cli.docs_rule import verdict
 
 __all__ = ["BLOCK", "TABLES", "cmd_docs", "render_page", "render_pages"]
 
 BLOCK = re.compile(r"(<!-- maskssd:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /maskssd:(?P=name) -->)", re.S)
-Records = Mapping[str, dict[str, Any]]
-CLASSES = ("with_mask", "without_mask", "mask_weared_incorrect")
-SHORT = {
-    "with_mask": "with mask",
-    "without_mask": "without mask",
-    "mask_weared_incorrect": "worn incorrectly",
-}
-
-
-# ------------------------------------------------------------------------------------------- helpers
-def pct(v: Any, signed: bool = False) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    return f"{100 * v:+.1f}" if signed else f"{100 * v:.1f}"
-
-
-def ci(v: Any, low: Any, high: Any, signed: bool = False) -> str:
-    if low is None or high is None:
-        return pct(v, signed)
-    return f"{pct(v, signed)} [{pct(low, signed)}, {pct(high, signed)}]"
-
-
-def mean_std(agg: Mapping[str, Any], key: str) -> str:
-    m, s = agg.get(f"{key}_mean"), agg.get(f"{key}_std")
-    if m is None:
-        return "–"
-    return pct(m) if s is None else f"{pct(m)} ± {pct(s)}"
-
-
-def where(rec: Mapping[str, Any]) -> str:
-    m = rec.get("machine", {})
-    threads = f", {m['threads']} threads" if m.get("threads") else ""
-    how = f"emulated: {m['emulated_by']}" if m.get("emulated_by") else "emulated"
-    isa = f", {m['isa']}{f' ({how})' if m.get('emulated') else ''}" if m.get("isa") else ""
-    if m.get("busy_cores") is not None:  # measured at the start; the 1-minute load lags behind it
-        busy = f", {m['busy_cores']:.1f} cores busy at start: not idle" if m["busy_cores"] >= 0.5 else ""
-    else:
-        load = m.get("load_1min") or 0.0
-        busy = f", load {load:.1f} at start: not idle" if load >= 0.5 else ""
-    return f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores{isa}{threads}{busy})"
-
-
-def source(rec: Mapping[str, Any], name: str) -> str:
-    commit = (rec.get("code") or {}).get("commit") or "?"
-    return f"`records/{name}.json` (commit `{commit}`, {rec.get('created', '?')[:10]})"
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str = "") -> str:
-    align = align or "l" + "r" * (len(header) - 1)
-    sep = ["---:" if a == "r" else "---" for a in align]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def missing(*names: str, how: str) -> str:
-    listed = ", ".join(f"`records/{n}.json`" for n in names)
-    return f"*Not measured yet: no {listed}. Make it with `{how}`.*"
 
 
 def _minutes(rec: Mapping[str, Any]) -> str:
@@ -329,33 +273,12 @@ def t_study(r: Records) -> str:
     return (
         f"{len(rec['trials'])} trials ({states}) in {wall / 3600:.2f} h of wall time ({where(rec)}). {check}\n\n"
         + table(head, rows, "rlrrrl")
-        + _oof_confusion(rec.get("best_oof_errors"), rec.get("best"))
-        + f"\n\n{source(rec, 'study_rare_folds')}."
-    )
-
-
-def _oof_confusion(errors: Mapping[str, Any] | None, best: Mapping[str, Any] | None) -> str:
-    """The best trial's out-of-fold confusion: what each true class's boxes were called (a row per class, its
-    share of that class's boxes; "missed": no detection above the threshold), and the false alarms."""
-    if not errors:
-        return ""
-    labels, m = errors["labels"], errors["rows_true_columns_predicted"]
-    names = [SHORT.get(c, c) for c in labels[1:]]
-    rows = []
-    for i, name in enumerate(names, start=1):
-        n = sum(m[i])
-        cells = [f"{m[i][j]} ({100 * m[i][j] / n:.0f}%)" if n else "0" for j in range(len(labels))]
-        rows.append([name, str(n), cells[0], *cells[1:]])
-    rows.append(["false alarm (no face)", "–", "–", *[str(v) for v in m[0][1:]]])
-    number = f"trial {best['number']}" if best else "the best trial"
-    return (
-        f"\n\nWhat {number}'s models called every box of the {errors.get('images')} train+val images, out of "
-        f"fold ({errors.get('folds')} folds, seed {errors.get('seed')}; detections scored at least "
-        f"{errors.get('threshold')}), at the study's fidelity. Rows: the true class; columns: what it was "
-        "called.\n\n"
-        + table(
-            ["true class", "boxes", "missed", *[f"called {n}" for n in names]], rows, "lr" + "r" * len(labels)
+        + oof_confusion(
+            rec.get("best_oof_errors"),
+            f"trial {rec['best']['number']}" if rec.get("best") else "the best trial",
+            "at the study's fidelity",
         )
+        + f"\n\n{source(rec, 'study_rare_folds')}."
     )
 
 
@@ -439,6 +362,7 @@ TABLES: dict[str, Callable[[Records], str]] = {
     "shipped": t_shipped,
     "per-class": t_per_class,
     "oof": t_oof,
+    "oof-errors": t_oof_errors,
     "winner-vs-accurate": t_winner_vs_accurate,
     "int8-vs-float": t_compare("int8_vs_float_val"),
     "study": t_study,

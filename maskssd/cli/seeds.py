@@ -69,7 +69,8 @@ def train_seeds(a: argparse.Namespace, cfg: Any) -> int:
 
 def write_run_record(a: argparse.Namespace, run_id: str, started: float, children: Any = None) -> None:
     """``maskssd train --record FILE``: a run's final metrics, or a --seeds/--folds parent's summary (its
-    children's final metrics and durations, the mean ± std, the out-of-fold evaluation), with provenance."""
+    children's final metrics and durations, the mean ± std, the out-of-fold evaluation and where its errors are),
+    with provenance."""
     from maskssd.provenance import make_record, write_record
     from maskssd.tracking import runs
     from maskssd.tracking.seeds import is_final_metric
@@ -105,6 +106,10 @@ def write_run_record(a: argparse.Namespace, run_id: str, started: float, childre
             aggregate=dict(children.aggregate),
             folds_hash=run.data.tags.get("data.folds_hash"),
         )
+        if children.folds:
+            from maskssd.tracking.folds import oof_errors
+
+            doc["oof_errors"] = oof_errors(c, run_id)
     record = make_record(kind, doc, title=f"{a.config} ({kind})", started=started)
     out.print(f"record written to {write_record(a.record, record)}", highlight=False)
 

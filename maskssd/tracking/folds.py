@@ -48,6 +48,7 @@ __all__ = [
     "fold_lists",
     "is_cv_parent",
     "log_folds",
+    "oof_errors",
     "out_of_fold",
     "union_annotations",
 ]
@@ -215,3 +216,38 @@ def download_oof(c: Any, ref: str, dst: str | Path) -> tuple[list[Path], str]:
         )
     mlrun = runs.MlflowRun(c, ref)
     return [mlrun.download(w, Path(dst) / ref) for w in wanted], run.data.tags.get(FOLDS_HASH_TAG, "")
+
+
+def oof_errors(c: Any, run_id: str) -> dict[str, Any] | None:
+    """Where a cross-validation parent's models went wrong, out of fold (its first seed, from the
+    ``report/oof.json`` its run wrote): AP, recall and boxes by face size, and what every true box was called at
+    the operating threshold (its confusion matrix). None for a run without that report (not a parent, or one
+    not finished)."""
+    import json
+
+    if not run_id:
+        return None
+    with tempfile.TemporaryDirectory(prefix="maskssd-oof-") as tmp:
+        try:
+            doc = json.loads(runs.MlflowRun(c, run_id).download("report/oof.json", tmp).read_text())
+        except (MaskSSDError, ValueError):
+            return None
+    seed, report = next(iter(sorted(doc.get("per_seed", {}).items())), (None, None))
+    errors = (report or {}).get("errors") or {}
+    confusion = errors.get("confusion_at_threshold")
+    if not confusion:
+        return None
+    return {
+        "run_id": run_id,
+        "seed": int(seed),
+        "images": doc.get("images"),
+        "folds": doc.get("folds"),
+        "threshold": errors.get("threshold"),
+        "labels": confusion["labels"],
+        "rows_true_columns_predicted": confusion["rows_true_columns_predicted"],
+        "size_measure": errors.get("size_measure"),
+        "size_buckets": [{"key": b["key"], "label": b["label"]} for b in errors.get("size_buckets", [])],
+        "n_gt_by_size": errors.get("n_gt"),
+        "ap_by_size": errors.get("ap_by_size"),
+        "recall_by_size": errors.get("recall_at_threshold"),
+    }

@@ -12,6 +12,7 @@ from typing import Any
 import optuna
 
 from maskssd.tracking import runs
+from maskssd.tracking.folds import oof_errors
 from maskssd.tracking.study_budget import failures
 from maskssd.tracking.study_fidelity import FidelityCheck, fidelity_check
 
@@ -60,7 +61,7 @@ def summarize(study: optuna.Study, c: Any, parent_run_id: str | None, top: int =
     rep.fidelity = fidelity_check(study)
     rep.summary = study_summary(study, rep)
     if rep.best and c is not None:
-        rep.summary["best_oof_errors"] = best_oof_errors(c, rep.best[0][5])
+        rep.summary["best_oof_errors"] = oof_errors(c, rep.best[0][5])
     if parent_run_id:
         _log_plots(study, c, parent_run_id, rep.importances)
         if complete:
@@ -107,38 +108,6 @@ def study_summary(study: optuna.Study, rep: StudyReport) -> dict[str, Any]:
         else None,
         "importances": dict(rep.importances),
         "fidelity": rep.fidelity.as_dict() if rep.fidelity else None,
-    }
-
-
-def best_oof_errors(c: Any, run_id: str) -> dict[str, Any] | None:
-    """For a fold study: what the best trial's models called every train+val image's boxes out of fold (its
-    confusion matrix at the operating threshold, first seed), from its cross-validation parent's
-    ``report/oof.json``; None for a trial that is not a cross-validation parent."""
-    import json
-    import tempfile
-
-    from maskssd.errors import MaskSSDError
-
-    if not run_id:
-        return None
-    with tempfile.TemporaryDirectory(prefix="maskssd-study-") as tmp:
-        try:
-            doc = json.loads(runs.MlflowRun(c, run_id).download("report/oof.json", tmp).read_text())
-        except (MaskSSDError, ValueError):
-            return None
-    seed, report = next(iter(sorted(doc.get("per_seed", {}).items())), (None, None))
-    errors = (report or {}).get("errors") or {}
-    confusion = errors.get("confusion_at_threshold")
-    if not confusion:
-        return None
-    return {
-        "run_id": run_id,
-        "seed": int(seed),
-        "images": doc.get("images"),
-        "folds": doc.get("folds"),
-        "threshold": errors.get("threshold"),
-        "labels": confusion["labels"],
-        "rows_true_columns_predicted": confusion["rows_true_columns_predicted"],
     }
 
 
