@@ -47,6 +47,11 @@ class Avx2:
     def label(self) -> str:
         return f"avx2 ({self.how})"
 
+    def reaches(self, backends: list[str]) -> list[str]:
+        """The ``backends`` this hold makes run AVX2 kernels: every one under CPUID; under ATen's switch only
+        PyTorch's own (ONNX Runtime reads CPUID itself, TorchScript's fuser compiles for the CPU it finds)."""
+        return [b for b in backends if self.all_libraries or not b.startswith(("onnx", "torchscript"))]
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "maskssd"

@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 from torchvision.transforms import v2
 
-from benchmarks._isa import add_isa_arg, avx2, without
+from benchmarks._isa import Avx2, add_isa_arg, avx2, without
 from benchmarks._timing import add_record_arg, in_child, machine, record_table, save_record
 from maskssd.data.transforms import to_chw
 from maskssd.deploy.export import (
@@ -301,13 +301,16 @@ def run_models(a: argparse.Namespace) -> tuple[list[Any], list[tuple[str, float]
     return results, profile
 
 
-def _child_argv(argv: list[str], all_libraries: bool) -> list[str]:
-    """This command's arguments for an AVX2 child: no record, no second ISA; PyTorch's backends only unless the
-    emulation holds every library (``all_libraries``)."""
-    if all_libraries:
+def _child_argv(argv: list[str], held: Avx2, backends: list[str]) -> list[str]:
+    """This command's arguments for an AVX2 child: no record, no second ISA, and of ``backends`` those that
+    ``held`` reaches (eager runs anyway)."""
+    if held.all_libraries:
         return without(argv, "--isa", "--record")
-    torch_only = (b for b in BACKENDS if not b.startswith(("onnx", "torchscript")))
-    return [*without(argv, "--isa", "--record", "--backends"), "--backends", *torch_only]
+    return [
+        *without(argv, "--isa", "--record", "--backends"),
+        "--backends",
+        *(held.reaches(backends) or ["eager"]),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         held = avx2()
         if held.why:
             print(f"AVX2 for PyTorch alone: {held.why}")
-        child = _child_argv(argv, held.all_libraries)
+        child = _child_argv(argv, held, a.backends or list(BACKENDS))
         by_isa[held.label] = in_child("benchmarks.inference_fps", child, held.env)
     console = Console(width=None if sys.stdout.isatty() else 190)
     threads = f"{torch.get_num_threads()} torch / {a.threads or physical_cores()} ORT threads"

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if "avx2" in a.isa:
         held = avx2()
-        backends = [b for b in a.backends if held.all_libraries or b == "torch"]
+        backends = held.reaches(a.backends)
         if backends:
             child = without(sys.argv[1:] if argv is None else argv, "--isa", "--record", "--backends")
             tables.append(in_child("benchmarks.realtime_decode", [*child, "--backends", *backends], held.env))

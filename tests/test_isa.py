@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks._isa import avx2, cpuid_shim, without
+from benchmarks._isa import Avx2, avx2, cpuid_shim, without
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,7 +108,9 @@ def test_the_avx2_child_gets_the_commands_arguments_less_isa_and_record():
         "r.json",
     ]
     assert without(argv, "--isa", "--record") == ["--models", "384 cpu", "--backends", "onnx folded"]
-    assert _child_argv(argv, all_libraries=True) == ["--models", "384 cpu", "--backends", "onnx folded"]
-    torch_only = _child_argv(argv, all_libraries=False)
-    assert torch_only[:3] == ["--models", "384 cpu", "--backends"] and "onnx folded" not in torch_only
-    assert "eager folded" in torch_only
+    cpuid, aten = Avx2("CPUID"), Avx2("ATen")
+    assert _child_argv(argv, cpuid, ["onnx folded"]) == ["--models", "384 cpu", "--backends", "onnx folded"]
+    asked = ["eager folded", "onnx folded", "torchscript"]
+    assert _child_argv(argv, aten, asked) == ["--models", "384 cpu", "--backends", "eager folded"]
+    assert _child_argv(argv, aten, ["onnx folded"])[-1] == "eager"  # nothing else it could hold: eager alone
+    assert aten.reaches(["torch", "onnx", "onnx-int8"]) == ["torch"]  # realtime_decode's predictor backends

@@ -45,7 +45,7 @@ def verdict(
         )
     if paper is not None:  # the winner's runs on the paper split: the rule's time
         minutes = minutes_of(paper)
-        fast = minutes != "–" and float(minutes) <= SHIP_RULE["minutes"]
+        fast = _fast(minutes)
         checks.append(
             (
                 fast,
@@ -57,7 +57,7 @@ def verdict(
         checks.append((None, "time: no `records/winner_folds.json` of A's runs to read it from"))
     else:
         minutes = minutes_of(folds)
-        fast = minutes != "–" and float(minutes) <= SHIP_RULE["minutes"]
+        fast = _fast(minutes)
         checks.append(
             (
                 False if not fast else None,
@@ -79,3 +79,8 @@ def verdict(
     )
     lines = "\n".join(f"- {text}: {mark[ok]}" for ok, text in checks)
     return f"\n\nThe rule above, condition by condition (A: the winner, B: the shipped recipe):\n\n{lines}\n\n{verdict}"
+
+
+def _fast(minutes: str) -> bool:
+    """Whether a run's minutes (as rendered; "–" when unknown) are within the rule's time."""
+    return minutes != "–" and float(minutes) <= SHIP_RULE["minutes"]
