@@ -241,3 +241,35 @@ def test_the_winner_against_the_shipped_recipe_renders_the_rules_verdict_conditi
     assert "time: A's fold runs take 24 min" in render_page(page, load_records(tmp_path))
     write_record(tmp_path / "winner_vs_accurate_oof.json", compare(0.95, -0.005, ["sp"], ["wp"]))
     assert "compares the winner as B" in render_page(page, load_records(tmp_path))
+
+
+def test_the_cheaper_real_time_model_is_judged_by_its_rule_from_the_records(tmp_path):
+    """Issue 27's rule: accuracy from the paired out-of-fold comparison, speed from the real-time benchmark's
+    native and AVX2 tables; no verdict until every condition is measured, and one failing condition keeps the
+    shipped configuration."""
+    page = "<!-- maskssd:realtime-candidate -->\n<!-- /maskssd:realtime-candidate -->\n"
+    assert "No verdict yet" in render_page(page, {})
+    whole = {"a": 0.69, "b": 0.70, "diff": -0.004, "low": -0.009, "high": 0.002, "a_wins": 0.3, "ties": 0.0}
+    rare = {**whole, "diff": -0.015}
+    body = {"a": ["c"], "b": ["s"], "split": "oof", "images": 725, "n": 1000, "ci": 0.95}
+    cmp = make_record("compare", {**body, "metrics": {"map": whole, "mask_weared_incorrect": rare}})
+    write_record(tmp_path / "accurate320_vs_accurate_oof.json", cmp)
+
+    def bench(native: str, avx2: str) -> dict:
+        def tab(title: str, fps: str) -> dict:
+            rows = [{"case": "onnx: shown(predict()), full decode at 0.01 (before)", "FPS": "40.0"}]
+            rows.append({"case": "onnx: detect(), decoded from the display threshold", "FPS": fps})
+            return {"title": title, "columns": ["case", "FPS"], "rows": rows}
+
+        tables = [tab("X (AVX512)", native), tab("X (AVX2), PyTorch AVX2 (emulated: CPUID)", avx2)]
+        return make_record("benchmark", {"tables": tables})
+
+    write_record(tmp_path / "bench_realtime_decode_320.json", bench("61.5", "45.0"))
+    out = render_page(page, load_records(tmp_path))
+    assert "reaches -0.9 points, no lower than -1.0 asked: met" in out
+    assert "rare class: mean difference -1.5 points, no worse than -2.0 asked: met" in out
+    assert "speed natively: 61.5 FPS, at least 60 asked: met" in out and "45.0 FPS, at least 30" in out
+    assert "becomes the shipped accurate configuration" in out
+    write_record(tmp_path / "bench_realtime_decode_320.json", bench("58.0", "45.0"))
+    out = render_page(page, load_records(tmp_path))
+    assert "58.0 FPS, at least 60 asked: **not met**" in out and "the accurate configuration stays" in out

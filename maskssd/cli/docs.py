@@ -19,7 +19,7 @@ from typing import Any
 from maskssd.cli.console import err, out
 from maskssd.cli.docs_base import CLASSES, SHORT, Records, ci, mean_std, missing, pct, source, table, where
 from maskssd.cli.docs_errors import oof_confusion, t_oof_errors
-from maskssd.cli.docs_rule import verdict
+from maskssd.cli.docs_rule import realtime_verdict, verdict
 
 __all__ = ["BLOCK", "TABLES", "cmd_docs", "render_page", "render_pages"]
 
@@ -176,6 +176,7 @@ def t_oof(r: Records) -> str:
     for name, label in (
         ("accurate_folds", "shipped accurate recipe"),
         ("winner_folds", "the study's winner"),
+        ("accurate320_folds", "the recipe at 320 px (issue 27)"),
     ):
         rec = r.get(name)
         if rec is None:
@@ -241,6 +242,24 @@ def t_winner_vs_accurate(r: Records) -> str:
     if rec is None:
         return body
     return body + verdict(rec, r.get("winner_folds"), r.get("winner_seeds"), _minutes, where)
+
+
+def t_realtime_candidate(r: Records) -> str:
+    """Issue 27's cheaper accurate model (the recipe at 320 px): paired out of fold against the shipped recipe,
+    its real-time path, and the verdict of the rule written before it was trained."""
+    parts = [t_compare("accurate320_vs_accurate_oof")(r)]
+    bench = r.get("bench_realtime_decode_320")
+    parts.append(
+        t_bench("bench_realtime_decode_320")(r)
+        if bench
+        else missing(
+            "bench_realtime_decode_320",
+            how="python -m benchmarks.realtime_decode --checkpoint BEST_PT --isa native avx2 "
+            "--record records/bench_realtime_decode_320.json",
+        )
+    )
+    parts.append(realtime_verdict(r.get("accurate320_vs_accurate_oof"), bench))
+    return "\n\n".join(parts)
 
 
 def t_study(r: Records) -> str:
@@ -365,6 +384,7 @@ TABLES: dict[str, Callable[[Records], str]] = {
     "oof-errors": t_oof_errors,
     "winner-vs-accurate": t_winner_vs_accurate,
     "int8-vs-float": t_compare("int8_vs_float_val"),
+    "realtime-candidate": t_realtime_candidate,
     "study": t_study,
 }
 
