@@ -151,6 +151,11 @@ def test_train_folds_scores_every_image_once_out_of_fold(workdir, synth_root, ca
     doc = json.loads(capsys.readouterr().out)
     assert set(doc["metrics"]) == {"map", "with_mask", "without_mask", "mask_weared_incorrect"}
     assert doc["split"] == "oof" and doc["images"] == len(set(union))
+    # B's out-of-fold file stands for B (it carries its folds' digest): the same comparison, on another machine
+    assert oof["data"]["folds_hash"] == folds["digest"]
+    b_file = tracking.MlflowRun(c, b).download("detections/oof_seed3.json", workdir / "b")
+    assert main(["compare", a, str(b_file), "--n", "50", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] == doc["metrics"]
     # other folds (another fold seed): refused, saying why
     assert main(["train", str(cfg), "--folds", "3", *fast, "--set", "data.fold_seed=7"]) == 0
     capsys.readouterr()

@@ -292,10 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the parent run of `train --seeds` stands for its finished seeds. Two parents of `train --folds K`\n"
         "are compared out of fold: every train+val image scored by the model that did not see it, paired image\n"
         "by image (--split is then ignored); their folds must be the same (fold seed and images), or it says so.\n"
+        "A parent's out-of-fold file (detections/oof_seed<S>.json) stands for it, wherever it was trained.\n"
         "Ground truth is read from the data the detections were made on (or --data). Nothing is logged.",
         epilog="examples:\n  maskssd compare 3f2a... 9c1b... --split val\n"
         "  maskssd compare PARENT_A PARENT_B --split val   # two --seeds parents: pooled over seeds x images\n"
         "  maskssd compare CV_A CV_B --record r.json      # two --folds parents: out of fold, one record\n"
+        "  maskssd compare CV_A oof_seed0.json            # B's out-of-fold file, from another machine\n"
         "  maskssd compare a.json b.json --n 2000 --json\n"
         "  maskssd compare RUN_A1,RUN_A2,RUN_A3 RUN_B1,RUN_B2,RUN_B3   # seeds pooled",
     )

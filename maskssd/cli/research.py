@@ -92,7 +92,8 @@ def analysis_tables(analysis: Any) -> list[Table]:
 # ------------------------------------------------------------------------------------------- compare
 def _load_side(refs: str, split: str, tracking_uri: str | None, tmp: Path) -> list[dict[str, Any]]:
     """A side's detection files: each file, each run's ``detections/<split>.json``, a seeds parent's finished
-    children's, a cross-validation parent's out-of-fold files (every seed's; ``folds`` set on the file)."""
+    children's, a cross-validation parent's out-of-fold files (every seed's). ``folds_hash``: the folds'
+    digest of out-of-fold detections (a parent's tag, or what its out-of-fold file says), else None."""
     from maskssd.evaluation.detections_file import load_detections
     from maskssd.tracking.folds import download_oof, is_cv_parent
     from maskssd.tracking.runs import client, download_detections
@@ -112,7 +113,7 @@ def _load_side(refs: str, split: str, tracking_uri: str | None, tmp: Path) -> li
             continue
         for run in _expand_parents([ref], tracking_uri):
             doc = load_detections(download_detections(run, split, tmp, tracking_uri))
-            docs.append({**doc, "ref": run, "folds_hash": None})
+            docs.append({**doc, "ref": run, "folds_hash": (doc.get("data") or {}).get("folds_hash")})
     if not docs:
         raise MaskSSDError(f"no run or file in {refs!r}")
     return docs

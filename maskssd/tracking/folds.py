@@ -131,11 +131,12 @@ def out_of_fold(
     union = union_annotations(cfg, root)
     spec = ReportSpec(0, 0, ev.bootstrap_ci, ev.operating_threshold, ev.coco)
     decode = {**asdict(DecodeSpec.from_config(ev)), "run_id": parent.run_id}
-    data = {
+    data = {  # the folds' digest too: the file can stand for its parent in a paired comparison
         "root": str(root.resolve()),
         "split_name": d.split_name,
         "splits": ["train", "val"],
         "folds": d.folds,
+        "folds_hash": parent.client.get_run(parent.run_id).data.tags.get(FOLDS_HASH_TAG),
     }
     reports = {}
     with tempfile.TemporaryDirectory(prefix="maskssd-oof-") as tmp:
