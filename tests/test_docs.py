@@ -171,6 +171,18 @@ def test_the_oof_errors_block_shows_the_shipped_recipes_errors_by_size_and_class
     assert "| worn incorrectly | – | 50.0 (5) | 5 |" in out  # no small rare face: no AP to show
     assert "| worn incorrectly | 5 | 1 (20%) | 2 (40%) | 0 (0%) | 2 (40%) |" in out
     assert "What the shipped recipe's models called every box of the 40 train+val images" in out
+    assert "by input size" not in out  # one recipe: nothing to set it beside
+    smaller = {**errors, "map_by_size": {"lt16": 0.1, "ge16": 0.6}}
+    write_record(
+        tmp_path / "accurate_folds.json",
+        make_record("folds", {"oof_errors": {**smaller, "map_by_size": {"lt16": 0.2, "ge16": 0.7}}}),
+    )
+    write_record(tmp_path / "accurate320_folds.json", make_record("folds", {"oof_errors": smaller}))
+    out = render_page(page, load_records(tmp_path))
+    assert "| shipped recipe (384 px) | 20.0 / – | 70.0 / 50.0 |" in out
+    assert (
+        "| the recipe at 320 px | 10.0 / – | 60.0 / 50.0 |" in out and "records/accurate320_folds.json" in out
+    )
 
 
 def test_minutes_per_run_leave_out_a_resumes_gap():

@@ -9,7 +9,7 @@ from typing import Any
 
 from maskssd.cli.docs_base import SHORT, Records, missing, pct, source, table, where
 
-__all__ = ["oof_by_size", "oof_confusion", "t_oof_errors"]
+__all__ = ["oof_by_size", "oof_confusion", "oof_size_by_recipe", "t_oof_errors"]
 
 
 def oof_confusion(errors: Mapping[str, Any] | None, who: str, fidelity: str = "") -> str:
@@ -53,6 +53,34 @@ def oof_by_size(errors: Mapping[str, Any] | None) -> str:
     )
 
 
+#: Cross-validations of the accurate recipe whose errors are compared by face size (record, label).
+BY_SIZE = (("accurate_folds", "shipped recipe (384 px)"), ("accurate320_folds", "the recipe at 320 px"))
+
+
+def oof_size_by_recipe(r: Records) -> str:
+    """mAP and the rare class's AP per face size, a row per cross-validation of the accurate recipe whose record
+    holds its errors: where an input size gains or loses."""
+    rows, buckets = [], []
+    for name, label in BY_SIZE:
+        errors = (r.get(name) or {}).get("oof_errors") or {}
+        if not errors.get("map_by_size"):
+            continue
+        buckets = errors["size_buckets"]
+        rare = errors["ap_by_size"].get("mask_weared_incorrect", {})
+        rows.append(
+            [
+                label,
+                *[f"{pct(errors['map_by_size'].get(b['key']))} / {pct(rare.get(b['key']))}" for b in buckets],
+            ]
+        )
+    if len(rows) < 2:
+        return ""
+    return (
+        "\n\nmAP / worn-incorrectly AP by face size, out of fold, by input size (same folds and images):\n\n"
+        + table(["recipe", *[b["label"] for b in buckets]], rows)
+    )
+
+
 def t_oof_errors(r: Records) -> str:
     """The shipped recipe's cross-validation: its errors by face size and by class, out of fold."""
     rec = r.get("accurate_folds")
@@ -68,5 +96,6 @@ def t_oof_errors(r: Records) -> str:
             "*`records/accurate_folds.json` predates the error analysis in records: write it again with "
             f"`maskssd train {config} --resume {parent} --record records/accurate_folds.json`.*"
         )
-    body = oof_by_size(errors) + oof_confusion(errors, "the shipped recipe")
-    return body.strip() + f"\n\n{where(rec)}, {source(rec, 'accurate_folds')}."
+    body = oof_by_size(errors) + oof_confusion(errors, "the shipped recipe") + oof_size_by_recipe(r)
+    cited = [n for n, _ in BY_SIZE if n == "accurate_folds" or (r.get(n) or {}).get("oof_errors")]
+    return body.strip() + "\n\n" + "\n".join(f"- {where(r[n])}, {source(r[n], n)}" for n in cited)

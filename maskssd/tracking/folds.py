@@ -250,5 +250,6 @@ def oof_errors(c: Any, run_id: str) -> dict[str, Any] | None:
         "size_buckets": [{"key": b["key"], "label": b["label"]} for b in errors.get("size_buckets", [])],
         "n_gt_by_size": errors.get("n_gt"),
         "ap_by_size": errors.get("ap_by_size"),
+        "map_by_size": errors.get("map_by_size"),
         "recall_by_size": errors.get("recall_at_threshold"),
     }
