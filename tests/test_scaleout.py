@@ -152,10 +152,12 @@ def test_study_workers_on_postgres(tmp_path, synth_root, postgres_db):
     for w in workers:
         _, err = w.communicate(timeout=300)
         assert w.returncode == 0, err[-3000:]
-    study = optuna.load_study(study_name="s", storage=storage)
-    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
-    assert all(t.state.name == "COMPLETE" for t in study.trials)
-    assert len({t.user_attrs["mlflow_run_id"] for t in study.trials}) == 4
+    from tests.test_studies import ran
+
+    trials = ran(optuna.load_study(study_name="s", storage=storage))  # less a late trial that yielded
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    assert len({t.user_attrs["mlflow_run_id"] for t in trials}) == 4
 
 
 def test_train_and_promote_through_a_tracking_server(tmp_path, synth_root, mlflow_server):
@@ -329,9 +331,13 @@ def test_study_survives_its_postgres_restarting(tmp_path, synth_root, postgres_c
         errs.append(err)
         assert w.returncode == 0, err[-3000:]
     assert any("waiting up to" in e for e in errs), "no worker saw the outage"
-    study = optuna.load_study(study_name="s", storage=storage)
-    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]  # none lost, none duplicated or retried
-    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
-    assert len({t.user_attrs["mlflow_run_id"] for t in study.trials}) == 4
-    for t in study.trials:  # every evaluation epoch reached the pruner's record
+    from tests.test_studies import ran
+
+    # none lost, none duplicated or retried (a late trial of a worker that started as the budget filled
+    # yields to it, FAIL with nothing trained: the race two workers finishing together may run, not a loss)
+    trials = ran(optuna.load_study(study_name="s", storage=storage))
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    assert len({t.user_attrs["mlflow_run_id"] for t in trials}) == 4
+    for t in trials:  # every evaluation epoch reached the pruner's record
         assert sorted(t.intermediate_values) == [1, 2, 3], t.number
