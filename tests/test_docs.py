@@ -285,3 +285,37 @@ def test_the_cheaper_real_time_model_is_judged_by_its_rule_from_the_records(tmp_
     write_record(tmp_path / "bench_realtime_decode_320.json", bench("58.0", "45.0"))
     out = render_page(page, load_records(tmp_path))
     assert "58.0 FPS, at least 60 asked: **not met**" in out and "the accurate configuration stays" in out
+
+
+def test_a_rare_class_lever_is_judged_by_the_rule_written_before_its_result(tmp_path):
+    """Issue 24's lever rule: the rare class higher in 0.9 of the resamples and the mAP interval no lower than
+    -1 point; a passing lever that costs more than the goal's minutes ships beside the accurate configuration;
+    a lever not run yet says how to run it."""
+    page = "<!-- maskssd:levers -->\n<!-- /maskssd:levers -->\n"
+    assert "Make it with `maskssd train experiments/cpu_effnet_lite0_pan_s4_rfs_448.toml --folds 3" in (
+        render_page(page, {})
+    )
+
+    def judge(rare_wins: float, map_low: float, epoch_s: float, a: str = "lp", b: str = "sp") -> str:
+        m = {"a": 0.70, "b": 0.69, "diff": 0.01, "low": map_low, "high": 0.03, "a_wins": 0.8, "ties": 0.0}
+        body = {"a": [a], "b": [b], "split": "oof", "images": 725, "n": 1000, "ci": 0.95}
+        metrics = {"map": m, "mask_weared_incorrect": {**m, "a_wins": rare_wins}}
+        write_record(
+            tmp_path / "accurate448_vs_accurate_oof.json",
+            make_record("compare", {**body, "metrics": metrics}),
+        )
+        kids = [{"run_id": f"l{k}", "epochs": 36, "epoch_seconds_median": epoch_s} for k in (1, 2, 3)]
+        run = {"run_id": "lp", "epochs": 0, "seconds": 9000.0}
+        write_record(
+            tmp_path / "accurate448_folds.json", make_record("seeds", {"run": run, "children": kids})
+        )
+        return render_page(page, load_records(tmp_path))
+
+    out = judge(0.93, -0.008, 45.0)  # 27 min a fold run
+    assert "rare class: P(A > B) 0.93, at least 0.9 asked: met" in out and "-0.8 points" in out
+    assert "Minutes per fold run: 27" in out and "joins the accurate configuration" in out
+    assert "ships as a separate rare-class configuration" in judge(0.93, -0.008, 90.0)  # 54 min
+    out = judge(0.85, -0.008, 45.0)
+    assert "P(A > B) 0.85, at least 0.9 asked: **not met**" in out and "the lever is not kept" in out
+    assert "the lever is not kept" in judge(0.99, -0.012, 45.0)
+    assert "compares the lever as B" in judge(0.99, 0.0, 45.0, a="sp", b="lp")

@@ -19,7 +19,7 @@ from typing import Any
 from maskssd.cli.console import err, out
 from maskssd.cli.docs_base import CLASSES, SHORT, Records, ci, mean_std, missing, pct, source, table, where
 from maskssd.cli.docs_errors import oof_confusion, t_oof_errors
-from maskssd.cli.docs_rule import realtime_verdict, verdict
+from maskssd.cli.docs_rule import lever_verdict, realtime_verdict, verdict
 
 __all__ = ["BLOCK", "TABLES", "cmd_docs", "render_page", "render_pages"]
 
@@ -177,6 +177,7 @@ def t_oof(r: Records) -> str:
         ("accurate_folds", "shipped accurate recipe"),
         ("winner_folds", "the study's winner"),
         ("accurate320_folds", "the recipe at 320 px (issue 27)"),
+        *((folds, label) for label, _, folds, _ in LEVERS),
     ):
         rec = r.get(name)
         if rec is None:
@@ -242,6 +243,35 @@ def t_winner_vs_accurate(r: Records) -> str:
     if rec is None:
         return body
     return body + verdict(rec, r.get("winner_folds"), r.get("winner_seeds"), _minutes, where)
+
+
+#: Rare-class levers (issue 24), each the shipped recipe with one config change: its label, its config, its
+#: cross-validation record and its paired out-of-fold record against the shipped recipe's parent.
+LEVERS = (
+    (
+        "the recipe at 448 px",
+        "experiments/cpu_effnet_lite0_pan_s4_rfs_448.toml",
+        "accurate448_folds",
+        "accurate448_vs_accurate_oof",
+    ),
+)
+
+
+def t_levers(r: Records) -> str:
+    """Every rare-class lever against the shipped recipe, paired out of fold, with the verdict of the rule
+    written before any lever's result; a lever not yet run says how to run it."""
+    parts = []
+    for label, config, folds, name in LEVERS:
+        if r.get(name) is None:
+            how = (
+                f"maskssd train {config} --folds 3 --record records/{folds}.json`, then "
+                f"`maskssd compare LEVER_CV SHIPPED_CV --record records/{name}.json"
+            )
+            parts.append(f"**{label}**: " + missing(name, how=how))
+            continue
+        parts.append(f"**{label}** (`{config}`):\n\n" + t_compare(name)(r))
+        parts.append(lever_verdict(r[name], r.get(folds), _minutes, where))
+    return "\n\n".join(parts)
 
 
 def t_realtime_candidate(r: Records) -> str:
@@ -385,6 +415,7 @@ TABLES: dict[str, Callable[[Records], str]] = {
     "winner-vs-accurate": t_winner_vs_accurate,
     "int8-vs-float": t_compare("int8_vs_float_val"),
     "realtime-candidate": t_realtime_candidate,
+    "levers": t_levers,
     "study": t_study,
 }
 

@@ -54,7 +54,11 @@ def oof_by_size(errors: Mapping[str, Any] | None) -> str:
 
 
 #: Cross-validations of the accurate recipe whose errors are compared by face size (record, label).
-BY_SIZE = (("accurate_folds", "shipped recipe (384 px)"), ("accurate320_folds", "the recipe at 320 px"))
+BY_SIZE = (
+    ("accurate_folds", "shipped recipe (384 px)"),
+    ("accurate320_folds", "the recipe at 320 px"),
+    ("accurate448_folds", "the recipe at 448 px"),
+)
 
 
 def oof_size_by_recipe(r: Records) -> str:

@@ -1,6 +1,7 @@
 """Decision rules written before the results they judge, applied to the records: the Results page's (ship the
-study's winner over the shipped recipe only if all three conditions hold) and the results log's rule for a
-cheaper real-time accurate model (issue 27)."""
+study's winner over the shipped recipe only if all three conditions hold), and the results log's rules for a
+cheaper real-time accurate model (issue 27) and for a rare-class lever (issue 24). Each renders its conditions,
+each with the number that decides it, then its verdict."""
 
 from __future__ import annotations
 
@@ -15,8 +16,45 @@ SHIP_RULE = {"rare_a_wins": 0.9, "map_low": -0.01, "minutes": 30.0}
 #: trained: paired out of fold, mAP interval no lower than -1 point and the rare class's mean difference no
 #: worse than -2; its real-time path (the CPU default, ONNX Runtime float) at 60 FPS natively, 30 held to AVX2.
 REALTIME_RULE = {"map_low": -0.01, "rare_diff": -0.02, "fps_native": 60.0, "fps_avx2": 30.0}
+#: The results log's rule for a rare-class lever (A: the shipped recipe with one config change, B: without),
+#: written before any lever's result: paired out of fold on the same folds, the rare class higher in at least
+#: 0.9 of the resamples and the mAP interval no lower than -1 point; one costing more than the goal's minutes
+#: ships beside the accurate configuration, not in its place.
+LEVER_RULE = {"rare_a_wins": 0.9, "map_low": -0.01, "minutes": SHIP_RULE["minutes"]}
 REALTIME_CASE = "onnx: detect(), decoded from the display threshold"
 MARK = {True: "met", False: "**not met**", None: "not shown"}
+
+
+Check = tuple[bool | None, str]
+
+
+def _map_check(whole: Mapping[str, float], low: float) -> Check:
+    """The mAP difference's interval against the lowest it may reach."""
+    return (
+        whole["low"] >= low,
+        f"mAP: the difference's interval reaches {100 * whole['low']:+.1f} points, no lower than"
+        f" {100 * low:+.1f} asked",
+    )
+
+
+def _rare_wins_check(rare: Mapping[str, float], at_least: float) -> Check:
+    """The rare class's share of resamples in which A is higher."""
+    return (
+        rare["a_wins"] >= at_least,
+        f"rare class: P(A > B) {rare['a_wins']:.2f}, at least {at_least:g} asked",
+    )
+
+
+def _conditions(checks: list[Check], who: str) -> str:
+    lines = "\n".join(f"- {text}: {MARK[ok]}" for ok, text in checks)
+    return f"The rule, condition by condition ({who}):\n\n{lines}"
+
+
+def _runs_of(folds: Mapping[str, Any] | None) -> set[str]:
+    """A cross-validation record's parent and children (a compare names the parents, of pooled seeds the
+    children)."""
+    folds = folds or {}
+    return {c["run_id"] for c in folds.get("children", [])} | {folds.get("run", {}).get("run_id")}
 
 
 def verdict(
@@ -28,35 +66,20 @@ def verdict(
 ) -> str:
     """The rule's conditions for a compare record ``rec`` (A: the winner), each with the number that decides
     it, and the verdict. ``folds``/``paper``: the winner's fold and paper-split records (or None)."""
-    # A's runs: a compare of two --folds parents names the parents, of pooled seeds the children
-    kids = {c["run_id"] for c in (folds or {}).get("children", [])} | {
-        (folds or {}).get("run", {}).get("run_id")
-    }
+    kids = _runs_of(folds)
     if kids & set(rec["b"]) and not kids & set(rec["a"]):
         return "\n\n*This record compares the winner as B: run `maskssd compare WINNER SHIPPED` for the verdict.*"
     rare, whole = rec["metrics"].get("mask_weared_incorrect"), rec["metrics"].get("map")
     checks = []
     if rare is not None:
-        checks.append(
-            (
-                rare["a_wins"] >= SHIP_RULE["rare_a_wins"],
-                f"rare class: P(A > B) {rare['a_wins']:.2f}, at least {SHIP_RULE['rare_a_wins']:g} asked",
-            )
-        )
+        checks.append(_rare_wins_check(rare, SHIP_RULE["rare_a_wins"]))
     if whole is not None:
-        checks.append(
-            (
-                whole["low"] >= SHIP_RULE["map_low"],
-                f"mAP: the difference's interval reaches {100 * whole['low']:+.1f} points, no lower than"
-                f" {100 * SHIP_RULE['map_low']:+.1f} asked",
-            )
-        )
+        checks.append(_map_check(whole, SHIP_RULE["map_low"]))
     if paper is not None:  # the winner's runs on the paper split: the rule's time
         minutes = minutes_of(paper)
-        fast = _fast(minutes)
         checks.append(
             (
-                fast,
+                _fast(minutes),
                 f"time: a run of A on the paper split takes {minutes} min ({where(paper)}), at most"
                 f" {SHIP_RULE['minutes']:g} asked",
             )
@@ -84,13 +107,51 @@ def verdict(
         if ships
         else "**Verdict: the shipped recipe stays**; the winner's numbers are a finding."
     )
-    lines = "\n".join(f"- {text}: {MARK[ok]}" for ok, text in checks)
-    return f"\n\nThe rule above, condition by condition (A: the winner, B: the shipped recipe):\n\n{lines}\n\n{verdict}"
+    return "\n\n" + _conditions(checks, "A: the winner, B: the shipped recipe") + f"\n\n{verdict}"
 
 
 def _fast(minutes: str) -> bool:
     """Whether a run's minutes (as rendered; "–" when unknown) are within the rule's time."""
     return minutes != "–" and float(minutes) <= SHIP_RULE["minutes"]
+
+
+def lever_verdict(
+    cmp: Mapping[str, Any],
+    folds: Mapping[str, Any] | None,
+    minutes_of: Callable[[Mapping[str, Any]], str],
+    where: Callable[[Mapping[str, Any]], str],
+) -> str:
+    """The results log's rule for a rare-class lever (A: the shipped recipe with the lever, B: without), from
+    the paired out-of-fold record ``cmp``; ``folds``: the lever's cross-validation record, for its minutes,
+    which decide whether a passing lever joins the accurate configuration or ships beside it."""
+    if _runs_of(folds) & set(cmp["b"]):
+        return "*This record compares the lever as B: run `maskssd compare LEVER_CV SHIPPED_CV` for the verdict.*"
+    metrics = cmp["metrics"]
+    whole, rare = metrics.get("map"), metrics.get("mask_weared_incorrect")
+    checks: list[Check] = [
+        _rare_wins_check(rare, LEVER_RULE["rare_a_wins"])
+        if rare
+        else (None, "rare class: not in the comparison"),
+        _map_check(whole, LEVER_RULE["map_low"]) if whole else (None, "mAP: not in the comparison"),
+    ]
+    minutes = minutes_of(folds) if folds else "–"
+    cost = (
+        f"Minutes per fold run: {minutes} ({where(folds)}); a paper-split run trains on more images."
+        if folds
+        else "Minutes: no cross-validation record of the lever to read them from."
+    )
+    if any(ok is False for ok, _ in checks):
+        decided = "**Verdict: the lever is not kept**; its numbers are a finding."
+    elif not all(ok is True for ok, _ in checks):
+        decided = "**No verdict yet**: a condition is not measured."
+    elif _fast(minutes):
+        decided = "**Verdict: the lever passes** and joins the accurate configuration."
+    else:
+        decided = (
+            "**Verdict: the lever passes** but costs more than the goal's minutes (or they are unknown): it "
+            "ships as a separate rare-class configuration, not in place of the accurate one."
+        )
+    return _conditions(checks, "A: with the lever, B: the shipped recipe") + f"\n\n{cost}\n\n{decided}"
 
 
 def realtime_verdict(cmp: Mapping[str, Any] | None, bench: Mapping[str, Any] | None) -> str:
@@ -102,13 +163,7 @@ def realtime_verdict(cmp: Mapping[str, Any] | None, bench: Mapping[str, Any] | N
     if whole is None or rare is None:
         checks.append((None, "accuracy: no paired out-of-fold comparison recorded yet"))
     else:
-        checks.append(
-            (
-                whole["low"] >= rule["map_low"],
-                f"mAP: the difference's interval reaches {100 * whole['low']:+.1f} points, no lower than"
-                f" {100 * rule['map_low']:+.1f} asked",
-            )
-        )
+        checks.append(_map_check(whole, rule["map_low"]))
         checks.append(
             (
                 rare["diff"] >= rule["rare_diff"],
@@ -123,7 +178,6 @@ def realtime_verdict(cmp: Mapping[str, Any] | None, bench: Mapping[str, Any] | N
             checks.append((None, f"speed {where}: no real-time benchmark of A recorded"))
         else:
             checks.append((fps >= rule[key], f"speed {where}: {fps:.1f} FPS, at least {rule[key]:g} asked"))
-    lines = "\n".join(f"- {text}: {MARK[ok]}" for ok, text in checks)
     if all(ok is True for ok, _ in checks):
         verdict = (
             "**Verdict: the cheaper model meets the rule**: it becomes the shipped accurate configuration."
@@ -132,7 +186,7 @@ def realtime_verdict(cmp: Mapping[str, Any] | None, bench: Mapping[str, Any] | N
         verdict = "**Verdict: the accurate configuration stays**; the cheaper model's numbers are a finding."
     else:
         verdict = "**No verdict yet**: a condition is not measured."
-    return f"The rule, condition by condition (A: the cheaper model, B: the shipped one):\n\n{lines}\n\n{verdict}"
+    return _conditions(checks, "A: the cheaper model, B: the shipped one") + f"\n\n{verdict}"
 
 
 def _fps(bench: Mapping[str, Any] | None, emulated: bool) -> float | None:

@@ -90,7 +90,7 @@ class BufferedRun:
         *,
         max_outage: float | None = None,
         max_pending: int = 50_000,
-        retry_every: float = 10.0,
+        retry_every: float | None = None,
         drain: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -99,7 +99,10 @@ class BufferedRun:
             os.environ.get("MASKSSD_TRACKING_MAX_OUTAGE", 3600) if max_outage is None else max_outage
         )
         self.drain = float(os.environ.get("MASKSSD_TRACKING_DRAIN", 300) if drain is None else drain)
-        self.max_pending, self.retry_every, self.clock = max_pending, retry_every, clock
+        self.retry_every = float(
+            os.environ.get("MASKSSD_TRACKING_RETRY", 10) if retry_every is None else retry_every
+        )
+        self.max_pending, self.clock = max_pending, clock
         self.pending: list[_Op] = []
         self.away_since: float | None = None
         self.last_try = 0.0
