@@ -117,6 +117,10 @@ def test_flat_params_are_dotted_and_roundtrip(tmp_path):
     assert all("." in k for k in flat)
     again = validate(tomllib.loads(cfg.to_toml()))
     assert again == cfg and again.digest() == cfg.digest()
+    # the digest names the recipe: its words do not change it, any computed setting does
+    reworded = load_config(write(tmp_path, BASE), ["optim.lr=0.01", 'experiment.description="reworded"'])
+    assert reworded.digest() == cfg.digest()
+    assert load_config(write(tmp_path, BASE), ["optim.lr=0.02"]).digest() != cfg.digest()
     assert flatten({"a": {}, "b": {"c": 1}}) == {"a": "{}", "b.c": 1}
 
 

@@ -346,8 +346,11 @@ class ExperimentConfig(_Section):
         return flatten(self.model_dump(mode="json"))
 
     def digest(self) -> str:
-        """A short hash of the effective config (lineage tag)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        """A short hash of the effective config (lineage tag ``config_hash``): what the run computes, so its
+        words (``experiment.description``, ``experiment.tags``) are left out: rewording a config's note does
+        not make its runs a different recipe."""
+        words = {"experiment": {"description", "tags"}}
+        blob = json.dumps(self.model_dump(mode="json", exclude=words), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
     def to_toml(self) -> str:
