@@ -9,6 +9,7 @@ frame leaves thousands, so this one needs a checkpoint: ``maskssd train
 experiments/cpu_effnet_lite0_pan_s4_rfs.toml`` writes one (``--checkpoint`` takes its ``best.pt``).
 Frames: the paper split's validation images, resized to 640x480 as a camera sends them.
 ``--isa native avx2`` also runs it as on a CPU without AVX-512 or VNNI (``benchmarks._isa``).
+``--spinning`` adds ``detect()`` with ONNX Runtime's threads spin-waiting between calls (off by default).
 Run: ``.venv/bin/python -m benchmarks.realtime_decode --checkpoint PATH [--backends onnx onnx-int8]``.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -86,13 +88,14 @@ def measure(pred: Predictor, frames: list[np.ndarray], threshold: float | None, 
             raise SystemExit(f"{b}: detect() and shown(predict()) disagree: a bug")
         candidates.append(len(every))
         shown.append(len(got))
-    decode_full, decode_fast = [], []
+    decode_full, stages = [], []
     for _ in range(rounds):
         for f in frames:
             pred.predict([f])
             decode_full.append(pred.last_timing.postprocess)
             pred.detect([f], threshold)
-            decode_fast.append(pred.last_timing.postprocess)
+            stages.append(pred.last_timing)
+    decode_fast = [t.postprocess for t in stages]
     before = f"{b}: shown(predict()), full decode at 0.01 (before)"
     rows = [
         {
@@ -104,7 +107,7 @@ def measure(pred: Predictor, frames: list[np.ndarray], threshold: float | None, 
             "name": f"{b}: detect(), decoded from the display threshold",
             "baseline": before,
             "seconds": per_frame_ms(fast, frames, rounds),
-            "note": f"{statistics.mean(shown):.1f} shown per frame (the same)",
+            "note": f"{statistics.mean(shown):.1f} shown per frame (the same); {where_time(stages)}",
         },
         {"name": f"{b}: decode + NMS alone, full", "seconds": statistics.median(decode_full)},
         {
@@ -116,6 +119,41 @@ def measure(pred: Predictor, frames: list[np.ndarray], threshold: float | None, 
     for r in rows[:2]:
         r["FPS"] = f"{1 / r['seconds']:.1f}"
     return rows
+
+
+def where_time(stages: list) -> str:
+    """Where a frame's time goes: the median milliseconds of each stage of ``Predictor.detect``."""
+    ms = {
+        k: 1000 * statistics.median(getattr(t, k) for t in stages)
+        for k in ("preprocess", "model", "postprocess")
+    }
+    return "pre / model / post {preprocess:.1f} / {model:.1f} / {postprocess:.1f} ms".format(**ms)
+
+
+def spinning_row(a: argparse.Namespace, backend: str, frames: list[np.ndarray], threshold) -> dict:
+    """``detect()`` again with ONNX Runtime's threads spin-waiting between calls ($MASKSSD_ORT_SPINNING=1),
+    against the same backend's default (sleeping threads) measured just before in this process."""
+    os.environ["MASKSSD_ORT_SPINNING"] = "1"
+    try:
+        pred = load(a, backend)
+    finally:
+        os.environ.pop("MASKSSD_ORT_SPINNING")
+
+    stages = []
+
+    def fast(images: list[np.ndarray]) -> list:
+        out = pred.detect(images, threshold)
+        stages.append(pred.last_timing)
+        return out
+
+    seconds = per_frame_ms(fast, frames, a.rounds)
+    return {
+        "name": f"{backend}: detect(), threads spinning between calls",
+        "baseline": f"{backend}: detect(), decoded from the display threshold",
+        "seconds": seconds,
+        "FPS": f"{1 / seconds:.1f}",
+        "note": where_time(stages[len(frames) :]),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -137,6 +175,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=5, help="timed passes over the frames (default 5)")
     p.add_argument("--threshold", type=float, default=None, help="display threshold (default: the model's)")
     p.add_argument("--label", help="the model's name in the title (default: the checkpoint's path)")
+    p.add_argument(
+        "--spinning",
+        action="store_true",
+        help="also time detect() with ONNX Runtime's threads spin-waiting between calls (onnx backends)",
+    )
     add_isa_arg(p)
     add_threads_arg(p)
     add_record_arg(p)
@@ -160,8 +203,18 @@ def main(argv: list[str] | None = None) -> None:
     for title, rows in tables:
         print_table(title, rows, extra_columns=["FPS"])
     save_record(
-        a.record, "realtime_decode", {"checkpoint": str(a.checkpoint), "backends": a.backends, "isa": a.isa}
+        a.record,
+        "realtime_decode",
+        {"checkpoint": str(a.checkpoint), "backends": a.backends, "isa": a.isa, "spinning": a.spinning},
     )
+
+
+def load(a: argparse.Namespace, backend: str) -> Predictor:
+    calibration = Calibration(a.data, a.split_name, 100) if backend == "onnx-int8" else None
+    try:
+        return Predictor.from_checkpoint(a.checkpoint, backend=backend, calibration=calibration)
+    except (MaskSSDError, OSError) as e:
+        raise SystemExit(f"cannot load {a.checkpoint} ({backend}): {e}") from None
 
 
 def run(a: argparse.Namespace) -> tuple[str, list[dict]]:
@@ -169,14 +222,13 @@ def run(a: argparse.Namespace) -> tuple[str, list[dict]]:
     frames = camera_frames(a.data, a.split_name, a.split, a.frames)
     rows, where = [], ""
     for backend in a.backends:
-        calibration = Calibration(a.data, a.split_name, 100) if backend == "onnx-int8" else None
-        try:
-            pred = Predictor.from_checkpoint(a.checkpoint, backend=backend, calibration=calibration)
-        except (MaskSSDError, OSError) as e:
-            raise SystemExit(f"cannot load {a.checkpoint} ({backend}): {e}") from None
+        pred = load(a, backend)
         t = pred.display_threshold(a.threshold)
         where = "the model's per-class thresholds" if not isinstance(t, float) else f"threshold {t}"
         rows += measure(pred, frames, a.threshold, a.rounds)
+        if a.spinning and backend != "torch":
+            del pred  # its threads would share the cores with the next session's
+            rows.append(spinning_row(a, backend, frames, a.threshold))
     title = (
         f"Real-time path per 640x480 frame, end to end: {a.label or a.checkpoint} ({where};"
         f" {len(frames)} {a.split} frames x {a.rounds}; {machine()})"

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from maskssd.deploy.optimize import optimize_for_inference
+from maskssd.errors import MaskSSDError
 from maskssd.files import atomic_path
 
 INPUT_NAME = "images"
@@ -161,11 +162,22 @@ def onnx_session_options(threads: int | None = None) -> Any:
     so.intra_op_num_threads = threads or physical_cores()
     so.inter_op_num_threads = 1
     so.log_severity_level = 3  # errors only
-    # no spin-waiting after a run: the threads would steal the cores from the torch pre/post-processing
-    # that follows every forward (measured: NMS after an ORT call took 1.8x as long with spinning on)
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # no spin-waiting after a run by default: the threads would steal the cores from the torch pre/post-
+    # processing that follows every forward (measured once: NMS after an ORT call took 1.8x as long with
+    # spinning on); $MASKSSD_ORT_SPINNING=1 turns it on (``benchmarks.realtime_decode --spinning`` weighs it)
+    spin = "1" if ort_spinning() else "0"
+    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return so
+
+
+def ort_spinning() -> bool:
+    """Whether ONNX Runtime's worker threads spin-wait between calls (``$MASKSSD_ORT_SPINNING``, off by
+    default): a session made while it is set keeps it."""
+    value = os.environ.get("MASKSSD_ORT_SPINNING", "0").strip().lower()
+    if value not in ("0", "1", "", "false", "true", "off", "on"):
+        raise MaskSSDError(f"MASKSSD_ORT_SPINNING={value!r}: use 1 (spin) or 0 (sleep, the default)")
+    return value in ("1", "true", "on")
 
 
 def onnx_session(path: str | Path, threads: int | None = None) -> Any:
