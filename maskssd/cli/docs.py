@@ -278,17 +278,11 @@ def t_realtime_candidate(r: Records) -> str:
     """Issue 27's cheaper accurate model (the recipe at 320 px): paired out of fold against the shipped recipe,
     its real-time path, and the verdict of the rule written before it was trained."""
     parts = [t_compare("accurate320_vs_accurate_oof")(r)]
-    bench = r.get("bench_realtime_decode_320")
-    parts.append(
-        t_bench("bench_realtime_decode_320")(r)
-        if bench
-        else missing(
-            "bench_realtime_decode_320",
-            how="python -m benchmarks.realtime_decode --checkpoint BEST_PT --isa native avx2 "
-            "--record records/bench_realtime_decode_320.json",
-        )
+    how = (
+        "python -m benchmarks.realtime_decode --checkpoint BEST_PT --isa native avx2 --record records/{}.json"
     )
-    parts.append(realtime_verdict(r.get("accurate320_vs_accurate_oof"), bench))
+    parts.append(t_bench("bench_realtime_decode_320", how.format("bench_realtime_decode_320"))(r))
+    parts.append(realtime_verdict(r.get("accurate320_vs_accurate_oof"), r.get("bench_realtime_decode_320")))
     return "\n\n".join(parts)
 
 
@@ -331,13 +325,14 @@ def t_study(r: Records) -> str:
     )
 
 
-def t_bench(name: str) -> Callable[[Records], str]:
+def t_bench(name: str, how: str | None = None) -> Callable[[Records], str]:
+    """A benchmark record's tables; ``how``: the command that makes it (default: its module's, bare)."""
+
     def render(r: Records) -> str:
         rec = r.get(name)
         if rec is None:
-            return missing(
-                name, how=f"python -m benchmarks.{name.removeprefix('bench_')} --record records/{name}.json"
-            )
+            bare = f"python -m benchmarks.{name.removeprefix('bench_')} --record records/{name}.json"
+            return missing(name, how=how or bare)
         parts = []
         for tab in rec["tables"]:
             cols = tab["columns"]

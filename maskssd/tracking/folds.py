@@ -23,6 +23,7 @@ per seed (the format and metrics of ``maskssd evaluate --save-detections``, so a
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import tempfile
@@ -224,8 +225,6 @@ def oof_errors(c: Any, run_id: str) -> dict[str, Any] | None:
     ``report/oof.json`` its run wrote): AP, recall and boxes by face size, and what every true box was called at
     the operating threshold (its confusion matrix). None for a run without that report (not a parent, or one
     not finished)."""
-    import json
-
     if not run_id:
         return None
     with tempfile.TemporaryDirectory(prefix="maskssd-oof-") as tmp:
