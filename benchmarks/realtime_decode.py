@@ -9,7 +9,8 @@ frame leaves thousands, so this one needs a checkpoint: ``maskssd train
 experiments/cpu_effnet_lite0_pan_s4_rfs.toml`` writes one (``--checkpoint`` takes its ``best.pt``).
 Frames: the paper split's validation images, resized to 640x480 as a camera sends them.
 ``--isa native avx2`` also runs it as on a CPU without AVX-512 or VNNI (``benchmarks._isa``).
-``--spinning`` adds ``detect()`` with ONNX Runtime's threads spin-waiting between calls (off by default).
+``--in-flight 2`` (the default) adds ``detect()`` with two frames in the model at once (what ``maskssd detect``
+runs on a video with ONNX Runtime); ``--spinning`` adds ``detect()`` with ONNX Runtime's threads spin-waiting between calls (off by default).
 Run: ``.venv/bin/python -m benchmarks.realtime_decode --checkpoint PATH [--backends onnx onnx-int8]``.
 """
 
@@ -39,6 +40,7 @@ from benchmarks._timing import (
     set_threads,
 )
 from maskssd.data.voc import VOCLayout
+from maskssd.deploy.inflight import InFlight
 from maskssd.deploy.predictor import Predictor
 from maskssd.deploy.quantize import Calibration
 from maskssd.errors import MaskSSDError
@@ -130,6 +132,28 @@ def where_time(stages: list) -> str:
     return "pre / model / post {preprocess:.1f} / {model:.1f} / {postprocess:.1f} ms".format(**ms)
 
 
+def in_flight_row(pred: Predictor, frames: list[np.ndarray], threshold, rounds: int, workers: int) -> dict:
+    """``detect()`` with ``workers`` frames in the model at once (:class:`maskssd.deploy.inflight.InFlight`,
+    what ``maskssd detect`` runs on a video): the frames per second a camera gets, each frame later."""
+    with InFlight(pred, workers) as flight:
+        keyed = list(enumerate(frames))
+        for _ in flight.detect(keyed, threshold):  # one untimed round
+            pass
+        walls, stages = [], []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            stages += [timing for _, _, timing in flight.detect(keyed, threshold)]
+            walls.append((time.perf_counter() - t0) / len(frames))
+    seconds = statistics.median(walls)
+    return {
+        "name": f"{pred.backend}: detect(), {workers} frames in flight ({flight.threads} thread(s) each)",
+        "baseline": f"{pred.backend}: detect(), decoded from the display threshold",
+        "seconds": seconds,
+        "FPS": f"{1 / seconds:.1f}",
+        "note": f"each frame {1000 * statistics.median(t.total for t in stages):.1f} ms: {where_time(stages)}",
+    }
+
+
 def spinning_row(a: argparse.Namespace, backend: str, frames: list[np.ndarray], threshold) -> dict:
     """``detect()`` again with ONNX Runtime's threads spin-waiting between calls ($MASKSSD_ORT_SPINNING=1),
     against the same backend's default (sleeping threads) measured just before in this process."""
@@ -176,6 +200,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threshold", type=float, default=None, help="display threshold (default: the model's)")
     p.add_argument("--label", help="the model's name in the title (default: the checkpoint's path)")
     p.add_argument(
+        "--in-flight",
+        type=int,
+        default=2,
+        metavar="N",
+        help="also time detect() with N frames in the model at once (onnx backends; default 2, 0 or 1: not)",
+    )
+    p.add_argument(
         "--spinning",
         action="store_true",
         help="also time detect() with ONNX Runtime's threads spin-waiting between calls (onnx backends)",
@@ -205,7 +236,13 @@ def main(argv: list[str] | None = None) -> None:
     save_record(
         a.record,
         "realtime_decode",
-        {"checkpoint": str(a.checkpoint), "backends": a.backends, "isa": a.isa, "spinning": a.spinning},
+        {
+            "checkpoint": str(a.checkpoint),
+            "backends": a.backends,
+            "isa": a.isa,
+            "spinning": a.spinning,
+            "in_flight": a.in_flight,
+        },
     )
 
 
@@ -226,6 +263,8 @@ def run(a: argparse.Namespace) -> tuple[str, list[dict]]:
         t = pred.display_threshold(a.threshold)
         where = "the model's per-class thresholds" if not isinstance(t, float) else f"threshold {t}"
         rows += measure(pred, frames, a.threshold, a.rounds)
+        if a.in_flight > 1 and backend != "torch":
+            rows.append(in_flight_row(pred, frames, a.threshold, a.rounds, a.in_flight))
         if a.spinning and backend != "torch":
             del pred  # its threads would share the cores with the next session's
             rows.append(spinning_row(a, backend, frames, a.threshold))

@@ -33,7 +33,8 @@ def test_realtime_decode_benchmark_records_both_paths(
 def test_realtime_decode_weighs_ort_threads_spinning(
     tiny_checkpoint: Path, synth_root: Path, tmp_path: Path, monkeypatch
 ):
-    """``--spinning``: detect() again from a session whose threads spin between calls, against the default."""
+    """``--spinning``: detect() again from a session whose threads spin between calls, against the default;
+    and two frames in flight, against one at a time."""
     pytest.importorskip("onnxruntime", reason='ONNX Runtime is the [onnx] extra: pip install "maskssd[onnx]"')
     monkeypatch.delenv("MASKSSD_ORT_SPINNING", raising=False)
     record = tmp_path / "rt.json"
@@ -57,6 +58,9 @@ def test_realtime_decode_weighs_ort_threads_spinning(
     assert spin["case"] == "onnx: detect(), threads spinning between calls"
     assert spin["vs baseline"] == rows[1]["case"] and float(spin["FPS"]) > 0
     assert "MASKSSD_ORT_SPINNING" not in os.environ  # the default again for whatever runs next
+    flight = rows[-2]  # --in-flight 2, the default: two frames in the model at once
+    assert flight["case"].startswith("onnx: detect(), 2 frames in flight")
+    assert flight["vs baseline"] == rows[1]["case"] and float(flight["FPS"]) > 0
 
 
 def test_ort_spinning_is_off_by_default_and_set_by_its_variable(monkeypatch):

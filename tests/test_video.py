@@ -181,3 +181,49 @@ def test_detect_image_folder_skips_bad_images(
             assert 0 <= x1 < x2 <= x["width"] and 0 <= y1 < y2 <= x["height"]
     err = capsys.readouterr().err
     assert "skipped" in err and "broken.jpg" in err
+
+
+def test_frames_in_flight_return_each_frames_detections_in_order(
+    tiny_checkpoint: Path, video: Path, tmp_path: Path
+) -> None:
+    """Two frames in the model at once (two ONNX Runtime sessions) write what one at a time writes, frame by
+    frame in order; a PyTorch backend refuses, saying why; the process's thread count is left as it was."""
+    pytest.importorskip("onnxruntime", reason='ONNX Runtime is the [onnx] extra: pip install "maskssd[onnx]"')
+    got = {}
+    threads = torch.get_num_threads()
+    for n in (1, 2):
+        out = tmp_path / f"in{n}"
+        argv = ["detect", "--model", str(tiny_checkpoint), "--source", str(video), "--out", str(out)]
+        assert main([*argv, "--backend", "onnx", "--in-flight", str(n)]) == 0
+        got[n] = [json.loads(x) for x in (out / "clip_detections.jsonl").read_text().splitlines()]
+    assert torch.get_num_threads() == threads
+    assert [x["frame"] for x in got[2]] == list(range(N_FRAMES))
+    assert [x["detections"] for x in got[2]] == [x["detections"] for x in got[1]]
+
+    argv = ["detect", "--model", str(tiny_checkpoint), "--source", str(video), "--out", str(tmp_path / "t")]
+    assert main([*argv, "--backend", "torch", "--in-flight", "2"]) != 0
+
+
+def test_in_flight_keeps_frame_order_when_frames_finish_out_of_order(tiny_checkpoint: Path) -> None:
+    """A slow frame does not let the one behind it overtake: results come back in the order frames went in."""
+    pytest.importorskip("onnxruntime", reason='ONNX Runtime is the [onnx] extra: pip install "maskssd[onnx]"')
+    import time
+
+    from maskssd.deploy.inflight import InFlight
+    from maskssd.deploy.predictor import Predictor
+
+    pred = Predictor.from_checkpoint(tiny_checkpoint, backend="onnx")
+    flight = InFlight(pred, 2)
+    for r in flight._replicas:  # every other frame is slow: it finishes after the next one
+        detect = r.detect
+
+        def slow(images, threshold=None, detect=detect):
+            if images[0][0, 0, 0] == 1:
+                time.sleep(0.2)
+            return detect(images, threshold)
+
+        r.detect = slow
+    frames = [np.full((64, 64, 3), i % 2, np.uint8) for i in range(6)]
+    with flight:
+        keys = [k for k, _, _ in flight.detect(enumerate(frames))]
+    assert keys == list(range(6))

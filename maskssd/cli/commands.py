@@ -215,6 +215,7 @@ def cmd_detect(a: argparse.Namespace) -> int:
         smooth=a.smooth,
         max_frames=a.max_frames,
         show=a.show,
+        in_flight=a.in_flight,
     )
     if r.kind == "images":
         t = Table(title=f"{r.images} images -> {r.out}")
@@ -226,7 +227,7 @@ def cmd_detect(a: argparse.Namespace) -> int:
     t = Table(title=f"{a.source}: {r.frames} frames -> {r.video_path}")
     for col in ("frames", "end-to-end FPS", "model-only FPS", "backend"):
         t.add_column(col, justify="right")
-    t.add_row(str(r.frames), f"{r.fps:.1f}", f"{r.model_fps:.1f}", r.backend)
+    t.add_row(str(r.frames), f"{r.fps:.1f}", f"{r.model_fps:.1f}", f"{r.backend}, {r.in_flight} in flight")
     out.print(t)
     err.print(f"per-frame detections: {r.jsonl_path}", highlight=False)
     return 0

@@ -250,6 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     de.add_argument("--device", default="cpu")
     de.add_argument(
+        "--in-flight",
+        type=int,
+        default=0,
+        metavar="N",
+        help="video/camera: frames in the model at once, each on its own ONNX Runtime session with its share "
+        "of the cores (more frames per second, more latency each); 0 (default): one per core, at most 2, "
+        "with ONNX Runtime, else 1",
+    )
+    de.add_argument(
         "--show",
         action="store_true",
         help="also show the annotated frames in a window (q stops); needs a display and OpenCV with GUI "

@@ -45,6 +45,8 @@ _EXPORTS = {
     "int8_cache_path": "quantize",
     "int8_session_for": "quantize",
     "quantize_onnx": "quantize",
+    "InFlight": "inflight",
+    "auto_in_flight": "inflight",
     "VIDEO_EXTENSIONS": "detect",
     "DetectSummary": "detect",
     "detect_source": "detect",

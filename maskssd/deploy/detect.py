@@ -34,6 +34,7 @@ class DetectSummary:
     fps: float = 0.0  # end to end (video)
     model_fps: float = 0.0
     backend: str = "torch"
+    in_flight: int = 1  # video: frames in the model at once (:mod:`maskssd.deploy.inflight`)
     video_path: Path | None = None
     jsonl_path: Path | None = None
 
@@ -47,13 +48,15 @@ def detect_source(
     smooth: int = 0,
     max_frames: int = 0,
     show: bool = False,
+    in_flight: int = 0,
 ) -> DetectSummary:
     """Detect on ``source`` (an image, a folder, a video file, a camera index or a stream URL) into ``out``.
 
     ``score_threshold`` is the display threshold: what is drawn and reported (decoding keeps the model's own);
     None uses the model's per-class thresholds (fitted on validation), else ``DISPLAY_THRESHOLD``. ``show``
     also shows every annotated frame in a window (``q`` stops showing), or refuses, saying why, where OpenCV
-    cannot open one (the headless build, no display).
+    cannot open one (the headless build, no display). ``in_flight``: video frames in the model at once
+    (:class:`~maskssd.deploy.inflight.InFlight`; 0: :func:`~maskssd.deploy.inflight.auto_in_flight`).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,7 +77,7 @@ def detect_source(
         raise MaskSSDError(
             f"source {source!r} not found (an image, a folder, a video, a camera index or a URL)"
         )
-    return _detect_video(predictor, source, out, score_threshold, smooth, max_frames, show)
+    return _detect_video(predictor, source, out, score_threshold, smooth, max_frames, show, in_flight)
 
 
 def _detect_images(pred: Any, src: Path, out: Path, threshold: float | None, show: bool) -> DetectSummary:
@@ -119,8 +122,16 @@ def _detect_images(pred: Any, src: Path, out: Path, threshold: float | None, sho
 
 
 def _detect_video(
-    pred: Any, src: str, out: Path, threshold: float | None, smooth: int, max_frames: int, show: bool
+    pred: Any,
+    src: str,
+    out: Path,
+    threshold: float | None,
+    smooth: int,
+    max_frames: int,
+    show: bool,
+    in_flight: int,
 ) -> DetectSummary:
+    from maskssd.deploy.inflight import InFlight, auto_in_flight
     from maskssd.deploy.video import ClassSmoother, FPSMeter, frames
     from maskssd.evaluation.drawing import draw_detections
     from maskssd.extras import import_extra
@@ -138,13 +149,14 @@ def _detect_video(
     video_path, jsonl_path = out / f"{name}_annotated.mp4", out / f"{name}_detections.jsonl"
     n, model_total, t_start = 0, 0.0, time.perf_counter()
     cv2 = import_extra("cv2", "video", "video input (files, cameras, streams)")
-    with jsonl_path.open("w") as jl:
+    flight = InFlight(pred, in_flight or auto_in_flight(pred))
+    keyed = (((i, frame, src_fps), frame) for i, frame, src_fps in frames(src, max_frames))
+    with jsonl_path.open("w") as jl, flight:
         t_prev = time.perf_counter()
-        for i, frame, src_fps in frames(src, max_frames):
-            d = pred.detect([frame], threshold)[0]
+        for (i, frame, src_fps), d, timing in flight.detect(keyed, threshold):
             if smoother is not None:
-                d = smoother(d)
-            model_s = pred.last_timing.model
+                d = smoother(d)  # in frame order: the frames in flight come back in the order they were read
+            model_s = timing.model
             model_total += model_s
             model_fps.add(model_s)
             caption = f"{e2e.fps:.1f} FPS end-to-end | model {model_fps.fps:.1f} FPS ({pred.backend})"
@@ -186,6 +198,7 @@ def _detect_video(
         fps=n / wall,
         model_fps=n / max(model_total, 1e-9),
         backend=pred.backend,
+        in_flight=flight.workers,
         video_path=video_path,
         jsonl_path=jsonl_path,
     )

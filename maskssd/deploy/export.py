@@ -186,7 +186,11 @@ def onnx_session(path: str | Path, threads: int | None = None) -> Any:
 
     ort = import_extra("onnxruntime", "onnx", "the ONNX Runtime backend")
 
-    return ort.InferenceSession(str(path), onnx_session_options(threads), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(path), onnx_session_options(threads), providers=["CPUExecutionProvider"]
+    )
+    session.maskssd_model_file = str(path)  # a replica with other threads opens it again (deploy.inflight)
+    return session
 
 
 def checkpoint_fingerprint(ckpt: Path) -> str:

@@ -147,6 +147,21 @@ class Predictor:
     def backend(self) -> str:
         return self.onnx_backend if self.onnx_session is not None else "torch"
 
+    def replica(self, threads: int) -> Predictor:
+        """This predictor on a session of its own with ``threads`` threads (the same model file, decode and
+        thresholds): one of several that detect on frames in flight (:mod:`maskssd.deploy.inflight`). ONNX
+        Runtime backends only: a PyTorch model's threads are the process's."""
+        from dataclasses import replace
+
+        from maskssd.deploy.export import onnx_session
+
+        path = getattr(self.onnx_session, "maskssd_model_file", None)
+        if path is None:
+            raise MaskSSDError(
+                f"a {self.backend} predictor cannot be replicated: it needs an ONNX Runtime session"
+            )
+        return replace(self, onnx_session=onnx_session(path, threads), last_timing=Timing())
+
     def forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.onnx_session is not None:
             locs, scores = self.onnx_session.run(None, {"images": batch.cpu().contiguous().numpy()})
