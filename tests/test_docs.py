@@ -319,3 +319,27 @@ def test_a_rare_class_lever_is_judged_by_the_rule_written_before_its_result(tmp_
     assert "P(A > B) 0.85, at least 0.9 asked: **not met**" in out and "the lever is not kept" in out
     assert "the lever is not kept" in judge(0.99, -0.012, 45.0)
     assert "compares the lever as B" in judge(0.99, 0.0, 45.0, a="sp", b="lp")
+
+
+def test_the_real_time_goal_is_read_per_backend_with_and_without_frames_in_flight(tmp_path):
+    """Issue 27's goal from the shipped model's realtime_decode record: the default backend's detect() one
+    frame at a time and with frames in flight, natively (60 asked) and held to AVX2 (30 asked)."""
+    page = "<!-- maskssd:realtime-goal -->\n<!-- /maskssd:realtime-goal -->\n"
+
+    def tab(title: str, one: str, flight: str) -> dict:
+        rows = [
+            {"case": "onnx: detect(), decoded from the display threshold", "FPS": one},
+            {"case": "onnx: detect(), 2 frames in flight (1 thread(s) each)", "FPS": flight},
+        ]
+        return {"title": title, "columns": ["case", "FPS"], "rows": rows}
+
+    tables = [
+        tab("X (AVX512)", "44.0", "63.0"),
+        tab("X (AVX2), PyTorch AVX2 (emulated: CPUID)", "29.0", "41.0"),
+    ]
+    write_record(tmp_path / "bench_realtime_decode.json", make_record("benchmark", {"tables": tables}))
+    out = render_page(page, load_records(tmp_path))
+    assert "| onnx | one frame at a time | natively | 44.0 | 60 | **not met** |" in out
+    assert "| onnx | frames in flight | natively | 63.0 | 60 | met |" in out
+    assert "| onnx | one frame at a time | held to AVX2 | 29.0 | 30 | **not met** |" in out
+    assert "| onnx | frames in flight | held to AVX2 | 41.0 | 30 | met |" in out
