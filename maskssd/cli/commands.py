@@ -109,45 +109,37 @@ def ap_table(ev: Any) -> Table:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    import torch
-
     from maskssd.cli import evaluate_more
     from maskssd.cli.research import analysis_tables, metrics_table
-    from maskssd.data import DataReport, FaceMaskDataset, load_split
-    from maskssd.data.transforms import eval_transform
+    from maskssd.data import DataReport, load_split
     from maskssd.deploy.model_ref import resolve_checkpoint
-    from maskssd.deploy.predictor import PredictorModule, load_predictor
+    from maskssd.deploy.predictor import load_predictor
     from maskssd.evaluation.report import ReportSpec, report_split
-    from maskssd.training.build import build_loader
-    from maskssd.training.predict import predict
 
     evaluate_more.check_args(a)
     started = time.time()
-    ckpt_path = resolve_checkpoint(a.model, a.tracking_uri)
-    evaluate_more.data_of_model(a, ckpt_path)
-    pred = load_predictor(
-        ckpt_path, device=a.device, backend=a.backend, **_predictor_options(a, a.split_name)
-    )
     decode = DecodeSpec(
         min_score=a.min_score, max_overlap=a.max_overlap, top_k=a.top_k, class_agnostic=a.class_agnostic
     )
-    anns = load_split(a.data, a.split, a.split_name, pred.class_names, a.on_error, DataReport())
-    ds = FaceMaskDataset(anns, eval_transform(pred.input_size), pred.class_names)
-    _, evalset = predict(
-        PredictorModule(pred),
-        build_loader(ds, a.batch_size, a.workers),
-        class_names=pred.class_names,
-        device=torch.device(a.device),
-        decode=decode,
-        prefix=a.split,
-        tta_hflip=a.tta_hflip,
-    )
-    assert evalset is not None
+    if a.split == "oof":  # a cross-validation parent: each fold's model on its own fold
+        from maskssd.cli.evaluate_oof import score_oof
+
+        pred, evalset, title, data = score_oof(a, decode, _predictor_options)
+    else:
+        ckpt_path = resolve_checkpoint(a.model, a.tracking_uri)
+        evaluate_more.data_of_model(a, ckpt_path)
+        pred = load_predictor(
+            ckpt_path, device=a.device, backend=a.backend, **_predictor_options(a, a.split_name)
+        )
+        anns = load_split(a.data, a.split, a.split_name, pred.class_names, a.on_error, DataReport())
+        evalset = evaluate_more.score(a, pred, anns, decode)
+        title = f"{a.model} on {a.data} {a.split_name}/{a.split} ({len(anns)} images)"
+        data = {"root": str(Path(a.data).resolve()), "split_name": a.split_name, "split": a.split}
     spec = ReportSpec(a.bootstrap, a.seed, a.ci, a.operating_threshold)
     report = report_split(evalset, spec, split=a.split, fit_thresholds=a.fit_thresholds)
     result, boot, analysis = report.result, report.bootstrap, report.analysis
     extra = evaluate_more.fit_thresholds(a, ckpt_path, pred, report.thresholds) if a.fit_thresholds else {}
-    saved = _save_detections(a, decode, pred, report) if a.save_detections else None
+    saved = _save_detections(a, decode, pred, report, data) if a.save_detections else None
     if a.json or a.record:
         more = {"thresholds": extra, "detections_file": saved, "intervals": boot.to_dict() if boot else None}
         doc = evaluate_more.evaluation_doc(a, pred, report, more)
@@ -156,7 +148,6 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         if a.json:
             evaluate_more.print_json(doc)
             return 0
-    title = f"{a.model} on {a.data} {a.split_name}/{a.split} ({len(ds)} images)"
     if boot is not None:
         title += f"; {100 * boot.ci:g}% intervals from {boot.n} image resamples (seed {boot.seed})"
     out.print(metrics_table(title, result, pred.class_names, boot))
@@ -168,9 +159,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
-def _save_detections(a: argparse.Namespace, decode: DecodeSpec, pred: Any, report: Any) -> str:
-    from pathlib import Path
-
+def _save_detections(a: argparse.Namespace, decode: DecodeSpec, pred: Any, report: Any, data: Any) -> str:
     from maskssd.evaluation.detections_file import write_detections
 
     settings = {
@@ -189,7 +178,7 @@ def _save_detections(a: argparse.Namespace, decode: DecodeSpec, pred: Any, repor
         report.result,
         settings,
         bootstrap=report.bootstrap,
-        data={"root": str(Path(a.data).resolve()), "split_name": a.split_name, "split": a.split},
+        data=data,
     )
     return str(path)
 

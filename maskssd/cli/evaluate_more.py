@@ -26,6 +26,31 @@ def check_args(a: argparse.Namespace) -> None:
         )
 
 
+def score(a: argparse.Namespace, pred: Any, anns: list[Any], decode: Any, prefix: str | None = None) -> Any:
+    """The predictor's detections on ``anns`` (an :class:`~maskssd.evaluation.records.EvalSet`), decoded with
+    ``decode``, with the command's batch size, workers, device and ``--tta-hflip``."""
+    import torch
+
+    from maskssd.data import FaceMaskDataset
+    from maskssd.data.transforms import eval_transform
+    from maskssd.deploy.predictor import PredictorModule
+    from maskssd.training.build import build_loader
+    from maskssd.training.predict import predict
+
+    ds = FaceMaskDataset(anns, eval_transform(pred.input_size), pred.class_names)
+    _, evalset = predict(
+        PredictorModule(pred),
+        build_loader(ds, a.batch_size, a.workers),
+        class_names=pred.class_names,
+        device=torch.device(a.device),
+        decode=decode,
+        prefix=prefix or a.split,
+        tta_hflip=a.tta_hflip,
+    )
+    assert evalset is not None
+    return evalset
+
+
 def fit_thresholds(a: argparse.Namespace, ckpt_path: Path, pred: Any, fits: dict[str, Any]) -> dict[str, Any]:
     """Show the per-class F1-maximising thresholds fitted on the evaluated (validation) detections; write
     ``--out``."""

@@ -141,7 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--data", help="dataset root (default: the one the model was trained on, from its checkpoint)"
     )
-    e.add_argument("--split", choices=("train", "val", "test"), default="val")
+    e.add_argument(
+        "--split",
+        choices=("train", "val", "test", "oof"),
+        default="val",
+        help="oof: --model names a cross-validation parent (maskssd train --folds K); each fold's model scores "
+        "its own fold again with these settings, pooled; compare the file with the parent (default val)",
+    )
     e.add_argument(
         "--split-name",
         help="split list under ROOT/splits/ (default: the model's, from its checkpoint; else paper)",

@@ -28,13 +28,16 @@ CHAMPION = "champion"
 
 
 def download_model(ref: str, tracking_uri: str | None = None, cache_dir: str | Path | None = None) -> Path:
-    """The maskssd checkpoint inside a logged or registered model (``runs:/...``, ``models:/...``), downloaded."""
+    """The maskssd checkpoint inside a logged or registered model (``runs:/...``, ``models:/...``), or a run's
+    checkpoint artifact itself (``runs:/RUN/checkpoints/best.pt``), downloaded."""
     runs.client(tracking_uri, create=False)
     dst = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="maskssd-model-"))
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dst)))
     except Exception as e:  # MlflowException, missing alias, unreachable server ...
         raise MaskSSDError(f"cannot load model {ref}: {e}") from None
+    if local.is_file() and local.suffix == ".pt":  # a checkpoint artifact: runs:/RUN/checkpoints/best.pt
+        return local
     found = sorted(local.rglob("artifacts/*.pt")) or sorted(local.rglob("*.pt"))
     if not found:
         raise MaskSSDError(f"model {ref} holds no maskssd checkpoint (looked in {local})")

@@ -176,6 +176,33 @@ def is_seeds_parent(run_id: str, *, tracking_uri: str | None = None) -> bool:
         return False
 
 
+def fold_models(c: Any, parent_id: str, seed: int | None = None) -> tuple[dict[str, Any], int, list[str]]:
+    """A cross-validation parent's folds (its ``folds.json``: ``k``, ``root``, ``digest``, each fold's image
+    ids), the seed whose models are taken (the parent's first unless ``seed``) and that seed's finished child
+    run of every fold, in fold order; refuses a parent a fold's model is missing from."""
+    seeds = [int(s) for s in c.get_run(parent_id).data.params.get("seeds", "").split(",") if s]
+    seed = seed if seed is not None else (seeds[0] if seeds else 0)
+    with tempfile.TemporaryDirectory(prefix="maskssd-folds-") as tmp:
+        try:
+            folds = json.loads(runs.MlflowRun(c, parent_id).download("folds.json", tmp).read_text())
+        except (MaskSSDError, ValueError) as e:
+            raise MaskSSDError(
+                f"run {parent_id} has no readable folds.json: is it a --folds parent? ({e})"
+            ) from None
+    kids = {
+        _fold_of(r): r.info.run_id
+        for r in children_of(c, parent_id)
+        if r.info.status == "FINISHED" and _seed_of(r) == seed and _fold_of(r)
+    }
+    missing = [k for k in range(1, int(folds["k"]) + 1) if k not in kids]
+    if missing:
+        raise MaskSSDError(
+            f"cross-validation parent {parent_id} has no finished model of seed {seed} for fold(s)"
+            f" {', '.join(map(str, missing))}: finish it with maskssd train CONFIG --resume {parent_id}"
+        )
+    return folds, seed, [kids[k] for k in range(1, int(folds["k"]) + 1)]
+
+
 def _seed_of(run: Any) -> int | None:
     raw = run.data.tags.get(SEED_TAG, run.data.params.get("experiment.seed"))
     try:
