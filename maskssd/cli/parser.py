@@ -135,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  maskssd evaluate --model runs:/RUN_ID/model --data ../shared/data/face-mask-detection \\\n"
         "      --split-name paper --split test --save-detections dets.json\n"
         "  maskssd evaluate --model runs:/RUN_ID/model --fit-thresholds --out model-thresholds.pt\n"
-        "      # per-class operating thresholds (max F1 on val)",
+        "      # per-class operating thresholds (max F1 on val)\n"
+        "  maskssd evaluate --model CV_PARENT --split oof --tta-hflip --save-detections tta.json\n"
+        "  maskssd compare tta.json CV_PARENT  # an inference setting judged out of fold",
     )
     _model_arg(e)
     e.add_argument(
