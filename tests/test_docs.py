@@ -319,6 +319,14 @@ def test_a_rare_class_lever_is_judged_by_the_rule_written_before_its_result(tmp_
     assert "P(A > B) 0.85, at least 0.9 asked: **not met**" in out and "the lever is not kept" in out
     assert "the lever is not kept" in judge(0.99, -0.012, 45.0)
     assert "compares the lever as B" in judge(0.99, 0.0, 45.0, a="sp", b="lp")
+    # an inference-only lever (the same fold models scored again): no minutes; passing makes it the offline
+    # evaluation's setting, not the real-time default
+    m = {"a": 0.70, "b": 0.69, "diff": 0.01, "low": -0.004, "high": 0.03, "a_wins": 0.95, "ties": 0.0}
+    body = {"a": ["tta.json"], "b": ["sp"], "split": "oof", "images": 725, "n": 1000, "ci": 0.95}
+    rec = make_record("compare", {**body, "metrics": {"map": m, "mask_weared_incorrect": m}})
+    write_record(tmp_path / "accurate_tta_vs_accurate_oof.json", rec)
+    out = render_page(page, load_records(tmp_path))
+    assert "No training: the same fold models" in out and "recommended setting for offline evaluation" in out
 
 
 def test_the_real_time_goal_is_read_per_backend_with_and_without_frames_in_flight(tmp_path):

@@ -177,7 +177,7 @@ def t_oof(r: Records) -> str:
         ("accurate_folds", "shipped accurate recipe"),
         ("winner_folds", "the study's winner"),
         ("accurate320_folds", "the recipe at 320 px (issue 27)"),
-        *((folds, label) for label, _, folds, _ in LEVERS),
+        *((folds, label) for label, _, folds, _ in LEVERS if folds),
     ):
         rec = r.get(name)
         if rec is None:
@@ -245,14 +245,23 @@ def t_winner_vs_accurate(r: Records) -> str:
     return body + verdict(rec, r.get("winner_folds"), r.get("winner_seeds"), _minutes, where)
 
 
-#: Rare-class levers (issue 24), each the shipped recipe with one config change: its label, its config, its
-#: cross-validation record and its paired out-of-fold record against the shipped recipe's parent.
+#: Rare-class levers (issue 24), each the shipped recipe with one change: its label, how it is made (a config
+#: trained over the shipped recipe's folds, or the shipped fold models scored again with an inference setting),
+#: its cross-validation record (None: inference only) and its paired out-of-fold record against the shipped
+#: recipe's parent.
 LEVERS = (
     (
         "the recipe at 448 px",
-        "experiments/cpu_effnet_lite0_pan_s4_rfs_448.toml",
+        "maskssd train experiments/cpu_effnet_lite0_pan_s4_rfs_448.toml --folds 3"
+        " --record records/accurate448_folds.json",
         "accurate448_folds",
         "accurate448_vs_accurate_oof",
+    ),
+    (
+        "the mirrored image at inference (TTA)",
+        "maskssd evaluate --model SHIPPED_CV --split oof --tta-hflip --save-detections tta.json",
+        None,
+        "accurate_tta_vs_accurate_oof",
     ),
 )
 
@@ -261,16 +270,14 @@ def t_levers(r: Records) -> str:
     """Every rare-class lever against the shipped recipe, paired out of fold, with the verdict of the rule
     written before any lever's result; a lever not yet run says how to run it."""
     parts = []
-    for label, config, folds, name in LEVERS:
+    for label, make, folds, name in LEVERS:
         if r.get(name) is None:
-            how = (
-                f"maskssd train {config} --folds 3 --record records/{folds}.json`, then "
-                f"`maskssd compare LEVER_CV SHIPPED_CV --record records/{name}.json"
-            )
+            how = f"{make}`, then `maskssd compare LEVER SHIPPED_CV --record records/{name}.json"
             parts.append(f"**{label}**: " + missing(name, how=how))
             continue
-        parts.append(f"**{label}** (`{config}`):\n\n" + t_compare(name)(r))
-        parts.append(lever_verdict(r[name], r.get(folds), _minutes, where))
+        parts.append(f"**{label}** (`{make}`):\n\n" + t_compare(name)(r))
+        folds_rec = r.get(folds) if folds else None
+        parts.append(lever_verdict(r[name], folds_rec, _minutes, where, inference_only=folds is None))
     return "\n\n".join(parts)
 
 

@@ -125,10 +125,12 @@ def lever_verdict(
     folds: Mapping[str, Any] | None,
     minutes_of: Callable[[Mapping[str, Any]], str],
     where: Callable[[Mapping[str, Any]], str],
+    inference_only: bool = False,
 ) -> str:
     """The results log's rule for a rare-class lever (A: the shipped recipe with the lever, B: without), from
     the paired out-of-fold record ``cmp``; ``folds``: the lever's cross-validation record, for its minutes,
-    which decide whether a passing lever joins the accurate configuration or ships beside it."""
+    which decide whether a passing lever joins the accurate configuration or ships beside it.
+    ``inference_only``: a lever of the same fold models scored again (``maskssd evaluate --split oof``)."""
     if _runs_of(folds) & set(cmp["b"]):
         return "*This record compares the lever as B: run `maskssd compare LEVER_CV SHIPPED_CV` for the verdict.*"
     metrics = cmp["metrics"]
@@ -140,15 +142,21 @@ def lever_verdict(
         _map_check(whole, LEVER_RULE["map_low"]) if whole else (None, "mAP: not in the comparison"),
     ]
     minutes = minutes_of(folds) if folds else "–"
-    cost = (
-        f"Minutes per fold run: {minutes} ({where(folds)}); a paper-split run trains on more images."
-        if folds
-        else "Minutes: no cross-validation record of the lever to read them from."
-    )
+    if inference_only:
+        cost = "No training: the same fold models, scored again with the lever (it costs inference time)."
+    elif folds:
+        cost = f"Minutes per fold run: {minutes} ({where(folds)}); a paper-split run trains on more images."
+    else:
+        cost = "Minutes: no cross-validation record of the lever to read them from."
     if any(ok is False for ok, _ in checks):
         decided = "**Verdict: the lever is not kept**; its numbers are a finding."
     elif not all(ok is True for ok, _ in checks):
         decided = "**No verdict yet**: a condition is not measured."
+    elif inference_only:
+        decided = (
+            "**Verdict: the lever passes**: it becomes the recommended setting for offline evaluation, not the"
+            " real-time default (it costs inference time)."
+        )
     elif _fast(minutes):
         decided = "**Verdict: the lever passes** and joins the accurate configuration."
     else:
