@@ -4,7 +4,8 @@ For each model two real servers (``python -m maskssd serve``, batching off and o
 loopback, are warmed up, then take turns being driven by 1, 4 and 8 concurrent clients (threads with
 keep-alive ``httpx`` clients), each sending ``--requests`` 640x480 JPEG camera frames as raw bodies. Reported: requests per second, p50/p95
 latency seen by the clients, and the mean batch size from the server's ``/metrics``. The batching-off run
-of the same model and concurrency is the baseline of the speed-up column.
+of the same model and concurrency is the baseline of the speed-up column. ``--backend onnx --model-workers 2``
+adds a batching server whose two model workers (ONNX Runtime replicas) take batches side by side.
 Run: ``.venv/bin/python -m benchmarks.server_throughput [--quick]``.
 """
 
@@ -93,7 +94,7 @@ def free_port() -> int:
 class ServerProcess:
     """``python -m maskssd serve`` in a subprocess; ``stop`` sends SIGTERM, then SIGKILL."""
 
-    def __init__(self, ckpt: Path, batching: bool, args: argparse.Namespace, log: Path):
+    def __init__(self, ckpt: Path, batching: bool, args: argparse.Namespace, log: Path, workers: int = 1):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [
@@ -116,6 +117,8 @@ class ServerProcess:
         ]
         if not batching:
             self.cmd.append("--no-batching")
+        if workers > 1:
+            self.cmd += ["--model-workers", str(workers)]
         self.log = log
         self.threads = args.threads
         self.env: dict[str, str] = {}  # more of the server's environment (tokens)
@@ -222,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--backend", choices=("torch", "onnx"), default="torch")
     p.add_argument(
+        "--model-workers",
+        type=int,
+        default=1,
+        help="also a batching server with N model workers (ONNX Runtime replicas, cores/N threads each)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=0,
@@ -237,13 +246,19 @@ def main(argv: list[str] | None = None) -> int:
         f"average; {n_req} requests per client",
         highlight=False,
     )
-    results: list[tuple[str, int, bool, dict[str, float]]] = []
+    results: list[tuple[str, int, str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory(prefix="maskssd-serve-bench-") as tmp:
         for label, name, kwargs in [m for m in MODELS if not a.models or any(w in m[0] for w in a.models)]:
             ckpt = save_checkpoint(name, kwargs, Path(tmp) / f"{name}.pt")
             # both servers run side by side and take turns, so a change of machine load hits both alike
             t0 = time.perf_counter()
-            servers = {b: ServerProcess(ckpt, b, a, Path(tmp) / f"server-{b}.log") for b in (False, True)}
+            kinds = ["off", "on"] + ([f"on, {a.model_workers} workers"] if a.model_workers > 1 else [])
+            servers = {
+                k: ServerProcess(
+                    ckpt, k != "off", a, Path(tmp) / f"server-{i}.log", 1 if i < 2 else a.model_workers
+                )
+                for i, k in enumerate(kinds)
+            }
             try:
                 for srv in servers.values():
                     srv.start()
@@ -257,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                         r = drive(srv.url, clients, n_req, frames)
                         results.append((label, clients, batching, r))
                         console.print(
-                            f"  batching {'on ' if batching else 'off'}, {clients} clients: "
+                            f"  batching {batching}, {clients} clients: "
                             f"{r['rps']:.1f} req/s, p50 {r['p50']:.0f} ms, p95 {r['p95']:.0f} ms, "
                             f"mean batch {r['batch']:.2f}",
                             highlight=False,
@@ -267,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                     if hasattr(srv, "proc"):
                         srv.stop()
 
-    base = {(m, c): r["rps"] for m, c, b, r in results if not b}
+    base = {(m, c): r["rps"] for m, c, b, r in results if b == "off"}
     t = Table(
         title=f"maskssd serve on loopback ({a.backend} backend{f', {a.threads} torch threads' if a.threads else ''}"
         f", max batch {a.max_batch}, max wait "
@@ -285,12 +300,13 @@ def main(argv: list[str] | None = None) -> int:
         "speed-up",
     ):
         t.add_column(col, justify="left" if col in ("model", "batching") else "right")
-    for label, clients, batching, r in sorted(results, key=lambda x: (x[0], x[1], x[2])):
+    order = {"off": 0, "on": 1}
+    for label, clients, batching, r in sorted(results, key=lambda x: (x[0], x[1], order.get(x[2], 2))):
         ref = base.get((label, clients))
         t.add_row(
             label,
             str(clients),
-            "on" if batching else "off",
+            batching,
             str(r["n"]),
             f"{r['rps']:.1f}",
             f"{r['p50']:.0f}",

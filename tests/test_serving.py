@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from maskssd.deploy.predictor import Predictor  # noqa: E402
 from maskssd.deploy.serving import create_app  # noqa: E402
+from maskssd.errors import MaskSSDError  # noqa: E402
 
 CLASSES = ["with_mask", "without_mask", "mask_weared_incorrect"]
 
@@ -269,6 +270,67 @@ def test_batching_off_runs_every_image_alone(predictor: Predictor) -> None:
     assert sample(m, "maskssd_batch_size_count") == 16 and sample(m, "maskssd_batch_size_sum") == 16
     assert sample(m, "maskssd_batch_size_bucket", le="1.0") == 16
     assert spy.max_active == 1
+
+
+LOCK, ALL = threading.Lock(), {"active": 0, "max": 0}
+
+
+class SlowReplicas(SpyPredictor):
+    """A spy slow enough (50 ms a call) that two clients' batches overlap where they can; its replicas are spies
+    too, all listed in ``made``."""
+
+    def __init__(self, predictor: Predictor, made: list[SpyPredictor]):
+        super().__init__(predictor)
+        self.made = made
+        made.append(self)
+
+    def predict(self, images: Any, decode: Any = None, floor: Any = None) -> Any:
+        with LOCK:  # across every replica: batches in the model at once
+            ALL["active"] += 1
+            ALL["max"] = max(ALL["max"], ALL["active"])
+        try:
+            time.sleep(0.05)
+            return super().predict(images, decode, floor)
+        finally:
+            with LOCK:
+                ALL["active"] -= 1
+
+    def replica(self, threads: int) -> SlowReplicas:
+        return SlowReplicas(self._p.replica(threads), self.made)
+
+
+def test_model_workers_take_batches_side_by_side(tiny_checkpoint: Path) -> None:
+    """Two model workers (ONNX Runtime replicas, one thread each) have two batches in the model at once and
+    answer what one worker answers; a PyTorch model refuses two workers before the server starts."""
+    pytest.importorskip("onnxruntime", reason='ONNX Runtime is the [onnx] extra: pip install "maskssd[onnx]"')
+    with pytest.raises(MaskSSDError, match="ONNX Runtime backend"):
+        create_app(Predictor.from_checkpoint(tiny_checkpoint), model_workers=2)
+    onnx = Predictor.from_checkpoint(tiny_checkpoint, backend="onnx")
+    answers: dict[int, dict[int, Any]] = {}
+    for workers in (1, 2):
+        made: list[SpyPredictor] = []
+        ALL["max"] = 0
+        app = create_app(SlowReplicas(onnx, made), max_batch=2, max_wait_ms=5, model_workers=workers)
+        got: dict[int, Any] = {}
+        with LiveServer(app) as srv:
+            assert httpx.get(srv.url + "/health").json()["batching"]["model_workers"] == workers
+
+            def client(ci: int, url: str = srv.url, got: dict[int, Any] = got) -> None:
+                with httpx.Client(base_url=url, timeout=30) as c:
+                    for ri in range(3):
+                        got[ci * 3 + ri] = _check_good(c.post("/detect", content=jpeg(ci * 3 + ri)), None)
+
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+        answers[workers] = {k: v["detections"] for k, v in got.items()}
+        used = made[1:] if workers > 1 else made  # the replicas, or the predictor itself
+        assert len(answers[workers]) == 12 and len(used) == workers
+        assert all(s.calls and s.max_active == 1 for s in used)  # each took batches, one at a time
+        assert ALL["max"] == workers  # two workers: two batches in the model at once
+    assert answers[2] == answers[1]
 
 
 def _write_video(path: Path, n: int = 6) -> Path:

@@ -214,7 +214,7 @@ def test_in_flight_keeps_frame_order_when_frames_finish_out_of_order(tiny_checkp
 
     pred = Predictor.from_checkpoint(tiny_checkpoint, backend="onnx")
     flight = InFlight(pred, 2)
-    for r in flight._replicas:  # every other frame is slow: it finishes after the next one
+    for r in flight.pool.replicas:  # every other frame is slow: it finishes after the next one
         detect = r.detect
 
         def slow(images, threshold=None, detect=detect):

@@ -461,9 +461,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
         tokens=tokens,
         rate_limit=a.rate_limit,
         burst=a.burst,
+        model_workers=a.model_workers,
     )
     d = pred.describe()
     batching = "off" if a.no_batching else f"max {a.max_batch} images / {a.max_wait_ms:g} ms"
+    batching += f", {a.model_workers} model worker(s)"
     scheme = "https" if a.ssl_certfile else "http"
     err.print(
         f"serving {a.model} ({d['backend']}, input {d['input_size']}, classes {', '.join(d['classes'])}) on "

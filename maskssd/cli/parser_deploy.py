@@ -44,6 +44,14 @@ def _add_serve(sub: Any) -> argparse.ArgumentParser:
     sv.add_argument("--max-wait-ms", type=float, default=10.0)
     sv.add_argument("--no-batching", action="store_true")
     sv.add_argument(
+        "--model-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="batches in the model at once, each on a copy with its share of the cores (ONNX Runtime backends; "
+        "default 1)",
+    )
+    sv.add_argument(
         "--backend",
         choices=BACKENDS,
         default="auto",

@@ -2,7 +2,9 @@
 
 Requests are decoded off the event loop, queued, and one batcher task groups them (up to ``max_batch``
 images, or whatever arrived within ``max_wait_ms`` of the oldest) into a single ``Predictor.predict`` call
-run on a one-thread executor: the model is never called concurrently, and on a CPU a batch of eight costs
+on a free model worker (one by default; ``model_workers`` replicas of an ONNX Runtime model, each with its
+share of the cores, take batches side by side: :class:`~maskssd.deploy.inflight.ModelPool`). A replica is
+never called concurrently, and on a CPU a batch of eight costs
 far less than eight single calls. The cameras of the reference paper's set-up (``maskssd stream``) send
 frames with an ``x-camera`` header; the server keeps each camera's latest annotated frame and a montage
 of all of them.
@@ -30,6 +32,7 @@ from PIL import Image, UnidentifiedImageError
 
 from maskssd.data import MAX_IMAGE_PIXELS, decode_image_bytes
 from maskssd.deploy.auth import LIVENESS_PATH, AuthMiddleware, RateLimiter, TokenSet, retry_after
+from maskssd.deploy.inflight import ModelPool, check_workers
 from maskssd.deploy.service_metrics import Metrics, MetricsMiddleware
 from maskssd.errors import DataError
 from maskssd.extras import require
@@ -97,8 +100,11 @@ class DetectionService:
         montage_path: str | Path | None = None,
         score_threshold: float | None = None,
         max_queue: int = 256,
+        model_workers: int = 1,
     ):
+        check_workers(predictor, int(model_workers))  # before the server starts, not in its lifespan
         self.predictor = predictor
+        self.model_workers = int(model_workers)
         self.max_batch = max(1, int(max_batch)) if batching else 1
         self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0 if batching else 0.0
         self.batching = batching
@@ -110,7 +116,9 @@ class DetectionService:
         self.started = time.time()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.queue: asyncio.Queue[_Job] | None = None
-        self.model_executor: ThreadPoolExecutor | None = None
+        self.pool: ModelPool | None = None
+        self.slots: asyncio.Semaphore | None = None  # one per model worker: batches in the model at once
+        self.running: set[asyncio.Task] = set()
         self.aux_executor: ThreadPoolExecutor | None = None
         self.tasks: list[asyncio.Task] = []
         self.cameras: OrderedDict[str, tuple[np.ndarray, Detections]] = (
@@ -123,26 +131,29 @@ class DetectionService:
 
     # ------------------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        for ex in (self.model_executor, self.aux_executor):  # a restart on another event loop
-            if ex is not None:
-                ex.shutdown(wait=False)
+        if self.aux_executor is not None:  # a restart on another event loop
+            self.aux_executor.shutdown(wait=False)
+        if self.pool is not None:
+            self.pool.close()
         self.loop = asyncio.get_running_loop()
         self.queue = asyncio.Queue()
-        self.model_executor = ThreadPoolExecutor(1, thread_name_prefix="maskssd-model")
+        self.pool = ModelPool(self.predictor, self.model_workers)
+        self.slots = asyncio.Semaphore(self.model_workers)
         self.aux_executor = ThreadPoolExecutor(1, thread_name_prefix="maskssd-montage")
-        warmup = getattr(self.predictor, "warmup", None)
-        if warmup is not None:  # before the server takes requests (uvicorn waits for the lifespan's start)
-            seconds = await self.loop.run_in_executor(self.model_executor, warmup)
-            log.info("model warmed up in %.1f s", seconds)
+        for model in self.pool.replicas:  # before the server takes requests (uvicorn waits for the lifespan)
+            if getattr(model, "warmup", None) is not None:
+                seconds = await self.loop.run_in_executor(self.pool.executor, model.warmup)
+                log.info("model warmed up in %.1f s", seconds)
         self.tasks = [asyncio.create_task(self._batcher(), name="maskssd-batcher")]
         if self.montage_path is not None:
             self.montage_dirty = asyncio.Event()
             self.tasks.append(asyncio.create_task(self._montage_loop(), name="maskssd-montage"))
 
     async def stop(self) -> None:
-        for t in self.tasks:
+        tasks = [*self.tasks, *self.running]
+        for t in tasks:
             t.cancel()
-        for t in self.tasks:
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self.tasks = []
@@ -151,9 +162,10 @@ class DetectionService:
                 job = self.queue.get_nowait()
                 if not job.future.done():
                     job.future.set_exception(RequestError(503, "server shutting down"))
-        for ex in (self.model_executor, self.aux_executor):
-            if ex is not None:
-                ex.shutdown(wait=True, cancel_futures=True)
+        if self.aux_executor is not None:
+            self.aux_executor.shutdown(wait=True, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.close(cancel=True)
 
     # --------------------------------------------------------------------------------------- batching
     async def submit(self, image: np.ndarray, floor: float | torch.Tensor | None = None) -> _Result:
@@ -180,8 +192,21 @@ class DetectionService:
             self.metrics.in_flight.dec()
 
     async def _batcher(self) -> None:
-        assert self.queue is not None and self.model_executor is not None
-        loop = asyncio.get_running_loop()
+        """Group queued requests into batches, one batch per free model worker."""
+        assert self.queue is not None and self.slots is not None
+        while True:
+            await self.slots.acquire()  # a model worker is free: the batch grows while none is
+            try:
+                batch = await self._next_batch()
+            except BaseException:
+                self.slots.release()
+                raise
+            task = asyncio.create_task(self._run(batch), name="maskssd-batch")
+            self.running.add(task)
+            task.add_done_callback(self.running.discard)
+
+    async def _next_batch(self) -> list[_Job]:
+        assert self.queue is not None
         while True:
             first = await self.queue.get()
             batch = [first]
@@ -198,33 +223,44 @@ class DetectionService:
                 except TimeoutError:
                     break
             batch = [j for j in batch if not j.future.done()]  # clients that went away
-            if not batch:
-                continue
-            t_start = time.perf_counter()
-            try:
-                dets, timing = await loop.run_in_executor(
-                    self.model_executor, self._predict, [j.image for j in batch], _batch_floor(batch)
-                )
-            except Exception as e:  # a model failure fails this batch only; the server keeps serving
-                err = RequestError(500, f"inference failed: {type(e).__name__}: {e}")
-                for j in batch:
-                    if not j.future.done():
-                        j.future.set_exception(err)
-                continue
-            m = self.metrics
-            self.last_batch_s = timing.total
-            m.batch_size.observe(len(batch))
-            m.inference.observe(timing.model)
-            m.batch_seconds.observe(timing.total)
-            for j, d in zip(batch, dets, strict=True):
+            if batch:
+                return batch
+
+    async def _run(self, batch: list[_Job]) -> None:
+        """One batch through a free model worker; its requests get their detections (or the error)."""
+        assert self.pool is not None and self.slots is not None
+        t_start = time.perf_counter()
+        try:
+            dets, timing = await asyncio.get_running_loop().run_in_executor(
+                self.pool.executor, self._predict, [j.image for j in batch], _batch_floor(batch)
+            )
+        except (Exception, asyncio.CancelledError) as e:  # a model failure fails this batch only
+            err = RequestError(500, f"inference failed: {type(e).__name__}: {e}")
+            if isinstance(e, asyncio.CancelledError):
+                err = RequestError(503, "server shutting down")
+            for j in batch:
                 if not j.future.done():
-                    j.future.set_result(
-                        _Result(d, len(batch), 1000 * timing.model, 1000 * (t_start - j.t_enqueued))
-                    )
+                    j.future.set_exception(err)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            return
+        finally:
+            self.slots.release()
+        m = self.metrics
+        self.last_batch_s = timing.total
+        m.batch_size.observe(len(batch))
+        m.inference.observe(timing.model)
+        m.batch_seconds.observe(timing.total)
+        for j, d in zip(batch, dets, strict=True):
+            if not j.future.done():
+                j.future.set_result(
+                    _Result(d, len(batch), 1000 * timing.model, 1000 * (t_start - j.t_enqueued))
+                )
 
     def _predict(self, images: list[np.ndarray], floor: torch.Tensor | None) -> tuple[list[Detections], Any]:
-        dets = self.predictor.predict(images, floor=floor)
-        return dets, self.predictor.last_timing  # read in the same thread: belongs to this call
+        assert self.pool is not None
+        # the replica's timing is read in the same thread, before the replica is free again: this call's
+        return self.pool.call(lambda pred: (pred.predict(images, floor=floor), pred.last_timing))
 
     # --------------------------------------------------------------------------------------- requests
     async def read_image_bytes(self, request: Request) -> bytes:
@@ -411,6 +447,7 @@ def _add_status_routes(app: FastAPI, svc: DetectionService) -> None:
                 "enabled": svc.batching,
                 "max_batch": svc.max_batch,
                 "max_wait_ms": 1000 * svc.max_wait,
+                "model_workers": svc.model_workers,
             },
             "queued": svc.queue.qsize() if svc.queue is not None else 0,
         }
@@ -448,6 +485,7 @@ def create_app(
     tokens: list[str] | None = None,
     rate_limit: float = 0.0,
     burst: int = 10,
+    model_workers: int = 1,
 ) -> FastAPI:
     """The detection service as a FastAPI app (``app.state.service`` holds queue, metrics and montage).
 
@@ -458,6 +496,8 @@ def create_app(
     ``?score_threshold=``; default ``score_threshold``, else the model's per-class thresholds), ``GET /health``, ``GET /metrics`` (Prometheus, this app's own registry) and
     ``GET /montage`` (latest frame of every camera, when ``montage_path`` is set). Refused requests get a
     4xx JSON ``{"detail": reason}``. ``max_queue`` bounds the images waiting for the model (503 beyond).
+    ``model_workers``: batches in the model at once, each on a replica with its share of the cores
+    (:class:`~maskssd.deploy.inflight.ModelPool`; ONNX Runtime backends).
     """
     svc = DetectionService(
         predictor,
@@ -469,6 +509,7 @@ def create_app(
         montage_path=montage_path,
         score_threshold=score_threshold,
         max_queue=max_queue,
+        model_workers=model_workers,
     )
 
     @contextlib.asynccontextmanager
