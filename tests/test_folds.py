@@ -156,21 +156,25 @@ def test_train_folds_scores_every_image_once_out_of_fold(workdir, synth_root, ca
     b_file = tracking.MlflowRun(c, b).download("detections/oof_seed3.json", workdir / "b")
     assert main(["compare", a, str(b_file), "--n", "50", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["metrics"] == doc["metrics"]
+
     # B scored again out of fold by its own fold models (here with other inference settings: the mirrored
     # image too): every image once, the same folds, so it pairs with A and with B itself
-    again = workdir / "b_tta.json"
-    rescore = [
-        "evaluate",
-        "--model",
-        b,
-        "--split",
-        "oof",
-        "--backend",
-        "torch",
-        "--save-detections",
-        str(again),
-    ]
-    assert main([*rescore, "--tta-hflip", "--json"]) == 0
+    def rescore(path, *more: str) -> None:
+        argv = [
+            "evaluate",
+            "--model",
+            b,
+            "--split",
+            "oof",
+            "--backend",
+            "torch",
+            "--save-detections",
+            str(path),
+        ]
+        assert main([*argv, *more]) == 0
+
+    again, plain = workdir / "b_tta.json", workdir / "b_plain.json"
+    rescore(again, "--tta-hflip", "--json")
     capsys.readouterr()
     redone = json.loads(again.read_text())
     assert sorted(im["id"] for im in redone["images"]) == sorted(ids)
@@ -178,23 +182,7 @@ def test_train_folds_scores_every_image_once_out_of_fold(workdir, synth_root, ca
     assert main(["compare", str(again), b, "--n", "50", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["split"] == "oof"
     # without the mirror, the same settings as the runs' own evaluation: the parent's own out-of-fold mAP
-    plain = workdir / "b_plain.json"
-    assert (
-        main(
-            [
-                "evaluate",
-                "--model",
-                b,
-                "--split",
-                "oof",
-                "--backend",
-                "torch",
-                "--save-detections",
-                str(plain),
-            ]
-        )
-        == 0
-    )
+    rescore(plain)
     capsys.readouterr()
     assert json.loads(plain.read_text())["metrics"]["map"] == pytest.approx(
         first.data.metrics["oof_map"], abs=0.02
