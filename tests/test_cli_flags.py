@@ -26,7 +26,8 @@ def test_split_is_train_val_or_test_and_split_name_names_a_list_everywhere():
     with_split = {name: _option(p, "--split") for name, p in commands.items() if _option(p, "--split")}
     assert {"evaluate", "data stats", "data anchors"} <= set(with_split)
     for name, action in with_split.items():
-        assert set(action.choices) <= {"train", "val", "test"} and "val" in action.choices, name  # a split
+        # a split, or the out-of-fold pooling of a cross-validation parent's train and val images
+        assert set(action.choices) <= {"train", "val", "test", "oof"} and "val" in action.choices, name
     with_name = {name for name, p in commands.items() if _option(p, "--split-name")}
     assert {"evaluate", "data stats", "data split", "data anchors", "data synth"} <= with_name
     for name in ("data split", "data stats"):  # the split list is never --name or --split there
