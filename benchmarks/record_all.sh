@@ -3,6 +3,10 @@
 # machine: nothing else running. ~40 min on 2 cores. Then `maskssd docs` and commit records/ with the pages.
 #   bash benchmarks/record_all.sh             # all
 #   bash benchmarks/record_all.sh inference_fps train_step    # some
+# Two more need a trained model's checkpoint (CK=.../best.pt of the accurate recipe), so they are run by hand:
+#   $PY -m benchmarks.realtime_decode --checkpoint $CK --backends onnx onnx-int8 --threads 2 --isa native avx2 \
+#       --spinning --record records/bench_realtime_decode.json
+#   $PY -m benchmarks.forward_parts --checkpoint $CK --threads 2 --isa native avx2 --record records/bench_forward_parts.json
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -16,7 +20,7 @@ declare -A ARGS=(
   [bootstrap]=''
   [data_loading]=''
   [model_forward]=''
-  [server_throughput]=''
+  [server_throughput]='--backend onnx --model-workers 2'
   [server_soak]='--requests 5000 --clients 4'
   [ddp_scaling]=''
 )
