@@ -258,6 +258,13 @@ LEVERS = (
         "accurate448_vs_accurate_oof",
     ),
     (
+        "crops kept around a rare face",
+        "maskssd train experiments/cpu_effnet_lite0_pan_s4_rfs_rarecrop.toml --folds 3"
+        " --record records/accurate_rarecrop_folds.json",
+        "accurate_rarecrop_folds",
+        "accurate_rarecrop_vs_accurate_oof",
+    ),
+    (
         "the mirrored image at inference (TTA)",
         "maskssd evaluate --model SHIPPED_CV --split oof --tta-hflip --save-detections tta.json",
         None,
