@@ -142,3 +142,34 @@ def test_system_metrics_option(tmp_path):
     assert load_config(repo / "experiments/quickstart.toml").train.system_metrics is False
     on = load_config(repo / "experiments/quickstart.toml", ["train.system_metrics=true"])
     assert on.train.system_metrics is True
+
+
+def test_a_dataset_another_run_created_meanwhile_is_linked_not_a_failure(store):
+    """Two study workers starting together both insert a split's dataset; the store refuses the second insert
+    (a unique constraint, as SQLite words it). The run tries again and links the dataset the other created;
+    any other store error is raised at once."""
+    from mlflow.exceptions import MlflowException
+
+    c = tracking.client(store)
+    run = MlflowRun.start(c, "race", run_name="second")
+    calls = []
+
+    class Racing:
+        def __init__(self, error: str):
+            self.error = error
+
+        def log_inputs(self, run_id, datasets):
+            calls.append(run_id)
+            if len(calls) == 1:
+                raise MlflowException(self.error)
+            return c.log_inputs(run_id, datasets=datasets)
+
+    race = "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name"
+    lineage.log_datasets(Racing(race), run.run_id, [VAL])
+    assert len(calls) == 2
+    assert [d.dataset.digest for d in c.get_run(run.run_id).inputs.dataset_inputs] == [VAL.digest]
+    calls.clear()
+    with pytest.raises(MlflowException, match="no such table"):
+        lineage.log_datasets(Racing("(sqlite3.OperationalError) no such table: datasets"), run.run_id, [VAL])
+    assert len(calls) == 1
+    run.finish()

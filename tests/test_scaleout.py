@@ -24,6 +24,11 @@ pytestmark = pytest.mark.slow
 DDP_LOSS_RTOL = 0.10
 
 
+def summary(study) -> list:
+    """Every trial's number, state, start and end and attributes: what an assertion on them shows."""
+    return [(t.number, t.state.name, t.datetime_start, t.datetime_complete, t.user_attrs) for t in study.trials]
+
+
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return {**env, "PYTHONWARNINGS": "ignore", **extra}
@@ -154,8 +159,9 @@ def test_study_workers_on_postgres(tmp_path, synth_root, postgres_db):
         assert w.returncode == 0, err[-3000:]
     from tests.test_studies import ran
 
-    trials = ran(optuna.load_study(study_name="s", storage=storage))  # less a late trial that yielded
-    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    study = optuna.load_study(study_name="s", storage=storage)
+    trials = ran(study)  # less a late trial that yielded
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3], summary(study)
     assert all(t.state.name == "COMPLETE" for t in trials)
     assert len({t.user_attrs["mlflow_run_id"] for t in trials}) == 4
 
@@ -335,8 +341,9 @@ def test_study_survives_its_postgres_restarting(tmp_path, synth_root, postgres_c
 
     # none lost, none duplicated or retried (a late trial of a worker that started as the budget filled
     # yields to it, FAIL with nothing trained: the race two workers finishing together may run, not a loss)
-    trials = ran(optuna.load_study(study_name="s", storage=storage))
-    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    study = optuna.load_study(study_name="s", storage=storage)
+    trials = ran(study)
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3], summary(study)
     assert [t.state.name for t in trials] == ["COMPLETE"] * 4
     assert len({t.user_attrs["mlflow_run_id"] for t in trials}) == 4
     for t in trials:  # every evaluation epoch reached the pruner's record

@@ -12,11 +12,13 @@ import contextlib
 import json
 import logging
 import subprocess
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Dataset, DatasetInput, InputTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from maskssd.training.tracker import DatasetInfo
@@ -83,10 +85,24 @@ def dataset_input(info: DatasetInfo) -> DatasetInput:
     return DatasetInput(dataset=dataset, tags=[InputTag(key=CONTEXT_TAG, value=info.split)])
 
 
-def log_datasets(client: MlflowClient, run_id: str, datasets: Sequence[DatasetInfo]) -> None:
-    """Log the splits as the run's dataset inputs."""
-    if datasets:
-        client.log_inputs(run_id, datasets=[dataset_input(d) for d in datasets])
+def log_datasets(client: MlflowClient, run_id: str, datasets: Sequence[DatasetInfo], tries: int = 3) -> None:
+    """Log the splits as the run's dataset inputs.
+
+    Two runs that start at the same moment on one store (a study's workers) may both find a split's dataset
+    missing and both insert it; the store refuses the second insert (a unique constraint on experiment, name
+    and digest). The dataset then exists, and trying again links it to this run."""
+    if not datasets:
+        return
+    inputs = [dataset_input(d) for d in datasets]
+    for attempt in range(1, tries + 1):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as e:
+            if attempt == tries or "unique constraint" not in str(e).lower():
+                raise
+            log.info("dataset inputs of run %s: created by another run meanwhile; linking them", run_id)
+            time.sleep(0.05 * attempt)
 
 
 # ------------------------------------------------------------------------------------- system metrics
