@@ -26,7 +26,9 @@ DDP_LOSS_RTOL = 0.10
 
 def summary(study) -> list:
     """Every trial's number, state, start and end and attributes: what an assertion on them shows."""
-    return [(t.number, t.state.name, t.datetime_start, t.datetime_complete, t.user_attrs) for t in study.trials]
+    return [
+        (t.number, t.state.name, t.datetime_start, t.datetime_complete, t.user_attrs) for t in study.trials
+    ]
 
 
 def _env(**extra: str) -> dict[str, str]:
