@@ -21,8 +21,10 @@ import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 SOURCE = Path(__file__).with_name("avx2_cpuid.c")
 
@@ -125,3 +127,36 @@ def without(argv: list[str], *options: str) -> list[str]:
         if not skip:
             out.append(arg)
     return out
+
+
+def tables_per_isa(
+    a: argparse.Namespace,
+    module: str,
+    argv: list[str] | None,
+    run: Callable[[argparse.Namespace], Any],
+    backends: list[str] | None = None,
+) -> list[Any] | None:
+    """The tables ``run(a)`` makes for every ``--isa`` asked: natively in this process, held to AVX2 in a child
+    (``python -m module``, the same arguments, only the ``backends`` the hold reaches). In the child itself it
+    writes its table to ``--child-json`` and returns None."""
+    import json
+
+    from benchmarks._timing import in_child
+
+    tables = []
+    if "native" in a.isa or a.child_json:
+        tables.append(run(a))
+    if a.child_json:
+        Path(a.child_json).write_text(json.dumps(tables[0]))
+        return None
+    if "avx2" in a.isa:
+        held = avx2()
+        reached = held.reaches(backends or ["onnx"])
+        if reached:
+            child = without(sys.argv[1:] if argv is None else argv, "--isa", "--record", "--backends")
+            tables.append(
+                in_child(module, [*child, *(["--backends", *reached] if backends else [])], held.env)
+            )
+        else:
+            print(f"AVX2 left out: ONNX Runtime cannot be held to AVX2 here ({held.why})")
+    return tables

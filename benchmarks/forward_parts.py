@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks._isa import add_isa_arg, avx2, without
-from benchmarks._timing import PRINTED, add_record_arg, in_child, machine, record_table, save_record
+from benchmarks._isa import add_isa_arg, tables_per_isa
+from benchmarks._timing import PRINTED, add_record_arg, machine, record_table, save_record
 
 #: The parts whose own layers are grouped one level deeper (the backbone's stages).
 DEEP = ("backbone",)
@@ -88,19 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     add_record_arg(p)
     a = p.parse_args(argv)
     PRINTED.clear()
-    tables = []
-    if "native" in a.isa or a.child_json:
-        tables.append(run(a))
-    if a.child_json:
-        Path(a.child_json).write_text(json.dumps(tables[0]))
+    tables = tables_per_isa(a, "benchmarks.forward_parts", argv, run)
+    if tables is None:  # the AVX2 child: its table is written
         return
-    if "avx2" in a.isa:
-        held = avx2()
-        if held.reaches(["onnx"]):
-            child = without(sys.argv[1:] if argv is None else argv, "--isa", "--record")
-            tables.append(in_child("benchmarks.forward_parts", child, held.env))
-        else:
-            print(f"AVX2 left out: ONNX Runtime cannot be held to AVX2 here ({held.why})")
     from rich.console import Console
     from rich.table import Table
 

@@ -17,10 +17,8 @@ Run: ``.venv/bin/python -m benchmarks.realtime_decode --checkpoint PATH [--backe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -28,12 +26,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks._isa import add_isa_arg, avx2, without
+from benchmarks._isa import add_isa_arg, tables_per_isa
 from benchmarks._timing import (
     PRINTED,
     add_record_arg,
     add_threads_arg,
-    in_child,
     machine,
     print_table,
     save_record,
@@ -217,20 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     set_threads(a.threads, a.default_allocator)
     PRINTED.clear()  # this call's tables only, when called again in one process
-    tables = []
-    if "native" in a.isa or a.child_json:
-        tables.append(run(a))
-    if a.child_json:
-        Path(a.child_json).write_text(json.dumps(tables[0]))
+    tables = tables_per_isa(a, "benchmarks.realtime_decode", argv, run, backends=a.backends)
+    if tables is None:  # the AVX2 child: its table is written
         return
-    if "avx2" in a.isa:
-        held = avx2()
-        backends = held.reaches(a.backends)
-        if backends:
-            child = without(sys.argv[1:] if argv is None else argv, "--isa", "--record", "--backends")
-            tables.append(in_child("benchmarks.realtime_decode", [*child, "--backends", *backends], held.env))
-        else:
-            print(f"AVX2 left out: ONNX Runtime cannot be held to AVX2 here ({held.why})")
     for title, rows in tables:
         print_table(title, rows, extra_columns=["FPS"])
     save_record(
