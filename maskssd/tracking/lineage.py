@@ -13,7 +13,7 @@ import json
 import logging
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,24 +85,27 @@ def dataset_input(info: DatasetInfo) -> DatasetInput:
     return DatasetInput(dataset=dataset, tags=[InputTag(key=CONTEXT_TAG, value=info.split)])
 
 
-def log_datasets(client: MlflowClient, run_id: str, datasets: Sequence[DatasetInfo], tries: int = 3) -> None:
-    """Log the splits as the run's dataset inputs.
-
-    Two runs that start at the same moment on one store (a study's workers) may both find a split's dataset
-    missing and both insert it; the store refuses the second insert (a unique constraint on experiment, name
-    and digest). The dataset then exists, and trying again links it to this run."""
-    if not datasets:
-        return
-    inputs = [dataset_input(d) for d in datasets]
+def unique_race(call: Callable[[], Any], what: str, tries: int = 3) -> Any:
+    """``call()``, tried again when the store refuses an insert on a unique constraint: two processes on one
+    store (a study's workers) both found a row missing (a split's dataset, a shared run's param) and both
+    inserted it. The row exists by then, and MLflow takes the same value again. Any other error is raised."""
     for attempt in range(1, tries + 1):
         try:
-            client.log_inputs(run_id, datasets=inputs)
-            return
+            return call()
         except MlflowException as e:
             if attempt == tries or "unique constraint" not in str(e).lower():
                 raise
-            log.info("dataset inputs of run %s: created by another run meanwhile; linking them", run_id)
+            log.info("%s: written by another process meanwhile; trying again", what)
             time.sleep(0.05 * attempt)
+    return None
+
+
+def log_datasets(client: MlflowClient, run_id: str, datasets: Sequence[DatasetInfo]) -> None:
+    """Log the splits as the run's dataset inputs (two runs starting together may both create a split's
+    dataset: :func:`unique_race`)."""
+    if datasets:
+        inputs = [dataset_input(d) for d in datasets]
+        unique_race(lambda: client.log_inputs(run_id, datasets=inputs), f"dataset inputs of run {run_id}")
 
 
 # ------------------------------------------------------------------------------------- system metrics

@@ -188,9 +188,15 @@ class MlflowRun:
 
     # ------------------------------------------------------------------------------------ logging
     def log_params(self, params: Mapping[str, Any]) -> None:
+        """Params in batches; a run shared by processes (a study's parent) may see the same batch written by
+        another at the same moment (:func:`~maskssd.tracking.lineage.unique_race`)."""
         items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+            batch = items[i : i + 100]
+            lineage.unique_race(
+                lambda batch=batch: self.client.log_batch(self.run_id, params=batch),
+                f"params of run {self.run_id}",
+            )
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         items = [RunTag(k, str(v)) for k, v in tags.items()]
