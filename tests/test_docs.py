@@ -329,25 +329,37 @@ def test_a_rare_class_lever_is_judged_by_the_rule_written_before_its_result(tmp_
     assert "No training: the same fold models" in out and "recommended setting for offline evaluation" in out
 
 
-def test_the_real_time_goal_is_read_per_backend_with_and_without_frames_in_flight(tmp_path):
+@pytest.mark.parametrize("vnni", [True, False])
+def test_the_real_time_goal_is_read_per_backend_with_and_without_frames_in_flight(tmp_path, vnni):
     """Issue 27's goal from the shipped model's realtime_decode record: the default backend's detect() one
-    frame at a time and with frames in flight, natively (60 asked) and held to AVX2 (30 asked)."""
+    frame at a time and with frames in flight, natively (60 asked) and held to AVX2 (30 asked). The default is
+    the one ``--backend auto`` picks on the record's CPU: int8 with VNNI, float without (and held to AVX2)."""
     page = "<!-- maskssd:realtime-goal -->\n<!-- /maskssd:realtime-goal -->\n"
 
-    def tab(title: str, one: str, flight: str) -> dict:
+    def tab(title: str, *fps: str) -> dict:
         rows = [
-            {"case": "onnx: detect(), decoded from the display threshold", "FPS": one},
-            {"case": "onnx: detect(), 2 frames in flight (1 thread(s) each)", "FPS": flight},
+            {"case": f"{b}: detect(), decoded from the display threshold", "FPS": one}
+            for b, one in (("onnx", fps[0]), ("onnx-int8", fps[2]))
+        ] + [
+            {"case": f"{b}: detect(), 2 frames in flight (1 thread(s) each)", "FPS": flight}
+            for b, flight in (("onnx", fps[1]), ("onnx-int8", fps[3]))
         ]
         return {"title": title, "columns": ["case", "FPS"], "rows": rows}
 
     tables = [
-        tab("X (AVX512)", "44.0", "63.0"),
-        tab("X (AVX2), PyTorch AVX2 (emulated: CPUID)", "29.0", "41.0"),
+        tab("X (AVX512)", "44.0", "63.0", "50.0", "80.0"),
+        tab("X (AVX2), PyTorch AVX2 (emulated: CPUID)", "29.0", "41.0", "33.0", "47.0"),
     ]
-    write_record(tmp_path / "bench_realtime_decode.json", make_record("benchmark", {"tables": tables}))
+    rec = make_record("benchmark", {"tables": tables})
+    rec["machine"]["cpu_has"] = "AVX2+AVX-512+VNNI" if vnni else "AVX2+AVX-512"
+    write_record(tmp_path / "bench_realtime_decode.json", rec)
     out = render_page(page, load_records(tmp_path))
-    assert "| onnx | one frame at a time | natively | 44.0 | 60 | **not met** |" in out
-    assert "| onnx | frames in flight | natively | 63.0 | 60 | met |" in out
-    assert "| onnx | one frame at a time | held to AVX2 | 29.0 | 30 | **not met** |" in out
-    assert "| onnx | frames in flight | held to AVX2 | 41.0 | 30 | met |" in out
+    native, int8 = ("onnx", "onnx-int8 (the default)") if vnni else ("onnx (the default)", "onnx-int8")
+    assert f"| {native} | one frame at a time | natively | 44.0 | {'–' if vnni else 60} |" in out
+    assert f"| {native} | frames in flight | natively | 63.0 | {'–' if vnni else '60 | met'}" in out
+    assert f"| {int8} | one frame at a time | natively | 50.0 | {60 if vnni else 45} | " in out
+    assert f"| {int8} | frames in flight | natively | 80.0 | {60 if vnni else 45} | met |" in out
+    # held to AVX2 the CPU answers without VNNI: float is the default there, whatever the native CPU has
+    assert "| onnx (the default) | one frame at a time | held to AVX2 | 29.0 | 30 | **not met** |" in out
+    assert "| onnx (the default) | frames in flight | held to AVX2 | 41.0 | 30 | met |" in out
+    assert "| onnx-int8 | frames in flight | held to AVX2 | 47.0 | – | – |" in out

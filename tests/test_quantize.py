@@ -27,6 +27,7 @@ from maskssd.deploy.quantize import (
     shape_nodes,
 )
 from maskssd.errors import MaskSSDError
+from maskssd.ssd.checkpoint import load
 from maskssd.ssd.models import build_model
 
 
@@ -143,6 +144,30 @@ def test_export_cli_int8(
         str(tmp_path / "o"),
     ]
     assert main(detect + ["--backend", "onnx-int8"]) == 2  # the backend needs --calibration
+    assert "carries none" in capsys.readouterr().err
+
+    # a model from before training stored calibration images: written again carrying them, it needs none
+    carried = tmp_path / "carried.pt"
+    cal_args = ["--calibration", str(synth_root), "--split-name", "default", "--calibration-images", "6"]
+    assert (
+        main(["export", "--model", str(tiny_checkpoint), "--format", "checkpoint", "--out", str(carried)])
+        == 2
+    )
+    assert (
+        main(
+            ["export", "--model", str(tiny_checkpoint), "--format", "checkpoint", "--out", str(carried)]
+            + cal_args
+        )
+        == 0
+    )
+    assert len(load(carried)["calibration"]["images"]) == 6
+    out2 = tmp_path / "carried.int8.onnx"
+    capsys.readouterr()
+    assert main(["export", "--model", str(carried), "--format", "onnx", "--int8", "--out", str(out2)]) == 0
+    assert "6 images (carried by the model" in capsys.readouterr().out
+    image = sorted((synth_root / "images").iterdir())[0]
+    detect = ["detect", "--model", str(carried), "--source", str(image), "--out", str(tmp_path / "o")]
+    assert main(detect + ["--backend", "onnx-int8"]) == 0
 
 
 @pytest.mark.parametrize("vnni", [True, False])

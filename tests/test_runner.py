@@ -124,6 +124,45 @@ def test_logged_model_loads_and_predicts(trained):
     assert list(out.columns) == ["image_index", "x1", "y1", "x2", "y2", "label", "score"]
 
 
+def test_logged_model_carries_its_int8_calibration(trained):
+    """A trained model carries some of its own training images, resized to its input: int8 then needs no
+    dataset (loaded from the registry), and ``--backend auto`` picks int8 where the CPU has VNNI."""
+    import numpy as np
+    from torchvision.transforms import v2
+
+    from maskssd.data import FaceMaskDataset, load_image
+    from maskssd.data.calibration import decode_calibration
+    from maskssd.deploy.cpu import has_vnni
+    from maskssd.deploy.model_ref import resolve_backend
+    from maskssd.deploy.predictor import load_predictor
+
+    tmp, cfg, result, c = trained
+    cal = load(tmp / "mlruns" / "checkpoints" / result.run_id / "model.pt")["calibration"]
+    train = FaceMaskDataset.from_root(cfg.data.root, "train", "default").annotations
+    images = decode_calibration(cal)
+    assert len(images) == min(100, len(train)) and {tuple(i.shape) for i in images} == {(3, 96, 96)}
+
+    def resized(a):
+        chw = torch.from_numpy(np.asarray(load_image(a.image_path))).permute(2, 0, 1)
+        return v2.functional.resize(chw, [96, 96], antialias=True).float()
+
+    own, other = ((images[0].float() - resized(a)).abs().mean() for a in train[:2])
+    assert own < 6 and own < other / 2  # the first training image itself, JPEG-compressed
+    assert "training images" in cal["source"]
+
+    uri, store = f"runs:/{result.run_id}/model", f"sqlite:///{tmp}/mlruns/mlflow.db"
+    frame = np.asarray(load_image(train[1].image_path))
+    int8 = load_predictor(uri, store, backend="onnx-int8")  # no calibration given: the model's own
+    ref = load_predictor(uri, store, backend="onnx").predict([frame])[0]
+    got = int8.predict([frame])[0]
+    assert int8.backend == "onnx-int8" and abs(len(got) - len(ref)) <= max(2, len(ref) // 4)
+    assert load_predictor(uri, store, backend="auto").backend == ("onnx-int8" if has_vnni() else "onnx")
+    assert resolve_backend("auto", "cpu", int8_ready=True, vnni=True)[0] == "onnx-int8"
+    assert resolve_backend("auto", "cpu", int8_ready=True, vnni=False)[0] == "onnx"
+    assert resolve_backend("auto", "cpu", int8_ready=False, vnni=True)[0] == "onnx"
+    assert resolve_backend("auto", "cuda:0", int8_ready=True, vnni=True)[0] == "torch"
+
+
 def test_checkpoint_holds_training_state(trained):
     tmp, cfg, result, c = trained
     ck = load(tmp / "mlruns" / "checkpoints" / result.run_id / "last.pt")

@@ -510,13 +510,9 @@ def cmd_stream(a: argparse.Namespace) -> int:
 def _predictor_options(a: argparse.Namespace, split_name: str = "paper") -> dict[str, Any]:
     """``load_predictor`` keywords of the inference options (``--tta-hflip``, ``--no-fold-bn``, calibration)."""
     calibration = None
-    if a.backend == "onnx-int8":
+    if a.calibration:  # else int8 calibrates on the images the model carries
         from maskssd.deploy.quantize import Calibration
 
-        if not a.calibration:
-            raise MaskSSDError(
-                "--backend onnx-int8 needs --calibration DATA_ROOT (training images to calibrate on)"
-            )
         calibration = Calibration(
             Path(a.calibration), a.calibration_split_name or split_name, a.calibration_images
         )
@@ -528,6 +524,8 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     if a.int8:
         return _export_int8(a)
+    if a.format == "checkpoint":
+        return _export_checkpoint(a)
     r = export_model(a.model, a.format, a.out, tracking_uri=a.tracking_uri)
     out.print(
         f"wrote {r.path} ({r.fmt}, {r.megabytes:.2f} MB) from {r.source} in {r.seconds:.1f} s",
@@ -549,16 +547,27 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0 if r.ok else 1
 
 
+def _export_checkpoint(a: argparse.Namespace) -> int:
+    from maskssd.deploy.quantize import Calibration, carry_calibration
+
+    if not a.calibration:
+        raise MaskSSDError("--format checkpoint writes the model carrying --calibration DATA_ROOT's images")
+    cal = Calibration(Path(a.calibration), a.split_name, a.calibration_images)
+    path, n = carry_calibration(a.model, a.out, cal, tracking_uri=a.tracking_uri)
+    out.print(f"wrote {path}: the model, carrying {n} calibration images for int8", highlight=False)
+    return 0
+
+
 def _export_int8(a: argparse.Namespace) -> int:
     from maskssd.deploy.quantize import Calibration, export_int8
 
-    if a.format != "onnx" or not a.calibration:
-        raise MaskSSDError("--int8 needs --format onnx and --calibration DATA_ROOT (training images)")
-    cal = Calibration(Path(a.calibration), a.split_name, a.calibration_images)
+    if a.format != "onnx":
+        raise MaskSSDError("--int8 needs --format onnx")
+    cal = Calibration(Path(a.calibration), a.split_name, a.calibration_images) if a.calibration else None
     r = export_int8(a.model, a.out, cal, tracking_uri=a.tracking_uri)
     out.print(
         f"wrote {r.path} (ONNX int8, {r.megabytes:.2f} MB) from {r.source} in {r.seconds:.1f} s, calibrated on "
-        f"{r.calibration_images} images of {a.calibration} {a.split_name}/train; "
+        f"{r.calibration_images} images ({r.calibrated_on}); "
         + (
             "7-bit weights (this CPU has no VNNI: its int8 kernels would saturate)"
             if r.reduce_range

@@ -489,14 +489,21 @@ def _inference_args(*parsers: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--calibration",
             metavar="DATA_ROOT",
-            help="--backend onnx-int8: dataset whose training images calibrate the quantisation",
+            help="int8: dataset whose training images calibrate the quantisation (default: the images a "
+            "trained model carries; older models need this)",
         )
         p.add_argument(
             "--calibration-split-name",
             metavar="NAME",
             help="split list of --calibration (default: --split-name where there is one, else paper)",
         )
-        p.add_argument("--calibration-images", type=int, default=100, metavar="N", help="default: 100")
+        p.add_argument(
+            "--calibration-images",
+            type=int,
+            default=100,
+            metavar="N",
+            help="default: 100, as many as training stores",
+        )
 
 
 def _threads_arg(*parsers: argparse.ArgumentParser) -> None:

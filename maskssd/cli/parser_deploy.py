@@ -90,7 +90,7 @@ def _add_serve(sub: Any) -> argparse.ArgumentParser:
     sv.add_argument(
         "--max-queue",
         type=int,
-        default=64,
+        default=100,
         help="images waiting for the model at most; beyond, 503 with Retry-After (not unbounded waiting)",
     )
     sv.set_defaults(func=cmd_serve)
@@ -126,28 +126,41 @@ def _add_stream(sub: Any) -> None:
 def _add_export(sub: Any) -> argparse.ArgumentParser:
     ex = sub.add_parser(
         "export",
-        help="export a model to ONNX or TorchScript",
+        help="export a model to ONNX (float or int8) or TorchScript",
         formatter_class=_formatter,
         epilog="examples:\n  maskssd export --model runs:/RUN_ID/model --format onnx --out model.onnx\n"
-        "  maskssd export --model model.pt --format onnx --int8 --calibration ../shared/data/face-mask-detection \\\n"
-        "      --out model.int8.onnx",
+        "  maskssd export --model models:/maskssd-face-mask@champion --format onnx --int8 --out model.int8.onnx",
     )
     _model_arg(ex)
-    ex.add_argument("--format", choices=("onnx", "torchscript"), required=True)
+    ex.add_argument(
+        "--format",
+        choices=("onnx", "torchscript", "checkpoint"),
+        required=True,
+        help="checkpoint: the model again, carrying --calibration's images (int8 then needs no dataset)",
+    )
     ex.add_argument("--out", required=True)
     ex.add_argument(
         "--int8",
         action="store_true",
-        help="ONNX Runtime int8: static quantisation calibrated on --calibration's training images",
+        help="ONNX Runtime int8: static quantisation calibrated on the training images the model carries "
+        "(or --calibration's)",
     )
     ex.add_argument(
-        "--calibration", metavar="DATA_ROOT", help="dataset whose training images calibrate --int8"
+        "--calibration",
+        metavar="DATA_ROOT",
+        help="dataset whose training images calibrate --int8 (models trained before maskssd carried their own)",
     )
     ex.add_argument(
         "--split-name",
         default="paper",
         help="split list of --calibration under ROOT/splits/ (default: paper)",
     )
-    ex.add_argument("--calibration-images", type=int, default=100, metavar="N", help="default: 100")
+    ex.add_argument(
+        "--calibration-images",
+        type=int,
+        default=100,
+        metavar="N",
+        help="default: 100, as many as training stores",
+    )
     ex.set_defaults(func=cmd_export)
     return ex

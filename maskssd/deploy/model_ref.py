@@ -17,19 +17,31 @@ __all__ = ["BACKENDS", "resolve_backend", "resolve_checkpoint"]
 BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 
 
-def resolve_backend(backend: str, device: str = "cpu") -> tuple[str, str]:
-    """``(backend, why)``: ``auto`` is ONNX Runtime (BatchNorm folded) on a CPU where the ``[onnx]`` extra is
-    installed -- about twice PyTorch eager's speed on an AVX2 CPU, 1.3x on AVX-512 (``benchmarks/inference_fps``),
-    the same detections within 1e-4 -- and PyTorch otherwise (a GPU, or no ONNX Runtime)."""
+def resolve_backend(
+    backend: str, device: str = "cpu", *, int8_ready: bool = False, vnni: bool | None = None
+) -> tuple[str, str]:
+    """``(backend, why)``: ``auto`` is ONNX Runtime on a CPU where the ``[onnx]`` extra is installed, PyTorch
+    otherwise (a GPU, or no ONNX Runtime). On a CPU with VNNI (``vnni``, default this one's), for a model that
+    carries its calibration images (``int8_ready``), ONNX Runtime int8: there it keeps the accuracy and runs
+    more frames than float (the int8 rule in ``docs/results-log.md``); elsewhere float, faster than PyTorch
+    eager on a CPU (``benchmarks/inference_fps``), the same detections within 1e-4."""
     if backend != "auto":
         return backend, "asked for"
     if not str(device).startswith("cpu"):
         return "torch", f"auto: PyTorch on {device}"
     import importlib.util
 
-    if all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx", "onnxscript")):
-        return "onnx", "auto: ONNX Runtime, the faster CPU backend ([onnx] extra installed)"
-    return "torch", 'auto: PyTorch (ONNX Runtime is faster on a CPU: pip install "maskssd[onnx]")'
+    if not all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx", "onnxscript")):
+        return "torch", 'auto: PyTorch (ONNX Runtime is faster on a CPU: pip install "maskssd[onnx]")'
+    if vnni is None:
+        from maskssd.deploy.cpu import has_vnni
+
+        vnni = has_vnni()
+    if vnni and int8_ready:
+        return "onnx-int8", "auto: ONNX Runtime int8 (this CPU has VNNI; the model carries its calibration)"
+    if vnni:
+        return "onnx", "auto: ONNX Runtime float (int8 needs calibration images this model does not carry)"
+    return "onnx", "auto: ONNX Runtime float (int8 only where the CPU has VNNI)"
 
 
 def resolve_checkpoint(

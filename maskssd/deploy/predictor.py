@@ -97,7 +97,7 @@ class Predictor:
     ) -> Predictor:
         """``backend``: ``"torch"``, ``"onnx"`` (ONNX Runtime, export cached next to the checkpoint),
         ``"onnx-int8"`` (statically quantised, calibrated on ``calibration``, a
-        :class:`maskssd.deploy.quantize.Calibration`; cached likewise) or ``"auto"`` (the fastest correct one:
+        :class:`maskssd.deploy.quantize.Calibration`, else on the images the checkpoint carries; cached likewise) or ``"auto"`` (the fastest correct one:
         :func:`maskssd.deploy.model_ref.resolve_backend`).
 
         ``channels_last``: run the PyTorch model in NHWC memory format; by default on CPU, where every
@@ -110,11 +110,10 @@ class Predictor:
 
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-        backend, why = resolve_backend(backend, str(device))
-        log.info("backend %s (%s)", backend, why)
-        if backend == "onnx-int8" and calibration is None:
-            raise MaskSSDError("the onnx-int8 backend needs calibration images (--calibration DATA_ROOT)")
         ckpt = load(ckpt_path)
+        carried = calibration is not None or bool(ckpt.get("calibration"))
+        backend, why = resolve_backend(backend, str(device), int8_ready=carried)
+        log.info("backend %s (%s)", backend, why)
         model, _ = load_detector(ckpt, device)
         model = optimize_for_inference(model, fold_bn=fold_bn, inplace=True)
         spec = decode or DecodeSpec(**ckpt.get("decode", {}))
@@ -136,9 +135,9 @@ class Predictor:
 
             pred.onnx_session = onnx_session_for(ckpt_path, model)
         elif backend == "onnx-int8":
-            from maskssd.deploy.quantize import int8_session_for
+            from maskssd.deploy.quantize import carried, int8_session_for
 
-            pred.onnx_session = int8_session_for(ckpt_path, model, calibration)
+            pred.onnx_session = int8_session_for(ckpt_path, model, carried(ckpt, calibration))
         if backend != "torch":
             pred.model, pred.onnx_backend = None, backend
         return pred

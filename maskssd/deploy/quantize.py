@@ -6,13 +6,17 @@ ranges from the calibration images (min/max). On an x86 CPU without VNNI (AVX2 o
 AMD before Zen 4) ONNX Runtime's u8s8 kernels multiply with ``vpmaddubsw``, whose 16-bit pair sums saturate
 (255 x 127 x 2 > 32767): there the weights are quantised to 7 bits (``reduce_range``, ONNX Runtime's advice for
 such CPUs), which keeps every pair sum in range. CPUs with VNNI (``avx512_vnni``, ``avx_vnni``) accumulate in 32
-bits and keep the full 8 bits (:func:`int8_recipe`; the CPU check is injectable). Calibration images are a split's training images, evenly spaced over its list, preprocessed exactly
-as :class:`maskssd.deploy.predictor.Predictor` preprocesses a frame. The heads' last convolutions and everything
+bits and keep the full 8 bits (:func:`int8_recipe`; the CPU check is injectable).
+
+Calibration images are the ones a trained model carries (:mod:`maskssd.data.calibration`: its own training
+images, so a registered model quantises with no dataset at hand), or a split's training images, evenly spaced
+over its list (``--calibration DATA_ROOT``: for models from before they were carried, or another set);
+either is preprocessed exactly as :class:`maskssd.deploy.predictor.Predictor` preprocesses a frame. The heads' last convolutions and everything
 after them (transposes, reshapes, the concatenations into ``locs`` and ``scores``) stay float by default: the
 box offsets and logits keep their resolution, at the cost of a few small 1x1 convolutions.
 
 ``--backend onnx-int8`` caches the quantised model next to the checkpoint like the float export
-(``<checkpoint>.int8-<key>.onnx``, the key a hash of the calibration files), rebuilt when the checkpoint or the
+(``<checkpoint>.int8-<key>.onnx``, the key a hash of the calibration images), rebuilt when the checkpoint or the
 calibration set changes.
 """
 
@@ -24,7 +28,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,9 +36,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from maskssd.data.calibration import calibration_digest, decode_calibration, evenly_spaced
 from maskssd.data.images import load_image
 from maskssd.data.transforms import preprocess_images, to_chw
 from maskssd.data.voc import VOCLayout
+from maskssd.deploy.cpu import cpu_flags, has_vnni
 from maskssd.deploy.export import (
     INPUT_NAME,
     OUTPUT_NAMES,
@@ -56,6 +62,9 @@ __all__ = [
     "Int8Report",
     "calibration_files",
     "calibration_key",
+    "calibration_set",
+    "carried",
+    "carry_calibration",
     "export_int8",
     "head_nodes",
     "int8_cache_path",
@@ -68,37 +77,6 @@ log = logging.getLogger(__name__)
 
 #: Bumped when the quantisation recipe changes, so cached int8 models are rebuilt.
 QUANT_VERSION = "2"
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's features as the CPUID instruction reports them to this process (numpy's runtime detection, in
-    ``/proc/cpuinfo``'s lower-case names; an emulated CPU answers for itself), else Linux ``/proc/cpuinfo``'s
-    flags; empty where neither is readable."""
-    try:
-        from numpy._core._multiarray_umath import __cpu_features__ as features
-    except ImportError:  # numpy < 2
-        try:
-            from numpy.core._multiarray_umath import __cpu_features__ as features
-        except ImportError:
-            features = None
-    if features:
-        names = {"AVX512VNNI": "avx512_vnni", "AVX2": "avx2", "AVX512F": "avx512f"}
-        return {names.get(k, k.lower()) for k, on in features.items() if on}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def has_vnni(flags: set[str] | None = None) -> bool:
-    """Whether this CPU has AVX-512 VNNI: int8 dot products that accumulate in 32 bits. (AVX-VNNI alone, which
-    numpy's detection does not report, counts as none: 7-bit weights are correct there too, a little coarser.)"""
-    flags = cpu_flags() if flags is None else flags
-    return "avx512_vnni" in flags
 
 
 def int8_recipe(vnni: bool | None = None, machine: str | None = None) -> dict[str, bool]:
@@ -118,7 +96,7 @@ class Calibration:
 
     root: Path
     split_name: str = "paper"
-    images: int = 100
+    images: int = 100  # as many as training stores (maskssd.data.calibration)
     split: str = "train"
 
 
@@ -130,9 +108,7 @@ def calibration_files(cal: Calibration) -> list[Path]:
     ids = layout.read_split(cal.split_name, cal.split)
     if not ids:
         raise MaskSSDError(f"split {cal.split_name}/{cal.split} of {cal.root} lists no images")
-    n = min(cal.images, len(ids))
-    chosen = [ids[i * len(ids) // n] for i in range(n)]
-    return [layout.image_path_for(i, None) for i in chosen]
+    return [layout.image_path_for(i, None) for i in evenly_spaced(ids, cal.images)]
 
 
 def calibration_key(files: Sequence[Path], input_size: int, recipe: dict[str, bool] | None = None) -> str:
@@ -145,16 +121,38 @@ def calibration_key(files: Sequence[Path], input_size: int, recipe: dict[str, bo
     return h.hexdigest()[:12]
 
 
-def preprocess_file(path: Path, input_size: int) -> np.ndarray:
-    """One image file -> the ``(1, 3, S, S)`` float32 array the predictor feeds the model."""
-    image = np.asarray(load_image(path))
-    return preprocess_images([to_chw(image)], input_size).contiguous().numpy()
+#: A calibration image: a file, or a uint8 ``(3, H, W)`` tensor (one a checkpoint carries).
+CalibrationImage = Path | torch.Tensor
+
+
+def calibration_set(
+    calibration: Calibration | Mapping[str, Any], input_size: int, recipe: dict[str, bool] | None = None
+) -> tuple[list[CalibrationImage], str, str]:
+    """``(images, cache key, description)`` of a dataset's files (:class:`Calibration`) or of the images a
+    checkpoint carries (its ``"calibration"`` entry)."""
+    if isinstance(calibration, Calibration):
+        files = calibration_files(calibration)
+        where = f"{calibration.root}:{calibration.split_name}/{calibration.split}:{len(files)}"
+        return list(files), calibration_key(files, input_size, recipe), where
+    images = decode_calibration(calibration)
+    recipe = int8_recipe() if recipe is None else recipe
+    key = hashlib.sha256(
+        f"{QUANT_VERSION}:{input_size}:{sorted(recipe.items())}:{calibration_digest(calibration)}".encode()
+    ).hexdigest()[:12]
+    return list(images), key, f"carried by the model: {len(images)} of {calibration.get('source') or '?'}"
+
+
+def preprocess_file(path: CalibrationImage, input_size: int) -> np.ndarray:
+    """One image file (or uint8 ``(3, H, W)`` tensor) -> the ``(1, 3, S, S)`` float32 array the predictor feeds
+    the model."""
+    chw = path if isinstance(path, torch.Tensor) else to_chw(np.asarray(load_image(path)))
+    return preprocess_images([chw], input_size).contiguous().numpy()
 
 
 class ImageCalibrationReader:
-    """An ONNX Runtime ``CalibrationDataReader`` over image files, one image per batch, read as needed."""
+    """An ONNX Runtime ``CalibrationDataReader`` over calibration images, one per batch, read as needed."""
 
-    def __init__(self, files: Sequence[Path], input_size: int):
+    def __init__(self, files: Sequence[CalibrationImage], input_size: int):
         self.files, self.input_size, self._next = list(files), input_size, 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -261,18 +259,33 @@ def quantize_onnx(
     return out
 
 
+def carried(ckpt: Mapping[str, Any], calibration: Calibration | None) -> Calibration | Mapping[str, Any]:
+    """``calibration`` where given, else the images the checkpoint carries; an error naming both ways where
+    neither is there (a model trained before maskssd stored them)."""
+    if calibration is not None:
+        return calibration
+    if ckpt.get("calibration"):
+        return ckpt["calibration"]
+    raise MaskSSDError(
+        "int8 needs calibration images and this model carries none (trained before maskssd stored them): "
+        "pass --calibration DATA_ROOT (its training images)"
+    )
+
+
 def int8_cache_path(ckpt_path: str | Path, key: str) -> Path:
     """Where the int8 model of a checkpoint and calibration set is cached: next to the checkpoint."""
     return Path(f"{ckpt_path}.int8-{key}.onnx")
 
 
-def int8_session_for(ckpt_path: str | Path, model: torch.nn.Module, calibration: Calibration) -> Any:
-    """An ORT session of ``model`` (loaded from ``ckpt_path``) quantised with ``calibration``, from a cache next
-    to the checkpoint (or ``~/.cache/maskssd/onnx/`` where that folder is read-only), rebuilt when the
-    checkpoint or the calibration files change."""
+def int8_session_for(
+    ckpt_path: str | Path, model: torch.nn.Module, calibration: Calibration | Mapping[str, Any]
+) -> Any:
+    """An ORT session of ``model`` (loaded from ``ckpt_path``) quantised with ``calibration`` (a dataset's
+    images, or those the checkpoint carries), from a cache next to the checkpoint (or
+    ``~/.cache/maskssd/onnx/`` where that folder is read-only), rebuilt when the checkpoint or the calibration
+    images change."""
     ckpt = Path(ckpt_path)
-    files = calibration_files(calibration)
-    key = calibration_key(files, int(model.input_size))
+    files, key, _ = calibration_set(calibration, int(model.input_size))
     fp = f"{checkpoint_fingerprint(ckpt)}|int8:{key}"
     alt_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "maskssd" / "onnx"
     where = hashlib.sha256(str(ckpt.resolve()).encode()).hexdigest()[:16]
@@ -295,7 +308,7 @@ def int8_session_for(ckpt_path: str | Path, model: torch.nn.Module, calibration:
 def build_int8(
     model: torch.nn.Module,
     out: str | Path,
-    files: Sequence[Path],
+    files: Sequence[CalibrationImage],
     *,
     exclude_heads: bool = True,
     metadata: dict[str, str] | None = None,
@@ -330,13 +343,16 @@ class Int8Report:
     max_diff_scores: float
     min_corr: float = 0.95
     reduce_range: bool = False  # 7-bit weights (a CPU without VNNI)
+    calibrated_on: str = ""  # which images: a dataset's split, or those the model carries
 
     @property
     def ok(self) -> bool:
         return min(self.corr_locs, self.corr_scores) >= self.min_corr
 
 
-def compare_int8(model: torch.nn.Module, session: Any, files: Sequence[Path]) -> tuple[float, ...]:
+def compare_int8(
+    model: torch.nn.Module, session: Any, files: Sequence[CalibrationImage]
+) -> tuple[float, ...]:
     """(corr locs, corr scores, max abs diff locs, max abs diff scores) of an int8 session vs the float
     ``model`` on up to four of ``files``."""
     x = np.concatenate([preprocess_file(f, int(model.input_size)) for f in files[:4]])
@@ -351,14 +367,14 @@ def compare_int8(model: torch.nn.Module, session: Any, files: Sequence[Path]) ->
 def export_int8(
     model_ref: str | Path,
     out: str | Path,
-    calibration: Calibration,
+    calibration: Calibration | None = None,
     *,
     tracking_uri: str | None = None,
     recipe: dict[str, bool] | None = None,
 ) -> Int8Report:
     """Export a model reference (file, ``runs:/``, ``models:/``) as an int8 ONNX model calibrated on
-    ``calibration`` (``recipe``: :func:`int8_recipe`, default this CPU's), and compare it with the float model
-    (run by this CPU's kernels)."""
+    ``calibration`` (default: the images the model carries; ``recipe``: :func:`int8_recipe`, default this
+    CPU's), and compare it with the float model (run by this CPU's kernels)."""
     recipe = int8_recipe() if recipe is None else recipe
     from maskssd.deploy.model_ref import resolve_checkpoint
     from maskssd.ssd.checkpoint import load, load_detector
@@ -366,17 +382,35 @@ def export_int8(
     ckpt_path = resolve_checkpoint(model_ref, tracking_uri)
     ckpt = load(ckpt_path)
     model, _ = load_detector(ckpt, "cpu")
-    files = calibration_files(calibration)
+    files, _, where = calibration_set(carried(ckpt, calibration), int(model.input_size), recipe)
     meta = {
         "maskssd.class_names": json.dumps(list(ckpt.get("class_names", []))),
         "maskssd.decode": json.dumps(ckpt.get("decode", {})),
         "maskssd.source": str(model_ref),
-        "maskssd.calibration": f"{calibration.root}:{calibration.split_name}/{calibration.split}:{len(files)}",
+        "maskssd.calibration": where,
     }
     t0 = time.perf_counter()
     out = build_int8(model, out, files, metadata=meta, recipe=recipe)
     seconds = time.perf_counter() - t0
     stats = compare_int8(model, onnx_session(out), files)
     report = Int8Report(out, ckpt_path, out.stat().st_size / 1e6, seconds, len(files), *stats)
-    report.reduce_range = recipe["reduce_range"]
+    report.reduce_range, report.calibrated_on = recipe["reduce_range"], where
     return report
+
+
+def carry_calibration(
+    model_ref: str | Path, out: str | Path, calibration: Calibration, *, tracking_uri: str | None = None
+) -> tuple[Path, int]:
+    """Write the model's checkpoint again to ``out``, carrying ``calibration``'s images (resized and
+    JPEG-compressed as training stores them): a model trained before maskssd stored them then quantises with
+    no dataset at hand, and ``--backend auto`` may choose int8 for it. Returns the file and how many images."""
+    from maskssd.data.calibration import embed_calibration
+    from maskssd.deploy.model_ref import resolve_checkpoint
+    from maskssd.ssd.checkpoint import atomic_save, load, load_detector
+
+    ckpt = dict(load(resolve_checkpoint(model_ref, tracking_uri)))
+    model, _ = load_detector(ckpt, "cpu")
+    files = calibration_files(calibration)
+    where = f"{calibration.split_name}/{calibration.split} of {calibration.root}"
+    ckpt["calibration"] = embed_calibration(files, int(model.input_size), len(files), where)
+    return atomic_save(ckpt, out), len(files)

@@ -189,10 +189,14 @@ def build_loss(
 
 
 def deploy_checkpoint(
-    ckpt: Mapping[str, Any], cfg: ExperimentConfig, thresholds: Mapping[str, float] | None = None
+    ckpt: Mapping[str, Any],
+    cfg: ExperimentConfig,
+    thresholds: Mapping[str, float] | None = None,
+    calibration: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The part of a training checkpoint a deployed model needs: weights, how to rebuild, classes, decoding,
-    and the per-class operating thresholds (fitted on validation) where known."""
+    the per-class operating thresholds (fitted on validation) where known, and ``calibration``: a few training
+    images for int8 (:func:`maskssd.data.calibration.embed_calibration`), so the model quantises anywhere."""
     out = {
         "format": FORMAT_VERSION,
         "model": ckpt["model"],
@@ -204,6 +208,8 @@ def deploy_checkpoint(
     }
     if thresholds:
         out["thresholds"] = {str(k): float(v) for k, v in thresholds.items()}
+    if calibration:
+        out["calibration"] = dict(calibration)
     return out
 
 

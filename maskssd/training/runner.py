@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from maskssd.data import DataReport, FaceMaskDataset, load_image, split_digest
+from maskssd.data.calibration import embed_calibration
 from maskssd.data.folds import fold_digest
 from maskssd.errors import MaskSSDError
 from maskssd.evaluation.metrics import EvalResult
@@ -346,7 +347,9 @@ def _log_final(
         tracker.log_metrics({k: v for m in metrics.values() for k, v in m.items()}, step=epoch)
         return None
     thresholds = {c: f.threshold for c, f in fits.items()}
-    deploy = ctx.store.save(deploy_checkpoint(ckpt, cfg, thresholds), "model", publish=False)
+    train = [a.image_path for a in parts.datasets["train"].annotations]
+    cal = embed_calibration(train, int(parts.model.input_size), source=f"{len(train)} training images")
+    deploy = ctx.store.save(deploy_checkpoint(ckpt, cfg, thresholds, cal), "model", publish=False)
     tags = {"config_hash": cfg.digest(), "run_id": ctx.run_id}
     return tracker.log_model(deploy, tags, evaluations=evaluations, step=epoch)
 
