@@ -67,6 +67,62 @@ def rgba_sample() -> Path:
     return _need(RGBA_SAMPLE, "original RGBA sample of the face-mask dataset")
 
 
+# ------------------------------------------------------------------------------------- MLflow stores
+@pytest.fixture(scope="session", autouse=True)
+def _mlflow_schema_once(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A new SQLite MLflow store in this process gets its tables from one store migrated for the session
+    (SQLite's backup API copies them), not by running MLflow's migrations again: those take seconds each,
+    and most tests open a store of their own. Still a real store: the same schema, created by MLflow, with
+    its default experiment created by the store itself afterwards. Stores of other processes (servers, CLI
+    subprocesses) and other databases migrate as usual."""
+    import sqlite3
+
+    try:
+        import mlflow.store.db.utils as db_utils
+    except ImportError:  # the tests that need MLflow skip without it
+        yield
+        return
+    migrate = db_utils._initialize_tables
+    template = tmp_path_factory.mktemp("mlflow-schema") / "schema.db"
+
+    def initialize(engine) -> None:
+        path = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
+        if not path or path == ":memory:":
+            return migrate(engine)
+        if not template.is_file():
+            from sqlalchemy import create_engine
+
+            fresh = create_engine(f"sqlite:///{template}")
+            migrate(fresh)
+            fresh.dispose()
+        with sqlite3.connect(template) as src, sqlite3.connect(path) as dst:
+            src.backup(dst)
+
+    db_utils._initialize_tables = initialize
+    try:
+        yield
+    finally:
+        db_utils._initialize_tables = migrate
+
+
+def migrated_store(path: Path) -> str:
+    """``sqlite:///PATH`` with MLflow's tables made in this process (from the session's migrated copy), for a
+    store a subprocess or server opens first: it then finds them instead of migrating (seconds each, and two
+    workers opening a new store at once would both migrate it)."""
+    import mlflow.store.db.utils as db_utils
+    from sqlalchemy import create_engine
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{path}"
+    engine = create_engine(uri)
+    try:
+        if not db_utils._all_tables_exist(engine):
+            db_utils._initialize_tables(engine)
+    finally:
+        engine.dispose()
+    return uri
+
+
 # ---------------------------------------------------------------------------------------- synthetic
 TINY_CLASSES = ["with_mask", "without_mask", "mask_weared_incorrect"]
 TINY_DECODE = {
@@ -430,6 +486,10 @@ class MlflowServer:
             "httpx", reason='the HTTP client is the [serve] extra: pip install "maskssd[serve]"'
         )
         self.starts += 1
+        if self.backend.startswith(
+            "sqlite:///"
+        ):  # its tables as this process makes them (the session's copy)
+            migrated_store(Path(self.backend.removeprefix("sqlite:///")))
         log_path = self.root / f"mlflow-server-{self.starts}.log"
         cmd = [
             str(Path(sys.executable).parent / "mlflow"),
@@ -447,7 +507,9 @@ class MlflowServer:
             "1",
         ]
         with log_path.open("w") as log:
-            env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+            # no background job runner (MLflow 3's huey consumers): maskssd uses none, and on 2 cores its
+            # processes doubled the server's start and made its stop wait seconds
+            env = {**os.environ, "PYTHONWARNINGS": "ignore", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + 120
         while time.time() < deadline:

@@ -21,6 +21,7 @@ from maskssd.ssd.checkpoint import atomic_save, load
 from maskssd.tracking.experiment import run_experiment
 from maskssd.training import runner
 from maskssd.training.config import load_config
+from tests.conftest import migrated_store
 from tests.conftest import write_tiny_experiment as write_config
 
 pytestmark = pytest.mark.slow
@@ -335,6 +336,7 @@ def test_interrupt_during_a_checkpoint_write_waits_for_the_write(tmp_path, monke
 def test_sigterm_saves_marks_killed_and_prints_resume(workdir, synth_root):
     cfg = write_config(workdir / "exp.toml", synth_root, name="sig", epochs=40)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    migrated_store(workdir / "mlruns" / "mlflow.db")
     proc = subprocess.Popen(
         [sys.executable, "-m", "maskssd", "train", str(cfg), "--no-progress"],
         cwd=workdir,

@@ -15,7 +15,7 @@ from PIL import Image
 
 from maskssd import tracking
 from maskssd.cli import main
-from tests.conftest import write_tiny_experiment
+from tests.conftest import migrated_store, write_tiny_experiment
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def _metrics(uri: str, experiment: str) -> list:
 
 def test_ddp_two_processes_match_one(tmp_path, synth_root):
     cfg = write_tiny_experiment(tmp_path / "exp.toml", synth_root, name="ddp", epochs=2)
-    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    uri = migrated_store(tmp_path / "mlruns" / "mlflow.db")
     single = subprocess.run(
         [
             sys.executable,
@@ -240,7 +240,7 @@ def test_ddp_run_resumes_after_sigterm(tmp_path, synth_root):
     import time
 
     cfg = write_tiny_experiment(tmp_path / "exp.toml", synth_root, name="ddp-resume", epochs=10)
-    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    uri = migrated_store(tmp_path / "mlruns" / "mlflow.db")
     cmd = [
         sys.executable,
         "-m",

@@ -21,7 +21,7 @@ from maskssd.cli import main
 from maskssd.errors import ConfigError
 from maskssd.tracking.studies import load_study_config, make_storage, open_study
 from maskssd.tracking.study_config import sample
-from tests.conftest import write_tiny_experiment
+from tests.conftest import migrated_store, write_tiny_experiment
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -297,6 +297,7 @@ def _worker(project: Path, study_toml: Path, *extra: str, log: Path | None = Non
     """A ``maskssd study`` worker process; its output piped, or written to ``log`` (for a worker nobody reads
     while it runs: a full pipe would block it)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    migrated_store(project / "mlruns" / "mlflow.db")  # the default store of a worker started in project
     out = log.open("w") if log else subprocess.PIPE
     # one core per worker: two workers x two threads on two cores would oversubscribe them
     try:
