@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from maskssd.files import user_cache
+
 SOURCE = Path(__file__).with_name("avx2_cpuid.c")
 
 #: PyTorch's ATen kernels and oneDNN's convolutions held to AVX2 by their own switches.
@@ -56,7 +58,7 @@ class Avx2:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "maskssd"
+    return user_cache()
 
 
 def cpuid_shim() -> tuple[Path | None, str]:

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a resumed run) sees the old file or the new one, never half of one.
+"""Atomic file writes: a reader (or a resumed run) sees the old file or the new one, never half of one; and
+where maskssd keeps what it can build again (:func:`user_cache`).
 
 Every writer of a file that something else reads back (checkpoints, ONNX exports, generated data, splits,
 camera montages) writes a temporary file in the same folder and renames it over the target, which is atomic
@@ -13,7 +14,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_text_atomic"]
+__all__ = ["atomic_path", "user_cache", "write_text_atomic"]
+
+
+def user_cache(*parts: str) -> Path:
+    """A folder of maskssd's cache (downloaded models, ONNX and int8 builds of read-only checkpoints):
+    ``$MASKSSD_CACHE_DIR``, else ``$XDG_CACHE_HOME/maskssd``, else ``~/.cache/maskssd``; not created here."""
+    root = os.environ.get("MASKSSD_CACHE_DIR")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "maskssd"
+    return Path(root).joinpath(*parts)
 
 
 @contextmanager

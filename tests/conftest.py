@@ -67,6 +67,20 @@ def rgba_sample() -> Path:
     return _need(RGBA_SAMPLE, "original RGBA sample of the face-mask dataset")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """maskssd's user cache (downloaded models, ONNX builds) in a folder of the session, not the user's."""
+    import os
+
+    before = os.environ.get("MASKSSD_CACHE_DIR")
+    os.environ["MASKSSD_CACHE_DIR"] = str(tmp_path_factory.mktemp("maskssd-cache"))
+    yield
+    if before is None:
+        os.environ.pop("MASKSSD_CACHE_DIR", None)
+    else:
+        os.environ["MASKSSD_CACHE_DIR"] = before
+
+
 # ------------------------------------------------------------------------------------- MLflow stores
 @pytest.fixture(scope="session", autouse=True)
 def _mlflow_schema_once(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:

@@ -134,7 +134,7 @@ def test_logged_model_carries_its_int8_calibration(trained):
     from maskssd.data import FaceMaskDataset, load_image
     from maskssd.data.calibration import decode_calibration
     from maskssd.deploy.cpu import has_vnni
-    from maskssd.deploy.model_ref import resolve_backend
+    from maskssd.deploy.model_ref import resolve_backend, resolve_checkpoint
     from maskssd.deploy.predictor import load_predictor
 
     tmp, cfg, result, c = trained
@@ -154,6 +154,10 @@ def test_logged_model_carries_its_int8_calibration(trained):
     uri, store = f"runs:/{result.run_id}/model", f"sqlite:///{tmp}/mlruns/mlflow.db"
     frame = np.asarray(load_image(train[1].image_path))
     int8 = load_predictor(uri, store, backend="onnx-int8")  # no calibration given: the model's own
+    # the downloaded model is kept by its content: the next start finds it, and the int8 model beside it
+    kept = resolve_checkpoint(uri, store)
+    assert kept == resolve_checkpoint(uri, store) and list(kept.parent.glob("*.int8-*.onnx"))
+    assert str(kept).startswith(os.environ["MASKSSD_CACHE_DIR"])
     ref = load_predictor(uri, store, backend="onnx").predict([frame])[0]
     got = int8.predict([frame])[0]
     assert int8.backend == "onnx-int8" and abs(len(got) - len(ref)) <= max(2, len(ref) // 4)

@@ -27,7 +27,7 @@ import torch
 
 from maskssd.deploy.optimize import optimize_for_inference
 from maskssd.errors import MaskSSDError
-from maskssd.files import atomic_path
+from maskssd.files import atomic_path, user_cache
 
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("locs", "scores")
@@ -214,7 +214,7 @@ def onnx_session_for(ckpt_path: str | Path, model: torch.nn.Module) -> Any:
     ckpt = Path(ckpt_path)
     fp = checkpoint_fingerprint(ckpt)
     candidates = [onnx_cache_path(ckpt)]
-    alt_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "maskssd" / "onnx"
+    alt_dir = user_cache("onnx")
     key = hashlib.sha256(str(ckpt.resolve()).encode()).hexdigest()[:16]
     candidates.append(alt_dir / f"{ckpt.name}.{key}.onnx")
     for cache in candidates:

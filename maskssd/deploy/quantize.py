@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -50,7 +49,7 @@ from maskssd.deploy.export import (
     onnx_session,
 )
 from maskssd.errors import MaskSSDError
-from maskssd.files import atomic_path
+from maskssd.files import atomic_path, user_cache
 
 __all__ = [
     "QUANT_VERSION",
@@ -287,7 +286,7 @@ def int8_session_for(
     ckpt = Path(ckpt_path)
     files, key, _ = calibration_set(calibration, int(model.input_size))
     fp = f"{checkpoint_fingerprint(ckpt)}|int8:{key}"
-    alt_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "maskssd" / "onnx"
+    alt_dir = user_cache("onnx")
     where = hashlib.sha256(str(ckpt.resolve()).encode()).hexdigest()[:16]
     candidates = [int8_cache_path(ckpt, key), alt_dir / f"{ckpt.name}.{where}.int8-{key}.onnx"]
     for cache in candidates:

@@ -51,6 +51,7 @@ __all__ = [
     "log_folds",
     "oof_errors",
     "out_of_fold",
+    "seeds_of",
     "union_annotations",
 ]
 
@@ -203,11 +204,16 @@ def is_cv_parent(c: Any, ref: str) -> bool:
         return False
 
 
+def seeds_of(run: Any) -> list[int]:
+    """The seeds a seeds or cross-validation parent was started with (its ``seeds`` param), in order."""
+    return [int(s) for s in run.data.params.get("seeds", "").split(",") if s]
+
+
 def download_oof(c: Any, ref: str, dst: str | Path) -> tuple[list[Path], str]:
     """A cross-validation parent's out-of-fold detection files (one per seed, in seed order) and its folds'
     digest; refuses a parent whose out-of-fold evaluation is not there yet."""
     run = c.get_run(ref)
-    seeds = [int(s) for s in run.data.params.get("seeds", "").split(",") if s]
+    seeds = seeds_of(run)
     names = {a.path for a in c.list_artifacts(ref, "detections")}
     wanted = [f"detections/oof_seed{s}.json" for s in seeds]
     missing = [w for w in wanted if w not in names]

@@ -21,6 +21,7 @@ from pathlib import Path
 import mlflow
 
 from maskssd.errors import MaskSSDError
+from maskssd.files import user_cache
 from maskssd.tracking import runs
 
 DEFAULT_MODEL_NAME = "maskssd-face-mask"
@@ -29,7 +30,12 @@ CHAMPION = "champion"
 
 def download_model(ref: str, tracking_uri: str | None = None, cache_dir: str | Path | None = None) -> Path:
     """The maskssd checkpoint inside a logged or registered model (``runs:/...``, ``models:/...``), or a run's
-    checkpoint artifact itself (``runs:/RUN/checkpoints/best.pt``), downloaded."""
+    checkpoint artifact itself (``runs:/RUN/checkpoints/best.pt``), downloaded.
+
+    Without ``cache_dir`` the file is kept by its content in the user cache (``~/.cache/maskssd/models/``): the
+    same model downloaded again lands on the same path, so the ONNX and int8 models built next to it on the
+    first start are found again on the next (building int8 takes seconds; ``models:/NAME@champion`` names
+    another file once the alias moves, its own content)."""
     runs.client(tracking_uri, create=False)
     dst = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="maskssd-model-"))
     try:
@@ -37,11 +43,36 @@ def download_model(ref: str, tracking_uri: str | None = None, cache_dir: str | P
     except Exception as e:  # MlflowException, missing alias, unreachable server ...
         raise MaskSSDError(f"cannot load model {ref}: {e}") from None
     if local.is_file() and local.suffix == ".pt":  # a checkpoint artifact: runs:/RUN/checkpoints/best.pt
-        return local
-    found = sorted(local.rglob("artifacts/*.pt")) or sorted(local.rglob("*.pt"))
+        found = [local]
+    else:
+        found = sorted(local.rglob("artifacts/*.pt")) or sorted(local.rglob("*.pt"))
     if not found:
         raise MaskSSDError(f"model {ref} holds no maskssd checkpoint (looked in {local})")
-    return found[0]
+    return found[0] if cache_dir else _kept_by_content(found[0], dst)
+
+
+def _kept_by_content(path: Path, download_dir: Path) -> Path:
+    """``path`` moved to ``~/.cache/maskssd/models/<sha256 prefix>/<name>`` (kept if already there) and the
+    download folder removed; ``path`` itself where the user cache cannot be written."""
+    import hashlib
+    import os
+    import shutil
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    kept = user_cache("models", h.hexdigest()[:16], path.name)
+    try:
+        if not kept.is_file():
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            tmp = kept.with_name(f".{kept.name}.{os.getpid()}.part")
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, kept)  # atomic: a concurrent start finds the whole file or none
+    except OSError:
+        return path
+    shutil.rmtree(download_dir, ignore_errors=True)
+    return kept
 
 
 # ------------------------------------------------------------------------------------------ promote

@@ -180,7 +180,9 @@ def fold_models(c: Any, parent_id: str, seed: int | None = None) -> tuple[dict[s
     """A cross-validation parent's folds (its ``folds.json``: ``k``, ``root``, ``digest``, each fold's image
     ids), the seed whose models are taken (the parent's first unless ``seed``) and that seed's finished child
     run of every fold, in fold order; refuses a parent a fold's model is missing from."""
-    seeds = [int(s) for s in c.get_run(parent_id).data.params.get("seeds", "").split(",") if s]
+    from maskssd.tracking.folds import seeds_of
+
+    seeds = seeds_of(c.get_run(parent_id))
     seed = seed if seed is not None else (seeds[0] if seeds else 0)
     with tempfile.TemporaryDirectory(prefix="maskssd-folds-") as tmp:
         try:
