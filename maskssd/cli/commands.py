@@ -128,9 +128,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     else:
         ckpt_path = resolve_checkpoint(a.model, a.tracking_uri)
         evaluate_more.data_of_model(a, ckpt_path)
-        pred = load_predictor(
-            ckpt_path, device=a.device, backend=a.backend, **_predictor_options(a, a.split_name)
-        )
+        options = _predictor_options(a, a.split_name)
+        pred = load_predictor(ckpt_path, device=a.device, backend=a.backend, auto_int8=False, **options)
         anns = load_split(a.data, a.split, a.split_name, pred.class_names, a.on_error, DataReport())
         evalset = evaluate_more.score(a, pred, anns, decode)
         title = f"{a.model} on {a.data} {a.split_name}/{a.split} ({len(anns)} images)"

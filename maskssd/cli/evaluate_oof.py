@@ -42,7 +42,9 @@ def score_oof(
     sets, pred, union = [], None, None
     for k, child in enumerate(children, start=1):
         ckpt = resolve_checkpoint(f"runs:/{child}/checkpoints/best.pt", a.tracking_uri)
-        pred = load_predictor(ckpt, device=a.device, backend=a.backend, **options(a, a.split_name))
+        pred = load_predictor(
+            ckpt, device=a.device, backend=a.backend, auto_int8=False, **options(a, a.split_name)
+        )
         if union is None:  # what the folds partition: the train and val images together
             report = DataReport()
             union = {

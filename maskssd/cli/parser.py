@@ -172,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         choices=BACKENDS,
         default="auto",
-        help="auto (default): ONNX Runtime on a CPU when the [onnx] extra is installed (the faster), else "
-        "PyTorch; said at start",
+        help="auto (default): ONNX Runtime float on a CPU when the [onnx] extra is installed (the faster), else "
+        "PyTorch; never int8 unless asked (an evaluation measures the model as trained); said at start",
     )
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--workers", type=int, default=0)
@@ -253,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         choices=BACKENDS,
         default="auto",
-        help="auto (default): ONNX Runtime on a CPU when the [onnx] extra is installed (the faster), else "
-        "PyTorch; said at start",
+        help="auto (default): ONNX Runtime on a CPU when the [onnx] extra is installed (int8 where the CPU has "
+        "VNNI and the model carries its calibration images, else float), else PyTorch; said at start",
     )
     de.add_argument("--device", default="cpu")
     de.add_argument(

@@ -55,8 +55,8 @@ def _add_serve(sub: Any) -> argparse.ArgumentParser:
         "--backend",
         choices=BACKENDS,
         default="auto",
-        help="auto (default): ONNX Runtime on a CPU when the [onnx] extra is installed (the faster), else "
-        "PyTorch; said at start",
+        help="auto (default): ONNX Runtime on a CPU when the [onnx] extra is installed (int8 where the CPU has "
+        "VNNI and the model carries its calibration images, else float), else PyTorch; said at start",
     )
     sv.add_argument(
         "--montage", metavar="FILE.jpg", help="keep a montage of the latest frame of every camera here"

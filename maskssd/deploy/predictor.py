@@ -94,6 +94,7 @@ class Predictor:
         tta_hflip: bool = False,
         fold_bn: bool = True,
         calibration: Any = None,
+        auto_int8: bool = True,
     ) -> Predictor:
         """``backend``: ``"torch"``, ``"onnx"`` (ONNX Runtime, export cached next to the checkpoint),
         ``"onnx-int8"`` (statically quantised, calibrated on ``calibration``, a
@@ -104,14 +105,14 @@ class Predictor:
         maskssd detector runs 1.15-1.3x faster so (``benchmarks/model_forward.py``). ``fold_bn``: fold every
         BatchNorm into its convolution (:func:`maskssd.deploy.optimize.fold_batchnorm`; same outputs to ~1e-5,
         about 1.3x faster eager on CPU); "same" padding is made static either way (exact). ``tta_hflip``: see
-        the class.
+        the class. ``auto_int8=False``: ``"auto"`` never picks int8 (an evaluation measures the float model).
         """
         from maskssd.ssd.checkpoint import load, load_detector
 
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         ckpt = load(ckpt_path)
-        carried = calibration is not None or bool(ckpt.get("calibration"))
+        carried = auto_int8 and (calibration is not None or bool(ckpt.get("calibration")))
         backend, why = resolve_backend(backend, str(device), int8_ready=carried)
         log.info("backend %s (%s)", backend, why)
         model, _ = load_detector(ckpt, device)
@@ -277,6 +278,7 @@ def load_predictor(
     tta_hflip: bool = False,
     fold_bn: bool = True,
     calibration: Any = None,
+    auto_int8: bool = True,
     **decode_overrides: Any,
 ) -> Predictor:
     """A :class:`Predictor` for any model reference (options as :meth:`Predictor.from_checkpoint`);
@@ -288,6 +290,7 @@ def load_predictor(
         tta_hflip=tta_hflip,
         fold_bn=fold_bn,
         calibration=calibration,
+        auto_int8=auto_int8,
     )
     overrides = {k: v for k, v in decode_overrides.items() if v is not None}
     if overrides:
