@@ -74,7 +74,7 @@ def t_shipped(r: Records) -> str:
     ):
         rec = r.get(name)
         f = fps_by_model.get(FPS_MODEL.get(Path(config).stem, ""), {})
-        fps_cell = f.get(DEFAULT_BACKEND) or "–"  # its own record: shown without the accuracy one
+        fps_cell = f.get(FPS_BACKEND) or "–"  # its own record: shown without the accuracy one
         if rec is None:
             rows.append([f"`{config}`", what, "–", "–", "–", "–", fps_cell])
             notes.append(
@@ -96,7 +96,9 @@ def t_shipped(r: Records) -> str:
         notes.append(f"{Path(config).stem}: {where(rec)}, {source(rec, name)}")
     if fps is not None:
         notes.append(
-            f"FPS: end to end, batch 1, a 640x480 frame, ONNX Runtime (the default CPU backend); {where(fps)}, {source(fps, 'bench_inference_fps')}"
+            "FPS: end to end, batch 1, a 640x480 frame, ONNX Runtime float one frame at a time (the default "
+            "on a CPU without VNNI; int8 and frames in flight, what `detect` runs on a video with VNNI: "
+            f"the Benchmarks page); {where(fps)}, {source(fps, 'bench_inference_fps')}"
         )
     notes.append(
         "min/run: a run's epochs x its median epoch time (a resume's gap left out), median over seeds"
@@ -110,7 +112,7 @@ FPS_MODEL = {
     "cpu_effnet_lite0": "ssdlite_effnet_lite0 384 cpu",
     "cpu_effnet_lite0_pan_s4_rfs": "ssdlite_effnet_lite0 384 cpu pan s4",
 }
-DEFAULT_BACKEND = "onnx folded"
+FPS_BACKEND = "onnx folded"  # the float default of a CPU without VNNI; one column of bench_inference_fps
 
 
 def _fps_rows(rec: Mapping[str, Any] | None) -> dict[str, dict[str, str]]:
