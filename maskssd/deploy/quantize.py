@@ -11,9 +11,11 @@ bits and keep the full 8 bits (:func:`int8_recipe`; the CPU check is injectable)
 Calibration images are the ones a trained model carries (:mod:`maskssd.data.calibration`: its own training
 images, so a registered model quantises with no dataset at hand), or a split's training images, evenly spaced
 over its list (``--calibration DATA_ROOT``: for models from before they were carried, or another set);
-either is preprocessed exactly as :class:`maskssd.deploy.predictor.Predictor` preprocesses a frame. The heads' last convolutions and everything
-after them (transposes, reshapes, the concatenations into ``locs`` and ``scores``) stay float by default: the
-box offsets and logits keep their resolution, at the cost of a few small 1x1 convolutions.
+either is preprocessed exactly as :class:`maskssd.deploy.predictor.Predictor` preprocesses a frame.
+
+The heads' last convolutions and everything after them (transposes, reshapes, the concatenations into ``locs``
+and ``scores``) stay float by default: the box offsets and logits keep their resolution, at the cost of a few
+small 1x1 convolutions.
 
 ``--backend onnx-int8`` caches the quantised model next to the checkpoint like the float export
 (``<checkpoint>.int8-<key>.onnx``, the key a hash of the calibration images), rebuilt when the checkpoint or the
