@@ -14,14 +14,22 @@ clear reason where it is absent. Nothing from it is ever copied into the project
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of two test processes on 2 cores: one thread each (and the
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # processes its tests start), not two oversubscribed
+        os.environ.setdefault(_var, "1")
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"

@@ -66,7 +66,17 @@ def test_int8_export_agrees_with_the_float_model_on_the_avx2_kernels():
     """ONNX Runtime's u8s8 kernels without VNNI saturate with 8-bit weights; the export picks 7-bit weights
     there and its own agreement check must pass (as on an AMD Zen 3)."""
     env = _held()
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_quantize.py"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-n",
+        "0",
+        "-p",
+        "no:cacheprovider",
+        "tests/test_quantize.py",
+    ]
     out = subprocess.run(
         [*cmd, "-k", "export_cli_int8 or recipe"],
         env=env,
