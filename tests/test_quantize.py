@@ -190,3 +190,23 @@ def test_int8_recipe_follows_the_cpu_and_both_recipes_follow_the_float_model(
     assert ("7-bit" in meta["maskssd.quantization"]) == (not vnni)
     corr_locs, corr_scores, *_ = compare_int8(model, onnx_session(path), files)
     assert corr_locs > 0.95 and corr_scores > 0.95
+
+
+def test_carried_calibration_leaves_out_an_unreadable_image(tmp_path: Path) -> None:
+    """A run that skipped a bad file while training must still log its model: the calibration images it
+    carries leave the unreadable one out, and only none readable at all is an error."""
+    from PIL import Image
+
+    from maskssd.data.calibration import decode_calibration, embed_calibration
+
+    rng = np.random.default_rng(0)
+    good = []
+    for i in range(2):
+        good.append(tmp_path / f"g{i}.png")
+        Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(good[-1])
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    cal = embed_calibration([good[0], bad, good[1]], 32, n=3, source="3 training images")
+    assert [tuple(i.shape) for i in decode_calibration(cal)] == [(3, 32, 32)] * 2
+    with pytest.raises(MaskSSDError, match="no calibration image could be read"):
+        embed_calibration([bad], 32)

@@ -12,6 +12,7 @@ Fewer images make the ranges depend on which were drawn (``records/int8_carried6
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,7 +23,7 @@ from torchvision.io import decode_jpeg, encode_jpeg
 from torchvision.transforms import v2
 
 from maskssd.data.images import load_image
-from maskssd.errors import MaskSSDError
+from maskssd.errors import DataError, MaskSSDError
 
 __all__ = [
     "CALIBRATION_IMAGES",
@@ -31,6 +32,8 @@ __all__ = [
     "embed_calibration",
     "evenly_spaced",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Images a trained model carries for its int8 calibration.
 CALIBRATION_IMAGES = 100
@@ -52,11 +55,19 @@ def embed_calibration(
     ``"calibration"`` entry of a deployment checkpoint (plain tensors and strings: it loads weights-only)."""
     if n < 1 or not files:
         raise MaskSSDError(f"calibration needs at least one image, got {n} of {len(files)} files")
-    images = []
+    images, unreadable = [], []
     for f in evenly_spaced(list(files), n):
-        chw = torch.from_numpy(np.array(load_image(f))).permute(2, 0, 1)
+        try:
+            chw = torch.from_numpy(np.array(load_image(f))).permute(2, 0, 1)
+        except DataError as e:  # a training run that skipped a bad file must not fail at its end for it
+            unreadable.append(str(e))
+            continue
         square = v2.functional.resize(chw, [input_size, input_size], antialias=True)
         images.append(encode_jpeg(square.contiguous(), quality=_QUALITY))
+    if not images:
+        raise MaskSSDError(f"no calibration image could be read: {'; '.join(unreadable[:3])}")
+    if unreadable:
+        log.warning("calibration: %d unreadable images left out (%s)", len(unreadable), unreadable[0])
     return {"format": "jpeg", "size": int(input_size), "images": images, "source": source}
 
 

@@ -98,8 +98,8 @@ class Predictor:
     ) -> Predictor:
         """``backend``: ``"torch"``, ``"onnx"`` (ONNX Runtime, export cached next to the checkpoint),
         ``"onnx-int8"`` (statically quantised, calibrated on ``calibration``, a
-        :class:`maskssd.deploy.quantize.Calibration`, else on the images the checkpoint carries; cached likewise) or ``"auto"`` (the fastest correct one:
-        :func:`maskssd.deploy.model_ref.resolve_backend`).
+        :class:`maskssd.deploy.quantize.Calibration`, else on the images the checkpoint carries; cached
+        likewise) or ``"auto"`` (the fastest correct one: :func:`maskssd.deploy.model_ref.resolve_backend`).
 
         ``channels_last``: run the PyTorch model in NHWC memory format; by default on CPU, where every
         maskssd detector runs 1.15-1.3x faster so (``benchmarks/model_forward.py``). ``fold_bn``: fold every
