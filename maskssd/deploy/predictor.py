@@ -112,8 +112,8 @@ class Predictor:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         ckpt = load(ckpt_path)
-        carried = auto_int8 and (calibration is not None or bool(ckpt.get("calibration")))
-        backend, why = resolve_backend(backend, str(device), int8_ready=carried)
+        int8_ready = auto_int8 and (calibration is not None or bool(ckpt.get("calibration")))
+        backend, why = resolve_backend(backend, str(device), int8_ready=int8_ready)
         log.info("backend %s (%s)", backend, why)
         model, _ = load_detector(ckpt, device)
         model = optimize_for_inference(model, fold_bn=fold_bn, inplace=True)

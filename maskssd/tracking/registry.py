@@ -21,7 +21,7 @@ from pathlib import Path
 import mlflow
 
 from maskssd.errors import MaskSSDError
-from maskssd.files import user_cache
+from maskssd.files import atomic_path, user_cache
 from maskssd.tracking import runs
 
 DEFAULT_MODEL_NAME = "maskssd-face-mask"
@@ -52,10 +52,9 @@ def download_model(ref: str, tracking_uri: str | None = None, cache_dir: str | P
 
 
 def _kept_by_content(path: Path, download_dir: Path) -> Path:
-    """``path`` moved to ``~/.cache/maskssd/models/<sha256 prefix>/<name>`` (kept if already there) and the
+    """``path`` copied to ``~/.cache/maskssd/models/<sha256 prefix>/<name>`` (kept if already there) and the
     download folder removed; ``path`` itself where the user cache cannot be written."""
     import hashlib
-    import os
     import shutil
 
     h = hashlib.sha256()
@@ -65,10 +64,8 @@ def _kept_by_content(path: Path, download_dir: Path) -> Path:
     kept = user_cache("models", h.hexdigest()[:16], path.name)
     try:
         if not kept.is_file():
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            tmp = kept.with_name(f".{kept.name}.{os.getpid()}.part")
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, kept)  # atomic: a concurrent start finds the whole file or none
+            with atomic_path(kept) as tmp:  # a concurrent start finds the whole file or none
+                shutil.copyfile(path, tmp)
     except OSError:
         return path
     shutil.rmtree(download_dir, ignore_errors=True)
