@@ -181,3 +181,50 @@ def test_train_table_shows_intervals(two_runs, capsys, monkeypatch):
     boot = ev.reports["test"].bootstrap
     assert "test AP [95% CI]" in text
     assert f"{100 * ev.final.map:.1f} [{100 * boot.map.low:.1f}, {100 * boot.map.high:.1f}]" in text
+
+
+def _fold_doc(fold: int, ids: list[str], digest: str | None = "abc", seed: int | None = 0) -> dict:
+    data = {"root": "r", "split_name": "s", "split": "val", "fold": fold, "folds": 3, "folds_hash": digest}
+    return {
+        "format": 2,
+        "classes": ["a", "b"],
+        "images": [{"id": i, "width": 4, "height": 4, "detections": []} for i in ids],
+        "data": {**data, "seed": seed},
+        "path": f"f{fold}.json",
+    }
+
+
+def test_fold_files_join_per_seed_and_refuse_what_does_not_belong_together():
+    from maskssd.errors import MaskSSDError
+    from maskssd.evaluation.detections_file import merge_folds
+
+    plain = {"classes": ["a", "b"], "images": [], "path": "p.json"}
+    joined = merge_folds([_fold_doc(3, ["z"]), plain, _fold_doc(1, ["x", "y"]), _fold_doc(1, ["x"], seed=1)])
+    assert joined[0] == plain  # not a fold file: as it was
+    by_seed = {d["data"]["seed"]: d for d in joined[1:]}
+    assert [im["id"] for im in by_seed[0]["images"]] == ["x", "y", "z"]  # in fold order
+    assert by_seed[0]["data"]["folds_present"] == [1, 3] and by_seed[1]["data"]["folds_present"] == [1]
+    assert "fold" not in by_seed[0]["data"] and by_seed[0]["data"]["splits"] == ["train", "val"]
+    with pytest.raises(MaskSSDError, match="different folds"):
+        merge_folds([_fold_doc(1, ["x"]), _fold_doc(2, ["y"], digest="other")])
+    with pytest.raises(MaskSSDError, match="older"):
+        merge_folds([_fold_doc(1, ["x"], digest=None)])
+    with pytest.raises(MaskSSDError, match="fold 2 given twice"):
+        merge_folds([_fold_doc(2, ["x"]), _fold_doc(2, ["y"])])
+
+
+def test_compressed_detections_file_reads_back_and_is_reproducible(tmp_path):
+    from maskssd.evaluation.detections_file import write_doc
+
+    doc = _fold_doc(1, ["x", "y"])
+    a, b = write_doc(tmp_path / "a.json.gz", doc), write_doc(tmp_path / "b.json.gz", doc)
+    assert (
+        a.read_bytes()[:2] == b"\x1f\x8b" and a.read_bytes() == b.read_bytes()
+    )  # no time in the gzip header
+    back = load_detections(a)
+    assert back["images"] == doc["images"] and back["data"] == doc["data"] and back["path"] == str(a)
+    (tmp_path / "bad.json.gz").write_bytes(a.read_bytes()[:20])  # cut short
+    from maskssd.errors import MaskSSDError
+
+    with pytest.raises(MaskSSDError, match="not a readable detections file"):
+        load_detections(tmp_path / "bad.json.gz")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -187,11 +188,68 @@ def test_train_folds_scores_every_image_once_out_of_fold(workdir, synth_root, ca
     assert json.loads(plain.read_text())["metrics"]["map"] == pytest.approx(
         first.data.metrics["oof_map"], abs=0.02
     )
-    assert main(["evaluate", "--model", kids[0].info.run_id, "--split", "oof"]) == 2  # a fold, not a parent
-    assert "not one" in capsys.readouterr().err
+    _fold_by_fold(workdir, cfg, fast, c, b, a, folds, capsys)
     # other folds (another fold seed): refused, saying why
     assert main(["train", str(cfg), "--folds", "3", *fast, "--set", "data.fold_seed=7"]) == 0
     capsys.readouterr()
     other = _cv_parent(c)[-1].info.run_id
     assert main(["compare", other, b, "--n", "50"]) == 2
     assert "different folds" in capsys.readouterr().err
+
+
+def _fold_by_fold(workdir, cfg, fast, c, b, a, folds, capsys) -> None:
+    """A cross-validation trained fold by fold (``--fold k``, each fold's detections kept in a file that
+    outlives the store) is the same cross-validation: the folds' files joined pair exactly as the parent does."""
+    from maskssd.evaluation.detections_file import load_detections
+
+    assert main(["compare", a, b, "--n", "50", "--json"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    files = []
+    for kid in children_of(c, b):
+        k = kid.data.tags["maskssd.fold"]
+        path = workdir / f"b_fold{k}.json.gz"  # what --fold k --save-detections writes: the fold run's file
+        assert (
+            main(["evaluate", "--model", kid.info.run_id, "--split", "oof", "--save-detections", str(path)])
+            == 0
+        )
+        doc = load_detections(path)
+        assert doc["data"]["fold"] == int(k) and doc["data"]["folds_hash"] == folds["digest"]
+        assert sorted(im["id"] for im in doc["images"]) == folds["folds"][int(k) - 1]
+        files.append(str(path))
+    capsys.readouterr()
+    # the children's own files (the runner's) joined: exactly the parent's comparison
+    own = []
+    for kid in children_of(c, b):
+        own.append(
+            str(
+                tracking.MlflowRun(c, kid.info.run_id).download(
+                    "detections/val.json", workdir / "own" / kid.info.run_id
+                )
+            )
+        )
+        assert json.loads(Path(own[-1]).read_text())["data"]["folds_hash"] == folds["digest"]
+    assert main(["compare", a, ",".join(reversed(own)), "--n", "50", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"] == whole["metrics"]
+    # the re-scored fold files (compressed): joined into the out-of-fold set
+    assert main(["compare", a, ",".join(files), "--n", "50", "--json"]) == 0
+    joined = json.loads(capsys.readouterr().out)
+    assert joined["images"] == whole["images"] and "partial" not in joined
+    # one fold so far: compared on that fold's images only, and said so
+    assert main(["compare", a, files[0], "--n", "50", "--json"]) == 0
+    part = json.loads(capsys.readouterr().out)
+    assert (
+        part["partial"] is True and part["folds_compared"] == [1] and part["images"] == len(folds["folds"][0])
+    )
+    # one fold trained on its own (on another machine, say) is the cross-validation's child: same detections
+    alone = workdir / "alone_fold2.json.gz"
+    argv = ["train", str(cfg), *fast, "--folds", "3", "--fold", "2", "--save-detections", str(alone)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert load_detections(alone)["images"] == json.loads(Path(own[1]).read_text())["images"]
+    # wrong uses say why
+    assert main(["compare", a, f"{files[0]},{files[0]}", "--n", "50"]) == 2
+    assert "fold 1 given twice" in capsys.readouterr().err
+    assert main(["train", str(cfg), "--fold", "2"]) == 2
+    assert "--folds K" in capsys.readouterr().err
+    assert main(["train", str(cfg), "--folds", "3", "--fold", "4"]) == 2
+    assert "1 to 3" in capsys.readouterr().err

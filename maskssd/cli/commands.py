@@ -24,6 +24,21 @@ from maskssd.ssd.decode_spec import DecodeSpec
 
 
 # --------------------------------------------------------------------------------------------- train
+def _one_fold(a: argparse.Namespace) -> list[str]:
+    """``--folds K --fold k``: the overrides of one fold's run (no test split unless asked); else none."""
+    if a.fold is None:
+        return []
+    if not a.folds:
+        raise MaskSSDError("--fold k trains one fold of a cross-validation: say how many with --folds K")
+    if a.seeds:
+        raise MaskSSDError(
+            "--fold trains one run: for several seeds, run it once per seed (--set experiment.seed=S)"
+        )
+    if not 1 <= a.fold <= a.folds:
+        raise MaskSSDError(f"--fold {a.fold}: a fold of --folds {a.folds} is 1 to {a.folds}")
+    return [f"data.folds={a.folds}", f"data.fold={a.fold}", f'data.final_split="{a.final_split or "none"}"']
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     from maskssd.ssd.warmup import compile_in_background
 
@@ -36,6 +51,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     from maskssd.training.config import load_config
 
     overrides = [*(a.set or []), *(["train.system_metrics=true"] if a.system_metrics else [])]
+    one_fold = _one_fold(a)
+    overrides += one_fold
     if a.final_split and not a.folds:
         overrides.append(f'data.final_split="{a.final_split}"')
     cfg = load_config(a.config, overrides)
@@ -43,7 +60,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         from maskssd.training.distributed import launch
 
         return launch(a.nproc, list(a.argv))
-    if a.seeds or a.folds or (a.resume and _is_seeds_parent(a.resume, a.tracking_uri)):
+    if a.seeds or (a.folds and not one_fold) or (a.resume and _is_seeds_parent(a.resume, a.tracking_uri)):
         from maskssd.cli.seeds import train_seeds
 
         return train_seeds(a, cfg)
@@ -71,6 +88,10 @@ def cmd_train(a: argparse.Namespace) -> int:
             from maskssd.cli.seeds import write_run_record
 
             write_run_record(a, r.run_id, started)
+    if a.save_detections and int(os.environ.get("RANK", "0")) == 0:
+        from maskssd.cli.seeds import save_run_detections
+
+        err.print(f"detections written to {save_run_detections(a, r.run_id)}", highlight=False)
     model = f"model: {r.model_uri} (also runs:/{r.run_id}/model)" if r.model_uri else "no model logged"
     out.print(f"[green]run {r.run_id} finished[/]; {model}", highlight=False)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -1,7 +1,8 @@
 """``maskssd evaluate --model CV_PARENT --split oof``: a cross-validation parent scored out of fold again, each
 fold's model on its own fold's images, with this command's inference settings (``--tta-hflip``, decoding,
 backend). An inference-only lever is then judged like a trained one, paired with ``maskssd compare FILE
-PARENT`` on the same folds, with no retraining."""
+PARENT`` on the same folds, with no retraining. ``--model FOLD_RUN``: one fold's run, on its fold only (a fold
+file: ``maskssd compare`` joins the folds' files into the out-of-fold set)."""
 
 from __future__ import annotations
 
@@ -26,21 +27,21 @@ def score_oof(
     from maskssd.evaluation.records import EvalSet
     from maskssd.tracking.folds import is_cv_parent
     from maskssd.tracking.runs import client
-    from maskssd.tracking.seeds import fold_models
+    from maskssd.tracking.seeds import fold_models, fold_run
 
     c = client(a.tracking_uri, create=False)
-    if not is_cv_parent(c, a.model):
-        raise MaskSSDError(
-            f"--split oof scores a cross-validation parent's folds again: {a.model} is not one (the run id "
-            "that maskssd train CONFIG --folds K printed)"
-        )
-    folds, seed, children = fold_models(c, a.model)
+    if is_cv_parent(c, a.model):
+        folds, seed, children = fold_models(c, a.model)
+        ks = list(range(1, int(folds["k"]) + 1))
+    else:  # one fold's run (refused, saying why, if it is not one)
+        folds, seed, k = fold_run(c, a.model)
+        children, ks = [a.model], [k]
     a.split_name = a.split_name or c.get_run(a.model).data.params.get("data.split_name", "paper")
     a.data = a.data or folds["root"]
     if not Path(a.data).is_dir():
         raise MaskSSDError(f"the folds' images were at {a.data}, which is not here: pass --data ROOT")
     sets, pred, union = [], None, None
-    for k, child in enumerate(children, start=1):
+    for k, child in zip(ks, children, strict=True):
         ckpt = resolve_checkpoint(f"runs:/{child}/checkpoints/best.pt", a.tracking_uri)
         pred = load_predictor(
             ckpt, device=a.device, backend=a.backend, auto_int8=False, **options(a, a.split_name)
@@ -66,6 +67,10 @@ def score_oof(
         "splits": ["train", "val"],
         "folds": int(folds["k"]),
         "folds_hash": folds["digest"],
+        "fold_seed": folds.get("fold_seed"),
+        "seed": seed,
+        **({"fold": ks[0]} if len(ks) == 1 and len(ks) < int(folds["k"]) else {}),
     }
-    title = f"{a.model} out of fold: {folds['k']} folds x seed {seed} ({len(pooled)} images)"
+    what = f"{folds['k']} folds" if len(ks) > 1 else f"fold {ks[0]} of {folds['k']}"
+    title = f"{a.model} out of fold: {what} x seed {seed} ({len(pooled)} images)"
     return pred, pooled, title, data

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  maskssd train experiments/quickstart.toml --resume RUN_ID   # after Ctrl-C / SIGTERM\n"
         "  maskssd train experiments/quickstart.toml --seeds 0,1,2      # mean ± std over 3 seeds\n"
         "  maskssd train experiments/quickstart.toml --folds 5          # 5-fold CV: out-of-fold AP\n"
+        "  maskssd train experiments/quickstart.toml --folds 5 --fold 2 --save-detections f2.json.gz\n"
+        "                                            # one fold of 5 as one run; its fold's detections kept\n"
         "  MLFLOW_TRACKING_URI=http://mlflow:5000 maskssd train experiments/paper_ssd300.toml",
     )
     t.add_argument("config", help="experiment TOML (see experiments/)")
@@ -95,6 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="K-fold cross-validation of the train and val images together (K >= 2; 5 is a good default), "
         "stratified on the classes each image holds: one child per fold (x seed), validated and selected on "
         "its fold; the parent logs the pooled out-of-fold AP with its interval and the per-fold mean ± std",
+    )
+    t.add_argument(
+        "--fold",
+        type=int,
+        metavar="k",
+        help="with --folds K: train fold k only, as one run (trained on the other folds, validated on k): a "
+        "cross-validation trained fold by fold, in several sessions or on several machines; keep each fold's "
+        "detections (--save-detections) and maskssd compare joins them",
+    )
+    t.add_argument(
+        "--save-detections",
+        metavar="FILE.json[.gz]",
+        help="also write the run's validation detections (with --fold: its fold, out of fold; a --folds "
+        "parent of one seed: the pooled out-of-fold set) in maskssd evaluate --save-detections's format, "
+        "gzip-compressed for .gz: a file that outlives the MLflow store, for maskssd compare",
     )
     t.add_argument(
         "--final-split",

@@ -92,9 +92,11 @@ def analysis_tables(analysis: Any) -> list[Table]:
 # ------------------------------------------------------------------------------------------- compare
 def _load_side(refs: str, split: str, tracking_uri: str | None, tmp: Path) -> list[dict[str, Any]]:
     """A side's detection files: each file, each run's ``detections/<split>.json``, a seeds parent's finished
-    children's, a cross-validation parent's out-of-fold files (every seed's). ``folds_hash``: the folds'
-    digest of out-of-fold detections (a parent's tag, or what its out-of-fold file says), else None."""
-    from maskssd.evaluation.detections_file import load_detections
+    children's, a cross-validation parent's out-of-fold files (every seed's); one fold's files (a fold run's,
+    or what ``evaluate --split oof`` wrote of it) joined per seed into the out-of-fold set of the folds given.
+    ``folds_hash``: the folds' digest of out-of-fold detections (a parent's tag, or what its file says), else
+    None."""
+    from maskssd.evaluation.detections_file import load_detections, merge_folds
     from maskssd.tracking.folds import download_oof, is_cv_parent
     from maskssd.tracking.runs import client, download_detections
 
@@ -113,10 +115,51 @@ def _load_side(refs: str, split: str, tracking_uri: str | None, tmp: Path) -> li
             continue
         for run in _expand_parents([ref], tracking_uri):
             doc = load_detections(download_detections(run, split, tmp, tracking_uri))
-            docs.append({**doc, "ref": run, "folds_hash": (doc.get("data") or {}).get("folds_hash")})
+            docs.append({**doc, "ref": run})
     if not docs:
         raise MaskSSDError(f"no run or file in {refs!r}")
+    docs = merge_folds(docs)
+    for d in docs:
+        d.setdefault("folds_hash", (d.get("data") or {}).get("folds_hash"))
+        present = (d.get("data") or {}).get("folds_present")
+        if present:
+            err.print(f"{_short(d['ref'])}: fold(s) {_folds(present)} joined out of fold", highlight=False)
     return docs
+
+
+def _folds(ks: Sequence[int]) -> str:
+    return ", ".join(map(str, ks))
+
+
+def _common_folds(docs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Out-of-fold docs restricted to the folds every one holds: a cross-validation trained fold by fold pairs
+    with another on the folds both have so far. ``(docs, note)``: the note (empty when nothing was left out)
+    says which folds and how many images are compared."""
+    from maskssd.evaluation.detections_file import restrict
+
+    if not docs[0]["folds_hash"]:
+        return docs, {}
+    k = int((docs[0].get("data") or {}).get("folds") or 0)
+    full = list(range(1, k + 1))
+    held = [(d.get("data") or {}).get("folds_present") or full for d in docs]
+    common = sorted(set.intersection(*map(set, held)))
+    if all(h == full for h in held):
+        return docs, {}
+    if not common:
+        raise MaskSSDError(
+            "the two sides hold no fold in common (" + "; ".join(_folds(h) for h in held) + "): train the "
+            "same fold of each"
+        )
+    ids = set.intersection(
+        *({im["id"] for im in d["images"]} for d in docs if d["data"].get("folds_present"))
+    )
+    note = {"folds_compared": common, "folds": k, "partial": True}
+    err.print(
+        f"[yellow]fold(s) {_folds(common)} of {k} only ({len(ids)} images): a part of the out-of-fold set, "
+        "not a verdict on the whole[/]",
+        highlight=False,
+    )
+    return [restrict(d, ids) for d in docs], note
 
 
 def _check_folds(docs_a: list[dict[str, Any]], docs_b: list[dict[str, Any]]) -> None:
@@ -169,7 +212,10 @@ def _annotations(doc: Mapping[str, Any], a: argparse.Namespace, split: str) -> l
 
 
 def _short(ref: str) -> str:
-    """A run id's first 12 characters, a file's name (a path cut at 12 characters says nothing)."""
+    """A run id's first 12 characters, a file's name (a path cut at 12 characters says nothing); joined fold
+    files or runs: each, with ``+``."""
+    if "," in ref:
+        return "+".join(_short(r) for r in ref.split(","))
     return Path(ref).name if Path(ref).is_file() else ref[:12]
 
 
@@ -181,8 +227,11 @@ def cmd_compare(a: argparse.Namespace) -> int:
         docs_b = _load_side(a.run_b, a.split, a.tracking_uri, Path(tmp))
     _check_folds(docs_a, docs_b)
     split = (docs_a[0].get("data") or {}).get("split", a.split)  # a file says which split it holds
+    partial: dict[str, Any] = {}
     if docs_a[0]["folds_hash"]:
         split = "oof"
+        both, partial = _common_folds([*docs_a, *docs_b])
+        docs_a, docs_b = both[: len(docs_a)], both[len(docs_a) :]
     anns = _annotations(docs_a[0], a, split)
     r = compare_detections(docs_a, docs_b, anns, n=a.n, seed=a.seed, ci=a.ci)
     n_images = len(docs_a[0]["images"])
@@ -192,6 +241,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
         "split": split,
         "images": n_images,
         **({"folds_hash": docs_a[0]["folds_hash"]} if docs_a[0]["folds_hash"] else {}),
+        **partial,
         **r.to_dict(),
     }
     if a.record:
@@ -204,7 +254,9 @@ def cmd_compare(a: argparse.Namespace) -> int:
         return 0
     name = lambda docs: ", ".join(_short(d["ref"]) for d in docs)  # noqa: E731
     t = Table(
-        title=f"A = {name(docs_a)}  vs  B = {name(docs_b)}: {split} split, {n_images} images, paired bootstrap "
+        title=f"A = {name(docs_a)}  vs  B = {name(docs_b)}: {split} split"
+        + (f" (fold(s) {_folds(partial['folds_compared'])} of {partial['folds']})" if partial else "")
+        + f", {n_images} images, paired bootstrap "
         f"({r.n} resamples, seed {r.seed}); AP in %, VOC07"
     )
     for col in ("", "A", "B", f"A - B [{100 * r.ci:g}% CI]", "P(A > B)", "ties"):

@@ -8,12 +8,14 @@ import math
 import os
 import statistics
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
 from rich.table import Table
 
 from maskssd.cli.console import Column, TrainBar, err, fit_table, fmt_interval, out
+from maskssd.errors import MaskSSDError
 
 __all__ = ["SeedStat", "cell_text", "metric_cell", "run_order", "sort_grouped", "train_seeds"]
 
@@ -56,6 +58,8 @@ def train_seeds(a: argparse.Namespace, cfg: Any) -> int:
         return 0 if r.status == "FINISHED" else 1
     if a.record:
         write_run_record(a, r.parent_run_id, started, children=r)
+    if a.save_detections and r.status == "FINISHED" and r.folds:
+        err.print(f"detections written to {save_run_detections(a, r.parent_run_id)}", highlight=False)
     table, left_out = seeds_table(r, out.width)
     out.print(table)
     if left_out:
@@ -112,6 +116,36 @@ def write_run_record(a: argparse.Namespace, run_id: str, started: float, childre
             doc["oof_errors"] = oof_errors(c, run_id)
     record = make_record(kind, doc, title=f"{a.config} ({kind})", started=started)
     out.print(f"record written to {write_record(a.record, record)}", highlight=False)
+
+
+def save_run_detections(a: argparse.Namespace, run_id: str) -> str:
+    """``maskssd train --save-detections FILE``: the run's validation detections (a fold run's: its fold, with
+    the folds' digest, so the file joins the other folds' anywhere), or a one-seed --folds parent's pooled
+    out-of-fold detections, written to FILE (gzip for ``.gz``). Returns where."""
+    import tempfile
+
+    from maskssd.evaluation.detections_file import load_detections, write_doc
+    from maskssd.tracking import runs
+    from maskssd.tracking.folds import download_oof, is_cv_parent
+
+    c = runs.client(a.tracking_uri, create=False)
+    with tempfile.TemporaryDirectory(prefix="maskssd-dets-") as tmp:
+        if is_cv_parent(c, run_id):
+            paths, _ = download_oof(c, run_id, tmp)
+            if len(paths) > 1:
+                raise MaskSSDError(
+                    f"parent {run_id} has {len(paths)} seeds' out-of-fold files: write each with maskssd "
+                    f"evaluate --model {run_id} --split oof --save-detections FILE (its first seed), or "
+                    "download them from the run's detections/ folder"
+                )
+            doc = load_detections(paths[0])
+        else:
+            doc = load_detections(runs.download_detections(run_id, "val", Path(tmp), a.tracking_uri))
+            data, run = doc.get("data") or {}, c.get_run(run_id)
+            if data.get("fold") and not data.get("folds_hash"):  # a fold run of an older version
+                seed = run.data.tags.get("maskssd.seed", run.data.params.get("experiment.seed", 0))
+                data.update(folds_hash=run.data.tags.get("data.folds_hash"), seed=int(seed))
+    return str(write_doc(a.save_detections, doc))
 
 
 def seeds_table(r: Any, width: int | None = None) -> tuple[Table, list[str]]:

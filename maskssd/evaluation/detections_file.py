@@ -2,6 +2,11 @@
 detection of a split in original pixels at full precision, each image's id and size, the metrics printed for
 it (with their bootstrap intervals when computed), the settings that produced it and where its data lives.
 
+A name ending in ``.gz`` is read and written gzip-compressed (a pooled out-of-fold file is megabytes of
+JSON; compressed, small enough to commit beside the record it backs). A fold run's file (``data.fold``) holds one
+fold of a cross-validation; :func:`merge_folds` joins a cross-validation's fold files, trained in different
+runs or on different machines, into its out-of-fold file.
+
 Ground truth is not stored: it comes from the dataset (:func:`score_detections` takes the split's
 annotations), so a file re-scores to exactly the numbers printed when it was written. Boxes and scores are
 written with Python's float repr (JSON doubles), which reads back to the very float32 values the model gave.
@@ -9,6 +14,7 @@ written with Python's float repr (JSON doubles), which reads back to the very fl
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,8 +35,11 @@ __all__ = [
     "doc_evalset",
     "load_detections",
     "mark_doc",
+    "merge_folds",
+    "restrict",
     "score_detections",
     "write_detections",
+    "write_doc",
 ]
 
 FORMAT = 2  # 1: boxes rounded to 0.01 px and scores to 5 digits (could not be re-scored exactly)
@@ -93,10 +102,19 @@ def write_detections(
     of the set needs its size."""
     if any(s is None for s in evalset.sizes):
         raise ValueError("a detections file needs every image's size")
-    doc = detections_doc(evalset, result, settings, bootstrap=bootstrap, data=data)
+    return write_doc(path, detections_doc(evalset, result, settings, bootstrap=bootstrap, data=data))
+
+
+def write_doc(path: str | Path, doc: Mapping[str, Any]) -> Path:
+    """Write a detections doc (one read with :func:`load_detections`: its ``path`` and ``ref`` are left out)."""
+    doc = {k: v for k, v in doc.items() if k not in ("path", "ref")}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1))
+    text = json.dumps(doc, indent=1)
+    if path.suffix == ".gz":  # mtime 0: the same detections give the same bytes
+        path.write_bytes(gzip.compress(text.encode(), mtime=0))
+    else:
+        path.write_text(text)
     return path
 
 
@@ -104,8 +122,9 @@ def load_detections(path: str | Path) -> dict[str, Any]:
     """Read a saved-detections file; refuses (MaskSSDError) one that is not one or cannot be re-scored."""
     path = Path(path)
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        raw = path.read_bytes()
+        doc = json.loads(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
+    except (OSError, ValueError, EOFError) as e:
         raise MaskSSDError(f"{path}: not a readable detections file ({e})") from None
     if not isinstance(doc, dict) or not {"classes", "images"} <= set(doc):
         raise MaskSSDError(f"{path}: not a maskssd detections file (no 'classes' and 'images')")
@@ -119,6 +138,65 @@ def load_detections(path: str | Path) -> dict[str, Any]:
             raise MaskSSDError(f"{path} [images[{k}]]: needs id, width, height and detections")
     doc["path"] = str(path)
     return doc
+
+
+def merge_folds(docs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Fold files (``data.fold``: one fold's images scored by the model that did not train on them) joined,
+    per seed, into one out-of-fold doc of the folds given, in fold order; other docs pass through unchanged.
+
+    The joined doc's ``data.folds_present`` lists its folds: all ``1..data.folds`` is the whole out-of-fold set,
+    fewer a part of it (a cross-validation still being trained, fold by fold). Refuses fold files of different
+    folds (digest) or classes, one without its folds' digest, and the same fold twice for a seed."""
+    groups: dict[tuple[str, Any], list[Mapping[str, Any]]] = {}
+    out: list[dict[str, Any]] = []
+    for d in docs:
+        data = d.get("data") or {}
+        if not data.get("fold"):
+            out.append(dict(d))
+            continue
+        where = d.get("path") or d.get("ref") or "a fold file"
+        if not data.get("folds_hash"):
+            raise MaskSSDError(
+                f"{where}: fold {data['fold']}'s detections do not say which folds they belong to (an older "
+                "file): write them again with maskssd evaluate --model FOLD_RUN --split oof --save-detections F"
+            )
+        groups.setdefault((data["folds_hash"], data.get("seed")), []).append(d)
+    hashes = {h for h, _ in groups}
+    if len(hashes) > 1:
+        raise MaskSSDError(
+            f"fold files of different folds (digests {', '.join(sorted(hashes))}): one cross-validation's folds "
+            "are made with the same data.folds and data.fold_seed on the same images"
+        )
+    for (_, seed), members in groups.items():
+        members = sorted(members, key=lambda d: int(d["data"]["fold"]))
+        folds = [int(d["data"]["fold"]) for d in members]
+        twice = sorted({k for k in folds if folds.count(k) > 1})
+        if twice:
+            raise MaskSSDError(
+                f"fold {twice[0]} given twice" + (f" for seed {seed}" if seed is not None else "")
+            )
+        first = members[0]
+        for d in members[1:]:
+            if list(d["classes"]) != list(first["classes"]):
+                raise MaskSSDError(f"{d.get('path')}: classes {d['classes']} differ from {first['classes']}")
+        data = {k: v for k, v in first["data"].items() if k not in ("fold", "split")}
+        out.append(
+            {
+                "format": first.get("format", FORMAT),
+                "classes": list(first["classes"]),
+                "images": [im for d in members for im in d["images"]],
+                "settings": {**first.get("settings", {}), "split": "oof"},
+                "data": {**data, "splits": ["train", "val"], "folds_present": folds},
+                "path": ", ".join(str(d.get("path") or d.get("ref")) for d in members),
+                "ref": ",".join(str(d.get("ref") or d.get("path")) for d in members),
+            }
+        )
+    return out
+
+
+def restrict(doc: Mapping[str, Any], ids: set[str]) -> dict[str, Any]:
+    """``doc`` on the images ``ids`` only (in its own order): a part of an out-of-fold set."""
+    return {**doc, "images": [im for im in doc["images"] if im["id"] in ids]}
 
 
 def doc_evalset(doc: Mapping[str, Any], annotations: Sequence[Annotation]) -> EvalSet:

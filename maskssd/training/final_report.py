@@ -28,12 +28,17 @@ def log_report(
     settings: Mapping[str, Any],
     dataset: FaceMaskDataset,
     root: Path,
+    *,
+    folds_hash: str | None = None,
 ) -> None:
-    """Write the split's report, detections file, analysis JSON and (validation only) its worst images."""
+    """Write the split's report, detections file, analysis JSON and (validation only) its worst images.
+    ``folds_hash``: a fold run's folds' digest, so its validation file can join the other folds' files
+    (:func:`maskssd.evaluation.detections_file.merge_folds`) wherever they were trained."""
     split, d = report.split, cfg.data
     data: dict[str, Any] = {"root": str(root.resolve()), "split_name": d.split_name, "split": split}
     if d.fold and split == "val":  # a fold of the train and val images together
         data.update(splits=["train", "val"], fold=d.fold, folds=d.folds, fold_seed=d.fold_seed)
+        data.update(folds_hash=folds_hash, seed=cfg.experiment.seed)
     path = write_detections(
         out_dir / "detections" / f"{split}.json",
         report.evalset,

@@ -367,9 +367,17 @@ def _log_plots(ctx: RunContext, parts: _Parts, ev: FinalEvaluation) -> None:
         tracker.log_figure(plot_pr_curves(ev.final, out / f"pr_curves_{ev.final_split}.png"))
     decode = DecodeSpec.from_config(cfg.eval)
     settings = {**asdict(decode), "run_id": ctx.run_id}
+    folds_hash = fold_digest(parts.folds, cfg.data.fold_seed) if parts.folds is not None else None
     for report in ev.reports.values():
         log_report(
-            tracker, report, cfg, ctx.store.local_dir, settings, parts.datasets[report.split], parts.root
+            tracker,
+            report,
+            cfg,
+            ctx.store.local_dir,
+            settings,
+            parts.datasets[report.split],
+            parts.root,
+            folds_hash=folds_hash,
         )
     val_ds, model = parts.datasets["val"], parts.model.eval()
     device = next(model.parameters()).device
