@@ -292,23 +292,29 @@ def test_a_rare_class_lever_is_judged_by_the_rule_written_before_its_result(tmp_
     -1 point; a passing lever that costs more than the goal's minutes ships beside the accurate configuration;
     a lever not run yet says how to run it."""
     page = "<!-- maskssd:levers -->\n<!-- /maskssd:levers -->\n"
-    assert "Make it with `maskssd train experiments/cpu_effnet_lite0_pan_s4_rfs_448.toml --folds 3" in (
-        render_page(page, {})
+    assert (
+        "Train each with `maskssd train experiments/cpu_effnet_lite0_pan_s4_rfs_448.toml --folds 3 --fold K"
+        in (render_page(page, {}))
     )
 
-    def judge(rare_wins: float, map_low: float, epoch_s: float, a: str = "lp", b: str = "sp") -> str:
+    def judge(
+        rare_wins: float, map_low: float, epoch_s: float, a: str = "l1", b: str = "sp", **more: object
+    ) -> str:
         m = {"a": 0.70, "b": 0.69, "diff": 0.01, "low": map_low, "high": 0.03, "a_wins": 0.8, "ties": 0.0}
-        body = {"a": [a], "b": [b], "split": "oof", "images": 725, "n": 1000, "ci": 0.95}
+        body = {"a": [a], "b": [b], "split": "oof", "images": 725, "n": 1000, "ci": 0.95, **more}
         metrics = {"map": m, "mask_weared_incorrect": {**m, "a_wins": rare_wins}}
         write_record(
             tmp_path / "accurate448_vs_accurate_oof.json",
             make_record("compare", {**body, "metrics": metrics}),
         )
-        kids = [{"run_id": f"l{k}", "epochs": 36, "epoch_seconds_median": epoch_s} for k in (1, 2, 3)]
-        run = {"run_id": "lp", "epochs": 0, "seconds": 9000.0}
-        write_record(
-            tmp_path / "accurate448_folds.json", make_record("seeds", {"run": run, "children": kids})
-        )
+        for k in (1, 2, 3):  # the lever trained fold by fold: one run record per fold
+            run = {
+                "run_id": f"l{k}",
+                "epochs": 36,
+                "epoch_seconds_median": epoch_s,
+                "metrics": {"val_map": 0.7},
+            }
+            write_record(tmp_path / f"accurate448_fold{k}.json", make_record("train", {"run": run}))
         return render_page(page, load_records(tmp_path))
 
     out = judge(0.93, -0.008, 45.0)  # 27 min a fold run
@@ -318,7 +324,10 @@ def test_a_rare_class_lever_is_judged_by_the_rule_written_before_its_result(tmp_
     out = judge(0.85, -0.008, 45.0)
     assert "P(A > B) 0.85, at least 0.9 asked: **not met**" in out and "the lever is not kept" in out
     assert "the lever is not kept" in judge(0.99, -0.012, 45.0)
-    assert "compares the lever as B" in judge(0.99, 0.0, 45.0, a="sp", b="lp")
+    assert "compares the lever as B" in judge(0.99, 0.0, 45.0, a="sp", b="l2")
+    # a comparison on some folds only (the others not trained yet): shown, never judged
+    out = judge(0.99, 0.0, 45.0, partial=True, folds_compared=[1, 2], folds=3)
+    assert "No verdict yet**: fold(s) 1, 2 of 3 only" in out and "passes" not in out
     # an inference-only lever (the same fold models scored again): no minutes; passing makes it the offline
     # evaluation's setting, not the real-time default
     m = {"a": 0.70, "b": 0.69, "diff": 0.01, "low": -0.004, "high": 0.03, "a_wins": 0.95, "ties": 0.0}

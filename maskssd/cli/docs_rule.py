@@ -134,6 +134,12 @@ def lever_verdict(
     ``inference_only``: a lever of the same fold models scored again (``maskssd evaluate --split oof``)."""
     if _runs_of(folds) & set(cmp["b"]):
         return "*This record compares the lever as B: run `maskssd compare LEVER_CV SHIPPED_CV` for the verdict.*"
+    if cmp.get("partial"):
+        held = ", ".join(map(str, cmp.get("folds_compared", [])))
+        return (
+            f"**No verdict yet**: fold(s) {held} of {cmp.get('folds', '?')} only, a part of the out-of-fold set;"
+            " the rule reads all of it."
+        )
     metrics = cmp["metrics"]
     whole, rare = metrics.get("map"), metrics.get("mask_weared_incorrect")
     checks: list[Check] = [
