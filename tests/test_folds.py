@@ -253,3 +253,5 @@ def _fold_by_fold(workdir, cfg, fast, c, b, a, folds, capsys) -> None:
     assert "--folds K" in capsys.readouterr().err
     assert main(["train", str(cfg), "--folds", "3", "--fold", "4"]) == 2
     assert "1 to 3" in capsys.readouterr().err
+    assert main(["train", str(cfg), "--seeds", "0,1", "--save-detections", "x.json"]) == 2
+    assert "writes one file" in capsys.readouterr().err

@@ -25,7 +25,13 @@ from maskssd.ssd.decode_spec import DecodeSpec
 
 # --------------------------------------------------------------------------------------------- train
 def _one_fold(a: argparse.Namespace) -> list[str]:
-    """``--folds K --fold k``: the overrides of one fold's run (no test split unless asked); else none."""
+    """``--folds K --fold k``: the overrides of one fold's run (no test split unless asked); else none. Refuses
+    what cannot be done before anything is trained."""
+    if a.save_detections and a.seeds and len(a.seeds) > 1:
+        raise MaskSSDError(
+            "--save-detections writes one file: one run, or a --folds parent of one seed (each seed's "
+            "out-of-fold detections are in its parent's detections/ folder)"
+        )
     if a.fold is None:
         return []
     if not a.folds:
