@@ -188,13 +188,13 @@ def test_train_folds_scores_every_image_once_out_of_fold(workdir, synth_root, ca
     assert json.loads(plain.read_text())["metrics"]["map"] == pytest.approx(
         first.data.metrics["oof_map"], abs=0.02
     )
-    _fold_by_fold(workdir, cfg, fast, c, b, a, folds, capsys)
     # other folds (another fold seed): refused, saying why
     assert main(["train", str(cfg), "--folds", "3", *fast, "--set", "data.fold_seed=7"]) == 0
     capsys.readouterr()
     other = _cv_parent(c)[-1].info.run_id
     assert main(["compare", other, b, "--n", "50"]) == 2
     assert "different folds" in capsys.readouterr().err
+    _fold_by_fold(workdir, cfg, fast, c, b, a, folds, capsys)
 
 
 def _fold_by_fold(workdir, cfg, fast, c, b, a, folds, capsys) -> None:
@@ -240,12 +240,6 @@ def _fold_by_fold(workdir, cfg, fast, c, b, a, folds, capsys) -> None:
     assert (
         part["partial"] is True and part["folds_compared"] == [1] and part["images"] == len(folds["folds"][0])
     )
-    # one fold trained on its own (on another machine, say) is the cross-validation's child: same detections
-    alone = workdir / "alone_fold2.json.gz"
-    argv = ["train", str(cfg), *fast, "--folds", "3", "--fold", "2", "--save-detections", str(alone)]
-    assert main(argv) == 0
-    capsys.readouterr()
-    assert load_detections(alone)["images"] == json.loads(Path(own[1]).read_text())["images"]
     # wrong uses say why
     assert main(["compare", a, f"{files[0]},{files[0]}", "--n", "50"]) == 2
     assert "fold 1 given twice" in capsys.readouterr().err
@@ -255,3 +249,32 @@ def _fold_by_fold(workdir, cfg, fast, c, b, a, folds, capsys) -> None:
     assert "1 to 3" in capsys.readouterr().err
     assert main(["train", str(cfg), "--seeds", "0,1", "--save-detections", "x.json"]) == 2
     assert "writes one file" in capsys.readouterr().err
+    # last (--tracking-uri stays the process's store): fold by fold on another machine (another store), one
+    # fold a process, in any order: one parent, scored out of fold when its last fold finishes; each fold the
+    # same run as inside the first parent
+    other = ["--tracking-uri", f"sqlite:///{workdir / 'other.db'}"]
+    alone = workdir / "alone_fold2.json.gz"
+    argv = ["train", str(cfg), *fast, *other, "--folds", "3", "--fold", "2", "--save-detections", str(alone)]
+    argv += ["--record", str(workdir / "fold2.json")]
+    assert main(argv) == 0
+    assert "fold(s) 1, 3 of 3 still to train" in capsys.readouterr().out
+    assert load_detections(alone)["images"] == json.loads(Path(own[1]).read_text())["images"]
+    record = json.loads((workdir / "fold2.json").read_text())
+    assert record["run"]["fold"] == "2" and record["kind"] == "train"  # the fold's run, not the parent
+    oc = tracking.client(other[1])
+    [p] = _cv_parent(oc)
+    assert p.info.status == "RUNNING" and p.data.tags["maskssd.folds_done"] == "2"
+    assert main(["train", str(cfg), *fast, *other, "--folds", "3", "--fold", "3"]) == 0
+    assert main(["train", str(cfg), *fast, *other, "--folds", "3", "--fold", "2"]) == 0  # done: kept
+    assert "kept (it had finished)" in capsys.readouterr().out
+    assert main(["train", str(cfg), *fast, *other, "--folds", "3", "--fold", "1"]) == 0
+    assert f"parent run {p.info.run_id} finished" in capsys.readouterr().out
+    [p] = _cv_parent(oc)
+    assert p.info.status == "FINISHED" and [
+        k.data.tags["maskssd.fold"] for k in children_of(oc, p.info.run_id)
+    ] == [
+        "1",
+        "2",
+        "3",
+    ]
+    assert p.data.metrics["oof_map"] == c.get_run(b).data.metrics["oof_map"]  # the same cross-validation

@@ -24,25 +24,19 @@ from maskssd.ssd.decode_spec import DecodeSpec
 
 
 # --------------------------------------------------------------------------------------------- train
-def _one_fold(a: argparse.Namespace) -> list[str]:
-    """``--folds K --fold k``: the overrides of one fold's run (no test split unless asked); else none. Refuses
-    what cannot be done before anything is trained."""
+def _check_fold(a: argparse.Namespace) -> None:
+    """Refuse what ``--fold`` and ``--save-detections`` cannot do, before anything is trained."""
     if a.save_detections and a.seeds and len(a.seeds) > 1:
         raise MaskSSDError(
             "--save-detections writes one file: one run, or a --folds parent of one seed (each seed's "
             "out-of-fold detections are in its parent's detections/ folder)"
         )
     if a.fold is None:
-        return []
-    if not a.folds:
+        return
+    if not a.folds and not a.resume:
         raise MaskSSDError("--fold k trains one fold of a cross-validation: say how many with --folds K")
-    if a.seeds:
-        raise MaskSSDError(
-            "--fold trains one run: for several seeds, run it once per seed (--set experiment.seed=S)"
-        )
-    if not 1 <= a.fold <= a.folds:
+    if a.folds and not 1 <= a.fold <= a.folds:
         raise MaskSSDError(f"--fold {a.fold}: a fold of --folds {a.folds} is 1 to {a.folds}")
-    return [f"data.folds={a.folds}", f"data.fold={a.fold}", f'data.final_split="{a.final_split or "none"}"']
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -57,8 +51,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from maskssd.training.config import load_config
 
     overrides = [*(a.set or []), *(["train.system_metrics=true"] if a.system_metrics else [])]
-    one_fold = _one_fold(a)
-    overrides += one_fold
+    _check_fold(a)
     if a.final_split and not a.folds:
         overrides.append(f'data.final_split="{a.final_split}"')
     cfg = load_config(a.config, overrides)
@@ -66,7 +59,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         from maskssd.training.distributed import launch
 
         return launch(a.nproc, list(a.argv))
-    if a.seeds or (a.folds and not one_fold) or (a.resume and _is_seeds_parent(a.resume, a.tracking_uri)):
+    if a.seeds or a.folds or (a.resume and _is_seeds_parent(a.resume, a.tracking_uri)):
         from maskssd.cli.seeds import train_seeds
 
         return train_seeds(a, cfg)

@@ -43,6 +43,7 @@ def train_seeds(a: argparse.Namespace, cfg: Any) -> int:
             progress=None if a.no_progress else TrainBar(),
             folds=a.folds or 0,
             final_split=a.final_split,
+            fold=a.fold,
         )
     except (TrainingInterrupted, RunStopped) as e:
         stopped = isinstance(e, RunStopped)
@@ -54,6 +55,8 @@ def train_seeds(a: argparse.Namespace, cfg: Any) -> int:
             highlight=False,
         )
         return 2 if stopped else 130
+    if a.fold:
+        return _fold_done(a, r, started)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0 if r.status == "FINISHED" else 1
     if a.record:
@@ -69,6 +72,39 @@ def train_seeds(a: argparse.Namespace, cfg: Any) -> int:
     out.print(f"[{colour}]parent run {r.parent_run_id} {r.status.lower()}[/] ({what})")
     out.print(f"see it: {runs.ui_link(r.parent_run_id, a.tracking_uri)}", highlight=False, soft_wrap=True)
     return 0 if r.status == "FINISHED" else 1
+
+
+def _fold_done(a: argparse.Namespace, r: Any, started: float) -> int:
+    """``--fold k``: the fold's run (its record and detections file are the fold's), then where its parent
+    stands: waiting for other folds, or finished with its out-of-fold evaluation."""
+    from maskssd.tracking import runs
+
+    mine = [s for (_, f), s in r.runs.items() if f == a.fold]
+    ok = bool(mine) and all(s.status == "FINISHED" for s in mine)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0 if ok else 1
+    if ok and len(mine) == 1:
+        if a.record:
+            write_run_record(a, mine[0].run_id, started)
+        if a.save_detections:
+            err.print(f"detections written to {save_run_detections(a, mine[0].run_id)}", highlight=False)
+    for s in mine:
+        colour = "green" if s.status == "FINISHED" else "red"
+        how = "kept (it had finished)" if s.action == "kept" else s.status.lower()
+        out.print(f"[{colour}]{s.label}: run {s.run_id} {how}[/]", highlight=False)
+    if r.waiting:
+        left = ", ".join(sorted({str(f) for _, f in r.waiting}, key=int))
+        out.print(
+            f"parent run {r.parent_run_id}: fold(s) {left} of {r.folds} still to train (--fold k, here or "
+            "on another machine with this store); the last one scores out of fold",
+            highlight=False,
+        )
+    else:
+        table, _ = seeds_table(r, out.width)
+        out.print(table)
+        out.print(f"parent run {r.parent_run_id} {r.status.lower()} ({r.folds} folds)", highlight=False)
+    out.print(f"see it: {runs.ui_link(r.parent_run_id, a.tracking_uri)}", highlight=False, soft_wrap=True)
+    return 0 if ok else 1
 
 
 def write_run_record(a: argparse.Namespace, run_id: str, started: float, children: Any = None) -> None:

@@ -69,6 +69,10 @@ log = logging.getLogger(__name__)
 ROLE_TAG = "maskssd.role"
 SEED_TAG = "maskssd.seed"
 FOLD_TAG = "maskssd.fold"
+#: A cross-validation parent's key (its config and seeds): ``--fold k`` processes of one recipe find their parent.
+CV_KEY_TAG = "maskssd.cv_key"
+#: The folds of a cross-validation parent whose children have finished (``1, 3``): trained fold by fold.
+FOLDS_DONE_TAG = "maskssd.folds_done"
 CHILDREN_TAG = "maskssd.children"
 #: ``(seed, fold)`` of a child; fold 0 without cross-validation.
 Member = tuple[int, int]
@@ -105,6 +109,7 @@ class SeedsResult:
     aggregate: dict[str, float]
     status: str
     folds: int = 0
+    waiting: list[Member] = field(default_factory=list)  # --fold k: children not trained yet (parent RUNNING)
 
     def mean_std(self, key: str) -> tuple[float, float, int]:
         """``(mean, std, n)`` of a final metric over the finished seeds (NaN when absent)."""
@@ -120,6 +125,7 @@ class _Plan:
     seeds: list[int]
     actions: dict[Member, tuple[str, str | None]]  # (seed, fold) -> (new | resumed | kept, child run id)
     folds: int = 0
+    only: list[Member] | None = None  # --fold k: the members this process trains (the rest: kept or left)
 
     @property
     def members(self) -> list[Member]:
@@ -295,7 +301,10 @@ def _new_parent(
     return plan
 
 
-def _resume_parent(c: Any, parent_id: str, seeds: Sequence[int] | None) -> _Plan:
+def _resume_parent(c: Any, parent_id: str, seeds: Sequence[int] | None, fold: int | None = None) -> _Plan:
+    """The plan that finishes a parent: each child kept (finished), resumed (from its last checkpoint) or new.
+    ``fold``: only that fold's children are resumed or replaced; another fold's unfinished child may be
+    training in another process right now, and is left as it is."""
     try:
         run = c.get_run(parent_id)
     except mlflow.exceptions.MlflowException:
@@ -321,6 +330,9 @@ def _resume_parent(c: Any, parent_id: str, seeds: Sequence[int] | None) -> _Plan
     for member in plan.members:
         candidates = by_member.get(member, [])
         finished = [r.info.run_id for r in candidates if r.info.status == "FINISHED"]
+        if fold and member[1] != fold and not finished:
+            plan.actions[member] = ("elsewhere", None)
+            continue
         resumable = [r.info.run_id for r in candidates if _resumable(c, r.info.run_id)]
         if finished:
             plan.actions[member] = ("kept", finished[-1])
@@ -330,6 +342,27 @@ def _resume_parent(c: Any, parent_id: str, seeds: Sequence[int] | None) -> _Plan
             plan.actions[member] = ("new", None)
             _close_stale(c, [r for r in candidates if r.info.status == "RUNNING"], parent_id)
     return plan
+
+
+def _cv_key(cfg: ExperimentConfig, seeds: Sequence[int]) -> str:
+    """What makes two ``--fold`` processes folds of one cross-validation: the parent's config and seeds."""
+    import hashlib
+
+    return hashlib.sha256(f"{cfg.digest()}|{','.join(map(str, seeds))}".encode()).hexdigest()[:16]
+
+
+def _find_parent(c: Any, experiment: str, key: str) -> str | None:
+    """The latest parent of this key that is not finished or has finished (a deleted one is not found)."""
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    found = c.search_runs(
+        [exp.experiment_id],
+        f"tags.`{CV_KEY_TAG}` = '{key}' and tags.`{ROLE_TAG}` = 'cv'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return found[0].info.run_id if found else None
 
 
 def _close_stale(c: Any, stale: Sequence[Any], parent_id: str) -> None:
@@ -420,6 +453,8 @@ def _run_all(
     try:
         for member in plan.members:
             action, child = plan.actions[member]
+            if plan.only is not None and member not in plan.only and action != "kept":
+                continue  # another fold: another --fold process trains it (or a later one)
             if action == "kept":
                 metrics = _final_metrics(c, child) if info.is_main else {}  # type: ignore[arg-type]
                 results[member] = SeedRun(member[0], child, "FINISHED", metrics, "kept", fold=member[1])
@@ -468,15 +503,22 @@ def _close(
 ) -> SeedsResult:
     agg = _record(parent, results, plan) if info.is_main else {}
     failed = [r for r in results.values() if r.status != "FINISHED"]
-    status = "FAILED" if failed else "FINISHED"
+    waiting = [m for m in plan.members if m not in results]
+    status = "FAILED" if failed else "RUNNING" if waiting else "FINISHED"
     if failed:
         parent.set_tags({"failure_reason": "; ".join(f"{r.label}: {r.reason}" for r in failed)[:5000]})
+    elif waiting and info.is_main:  # a cross-validation trained fold by fold: in progress, not stopped
+        done = ", ".join(sorted({str(m[1]) for m in results}, key=int))
+        parent.set_tags({FOLDS_DONE_TAG: done})
+        log.info("parent %s: fold(s) %s done; out of fold once every fold is", plan.parent_id, done)
     elif plan.folds and info.is_main:
         from maskssd.tracking.folds import out_of_fold
 
+        parent.set_tags({FOLDS_DONE_TAG: ", ".join(str(k) for k in range(1, plan.folds + 1))})
         agg.update(out_of_fold(parent, plan.cfg, results, plan.seeds))
-    parent.finish(status)
-    result = SeedsResult(plan.parent_id, plan.seeds, results, agg, status, plan.folds)
+    if not waiting:
+        parent.finish(status)
+    result = SeedsResult(plan.parent_id, plan.seeds, results, agg, status, plan.folds, waiting)
     return distributed.broadcast_object(result if info.is_main else None)
 
 
@@ -496,11 +538,19 @@ def run_seeds(
     parent_tags: Mapping[str, str] | None = None,
     on_child: Callable[[Member, SeedRun], None] | None = None,
     on_start: Callable[[str], None] | None = None,
+    fold: int | None = None,
 ) -> SeedsResult:
     """Train ``cfg`` once per seed (and per fold of ``folds``, K >= 2: ``cfg.data.folds``/``fold_seed`` set the
     folds) as children of one parent run, or finish the parent ``resume_parent_id`` (its own config, seeds and
     folds; ``seeds``, if given, must match). Returns each child and the aggregate. Cross-validation never
     touches the test split unless ``final_split="test"`` asks (each fold's model then scores it once).
+
+    ``fold`` (with ``folds``): train fold ``fold`` only (of each seed), as the child of the parent of this
+    config and seeds in this store (the one ``resume_parent_id`` names, else the latest found by its
+    :data:`CV_KEY_TAG`, else a new one): several processes, one per fold, on one store build one
+    cross-validation. The parent stays RUNNING until every fold has finished, then the process that finishes
+    the last scores out of fold and finishes it (``--resume PARENT`` does it too, if two last folds finish at
+    once).
 
     A child whose loss goes non-finite is recorded FAILED and the others still run (the parent ends FAILED);
     an interruption marks the parent KILLED and raises ``TrainingInterrupted`` naming the parent.
@@ -519,10 +569,17 @@ def run_seeds(
         c = runs.client(tracking_uri)
         plan = None
         if info.is_main:
-            if resume_parent_id:
-                plan = _resume_parent(c, resume_parent_id, seeds)
+            key = _cv_key(cfg, _check_seeds(seeds)) if fold and not resume_parent_id else None
+            found = _find_parent(c, cfg.experiment.name, key) if key else None
+            if resume_parent_id or found:
+                plan = _resume_parent(c, resume_parent_id or found, seeds, fold)
             else:
-                plan = _new_parent(c, cfg, _check_seeds(seeds), run_name, folds, parent_run_id, parent_tags)
+                tags = {**(parent_tags or {}), **({CV_KEY_TAG: key} if key else {})}
+                plan = _new_parent(c, cfg, _check_seeds(seeds), run_name, folds, parent_run_id, tags)
+            if fold:
+                if not 1 <= fold <= plan.folds:
+                    raise MaskSSDError(f"fold {fold}: parent {plan.parent_id} has folds 1 to {plan.folds}")
+                plan.only = [(s, fold) for s in plan.seeds]
             if on_start is not None:
                 on_start(plan.parent_id)
             todo = {SeedRun(s, None, "", fold=f).label: a for (s, f), (a, _) in plan.actions.items()}
