@@ -278,3 +278,33 @@ def _fold_by_fold(workdir, cfg, fast, c, b, a, folds, capsys) -> None:
         "3",
     ]
     assert p.data.metrics["oof_map"] == c.get_run(b).data.metrics["oof_map"]  # the same cross-validation
+
+
+@pytest.mark.slow
+def test_the_last_fold_to_finish_scores_out_of_fold_though_others_finished_while_it_trained(
+    workdir, synth_root
+):
+    """Two machines on one store: process A plans fold 1 while folds 2 and 3 are not trained, then B and C
+    train them (each sees fold 1 unfinished and leaves the parent RUNNING) before A's fold ends. A reads the
+    other folds again at its end, so the parent is scored out of fold and finished, not left waiting."""
+    from maskssd.tracking.seeds import run_seeds
+    from maskssd.training.config import load_config
+
+    path = write_tiny_experiment(workdir / "exp.toml", synth_root, epochs=1)
+    cfg = load_config(path, ["schedule.warmup_epochs=0", "eval.bootstrap=0"])
+    uri = f"sqlite:///{workdir / 'store.db'}"
+    seen: list[tuple[str, list]] = []
+
+    def others_meanwhile(parent_id: str) -> None:
+        for k in (2, 3):
+            r = run_seeds(cfg, [0], tracking_uri=uri, folds=3, fold=k, log_model=False)
+            seen.append((r.status, sorted(f for _, f in r.waiting)))
+            assert r.parent_run_id == parent_id  # the same parent, found by its key
+
+    r = run_seeds(cfg, [0], tracking_uri=uri, folds=3, fold=1, log_model=False, on_start=others_meanwhile)
+    assert seen == [("RUNNING", [1, 3]), ("RUNNING", [1])]  # neither saw fold 1 finished
+    assert r.status == "FINISHED" and not r.waiting and "oof_map" in r.aggregate
+    c = tracking.client(uri)
+    parent = c.get_run(r.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["maskssd.folds_done"] == "1, 2, 3"
+    assert len(children_of(c, r.parent_run_id)) == 3

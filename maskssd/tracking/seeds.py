@@ -501,6 +501,8 @@ def _run_all(
 def _close(
     parent: runs.MlflowRun, plan: _Plan, results: dict[Member, SeedRun], info: distributed.DistInfo
 ) -> SeedsResult:
+    if plan.only is not None and info.is_main:
+        _others_finished(parent.client, plan, results)
     agg = _record(parent, results, plan) if info.is_main else {}
     failed = [r for r in results.values() if r.status != "FINISHED"]
     waiting = [m for m in plan.members if m not in results]
@@ -520,6 +522,18 @@ def _close(
         parent.finish(status)
     result = SeedsResult(plan.parent_id, plan.seeds, results, agg, status, plan.folds, waiting)
     return distributed.broadcast_object(result if info.is_main else None)
+
+
+def _others_finished(c: Any, plan: _Plan, results: dict[Member, SeedRun]) -> None:
+    """``--fold k`` at its end: the other folds' children that finished meanwhile (other processes), read
+    again from the store and kept, so the last fold to finish sees every fold and scores out of fold."""
+    for child in children_of(c, plan.parent_id):
+        member = (_seed_of(child), _fold_of(child))
+        if member in plan.members and member not in results and child.info.status == "FINISHED":
+            metrics = _final_metrics(c, child.info.run_id)
+            results[member] = SeedRun(
+                member[0], child.info.run_id, "FINISHED", metrics, "kept", fold=member[1]
+            )
 
 
 def run_seeds(
