@@ -228,3 +228,25 @@ def test_compressed_detections_file_reads_back_and_is_reproducible(tmp_path):
 
     with pytest.raises(MaskSSDError, match="not a readable detections file"):
         load_detections(tmp_path / "bad.json.gz")
+
+
+def test_a_model_s_float32_numbers_are_written_shortest_and_read_back_exactly(tmp_path):
+    """Format 3: each float32 as its shortest decimal (about half the bytes), read back through float32, so
+    the very values the model gave; a format-2 file of float32 numbers is written again that way, and one
+    holding a number that is not a float32 is left as it was."""
+    import numpy as np
+
+    from maskssd.evaluation.detections_file import write_doc
+
+    rng = np.random.default_rng(0)
+    vals = rng.random((50, 5), dtype=np.float32) * 500
+    doc = _fold_doc(1, ["x"])
+    rows = [{"box": [float(v) for v in r[:4]], "label": "a", "score": float(r[4] / 500)} for r in vals]
+    doc["images"][0]["detections"] = rows
+    back = load_detections(write_doc(tmp_path / "a.json", doc))
+    assert back["format"] == 3
+    got = [[*d["box"], d["score"]] for d in back["images"][0]["detections"]]
+    assert np.array_equal(np.float32(got), np.float32([[*r["box"], r["score"]] for r in rows]))
+    assert len((tmp_path / "a.json").read_text()) < 0.8 * len(json.dumps(doc, indent=1))
+    rows[0]["score"] = 0.1  # not a float32: the file keeps every digit
+    assert load_detections(write_doc(tmp_path / "b.json", doc))["format"] == 2

@@ -9,7 +9,8 @@ runs or on different machines, into its out-of-fold file.
 
 Ground truth is not stored: it comes from the dataset (:func:`score_detections` takes the split's
 annotations), so a file re-scores to exactly the numbers printed when it was written. Boxes and scores are
-written with Python's float repr (JSON doubles), which reads back to the very float32 values the model gave.
+the model's float32 values, each written as the shortest decimal that reads back to it (format 3), and read
+back through float32: the very values the model gave.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from maskssd.data.voc import Annotation
@@ -42,12 +44,21 @@ __all__ = [
     "write_doc",
 ]
 
-FORMAT = 2  # 1: boxes rounded to 0.01 px and scores to 5 digits (could not be re-scored exactly)
+#: 1: boxes rounded to 0.01 px and scores to 5 digits (could not be re-scored exactly); 2: every float32 written
+#: as the float64 it converts to (17 digits); 3: the shortest decimal that reads back to the same float32 (about
+#: half the size), read back through float32
+FORMAT = 3
+EXACT = 2  # the oldest format that re-scores exactly
+
+
+def _f32(v: float) -> float:
+    """A model's float32 value as the shortest decimal that reads back to it (numpy's shortest repr)."""
+    return float(str(np.float32(v)))
 
 
 def _rows(d: Detections, class_names: Sequence[str]) -> list[dict[str, Any]]:
     return [
-        {"box": [float(v) for v in b], "label": class_names[int(lab) - 1], "score": float(s)}
+        {"box": [_f32(v) for v in b], "label": class_names[int(lab) - 1], "score": _f32(s)}
         for b, lab, s in zip(d.boxes.tolist(), d.labels.tolist(), d.scores.tolist())
     ]
 
@@ -107,15 +118,34 @@ def write_detections(
 
 def write_doc(path: str | Path, doc: Mapping[str, Any]) -> Path:
     """Write a detections doc (one read with :func:`load_detections`: its ``path`` and ``ref`` are left out)."""
-    doc = {k: v for k, v in doc.items() if k not in ("path", "ref")}
+    doc = _shortest({k: v for k, v in doc.items() if k not in ("path", "ref")})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(doc, indent=1)
-    if path.suffix == ".gz":  # mtime 0: the same detections give the same bytes
-        path.write_bytes(gzip.compress(text.encode(), mtime=0))
+    if path.suffix == ".gz":  # compact, and mtime 0: the same detections give the same bytes
+        path.write_bytes(gzip.compress(json.dumps(doc, separators=(",", ":")).encode(), mtime=0))
     else:
-        path.write_text(text)
+        path.write_text(json.dumps(doc, indent=1))
     return path
+
+
+def _shortest(doc: dict[str, Any]) -> dict[str, Any]:
+    """A format-2 doc written again in format 3 when every number is a float32 (what a model gives): the same
+    values, about half the bytes. One holding another number is left as it is."""
+    if doc.get("format") != EXACT:
+        return doc
+    images = []
+    for im in doc["images"]:
+        rows = []
+        for d in im["detections"]:
+            row = {**d, "box": [_f32(v) for v in d["box"]], "score": _f32(d["score"])}
+            if any(
+                float(np.float32(a)) != b
+                for a, b in zip([*row["box"], row["score"]], [*d["box"], d["score"]])
+            ):
+                return doc
+            rows.append(row)
+        images.append({**im, "detections": rows})
+    return {**doc, "format": FORMAT, "images": images}
 
 
 def load_detections(path: str | Path) -> dict[str, Any]:
@@ -128,7 +158,7 @@ def load_detections(path: str | Path) -> dict[str, Any]:
         raise MaskSSDError(f"{path}: not a readable detections file ({e})") from None
     if not isinstance(doc, dict) or not {"classes", "images"} <= set(doc):
         raise MaskSSDError(f"{path}: not a maskssd detections file (no 'classes' and 'images')")
-    if doc.get("format", 1) < FORMAT:
+    if doc.get("format", 1) < EXACT:
         raise MaskSSDError(
             f"{path}: an old detections file (boxes rounded to 0.01 px): it cannot reproduce its metrics; "
             "write it again with maskssd evaluate --save-detections"
@@ -182,7 +212,7 @@ def merge_folds(docs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         data = {k: v for k, v in first["data"].items() if k not in ("fold", "split")}
         out.append(
             {
-                "format": first.get("format", FORMAT),
+                "format": max(d.get("format", FORMAT) for d in members),
                 "classes": list(first["classes"]),
                 "images": [im for d in members for im in d["images"]],
                 "settings": {**first.get("settings", {}), "split": "oof"},
@@ -212,6 +242,7 @@ def doc_evalset(doc: Mapping[str, Any], annotations: Sequence[Annotation]) -> Ev
             f"(first: {missing[0]!r}); pass the data the detections were made on"
         )
     out = EvalSet(doc["classes"])
+    read = torch.float32 if doc.get("format", EXACT) >= 3 else torch.float64  # shortest float32 decimals
     for im in doc["images"]:
         ann = by_id[im["id"]]
         if (ann.width, ann.height) != (im["width"], im["height"]):
@@ -221,9 +252,9 @@ def doc_evalset(doc: Mapping[str, Any], annotations: Sequence[Annotation]) -> Ev
             )
         dets = im["detections"]
         det = Detections(
-            torch.tensor([d["box"] for d in dets], dtype=torch.float64).reshape(-1, 4),
+            torch.tensor([d["box"] for d in dets], dtype=read).double().reshape(-1, 4),
             torch.tensor([index[d["label"]] for d in dets], dtype=torch.long),
-            torch.tensor([d["score"] for d in dets], dtype=torch.float64),
+            torch.tensor([d["score"] for d in dets], dtype=read).double(),
         )
         out.add(im["id"], det, Target.from_annotation(ann), (im["width"], im["height"]))
     return out
