@@ -123,7 +123,8 @@ class _Plan:
     name: str
     cfg: ExperimentConfig
     seeds: list[int]
-    actions: dict[Member, tuple[str, str | None]]  # (seed, fold) -> (new | resumed | kept, child run id)
+    # (seed, fold) -> (new | resumed | kept | elsewhere: another --fold process's, child run id)
+    actions: dict[Member, tuple[str, str | None]]
     folds: int = 0
     only: list[Member] | None = None  # --fold k: the members this process trains (the rest: kept or left)
 
@@ -212,7 +213,7 @@ def fold_models(c: Any, parent_id: str, seed: int | None = None) -> tuple[dict[s
 
 
 def fold_run(c: Any, run_id: str) -> tuple[dict[str, Any], int, int]:
-    """One fold's run (a cross-validation child, or ``maskssd train CONFIG --folds K --fold k`` on its own):
+    """One fold's run (a cross-validation child, or a run trained on its own with ``data.fold`` set):
     its folds (``folds.json``, ``root`` added from the run's tags), its seed and its fold ``k``; refuses a run
     that is not one, or has not finished."""
     run = c.get_run(run_id)
@@ -518,7 +519,7 @@ def _close(
 
         parent.set_tags({FOLDS_DONE_TAG: ", ".join(str(k) for k in range(1, plan.folds + 1))})
         agg.update(out_of_fold(parent, plan.cfg, results, plan.seeds))
-    if not waiting:
+    if failed or not waiting:  # else RUNNING: the other folds are still to train
         parent.finish(status)
     result = SeedsResult(plan.parent_id, plan.seeds, results, agg, status, plan.folds, waiting)
     return distributed.broadcast_object(result if info.is_main else None)
