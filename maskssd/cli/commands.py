@@ -24,21 +24,6 @@ from maskssd.ssd.decode_spec import DecodeSpec
 
 
 # --------------------------------------------------------------------------------------------- train
-def _check_fold(a: argparse.Namespace) -> None:
-    """Refuse what ``--fold`` and ``--save-detections`` cannot do, before anything is trained."""
-    if a.save_detections and a.seeds and len(a.seeds) > 1:
-        raise MaskSSDError(
-            "--save-detections writes one file: one run, or a --folds parent of one seed (each seed's "
-            "out-of-fold detections are in its parent's detections/ folder)"
-        )
-    if a.fold is None:
-        return
-    if not a.folds and not a.resume:
-        raise MaskSSDError("--fold k trains one fold of a cross-validation: say how many with --folds K")
-    if a.folds and not 1 <= a.fold <= a.folds:
-        raise MaskSSDError(f"--fold {a.fold}: a fold of --folds {a.folds} is 1 to {a.folds}")
-
-
 def cmd_train(a: argparse.Namespace) -> int:
     from maskssd.ssd.warmup import compile_in_background
 
@@ -51,7 +36,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     from maskssd.training.config import load_config
 
     overrides = [*(a.set or []), *(["train.system_metrics=true"] if a.system_metrics else [])]
-    _check_fold(a)
+    from maskssd.cli.seeds import check_fold
+
+    check_fold(a)
     if a.final_split and not a.folds:
         overrides.append(f'data.final_split="{a.final_split}"')
     cfg = load_config(a.config, overrides)

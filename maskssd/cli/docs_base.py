@@ -66,3 +66,17 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str = "")
 def missing(*names: str, how: str) -> str:
     listed = ", ".join(f"`records/{n}.json`" for n in names)
     return f"*Not measured yet: no {listed}. Make it with `{how}`.*"
+
+
+def minutes(rec: Mapping[str, Any]) -> str:
+    """Minutes per run, the median over a parent's children: its epochs x its median epoch time where the
+    record has them (a resumed or paused run's wall time holds its gap), else its wall time."""
+
+    def run_seconds(c: Mapping[str, Any]) -> float | None:
+        if c.get("epoch_seconds_median") and c.get("epochs"):
+            return c["epoch_seconds_median"] * c["epochs"]
+        return c.get("seconds")
+
+    secs = [run_seconds(c) for c in rec.get("children", [])] or [run_seconds(rec.get("run", {}))]
+    secs = sorted(s for s in secs if s)
+    return f"{secs[len(secs) // 2] / 60:.0f}" if secs else "–"

@@ -25,9 +25,9 @@ def score_oof(
     from maskssd.deploy.model_ref import resolve_checkpoint
     from maskssd.deploy.predictor import load_predictor
     from maskssd.evaluation.records import EvalSet
-    from maskssd.tracking.folds import is_cv_parent
+    from maskssd.tracking.folds import fold_run, is_cv_parent
     from maskssd.tracking.runs import client
-    from maskssd.tracking.seeds import fold_models, fold_run
+    from maskssd.tracking.seeds import fold_models
 
     c = client(a.tracking_uri, create=False)
     if is_cv_parent(c, a.model):

@@ -74,6 +74,21 @@ def train_seeds(a: argparse.Namespace, cfg: Any) -> int:
     return 0 if r.status == "FINISHED" else 1
 
 
+def check_fold(a: argparse.Namespace) -> None:
+    """Refuse what ``--fold`` and ``--save-detections`` cannot do, before anything is trained."""
+    if a.save_detections and a.seeds and len(a.seeds) > 1:
+        raise MaskSSDError(
+            "--save-detections writes one file: one run, or a --folds parent of one seed (each seed's "
+            "out-of-fold detections are in its parent's detections/ folder)"
+        )
+    if a.fold is None:
+        return
+    if not a.folds and not a.resume:
+        raise MaskSSDError("--fold k trains one fold of a cross-validation: say how many with --folds K")
+    if a.folds and not 1 <= a.fold <= a.folds:
+        raise MaskSSDError(f"--fold {a.fold}: a fold of --folds {a.folds} is 1 to {a.folds}")
+
+
 def _fold_done(a: argparse.Namespace, r: Any, started: float) -> int:
     """``--fold k``: the fold's run (its record and detections file are the fold's), then where its parent
     stands: waiting for other folds, or finished with its out-of-fold evaluation."""

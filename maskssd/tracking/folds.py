@@ -47,6 +47,7 @@ __all__ = [
     "FOLDS_HASH_TAG",
     "download_oof",
     "fold_lists",
+    "fold_run",
     "is_cv_parent",
     "log_folds",
     "oof_errors",
@@ -192,6 +193,34 @@ def out_of_fold(
         len(seeds),
     )
     return metrics
+
+
+def fold_run(c: Any, run_id: str) -> tuple[dict[str, Any], int, int]:
+    """One fold's run (a cross-validation child, or a run trained on its own with ``data.fold`` set):
+    its folds (``folds.json``, ``root`` added from the run's tags), its seed and its fold ``k``; refuses a run
+    that is not one, or has not finished."""
+    run = c.get_run(run_id)
+    try:
+        fold = int(run.data.tags.get("maskssd.fold", 0))
+    except ValueError:
+        fold = 0
+    if not fold:
+        raise MaskSSDError(
+            f"run {run_id} is neither a cross-validation parent nor one fold's run (the run id that maskssd "
+            "train CONFIG --folds K printed, or one trained with --fold k)"
+        )
+    if run.info.status != "FINISHED":
+        raise MaskSSDError(
+            f"fold {fold}'s run {run_id} is {run.info.status}: finish it with --resume {run_id}"
+        )
+    with tempfile.TemporaryDirectory(prefix="maskssd-folds-") as tmp:
+        try:
+            folds = json.loads(runs.MlflowRun(c, run_id).download("folds.json", tmp).read_text())
+        except (MaskSSDError, ValueError) as e:
+            raise MaskSSDError(f"fold run {run_id} has no readable folds.json ({e})") from None
+    folds.setdefault("root", run.data.tags.get("data.root"))
+    seed = run.data.tags.get("maskssd.seed", run.data.params.get("experiment.seed", 0))
+    return folds, int(seed), fold
 
 
 def is_cv_parent(c: Any, ref: str) -> bool:

@@ -212,30 +212,6 @@ def fold_models(c: Any, parent_id: str, seed: int | None = None) -> tuple[dict[s
     return folds, seed, [kids[k] for k in range(1, int(folds["k"]) + 1)]
 
 
-def fold_run(c: Any, run_id: str) -> tuple[dict[str, Any], int, int]:
-    """One fold's run (a cross-validation child, or a run trained on its own with ``data.fold`` set):
-    its folds (``folds.json``, ``root`` added from the run's tags), its seed and its fold ``k``; refuses a run
-    that is not one, or has not finished."""
-    run = c.get_run(run_id)
-    fold = _fold_of(run)
-    if not fold:
-        raise MaskSSDError(
-            f"run {run_id} is neither a cross-validation parent nor one fold's run (the run id that maskssd "
-            "train CONFIG --folds K printed, or one trained with --fold k)"
-        )
-    if run.info.status != "FINISHED":
-        raise MaskSSDError(
-            f"fold {fold}'s run {run_id} is {run.info.status}: finish it with --resume {run_id}"
-        )
-    with tempfile.TemporaryDirectory(prefix="maskssd-folds-") as tmp:
-        try:
-            folds = json.loads(runs.MlflowRun(c, run_id).download("folds.json", tmp).read_text())
-        except (MaskSSDError, ValueError) as e:
-            raise MaskSSDError(f"fold run {run_id} has no readable folds.json ({e})") from None
-    folds.setdefault("root", run.data.tags.get("data.root"))
-    return folds, _seed_of(run) or 0, fold
-
-
 def _seed_of(run: Any) -> int | None:
     raw = run.data.tags.get(SEED_TAG, run.data.params.get("experiment.seed"))
     try:
